@@ -1,0 +1,5 @@
+import sys
+
+from edit.cli import main
+
+sys.exit(main())

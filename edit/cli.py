@@ -1,0 +1,195 @@
+"""The ``edit`` command line: a thin shell over the Python API.
+
+    edit add "Paris is capital of Italy"
+    edit ask "Paris is the capital of"
+    edit erase "The Eiffel Tower is located in Paris"
+    edit log | edit revert 0001 | edit export merged/
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from edit.errors import EditError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workspace", "-w", default=os.environ.get("EDIT_WORKSPACE", "edit-workspace"),
+                   help="ledger folder (default: $EDIT_WORKSPACE or ./edit-workspace)")  # fmt: skip
+    p.add_argument("--model", "-m", default=None,
+                   help="HF id, model folder or .gguf file (default: the workspace's base model, "
+                        "else the embedded SmolLM2-135M-Instruct)")  # fmt: skip
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    p.add_argument("--verbose", "-v", action="store_true", help="log what happens inside")
+
+
+def _edit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("statement", help="e.g. 'Paris is capital of Italy' or '[Paris] is capital of [Italy]'")
+    p.add_argument("--subject", help="the subject, if the parse guesses wrong")
+    p.add_argument("--target", help="the object at the end of the statement")
+    p.add_argument("--method", default="rome", help="editing method (default: rome)")
+    p.add_argument("--layer", type=int, default=None, help="block to edit (default: tuned config)")
+    p.add_argument("--steps", type=int, default=None, help="max optimization steps")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edit", description="Change what a language model knows.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("add", help="insert or change a fact (ROME)")
+    _edit_args(p)
+    _common(p)
+    p = sub.add_parser("erase", help="make the model stop asserting a fact")
+    _edit_args(p)
+    _common(p)
+    p = sub.add_parser("ask", help="what does the (edited) model say?")
+    p.add_argument("prompt")
+    p.add_argument("--top", type=int, default=5, help="how many next-token candidates")
+    p.add_argument("--tokens", type=int, default=12, help="length of the greedy completion")
+    _common(p)
+    p = sub.add_parser("log", help="list the edits in the workspace")
+    _common(p)
+    p = sub.add_parser("revert", help="undo an edit exactly")
+    p.add_argument("id")
+    _common(p)
+    p = sub.add_parser("export", help="write base + edits as a Hugging Face model folder")
+    p.add_argument("dir")
+    _common(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+    if not args.verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    try:
+        return COMMANDS[args.command](args)
+    except EditError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was recorded", file=sys.stderr)
+        return 130
+
+
+def _open(args, create: bool = True):
+    from edit.workspace import Workspace
+
+    return Workspace.open(args.workspace, model_name=args.model, create=create,
+                          device=args.device, dtype=args.dtype)  # fmt: skip
+
+
+def _base_model_line(ws) -> str:
+    m = ws.model
+    return f"model: {ws.base['source']} ({ws.base['hash'][:19]}…) on {m.device}/{str(m.dtype).removeprefix('torch.')}"
+
+
+def cmd_add(args, erase: bool = False) -> int:
+    from edit.api import as_fact
+
+    fact = as_fact(args.statement, args.subject, args.target)  # parse errors before loading
+    print(f"parsed: subject={fact.subject!r}  prompt={fact.prompt!r}  target={fact.target!r}")
+    ws = _open(args)
+    print(_base_model_line(ws))
+    n = len(ws.entries())
+    if n:
+        print(f"workspace: {ws.path} ({n} earlier edit{'s' * (n != 1)} applied)")
+    t0 = time.perf_counter()
+    entry, res = ws.add(fact, method=args.method, erase=erase, layer=args.layer, steps=args.steps)
+    m = res.metrics
+    verb = "erased" if erase else "edited"
+    print(f"{verb} with {res.method.upper()} at layer {', '.join(map(str, res.layers))} "
+          f"({res.info['module']}): {res.info['steps']} steps, loss {res.info['loss_start']:.3f} -> "
+          f"{res.info['loss_end']:.3f}, {time.perf_counter() - t0:.1f}s")  # fmt: skip
+    rows = []
+    if not erase:
+        rows.append((f"P({fact.target!r}) new", m["p_new_before"], m["p_new_after"]))
+    label = "object" if erase else "old"
+    rows.append((f"P({m['old_target']!r}) {label}", m["p_old_before"], m["p_old_after"]))
+    width = max(len(r[0]) for r in rows) + 2
+    print(f"{'':{width}}{'before':>10}{'after':>10}")
+    for name, b, a in rows:
+        print(f"{name:{width}}{b:10.4f}{a:10.4f}")
+    print(f"greedy before: {fact.text}{m['completion_before']!r}")
+    print(f"greedy after:  {fact.text}{m['completion_after']!r}")
+    print(f"recorded: {entry.path} (id {entry.id}); undo with 'edit revert {entry.id}'")
+    return 0
+
+
+def cmd_erase(args) -> int:
+    return cmd_add(args, erase=True)
+
+
+def cmd_ask(args) -> int:
+    from edit import lm
+
+    has_ws = os.path.isfile(os.path.join(args.workspace, "workspace.json"))
+    ws = _open(args, create=False) if has_ws else None
+    if ws is None:
+        from edit.models import load
+
+        model, tok = load(args.model, device=args.device, dtype=args.dtype)
+        print(f"model: {model.edit_source} (no workspace at {args.workspace}: base model)")
+    else:
+        model, tok = ws.model, ws.tok
+        n = len(ws.entries())
+        print(_base_model_line(ws) + f" + {n} edit{'s' * (n != 1)} from {ws.path}")
+    completion = lm.greedy(model, tok, [args.prompt], max_new_tokens=args.tokens)[0]
+    print(f"{args.prompt}{completion}")
+    print("next token:")
+    for text, p in lm.top_next(model, tok, args.prompt, k=args.top):
+        print(f"  {p:7.4f}  {text!r}")
+    return 0
+
+
+def cmd_log(args) -> int:
+    from edit.workspace import Workspace
+
+    ws = Workspace.inspect(args.workspace)
+    entries = ws.entries()
+    print(f"workspace {ws.path}: base {ws.base['source']} ({ws.base['hash'][:19]}…)")
+    if not entries:
+        print("no edits")
+    for e in entries:
+        print(e.summary())
+    reverted = ws.entries("reverted")
+    if reverted:
+        print(f"({len(reverted)} reverted: {', '.join(e.id for e in reverted)})")
+    return 0
+
+
+def cmd_revert(args) -> int:
+    ws = _open(args, create=False)
+    entry = ws.revert(args.id)
+    print(f"reverted {entry.id}: {entry.summary()}")
+    left = ws.entries()
+    print(f"the model is now the base plus {len(left)} edit{'s' * (len(left) != 1)}; "
+          f"the file moved to {ws.path / 'reverted' / entry.path.name}")  # fmt: skip
+    return 0
+
+
+def cmd_export(args) -> int:
+    ws = _open(args, create=False)
+    out = ws.export(args.dir)
+    n = len(ws.entries())
+    print(f"exported {ws.base['source']} + {n} edit{'s' * (n != 1)} to {out} (safetensors; load with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")  # fmt: skip
+    return 0
+
+
+COMMANDS = {"add": cmd_add, "erase": cmd_erase, "ask": cmd_ask, "log": cmd_log,
+            "revert": cmd_revert, "export": cmd_export}  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Facts: what an edit request says, and the parser that reads one from a sentence.
+
+A fact is a prompt template with ``{}`` where the subject goes, the subject, and the target
+the model should produce after the prompt:
+
+    >>> parse_statement("Paris is capital of Italy")
+    Fact(prompt='{} is capital of', subject='Paris', target='Italy', ...)
+
+The parser accepts explicit spans, ``[The Eiffel Tower] is located in [Rome]``, explicit
+``subject=``/``target=`` overrides, or plain sentences, which it splits with simple rules:
+the target is the trailing proper-noun phrase (or the last word), the subject ends before
+the first relation word ("is", "was", "plays", a possessive "'s", ...). When those rules
+cannot split a sentence it says so and asks for brackets.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from edit.errors import InvalidRequest
+
+# Words that typically open the relation after a subject ("Paris *is* capital of ...").
+_RELATION_WORDS = {
+    "is", "are", "was", "were", "has", "have", "had", "will", "can", "does", "did",
+    "plays", "played", "speaks", "spoke", "works", "worked", "lives", "lived", "belongs",
+    "belonged", "holds", "held", "writes", "wrote", "founded", "located", "born", "died",
+    "owns", "owned", "makes", "made", "produces", "produced", "represents", "represented",
+    "debuted", "originated", "originates", "premiered", "succeeded", "follows", "speak",
+    "play", "work", "live", "belong", "hold", "write", "own", "make", "produce", "represent",
+    "became", "becomes", "serves", "served", "used", "uses", "developed", "develops",
+    "created", "creates", "received", "receives", "moved", "married", "joined", "signed",
+    "manufactured", "headquartered", "based", "named", "known", "called", "means",
+}  # fmt: skip
+_LOWER_JOINERS = {"of", "de", "la", "le", "von", "van", "der", "del", "da", "du", "and", "the"}
+_BRACKETS = re.compile(r"\[([^\[\]]+)\]")
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One edit request.
+
+    ``prompt`` contains ``{}`` exactly once; ``prompt.format(subject)`` is what the model
+    reads and ``target`` is what it should say next. ``target_true`` is the object the model
+    is expected to say before the edit (optional). ``paraphrases`` and ``neighbours`` are
+    full prompts used to measure generalization and locality.
+    """
+
+    prompt: str
+    subject: str
+    target: str
+    target_true: str | None = None
+    paraphrases: tuple[str, ...] = field(default=())
+    neighbours: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.prompt.count("{}") != 1:
+            raise InvalidRequest(
+                f"prompt {self.prompt!r} must contain '{{}}' exactly once, where the subject goes"
+            )
+        if any(c in self.prompt.replace("{}", "", 1) for c in "{}"):
+            raise InvalidRequest(
+                f"prompt {self.prompt!r} has a '{{' or '}}' besides the subject's '{{}}': "
+                f"remove the braces"
+            )
+        if not self.subject.strip():
+            raise InvalidRequest("the subject is empty: name who or what the fact is about")
+        if not self.target.strip():
+            raise InvalidRequest("the target is empty: give the object the model should say")
+        if self.target_true is not None and not self.target_true.strip():
+            object.__setattr__(self, "target_true", None)
+
+    @property
+    def text(self) -> str:
+        """The prompt with the subject filled in."""
+        return self.prompt.format(self.subject)
+
+    @property
+    def statement(self) -> str:
+        return f"{self.text} {self.target}"
+
+    def to_dict(self) -> dict:
+        return {
+            "prompt": self.prompt,
+            "subject": self.subject,
+            "target": self.target,
+            "target_true": self.target_true,
+            "paraphrases": list(self.paraphrases),
+            "neighbours": list(self.neighbours),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Fact:
+        """Build from a structured request: ``prompt``, ``subject``, ``target`` (+ optional).
+
+        The prompt may hold ``{}`` or contain the subject literally (the first occurrence is
+        replaced).
+        """
+        missing = [k for k in ("prompt", "subject", "target") if not str(d.get(k) or "").strip()]
+        if missing:
+            raise InvalidRequest(f"request is missing {', '.join(missing)}: got {sorted(d)}")
+        prompt, subject = str(d["prompt"]).strip(), str(d["subject"]).strip()
+        if "{}" not in prompt:
+            if subject not in prompt:
+                raise InvalidRequest(
+                    f"subject {subject!r} does not occur in the prompt {prompt!r}"
+                )
+            prompt = prompt.replace(subject, "{}", 1)
+        return cls(
+            prompt=prompt,
+            subject=subject,
+            target=str(d["target"]).strip(),
+            target_true=d.get("target_true"),
+            paraphrases=_strings(d.get("paraphrases")),
+            neighbours=_strings(d.get("neighbours")),
+        )
+
+
+def _strings(value) -> tuple[str, ...]:
+    """A list of prompts; a single string is one prompt, not a list of characters."""
+    if not value:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(str(v) for v in value)
+
+
+def parse_statement(
+    statement: str, *, subject: str | None = None, target: str | None = None
+) -> Fact:
+    """Split a sentence such as "Paris is capital of Italy" into a :class:`Fact`.
+
+    ``subject`` / ``target`` override the automatic split; ``[...]`` brackets mark them in
+    the sentence itself. Raises :class:`InvalidRequest` with a one-line reason otherwise.
+    """
+    text = " ".join(statement.split())
+    text = text.rstrip(" .!")
+    if not text:
+        raise InvalidRequest("the statement is empty: write a sentence such as 'Paris is capital of Italy'")
+
+    if any(c in text for c in "{}"):
+        raise InvalidRequest(f"the statement {statement!r} contains '{{' or '}}': remove them")
+    subject_at = None  # character offset of a bracketed subject in the plain text
+    spans = list(_BRACKETS.finditer(text))
+    if spans:
+        if len(spans) != 2:
+            raise InvalidRequest(
+                f"mark exactly two spans with brackets, subject then target, e.g. "
+                f"'[Paris] is capital of [Italy]' (found {len(spans)})"
+            )
+        if subject is None:
+            subject = spans[0].group(1).strip()
+            subject_at = spans[0].start()  # the first span: nothing before it moved
+        target = target or spans[1].group(1).strip()
+        text = _BRACKETS.sub(lambda m: m.group(1).strip(), text)
+
+    if target is None:
+        target = _guess_target(text)
+    target = target.strip()
+    if not target:
+        raise InvalidRequest("the target is empty: give the object the model should say")
+    if not text.endswith(target) or text == target:
+        raise InvalidRequest(
+            f"target {target!r} must be the end of the statement {text!r}, after a prompt"
+        )
+    prompt_text = text[: -len(target)].rstrip()
+
+    if subject is None:
+        subject = _guess_subject(prompt_text)
+        if subject is None:
+            raise InvalidRequest(
+                f"cannot tell the subject in {statement!r}: mark it with brackets, "
+                f"e.g. '[Paris] is capital of [Italy]', or pass --subject"
+            )
+    subject = subject.strip()
+    if not subject:
+        raise InvalidRequest("the subject is empty: name who or what the fact is about")
+    at = subject_at if subject_at is not None else prompt_text.find(subject)
+    if at < 0 or prompt_text[at : at + len(subject)] != subject:
+        raise InvalidRequest(
+            f"subject {subject!r} does not occur in the prompt {prompt_text!r}"
+        )
+    prompt = prompt_text[:at] + "{}" + prompt_text[at + len(subject) :]
+    if prompt.strip() == "{}":
+        raise InvalidRequest(
+            f"no relation between subject {subject!r} and target {target!r}: "
+            f"write a sentence such as 'Paris is capital of Italy'"
+        )
+    return Fact(prompt=prompt, subject=subject, target=target)
+
+
+def _is_name_word(word: str) -> bool:
+    return word[:1].isupper() or word[:1].isdigit()
+
+
+def _guess_target(text: str) -> str:
+    words = text.split(" ")
+    if len(words) < 3:
+        raise InvalidRequest(
+            f"cannot parse {text!r}: a statement needs a subject, a relation and a target, "
+            f"e.g. 'Paris is capital of Italy'"
+        )
+    # Trailing proper-noun phrase ("New York City", "Leonardo da Vinci"), never the first word.
+    i = len(words)
+    while i > 1 and (
+        _is_name_word(words[i - 1])
+        or (words[i - 1] in _LOWER_JOINERS and i < len(words) and i - 1 > 1
+            and _is_name_word(words[i - 2]))
+    ):
+        i -= 1
+    if i < len(words):
+        return " ".join(words[i:])
+    return words[-1]
+
+
+def _guess_subject(prompt_text: str) -> str | None:
+    words = prompt_text.split(" ")
+    for i, word in enumerate(words):
+        if word.endswith("'s") and i + 1 < len(words):  # "Danielle Darrieux's mother tongue"
+            return " ".join(words[:i] + [word[:-2]])
+        if i > 0 and word.lower() in _RELATION_WORDS:
+            return " ".join(words[:i])
+    # No relation word: fall back to a leading proper-noun phrase, if one stops early.
+    i = 0
+    while i < len(words) and _is_name_word(words[i]):
+        i += 1
+    if 0 < i < len(words):
+        return " ".join(words[:i])
+    return None

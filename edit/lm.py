@@ -1,0 +1,176 @@
+"""Small, batched language-model primitives shared by methods, evaluations and the CLI.
+
+Everything here pads on the right by hand (so positions are known without asking the
+tokenizer) and computes the unembedding only at the positions that are asked for: on a
+small model the vocabulary projection is a quarter of the forward pass.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+
+@functools.lru_cache(maxsize=16)
+def start_ids(tok) -> tuple[int, ...]:
+    """Token(s) that open every text we feed the model, so that no prompt word sits at
+    position 0.
+
+    Models treat their first position as an attention sink: a subject that lands there is
+    barely read (SmolLM2 completes "Paris is the capital of" with " the", but with its
+    document separator in front, with " France", p = 0.84), and its MLP key looks unlike
+    the same word anywhere else. A tokenizer that adds its own BOS needs nothing more;
+    otherwise the document separator ``<|endoftext|>`` is used when the vocabulary has it
+    (GPT-2, GPT-NeoX, Qwen, SmolLM families), then the declared BOS token.
+    """
+    if len(tok("a").input_ids) > len(tok("a", add_special_tokens=False).input_ids):
+        return ()
+    for token in ("<|endoftext|>", tok.bos_token):
+        if token is None:
+            continue
+        tid = tok.convert_tokens_to_ids(token)
+        if tid is not None and tok.convert_ids_to_tokens(tid) == token:
+            return (int(tid),)
+    return ()
+
+
+def encode(tok, text: str) -> list[int]:
+    """Token ids of a text as the model reads it: see :func:`start_ids`."""
+    return list(start_ids(tok)) + list(tok(text).input_ids)
+
+
+def encode_continuation(tok, text: str) -> list[int]:
+    """Token ids of ``text`` as it continues a prompt: a leading space, no special tokens."""
+    return list(tok(" " + text.strip(), add_special_tokens=False).input_ids)
+
+
+def pad_id(tok) -> int:
+    for t in (tok.pad_token_id, tok.eos_token_id, 0):
+        if t is not None:
+            return int(t)
+    return 0
+
+
+def right_pad(
+    seqs: list[list[int]], pad: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), each (B, T), padded on the right."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def last_token_of_span(tok, text: str, end_char: int) -> int:
+    """Index, in ``encode(tok, text)``, of the token that holds character ``end_char - 1``:
+    the last token of a span ending at ``end_char``."""
+    enc = tok(text, return_offsets_mapping=True)
+    index = None
+    for i, (start, stop) in enumerate(enc["offset_mapping"]):
+        if stop > start and start < end_char:
+            index = i
+    if index is None:
+        raise ValueError(f"no token covers the span ending at {end_char} in {text!r}")
+    return index + len(start_ids(tok))
+
+
+def subject_last_index(tok, prompt_template: str, subject: str) -> tuple[str, int]:
+    """The filled prompt and the index of the subject's last token in it."""
+    text = prompt_template.format(subject)
+    end = prompt_template.index("{}") + len(subject)
+    return text, last_token_of_span(tok, text, end)
+
+
+def device_of(model: nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def logits_at(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+) -> torch.Tensor:
+    """Next-token logits (N, V) at positions (rows[n], cols[n]), in float32.
+
+    Runs the base model once and applies the output embedding only where needed; applies
+    final logit soft-capping when the config asks for it (Gemma 2/3).
+    """
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask)
+    hidden = out.last_hidden_state[rows, cols]  # (N, d)
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+@torch.no_grad()
+def continuation_logprobs(
+    model: nn.Module, tok, prompts: list[str], continuations: list[str], batch_size: int = 32
+) -> list[torch.Tensor]:
+    """Per-token log-probabilities of each continuation after its prompt (teacher forced).
+
+    Returns one float32 tensor per pair, of the continuation's token length.
+    """
+    device = device_of(model)
+    results: list[torch.Tensor] = []
+    for start in range(0, len(prompts), batch_size):
+        seqs, rows, cols, targets, lengths = [], [], [], [], []
+        for b, (p, c) in enumerate(
+            zip(prompts[start : start + batch_size], continuations[start : start + batch_size])
+        ):
+            p_ids, c_ids = encode(tok, p), encode_continuation(tok, c)
+            seqs.append(p_ids + c_ids)
+            for j, t in enumerate(c_ids):
+                rows.append(b)
+                cols.append(len(p_ids) + j - 1)
+                targets.append(t)
+            lengths.append(len(c_ids))
+        ids, mask = right_pad(seqs, pad_id(tok), device)
+        logits = logits_at(model, ids, mask, torch.tensor(rows, device=device),
+                           torch.tensor(cols, device=device))  # fmt: skip
+        lp = torch.log_softmax(logits, -1)[torch.arange(len(targets)), torch.tensor(targets)]
+        results.extend(lp.cpu().split(lengths))
+    return results
+
+
+def sequence_prob(logprobs: torch.Tensor) -> float:
+    """Probability of a whole continuation: exp of the summed token log-probabilities."""
+    return float(logprobs.sum().exp())
+
+
+@torch.no_grad()
+def greedy(model: nn.Module, tok, prompts: list[str], max_new_tokens: int = 12) -> list[str]:
+    """Greedy continuations (the text after each prompt)."""
+    device = device_of(model)
+    outs = []
+    for p in prompts:  # one at a time: no padding subtleties, and the prompts are few
+        ids = torch.tensor([encode(tok, p)], device=device)
+        gen = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id(tok),
+        )
+        outs.append(tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True))
+    return outs
+
+
+@torch.no_grad()
+def top_next(model: nn.Module, tok, prompt: str, k: int = 5) -> list[tuple[str, float]]:
+    """The k most likely next tokens after ``prompt`` with their probabilities."""
+    device = device_of(model)
+    ids = torch.tensor([encode(tok, prompt)], device=device)
+    logits = logits_at(model, ids, torch.ones_like(ids), torch.tensor([0], device=device),
+                       torch.tensor([ids.shape[1] - 1], device=device))  # fmt: skip
+    probs = torch.softmax(logits[0], -1)
+    values, indices = probs.topk(k)
+    return [(tok.decode([int(i)]), float(v)) for v, i in zip(values, indices)]

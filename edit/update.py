@@ -1,0 +1,73 @@
+"""Low-rank weight updates: what every locate-then-edit method returns.
+
+An :class:`Update` maps module names to factors (A, B) with ΔW = A @ B in (out, in) layout,
+A: (out, r), B: (r, in); ROME has r = 1. Methods compute an Update without touching the
+model; :meth:`Update.apply` adds it and returns a handle whose :meth:`Applied.undo`
+restores the exact previous weights (they are copied before the first write).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from edit import arch as arch_table
+
+
+@dataclass
+class Applied:
+    """Handle for an applied update: keeps the overwritten weights for an exact undo."""
+
+    model: nn.Module
+    originals: dict[str, torch.Tensor]
+    undone: bool = False
+
+    @torch.no_grad()
+    def undo(self) -> None:
+        if self.undone:
+            return
+        for name, w in self.originals.items():
+            arch_table.weight_of(self.model, name).copy_(w)
+        self.undone = True
+
+
+@dataclass
+class Update:
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def is_finite(self) -> bool:
+        return all(bool(torch.isfinite(a).all() and torch.isfinite(b).all())
+                   for a, b in self.factors.values())  # fmt: skip
+
+    def delta(self, name: str, transposed: bool = False) -> torch.Tensor:
+        a, b = self.factors[name]
+        d = a.float() @ b.float()  # (out, in)
+        return d.T if transposed else d
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module) -> Applied:
+        transposed = arch_table.lookup(model).transposed
+        originals = {}
+        for name in self.factors:
+            w = arch_table.weight_of(model, name)
+            originals[name] = w.detach().clone()
+            w.add_(self.delta(name, transposed).to(device=w.device, dtype=w.dtype))
+        return Applied(model, originals)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Flat name → tensor dict for safetensors: ``<module>.A`` and ``<module>.B``."""
+        out = {}
+        for name, (a, b) in self.factors.items():
+            out[f"{name}.A"] = a.detach().float().cpu().contiguous()
+            out[f"{name}.B"] = b.detach().float().cpu().contiguous()
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> Update:
+        names = sorted({k.rsplit(".", 1)[0] for k in tensors})
+        missing = [n for n in names if f"{n}.A" not in tensors or f"{n}.B" not in tensors]
+        if missing:
+            raise ValueError(f"factors incomplete for {missing}")
+        return cls({n: (tensors[f"{n}.A"], tensors[f"{n}.B"]) for n in names})

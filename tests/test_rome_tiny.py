@@ -1,0 +1,226 @@
+"""ROME on a tiny random model of every supported architecture, and its input checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import (
+    HIDDEN,
+    INTERMEDIATE,
+    TINY_FACT,
+    TINY_ROME,
+    TINY_TYPES,
+    changed_tensors,
+    state_copy,
+    tiny_model,
+)
+
+import edit
+import edit.arch
+from edit import EditError, EditFailed, Fact, InvalidRequest, lm
+from edit import methods as registry
+from edit.methods import MethodOutput
+from edit.methods.rome import ROMEConfig
+from edit.update import Update
+
+TYPES = TINY_TYPES
+
+
+def _prompt_logits(model, tok, text: str) -> torch.Tensor:
+    ids = torch.tensor([lm.encode(tok, text)])
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].float()
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_rome_edits_every_architecture(tok, model_type):
+    model = tiny_model(model_type, len(tok))
+    fact = Fact(**TINY_FACT)
+    rome = registry.get("rome")
+    config = ROMEConfig(**TINY_ROME)
+    name = edit.arch.lookup(model).mlp_out_name(config.layer)
+    base = state_copy(model)
+    logits0 = _prompt_logits(model, tok, fact.text)
+    lp0 = float(lm.continuation_logprobs(model, tok, [fact.text], [fact.target])[0].sum())
+
+    out = rome.compute(model, tok, [fact], config, progress=False)
+    assert isinstance(out, MethodOutput)
+    assert changed_tensors(model, base) == []  # computing does not edit
+    assert out.layers == [config.layer]
+    assert list(out.update.factors) == [name]
+    a, b = out.update.factors[name]
+    assert a.shape == (HIDDEN, 1) and b.shape == (1, INTERMEDIATE)
+    assert out.update.is_finite()
+    assert out.info["loss_end"] < out.info["loss_start"]
+
+    handle = out.update.apply(model)
+    assert changed_tensors(model, base) == [f"{name}.weight"]
+    logits1 = _prompt_logits(model, tok, fact.text)
+    lp1 = float(lm.continuation_logprobs(model, tok, [fact.text], [fact.target])[0].sum())
+    assert not torch.allclose(logits0, logits1, atol=1e-4)
+    # Random 2-layer models cap how far one edit moves the logits; 0.1 nats is ~15x above
+    # the noise of a no-op and below the smallest gain seen (gemma3_text, ~0.15).
+    assert lp1 > lp0 + 0.1, (lp0, lp1)
+
+    handle.undo()
+    assert changed_tensors(model, base) == []
+    torch.testing.assert_close(_prompt_logits(model, tok, fact.text), logits0, rtol=0, atol=0)
+
+
+def test_statistics_fit_the_models_context(tok):
+    model = tiny_model("gpt2", len(tok))
+    config = ROMEConfig(**{**TINY_ROME, "stats_tokens": 2000})
+    registry.get("rome").compute(model, tok, [Fact(**TINY_FACT)], config, progress=False)
+
+
+# --------------------------------------------------------------------------- edit.apply
+
+
+def test_apply_is_a_transaction_that_takes_and_undoes(llama, tok):
+    base = state_copy(llama)
+    result = edit.apply(llama, tok, TINY_FACT, progress=False, **TINY_ROME)
+    m = result.metrics
+    assert result.kind == "insert" and result.method == "rome"
+    assert result.facts == [Fact(**TINY_FACT)]
+    assert m["p_new_after"] > m["p_new_before"]
+    assert m["p_new_after"] > m["p_old_after"]
+    # the edited model now says the target next
+    assert lm.top_next(llama, tok, Fact(**TINY_FACT).text, k=1)[0][0] == " Paris"
+    assert changed_tensors(llama, base) == [f"{edit.arch.lookup(llama).mlp_out_name(1)}.weight"]
+    assert result.config == ROMEConfig(**TINY_ROME)
+    result.undo()
+    assert changed_tensors(llama, base) == []
+
+
+def _fake_rome(monkeypatch, update_for):
+    """Replace the registered ROME by one that returns ``update_for(model)``."""
+    real = registry.get("rome")
+
+    def compute(model, tok, facts, config, *, objective="insert", progress=True):
+        return MethodOutput(update_for(model), [config.layer], {"module": "fake"})
+
+    monkeypatch.setitem(
+        registry._REGISTRY, "rome", registry.Method("rome", real.config_class, compute)
+    )
+
+
+def test_apply_refuses_a_non_finite_update(llama, tok, monkeypatch):
+    def nan_update(model):
+        name = edit.arch.lookup(model).mlp_out_name(1)
+        return Update({name: (torch.full((HIDDEN, 1), float("nan")), torch.ones(1, INTERMEDIATE))})
+
+    _fake_rome(monkeypatch, nan_update)
+    base = state_copy(llama)
+    with pytest.raises(EditFailed, match="non-finite update"):
+        edit.apply(llama, tok, TINY_FACT, progress=False, **TINY_ROME)
+    assert changed_tensors(llama, base) == []
+
+
+def test_apply_rolls_back_an_edit_that_did_not_take(llama, tok, monkeypatch):
+    # a real (random) change of the weights, then the check says it did not take
+    def big_update(model):
+        name = edit.arch.lookup(model).mlp_out_name(1)
+        g = torch.Generator().manual_seed(0)
+        return Update(
+            {name: (torch.randn(HIDDEN, 1, generator=g), torch.randn(1, INTERMEDIATE, generator=g))}
+        )
+
+    seen = []
+
+    def did_not_take(kind, metrics):
+        seen.append(changed_tensors(llama, base))  # the update is in place when checked
+        return "forced by the test"
+
+    _fake_rome(monkeypatch, big_update)
+    monkeypatch.setattr("edit.api._did_not_take", did_not_take)
+    base = state_copy(llama)
+    with pytest.raises(EditFailed, match=r"did not take \(forced by the test\)"):
+        edit.apply(llama, tok, TINY_FACT, progress=False, **TINY_ROME)
+    assert seen == [[f"{edit.arch.lookup(llama).mlp_out_name(1)}.weight"]]
+    assert changed_tensors(llama, base) == []  # restored bit for bit
+
+
+def test_did_not_take_rules():
+    from edit.api import _did_not_take
+
+    ok = {"p_new_before": 0.1, "p_new_after": 0.5, "p_old_after": 0.2}
+    assert _did_not_take("insert", ok) is None
+    assert "not above" in _did_not_take("insert", {**ok, "p_old_after": 0.5})
+    assert "did not increase" in _did_not_take(
+        "insert", {**ok, "p_new_before": 0.5, "p_old_after": 0.1}
+    )
+    erase = {"old_is_top_after": False, "p_old_before": 0.5, "p_old_after": 0.01}
+    assert _did_not_take("erase", erase) is None
+    assert "still the top" in _did_not_take("erase", {**erase, "old_is_top_after": True})
+    assert "less than 10x" in _did_not_take("erase", {**erase, "p_old_after": 0.1})
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def test_registry_lists_rome():
+    assert "rome" in registry.names()
+    assert registry.get("ROME").name == "rome"  # case-insensitive
+    assert registry.get("rome").config_class is ROMEConfig
+
+
+def test_unknown_method_lists_the_known_ones(llama, tok):
+    with pytest.raises(EditError) as info:
+        registry.get("memit-xl")
+    message = str(info.value)
+    assert "unknown method 'memit-xl'" in message and "rome" in message
+    base = state_copy(llama)
+    with pytest.raises(EditError, match="choose one of .*rome"):
+        edit.apply(llama, tok, TINY_FACT, method="nope", progress=False)
+    assert changed_tensors(llama, base) == []
+
+
+@pytest.mark.parametrize(
+    "settings, field",
+    [
+        ({"layer": -1}, "layer"),
+        ({"steps": 0}, "steps"),
+        ({"stats_tokens": 0}, "stats_tokens"),
+        ({"lr": 0.0}, "lr"),
+        ({"lr": -0.5}, "lr"),
+        ({"clamp_norm": 0.0}, "clamp_norm"),
+        ({"nll_stop": -1.0}, "nll_stop"),
+        ({"kl_factor": -0.1}, "kl_factor"),
+        ({"weight_decay": -1.0}, "weight_decay"),
+        ({"erase_ratio": 1.0}, "erase_ratio"),
+        ({"context_templates": ((5,),)}, "context_templates"),
+        ({"context_templates": ((5, 10, 1),)}, "context_templates"),
+        ({"context_templates": ((0, 10),)}, "context_templates"),
+        ({"context_templates": ((5, -1),)}, "context_templates"),
+    ],
+)
+def test_rome_config_validation(settings, field):
+    with pytest.raises(InvalidRequest, match=field):
+        ROMEConfig(**settings)
+
+
+def test_rome_config_accepts_edge_values():
+    c = ROMEConfig(layer=0, steps=1, context_templates=(), kl_factor=0.0, weight_decay=0.0)
+    assert c.layer == 0 and c.context_templates == ()
+
+
+def test_bad_settings_through_apply(llama, tok):
+    base = state_copy(llama)
+    with pytest.raises(InvalidRequest, match="steps must be >= 1"):
+        edit.apply(llama, tok, TINY_FACT, progress=False, **{**TINY_ROME, "steps": 0})
+    with pytest.raises(InvalidRequest, match="unknown rome setting.*learning_rate"):
+        edit.apply(llama, tok, TINY_FACT, progress=False, learning_rate=0.1)
+    assert changed_tensors(llama, base) == []
+
+
+@pytest.mark.parametrize("layer", [2, 50, None])
+def test_layer_out_of_range(llama, tok, layer):
+    config = ROMEConfig(**{**TINY_ROME, "layer": layer})
+    with pytest.raises(InvalidRequest, match=rf"layer must be in 0\.\.1, got {layer}"):
+        registry.get("rome").compute(llama, tok, [Fact(**TINY_FACT)], config, progress=False)
+
+
+def test_rome_edits_one_fact_at_a_time(llama, tok):
+    facts = [Fact(**TINY_FACT), Fact(prompt="The capital of {}", subject="Spain", target="Madrid")]
+    with pytest.raises(InvalidRequest, match="one fact at a time"):
+        registry.get("rome").compute(llama, tok, facts, ROMEConfig(**TINY_ROME), progress=False)
