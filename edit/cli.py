@@ -65,8 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # What the library does (statistics collected, config used, model dequantized) is shown;
+    # other libraries' chatter only with --verbose.
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
+                        format="%(message)s")  # fmt: skip
+    logging.getLogger("edit").setLevel(logging.INFO)
     if not args.verbose:
         from transformers.utils import logging as hf_logging
 

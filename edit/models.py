@@ -112,7 +112,7 @@ def load(
     model.requires_grad_(False)
     model.edit_source = source
     model.edit_hash = _cached_hash(model, folder)
-    log.info("loaded %s in %.1fs on %s/%s", source, time.perf_counter() - t0, device, dtype)
+    log.debug("loaded %s in %.1fs on %s/%s", source, time.perf_counter() - t0, device, dtype)
     return model, tok
 
 
@@ -163,8 +163,10 @@ def _dequantized_folder(gguf: Path, name: str) -> Path:
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
-    log.info("dequantizing %s once into %s", gguf.name, target)
+    log.info("dequantizing %s once into %s (later loads read this copy)", gguf.name, target)
+    hf_logging.enable_progress_bar()  # a long step: show its progress even in a quiet CLI
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(

@@ -297,8 +297,9 @@ def _mean_by_fact(x: torch.Tensor, fact: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def whitened_direction(second_moment: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """C⁻¹ k in float64 (C: (d, d) second moment, k: (d,)), with a tiny ridge for safety."""
-    c = second_moment.double()
+    """C⁻¹ k in float64 on the key's device (C: (d, d) second moment, k: (d,)), with a tiny
+    ridge for safety."""
+    c = second_moment.to(device=key.device, dtype=torch.float64)
     ridge = 1e-6 * c.diagonal().mean()
     eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
-    return torch.linalg.solve(c + ridge * eye, key.double().to(c.device))
+    return torch.linalg.solve(c + ridge * eye, key.double())

@@ -20,6 +20,7 @@ Invariant: the model is unchanged at the end; the update is returned.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -33,13 +34,15 @@ from edit.methods.algebra import ValueSettings, context_templates, solve_values,
 from edit.stats import DEFAULT_CORPUS, second_moment
 from edit.update import Update
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class ROMEConfig:
     """ROME hyper-parameters. Defaults follow the paper's GPT-2 XL setting where they carry
     over; ``configs/rome/`` holds tuned values per model."""
 
-    layer: int | None = None  # block whose MLP is edited; None: from the model's tuned config
+    layer: int | None = None  # block whose MLP is edited; None: tuned config, else n_layers // 6
     context_templates: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))  # (tokens, count)
     steps: int = 20  # max gradient steps for δ
     lr: float = 0.5
@@ -93,9 +96,14 @@ def compute(
         )
     arch = arch_table.lookup(model)
     n_layers = arch_table.num_layers(model)
-    if config.layer is None or config.layer >= n_layers:
-        raise InvalidRequest(f"layer must be in 0..{n_layers - 1}, got {config.layer}")
-    module = arch.mlp_out_name(config.layer)
+    layer = config.layer
+    if layer is None:
+        layer = n_layers // 6
+        log.warning("no tuned ROME config for this model: editing layer %d of %d "
+                    "(n_layers // 6); pass --layer to choose", layer, n_layers)  # fmt: skip
+    if layer >= n_layers:
+        raise InvalidRequest(f"layer must be in 0..{n_layers - 1}, got {layer}")
+    module = arch.mlp_out_name(layer)
 
     t0 = time.perf_counter()
     cov = second_moment(model, tok, module, corpus=config.stats_corpus,
@@ -111,7 +119,7 @@ def compute(
     a = sol.deltas[0].float()[:, None]  # (d_out, 1)
     return MethodOutput(
         update=Update({module: (a, b)}),
-        layers=[config.layer],
+        layers=[layer],
         info={
             "module": module,
             "steps": sol.steps,

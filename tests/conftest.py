@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
+
 import pytest
 import torch
 from tiny import tiny_model, tiny_tokenizer
@@ -11,6 +14,9 @@ import edit.config
 # Models this small run far faster on one thread (see tiny.py); it also keeps the tests from
 # competing with other work on a busy machine.
 torch.set_num_threads(1)
+_CPUS = os.cpu_count() or 1
+_USER_ENV = {k: os.environ.get(k) for k in ("EDIT_CACHE", "EDIT_STATS_CACHE")}
+_CONFIG_FILE = edit.config.config_file
 
 
 def isolate(mp: pytest.MonkeyPatch, cache_dir) -> None:
@@ -37,9 +43,31 @@ def _isolated_session(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _isolated_test(tmp_path_factory, monkeypatch):
+def _isolated_test(request, tmp_path_factory, monkeypatch):
     """Each test gets its own empty cache: nothing is written under ~/.cache."""
+    if request.node.get_closest_marker("real_model"):
+        return
     isolate(monkeypatch, tmp_path_factory.mktemp("edit-cache"))
+
+
+@contextmanager
+def real_environment():
+    """What a user has, for the tests of the real default model: the user's caches (the
+    dequantized model and the key statistics are reused across runs, as ``make demo`` does),
+    the tuned configs, and every CPU core."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in _USER_ENV.items():
+            if value is None:
+                mp.delenv(key, raising=False)
+            else:
+                mp.setenv(key, value)
+        mp.setattr(edit.config, "config_file", _CONFIG_FILE)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(_CPUS)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

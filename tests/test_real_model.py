@@ -37,14 +37,17 @@ def first_word(text: str) -> str:
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
+    from conftest import real_environment
+
     from edit.workspace import Workspace
 
-    model, tok = edit.load()
-    base = {k: v.clone() for k, v in model.state_dict().items()}
-    w = Workspace.open(tmp_path_factory.mktemp("ws") / "edits", model, tok)
-    w.base_state = base
-    w.before = {p: first_word(lm.greedy(model, tok, [p], 4)[0]) for p in CHECK_PROMPTS}
-    return w
+    with real_environment():
+        model, tok = edit.load()
+        base = {k: v.clone() for k, v in model.state_dict().items()}
+        w = Workspace.open(tmp_path_factory.mktemp("ws") / "edits", model, tok)
+        w.base_state = base
+        w.before = {p: first_word(lm.greedy(model, tok, [p], 4)[0]) for p in CHECK_PROMPTS}
+        yield w
 
 
 def test_add_takes_generalizes_and_stays_local(ws):

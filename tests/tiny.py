@@ -47,6 +47,8 @@ PAD_TOKEN = "<|pad|>"
 # Model types that tests cover. Every one of them is in edit.arch.ARCHITECTURES.
 TINY_TYPES: list[str] = [
     "llama",
+    "olmo",
+    "olmo2",
     "mistral",
     "qwen2",
     "qwen3",
@@ -212,7 +214,7 @@ _GEMMA2 = dict(_GEMMA, sliding_window=16, query_pre_attn_scalar=HEAD_DIM)
 
 
 def _type_kwargs(model_type: str) -> dict[str, Any]:
-    if model_type in ("llama", "mistral", "qwen2", "gemma"):
+    if model_type in ("llama", "mistral", "qwen2", "gemma", "olmo", "olmo2"):
         return dict(_GEMMA if model_type == "gemma" else _LLAMA_LIKE)
     if model_type == "qwen3":
         return dict(_LLAMA_LIKE, head_dim=HEAD_DIM)
