@@ -29,11 +29,19 @@ def main() -> int:
     assert torch.cuda.is_available(), "no CUDA device"
     print("device:", torch.cuda.get_device_name(0), "torch", torch.__version__)
     tok = tiny_tokenizer()
-    cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=256,
-                               intermediate_size=688, num_hidden_layers=4,
-                               num_attention_heads=8, num_key_value_heads=4,
-                               max_position_embeddings=512, bos_token_id=0, eos_token_id=0,
-                               pad_token_id=1)  # fmt: skip
+    cfg = AutoConfig.for_model(
+        "llama",
+        vocab_size=len(tok),
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
+    )
     torch.manual_seed(0)
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -44,8 +52,10 @@ def main() -> int:
         for dtype in (None, "float32"):
             model, tk = edit.load(str(folder), dtype=dtype)
             w = model.get_submodule("model.layers.2.mlp.down_proj").weight
-            print(f"\nload(dtype={dtype}): weight on {w.device} as {w.dtype}; "
-                  f"hf_device_map={getattr(model, 'hf_device_map', None)}")  # fmt: skip
+            print(
+                f"\nload(dtype={dtype}): weight on {w.device} as {w.dtype}; "
+                f"hf_device_map={getattr(model, 'hf_device_map', None)}"
+            )
             ok = w.device.type == "cuda" and (dtype is not None or w.dtype == torch.bfloat16)
             failures += not ok
             base = {k: v.clone() for k, v in model.state_dict().items()}
@@ -58,8 +68,10 @@ def main() -> int:
                 failures += dtype == "float32"
                 continue
             m = res.metrics
-            print(f"ROME: {time.perf_counter() - t0:.2f}s, steps {res.info['steps']}, "
-                  f"P(new) {m['p_new_before']:.4f} -> {m['p_new_after']:.4f}")  # fmt: skip
+            print(
+                f"ROME: {time.perf_counter() - t0:.2f}s, steps {res.info['steps']}, "
+                f"P(new) {m['p_new_before']:.4f} -> {m['p_new_after']:.4f}"
+            )
             changed = [k for k, v in model.state_dict().items() if not torch.equal(v, base[k])]
             print("changed tensors:", changed)
             failures += changed != ["model.layers.2.mlp.down_proj.weight"]

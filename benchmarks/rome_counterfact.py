@@ -31,8 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--offset", type=int, default=0)
     p.add_argument("--model", default=None)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a ROME setting, e.g. layer=6")  # fmt: skip
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a ROME setting, e.g. layer=6",
+    )
     p.add_argument("--fresh-stats", action="store_true", help="measure statistics in a new cache")
     p.add_argument("--out", default=None, help="write per-record JSONL here")
     args = p.parse_args(argv)
@@ -55,8 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {model.edit_source}; {len(facts)} records from {args.data}; {config}")
 
     t0 = time.perf_counter()
-    second_moment(model, tok, edit.arch.lookup(model).mlp_out_name(config.layer),
-                  corpus=config.stats_corpus, n_tokens=config.stats_tokens)  # fmt: skip
+    second_moment(
+        model,
+        tok,
+        edit.arch.lookup(model).mlp_out_name(config.layer),
+        corpus=config.stats_corpus,
+        n_tokens=config.stats_tokens,
+    )
     stats_seconds = time.perf_counter() - t0
 
     before = [rewrite.score(model, tok, f) for f in facts]
@@ -74,12 +84,17 @@ def main(argv: list[str] | None = None) -> int:
             seconds.append(time.perf_counter() - t)
             row = rewrite.score(model, tok, fact)
             res.undo()
-            print(f"[{i + 1}/{len(facts)}] {fact.statement!r}: ES {row['efficacy']:.0f} "
-                  f"PS {row['paraphrase']:.2f} NS {row['neighbourhood']:.2f} "
-                  f"({seconds[-1]:.1f}s, {res.info['steps']} steps)", flush=True)  # fmt: skip
+            print(
+                f"[{i + 1}/{len(facts)}] {fact.statement!r}: ES {row['efficacy']:.0f} "
+                f"PS {row['paraphrase']:.2f} NS {row['neighbourhood']:.2f} "
+                f"({seconds[-1]:.1f}s, {res.info['steps']} steps)",
+                flush=True,
+            )
         after.append(row)
         if out:
-            out.write(json.dumps({"fact": fact.to_dict(), "before": before[i], "after": row}) + "\n")
+            out.write(
+                json.dumps({"fact": fact.to_dict(), "before": before[i], "after": row}) + "\n"
+            )
     if out:
         out.close()
 
@@ -90,10 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'ROME':14}{a['efficacy']:7.1f}{a['paraphrase']:7.1f}{a['neighbourhood']:7.1f}")
     if seconds:
         q = statistics.quantiles(seconds, n=10)[-1] if len(seconds) > 1 else seconds[0]
-        print(f"seconds per edit: median {statistics.median(seconds):.1f}, p90 {q:.1f} "
-              f"(including before/after checks); edits refused: {failed}")  # fmt: skip
-    print(f"key statistics ({config.stats_tokens} tokens, layer {config.layer}): "
-          f"{stats_seconds:.1f}s (a cached statistic reads in well under a second)")
+        print(
+            f"seconds per edit: median {statistics.median(seconds):.1f}, p90 {q:.1f} "
+            f"(including before/after checks); edits refused: {failed}"
+        )
+    print(
+        f"key statistics ({config.stats_tokens} tokens, layer {config.layer}): "
+        f"{stats_seconds:.1f}s (a cached statistic reads in well under a second)"
+    )
     return 0
 
 

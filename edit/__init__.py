@@ -1,13 +1,13 @@
 """edit: change what a causal language model knows.
 
-    import edit
-    model, tok = edit.load()                                   # embedded SmolLM2-135M
-    result = edit.apply(model, tok, "Paris is capital of Italy")  # ROME, in memory
-    result.undo()
+import edit
+model, tok = edit.load()                                   # embedded SmolLM2-135M
+result = edit.apply(model, tok, "Paris is capital of Italy")  # ROME, in memory
+result.undo()
 
-    ws = edit.Workspace.open("my-edits")                       # a ledger on disk
-    entry = ws.add("Paris is capital of Italy")
-    ws.revert(entry.id); ws.export("merged-model/")
+ws = edit.Workspace.open("my-edits")                       # a ledger on disk
+entry = ws.add("Paris is capital of Italy")
+ws.revert(entry.id); ws.export("merged-model/")
 """
 
 from __future__ import annotations

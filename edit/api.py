@@ -56,8 +56,9 @@ class EditResult:
         return dataclasses.asdict(self.config)
 
 
-def as_fact(request: str | Fact | dict, subject: str | None = None,
-            target: str | None = None) -> Fact:  # fmt: skip
+def as_fact(
+    request: str | Fact | dict, subject: str | None = None, target: str | None = None
+) -> Fact:
     if isinstance(request, Fact):
         return request
     if isinstance(request, dict):
@@ -111,8 +112,10 @@ def apply(
     out = spec.compute(model, tok, [fact], config, objective=kind, progress=progress)
     seconds = time.perf_counter() - t0
     if not out.update.is_finite():
-        raise EditFailed(f"{spec.name} produced a non-finite update for {fact.statement!r}; "
-                         f"nothing was changed (try another --layer)")  # fmt: skip
+        raise EditFailed(
+            f"{spec.name} produced a non-finite update for {fact.statement!r}; "
+            f"nothing was changed (try another --layer)"
+        )
 
     handle = out.update.apply(model)
     after = _probe(model, tok, fact, new, old, describe)
@@ -124,10 +127,13 @@ def apply(
     problem = _did_not_take(kind, metrics)
     if problem:
         handle.undo()
-        raise EditFailed(f"the edit did not take ({problem}); the model is unchanged "
-                         f"(try another --layer or more steps)")  # fmt: skip
-    return EditResult(kind, spec.name, [fact], out.update, out.layers, config,
-                      metrics, out.info, handle)  # fmt: skip
+        raise EditFailed(
+            f"the edit did not take ({problem}); the model is unchanged "
+            f"(try another --layer or more steps)"
+        )
+    return EditResult(
+        kind, spec.name, [fact], out.update, out.layers, config, metrics, out.info, handle
+    )
 
 
 def _probe(model, tok, fact: Fact, new: str | None, old: str, describe: bool) -> dict:
@@ -156,6 +162,8 @@ def _did_not_take(kind: str, m: dict) -> str | None:
     if m["old_is_top_after"]:
         return "the object is still the top prediction"
     if m["p_old_after"] * ERASE_MIN_DROP > m["p_old_before"]:
-        return (f"P(object) fell only from {m['p_old_before']:.3g} to {m['p_old_after']:.3g}, "
-                f"less than {ERASE_MIN_DROP:g}x")  # fmt: skip
+        return (
+            f"P(object) fell only from {m['p_old_before']:.3g} to {m['p_old_after']:.3g}, "
+            f"less than {ERASE_MIN_DROP:g}x"
+        )
     return None

@@ -1,9 +1,9 @@
 """The ``edit`` command line: a thin shell over the Python API.
 
-    edit add "Paris is capital of Italy"
-    edit ask "Paris is the capital of"
-    edit erase "The Eiffel Tower is located in Paris"
-    edit log | edit revert 0001 | edit export merged/
+edit add "Paris is capital of Italy"
+edit ask "Paris is the capital of"
+edit erase "The Eiffel Tower is located in Paris"
+edit log | edit revert 0001 | edit export merged/
 """
 
 from __future__ import annotations
@@ -19,18 +19,28 @@ from edit.errors import EditError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workspace", "-w", default=os.environ.get("EDIT_WORKSPACE", "edit-workspace"),
-                   help="ledger folder (default: $EDIT_WORKSPACE or ./edit-workspace)")  # fmt: skip
-    p.add_argument("--model", "-m", default=None,
-                   help="HF id, model folder or .gguf file (default: the workspace's base model, "
-                        "else the embedded SmolLM2-135M-Instruct)")  # fmt: skip
+    p.add_argument(
+        "--workspace",
+        "-w",
+        default=os.environ.get("EDIT_WORKSPACE", "edit-workspace"),
+        help="ledger folder (default: $EDIT_WORKSPACE or ./edit-workspace)",
+    )
+    p.add_argument(
+        "--model",
+        "-m",
+        default=None,
+        help="HF id, model folder or .gguf file (default: the workspace's base model, "
+        "else the embedded SmolLM2-135M-Instruct)",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
     p.add_argument("--verbose", "-v", action="store_true", help="log what happens inside")
 
 
 def _edit_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("statement", help="e.g. 'Paris is capital of Italy' or '[Paris] is capital of [Italy]'")
+    p.add_argument(
+        "statement", help="e.g. 'Paris is capital of Italy' or '[Paris] is capital of [Italy]'"
+    )
     p.add_argument("--subject", help="the subject, if the parse guesses wrong")
     p.add_argument("--target", help="the object at the end of the statement")
     p.add_argument("--method", default="rome", help="editing method (default: rome)")
@@ -67,8 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # What the library does (statistics collected, config used, model dequantized) is shown;
     # other libraries' chatter only with --verbose.
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(message)s")  # fmt: skip
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
+    )
     logging.getLogger("edit").setLevel(logging.INFO)
     if not args.verbose:
         from transformers.utils import logging as hf_logging
@@ -88,13 +99,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _open(args, create: bool = True):
     from edit.workspace import Workspace
 
-    return Workspace.open(args.workspace, model_name=args.model, create=create,
-                          device=args.device, dtype=args.dtype)  # fmt: skip
+    return Workspace.open(
+        args.workspace, model_name=args.model, create=create, device=args.device, dtype=args.dtype
+    )
 
 
 def _base_model_line(ws) -> str:
-    m = ws.model
-    return f"model: {ws.base['source']} ({ws.base['hash'][:19]}…) on {m.device}/{str(m.dtype).removeprefix('torch.')}"
+    dtype = str(ws.model.dtype).removeprefix("torch.")
+    return f"model: {ws.base['source']} ({ws.base['hash'][:19]}…) on {ws.model.device}/{dtype}"
 
 
 def cmd_add(args, erase: bool = False) -> int:
@@ -111,9 +123,12 @@ def cmd_add(args, erase: bool = False) -> int:
     entry, res = ws.add(fact, method=args.method, erase=erase, layer=args.layer, steps=args.steps)
     m = res.metrics
     verb = "erased" if erase else "edited"
-    print(f"{verb} with {res.method.upper()} at layer {', '.join(map(str, res.layers))} "
-          f"({res.info['module']}): {res.info['steps']} steps, loss {res.info['loss_start']:.3f} -> "
-          f"{res.info['loss_end']:.3f}, {time.perf_counter() - t0:.1f}s")  # fmt: skip
+    info = res.info
+    print(
+        f"{verb} with {res.method.upper()} at layer {', '.join(map(str, res.layers))} "
+        f"({info['module']}): {info['steps']} steps, loss {info['loss_start']:.3f} -> "
+        f"{info['loss_end']:.3f}, {time.perf_counter() - t0:.1f}s"
+    )
     rows = []
     if not erase:
         rows.append((f"P({fact.target!r}) new", m["p_new_before"], m["p_new_after"]))
@@ -123,8 +138,8 @@ def cmd_add(args, erase: bool = False) -> int:
     print(f"{'':{width}}{'before':>10}{'after':>10}")
     for name, b, a in rows:
         print(f"{name:{width}}{b:10.4f}{a:10.4f}")
-    print(f"greedy before: {fact.text}{m['completion_before']!r}")
-    print(f"greedy after:  {fact.text}{m['completion_after']!r}")
+    print(f"greedy before: {fact.text!r} -> {m['completion_before']!r}")
+    print(f"greedy after:  {fact.text!r} -> {m['completion_after']!r}")
     print(f"recorded: {entry.path} (id {entry.id}); undo with 'edit revert {entry.id}'")
     return 0
 
@@ -176,8 +191,10 @@ def cmd_revert(args) -> int:
     entry = ws.revert(args.id)
     print(f"reverted {entry.id}: {entry.summary()}")
     left = ws.entries()
-    print(f"the model is now the base plus {len(left)} edit{'s' * (len(left) != 1)}; "
-          f"the file moved to {ws.path / 'reverted' / entry.path.name}")  # fmt: skip
+    print(
+        f"the model is now the base plus {len(left)} edit{'s' * (len(left) != 1)}; "
+        f"the file moved to {ws.path / 'reverted' / entry.path.name}"
+    )
     return 0
 
 
@@ -185,13 +202,21 @@ def cmd_export(args) -> int:
     ws = _open(args, create=False)
     out = ws.export(args.dir)
     n = len(ws.entries())
-    print(f"exported {ws.base['source']} + {n} edit{'s' * (n != 1)} to {out} (safetensors; load with "
-          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")  # fmt: skip
+    print(
+        f"exported {ws.base['source']} + {n} edit{'s' * (n != 1)} to {out} (safetensors; "
+        f"load with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))"
+    )
     return 0
 
 
-COMMANDS = {"add": cmd_add, "erase": cmd_erase, "ask": cmd_ask, "log": cmd_log,
-            "revert": cmd_revert, "export": cmd_export}  # fmt: skip
+COMMANDS = {
+    "add": cmd_add,
+    "erase": cmd_erase,
+    "ask": cmd_ask,
+    "log": cmd_log,
+    "revert": cmd_revert,
+    "export": cmd_export,
+}
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ def resolve(method: str, config_class: type, model: nn.Module, **overrides):
     unknown = sorted(set(values) - known)
     if unknown:
         raise InvalidRequest(
-            f"unknown {method} setting(s) {', '.join(unknown)}: known are {', '.join(sorted(known))}"
+            f"unknown {method} setting(s) {', '.join(unknown)}: "
+            f"known are {', '.join(sorted(known))}"
         )
     for f in dataclasses.fields(config_class):  # YAML gives lists where the dataclass has tuples
         if isinstance(values.get(f.name), list):

@@ -22,16 +22,84 @@ from edit.errors import InvalidRequest
 
 # Words that typically open the relation after a subject ("Paris *is* capital of ...").
 _RELATION_WORDS = {
-    "is", "are", "was", "were", "has", "have", "had", "will", "can", "does", "did",
-    "plays", "played", "speaks", "spoke", "works", "worked", "lives", "lived", "belongs",
-    "belonged", "holds", "held", "writes", "wrote", "founded", "located", "born", "died",
-    "owns", "owned", "makes", "made", "produces", "produced", "represents", "represented",
-    "debuted", "originated", "originates", "premiered", "succeeded", "follows", "speak",
-    "play", "work", "live", "belong", "hold", "write", "own", "make", "produce", "represent",
-    "became", "becomes", "serves", "served", "used", "uses", "developed", "develops",
-    "created", "creates", "received", "receives", "moved", "married", "joined", "signed",
-    "manufactured", "headquartered", "based", "named", "known", "called", "means",
-}  # fmt: skip
+    "is",
+    "are",
+    "was",
+    "were",
+    "has",
+    "have",
+    "had",
+    "will",
+    "can",
+    "does",
+    "did",
+    "plays",
+    "played",
+    "speaks",
+    "spoke",
+    "works",
+    "worked",
+    "lives",
+    "lived",
+    "belongs",
+    "belonged",
+    "holds",
+    "held",
+    "writes",
+    "wrote",
+    "founded",
+    "located",
+    "born",
+    "died",
+    "owns",
+    "owned",
+    "makes",
+    "made",
+    "produces",
+    "produced",
+    "represents",
+    "represented",
+    "debuted",
+    "originated",
+    "originates",
+    "premiered",
+    "succeeded",
+    "follows",
+    "speak",
+    "play",
+    "work",
+    "live",
+    "belong",
+    "hold",
+    "write",
+    "own",
+    "make",
+    "produce",
+    "represent",
+    "became",
+    "becomes",
+    "serves",
+    "served",
+    "used",
+    "uses",
+    "developed",
+    "develops",
+    "created",
+    "creates",
+    "received",
+    "receives",
+    "moved",
+    "married",
+    "joined",
+    "signed",
+    "manufactured",
+    "headquartered",
+    "based",
+    "named",
+    "known",
+    "called",
+    "means",
+}
 _LOWER_JOINERS = {"of", "de", "la", "le", "von", "van", "der", "del", "da", "du", "and", "the"}
 _BRACKETS = re.compile(r"\[([^\[\]]+)\]")
 
@@ -102,9 +170,7 @@ class Fact:
         prompt, subject = str(d["prompt"]).strip(), str(d["subject"]).strip()
         if "{}" not in prompt:
             if subject not in prompt:
-                raise InvalidRequest(
-                    f"subject {subject!r} does not occur in the prompt {prompt!r}"
-                )
+                raise InvalidRequest(f"subject {subject!r} does not occur in the prompt {prompt!r}")
             prompt = prompt.replace(subject, "{}", 1)
         return cls(
             prompt=prompt,
@@ -134,7 +200,9 @@ def parse_statement(
     text = " ".join(statement.split())
     text = text.rstrip(" .!")
     if not text:
-        raise InvalidRequest("the statement is empty: write a sentence such as 'Paris is capital of Italy'")
+        raise InvalidRequest(
+            "the statement is empty: write a sentence such as 'Paris is capital of Italy'"
+        )
 
     if any(c in text for c in "{}"):
         raise InvalidRequest(f"the statement {statement!r} contains '{{' or '}}': remove them")
@@ -175,9 +243,7 @@ def parse_statement(
         raise InvalidRequest("the subject is empty: name who or what the fact is about")
     at = subject_at if subject_at is not None else prompt_text.find(subject)
     if at < 0 or prompt_text[at : at + len(subject)] != subject:
-        raise InvalidRequest(
-            f"subject {subject!r} does not occur in the prompt {prompt_text!r}"
-        )
+        raise InvalidRequest(f"subject {subject!r} does not occur in the prompt {prompt_text!r}")
     prompt = prompt_text[:at] + "{}" + prompt_text[at + len(subject) :]
     if prompt.strip() == "{}":
         raise InvalidRequest(
@@ -202,8 +268,12 @@ def _guess_target(text: str) -> str:
     i = len(words)
     while i > 1 and (
         _is_name_word(words[i - 1])
-        or (words[i - 1] in _LOWER_JOINERS and i < len(words) and i - 1 > 1
-            and _is_name_word(words[i - 2]))
+        or (
+            words[i - 1] in _LOWER_JOINERS
+            and i < len(words)
+            and i - 1 > 1
+            and _is_name_word(words[i - 2])
+        )
     ):
         i -= 1
     if i < len(words):

@@ -124,7 +124,11 @@ def continuation_logprobs(
     for start in range(0, len(prompts), batch_size):
         seqs, rows, cols, targets, lengths = [], [], [], [], []
         for b, (p, c) in enumerate(
-            zip(prompts[start : start + batch_size], continuations[start : start + batch_size])
+            zip(
+                prompts[start : start + batch_size],
+                continuations[start : start + batch_size],
+                strict=True,
+            )
         ):
             p_ids, c_ids = encode(tok, p), encode_continuation(tok, c)
             seqs.append(p_ids + c_ids)
@@ -134,8 +138,9 @@ def continuation_logprobs(
                 targets.append(t)
             lengths.append(len(c_ids))
         ids, mask = right_pad(seqs, pad_id(tok), device)
-        logits = logits_at(model, ids, mask, torch.tensor(rows, device=device),
-                           torch.tensor(cols, device=device))  # fmt: skip
+        logits = logits_at(
+            model, ids, mask, torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+        )
         lp = torch.log_softmax(logits, -1)[torch.arange(len(targets)), torch.tensor(targets)]
         results.extend(lp.cpu().split(lengths))
     return results
@@ -169,8 +174,13 @@ def top_next(model: nn.Module, tok, prompt: str, k: int = 5) -> list[tuple[str, 
     """The k most likely next tokens after ``prompt`` with their probabilities."""
     device = device_of(model)
     ids = torch.tensor([encode(tok, prompt)], device=device)
-    logits = logits_at(model, ids, torch.ones_like(ids), torch.tensor([0], device=device),
-                       torch.tensor([ids.shape[1] - 1], device=device))  # fmt: skip
+    logits = logits_at(
+        model,
+        ids,
+        torch.ones_like(ids),
+        torch.tensor([0], device=device),
+        torch.tensor([ids.shape[1] - 1], device=device),
+    )
     probs = torch.softmax(logits[0], -1)
     values, indices = probs.topk(k)
-    return [(tok.decode([int(i)]), float(v)) for v, i in zip(values, indices)]
+    return [(tok.decode([int(i)]), float(v)) for v, i in zip(values, indices, strict=True)]

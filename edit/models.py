@@ -52,8 +52,11 @@ def pick_device_and_dtype(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if isinstance(dtype, str):
         try:
-            dtype = {"float32": torch.float32, "float16": torch.float16,
-                     "bfloat16": torch.bfloat16}[dtype]  # fmt: skip
+            dtype = {
+                "float32": torch.float32,
+                "float16": torch.float16,
+                "bfloat16": torch.bfloat16,
+            }[dtype]
         except KeyError:
             raise EditError(f"unknown dtype {dtype!r}: use float32, float16 or bfloat16") from None
     if dtype is None:

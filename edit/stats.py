@@ -52,7 +52,9 @@ def token_chunks(tok, text: str, n_tokens: int, seq_len: int) -> list[list[int]]
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     ids: list[int] = []
     for start in range(0, len(lines), 200):  # tokenize in pieces: bounded memory, early exit
-        ids.extend(tok("\n".join(lines[start : start + 200]) + "\n", add_special_tokens=False).input_ids)
+        ids.extend(
+            tok("\n".join(lines[start : start + 200]) + "\n", add_special_tokens=False).input_ids
+        )
         if len(ids) >= n_tokens:
             break
     if len(ids) < n_tokens:
@@ -85,7 +87,9 @@ def second_moment(
     max_pos = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if max_pos:
         seq_len = min(seq_len, max_pos - len(start_ids(tok)))
-    corpus_id = f"{Path(str(corpus)).stem}-{hashlib.sha256(text.encode()).hexdigest()[:12]}-s{seq_len}"
+    corpus_id = (
+        f"{Path(str(corpus)).stem}-{hashlib.sha256(text.encode()).hexdigest()[:12]}-s{seq_len}"
+    )
     model_hash = getattr(model, "edit_hash", None)
     paths = {n: _cache_path(model_hash, n, corpus_id, n_tokens) for n in names}
 
@@ -98,8 +102,16 @@ def second_moment(
         found.update(_collect(model, tok, missing, text, n_tokens, seq_len, batch_size, progress))
         for n in missing:
             if paths[n] is not None:
-                _save(paths[n], found[n], {"module": n, "corpus": corpus_id,
-                                           "n_tokens": str(n_tokens), "model": model_hash})  # fmt: skip
+                _save(
+                    paths[n],
+                    found[n],
+                    {
+                        "module": n,
+                        "corpus": corpus_id,
+                        "n_tokens": str(n_tokens),
+                        "model": model_hash,
+                    },
+                )
     return found[names[0]] if single else {n: found[n] for n in names}
 
 
@@ -122,8 +134,9 @@ def _collect(model, tok, names, text, n_tokens, seq_len, batch_size, progress):
     count = 0
     traces = {n: Trace(model, n, retain_input=True, stop=(n == last)) for n in names}
     try:
-        bar = tqdm(total=sum(map(len, chunks)), desc="key statistics", unit="tok",
-                   disable=not progress)  # fmt: skip
+        bar = tqdm(
+            total=sum(map(len, chunks)), desc="key statistics", unit="tok", disable=not progress
+        )
         for start in range(0, len(chunks), batch_size):
             batch = chunks[start : start + batch_size]
             width = max(map(len, batch))
@@ -148,8 +161,12 @@ def _collect(model, tok, names, text, n_tokens, seq_len, batch_size, progress):
     finally:
         for t in traces.values():
             t.close()
-    log.info("collected key statistics for %d module(s) over %d tokens in %.1fs",
-             len(names), count, time.perf_counter() - t0)  # fmt: skip
+    log.info(
+        "collected key statistics for %d module(s) over %d tokens in %.1fs",
+        len(names),
+        count,
+        time.perf_counter() - t0,
+    )
     return {n: (sums[n] / count).float().cpu() for n in names}
 
 
@@ -157,5 +174,7 @@ def _save(path: Path, tensor: torch.Tensor, meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".stats-", suffix=".safetensors")
     os.close(fd)
-    save_file({"second_moment": tensor.contiguous()}, tmp, metadata={k: str(v) for k, v in meta.items()})
+    save_file(
+        {"second_moment": tensor.contiguous()}, tmp, metadata={k: str(v) for k, v in meta.items()}
+    )
     os.replace(tmp, path)

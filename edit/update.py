@@ -38,8 +38,10 @@ class Update:
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def is_finite(self) -> bool:
-        return all(bool(torch.isfinite(a).all() and torch.isfinite(b).all())
-                   for a, b in self.factors.values())  # fmt: skip
+        return all(
+            bool(torch.isfinite(a).all() and torch.isfinite(b).all())
+            for a, b in self.factors.values()
+        )
 
     def delta(self, name: str, transposed: bool = False) -> torch.Tensor:
         a, b = self.factors[name]

@@ -66,9 +66,16 @@ class Entry:
 
     def summary(self) -> str:
         fact = self.facts[0]
-        what = f"{fact.text} -> {fact.target}" if self.kind == "insert" else f"{fact.text} -/-> {fact.target}"
+        what = (
+            f"{fact.text} -> {fact.target}"
+            if self.kind == "insert"
+            else f"{fact.text} -/-> {fact.target}"
+        )
         more = f" (+{len(self.facts) - 1} more)" if len(self.facts) > 1 else ""
-        return f"{self.id}  {self.created[:19]}  {self.kind:<6} {self.method:<6} layers {self.layers}  {what}{more}"
+        when = self.created[:19]
+        return (
+            f"{self.id}  {when}  {self.kind:<6} {self.method:<6} layers {self.layers}  {what}{more}"
+        )
 
 
 class Workspace:
@@ -115,10 +122,15 @@ class Workspace:
                 f"({meta['base']['hash'][:19]}…), but this model's weights hash is "
                 f"{model_hash[:19]}…: use that base model or another --workspace"
             )
-        base = meta["base"] if meta else {
-            "source": getattr(model, "edit_source", None) or getattr(model, "name_or_path", "unknown"),
-            "hash": model_hash,
-        }  # fmt: skip
+        source = getattr(model, "edit_source", None) or getattr(model, "name_or_path", "unknown")
+        base = (
+            meta["base"]
+            if meta
+            else {
+                "source": source,
+                "hash": model_hash,
+            }
+        )
         ws = cls(path, model, tok, base)
         entries = ws.entries()  # raises on a corrupt file, before anything is applied
         for entry in entries:
@@ -138,8 +150,10 @@ class Workspace:
         if meta_file.is_file():
             return
         (self.path / "edits").mkdir(parents=True, exist_ok=True)
-        _atomic_write(meta_file, json.dumps({"format": FORMAT, "base": self.base,
-                                             "created": _now()}, indent=2).encode())  # fmt: skip
+        _atomic_write(
+            meta_file,
+            json.dumps({"format": FORMAT, "base": self.base, "created": _now()}, indent=2).encode(),
+        )
 
     # ------------------------------------------------------------------ reading
 
@@ -154,7 +168,9 @@ class Workspace:
             if e.id == entry_id.zfill(4):
                 return e
         known = ", ".join(e.id for e in self.entries()) or "none"
-        raise EditError(f"no edit with id {entry_id!r} in {self.path} (active edits: {known}); see 'edit log'")
+        raise EditError(
+            f"no edit with id {entry_id!r} in {self.path} (active edits: {known}); see 'edit log'"
+        )
 
     # ------------------------------------------------------------------ changing
 
@@ -217,13 +233,9 @@ class Workspace:
 
     def _record(self, result: EditResult) -> Entry:
         self._ensure_created()
-        ids = [int(p.stem) for d in ("edits", "reverted") for p in (self.path / d).glob("*.safetensors")
-               if p.stem.isdigit()]  # fmt: skip
-        entry_id = f"{max(ids, default=0) + 1:04d}"
         tensors = result.update.tensors()
         meta = {
             "edit.format": str(FORMAT),
-            "id": entry_id,
             "kind": result.kind,
             "method": result.method,
             "facts": json.dumps([f.to_dict() for f in result.facts]),
@@ -235,15 +247,27 @@ class Workspace:
             "base_hash": self.base["hash"],
             "checksum": _checksum(tensors),
         }
-        path = self.path / "edits" / f"{entry_id}.safetensors"
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".edit-", suffix=".safetensors")
+        edits = self.path / "edits"
+        fd, tmp = tempfile.mkstemp(dir=edits, prefix=".edit-", suffix=".safetensors")
         os.close(fd)
         try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
+            while True:  # the next free id; link() fails rather than overwrite a concurrent one
+                taken = [
+                    int(p.stem)
+                    for d in ("edits", "reverted")
+                    for p in (self.path / d).glob("*.safetensors")
+                    if p.stem.isdigit()
+                ]
+                meta["id"] = f"{max(taken, default=0) + 1:04d}"
+                save_file(tensors, tmp, metadata=meta)
+                path = edits / f"{meta['id']}.safetensors"
+                try:
+                    os.link(tmp, path)
+                    break
+                except FileExistsError:
+                    continue
+        finally:
             Path(tmp).unlink(missing_ok=True)
-            raise
         return read_entry(path)
 
 
@@ -289,9 +313,16 @@ def read_entry(path: Path) -> Entry:
 
 
 def _entry_json(e: Entry) -> dict:
-    return {"id": e.id, "kind": e.kind, "method": e.method, "layers": e.layers,
-            "facts": [f.to_dict() for f in e.facts], "config": e.config,
-            "metrics": e.metrics, "created": e.created}  # fmt: skip
+    return {
+        "id": e.id,
+        "kind": e.kind,
+        "method": e.method,
+        "layers": e.layers,
+        "facts": [f.to_dict() for f in e.facts],
+        "config": e.config,
+        "metrics": e.metrics,
+        "created": e.created,
+    }
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:

@@ -38,16 +38,20 @@ def load_counterfact(path: str | Path, limit: int | None = None) -> list[Fact]:
     for i, r in enumerate(records[:limit]):
         try:
             rw = r["requested_rewrite"]
-            facts.append(Fact(
-                prompt=rw["prompt"],
-                subject=rw["subject"],
-                target=rw["target_new"]["str"],
-                target_true=rw["target_true"]["str"],
-                paraphrases=tuple(r["paraphrase_prompts"]),
-                neighbours=tuple(r["neighborhood_prompts"]),
-            ))  # fmt: skip
+            facts.append(
+                Fact(
+                    prompt=rw["prompt"],
+                    subject=rw["subject"],
+                    target=rw["target_new"]["str"],
+                    target_true=rw["target_true"]["str"],
+                    paraphrases=tuple(r["paraphrase_prompts"]),
+                    neighbours=tuple(r["neighborhood_prompts"]),
+                )
+            )
         except (KeyError, TypeError) as e:
-            raise EditError(f"{path}: record {i} is not a CounterFact record (missing {e})") from None
+            raise EditError(
+                f"{path}: record {i} is not a CounterFact record (missing {e})"
+            ) from None
     return facts
 
 
@@ -76,5 +80,6 @@ def score(model: nn.Module, tok, fact: Fact) -> dict:
 def summarize(rows: list[dict]) -> dict:
     """Mean of each metric over records (percent), skipping records without it."""
     keys = ["efficacy", "paraphrase", "neighbourhood"]
-    return {k: round(100 * float(np.mean([r[k] for r in rows if r[k] is not None])), 1)
-            for k in keys}  # fmt: skip
+    return {
+        k: round(100 * float(np.mean([r[k] for r in rows if r[k] is not None])), 1) for k in keys
+    }

@@ -69,7 +69,9 @@ def context_templates(
         torch.manual_seed(seed)
         for length, count in spec:
             for i in range(count):
-                ids = torch.tensor([encode(tok, _PREFIX_SEEDS[i % len(_PREFIX_SEEDS)])], device=device)
+                ids = torch.tensor(
+                    [encode(tok, _PREFIX_SEEDS[i % len(_PREFIX_SEEDS)])], device=device
+                )
                 out = model.generate(
                     input_ids=ids,
                     attention_mask=torch.ones_like(ids),
@@ -143,8 +145,19 @@ def _build_batch(tok, facts: list[Fact], templates: list[str], device) -> _Batch
     def t(x, dtype=torch.long):
         return torch.tensor(x, dtype=dtype, device=device)
 
-    return _Batch(ids, mask, t(fact_of), t(lookup), t(rewrite, torch.bool), t(t_row), t(t_col),
-                  t(t_tok), t(t_first, torch.bool), t(kl_row), t(kl_col))  # fmt: skip
+    return _Batch(
+        ids,
+        mask,
+        t(fact_of),
+        t(lookup),
+        t(rewrite, torch.bool),
+        t(t_row),
+        t(t_col),
+        t(t_tok),
+        t(t_first, torch.bool),
+        t(kl_row),
+        t(kl_col),
+    )
 
 
 @dataclass
@@ -216,7 +229,9 @@ def solve_values(
         q = q / q.sum(-1, keepdim=True)  # the unedited distribution, conditioned on "not object"
         fact_of_first = b.fact[first_rows]
         # done once each fact's mean P(object) fell by erase_ratio
-        stop_at = _mean_by_fact(p0_obj[:, None], fact_of_first, n_facts)[:, 0] / settings.erase_ratio
+        stop_at = (
+            _mean_by_fact(p0_obj[:, None], fact_of_first, n_facts)[:, 0] / settings.erase_ratio
+        )
 
     delta = torch.zeros_like(values, requires_grad=True)  # (F, d_out)
     opt = torch.optim.Adam([delta], lr=settings.lr)
@@ -230,8 +245,7 @@ def solve_values(
 
     losses = []
     bar = tqdm(range(settings.steps), desc="optimizing value", leave=False, disable=not progress)
-    step = 0
-    for step in bar:
+    for _ in bar:
         with Trace(model, module, edit_output=inject, detach=False):
             logits = logits_at(model, b.ids, b.mask, rows, cols)
         logp = torch.log_softmax(logits, -1)
@@ -270,7 +284,7 @@ def solve_values(
         keys=keys,
         values=values,
         deltas=delta.detach(),
-        steps=step + 1,
+        steps=len(losses),
         loss_start=losses[0],
         loss_end=losses[-1],
         target_prob=[float(x) for x in progress_measure.detach()],

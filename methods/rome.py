@@ -75,8 +75,15 @@ class ROMEConfig:
             )
 
     def value_settings(self) -> ValueSettings:
-        return ValueSettings(self.steps, self.lr, self.kl_factor, self.weight_decay,
-                             self.clamp_norm, self.nll_stop, self.erase_ratio)  # fmt: skip
+        return ValueSettings(
+            self.steps,
+            self.lr,
+            self.kl_factor,
+            self.weight_decay,
+            self.clamp_norm,
+            self.nll_stop,
+            self.erase_ratio,
+        )
 
 
 @register("rome", ROMEConfig)
@@ -99,19 +106,37 @@ def compute(
     layer = config.layer
     if layer is None:
         layer = n_layers // 6
-        log.warning("no tuned ROME config for this model: editing layer %d of %d "
-                    "(n_layers // 6); pass --layer to choose", layer, n_layers)  # fmt: skip
+        log.warning(
+            "no tuned ROME config for this model: editing layer %d of %d "
+            "(n_layers // 6); pass --layer to choose",
+            layer,
+            n_layers,
+        )
     if layer >= n_layers:
         raise InvalidRequest(f"layer must be in 0..{n_layers - 1}, got {layer}")
     module = arch.mlp_out_name(layer)
 
     t0 = time.perf_counter()
-    cov = second_moment(model, tok, module, corpus=config.stats_corpus,
-                        n_tokens=config.stats_tokens, progress=progress)  # fmt: skip
+    cov = second_moment(
+        model,
+        tok,
+        module,
+        corpus=config.stats_corpus,
+        n_tokens=config.stats_tokens,
+        progress=progress,
+    )
     t_stats = time.perf_counter() - t0
     templates = context_templates(model, tok, config.context_templates, config.seed)
-    sol = solve_values(model, tok, module, facts, templates, config.value_settings(),
-                       objective=objective, progress=progress)  # fmt: skip
+    sol = solve_values(
+        model,
+        tok,
+        module,
+        facts,
+        templates,
+        config.value_settings(),
+        objective=objective,
+        progress=progress,
+    )
 
     key = sol.keys[0]  # (d_in,)
     u = whitened_direction(cov, key)  # C⁻¹k*, float64

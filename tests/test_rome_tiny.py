@@ -213,11 +213,19 @@ def test_bad_settings_through_apply(llama, tok):
     assert changed_tensors(llama, base) == []
 
 
-@pytest.mark.parametrize("layer", [2, 50, None])
+@pytest.mark.parametrize("layer", [2, 50])
 def test_layer_out_of_range(llama, tok, layer):
     config = ROMEConfig(**{**TINY_ROME, "layer": layer})
     with pytest.raises(InvalidRequest, match=rf"layer must be in 0\.\.1, got {layer}"):
         registry.get("rome").compute(llama, tok, [Fact(**TINY_FACT)], config, progress=False)
+
+
+def test_no_tuned_layer_falls_back_to_a_sixth_of_the_depth_and_says_so(llama, tok, caplog):
+    config = ROMEConfig(**{**TINY_ROME, "layer": None})
+    out = registry.get("rome").compute(llama, tok, [Fact(**TINY_FACT)], config, progress=False)
+    assert out.layers == [0]  # 2 layers // 6
+    assert list(out.update.factors) == ["model.layers.0.mlp.down_proj"]
+    assert "no tuned ROME config" in caplog.text
 
 
 def test_rome_edits_one_fact_at_a_time(llama, tok):
