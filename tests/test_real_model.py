@@ -101,3 +101,16 @@ def test_erase_removes_the_object_without_a_new_answer(ws):
     # no replacement was taught: the new top answer is one the unedited model already ranked
     assert after[0][0] in [t for t, _ in before]
     ws.revert(entry.id)
+
+
+def test_a_gguf_path_loads_the_same_weights_as_the_default(ws):
+    from conftest import real_environment
+
+    from edit.models import _DEFAULT_GGUF, _DEFAULT_PACKAGE
+
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    gguf = f"{next(iter(spec.submodule_search_locations))}/{_DEFAULT_GGUF}"
+    with real_environment():
+        model, _ = edit.load(gguf)
+    assert model.edit_source == gguf
+    assert model.edit_hash == ws.base["hash"]  # a workspace accepts either spelling
