@@ -1,8 +1,9 @@
 """Method hyper-parameters: YAML files in ``configs/<method>/``, then explicit overrides.
 
 Lookup order for a model: ``<method>/<model name>.yaml`` (the name lower-cased, e.g.
-``smollm2-135m-instruct.yaml``; a GGUF file's name up to its first dot), then ``<method>/<model_type>.yaml``, then the config
-dataclass defaults. Keyword overrides (``layer=6``) win over the file.
+``smollm2-135m-instruct.yaml``; a GGUF file's name up to its first dot), then
+``<method>/<model_type>.yaml``, then the config dataclass defaults. Keyword overrides
+(``layer=6``) win over the file.
 """
 
 from __future__ import annotations
