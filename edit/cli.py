@@ -62,6 +62,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5, help="how many next-token candidates")
     p.add_argument("--tokens", type=int, default=12, help="length of the greedy completion")
     _common(p)
+    p = sub.add_parser("eval", help="edit records from a data set and measure the edits")
+    p.add_argument("--data", required=True, help="CounterFact / flat CounterFact / zsRE / JSONL")
+    p.add_argument("--format", default=None, help="counterfact, counterfact_flat, zsre or facts")
+    p.add_argument("--method", default="rome")
+    p.add_argument("--mode", default="single", help="single, sequential or batch")
+    p.add_argument("--limit", type=int, default=None, help="the first N records")
+    p.add_argument(
+        "--out", default=None, help="result folder (default: eval-out/<data>-<method>-<mode>)"
+    )
+    p.add_argument("--layer", type=int, default=None)
+    p.add_argument(
+        "--fluency-records",
+        type=int,
+        default=20,
+        help="single mode: records whose fluency is measured (costly on CPU)",
+    )
+    p.add_argument(
+        "--ppl-text",
+        default=None,
+        help="held-out text for perplexity "
+        "(default: WikiText-2 test from the repository's shared data, if present)",
+    )
+    _common(p)
     p = sub.add_parser("log", help="list the edits in the workspace")
     _common(p)
     p = sub.add_parser("revert", help="undo an edit exactly")
@@ -94,6 +117,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing was recorded", file=sys.stderr)
         return 130
+
+
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from edit.evals.data import load_records
+    from edit.evals.harness import EvalSettings, default_ppl_text, evaluate, summary_table
+    from edit.models import load
+
+    records = load_records(args.data, args.format, args.limit)  # input errors before loading
+    name = Path(args.data).stem
+    out = Path(args.out or f"eval-out/{name}-{args.method}-{args.mode}")
+    if out.exists() and any(out.iterdir()):
+        raise EditError(f"{out} already exists and is not empty: choose a new --out folder")
+    model, tok = load(args.model, device=args.device, dtype=args.dtype)
+    print(
+        f"model: {model.edit_source}; {len(records)} {records[0].format} records from {args.data}"
+    )
+    settings = EvalSettings(
+        fluency_records=args.fluency_records,
+        ppl_text=args.ppl_text or default_ppl_text(),
+        method_settings={"layer": args.layer} if args.layer is not None else {},
+    )
+    report = evaluate(
+        model,
+        tok,
+        records,
+        method=args.method,
+        mode=args.mode,
+        out_dir=out,
+        data_name=name,
+        settings=settings,
+    )
+    s = report.summary
+    spe = s["cost"]["seconds_per_edit"]
+    print()
+    print(summary_table(s))
+    med = f"{spe['median']:.1f}" if spe["median"] is not None else "-"
+    p90 = f"{spe['p90']:.1f}" if spe["p90"] is not None else "-"
+    print(
+        f"edits refused: {s['refused']}; seconds per edit: median {med}, p90 {p90}; "
+        f"key statistics {s['cost']['statistics_seconds']} s; peak memory "
+        f"{s['cost']['peak_memory_mb']} MB"
+    )
+    print(f"wrote {out}/: records.jsonl, summary.json, summary.md, scores.png, margins.png")
+    return 0
 
 
 def _open(args, create: bool = True):
@@ -213,6 +282,7 @@ COMMANDS = {
     "add": cmd_add,
     "erase": cmd_erase,
     "ask": cmd_ask,
+    "eval": cmd_eval,
     "log": cmd_log,
     "revert": cmd_revert,
     "export": cmd_export,

@@ -9,6 +9,7 @@ Lookup order for a model: ``<method>/<model name>.yaml`` (the name lower-cased, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from importlib.resources import files
 from pathlib import Path
@@ -35,13 +36,19 @@ def config_file(method: str, model: nn.Module) -> tuple[str, dict] | None:
     return None
 
 
+@functools.cache
+def _announce(name: str) -> None:
+    """Say once per process which tuned config is in use (edits in a loop resolve it often)."""
+    log.info("using tuned config %s", name)
+
+
 def resolve(method: str, config_class: type, model: nn.Module, **overrides):
     """A config instance: class defaults < tuned YAML for this model < ``overrides``."""
     values: dict = {}
     found = config_file(method, model)
     if found is not None:
         values.update(found[1])
-        log.info("using tuned config %s", found[0])
+        _announce(found[0])
     values.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in dataclasses.fields(config_class)}
     unknown = sorted(set(values) - known)

@@ -8,6 +8,7 @@ small model the vocabulary projection is a quarter of the forward pass.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -111,25 +112,31 @@ def logits_at(
     return logits
 
 
-@torch.no_grad()
-def continuation_logprobs(
-    model: nn.Module, tok, prompts: list[str], continuations: list[str], batch_size: int = 32
-) -> list[torch.Tensor]:
-    """Per-token log-probabilities of each continuation after its prompt (teacher forced).
+@dataclass
+class ContinuationScore:
+    """Teacher-forced scores of one continuation: per token, its log-probability and the
+    token the model would have predicted instead (top-1)."""
 
-    Returns one float32 tensor per pair, of the continuation's token length.
-    """
+    targets: torch.Tensor  # (L,) the continuation's token ids
+    logprobs: torch.Tensor  # (L,) float32
+    top1: torch.Tensor  # (L,) argmax predictions at the same positions
+
+
+@torch.no_grad()
+def continuation_scores(
+    model: nn.Module, tok, prompts: list[str], continuations: list[str], batch_size: int = 32
+) -> list[ContinuationScore]:
+    """Score each continuation after its prompt, batched; one result per pair."""
     device = device_of(model)
-    results: list[torch.Tensor] = []
+    results: list[ContinuationScore] = []
     for start in range(0, len(prompts), batch_size):
         seqs, rows, cols, targets, lengths = [], [], [], [], []
-        for b, (p, c) in enumerate(
-            zip(
-                prompts[start : start + batch_size],
-                continuations[start : start + batch_size],
-                strict=True,
-            )
-        ):
+        pairs = zip(
+            prompts[start : start + batch_size],
+            continuations[start : start + batch_size],
+            strict=True,
+        )
+        for b, (p, c) in enumerate(pairs):
             p_ids, c_ids = encode(tok, p), encode_continuation(tok, c)
             seqs.append(p_ids + c_ids)
             for j, t in enumerate(c_ids):
@@ -141,9 +148,86 @@ def continuation_logprobs(
         logits = logits_at(
             model, ids, mask, torch.tensor(rows, device=device), torch.tensor(cols, device=device)
         )
-        lp = torch.log_softmax(logits, -1)[torch.arange(len(targets)), torch.tensor(targets)]
-        results.extend(lp.cpu().split(lengths))
+        target_t = torch.tensor(targets, device=device)
+        lp = torch.log_softmax(logits, -1).gather(1, target_t[:, None])[:, 0]
+        top1 = logits.argmax(-1)
+        parts = zip(
+            target_t.cpu().split(lengths),
+            lp.cpu().split(lengths),
+            top1.cpu().split(lengths),
+            strict=True,
+        )
+        results.extend(ContinuationScore(t, lps, h) for t, lps, h in parts)
     return results
+
+
+def continuation_logprobs(
+    model: nn.Module, tok, prompts: list[str], continuations: list[str], batch_size: int = 32
+) -> list[torch.Tensor]:
+    """Per-token log-probabilities of each continuation after its prompt (teacher forced)."""
+    return [s.logprobs for s in continuation_scores(model, tok, prompts, continuations, batch_size)]
+
+
+@torch.no_grad()
+def next_token_logprobs(model: nn.Module, tok, prompts: list[str]) -> torch.Tensor:
+    """(N, V) log-probabilities of the token after each prompt, float32, on the CPU."""
+    device = device_of(model)
+    seqs = [encode(tok, p) for p in prompts]
+    ids, mask = right_pad(seqs, pad_id(tok), device)
+    rows = torch.arange(len(seqs), device=device)
+    cols = torch.tensor([len(s) - 1 for s in seqs], device=device)
+    return torch.log_softmax(logits_at(model, ids, mask, rows, cols), -1).cpu()
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    tok,
+    prompts: list[str],
+    max_new_tokens: int = 100,
+    top_k: int = 5,
+    seed: int = 0,
+) -> list[str]:
+    """Top-k sampled continuations (ROME's generation setting), reproducible by seed."""
+    device = device_of(model)
+    seqs = [encode(tok, p) for p in prompts]
+    width = max(map(len, seqs))
+    pad = pad_id(tok)
+    ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            top_k=top_k,
+            pad_token_id=pad,
+        )
+    return [tok.decode(row[width:], skip_special_tokens=True) for row in out]
+
+
+@torch.no_grad()
+def text_token_nlls(
+    model: nn.Module, tok, text: str, n_tokens: int, seq_len: int = 512, batch_size: int = 4
+) -> torch.Tensor:
+    """Token NLLs of the first ``n_tokens`` tokens of ``text``, in windows of ``seq_len``,
+    each opened by the start token (so every scored token has context from its window)."""
+    device = device_of(model)
+    ids = tok(text, add_special_tokens=False).input_ids[:n_tokens]
+    start = list(start_ids(tok))
+    windows = [start + ids[i : i + seq_len] for i in range(0, len(ids), seq_len)]
+    nlls = []
+    for b in range(0, len(windows), batch_size):
+        batch = windows[b : b + batch_size]
+        x, mask = right_pad(batch, pad_id(tok), device)
+        rows = torch.cat([torch.full((len(w) - 1,), i) for i, w in enumerate(batch)]).to(device)
+        cols = torch.cat([torch.arange(len(w) - 1) for w in batch]).to(device)
+        targets = torch.cat([torch.tensor(w[1:]) for w in batch]).to(device)
+        logits = logits_at(model, x, mask, rows, cols)
+        nlls.append(torch.nn.functional.cross_entropy(logits, targets, reduction="none").cpu())
+    return torch.cat(nlls)
 
 
 def sequence_prob(logprobs: torch.Tensor) -> float:

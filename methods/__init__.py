@@ -30,14 +30,15 @@ class Method:
     name: str
     config_class: type
     compute: Callable[..., MethodOutput]
+    batch: bool = False  # edits many facts in one call
 
 
 _REGISTRY: dict[str, Method] = {}
 
 
-def register(name: str, config_class: type):
+def register(name: str, config_class: type, *, batch: bool = False):
     def wrap(fn: Callable[..., MethodOutput]) -> Callable[..., MethodOutput]:
-        _REGISTRY[name] = Method(name, config_class, fn)
+        _REGISTRY[name] = Method(name, config_class, fn, batch)
         return fn
 
     return wrap

@@ -1,0 +1,191 @@
+"""Evaluation records, read from the formats editing papers use.
+
+* ``counterfact``: ROME's CounterFact JSON (``requested_rewrite`` with ``target_new``/
+  ``target_true``, ``paraphrase_prompts``, ``neighborhood_prompts``, ``generation_prompts``).
+* ``counterfact_flat``: the flattened layout (``prompt`` containing the subject,
+  ``target_new``, ``ground_truth``, ``rephrase_prompt``, ``locality_prompt``,
+  ``locality_ground_truth``).
+* ``zsre``: zsRE in MEND's split (``src``, ``subject``, ``alt``, ``answers``, ``rephrase``,
+  ``loc``, ``loc_ans``).
+* ``facts``: JSON Lines, one fact per line: ``{"statement": "..."}`` or ``{"prompt": ...,
+  "subject": ..., "target": ..., "target_true"?, "paraphrases"?, "neighbours"?}``.
+
+``load_records`` detects the format (or takes it) and reports problems in one line naming
+the file and the record.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edit.errors import EditError
+from edit.facts import Fact, parse_statement
+
+FORMATS = ("counterfact", "counterfact_flat", "zsre", "facts")
+
+
+@dataclass
+class Record:
+    """One evaluation case: the edit request plus the prompts that probe it."""
+
+    id: str
+    fact: Fact  # fact.target is the new object; fact.target_true the old one (if known)
+    paraphrases: list[str] = field(default_factory=list)
+    neighbours: list[tuple[str, str | None]] = field(default_factory=list)  # (prompt, answer)
+    generation_prompts: list[str] = field(default_factory=list)
+    format: str = "facts"
+
+
+def load_records(
+    path: str | Path, fmt: str | None = None, limit: int | None = None
+) -> list[Record]:
+    path = Path(path)
+    if fmt is not None and fmt not in FORMATS:
+        raise EditError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise EditError(f"data file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise EditError(f"cannot read {path}: {e}") from None
+    if not text.strip():
+        raise EditError(f"{path} is empty: it holds no records")
+    rows = _parse(path, text)
+    if not rows:
+        raise EditError(f"{path} holds no records")
+    fmt = fmt or _detect(path, rows[0])
+    if limit is not None:
+        if limit < 1:
+            raise EditError(f"--limit must be at least 1, got {limit}")
+        if limit > len(rows):
+            raise EditError(f"--limit {limit} is beyond the {len(rows)} records in {path}")
+        rows = rows[:limit]
+    reader = _READERS[fmt]
+    records = []
+    for i, row in enumerate(rows):
+        try:
+            records.append(reader(i, row))
+        except (KeyError, TypeError, IndexError, AttributeError) as e:
+            raise EditError(
+                f"{path}: record {i} is not a valid {fmt} record (missing or bad field {e})"
+            ) from None
+        except EditError as e:
+            raise EditError(f"{path}: record {i}: {e}") from None
+    return records
+
+
+def _parse(path: Path, text: str) -> list:
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise EditError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+        return rows
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise EditError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+    return rows
+
+
+def _detect(path: Path, row) -> str:
+    if isinstance(row, dict):
+        if "requested_rewrite" in row:
+            return "counterfact"
+        if {"target_new", "ground_truth", "rephrase_prompt"} <= row.keys():
+            return "counterfact_flat"
+        if {"src", "alt", "loc"} <= row.keys():
+            return "zsre"
+        if "statement" in row or {"prompt", "subject", "target"} <= row.keys():
+            return "facts"
+    raise EditError(
+        f"{path} is in none of the known formats ({', '.join(FORMATS)}): see README "
+        f"'Evaluating edits', or pass --format"
+    )
+
+
+def _counterfact(i: int, r: dict) -> Record:
+    rw = r["requested_rewrite"]
+    fact = Fact(
+        prompt=rw["prompt"],
+        subject=rw["subject"],
+        target=rw["target_new"]["str"],
+        target_true=rw["target_true"]["str"],
+    )
+    return Record(
+        id=str(r.get("case_id", i)),
+        fact=fact,
+        paraphrases=list(r["paraphrase_prompts"]),
+        # CounterFact's neighbours share the edited fact's true object
+        neighbours=[(p, fact.target_true) for p in r["neighborhood_prompts"]],
+        generation_prompts=list(dict.fromkeys(r.get("generation_prompts", []))),
+        format="counterfact",
+    )
+
+
+def _counterfact_flat(i: int, r: dict) -> Record:
+    fact = Fact.from_dict(
+        {
+            "prompt": r["prompt"],
+            "subject": r["subject"],
+            "target": r["target_new"],
+            "target_true": r["ground_truth"],
+        }
+    )
+    return Record(
+        id=str(r.get("case_id", i)),
+        fact=fact,
+        paraphrases=[r["rephrase_prompt"]],
+        neighbours=[(r["locality_prompt"], r["locality_ground_truth"])],
+        format="counterfact_flat",
+    )
+
+
+def _zsre(i: int, r: dict) -> Record:
+    fact = Fact.from_dict(
+        {
+            "prompt": r["src"],
+            "subject": r["subject"],
+            "target": r["alt"],
+            "target_true": r["answers"][0],
+        }
+    )
+    return Record(
+        id=str(r.get("case_id", i)),
+        fact=fact,
+        paraphrases=[r["rephrase"]],
+        neighbours=[(r["loc"], r["loc_ans"])],
+        format="zsre",
+    )
+
+
+def _facts(i: int, r: dict) -> Record:
+    if "statement" in r:
+        fact = parse_statement(
+            str(r["statement"]), subject=r.get("subject"), target=r.get("target")
+        )
+        fact = Fact(fact.prompt, fact.subject, fact.target, r.get("target_true"))
+    else:
+        fact = Fact.from_dict(r)
+    return Record(
+        id=str(r.get("id", i)),
+        fact=fact,
+        paraphrases=list(fact.paraphrases),
+        neighbours=[(p, None) for p in fact.neighbours],
+        format="facts",
+    )
+
+
+_READERS = {
+    "counterfact": _counterfact,
+    "counterfact_flat": _counterfact_flat,
+    "zsre": _zsre,
+    "facts": _facts,
+}

@@ -1,0 +1,459 @@
+"""``edit eval``: edit records from a data set and measure what the edits did.
+
+    report = evaluate(model, tok, load_records("counterfact_dev200.json"), method="rome",
+                      mode="single", out_dir="eval-out")
+
+Modes (written into every result file, because published numbers differ by protocol):
+
+* ``single``: each record is edited on the unedited model, measured, and undone (ROME).
+* ``sequential``: records are edited one after another and all are measured after the last
+  edit (AlphaEdit's protocol); the model is restored at the end.
+* ``batch``: all records in one edit call (MEMIT's protocol); needs a batch method.
+
+The unedited model is measured on every record first, so each summary shows unedited and
+edited side by side. Fluency (generation entropy, perplexity of held-out text) is costly on
+a CPU: in single mode it is measured on the first ``fluency_records`` records, in the other
+modes once after all edits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from edit import arch, lm
+from edit import methods as method_registry
+from edit.api import apply
+from edit.config import resolve
+from edit.errors import EditError, EditFailed
+from edit.evals import metrics as M
+from edit.evals.data import Record
+from edit.stats import second_moment
+
+log = logging.getLogger(__name__)
+
+MODES = ("single", "sequential", "batch")
+DEFINITIONS = {
+    "ES": "share of records with mean-token NLL(new) < NLL(true) on the edit prompt",
+    "EM": "mean of p(new) - p(true), p = exp(-mean token NLL), edit prompt",
+    "PS": "as ES on the paraphrase prompts (mean within a record, then over records)",
+    "PM": "as EM on the paraphrase prompts",
+    "NS": "share of neighbourhood prompts where NLL(true answer) < NLL(new target)",
+    "NM": "mean of p(true answer) - p(new target) on neighbourhood prompts",
+    "KL": "mean KL(p_unedited || p_edited) of the next token after neighbourhood prompts (nats)",
+    "GE": "generation entropy: mean over texts of mean(2/3 H2, 4/3 H3) of word n-grams (bits)",
+    "PPL": "perplexity of held-out text (WikiText-2 test) under the model",
+    "zsRE_acc": "teacher-forced top-1 token accuracy of the new target after the question",
+    "zsRE_gen": "the same after the rephrased question",
+    "zsRE_loc": "share of the locality answer's tokens whose top-1 prediction is unchanged",
+}
+
+
+@dataclass
+class EvalSettings:
+    fluency_records: int = 20
+    gen_prompts: int = 2
+    gen_tokens: int = 50
+    ppl_text: str | None = None
+    ppl_tokens: int = 2048
+    seed: int = 0
+    method_settings: dict = field(default_factory=dict)
+
+
+def default_ppl_text() -> str | None:
+    """WikiText-2 test from the repository's shared data, when it is there."""
+    here = Path(__file__).resolve().parents[1]
+    for root in (here.parent / "shared" / "data", here / "shared" / "data"):
+        p = root / "text" / "wikitext2_raw_test.txt"
+        if p.is_file():
+            return str(p)
+    return None
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _nlls(model, tok, prompts: list[str], targets: list[str]) -> np.ndarray:
+    return np.array(
+        [-float(s.mean()) for s in lm.continuation_logprobs(model, tok, prompts, targets)]
+    )
+
+
+def measure(model: nn.Module, tok, rec: Record, ref: dict | None = None) -> dict:
+    """Rewrite and locality metrics for one record on the model as it is now.
+
+    ``ref`` holds what was kept from the unedited model (next-token log-probs after the
+    neighbourhood prompts, zsRE locality predictions); without it the KL and zsRE locality
+    entries are that reference itself.
+    """
+    f = rec.fact
+    out: dict = {}
+    keep: dict = {}
+    if f.target_true:
+        prompts = [f.text, *rec.paraphrases]
+        n_new = _nlls(model, tok, prompts, [f.target] * len(prompts))
+        n_true = _nlls(model, tok, prompts, [f.target_true] * len(prompts))
+        out["ES"], out["EM"] = M.success(n_new[:1], n_true[:1]), M.magnitude(n_new[:1], n_true[:1])
+        if rec.paraphrases:
+            out["PS"] = M.success(n_new[1:], n_true[1:])
+            out["PM"] = M.magnitude(n_new[1:], n_true[1:])
+    answered = [(p, a) for p, a in rec.neighbours if a]
+    if answered:
+        ps = [p for p, _ in answered]
+        n_ans = _nlls(model, tok, ps, [a for _, a in answered])
+        n_new = _nlls(model, tok, ps, [f.target] * len(ps))
+        out["NS"], out["NM"] = M.success(n_ans, n_new), M.magnitude(n_ans, n_new)
+    if rec.neighbours:
+        logp = lm.next_token_logprobs(model, tok, [p for p, _ in rec.neighbours])
+        if ref is None:
+            keep["neighbour_logp"] = logp.half()
+            out["KL"] = 0.0
+        else:
+            out["KL"] = M.kl_divergence(ref["neighbour_logp"].float().numpy(), logp.numpy())
+    if rec.format == "zsre":
+        scores = lm.continuation_scores(model, tok, [f.text, rec.paraphrases[0]], [f.target] * 2)
+        out["zsRE_acc"] = M.token_accuracy((scores[0].top1 == scores[0].targets).tolist())
+        out["zsRE_gen"] = M.token_accuracy((scores[1].top1 == scores[1].targets).tolist())
+        loc_p, loc_a = rec.neighbours[0]
+        loc = lm.continuation_scores(model, tok, [loc_p], [loc_a])[0]
+        if ref is None:
+            keep["loc_top1"] = loc.top1
+            out["zsRE_loc"] = 1.0
+        else:
+            out["zsRE_loc"] = M.token_accuracy((loc.top1 == ref["loc_top1"]).tolist())
+    if ref is None:
+        out["_keep"] = keep
+    return out
+
+
+def fluency(model, tok, prompts: list[str], settings: EvalSettings, ppl_text: str | None) -> dict:
+    """Generation entropy of sampled continuations of ``prompts``; perplexity of ``ppl_text``."""
+    out: dict = {}
+    if prompts:
+        texts = lm.sample(model, tok, prompts, settings.gen_tokens, seed=settings.seed)
+        out["GE"] = M.generation_entropy(texts)
+        out["_generations"] = texts
+    if ppl_text:
+        out["PPL"] = M.perplexity(
+            lm.text_token_nlls(model, tok, ppl_text, settings.ppl_tokens).tolist()
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass
+class EvalReport:
+    summary: dict
+    rows: list[dict]
+    out_dir: Path | None
+
+
+def evaluate(
+    model: nn.Module,
+    tok,
+    records: list[Record],
+    *,
+    method: str = "rome",
+    mode: str = "single",
+    out_dir: str | os.PathLike | None = None,
+    data_name: str = "",
+    settings: EvalSettings | None = None,
+    progress: bool = True,
+) -> EvalReport:
+    settings = settings or EvalSettings()
+    if mode not in MODES:
+        raise EditError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+    spec = method_registry.get(method)
+    if mode == "batch" and not spec.batch:
+        raise EditError(f"{spec.name} edits one fact at a time: use --mode single or sequential")
+    config = resolve(spec.name, spec.config_class, model, **settings.method_settings)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and out.exists() and any(out.iterdir()):
+        raise EditError(f"{out} already exists and is not empty: choose a new --out folder")
+    ppl_text = None
+    if settings.ppl_text:
+        try:
+            ppl_text = Path(settings.ppl_text).read_text(encoding="utf-8")
+        except OSError as e:
+            raise EditError(f"cannot read the perplexity text {settings.ppl_text}: {e}") from None
+
+    # one-time cost: the key statistics the method needs (reported, cached after)
+    t0 = time.perf_counter()
+    if getattr(config, "layer", None) is not None:
+        module = arch.lookup(model).mlp_out_name(config.layer)
+        second_moment(
+            model,
+            tok,
+            module,
+            corpus=config.stats_corpus,
+            n_tokens=config.stats_tokens,
+            progress=progress,
+        )
+    stats_seconds = time.perf_counter() - t0
+
+    n_flu = settings.fluency_records if mode == "single" else 0
+    before, refs, flu_before = [], [], []
+    for i, rec in enumerate(tqdm(records, desc="unedited model", disable=not progress)):
+        m = measure(model, tok, rec)
+        refs.append(m.pop("_keep"))
+        before.append(m)
+        if i < n_flu:
+            gen = rec.generation_prompts[: settings.gen_prompts]
+            flu_before.append(fluency(model, tok, gen, settings, ppl_text))
+    global_flu_before = None
+    if mode != "single":
+        global_flu_before = fluency(model, tok, _gen_prompts(records, settings), settings, ppl_text)
+
+    after: list[dict | None] = [None] * len(records)
+    flu_after: list[dict] = []
+    seconds: list[float] = []
+    refused: list[bool] = [False] * len(records)
+    handles = []
+    bar = tqdm(total=len(records), desc=f"editing ({mode})", disable=not progress)
+    for i, rec in enumerate(records):
+        t = time.perf_counter()
+        try:
+            res = apply(
+                model,
+                tok,
+                rec.fact,
+                method=spec.name,
+                describe=False,
+                progress=False,
+                **settings.method_settings,
+            )
+            seconds.append(time.perf_counter() - t)
+            handles.append(res)
+        except EditFailed as e:
+            refused[i] = True
+            log.info("record %s: edit refused (%s)", rec.id, e)
+        if mode == "single":
+            after[i] = measure(model, tok, rec, refs[i])
+            if i < n_flu:
+                gen = rec.generation_prompts[: settings.gen_prompts]
+                flu_after.append(fluency(model, tok, gen, settings, ppl_text))
+            if handles:
+                handles.pop().undo()
+        bar.update(1)
+    bar.close()
+    global_flu_after = None
+    if mode != "single":
+        for i, rec in enumerate(tqdm(records, desc="edited model", disable=not progress)):
+            after[i] = measure(model, tok, rec, refs[i])
+        global_flu_after = fluency(model, tok, _gen_prompts(records, settings), settings, ppl_text)
+        for res in reversed(handles):
+            res.undo()
+
+    rows = []
+    for i, rec in enumerate(records):
+        row = {
+            "id": rec.id,
+            "fact": rec.fact.to_dict(),
+            "refused": refused[i],
+            "before": before[i],
+            "after": after[i],
+        }
+        if i < len(flu_after):
+            row["fluency_before"] = _public(flu_before[i])
+            row["fluency_after"] = _public(flu_after[i])
+            row["generations_after"] = flu_after[i].get("_generations")
+        rows.append(row)
+
+    summary = {
+        "data": data_name,
+        "records": len(records),
+        "format": records[0].format if records else None,
+        "method": spec.name,
+        "mode": mode,
+        "config": config.__dict__ if hasattr(config, "__dict__") else str(config),
+        "protocol": {
+            "mode": mode,
+            "metrics": DEFINITIONS,
+            "fluency": (
+                f"first {n_flu} records, each measured right after its own edit"
+                if mode == "single"
+                else "once, after all edits"
+            )
+            + f"; {settings.gen_prompts} generation prompts x {settings.gen_tokens} "
+            f"tokens, top-5 sampling, seed {settings.seed}; perplexity on the first "
+            f"{settings.ppl_tokens} tokens of {settings.ppl_text or 'no text'}",
+        },
+        "unedited": _average(before),
+        "edited": _average(after),
+        "refused": int(sum(refused)),
+        "cost": {
+            "seconds_per_edit": M.percentile_summary(seconds),
+            "statistics_seconds": round(stats_seconds, 2),
+            "peak_memory_mb": _peak_memory_mb(),
+        },
+    }
+    if mode == "single":
+        summary["unedited"].update(_average([_public(f) for f in flu_before]))
+        summary["edited"].update(_average([_public(f) for f in flu_after]))
+    else:
+        summary["unedited"].update(_public(global_flu_before))
+        summary["edited"].update(_public(global_flu_after))
+
+    if out is not None:
+        _write(out, summary, rows)
+    return EvalReport(summary, rows, out)
+
+
+def _gen_prompts(records: list[Record], settings: EvalSettings) -> list[str]:
+    prompts = []
+    for rec in records[: max(settings.fluency_records, 1)]:
+        prompts.extend(rec.generation_prompts[: settings.gen_prompts])
+    return prompts
+
+
+def _public(d: dict | None) -> dict:
+    return {k: v for k, v in (d or {}).items() if not k.startswith("_")}
+
+
+def _average(rows: list[dict]) -> dict:
+    keys = sorted({k for r in rows for k in r})
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in rows if r.get(k) is not None and not np.isnan(r[k])]
+        if vals:
+            out[k] = float(np.mean(vals))
+    return out
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+
+
+# --------------------------------------------------------------------------- writing
+
+SHARES = ("ES", "PS", "NS", "zsRE_acc", "zsRE_gen", "zsRE_loc")
+MARGINS = ("EM", "PM", "NM")
+
+
+def summary_table(summary: dict) -> str:
+    """A Markdown table: unedited and edited side by side (shares and margins in percent)."""
+    keys = [
+        k
+        for k in (*SHARES, *MARGINS, "KL", "GE", "PPL")
+        if k in summary["unedited"] or k in summary["edited"]
+    ]
+    head = "| model | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
+    lines = []
+    for name in ("unedited", "edited"):
+        vals = []
+        for k in keys:
+            v = summary[name].get(k)
+            if v is None:
+                vals.append("–")
+            elif k in SHARES or k in MARGINS:
+                vals.append(f"{100 * v:.1f}")
+            elif k == "KL":
+                vals.append(f"{v:.4f}")
+            else:
+                vals.append(f"{v:.2f}")
+        label = "unedited" if name == "unedited" else f"{summary['method']} ({summary['mode']})"
+        lines.append(f"| {label} | " + " | ".join(vals) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def _write(out: Path, summary: dict, rows: list[dict]) -> None:
+    """All files go to a temporary folder that is renamed into place at the end."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        with open(tmp / "records.jsonl", "w") as f:
+            for row in rows:
+                f.write(json.dumps(row, default=_json_default) + "\n")
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+        cost = summary["cost"]
+        spe = cost["seconds_per_edit"]
+        md = [
+            f"# {summary['method']} on {summary['data']} ({summary['records']} records, "
+            f"mode {summary['mode']})",
+            "",
+            summary_table(summary),
+            f"Edits refused: {summary['refused']}. Seconds per edit: median "
+            f"{_fmt(spe['median'])}, p90 {_fmt(spe['p90'])}. Key statistics: "
+            f"{cost['statistics_seconds']} s. Peak memory: {cost['peak_memory_mb']} MB.",
+            "",
+            "Shares and margins in percent. Definitions:",
+            "",
+        ]
+        md += [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()]
+        md += ["", f"Fluency: {summary['protocol']['fluency']}."]
+        (tmp / "summary.md").write_text("\n".join(md) + "\n")
+        _plots(tmp, summary, rows)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fmt(x) -> str:
+    return "–" if x is None else f"{x:.1f} s"
+
+
+def _json_default(o):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, tuple):
+        return list(o)
+    return str(o)
+
+
+def _plots(folder: Path, summary: dict, rows: list[dict]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no plots (pip install matplotlib)")
+        return
+    keys = [k for k in SHARES if k in summary["edited"]]
+    fig, ax = plt.subplots(figsize=(1.2 * len(keys) + 2, 3.2))
+    x = np.arange(len(keys))
+    for off, name, color in ((-0.2, "unedited", "#999999"), (0.2, "edited", "#2b6cb0")):
+        ax.bar(x + off, [100 * summary[name].get(k, 0) for k in keys], 0.4, label=name, color=color)
+    ax.set_xticks(x, keys)
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{summary['method']} ({summary['mode']}), {summary['records']} records")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(folder / "scores.png", dpi=120)
+    plt.close(fig)
+
+    em_b = [r["before"].get("EM") for r in rows if r["after"] and r["before"].get("EM") is not None]
+    em_a = [r["after"].get("EM") for r in rows if r["after"] and r["after"].get("EM") is not None]
+    if em_a:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        bins = np.linspace(-1, 1, 41)
+        ax.hist(em_b, bins=bins, alpha=0.6, label="unedited", color="#999999")
+        ax.hist(em_a, bins=bins, alpha=0.6, label="edited", color="#2b6cb0")
+        ax.set_xlabel("p(new) - p(true) on the edit prompt")
+        ax.set_ylabel("records")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(folder / "margins.png", dpi=120)
+        plt.close(fig)
