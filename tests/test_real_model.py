@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 
+import numpy as np
 import pytest
 import torch
 
@@ -114,3 +115,19 @@ def test_a_gguf_path_loads_the_same_weights_as_the_default(ws):
         model, _ = edit.load(gguf)
     assert model.edit_source == gguf
     assert model.edit_hash == ws.base["hash"]  # a workspace accepts either spelling
+
+
+def test_eval_metrics_agree_with_full_logits_on_the_real_model(ws):
+    """The harness's ES/EM on a CounterFact record equal a plain forward's numbers."""
+    from test_evals import independent_mean_nll
+
+    from edit.evals.data import Record
+    from edit.evals.harness import measure
+
+    f = edit.Fact("{} is located in", "The Eiffel Tower", "Rome", "Paris")
+    rec = Record(id="x", fact=f, paraphrases=["The Eiffel Tower stands in the city of"])
+    m = measure(ws.model, ws.tok, rec)
+    n_new = independent_mean_nll(ws.model, ws.tok, f.text, "Rome")
+    n_true = independent_mean_nll(ws.model, ws.tok, f.text, "Paris")
+    assert m["ES"] == float(n_new < n_true) == 0.0  # the unedited model knows it is Paris
+    assert m["EM"] == pytest.approx(np.exp(-n_new) - np.exp(-n_true), abs=1e-5)
