@@ -213,8 +213,12 @@ def evaluate(
         before.append(m)
         if i < n_flu:
             gen = rec.generation_prompts[: settings.gen_prompts]
-            flu_before.append(fluency(model, tok, gen, settings, ppl_text))
+            flu_before.append(fluency(model, tok, gen, settings, None))
     global_flu_before = None
+    if flu_before and ppl_text:  # one unedited model, one perplexity
+        ppl = fluency(model, tok, [], settings, ppl_text)["PPL"]
+        for f in flu_before:
+            f["PPL"] = ppl
     if mode != "single":
         global_flu_before = fluency(model, tok, _gen_prompts(records, settings), settings, ppl_text)
 
