@@ -85,6 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: WikiText-2 test from the repository's shared data, if present)",
     )
     _common(p)
+    p = sub.add_parser("trace", help="locate where a fact lives (causal tracing)")
+    p.add_argument("prompt", nargs="?", help="e.g. 'The Eiffel Tower is located in'")
+    p.add_argument("--subject", help="the subject, if the guess is wrong (or use [brackets])")
+    p.add_argument("--target", help="the answer to trace (default: the model's prediction)")
+    p.add_argument("--kind", default="all", help="all, mlp, attn or resid (default: all)")
+    p.add_argument("--data", help="average over the facts of a known_1000.json-style file")
+    p.add_argument("--limit", type=int, default=100, help="--data: facts to trace")
+    p.add_argument("--samples", type=int, default=None, help="noise samples (10; --data: 2)")
+    p.add_argument("--noise", type=float, default=3.0, help="noise std in embedding stds")
+    p.add_argument("--window", type=int, default=10, help="layers restored for mlp/attn")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="trace-out", help="folder for JSON and PNG files")
+    _common(p)
     p = sub.add_parser("log", help="list the edits in the workspace")
     _common(p)
     p = sub.add_parser("revert", help="undo an edit exactly")
@@ -162,6 +175,44 @@ def cmd_eval(args) -> int:
         f"{s['cost']['peak_memory_mb']} MB"
     )
     print(f"wrote {out}/: records.jsonl, summary.json, summary.md, scores.png, margins.png")
+    return 0
+
+
+def cmd_trace(args) -> int:
+    from edit import trace
+    from edit.models import load
+
+    kinds = trace.parse_kinds(args.kind)  # input errors before loading the model
+    if bool(args.prompt) == bool(args.data):
+        raise EditError("give a prompt to trace, or --data FILE to average over facts")
+    facts = trace.load_known(args.data) if args.data else None
+    if facts is None:
+        template, subject = trace.parse_prompt(args.prompt, args.subject)
+    model, tok = load(args.model, device=args.device, dtype=args.dtype)
+    print(f"model: {model.edit_source} ({model.edit_hash[:19]}…) on {model.device}")
+    settings = dict(
+        kinds=kinds, window=args.window, seed=args.seed, noise_multiplier=args.noise, progress=True
+    )
+    if facts is None:
+        samples = trace.SAMPLES if args.samples is None else args.samples
+        result = trace.trace_fact(
+            model, tok, template, subject, args.target, samples=samples, **settings
+        )
+    else:
+        samples = trace.AVERAGE_SAMPLES if args.samples is None else args.samples
+        result = trace.trace_average(
+            model, tok, facts, limit=args.limit, samples=samples, data=args.data, **settings
+        )
+    print("\n".join(result.summary()))
+    paths, note = trace.write_outputs(result, args.out)
+    if facts is not None and (cached := trace.save_cached(result)):
+        print(
+            f"cached at {cached}: ROME uses layer {result.peak_layer} for this model when it "
+            f"has no tuned config"
+        )
+    print(f"traced in {result.seconds:.1f}s; wrote {', '.join(map(str, paths))}")
+    if note:
+        print(f"plots skipped: {note}")
     return 0
 
 
@@ -283,6 +334,7 @@ COMMANDS = {
     "erase": cmd_erase,
     "ask": cmd_ask,
     "eval": cmd_eval,
+    "trace": cmd_trace,
     "log": cmd_log,
     "revert": cmd_revert,
     "export": cmd_export,

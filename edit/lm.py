@@ -104,7 +104,12 @@ def logits_at(
     final logit soft-capping when the config asks for it (Gemma 2/3).
     """
     out = model.base_model(input_ids=input_ids, attention_mask=attention_mask)
-    hidden = out.last_hidden_state[rows, cols]  # (N, d)
+    return unembed(model, out.last_hidden_state[rows, cols])  # (N, d) -> (N, V)
+
+
+def unembed(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits (..., V) in float32 from final hidden states (..., d), soft-capped when the
+    config asks for it (Gemma 2/3)."""
     logits = model.get_output_embeddings()(hidden).float()
     cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     if cap:

@@ -32,6 +32,7 @@ from edit.facts import Fact
 from edit.methods import MethodOutput, register
 from edit.methods.algebra import ValueSettings, context_templates, solve_values, whitened_direction
 from edit.stats import DEFAULT_CORPUS, second_moment
+from edit.trace import cached_layer
 from edit.update import Update
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class ROMEConfig:
     """ROME hyper-parameters. Defaults follow the paper's GPT-2 XL setting where they carry
     over; ``configs/rome/`` holds tuned values per model."""
 
-    layer: int | None = None  # block whose MLP is edited; None: tuned config, else n_layers // 6
+    layer: int | None = None  # block whose MLP is edited; None: see ``compute``
     context_templates: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))  # (tokens, count)
     steps: int = 20  # max gradient steps for δ
     lr: float = 0.5
@@ -96,7 +97,11 @@ def compute(
     objective: str = "insert",
     progress: bool = True,
 ) -> MethodOutput:
-    """The rank-one update for one fact (ROME edits facts one at a time)."""
+    """The rank-one update for one fact (ROME edits facts one at a time).
+
+    The layer is ``config.layer``; without one (no tuned config, no override), the peak
+    layer of this model's cached causal trace (``edit trace --data``), else n_layers // 6.
+    """
     if len(facts) != 1:
         raise InvalidRequest(
             f"ROME edits one fact at a time (got {len(facts)}): use a batch method for several"
@@ -104,11 +109,19 @@ def compute(
     arch = arch_table.lookup(model)
     n_layers = arch_table.num_layers(model)
     layer = config.layer
-    if layer is None:
+    traced = cached_layer(model) if layer is None else None  # no tuned config, no --layer
+    if traced is not None:
+        layer = traced[0]
+        log.warning(
+            "no tuned config: using layer %d from the causal trace of this model (cached at %s)",
+            layer,
+            traced[2],
+        )
+    elif layer is None:
         layer = n_layers // 6
         log.warning(
-            "no tuned ROME config for this model: editing layer %d of %d "
-            "(n_layers // 6); pass --layer to choose",
+            "no tuned ROME config for this model: editing layer %d of %d (n_layers // 6); "
+            "pass --layer, or run 'edit trace --data known.json' once to use a measured layer",
             layer,
             n_layers,
         )
