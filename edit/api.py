@@ -80,7 +80,7 @@ def old_object(model: nn.Module, tok, fact: Fact) -> str:
 def apply(
     model: nn.Module,
     tok,
-    request: str | Fact | dict,
+    request: str | Fact | dict | list,
     *,
     method: str = "rome",
     erase: bool = False,
@@ -88,67 +88,120 @@ def apply(
     target: str | None = None,
     describe: bool = True,
     progress: bool = True,
+    history: dict | None = None,
     **settings,
 ) -> EditResult:
     """Edit ``model`` in place so that it asserts ``request`` (or stops asserting it).
 
-    ``request`` is a statement ("Paris is capital of Italy"), a :class:`Fact` or a dict with
-    ``prompt``/``subject``/``target``. ``settings`` override the method's config (e.g.
-    ``layer=6``). With ``describe``, greedy completions before and after are measured too.
+    ``request`` is a statement ("Paris is capital of Italy"), a :class:`Fact`, a dict with
+    ``prompt``/``subject``/``target``, or a list of these for a batch method (MEMIT,
+    AlphaEdit): one update for all. ``settings`` override the method's config (e.g.
+    ``layer=6``); ``history`` passes the keys of earlier edits (see ``Workspace.history``).
+    With ``describe``, greedy completions before and after are measured too (single facts).
+
+    A single edit that does not take is undone and raises :class:`EditFailed`. A batch is
+    kept when at least one of its facts took; ``metrics["not_taken"]`` names the others.
     """
-    fact = as_fact(request, subject, target)
+    batch = isinstance(request, list | tuple)
+    facts = [as_fact(r) for r in request] if batch else [as_fact(request, subject, target)]
+    if not facts:
+        raise InvalidRequest("no facts to edit: the list is empty")
     spec = method_registry.get(method)
+    if len(facts) > 1 and not spec.batch:
+        batch_methods = ", ".join(
+            n for n in method_registry.names() if method_registry.get(n).batch
+        )
+        raise InvalidRequest(
+            f"{spec.name} edits one fact at a time, got {len(facts)}: use a batch method "
+            f"({batch_methods})"
+        )
     config = resolve(spec.name, spec.config_class, model, **settings)
     kind = "erase" if erase else "insert"
 
-    # For an erasure the fact's target *is* the object to remove.
-    old = fact.target if erase else old_object(model, tok, fact)
-    if not erase and old.strip().lower() == fact.target.strip().lower():
-        old = ""  # the model already says the target: there is no old object to compare
-    new = None if erase else fact.target
-    before = _probe(model, tok, fact, new, old, describe)
+    olds = []
+    for fact in facts:  # for an erasure the fact's target *is* the object to remove
+        old = fact.target if erase else old_object(model, tok, fact)
+        if not erase and old.strip().lower() == fact.target.strip().lower():
+            old = ""  # the model already says the target: there is no old object to compare
+        olds.append(old)
+    news = [None if erase else f.target for f in facts]
+    describe = describe and not batch
+    before = _probe(model, tok, facts, news, olds, describe)
 
     t0 = time.perf_counter()
-    out = spec.compute(model, tok, [fact], config, objective=kind, progress=progress)
+    out = spec.compute(
+        model, tok, facts, config, objective=kind, progress=progress, history=history
+    )
     seconds = time.perf_counter() - t0
     if not out.update.is_finite():
         raise EditFailed(
-            f"{spec.name} produced a non-finite update for {fact.statement!r}; "
-            f"nothing was changed (try another --layer)"
+            f"{spec.name} produced a non-finite update for {facts[0].statement!r}"
+            f"{f' and {len(facts) - 1} more' if len(facts) > 1 else ''}; "
+            f"nothing was changed (try other layers)"
         )
 
     handle = out.update.apply(model)
-    after = _probe(model, tok, fact, new, old, describe)
-    metrics = {"seconds": round(seconds, 2), "old_target": old}
-    for k, v in before.items():
-        metrics[f"{k}_before"] = v
-    for k, v in after.items():
-        metrics[f"{k}_after"] = v
-    problem = _did_not_take(kind, metrics)
-    if problem:
-        handle.undo()
-        raise EditFailed(
-            f"the edit did not take ({problem}); the model is unchanged "
-            f"(try another --layer or more steps)"
-        )
+    after = _probe(model, tok, facts, news, olds, describe)
+    per_fact = []
+    for old, b, a in zip(olds, before, after, strict=True):
+        m = {"old_target": old}
+        m.update({f"{k}_before": v for k, v in b.items()})
+        m.update({f"{k}_after": v for k, v in a.items()})
+        per_fact.append(m)
+    problems = [_did_not_take(kind, m) for m in per_fact]
+    if not batch:
+        metrics = {"seconds": round(seconds, 2), **per_fact[0]}
+        if problems[0]:
+            handle.undo()
+            raise EditFailed(
+                f"the edit did not take ({problems[0]}); the model is unchanged "
+                f"(try another --layer or more steps)"
+            )
+    else:
+        failed = [(f, p) for f, p in zip(facts, problems, strict=True) if p]
+        if len(failed) == len(facts):
+            handle.undo()
+            raise EditFailed(
+                f"none of the {len(facts)} edits took (first: {facts[0].statement!r}: "
+                f"{problems[0]}); the model is unchanged (try other layers or more steps)"
+            )
+        metrics = {
+            "seconds": round(seconds, 2),
+            "facts": len(facts),
+            "took": len(facts) - len(failed),
+            "not_taken": [f"{f.statement}: {p}" for f, p in failed],
+            "per_fact": per_fact,
+        }
     return EditResult(
-        kind, spec.name, [fact], out.update, out.layers, config, metrics, out.info, handle
+        kind, spec.name, facts, out.update, out.layers, config, metrics, out.info, handle
     )
 
 
-def _probe(model, tok, fact: Fact, new: str | None, old: str, describe: bool) -> dict:
-    targets = [t for t in (new, old) if t]
-    lps = lm.continuation_logprobs(model, tok, [fact.text] * len(targets), targets)
-    res: dict[str, Any] = {}
-    if new:
-        res["p_new"] = lm.sequence_prob(lps[0])
-    if old:
-        res["p_old"] = lm.sequence_prob(lps[-1])
-        top = lm.top_next(model, tok, fact.text, k=1)[0][0]
-        first = lm.encode_continuation(tok, old)[0]
-        res["old_is_top"] = tok.decode([first]) == top
+def _probe(
+    model, tok, facts: list[Fact], news: list[str | None], olds: list[str], describe: bool
+) -> list[dict]:
+    """Per fact: P(new), P(old) and whether the old object is the top next token."""
+    pairs = [
+        (i, name, target)
+        for i in range(len(facts))
+        for name, target in (("p_new", news[i]), ("p_old", olds[i]))
+        if target
+    ]
+    lps = lm.continuation_logprobs(
+        model, tok, [facts[i].text for i, *_ in pairs], [t for *_, t in pairs]
+    )
+    res: list[dict[str, Any]] = [{} for _ in facts]
+    for (i, name, _), lp in zip(pairs, lps, strict=True):
+        res[i][name] = lm.sequence_prob(lp)
+    with_old = [i for i, old in enumerate(olds) if old]
+    if with_old:
+        logp = lm.next_token_logprobs(model, tok, [facts[i].text for i in with_old])
+        for row, i in zip(logp, with_old, strict=True):
+            first = lm.encode_continuation(tok, olds[i])[0]
+            res[i]["old_is_top"] = int(row.argmax()) == first
     if describe:
-        res["completion"] = lm.greedy(model, tok, [fact.text])[0]
+        for i, text in enumerate(lm.greedy(model, tok, [f.text for f in facts])):
+            res[i]["completion"] = text
     return res
 
 

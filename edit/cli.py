@@ -39,12 +39,28 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _edit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "statement", help="e.g. 'Paris is capital of Italy' or '[Paris] is capital of [Italy]'"
+        "statement",
+        nargs="?",
+        help="e.g. 'Paris is capital of Italy' or '[Paris] is capital of [Italy]'",
+    )
+    p.add_argument(
+        "--file",
+        help="many facts in one batch: JSON Lines of {'statement': ...} or "
+        "{'prompt', 'subject', 'target'} (or a CounterFact / zsRE file)",
     )
     p.add_argument("--subject", help="the subject, if the parse guesses wrong")
     p.add_argument("--target", help="the object at the end of the statement")
-    p.add_argument("--method", default="rome", help="editing method (default: rome)")
-    p.add_argument("--layer", type=int, default=None, help="block to edit (default: tuned config)")
+    p.add_argument(
+        "--method",
+        default=None,
+        help="rome, memit or alphaedit (default: rome for one fact; for --file, memit on an "
+        "empty workspace, else alphaedit)",
+    )
+    p.add_argument(
+        "--layer",
+        default=None,
+        help="block(s) to edit: 4 (rome), 4,5,6 or 4-8 (memit, alphaedit); default: tuned config",
+    )
     p.add_argument("--steps", type=int, default=None, help="max optimization steps")
 
 
@@ -71,7 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", default=None, help="result folder (default: eval-out/<data>-<method>-<mode>)"
     )
-    p.add_argument("--layer", type=int, default=None)
+    p.add_argument("--layer", default=None, help="block(s) to edit: 4, 4,5,6 or 4-8")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=100,
+        help="sequential mode with memit/alphaedit: records per edit call (default 100)",
+    )
     p.add_argument(
         "--fluency-records",
         type=int,
@@ -135,11 +157,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cmd_eval(args) -> int:
     from pathlib import Path
 
+    from edit import methods
     from edit.evals.data import load_records
     from edit.evals.harness import EvalSettings, default_ppl_text, evaluate, summary_table
     from edit.models import load
 
     records = load_records(args.data, args.format, args.limit)  # input errors before loading
+    layer_settings = _layer_settings(args.layer, methods.get(args.method).batch)
     name = Path(args.data).stem
     out = Path(args.out or f"eval-out/{name}-{args.method}-{args.mode}")
     if out.exists() and any(out.iterdir()):
@@ -151,7 +175,8 @@ def cmd_eval(args) -> int:
     settings = EvalSettings(
         fluency_records=args.fluency_records,
         ppl_text=args.ppl_text or default_ppl_text(),
-        method_settings={"layer": args.layer} if args.layer is not None else {},
+        batch_size=args.batch_size,
+        method_settings=layer_settings,
     )
     report = evaluate(
         model,
@@ -229,25 +254,79 @@ def _base_model_line(ws) -> str:
     return f"model: {ws.base['source']} ({ws.base['hash'][:19]}…) on {ws.model.device}/{dtype}"
 
 
+def _layer_settings(text: str | None, batch: bool) -> dict:
+    """``--layer`` as the method's setting: ``layer=4`` (ROME) or ``layers=(4, 5, 6)``."""
+    if text is None:
+        return {}
+    try:
+        if "-" in text:
+            lo, hi = (int(x) for x in text.split("-"))
+            layers = tuple(range(lo, hi + 1))
+        else:
+            layers = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise EditError(
+            f"--layer {text!r}: give a block index (4), a list (4,5,6) or a range (4-8)"
+        ) from None
+    if not batch:
+        if len(layers) != 1:
+            raise EditError(f"--layer {text!r}: this method edits one layer; give one index")
+        return {"layer": layers[0]}
+    return {"layers": layers}
+
+
 def cmd_add(args, erase: bool = False) -> int:
+    from edit import methods
     from edit.api import as_fact
 
-    fact = as_fact(args.statement, args.subject, args.target)  # parse errors before loading
-    print(f"parsed: subject={fact.subject!r}  prompt={fact.prompt!r}  target={fact.target!r}")
+    if args.file and args.statement is not None:
+        raise EditError("give a statement or --file, not both")
+    if args.file:
+        from edit.evals.data import load_records
+
+        facts = [r.fact for r in load_records(args.file)]  # every line checked before loading
+        print(f"read {len(facts)} fact{'s' * (len(facts) != 1)} from {args.file}")
+        request = facts
+    elif args.statement is not None:
+        fact = as_fact(args.statement, args.subject, args.target)  # parse errors before loading
+        print(f"parsed: subject={fact.subject!r}  prompt={fact.prompt!r}  target={fact.target!r}")
+        request = fact
+    else:
+        raise EditError(
+            "nothing to edit: give a statement, e.g. 'Paris is capital of Italy', or --file"
+        )
+    batch = isinstance(request, list)
+    # the default method for a batch is a batch method, for one fact ROME
+    layers = _layer_settings(args.layer, methods.get(args.method).batch if args.method else batch)
     ws = _open(args)
     print(_base_model_line(ws))
     n = len(ws.entries())
     if n:
         print(f"workspace: {ws.path} ({n} earlier edit{'s' * (n != 1)} applied)")
     t0 = time.perf_counter()
-    entry, res = ws.add(fact, method=args.method, erase=erase, layer=args.layer, steps=args.steps)
-    m = res.metrics
+    entry, res = ws.add(
+        request,
+        method=args.method or ws.default_method(batch),
+        erase=erase,
+        steps=args.steps,
+        **layers,
+    )
+    if batch:
+        _print_batch(res, erase, time.perf_counter() - t0)
+    else:
+        _print_single(res, erase, time.perf_counter() - t0)
+    print(f"recorded: {entry.path} (id {entry.id}); undo with 'edit revert {entry.id}'")
+    return 0
+
+
+def _print_single(res, erase: bool, seconds: float) -> None:
+    fact, m, info = res.facts[0], res.metrics, res.info
     verb = "erased" if erase else "edited"
-    info = res.info
+    where = info.get("module") or ", ".join(info.get("modules", []))
     print(
         f"{verb} with {res.method.upper()} at layer {', '.join(map(str, res.layers))} "
-        f"({info['module']}): {info['steps']} steps, loss {info['loss_start']:.3f} -> "
-        f"{info['loss_end']:.3f}, {time.perf_counter() - t0:.1f}s"
+        f"({where}): {info['steps']} steps, loss {info['loss_start']:.3f} -> "
+        f"{info['loss_end']:.3f}, {seconds:.1f}s"
     )
     rows = []
     if not erase:
@@ -260,8 +339,34 @@ def cmd_add(args, erase: bool = False) -> int:
         print(f"{name:{width}}{b:10.4f}{a:10.4f}")
     print(f"greedy before: {fact.text!r} -> {m['completion_before']!r}")
     print(f"greedy after:  {fact.text!r} -> {m['completion_after']!r}")
-    print(f"recorded: {entry.path} (id {entry.id}); undo with 'edit revert {entry.id}'")
-    return 0
+
+
+def _print_batch(res, erase: bool, seconds: float) -> None:
+    m, info = res.metrics, res.info
+    n = m["facts"]
+    verb = "erased" if erase else "edited"
+    print(
+        f"{verb} {n} facts in one {res.method.upper()} update of layers "
+        f"{', '.join(map(str, res.layers))}: {m['took']}/{n} took; value loss "
+        f"{info['loss_start']:.3f} -> {info['loss_end']:.3f} (at most {info['steps']} steps); "
+        f"{seconds:.1f}s ({60 * n / seconds:.1f} facts per minute)"
+    )
+
+    def mean(key: str) -> float:
+        vals = [f[key] for f in m["per_fact"] if f.get(key) is not None]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    rows = [] if erase else [("mean P(new)", mean("p_new_before"), mean("p_new_after"))]
+    rows.append(
+        (f"mean P({'object' if erase else 'old'})", mean("p_old_before"), mean("p_old_after"))
+    )
+    print(f"{'':16}{'before':>10}{'after':>10}")
+    for name, b, a in rows:
+        print(f"{name:16}{b:10.4f}{a:10.4f}")
+    for line in m["not_taken"][:5]:
+        print(f"did not take: {line}")
+    if len(m["not_taken"]) > 5:
+        print(f"... and {len(m['not_taken']) - 5} more (see 'edit log')")
 
 
 def cmd_erase(args) -> int:

@@ -1,9 +1,11 @@
 """Low-rank weight updates: what every locate-then-edit method returns.
 
 An :class:`Update` maps module names to factors (A, B) with ΔW = A @ B in (out, in) layout,
-A: (out, r), B: (r, in); ROME has r = 1. Methods compute an Update without touching the
-model; :meth:`Update.apply` adds it and returns a handle whose :meth:`Applied.undo`
-restores the exact previous weights (they are copied before the first write).
+A: (out, r), B: (r, in); ROME has r = 1, a batch of n facts r = n per layer. ``keys`` holds,
+per module, the keys (n, in) of the facts the update wrote: AlphaEdit keeps later edits
+from overwriting them. Methods compute an Update without touching the model;
+:meth:`Update.apply` adds it and returns a handle whose :meth:`Applied.undo` restores
+the exact previous weights (they are copied before the first write).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Applied:
 @dataclass
 class Update:
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    keys: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> (n, in)
 
     def is_finite(self) -> bool:
         return all(
@@ -59,11 +62,14 @@ class Update:
         return Applied(model, originals)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Flat name → tensor dict for safetensors: ``<module>.A`` and ``<module>.B``."""
+        """Flat name → tensor dict for safetensors: ``<module>.A``, ``<module>.B`` and,
+        where recorded, ``<module>.keys``."""
         out = {}
         for name, (a, b) in self.factors.items():
             out[f"{name}.A"] = a.detach().float().cpu().contiguous()
             out[f"{name}.B"] = b.detach().float().cpu().contiguous()
+        for name, k in self.keys.items():
+            out[f"{name}.keys"] = k.detach().float().cpu().contiguous()
         return out
 
     @classmethod
@@ -72,4 +78,7 @@ class Update:
         missing = [n for n in names if f"{n}.A" not in tensors or f"{n}.B" not in tensors]
         if missing:
             raise ValueError(f"factors incomplete for {missing}")
-        return cls({n: (tensors[f"{n}.A"], tensors[f"{n}.B"]) for n in names})
+        return cls(
+            {n: (tensors[f"{n}.A"], tensors[f"{n}.B"]) for n in names},
+            {n: tensors[f"{n}.keys"] for n in names if f"{n}.keys" in tensors},
+        )

@@ -174,10 +174,33 @@ class Workspace:
 
     # ------------------------------------------------------------------ changing
 
-    def add(self, request: str | Fact | dict, **kwargs) -> tuple[Entry, EditResult]:
-        """Edit the model (see :func:`edit.apply`) and record the edit. If recording fails,
-        the edit is undone."""
-        result = apply(self.model, self.tok, request, **kwargs)
+    def history(self) -> dict[str, torch.Tensor]:
+        """Per module, the keys (m, d_in) written by the active edits, in ledger order:
+        what AlphaEdit keeps later batches from overwriting."""
+        keys: dict[str, list[torch.Tensor]] = {}
+        for entry in self.entries():
+            for module, k in entry.update.keys.items():
+                keys.setdefault(module, []).append(k)
+        return {m: torch.cat(ks) for m, ks in keys.items()}
+
+    def default_method(self, batch: bool) -> str:
+        """ROME for one fact; for a batch, MEMIT on a workspace without edits and AlphaEdit
+        (which keeps earlier edits intact) on one that has some."""
+        if not batch:
+            return "rome"
+        return "alphaedit" if self.entries() else "memit"
+
+    def add(
+        self, request: str | Fact | dict | list, method: str | None = None, **kwargs
+    ) -> tuple[Entry, EditResult]:
+        """Edit the model (see :func:`edit.apply`) and record the edit: a list of requests
+        is one batch, one entry. If recording fails, the edit is undone. The default method
+        is :meth:`default_method`.
+        """
+        method = method or self.default_method(isinstance(request, list | tuple))
+        result = apply(
+            self.model, self.tok, request, method=method, history=self.history(), **kwargs
+        )
         result.handle.undo()  # re-applied below through the ledger path, from pristine copies
         entry = self._record(result)  # on failure nothing is written and the model is as before
         self._apply(entry.update)
@@ -329,7 +352,7 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for k in sorted(tensors):
         h.update(k.encode())
-        h.update(tensors[k].contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(tensors[k].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -52,7 +52,7 @@ def load_records(
         raise EditError(f"cannot read {path}: {e}") from None
     if not text.strip():
         raise EditError(f"{path} is empty: it holds no records")
-    rows = _parse(path, text)
+    rows, where = _parse(path, text)
     if not rows:
         raise EditError(f"{path} holds no records")
     fmt = fmt or _detect(path, rows[0])
@@ -69,22 +69,24 @@ def load_records(
             records.append(reader(i, row))
         except (KeyError, TypeError, IndexError, AttributeError) as e:
             raise EditError(
-                f"{path}: record {i} is not a valid {fmt} record (missing or bad field {e})"
+                f"{path}, {where[i]}: not a valid {fmt} record (missing or bad field {e})"
             ) from None
         except EditError as e:
-            raise EditError(f"{path}: record {i}: {e}") from None
+            raise EditError(f"{path}, {where[i]}: {e}") from None
     return records
 
 
-def _parse(path: Path, text: str) -> list:
+def _parse(path: Path, text: str) -> tuple[list, list[str]]:
+    """The rows, and where each is in the file ("record 3" in a JSON list, "line 7" in JSON
+    Lines) for error messages."""
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise EditError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
-        return rows
-    rows = []
+        return rows, [f"record {i}" for i in range(len(rows))]
+    rows, where = [], []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -92,7 +94,8 @@ def _parse(path: Path, text: str) -> list:
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
             raise EditError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
-    return rows
+        where.append(f"line {n}")
+    return rows, where
 
 
 def _detect(path: Path, row) -> str:

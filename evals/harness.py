@@ -7,8 +7,11 @@ Modes (written into every result file, because published numbers differ by proto
 
 * ``single``: each record is edited on the unedited model, measured, and undone (ROME).
 * ``sequential``: records are edited one after another and all are measured after the last
-  edit (AlphaEdit's protocol); the model is restored at the end.
+  edit (AlphaEdit's protocol); the model is restored at the end. A batch method takes them
+  ``batch_size`` at a time, each call seeing the keys written by the earlier ones.
 * ``batch``: all records in one edit call (MEMIT's protocol); needs a batch method.
+
+Seconds per edit are amortized over the records of an edit call.
 
 The unedited model is measured on every record first, so each summary shows unedited and
 edited side by side. Fluency (generation entropy, perplexity of held-out text) is costly on
@@ -64,6 +67,7 @@ DEFINITIONS = {
 @dataclass
 class EvalSettings:
     fluency_records: int = 20
+    batch_size: int = 100  # sequential mode with a batch method: records per edit call
     gen_prompts: int = 2
     gen_tokens: int = 50
     ppl_text: str | None = None
@@ -87,7 +91,10 @@ def default_ppl_text() -> str | None:
 
 def _nlls(model, tok, prompts: list[str], targets: list[str]) -> np.ndarray:
     return np.array(
-        [-float(s.mean()) for s in lm.continuation_logprobs(model, tok, prompts, targets)]
+        [
+            -float(s.mean())
+            for s in lm.continuation_logprobs(model, tok, prompts, targets, batch_size=64)
+        ]
     )
 
 
@@ -101,19 +108,23 @@ def measure(model: nn.Module, tok, rec: Record, ref: dict | None = None) -> dict
     f = rec.fact
     out: dict = {}
     keep: dict = {}
+    # every teacher-forced (prompt, target) pair of the record in one batched call
+    pairs: list[tuple[str, str]] = []
     if f.target_true:
         prompts = [f.text, *rec.paraphrases]
-        n_new = _nlls(model, tok, prompts, [f.target] * len(prompts))
-        n_true = _nlls(model, tok, prompts, [f.target_true] * len(prompts))
+        pairs += [(p, f.target) for p in prompts] + [(p, f.target_true) for p in prompts]
+    answered = [(p, a) for p, a in rec.neighbours if a]
+    pairs += answered + [(p, f.target) for p, _ in answered]
+    nll = _nlls(model, tok, [p for p, _ in pairs], [t for _, t in pairs]) if pairs else None
+    if f.target_true:
+        n = len(prompts)
+        n_new, n_true, nll = nll[:n], nll[n : 2 * n], nll[2 * n :]
         out["ES"], out["EM"] = M.success(n_new[:1], n_true[:1]), M.magnitude(n_new[:1], n_true[:1])
         if rec.paraphrases:
             out["PS"] = M.success(n_new[1:], n_true[1:])
             out["PM"] = M.magnitude(n_new[1:], n_true[1:])
-    answered = [(p, a) for p, a in rec.neighbours if a]
     if answered:
-        ps = [p for p, _ in answered]
-        n_ans = _nlls(model, tok, ps, [a for _, a in answered])
-        n_new = _nlls(model, tok, ps, [f.target] * len(ps))
+        n_ans, n_new = nll[: len(answered)], nll[len(answered) :]
         out["NS"], out["NM"] = M.success(n_ans, n_new), M.magnitude(n_ans, n_new)
     if rec.neighbours:
         logp = lm.next_token_logprobs(model, tok, [p for p, _ in rec.neighbours])
@@ -180,6 +191,8 @@ def evaluate(
     spec = method_registry.get(method)
     if mode == "batch" and not spec.batch:
         raise EditError(f"{spec.name} edits one fact at a time: use --mode single or sequential")
+    if settings.batch_size < 1:
+        raise EditError(f"--batch-size must be at least 1, got {settings.batch_size}")
     config = resolve(spec.name, spec.config_class, model, **settings.method_settings)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and out.exists() and any(out.iterdir()):
@@ -193,12 +206,12 @@ def evaluate(
 
     # one-time cost: the key statistics the method needs (reported, cached after)
     t0 = time.perf_counter()
-    if getattr(config, "layer", None) is not None:
-        module = arch.lookup(model).mlp_out_name(config.layer)
+    layers = getattr(config, "layers", None) or [getattr(config, "layer", None)]
+    if None not in layers:  # without a configured layer the method picks one (cost in edit 1)
         second_moment(
             model,
             tok,
-            module,
+            [arch.lookup(model).mlp_out_name(i) for i in layers],
             corpus=config.stats_corpus,
             n_tokens=config.stats_tokens,
             progress=progress,
@@ -227,32 +240,48 @@ def evaluate(
     seconds: list[float] = []
     refused: list[bool] = [False] * len(records)
     handles = []
+    history: dict[str, torch.Tensor] = {}  # keys written so far (sequential batches)
+    # one edit call per group: a record (single; sequential with a one-fact method), a batch
+    # of ``batch_size`` records (sequential with a batch method) or all records (batch)
+    if mode == "batch":
+        size = len(records)
+    elif mode == "sequential" and spec.batch:
+        size = settings.batch_size
+    else:
+        size = 1
     bar = tqdm(total=len(records), desc=f"editing ({mode})", disable=not progress)
-    for i, rec in enumerate(records):
+    for start in range(0, len(records), size):
+        group = list(range(start, min(start + size, len(records))))
+        request = [records[i].fact for i in group] if size > 1 else records[start].fact
         t = time.perf_counter()
         try:
             res = apply(
                 model,
                 tok,
-                rec.fact,
+                request,
                 method=spec.name,
                 describe=False,
-                progress=False,
+                progress=progress and size > 1,
+                history=history,
                 **settings.method_settings,
             )
-            seconds.append(time.perf_counter() - t)
+            seconds.extend([(time.perf_counter() - t) / len(group)] * len(group))
             handles.append(res)
+            for module, k in res.update.keys.items():
+                history[module] = torch.cat([history[module], k]) if module in history else k
         except EditFailed as e:
-            refused[i] = True
-            log.info("record %s: edit refused (%s)", rec.id, e)
+            for i in group:
+                refused[i] = True
+            log.info("records %s: edit refused (%s)", [records[i].id for i in group], e)
         if mode == "single":
-            after[i] = measure(model, tok, rec, refs[i])
-            if i < n_flu:
-                gen = rec.generation_prompts[: settings.gen_prompts]
+            after[start] = measure(model, tok, records[start], refs[start])
+            if start < n_flu:
+                gen = records[start].generation_prompts[: settings.gen_prompts]
                 flu_after.append(fluency(model, tok, gen, settings, ppl_text))
             if handles:
                 handles.pop().undo()
-        bar.update(1)
+                history.clear()
+        bar.update(len(group))
     bar.close()
     global_flu_after = None
     if mode != "single":
@@ -286,6 +315,7 @@ def evaluate(
         "config": config.__dict__ if hasattr(config, "__dict__") else str(config),
         "protocol": {
             "mode": mode,
+            "records_per_edit_call": size,
             "metrics": DEFINITIONS,
             "fluency": (
                 f"first {n_flu} records, each measured right after its own edit"

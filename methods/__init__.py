@@ -2,9 +2,12 @@
 
 A method is one module: a frozen config dataclass and a function
 
-    compute(model, tok, facts, config, *, objective="insert", progress=True) -> MethodOutput
+    compute(model, tok, facts, config, *, objective="insert", progress=True, history=None)
+        -> MethodOutput
 
-that returns the weight update *without* changing the model. Register it where it is
+that returns the weight update *without* changing the model. ``history`` maps a module name
+to the keys (m, d_in) of the edits already applied there (see ``Workspace.history``);
+methods that protect earlier edits (AlphaEdit) use it. Register it where it is
 defined with :func:`register`; look it up with :func:`get`.
 """
 
@@ -59,4 +62,4 @@ def names() -> list[str]:
 
 
 def _import_builtin() -> None:
-    from edit.methods import rome  # noqa: F401  (registers on import)
+    from edit.methods import alphaedit, memit, rome  # noqa: F401  (register on import)

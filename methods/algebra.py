@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,7 @@ from edit.lm import (
     subject_last_index,
 )
 from edit.models import cache_dir
+from edit.update import Update
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +184,9 @@ class ValueSettings:
     erase_ratio: float
 
 
+MAX_ROWS = 256  # prompt rows per forward/backward pass: bounds memory for large batches
+
+
 def solve_values(
     model: nn.Module,
     tok,
@@ -191,6 +196,73 @@ def solve_values(
     settings: ValueSettings,
     objective: str = "insert",
     progress: bool = True,
+    max_rows: int = MAX_ROWS,
+) -> ValueSolution:
+    """Keys k* and output changes δ for a batch of facts at the output of ``module``.
+
+    Facts are independent (each has its own δ and its own loss terms), so a large batch is
+    solved in chunks of about ``max_rows`` prompt rows, each chunk in one forward/backward
+    per step and stopped as soon as all of its facts are done. Facts of similar length share
+    a chunk (less padding); the results are in the order of ``facts``.
+    """
+    if objective not in ("insert", "erase"):
+        raise ValueError(f"objective must be 'insert' or 'erase', not {objective!r}")
+    per_chunk = max(1, max_rows // (len(templates) + 1))
+    with _frozen(model):
+        if len(facts) <= per_chunk:
+            return _solve_chunk(model, tok, module, facts, templates, settings, objective, progress)
+        order = sorted(range(len(facts)), key=lambda i: len(tok(facts[i].statement).input_ids))
+        parts = []
+        bar = tqdm(total=len(facts), desc="optimizing values", unit="fact", disable=not progress)
+        for start in range(0, len(facts), per_chunk):
+            chunk = [facts[i] for i in order[start : start + per_chunk]]
+            parts.append(
+                _solve_chunk(model, tok, module, chunk, templates, settings, objective, False)
+            )
+            bar.update(len(chunk))
+            bar.set_postfix(loss=f"{parts[-1].loss_end:.3f}", steps=parts[-1].steps)
+        bar.close()
+    back = torch.argsort(torch.tensor(order))  # position in the sorted order of each fact
+
+    def gather(name: str) -> torch.Tensor:
+        return torch.cat([getattr(p, name) for p in parts])[back.to(parts[0].keys.device)]
+
+    weights = [len(p.target_prob) / len(facts) for p in parts]
+    probs = [x for p in parts for x in p.target_prob]
+    return ValueSolution(
+        keys=gather("keys"),
+        values=gather("values"),
+        deltas=gather("deltas"),
+        steps=max(p.steps for p in parts),
+        loss_start=sum(w * p.loss_start for w, p in zip(weights, parts, strict=True)),
+        loss_end=sum(w * p.loss_end for w, p in zip(weights, parts, strict=True)),
+        target_prob=[probs[int(i)] for i in back],
+    )
+
+
+@contextmanager
+def _frozen(model: nn.Module):
+    """No gradients for the model's parameters while inside: only δ is optimized, and the
+    forward pass records nothing before the edited layer."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _solve_chunk(
+    model: nn.Module,
+    tok,
+    module: str,
+    facts: list[Fact],
+    templates: list[str],
+    settings: ValueSettings,
+    objective: str,
+    progress: bool,
 ) -> ValueSolution:
     """Keys k* and output changes δ for a batch of facts at the output of ``module``.
 
@@ -201,8 +273,6 @@ def solve_values(
     the unlikelihood term −log(1 − p(object)) (Welleck et al. 2020) that drives its
     probability down. Both objectives share the essence KL and the norm bound.
     """
-    if objective not in ("insert", "erase"):
-        raise ValueError(f"objective must be 'insert' or 'erase', not {objective!r}")
     device = device_of(model)
     b = _build_batch(tok, facts, templates, device)
     n_facts = len(facts)
@@ -317,3 +387,143 @@ def whitened_direction(second_moment: torch.Tensor, key: torch.Tensor) -> torch.
     ridge = 1e-6 * c.diagonal().mean()
     eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
     return torch.linalg.solve(c + ridge * eye, key.double())
+
+
+@torch.no_grad()
+def keys_and_hidden(
+    model: nn.Module,
+    tok,
+    facts: list[Fact],
+    templates: list[str],
+    module: str,
+    block: str,
+    max_rows: int = MAX_ROWS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per fact, the mean over the rewriting prompts of (the input of ``module``, the output
+    of the transformer block ``block``) at the subject's last token: (F, d_in), (F, d)."""
+    device = device_of(model)
+    per_chunk = max(1, max_rows // (len(templates) + 1))
+    keys, hidden = [], []
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab(_m, _inputs, output):
+        captured["h"] = output[0] if isinstance(output, tuple) else output
+
+    handle = model.get_submodule(block).register_forward_hook(grab)
+    try:
+        for start in range(0, len(facts), per_chunk):
+            chunk = facts[start : start + per_chunk]
+            b = _build_batch(tok, chunk, templates, device)
+            with Trace(model, module, retain_input=True, stop=False) as tr:
+                model.base_model(input_ids=b.ids, attention_mask=b.mask)
+            flat = torch.arange(len(b.ids), device=device) * b.ids.shape[1] + b.lookup
+            k = tr.input.flatten(0, -2)[flat].float()[b.rewrite]
+            h = captured["h"].flatten(0, -2)[flat].float()[b.rewrite]
+            fact = b.fact[b.rewrite]
+            keys.append(_mean_by_fact(k, fact, len(chunk)))
+            hidden.append(_mean_by_fact(h, fact, len(chunk)))
+    finally:
+        handle.remove()
+    return torch.cat(keys), torch.cat(hidden)
+
+
+def spread_over_layers(
+    model: nn.Module,
+    tok,
+    facts: list[Fact],
+    templates: list[str],
+    modules: list[str],
+    last_block: str,
+    deltas: torch.Tensor,
+    solve_layer,
+    max_rows: int = MAX_ROWS,
+) -> tuple[Update, list[dict]]:
+    """MEMIT's update of several layers (Meng et al. 2023, "Mass-Editing Memory in a
+    Transformer", Alg. 1).
+
+    The target of fact i is z_i = h_i + δ_i, with h_i the output of ``last_block`` (the
+    residual stream after the last edited layer) before the edit. Layer by layer, from the
+    first: read the keys K (F, d_in) at the layer and the residual stream h' as the model is
+    now (earlier layers already changed), take the residual R = (z − h') / (layers left),
+    and write ΔW = A B = ``solve_layer(module, K, R)`` into the layer. Each layer so takes an
+    equal share of what is still missing. The model is unchanged at the end.
+    """
+    _, h0 = keys_and_hidden(model, tok, facts, templates, modules[0], last_block, max_rows)
+    target = h0 + deltas.float()
+    update = Update()
+    steps: list[dict] = []
+    applied = []
+    try:
+        for i, module in enumerate(modules):
+            keys, h = keys_and_hidden(model, tok, facts, templates, module, last_block, max_rows)
+            missing = target - h
+            resid = missing / (len(modules) - i)
+            a, b = solve_layer(module, keys, resid)
+            part = Update({module: (a, b)}, {module: keys})
+            applied.append(part.apply(model))
+            update.factors[module] = (a, b)
+            update.keys[module] = keys
+            steps.append(
+                {
+                    "module": module,
+                    "missing_norm": float(missing.norm(dim=-1).mean()),
+                    "update_norm": float(part.delta(module).norm()),
+                }
+            )
+    finally:
+        for handle in reversed(applied):
+            handle.undo()
+    return update, steps
+
+
+def memit_factors(
+    second_moment: torch.Tensor, keys: torch.Tensor, resid: torch.Tensor, cov_weight: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEMIT's least-squares update ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ (Meng et al. 2023, eq. 14) as
+    factors A = R (d_out, n), B = ((λC + KᵀK)⁻¹ K)ᵀ (n, d_in), solved in float64.
+
+    ``keys`` (n, d_in), ``resid`` (n, d_out); C the keys' second moment over generic text
+    and λ (``cov_weight``) how many generic keys' worth of preservation it stands for.
+    """
+    k = keys.to(torch.float64)
+    c = second_moment.to(device=k.device, dtype=torch.float64)
+    m = cov_weight * c + k.T @ k
+    b = torch.linalg.solve(m, k.T).T  # m is symmetric
+    return resid.T.float().clone(memory_format=torch.contiguous_format), b.float().contiguous()
+
+
+def null_space_projector(second_moment: torch.Tensor, threshold: float) -> torch.Tensor:
+    """P = U Uᵀ over the eigenvectors of C whose eigenvalues are below ``threshold`` times
+    their mean: keys that generic text uses (C's large directions) are mapped to ~0
+    (AlphaEdit, Fang et al. 2025, eq. 7), in float32 on C's device.
+
+    The paper's threshold is absolute (2e-2); relative to the mean eigenvalue it carries
+    over between models whose keys differ in scale by orders of magnitude.
+    """
+    c = second_moment.to(torch.float64)
+    values, vectors = torch.linalg.eigh(c)
+    u = vectors[:, values < threshold * values.mean()]
+    return (u @ u.T).float()
+
+
+def alphaedit_factors(
+    projector: torch.Tensor,
+    keys: torch.Tensor,
+    resid: torch.Tensor,
+    previous: torch.Tensor | None,
+    l2: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AlphaEdit's update (Fang et al. 2025, eq. 16): ΔWᵀ = (P(K_p K_pᵀ + K Kᵀ) + αI)⁻¹ P K Rᵀ,
+    with P the null-space projector, K_p the keys of earlier edits (``previous``, (m, d_in),
+    or None) and α = ``l2``. Returned as factors A = R (d_out, n), B (n, d_in), solved in
+    float64. For any key k0 with P k0 = 0 (the preserved knowledge), ΔW k0 = 0.
+    """
+    k = keys.to(torch.float64)
+    p = projector.to(device=k.device, dtype=torch.float64)
+    gram = k.T @ k
+    if previous is not None and len(previous):
+        kp = previous.to(device=k.device, dtype=torch.float64)
+        gram = gram + kp.T @ kp
+    eye = torch.eye(p.shape[0], dtype=torch.float64, device=k.device)
+    x = torch.linalg.solve(p @ gram + l2 * eye, p @ k.T)  # (d_in, n)
+    return resid.T.float().clone(memory_format=torch.contiguous_format), x.T.float().contiguous()

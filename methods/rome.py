@@ -96,6 +96,7 @@ def compute(
     *,
     objective: str = "insert",
     progress: bool = True,
+    history: dict | None = None,  # not used: ROME does not protect earlier edits
 ) -> MethodOutput:
     """The rank-one update for one fact (ROME edits facts one at a time).
 
@@ -156,7 +157,7 @@ def compute(
     b = (u / (u @ key.double())).float()[None, :]  # (1, d_in): bᵀk* = 1
     a = sol.deltas[0].float()[:, None]  # (d_out, 1)
     return MethodOutput(
-        update=Update({module: (a, b)}),
+        update=Update({module: (a, b)}, {module: key[None].float()}),
         layers=[layer],
         info={
             "module": module,

@@ -115,10 +115,10 @@ def test_each_format_is_detected_and_read(tmp_path):
     [
         ("", "is empty"),
         ('[{"foo": 1}]', "none of the known formats"),
-        ('[{"src": "q", "alt": "a", "loc": "l"}]', "record 0 is not a valid zsre record"),
+        ('[{"src": "q", "alt": "a", "loc": "l"}]', "record 0: not a valid zsre record"),
         ('{"statement": "Paris is capital of Italy"}\n{"statement": ', "line 2: not valid JSON"),
         ("[1, 2", "not valid JSON"),
-        ('{"statement": "hello"}', "record 0: cannot parse"),
+        ('{"statement": "hello"}', "line 1: cannot parse"),
     ],
 )
 def test_bad_files_get_one_line_errors(tmp_path, content, message):

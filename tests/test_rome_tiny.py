@@ -96,7 +96,7 @@ def _fake_rome(monkeypatch, update_for):
     """Replace the registered ROME by one that returns ``update_for(model)``."""
     real = registry.get("rome")
 
-    def compute(model, tok, facts, config, *, objective="insert", progress=True):
+    def compute(model, tok, facts, config, *, objective="insert", progress=True, history=None):
         return MethodOutput(update_for(model), [config.layer], {"module": "fake"})
 
     monkeypatch.setitem(

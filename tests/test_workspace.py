@@ -72,7 +72,8 @@ def test_add_records_the_edit(edited, tok):
 
     with safe_open(str(path), framework="pt") as f:
         header = f.metadata()
-        assert sorted(f.keys()) == [f"{MODULE}.A", f"{MODULE}.B"]
+        assert sorted(f.keys()) == [f"{MODULE}.A", f"{MODULE}.B", f"{MODULE}.keys"]
+        assert f.get_tensor(f"{MODULE}.keys").shape == (1, INTERMEDIATE)
         assert f.get_tensor(f"{MODULE}.A").shape == (HIDDEN, 1)
         assert f.get_tensor(f"{MODULE}.B").shape == (1, INTERMEDIATE)
     assert header["id"] == "0001" and header["kind"] == "insert" and header["method"] == "rome"
@@ -266,7 +267,7 @@ def test_export_refuses_a_non_empty_folder(edited, tmp_path):
 def _fake_rome(monkeypatch, update_for):
     real = registry.get("rome")
 
-    def compute(model, tok, facts, config, *, objective="insert", progress=True):
+    def compute(model, tok, facts, config, *, objective="insert", progress=True, history=None):
         return MethodOutput(update_for(model), [config.layer], {"module": MODULE})
 
     monkeypatch.setitem(

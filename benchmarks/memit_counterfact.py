@@ -1,0 +1,117 @@
+"""Many edits on CounterFact: MEMIT batches, AlphaEdit sequences, and what they cost.
+
+    # facts per minute for batches of 10, 100 and 1000, and one ROME edit for the ratio
+    .venv/bin/python benchmarks/memit_counterfact.py speed --sizes 10,100,1000
+    # ES/PS/NS (and perplexity) after one MEMIT batch of the first 100 dev records
+    .venv/bin/python benchmarks/memit_counterfact.py batch --limit 100
+    # 10 sequential batches of 100 from the flat CounterFact, AlphaEdit and MEMIT side by side
+    .venv/bin/python benchmarks/memit_counterfact.py sequential --limit 1000 --batch-size 100
+
+``batch`` and ``sequential`` run the evaluation harness (``edit eval``) and write its
+result files under ``bench-out/``. Run one at a time on a quiet machine: the figures are
+wall-clock times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "counterfact"
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for kv in pairs:
+        k, v = kv.split("=", 1)
+        out[k] = json.loads(v) if v[:1] in "[{0123456789.-" or v in ("true", "false") else v
+    return out
+
+
+def speed(model, tok, args) -> None:
+    from edit import methods
+    from edit.config import resolve
+    from edit.evals.data import load_records
+
+    records = load_records(args.data or DATA / "counterfact_flat.json")
+    spec = methods.get(args.method)
+    config = resolve(spec.name, spec.config_class, model, **_overrides(args.set))
+    # statistics and context templates are one-time costs: paid before the clock starts
+    spec.compute(model, tok, [records[0].fact], config, progress=False)
+    rome = methods.get("rome")
+    rome_config = resolve("rome", rome.config_class, model)
+    rome_seconds = []
+    for rec in records[: args.rome_edits]:
+        t = time.perf_counter()
+        rome.compute(model, tok, [rec.fact], rome_config, progress=False)
+        rome_seconds.append(time.perf_counter() - t)
+    rome_median = statistics.median(rome_seconds)
+    print(f"ROME: median {rome_median:.2f} s per fact over {len(rome_seconds)} edits")
+    print(f"{'batch':>6} {'seconds':>9} {'s/fact':>7} {'facts/min':>10} {'vs ROME':>8}")
+    for n in (int(x) for x in args.sizes.split(",")):
+        facts = [r.fact for r in records[:n]]
+        t = time.perf_counter()
+        out = spec.compute(model, tok, facts, config, progress=not args.quiet)
+        s = time.perf_counter() - t
+        print(f"{n:6d} {s:9.1f} {s / n:7.2f} {60 * n / s:10.1f} {rome_median / (s / n):7.1f}x"
+              f"   (value optimization {out.info['value_seconds']:.1f}s)", flush=True)  # fmt: skip
+
+
+def harness(model, tok, args, mode: str, methods_: list[str]) -> None:
+    from edit.evals.data import load_records
+    from edit.evals.harness import EvalSettings, default_ppl_text, evaluate, summary_table
+
+    default = "counterfact_dev200.json" if mode == "batch" else "counterfact_flat.json"
+    data = Path(args.data or DATA / default)
+    records = load_records(data, limit=args.limit)
+    for method in methods_:
+        out = ROOT / "bench-out" / f"{data.stem}-{method}-{mode}-{len(records)}"
+        settings = EvalSettings(batch_size=args.batch_size, ppl_text=default_ppl_text(),
+                                method_settings=_overrides(args.set))  # fmt: skip
+        t = time.perf_counter()
+        report = evaluate(model, tok, records, method=method, mode=mode, out_dir=out,
+                          data_name=data.stem, settings=settings)  # fmt: skip
+        s = report.summary
+        print(f"\n{method} {mode}, {len(records)} records of {data.name}; results in {out}")
+        print(summary_table(s))
+        spe = s["cost"]["seconds_per_edit"]
+        print(f"seconds per fact (amortized): median {spe['median']:.2f}; wall "
+              f"{time.perf_counter() - t:.0f}s", flush=True)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=["speed", "batch", "sequential"])
+    p.add_argument("--data", default=None)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--method", default="memit", help="speed: the batch method timed")
+    p.add_argument("--methods", default="alphaedit,memit", help="sequential: methods compared")
+    p.add_argument("--sizes", default="10,100,1000")
+    p.add_argument("--rome-edits", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--model", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+
+    import edit
+
+    model, tok = edit.load(args.model)
+    print(f"model {model.edit_source}; overrides {_overrides(args.set)}")
+    if args.what == "speed":
+        speed(model, tok, args)
+    elif args.what == "batch":
+        args.limit = args.limit or 100
+        harness(model, tok, args, "batch", [args.method])
+    else:
+        args.limit = args.limit or 1000
+        harness(model, tok, args, "sequential", args.methods.split(","))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,228 @@
+"""MEMIT: Mass-Editing Memory in a Transformer (Meng et al. 2023, ICLR).
+
+Many facts, several consecutive layers ℓ₁..ℓ_L, one closed-form update per layer:
+
+1. per fact, the change δ of the residual stream after ℓ_L that makes the model say the new
+   target (``algebra.solve_values`` at the MLP output of ℓ_L: adding δ there adds δ to the
+   residual stream), optimized for all facts at once;
+2. per layer, from the first: ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ with K the facts' keys at that layer,
+   R the part of the target change still missing divided by the layers left, and C the
+   keys' second moment over generic text (``algebra.spread_over_layers``).
+
+The batch is one :class:`~edit.update.Update` of rank ≤ n per layer. AlphaEdit
+(``alphaedit.py``) shares everything here except the per-layer solve.
+
+Invariant: the model is unchanged at the end; the update is returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from edit import arch as arch_table
+from edit.errors import InvalidRequest
+from edit.facts import Fact
+from edit.methods import MethodOutput, register
+from edit.methods.algebra import (
+    MAX_ROWS,
+    ValueSettings,
+    context_templates,
+    memit_factors,
+    solve_values,
+    spread_over_layers,
+)
+from edit.stats import DEFAULT_CORPUS, second_moment
+from edit.trace import cached_layer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MEMITConfig:
+    """MEMIT hyper-parameters. Defaults follow the paper's GPT-J setting where they carry
+    over; ``configs/memit/`` holds tuned values per model."""
+
+    layers: tuple[int, ...] | None = None  # consecutive blocks whose MLPs are edited
+    context_templates: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))  # (tokens, count)
+    steps: int = 25  # max gradient steps for δ
+    lr: float = 0.5
+    kl_factor: float = 0.0625
+    weight_decay: float = 0.5  # weight of (‖δ‖/‖v₀‖)², v₀ the last layer's MLP output
+    clamp_norm: float = 4.0  # ‖δ‖ ≤ clamp_norm · ‖v₀‖
+    nll_stop: float = 0.05
+    erase_ratio: float = 20.0
+    cov_weight: float = 15000.0  # λ: weight of the generic keys' second moment
+    stats_corpus: str = DEFAULT_CORPUS
+    stats_tokens: int = 100_000
+    max_rows: int = MAX_ROWS  # prompt rows per forward pass (memory bound)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.layers is not None:
+            if not self.layers or any(int(x) < 0 for x in self.layers):
+                raise InvalidRequest(f"layers must be block indices >= 0, got {self.layers}")
+            if list(self.layers) != sorted(set(self.layers)):
+                raise InvalidRequest(f"layers must be increasing, got {list(self.layers)}")
+        for name in ("steps", "stats_tokens", "max_rows"):
+            if getattr(self, name) < 1:
+                raise InvalidRequest(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "clamp_norm", "nll_stop", "cov_weight"):
+            if not getattr(self, name) > 0:
+                raise InvalidRequest(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("kl_factor", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise InvalidRequest(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.erase_ratio <= 1:
+            raise InvalidRequest(f"erase_ratio must be > 1, got {self.erase_ratio}")
+
+    def value_settings(self) -> ValueSettings:
+        return ValueSettings(
+            self.steps,
+            self.lr,
+            self.kl_factor,
+            self.weight_decay,
+            self.clamp_norm,
+            self.nll_stop,
+            self.erase_ratio,
+        )
+
+
+def edit_layers(model: nn.Module, layers: tuple[int, ...] | None, method: str) -> list[int]:
+    """The configured layers; without any, the range of this model's cached causal trace,
+    else five blocks from n_layers // 6."""
+    n = arch_table.num_layers(model)
+    if layers is None:
+        traced = cached_layer(model)
+        if traced is not None:
+            lo, hi = traced[1][0], traced[1][-1]
+            layers = tuple(range(lo, hi + 1))
+            log.warning(
+                "no tuned %s config: editing layers %s from the causal trace of this model "
+                "(cached at %s)",
+                method,
+                list(layers),
+                traced[2],
+            )
+        else:
+            start = n // 6
+            layers = tuple(range(start, min(start + 5, n)))
+            log.warning(
+                "no tuned %s config for this model: editing layers %s; pass --layers, or run "
+                "'edit trace --data known.json' once to use a measured range",
+                method,
+                list(layers),
+            )
+    if max(layers) >= n:
+        raise InvalidRequest(f"layers must be in 0..{n - 1} for this model, got {list(layers)}")
+    return [int(x) for x in layers]
+
+
+def batch_compute(
+    model: nn.Module,
+    tok,
+    facts: list[Fact],
+    config,
+    *,
+    method: str,
+    objective: str,
+    progress: bool,
+    make_solver: Callable[[list[str], dict[str, torch.Tensor]], Callable],
+) -> MethodOutput:
+    """The MEMIT pipeline with a pluggable per-layer solve: ``make_solver(modules, covs)``
+    returns ``solve(module, keys, resid) -> (A, B)``."""
+    if not facts:
+        raise InvalidRequest("no facts to edit")
+    arch = arch_table.lookup(model)
+    layers = edit_layers(model, config.layers, method)
+    modules = [arch.mlp_out_name(i) for i in layers]
+
+    t0 = time.perf_counter()
+    covs = second_moment(
+        model,
+        tok,
+        modules,
+        corpus=config.stats_corpus,
+        n_tokens=config.stats_tokens,
+        progress=progress,
+    )
+    solve = make_solver(modules, covs)
+    t_stats = time.perf_counter() - t0
+    templates = context_templates(model, tok, config.context_templates, config.seed)
+    t1 = time.perf_counter()
+    sol = solve_values(
+        model,
+        tok,
+        modules[-1],
+        facts,
+        templates,
+        config.value_settings(),
+        objective=objective,
+        progress=progress,
+        max_rows=config.max_rows,
+    )
+    t_values = time.perf_counter() - t1
+    update, steps = spread_over_layers(
+        model,
+        tok,
+        facts,
+        templates,
+        modules,
+        arch.block(layers[-1]),
+        sol.deltas,
+        solve,
+        config.max_rows,
+    )
+    return MethodOutput(
+        update=update,
+        layers=layers,
+        info={
+            "modules": modules,
+            "facts": len(facts),
+            "steps": sol.steps,
+            "loss_start": sol.loss_start,
+            "loss_end": sol.loss_end,
+            "delta_norm_ratio": float((sol.deltas.norm(dim=-1) / sol.values.norm(dim=-1)).mean()),
+            "layer_steps": steps,
+            "stats_seconds": round(t_stats, 2),
+            "value_seconds": round(t_values, 2),
+            "seconds": round(time.perf_counter() - t0, 2),
+            "context_templates": templates,
+        },
+    )
+
+
+@register("memit", MEMITConfig, batch=True)
+def compute(
+    model: nn.Module,
+    tok,
+    facts: list[Fact],
+    config: MEMITConfig,
+    *,
+    objective: str = "insert",
+    progress: bool = True,
+    history: dict[str, torch.Tensor] | None = None,  # not used: MEMIT keeps no edit history
+) -> MethodOutput:
+    """One MEMIT update for a batch of facts."""
+
+    def make_solver(modules, covs):
+        def solve(module, keys, resid):
+            return memit_factors(covs[module], keys, resid, config.cov_weight)
+
+        return solve
+
+    return batch_compute(
+        model,
+        tok,
+        facts,
+        config,
+        method="memit",
+        objective=objective,
+        progress=progress,
+        make_solver=make_solver,
+    )

@@ -1,0 +1,254 @@
+"""MEMIT and AlphaEdit: the closed-form solves on hand-made matrices, batch edits on tiny
+random models, the ledger's key history, and ``edit add --file``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tiny import (
+    HIDDEN,
+    INTERMEDIATE,
+    TINY_FACT,
+    TINY_FACT_2,
+    TINY_ROME,
+    changed_tensors,
+    state_copy,
+    tiny_model,
+)
+
+import edit
+import edit.arch
+import edit.config
+from edit import EditError, Fact, InvalidRequest, lm
+from edit import methods as registry
+from edit.cli import main
+from edit.methods import algebra
+from edit.methods.alphaedit import AlphaEditConfig
+from edit.methods.memit import MEMITConfig
+from edit.workspace import Workspace, read_entry
+
+# The tiny models have two blocks: edit both, the last one carries the target. No pull-back
+# terms and a small λ: the tiny keys' second moment is ~1e-2 (see tiny.TINY_ROME).
+TINY_MEMIT = {k: v for k, v in TINY_ROME.items() if k not in ("layer",)} | {
+    "layers": (0, 1),
+    "cov_weight": 1.0,
+}
+TINY_ALPHA = TINY_MEMIT | {"nullspace_threshold": 1.0, "l2": 1e-4}
+FACTS = [Fact(**TINY_FACT), Fact(**TINY_FACT_2)]
+
+
+def _target_logprob(model, tok, fact: Fact) -> float:
+    return float(lm.continuation_logprobs(model, tok, [fact.text], [fact.target])[0].sum())
+
+
+# --------------------------------------------------------------------------- the algebra
+
+
+def _random_problem(seed=0, d_in=12, d_out=6, n=3):
+    g = np.random.default_rng(seed)
+    x = g.normal(size=(200, d_in))
+    c = x.T @ x / 200
+    return c, g.normal(size=(n, d_in)), g.normal(size=(n, d_out))
+
+
+def test_memit_factors_match_the_closed_form():
+    c, k, r = _random_problem()
+    lam = 3.0
+    a, b = algebra.memit_factors(torch.tensor(c), torch.tensor(k), torch.tensor(r), lam)
+    # ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ with keys as columns (the paper's layout), by explicit inverse
+    want = r.T @ k @ np.linalg.inv(lam * c + k.T @ k)
+    np.testing.assert_allclose((a @ b).double().numpy(), want, rtol=1e-4, atol=1e-5)
+    # with λ → 0 and fewer keys than dimensions, every key maps exactly onto its residual
+    a, b = algebra.memit_factors(torch.tensor(c), torch.tensor(k), torch.tensor(r), 1e-9)
+    np.testing.assert_allclose(((a @ b).double() @ torch.tensor(k).T).T.numpy(), r, atol=1e-3)
+
+
+def test_alphaedit_leaves_preserved_keys_alone_and_respects_earlier_edits():
+    d_in, d_out = 12, 6
+    g = np.random.default_rng(1)
+    u, _ = np.linalg.qr(g.normal(size=(d_in, d_in)))
+    eig = np.array([5.0] * 4 + [1e-6] * 8)  # generic text uses a 4-dim subspace
+    c = torch.tensor(u @ np.diag(eig) @ u.T)
+    p = algebra.null_space_projector(c, threshold=1e-3)
+    np.testing.assert_allclose(float(p.trace()), 8, atol=1e-4)
+    keys = torch.tensor(g.normal(size=(3, d_in)))
+    resid = torch.tensor(g.normal(size=(3, d_out)))
+    a, b = algebra.alphaedit_factors(p, keys, resid, None, l2=1e-6)
+    dw = (a @ b).double()
+    for i in range(4):  # ΔW k0 = 0 for the preserved directions
+        k0 = torch.tensor(u[:, i])
+        assert float((dw @ k0).norm()) < 1e-4
+    # the edit still takes for the part of each key in the null space
+    k_null = (p.double() @ keys.T).T
+    np.testing.assert_allclose((dw @ k_null.T).T.numpy(), resid.numpy(), atol=1e-3)
+    # the keys of an earlier edit move far less when they are in the history
+    earlier = torch.tensor(g.normal(size=(2, d_in)))
+    earlier = (p.double() @ earlier.T).T
+    a1, b1 = algebra.alphaedit_factors(p, keys, resid, earlier, l2=1e-6)
+    without = float(((a @ b).double() @ earlier.T).norm())
+    with_history = float(((a1 @ b1).double() @ earlier.T).norm())
+    assert with_history < 0.05 * without
+
+
+def test_chunked_value_solving_equals_one_batch(llama, tok):
+    module = edit.arch.lookup(llama).mlp_out_name(1)
+    cfg = MEMITConfig(**TINY_MEMIT | {"nll_stop": 1e-9, "steps": 5})  # every fact runs 5 steps
+    templates = algebra.context_templates(llama, tok, cfg.context_templates)
+    args = (llama, tok, module, FACTS, templates, cfg.value_settings())
+    whole = algebra.solve_values(*args, progress=False)
+    chunked = algebra.solve_values(*args, progress=False, max_rows=len(templates) + 1)
+    torch.testing.assert_close(chunked.deltas, whole.deltas, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(chunked.keys, whole.keys)
+
+
+# --------------------------------------------------------------------------- batch edits
+
+
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gpt_neox", "opt", "qwen3"])
+def test_batch_methods_edit_two_facts_at_once(tok, model_type, method):
+    model = tiny_model(model_type, len(tok))
+    settings = TINY_ALPHA if method == "alphaedit" else TINY_MEMIT
+    config = registry.get(method).config_class(**settings)
+    names = [edit.arch.lookup(model).mlp_out_name(i) for i in (0, 1)]
+    base = state_copy(model)
+    before = [_target_logprob(model, tok, f) for f in FACTS]
+
+    out = registry.get(method).compute(model, tok, FACTS, config, progress=False)
+    assert changed_tensors(model, base) == []  # computing does not edit
+    assert out.layers == [0, 1] and sorted(out.update.factors) == sorted(names)
+    for name in names:
+        a, b = out.update.factors[name]
+        assert a.shape == (HIDDEN, 2) and b.shape == (2, INTERMEDIATE)
+        assert out.update.keys[name].shape == (2, INTERMEDIATE)
+    # the second layer is solved for what the first left missing: less than at the start
+    first, second = out.info["layer_steps"]
+    assert second["missing_norm"] < first["missing_norm"]
+
+    handle = out.update.apply(model)
+    after = [_target_logprob(model, tok, f) for f in FACTS]
+    for b0, a0 in zip(before, after, strict=True):
+        assert a0 > b0 + 0.1, (before, after)
+    handle.undo()
+    assert changed_tensors(model, base) == []
+
+
+def test_apply_takes_a_list_and_refuses_it_for_rome(llama, tok):
+    base = state_copy(llama)
+    result = edit.apply(llama, tok, [TINY_FACT, TINY_FACT_2], method="memit", progress=False,
+                        **TINY_MEMIT)  # fmt: skip
+    m = result.metrics
+    assert result.facts == FACTS and m["facts"] == 2 and m["took"] == 2 and m["not_taken"] == []
+    assert all(f["p_new_after"] > f["p_new_before"] for f in m["per_fact"])
+    result.undo()
+    assert changed_tensors(llama, base) == []
+    with pytest.raises(InvalidRequest, match="one fact at a time, got 2"):
+        edit.apply(llama, tok, FACTS, method="rome", progress=False, **TINY_ROME)
+    with pytest.raises(InvalidRequest, match="list is empty"):
+        edit.apply(llama, tok, [], method="memit", progress=False)
+    with pytest.raises(InvalidRequest, match="layers must be in 0..1"):
+        edit.apply(llama, tok, FACTS, method="memit", progress=False, layers=(1, 2))
+    assert changed_tensors(llama, base) == []
+
+
+def test_workspace_batches_carry_their_keys_and_revert_exactly(tmp_path, tok):
+    model = tiny_model("llama", len(tok))
+    base = state_copy(model)
+    ws = Workspace.open(tmp_path / "ws", model=model, tok=tok)
+    assert ws.default_method(batch=True) == "memit" and ws.default_method(batch=False) == "rome"
+    first, res = ws.add([TINY_FACT], progress=False, **TINY_MEMIT)
+    assert first.method == "memit" and first.facts == [FACTS[0]]
+    # a workspace with edits protects them: the next batch is AlphaEdit and sees their keys
+    assert ws.default_method(batch=True) == "alphaedit"
+    history = ws.history()
+    assert {m: k.shape for m, k in history.items()} == {
+        n: (1, INTERMEDIATE) for n in res.update.factors
+    }
+    second, res2 = ws.add([TINY_FACT_2], progress=False, **TINY_ALPHA)
+    assert second.method == "alphaedit"
+    assert res2.info["previous_keys"] == {n: 1 for n in res.update.factors}
+    assert all(v.shape[0] == 2 for v in ws.history().values())
+    reread = read_entry(second.path)
+    for name, k in res2.update.keys.items():
+        assert torch.equal(reread.update.keys[name], k)
+    ws.revert(second.id)
+    ws.revert(first.id)
+    assert changed_tensors(ws.model, base) == []
+
+
+# --------------------------------------------------------------------------- edit add --file
+
+
+@pytest.fixture
+def model_dir(tmp_path, tok):
+    model = tiny_model("llama", len(tok))
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    return str(tmp_path / "model")
+
+
+def _tuned(monkeypatch):
+    yaml_like = {k: [list(s) for s in v] if k == "context_templates" else v
+                 for k, v in TINY_MEMIT.items() if k != "stats_tokens"}  # fmt: skip
+    yaml_like["layers"] = list(yaml_like["layers"])
+    monkeypatch.setattr(
+        edit.config, "config_file", lambda method, model: (f"{method}/tiny.yaml", yaml_like)
+    )
+
+
+def test_add_file_records_one_batch(tmp_path, model_dir, capsys, monkeypatch):
+    _tuned(monkeypatch)
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(json.dumps({"statement": "The capital of [France] [Paris]"}) + "\n\n"
+                     + json.dumps(TINY_FACT_2) + "\n")  # fmt: skip
+    ws = str(tmp_path / "ws")
+    assert main(["add", "--file", str(facts), "-w", ws, "-m", model_dir]) == 0
+    out = capsys.readouterr().out
+    assert "read 2 facts" in out and "edited 2 facts in one MEMIT update" in out
+    assert "2/2 took" in out and "facts per minute" in out
+    [entry] = Workspace.inspect(ws).entries()
+    assert entry.method == "memit" and len(entry.facts) == 2 and entry.layers == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "lines, says",
+    [
+        (['{"statement": "The capital of [France] [Paris]"}', '{"statement": '],
+         "line 2: not valid JSON"),
+        (['{"statement": "The capital of [France] [Paris]"}', "", '{"prompt": "x {}"}'],
+         "line 3: request is missing subject, target"),
+        (['{"statement": "hello"}'], "line 1: cannot parse"),
+    ],
+)  # fmt: skip
+def test_add_file_with_a_bad_line_applies_nothing(tmp_path, model_dir, capsys, lines, says):
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("\n".join(lines) + "\n")
+    ws = tmp_path / "ws"
+    assert main(["add", "--file", str(facts), "-w", str(ws), "-m", model_dir]) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1
+    assert not ws.exists()
+
+
+def test_add_needs_a_statement_or_a_file_and_a_valid_layer(tmp_path, model_dir, capsys):
+    ws = str(tmp_path / "ws")
+    assert main(["add", "-w", ws, "-m", model_dir]) == 2
+    assert "nothing to edit" in capsys.readouterr().err
+    assert main(["add", "The capital of [France] [Paris]", "--layer", "0-x", "-w", ws]) == 2
+    assert "--layer '0-x'" in capsys.readouterr().err
+    assert main(["add", "The capital of [France] [Paris]", "--layer", "0,1", "-w", ws]) == 2
+    assert "edits one layer" in capsys.readouterr().err
+
+
+def test_config_errors_name_the_setting():
+    with pytest.raises(InvalidRequest, match="layers must be increasing"):
+        MEMITConfig(layers=(3, 2))
+    with pytest.raises(InvalidRequest, match="cov_weight must be > 0"):
+        MEMITConfig(cov_weight=0)
+    with pytest.raises(InvalidRequest, match="nullspace_threshold must be > 0"):
+        AlphaEditConfig(nullspace_threshold=-1)
+    with pytest.raises(EditError, match="unknown method"):
+        registry.get("memit2")
