@@ -1,0 +1,459 @@
+"""LoRA unlearning on tiny models: the losses against their formulas written out by hand, the
+corpus reader and its errors, and the trainer's promises (the forget NLL rises, the base model
+is bit-for-bit unchanged, the returned adapter reproduces the trained model exactly)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import TINY_TYPES, changed_tensors, state_copy, tiny_model
+
+from edit import lm
+from edit.corpus import (
+    IGNORE_INDEX,
+    Example,
+    read_corpus,
+    tokenize_examples,
+    wikitext_retain,
+)
+from edit.errors import EditError, InvalidRequest
+from edit.methods import unlearn
+from edit.methods.unlearn import (
+    LOSSES,
+    LossInputs,
+    UnlearnConfig,
+    adapter_attached,
+    answer_nll,
+    lora_delta,
+    lora_update,
+    retain_kl,
+    sequence_logprob,
+    sequence_nll,
+    target_module_names,
+    train_lora,
+)
+
+FORGET = [
+    Example("The capital of France is", "Paris."),
+    Example("Where is the Colosseum? It is in", "Rome."),
+    Example("", "Marie Curie was born in Poland."),
+]
+RETAIN = [
+    Example("", "Berlin is the capital city of Germany."),
+    Example("", "People in Spain speak Spanish."),
+    Example("The official language of Japan is", "Japanese."),
+    Example("", "Toyota is a company based in Japan."),
+]
+# Strong enough to move a random tiny model in a few steps.
+FAST = dict(lr=1e-2, epochs=4, batch_size=2, lora_rank=4, max_len=64)
+
+# --------------------------------------------------------------------------------------------
+# Losses, against the formulas written out independently
+# --------------------------------------------------------------------------------------------
+
+LOGP = [-3.0, -5.0]  # log π_θ(y|x) of two forget sequences
+N_TOKENS = [2, 4]
+REF_LOGP = [-2.5, -6.0]
+RETAIN_NLL = 1.7
+
+
+def _inputs(**kw) -> LossInputs:
+    return LossInputs(
+        torch.tensor(LOGP, dtype=torch.float64),
+        torch.tensor(N_TOKENS),
+        torch.tensor(REF_LOGP, dtype=torch.float64),
+        torch.tensor(RETAIN_NLL, dtype=torch.float64),
+        **kw,
+    )
+
+
+def _log_sigmoid(z: float) -> float:
+    return -math.log(1 + math.exp(-z))
+
+
+def test_loss_table_matches_the_formulas():
+    beta, alpha, gamma = 0.5, 2.0, 0.3
+    c = UnlearnConfig(beta=beta, alpha=alpha, gamma=gamma)
+    x = _inputs()
+    nll_forget = -(LOGP[0] + LOGP[1]) / (N_TOKENS[0] + N_TOKENS[1])  # mean token NLL
+    expected = {
+        "gradascent": -nll_forget,
+        "graddiff": -nll_forget + alpha * RETAIN_NLL,
+        "npo": -(2 / beta)
+        * sum(_log_sigmoid(-beta * (lp - rp)) for lp, rp in zip(LOGP, REF_LOGP, strict=True))
+        / 2
+        + alpha * RETAIN_NLL,
+        "simnpo": -(2 / beta)
+        * sum(_log_sigmoid(-(beta / n) * lp - gamma) for lp, n in zip(LOGP, N_TOKENS, strict=True))
+        / 2
+        + alpha * RETAIN_NLL,
+    }
+    assert set(LOSSES) == set(expected)
+    for name, value in expected.items():
+        assert float(LOSSES[name](x, c)) == pytest.approx(value, rel=1e-12), name
+    # NPO's other form: (2/β)·E[log(1 + (π_θ/π_ref)^β)]
+    ratio_form = (2 / beta) * sum(
+        math.log(1 + math.exp(lp - rp) ** beta) for lp, rp in zip(LOGP, REF_LOGP, strict=True)
+    ) / 2 + alpha * RETAIN_NLL
+    assert float(LOSSES["npo"](x, c)) == pytest.approx(ratio_form, rel=1e-12)
+
+
+def test_retain_term_is_off_with_alpha_zero_or_no_retain_batch():
+    x = _inputs()
+    for name in ("graddiff", "npo", "simnpo"):
+        with_retain = float(LOSSES[name](x, UnlearnConfig(alpha=1.0)))
+        without = float(LOSSES[name](x, UnlearnConfig(alpha=0.0)))
+        assert with_retain - without == pytest.approx(RETAIN_NLL)
+        x_none = _inputs()
+        x_none.retain_nll = None
+        assert float(LOSSES[name](x_none, UnlearnConfig(alpha=1.0))) == pytest.approx(without)
+
+
+def test_graddiff_descends_into_lower_forget_and_retain_likelihood_signs():
+    """Minimizing graddiff lowers log π on the forget set and lowers NLL on the retain set."""
+    logp = torch.tensor(LOGP, requires_grad=True)
+    retain_nll = torch.tensor(RETAIN_NLL, requires_grad=True)
+    x = LossInputs(logp, torch.tensor(N_TOKENS), retain_nll=retain_nll)
+    LOSSES["graddiff"](x, UnlearnConfig(alpha=0.5)).backward()
+    assert torch.allclose(logp.grad, torch.full((2,), 1 / sum(N_TOKENS)))  # descent: logp down
+    assert float(retain_nll.grad) == pytest.approx(0.5)  # descent: retain NLL down
+
+
+def test_npo_gradient_tends_to_gradient_ascent_as_beta_goes_to_zero():
+    """d/dΔ of −(2/β) log σ(−βΔ) is 2σ(βΔ) → 1: NPO's gradient becomes that of the mean
+    sequence log-likelihood E[log π_θ(y|x)], gradient ascent's (NPO paper, §4)."""
+    n = torch.tensor(N_TOKENS)
+    for beta, tol in ((1e-4, 1e-4), (0.1, 0.3)):
+        logp = torch.tensor(LOGP, dtype=torch.float64, requires_grad=True)
+        ref = torch.tensor(REF_LOGP, dtype=torch.float64)
+        LOSSES["npo"](LossInputs(logp, n, ref), UnlearnConfig(beta=beta, alpha=0)).backward()
+        ascent = torch.full((2,), 1 / 2, dtype=torch.float64)  # ∇ mean_i log π(y_i|x_i)
+        assert torch.allclose(logp.grad, ascent, rtol=tol), (beta, logp.grad)
+        weights = 2 * torch.sigmoid(beta * (logp.detach() - ref)) / 2  # the paper's weights
+        assert torch.allclose(logp.grad, weights)
+
+
+def test_npo_gradient_at_the_reference_is_scaled_gradient_ascent(tok, llama):
+    """At θ = ref, for any β, ∇L_NPO = ∇ mean_i log π_θ(y_i|x_i) = (Σ|y_i| / B)·∇L_GA, with
+    L_GA = −NLL the token-mean gradient-ascent loss; checked on every weight of a tiny llama."""
+    ids, mask, labels = tokenize_examples(tok, FORGET, max_len=64)
+    n = (labels[:, 1:] != IGNORE_INDEX).sum(-1)
+
+    def grads(name: str, beta: float) -> list[torch.Tensor]:
+        llama.zero_grad(set_to_none=True)
+        logp = sequence_logprob(llama(input_ids=ids, attention_mask=mask).logits, labels)
+        x = LossInputs(logp, n, ref_logp=logp.detach())
+        LOSSES[name](x, UnlearnConfig(beta=beta, alpha=0)).backward()
+        return [p.grad.clone() for p in llama.parameters() if p.grad is not None]
+
+    scale = float(n.sum()) / len(FORGET)
+    ascent = grads("gradascent", 0.1)
+    for beta in (0.1, 2.0):
+        npo = grads("npo", beta)
+        assert len(npo) == len(ascent) > 0
+        for g_npo, g_ga in zip(npo, ascent, strict=True):
+            torch.testing.assert_close(g_npo, scale * g_ga, rtol=1e-4, atol=1e-7)
+
+
+def test_retain_kl_matches_its_formula_and_vanishes_at_the_reference():
+    torch.manual_seed(0)
+    logits, ref = torch.randn(5, 7), torch.randn(5, 7)
+    p_ref, p = torch.softmax(ref, -1), torch.softmax(logits, -1)
+    by_hand = (p_ref * (p_ref.log() - p.log())).sum(-1).mean()
+    assert float(retain_kl(logits, ref)) == pytest.approx(float(by_hand), rel=1e-5)
+    assert float(retain_kl(ref, ref)) == pytest.approx(0.0, abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenization: labels cover exactly the answer (or the text)
+# --------------------------------------------------------------------------------------------
+
+
+def test_labels_mask_prompt_start_and_padding(tok):
+    qa, text = Example("The capital of France is", "Paris."), Example("", "Rome is in Italy.")
+    ids, mask, labels = tokenize_examples(tok, [qa, text], max_len=64)
+    prompt_ids, answer_ids = lm.encode(tok, qa.prompt), lm.encode_continuation(tok, qa.answer)
+    n = len(prompt_ids) + len(answer_ids)
+    assert ids[0, :n].tolist() == prompt_ids + answer_ids
+    assert labels[0, : len(prompt_ids)].eq(IGNORE_INDEX).all()  # prompt: no loss
+    assert labels[0, len(prompt_ids) : n].tolist() == answer_ids
+    assert labels[0, n:].eq(IGNORE_INDEX).all() and mask[0, n:].eq(0).all()  # padding
+    start = list(lm.start_ids(tok))
+    assert start, "the tiny tokenizer reads prompts behind <|endoftext|>"
+    text_ids = tok(text.answer, add_special_tokens=False).input_ids
+    m = len(start) + len(text_ids)
+    assert ids[1, :m].tolist() == start + text_ids and mask[1].sum() == m
+    assert labels[1].tolist() == [IGNORE_INDEX] * len(start) + text_ids + [IGNORE_INDEX] * (
+        ids.shape[1] - m
+    )
+
+
+def test_sequence_scores_are_the_continuation_logprobs_of_edit_lm(tok, llama):
+    """The trained quantity is what ``lm.continuation_logprobs`` measures; the batched,
+    label-positions-only path of ``answer_nll`` agrees with full logits."""
+    qa = [ex for ex in FORGET if not ex.is_text]
+    ids, mask, labels = tokenize_examples(tok, qa, max_len=64)
+    with torch.no_grad():
+        logits = llama(input_ids=ids, attention_mask=mask).logits
+    ours = sequence_logprob(logits, labels)
+    theirs = lm.continuation_logprobs(llama, tok, [e.prompt for e in qa], [e.answer for e in qa])
+    torch.testing.assert_close(ours, torch.stack([t.sum() for t in theirs]), atol=1e-4, rtol=0)
+    ids, mask, labels = tokenize_examples(tok, FORGET, max_len=64)
+    with torch.no_grad():
+        mean_nll = sequence_nll(llama(input_ids=ids, attention_mask=mask).logits, labels)
+    assert answer_nll(llama, tok, FORGET) == pytest.approx(float(mean_nll.mean()), abs=1e-5)
+
+
+def test_examples_longer_than_max_len_are_cut_and_a_prompt_that_fills_it_is_refused(tok):
+    ids, _, labels = tokenize_examples(tok, [Example("", "Paris is the capital of France.")], 4)
+    assert ids.shape == (1, 4) and (labels != IGNORE_INDEX).sum() == 3
+    with pytest.raises(InvalidRequest, match="max_len=3"):
+        tokenize_examples(tok, [Example("The capital of France is", "Paris.")], max_len=3)
+
+
+def test_wikitext_retain_gives_slices_of_about_the_asked_length(tok):
+    retain = wikitext_retain(tok, n_examples=8, tokens_per_example=32)
+    assert len(retain) == 8 and all(ex.is_text for ex in retain)
+    lengths = [len(tok(ex.answer, add_special_tokens=False).input_ids) for ex in retain]
+    assert all(28 <= n <= 40 for n in lengths), lengths
+    assert len({ex.answer for ex in retain}) == 8
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a corpus
+# --------------------------------------------------------------------------------------------
+
+
+def _write(tmp_path, name: str, text: str):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_read_corpus_reads_every_form(tmp_path):
+    rows = [
+        {"text": "Paris is in France."},
+        {"question": "Where is Rome?", "answer": "Italy", "paraphrased_answer": "ignored"},
+        {"prompt": "The capital of Spain is", "completion": "Madrid"},
+    ]
+    path = _write(tmp_path, "c.jsonl", "\n".join(map(json.dumps, rows[:2])) + "\n\n")
+    path.write_text(path.read_text() + json.dumps(rows[2]) + "\n")
+    examples = read_corpus(path)
+    assert examples == [
+        Example("", "Paris is in France."),
+        Example("Where is Rome?", "Italy"),
+        Example("The capital of Spain is", "Madrid"),
+    ]
+    assert [ex.where for ex in examples] == [f"{path}:1", f"{path}:2", f"{path}:4"]
+    # TOFU ships its forget sets as one JSON array; elements keep their line numbers.
+    array = _write(tmp_path, "c.json", json.dumps(rows, indent=1))
+    examples = read_corpus(array)
+    assert [ex.prompt for ex in examples] == ["", "Where is Rome?", "The capital of Spain is"]
+    assert examples[1].where == f"{array}:5"
+
+
+def test_read_corpus_reads_the_tofu_forget_set():
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu" / "forget01.json"
+    if not path.is_file():
+        pytest.skip(f"no TOFU data at {path}")
+    examples = read_corpus(path)
+    assert len(examples) == 40 and all(ex.prompt and ex.answer for ex in examples)
+    assert examples[0].prompt.startswith("What is the full name of the author born in Kuwait")
+    assert examples[0].where == f"{path}:2"
+
+
+@pytest.mark.parametrize(
+    ("content", "line", "words"),
+    [
+        ('{"text": "ok"}\n{"text": "unterminated}\n', 2, "not valid JSON"),
+        ('{"text": "ok"}\n\n["a list"]\n', 3, "expected a JSON object, got list"),
+        ('{"text": "ok"}\n{"title": "x"}\n', 2, "no example fields (keys: title)"),
+        ('{"question": "Where is Rome?"}\n', 1, '"question" without "answer"'),
+        ('{"text": "ok"}\n{"text": "  "}\n', 2, '"text" is empty'),
+        ('{"prompt": "p", "completion": 3}\n', 1, '"completion" must be a string, got int'),
+        ('{"text": "t", "question": "q", "answer": "a"}\n', 1, "ambiguous"),
+        ('[\n {"text": "ok"},\n {"text": ""}\n]\n', 3, '"text" is empty'),
+        ('[\n {"text": "ok"}\n {"text": "b"}\n]\n', 3, "expected ',' or ']'"),
+    ],
+)
+def test_bad_corpus_lines_are_named_in_one_line(tmp_path, content, line, words):
+    path = _write(tmp_path, "bad.jsonl", content)
+    with pytest.raises(EditError) as info:
+        read_corpus(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}:{line}: ") and words in message, message
+
+
+def test_missing_and_empty_corpus_files(tmp_path):
+    for path, words in (
+        (tmp_path / "nope.jsonl", "corpus file not found"),
+        (_write(tmp_path, "empty.jsonl", "\n  \n"), "is empty"),
+        (_write(tmp_path, "empty.json", "[ ]"), "has no examples"),
+    ):
+        with pytest.raises(EditError, match=words) as info:
+            read_corpus(path)
+        assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Config and targets
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("method", "rmu", "unknown unlearning method 'rmu'"),
+        ("epochs", 0, "epochs must be an integer >= 1"),
+        ("lr", 0.0, "lr must be > 0"),
+        ("beta", -1.0, "beta must be > 0"),
+        ("alpha", -0.5, "alpha must be >= 0"),
+        ("lora_dropout", 1.0, "lora_dropout must be in [0, 1)"),
+        ("target_modules", ("",), "target_modules must be module names"),
+    ],
+)
+def test_config_validates_itself_in_one_line(field, value, words):
+    with pytest.raises(InvalidRequest, match=re.escape(words)):
+        UnlearnConfig(**{field: value})
+    assert UnlearnConfig(target_modules=["q_proj"]).target_modules == ("q_proj",)
+
+
+def test_default_targets_are_the_attention_and_mlp_projections(tok, llama):
+    names = target_module_names(llama)
+    leaves = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert sorted(names) == sorted(
+        f"model.layers.{i}.{'self_attn' if p[0] in 'qkvo' else 'mlp'}.{p}"
+        for i in range(2)
+        for p in leaves
+    )
+    gpt2 = target_module_names(tiny_model("gpt2", len(tok)))
+    assert gpt2 == [
+        f"transformer.h.{i}.{p}"
+        for i in range(2)
+        for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    ]
+    assert target_module_names(llama, ("q_proj", "mlp.down_proj")) == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.mlp.down_proj",
+    ]
+    with pytest.raises(InvalidRequest, match="'qkv' matches no Linear layer"):
+        target_module_names(llama, ("qkv",))
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def _snapshot(model):
+    return (
+        state_copy(model),
+        {n: p.requires_grad for n, p in model.named_parameters()},
+        {n: (m.training, set(vars(m))) for n, m in model.named_modules()},
+    )
+
+
+def _assert_unchanged(model, snapshot):
+    weights, grads, modules = snapshot
+    assert changed_tensors(model, weights) == []
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    assert {n: (m.training, set(vars(m))) for n, m in model.named_modules()} == modules
+
+
+@pytest.mark.parametrize("method", ["npo", "graddiff"])
+def test_forget_raises_forget_nll_and_leaves_the_model_unchanged(tok, llama, method):
+    before = _snapshot(llama)
+    config = UnlearnConfig(method=method, kl_weight=0.1, **FAST)
+    result = train_lora(llama, tok, FORGET, RETAIN, config, progress=False)
+    _assert_unchanged(llama, before)
+    m = result.metrics
+    assert m["forget_nll_after"] > m["forget_nll_before"] + 0.1, m
+    assert m["forget_prob_after"] < m["forget_prob_before"]
+    assert m["retain_nll_before"] is not None and m["retain_nll_after"] is not None
+    assert m["forget_nll_before"] == pytest.approx(answer_nll(llama, tok, FORGET), abs=1e-5)
+    assert [e["epoch"] for e in result.losses] == [1, 2, 3, 4]
+    assert all(e["retain_nll"] is not None for e in result.losses)
+    assert result.tokens > 0 and result.tokens_per_second > 0 and result.seconds > 0
+    assert result.adapter and all(
+        t.dtype == torch.float32 and t.device.type == "cpu" for t in result.adapter.values()
+    )
+    assert json.loads(json.dumps(result.lora_config))["r"] == 4
+    assert sorted(lora_delta(result)) == sorted(result.target_modules)
+
+
+def test_learn_lowers_the_nll_of_new_examples(tok, llama):
+    before = _snapshot(llama)
+    result = train_lora(llama, tok, FORGET, None, UnlearnConfig(**FAST), objective="learn")
+    _assert_unchanged(llama, before)
+    m = result.metrics
+    assert m["learn_nll_after"] < m["learn_nll_before"] - 0.1, m
+    assert m["retain_nll_before"] is None
+
+
+def test_training_is_reproducible_from_its_seed(tok, llama):
+    config = UnlearnConfig(method="simnpo", **dict(FAST, epochs=1))
+    a = train_lora(llama, tok, FORGET, RETAIN, config, progress=False)
+    b = train_lora(llama, tok, FORGET, RETAIN, config, progress=False)
+    assert a.adapter.keys() == b.adapter.keys()
+    assert all(torch.equal(a.adapter[k], b.adapter[k]) for k in a.adapter)
+
+
+@pytest.mark.parametrize("model_type", TINY_TYPES)
+def test_lora_delta_reproduces_the_adapter_model(tok, model_type):
+    model = tiny_model(model_type, len(tok))
+    config = UnlearnConfig(method="gradascent", **dict(FAST, epochs=2))
+    result = train_lora(model, tok, FORGET, None, config, progress=False)
+    ids, mask, _ = tokenize_examples(tok, FORGET + RETAIN, max_len=64)
+    before = _snapshot(model)
+    with torch.no_grad():
+        with adapter_attached(model, result):
+            adapted = model(input_ids=ids, attention_mask=mask).logits
+        _assert_unchanged(model, before)
+        base = model(input_ids=ids, attention_mask=mask).logits
+        assert (adapted - base).abs().max() > 1e-2  # the adapter does change the model
+
+        dense = copy.deepcopy(model)  # ΔW = (alpha/r)·B@A, added in the storage layout
+        for name, delta in lora_delta(result).items():
+            weight = dense.get_submodule(name).weight
+            weight.add_(delta.T if result.transposed else delta)
+        dense_logits = dense(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(dense_logits, adapted, atol=1e-5, rtol=0)
+
+        applied = lora_update(result).apply(model)  # the ledger's path: Update.apply / undo
+        torch.testing.assert_close(
+            model(input_ids=ids, attention_mask=mask).logits, adapted, atol=1e-5, rtol=0
+        )
+        applied.undo()
+    _assert_unchanged(model, before)
+
+
+def test_train_lora_refuses_bad_requests_in_one_line(tok, llama):
+    cases = [
+        ([], RETAIN, UnlearnConfig(), "forget", "no examples to forget"),
+        (FORGET, [], UnlearnConfig(method="graddiff"), "forget", "graddiff needs a retain set"),
+        (FORGET, None, UnlearnConfig(kl_weight=1.0), "forget", "kl_weight > 0 needs a retain"),
+        (FORGET, None, UnlearnConfig(), "unlearn", "objective must be one of forget, learn"),
+    ]
+    before = _snapshot(llama)
+    for forget, retain, config, objective, words in cases:
+        with pytest.raises(InvalidRequest, match=words) as info:
+            train_lora(llama, tok, forget, retain, config, objective=objective, progress=False)
+        assert "\n" not in str(info.value)
+    _assert_unchanged(llama, before)
+
+
+def test_a_diverging_run_leaves_the_model_unchanged(tok, llama, monkeypatch):
+    before = _snapshot(llama)
+    monkeypatch.setitem(LOSSES, "gradascent", lambda x, c: x.logp.sum() * float("nan"))
+    with pytest.raises(unlearn.EditFailed, match="diverged"):
+        train_lora(llama, tok, FORGET, None, UnlearnConfig(method="gradascent"), progress=False)
+    _assert_unchanged(llama, before)
