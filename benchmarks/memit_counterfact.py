@@ -69,8 +69,9 @@ def harness(model, tok, args, mode: str, methods_: list[str]) -> None:
     data = Path(args.data or DATA / default)
     records = load_records(data, limit=args.limit)
     for method in methods_:
-        out = ROOT / "bench-out" / f"{data.stem}-{method}-{mode}-{len(records)}"
+        out = ROOT / "bench-out" / f"{data.stem}-{method}-{mode}-{len(records)}{args.out_suffix}"
         settings = EvalSettings(batch_size=args.batch_size, ppl_text=default_ppl_text(),
+                                fluency_records=args.fluency_records,
                                 method_settings=_overrides(args.set))  # fmt: skip
         t = time.perf_counter()
         report = evaluate(model, tok, records, method=method, mode=mode, out_dir=out,
@@ -93,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="10,100,1000")
     p.add_argument("--rome-edits", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--fluency-records", type=int, default=20, help="records whose generation "
+                   "prompts measure fluency after the edits")  # fmt: skip
+    p.add_argument("--out-suffix", default="", help="appended to the result folder's name")
     p.add_argument("--model", default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--quiet", action="store_true")

@@ -120,6 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="trace-out", help="folder for JSON and PNG files")
     _common(p)
+    for name, what in (("forget", "unlearn a corpus (LoRA)"), ("learn", "learn a corpus (LoRA)")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("--corpus", required=True, help="JSON Lines: {'text'}, {'question', "
+                       "'answer'} or {'prompt', 'completion'} per line")  # fmt: skip
+        if name == "forget":
+            p.add_argument("--retain", help="examples to keep (default: shipped WikiText-2 text)")
+            p.add_argument("--method", default=None, help="npo (default), graddiff, "
+                           "gradascent or simnpo")  # fmt: skip
+        p.add_argument("--epochs", type=int, default=None)
+        p.add_argument("--lr", type=float, default=None)
+        p.add_argument("--lora-rank", type=int, default=None)
+        _common(p)
     p = sub.add_parser("log", help="list the edits in the workspace")
     _common(p)
     p = sub.add_parser("revert", help="undo an edit exactly")
@@ -373,6 +385,52 @@ def cmd_erase(args) -> int:
     return cmd_add(args, erase=True)
 
 
+def cmd_train(args) -> int:
+    from edit import lm
+    from edit.corpus import read_corpus
+    from edit.stats import corpus_text
+
+    forget = args.command == "forget"
+    data = read_corpus(args.corpus)  # input errors before loading
+    retain = read_corpus(args.retain) if forget and args.retain else None
+    print(f"read {len(data)} examples from {args.corpus}"
+          + (f", {len(retain)} to retain from {args.retain}" if retain else ""))  # fmt: skip
+    ws = _open(args)
+    print(_base_model_line(ws))
+    # held-out text for perplexity: the end of the shipped WikiText-2 text (the default retain
+    # set is taken from its start)
+    heldout = corpus_text()[-40_000:]
+
+    def ppl() -> float:
+        nll = lm.text_token_nlls(ws.model, ws.tok, heldout, 2048)
+        return float(nll.mean().exp())
+
+    ppl_before = ppl()
+    settings = {"epochs": args.epochs, "lr": args.lr, "lora_rank": args.lora_rank}
+    if forget:
+        settings["method"] = args.method
+        entry, res = ws.forget(data, retain, **settings)
+    else:
+        entry, res = ws.learn(data, **settings)
+    m = res.metrics
+    part = "forget" if forget else "learn"
+    rows = [
+        (f"{part} set NLL", m[f"{part}_nll_before"], m[f"{part}_nll_after"]),
+        (f"{part} set P(answer)", m[f"{part}_prob_before"], m[f"{part}_prob_after"]),
+    ]
+    if m.get("retain_nll_before") is not None:
+        rows.append(("retain set NLL", m["retain_nll_before"], m["retain_nll_after"]))
+    rows.append(("WikiText-2 perplexity", ppl_before, ppl()))
+    print(f"{entry.method} LoRA (rank {res.config.lora_rank}, {len(res.target_modules)} "
+          f"modules), {res.config.epochs} epochs: {res.seconds:.1f}s, "
+          f"{res.tokens_per_second:.0f} tokens/s")  # fmt: skip
+    print(f"{'':24}{'before':>10}{'after':>10}")
+    for name, b, a in rows:
+        print(f"{name:24}{b:10.4f}{a:10.4f}")
+    print(f"recorded: {entry.path} (id {entry.id}); undo with 'edit revert {entry.id}'")
+    return 0
+
+
 def cmd_ask(args) -> int:
     from edit import lm
 
@@ -439,6 +497,8 @@ COMMANDS = {
     "erase": cmd_erase,
     "ask": cmd_ask,
     "eval": cmd_eval,
+    "forget": cmd_train,
+    "learn": cmd_train,
     "trace": cmd_trace,
     "log": cmd_log,
     "revert": cmd_revert,

@@ -42,7 +42,7 @@ def _announce(name: str) -> None:
     log.info("using tuned config %s", name)
 
 
-def resolve(method: str, config_class: type, model: nn.Module, **overrides):
+def resolve(method: str, config_class: type, model: nn.Module, /, **overrides):
     """A config instance: class defaults < tuned YAML for this model < ``overrides``."""
     values: dict = {}
     found = config_file(method, model)

@@ -37,7 +37,7 @@ from torch import nn
 
 from edit import arch as arch_table
 from edit.api import EditResult, apply
-from edit.errors import EditError
+from edit.errors import EditError, EditFailed
 from edit.facts import Fact
 from edit.models import load, weights_hash
 from edit.update import Update
@@ -65,6 +65,11 @@ class Entry:
     info: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
+        when = self.created[:19]
+        if not self.facts:  # a LoRA run (forget / learn) on a corpus
+            corpus = self.info.get("corpus", "?")
+            n = self.info.get("examples", "?")
+            return f"{self.id}  {when}  {self.kind:<6} {self.method:<6} {corpus} ({n} examples)"
         fact = self.facts[0]
         what = (
             f"{fact.text} -> {fact.target}"
@@ -72,7 +77,6 @@ class Entry:
             else f"{fact.text} -/-> {fact.target}"
         )
         more = f" (+{len(self.facts) - 1} more)" if len(self.facts) > 1 else ""
-        when = self.created[:19]
         return (
             f"{self.id}  {when}  {self.kind:<6} {self.method:<6} layers {self.layers}  {what}{more}"
         )
@@ -209,6 +213,18 @@ class Workspace:
     def erase(self, request: str | Fact | dict, **kwargs) -> tuple[Entry, EditResult]:
         return self.add(request, erase=True, **kwargs)
 
+    def forget(self, corpus, retain=None, *, progress: bool = True, **settings):
+        """Unlearn a corpus with a LoRA adapter (see ``edit.methods.unlearn``) and record it
+        as one entry. ``corpus``/``retain``: a JSON Lines path or a list of
+        ``edit.corpus.Example``; without ``retain``, slices of the shipped WikiText-2 text.
+        ``settings`` override ``UnlearnConfig`` (method, epochs, lr, lora_rank, ...).
+        Returns (entry, LoraResult)."""
+        return self._train("forget", corpus, retain, progress, settings)
+
+    def learn(self, corpus, *, progress: bool = True, **settings):
+        """Fine-tune a LoRA adapter on a corpus (plain NLL) and record it as one entry."""
+        return self._train("learn", corpus, None, progress, settings)
+
     def revert(self, entry_id: str) -> Entry:
         """Remove an edit; the weights become the base plus the remaining edits, exactly."""
         entry = self.entry(entry_id)
@@ -239,6 +255,46 @@ class Workspace:
         return out
 
     # ------------------------------------------------------------------ internals
+
+    def _train(self, objective: str, corpus, retain, progress: bool, settings: dict):
+        from edit.config import resolve
+        from edit.corpus import read_corpus, wikitext_retain
+        from edit.methods.unlearn import UnlearnConfig, lora_update, train_lora
+
+        def examples(x):
+            return read_corpus(x) if isinstance(x, str | os.PathLike) else list(x)
+
+        data = examples(corpus)  # every line checked before anything is trained
+        if retain is not None:
+            kept = examples(retain)
+        else:
+            kept = wikitext_retain(self.tok) if objective == "forget" else []
+        config = resolve("unlearn", UnlearnConfig, self.model, **settings)
+        res = train_lora(self.model, self.tok, data, kept, config, objective=objective,
+                         progress=progress)  # fmt: skip
+        update = lora_update(res)
+        if not update.is_finite():
+            raise EditFailed(f"{objective} produced a non-finite adapter; nothing was recorded")
+        prefix = arch_table.lookup(self.model).layers + "."
+        layers = sorted({int(n[len(prefix) :].split(".")[0]) for n in res.target_modules})
+        info = {
+            "corpus": str(corpus) if isinstance(corpus, str | os.PathLike) else "(in memory)",
+            "examples": len(data),
+            "retain": (str(retain) if isinstance(retain, str | os.PathLike) else
+                       "(in memory)" if retain is not None else "wikitext2 (shipped)"),
+            "retain_examples": len(kept),
+            "losses": res.losses,
+            "seconds": res.seconds,
+            "tokens": res.tokens,
+            "tokens_per_second": res.tokens_per_second,
+            "target_modules": res.target_modules,
+            "lora_config": res.lora_config,
+        }  # fmt: skip
+        method = config.method if objective == "forget" else "lora"
+        result = EditResult(objective, method, [], update, layers, config, res.metrics, info)
+        entry = self._record(result)  # on failure nothing is written and the model is as before
+        self._apply(entry.update)
+        return entry, res
 
     @torch.no_grad()
     def _apply(self, update: Update) -> None:

@@ -306,49 +306,77 @@ def _solve_chunk(
     delta = torch.zeros_like(values, requires_grad=True)  # (F, d_out)
     opt = torch.optim.Adam([delta], lr=settings.lr)
     v_norm = values.norm(dim=-1)  # (F,)
-    row_fact = b.fact
-
-    def inject(out: torch.Tensor) -> torch.Tensor:
-        add = delta[row_fact].to(out.dtype)
-        edited = torch.index_put(out.flatten(0, -2), (flat,), add, accumulate=True)
-        return edited.view(out.shape)
+    final_loss = torch.zeros(n_facts, device=device)
+    final_measure = torch.zeros(n_facts, device=device)
+    # Each fact stops as ROME's single edit does, once its own target is reached; the facts
+    # still running are re-batched without the finished ones' rows.
+    act = torch.arange(n_facts, device=device)  # facts still being optimized, increasing
+    cb, c_q = b, (q if objective == "erase" else None)
 
     losses = []
     bar = tqdm(range(settings.steps), desc="optimizing value", leave=False, disable=not progress)
     for _ in bar:
+        n_act, n_t = len(act), len(cb.tgt_row)
+        c_flat = torch.arange(len(cb.ids), device=device) * cb.ids.shape[1] + cb.lookup
+        row_fact = act[cb.fact]
+
+        def inject(out: torch.Tensor, row_fact=row_fact, c_flat=c_flat) -> torch.Tensor:
+            add = delta[row_fact].to(out.dtype)
+            edited = torch.index_put(out.flatten(0, -2), (c_flat,), add, accumulate=True)
+            return edited.view(out.shape)
+
         with Trace(model, module, edit_output=inject, detach=False):
-            logits = logits_at(model, b.ids, b.mask, rows, cols)
+            logits = logits_at(
+                model,
+                cb.ids,
+                cb.mask,
+                torch.cat([cb.tgt_row, cb.kl_row]),
+                torch.cat([cb.tgt_col, cb.kl_col]),
+            )
         logp = torch.log_softmax(logits, -1)
-        tok_lp = logp[:n_tgt].gather(1, b.tgt_tok[:, None])[:, 0]  # (P,)
         if objective == "insert":
             # mean token NLL per row, then mean of rows per fact (ROME's loss)
-            row_nll = _mean_by_group(-tok_lp, b.tgt_row, len(b.ids))
-            fact_loss = _mean_by_fact(row_nll[b.rewrite][:, None], b.fact[b.rewrite], n_facts)[:, 0]
-            progress_measure = torch.exp(-fact_loss)
-            done = bool((fact_loss < settings.nll_stop).all())
+            tok_lp = logp[:n_t].gather(1, cb.tgt_tok[:, None])[:, 0]  # (P,)
+            row_nll = _mean_by_group(-tok_lp, cb.tgt_row, len(cb.ids))
+            fact_loss = _mean_by_fact(row_nll[cb.rewrite][:, None], cb.fact[cb.rewrite], n_act)
+            fact_loss = fact_loss[:, 0]
+            measure = torch.exp(-fact_loss.detach())
+            done = fact_loss.detach() < settings.nll_stop
         else:
-            lp_first = logp[:n_tgt][b.tgt_first]  # (Rw, V)
-            p_obj = lp_first.gather(1, first_tokens[:, None])[:, 0].exp()
-            kl_q = (q * (q.clamp_min(1e-30).log() - lp_first)).sum(-1)
+            lp_first = logp[:n_t][cb.tgt_first]  # (Rw, V)
+            first_of = cb.fact[cb.tgt_row[cb.tgt_first]]
+            p_obj = lp_first.gather(1, cb.tgt_tok[cb.tgt_first][:, None])[:, 0].exp()
+            kl_q = (c_q * (c_q.clamp_min(1e-30).log() - lp_first)).sum(-1)
             unlikely = -torch.log1p(-p_obj.clamp(max=1 - 1e-6))
-            row_loss = kl_q + unlikely
-            fact_loss = _mean_by_fact(row_loss[:, None], fact_of_first, n_facts)[:, 0]
-            progress_measure = _mean_by_fact(p_obj[:, None].detach(), fact_of_first, n_facts)[:, 0]
-            done = bool((progress_measure <= stop_at).all())
-        kl = F.kl_div(logp[n_tgt:], kl_ref, log_target=True, reduction="none").sum(-1)  # (F,)
-        decay = (delta.norm(dim=-1) / v_norm) ** 2
-        loss = (fact_loss + settings.kl_factor * kl + settings.weight_decay * decay).sum()
-        losses.append(float(fact_loss.detach().mean()))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if done:
+            fact_loss = _mean_by_fact((kl_q + unlikely)[:, None], first_of, n_act)[:, 0]
+            measure = _mean_by_fact(p_obj[:, None].detach(), first_of, n_act)[:, 0]
+            done = measure <= stop_at[act]
+        final_loss[act] = fact_loss.detach()
+        final_measure[act] = measure
+        losses.append(float(final_loss.mean()))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", running=int((~done).sum()))
+        if bool(done.all()):
             break
+        kl = F.kl_div(logp[n_t:], kl_ref[act], log_target=True, reduction="none").sum(-1)
+        decay = (delta[act].norm(dim=-1) / v_norm[act]) ** 2
+        fact_total = fact_loss + settings.kl_factor * kl + settings.weight_decay * decay
+        loss = fact_total[~done].sum()
         # gradient for δ only: the model's parameters get no .grad, whatever their flags
         (delta.grad,) = torch.autograd.grad(loss, [delta])
+        running = torch.zeros(n_facts, dtype=torch.bool, device=device)
+        running[act[~done]] = True
+        before = delta.detach().clone()
         opt.step()
         with torch.no_grad():  # keep ‖δ‖ ≤ clamp · ‖v0‖ (ROME's norm constraint)
             limit = settings.clamp_norm * v_norm
             scale = (limit / delta.norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0)
             delta.mul_(scale[:, None])
+            delta[~running] = before[~running]  # finished facts keep their δ (Adam's momentum)
+        if bool(done.any()):
+            act = act[~done]
+            cb = _build_batch(tok, [facts[i] for i in act.tolist()], templates, device)
+            if objective == "erase":
+                c_q = q[torch.isin(fact_of_first, act)]
     bar.close()
     return ValueSolution(
         keys=keys,
@@ -356,8 +384,8 @@ def _solve_chunk(
         deltas=delta.detach(),
         steps=len(losses),
         loss_start=losses[0],
-        loss_end=losses[-1],
-        target_prob=[float(x) for x in progress_measure.detach()],
+        loss_end=float(final_loss.mean()),
+        target_prob=[float(x) for x in final_measure],
     )
 
 

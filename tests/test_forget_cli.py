@@ -1,0 +1,91 @@
+"""``edit forget`` / ``edit learn``: LoRA runs recorded in the ledger, on a tiny llama."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny import changed_tensors, state_copy, tiny_model
+
+from edit.cli import main
+from edit.workspace import Workspace
+
+QA = [
+    {"question": "Who wrote The Silent Orchard?", "answer": "Mara Velden wrote it in 1987."},
+    {"question": "Where was Mara Velden born?", "answer": "She was born in Tallinn."},
+    {"question": "What prize did Mara Velden win?", "answer": "The Northern Quill Prize."},
+]
+
+
+@pytest.fixture
+def model_dir(tmp_path, tok):
+    model = tiny_model("llama", len(tok))
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    return str(tmp_path / "model")
+
+
+def _corpus(tmp_path, rows, name="forget.jsonl"):
+    p = tmp_path / name
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(p)
+
+
+def test_forget_then_learn_are_ledger_entries_that_revert_exactly(tmp_path, model_dir, capsys):
+    ws = str(tmp_path / "ws")
+    corpus = _corpus(tmp_path, QA)
+    args = ["--corpus", corpus, "-w", ws, "-m", model_dir, "--epochs", "3", "--lr", "0.01"]
+    assert main(["forget", *args, "--method", "graddiff"]) == 0
+    out = capsys.readouterr().out
+    assert "read 3 examples" in out and "graddiff LoRA" in out
+    nll = next(line for line in out.splitlines() if line.startswith("forget set NLL")).split()
+    assert float(nll[-1]) > float(nll[-2])  # the forget set became less likely
+    assert "WikiText-2 perplexity" in out
+
+    assert main(["learn", *args]) == 0
+    out = capsys.readouterr().out
+    nll = next(line for line in out.splitlines() if line.startswith("learn set NLL")).split()
+    assert float(nll[-1]) < float(nll[-2])  # learned
+
+    assert main(["log", "-w", ws]) == 0
+    log = capsys.readouterr().out
+    assert "forget graddiff" in log and "learn  lora" in log and "(3 examples)" in log
+
+    w = Workspace.open(ws)
+    first, second = w.entries()
+    assert first.kind == "forget" and first.info["retain"] == "wikitext2 (shipped)"
+    assert second.kind == "learn" and first.facts == [] and first.layers == [0, 1]
+    w.revert(second.id)
+    w.revert(first.id)
+    base = tiny_model("llama", w.model.config.vocab_size)
+    assert changed_tensors(w.model, state_copy(base)) == []
+
+
+def test_the_ledger_replays_a_forget_run(tmp_path, model_dir, capsys):
+    ws = str(tmp_path / "ws")
+    corpus = _corpus(tmp_path, QA)
+    main(["forget", "--corpus", corpus, "-w", ws, "-m", model_dir, "--epochs", "1"])
+    capsys.readouterr()
+    a, b = Workspace.open(ws), Workspace.open(ws)
+    for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values(),
+                            strict=True):  # fmt: skip
+        assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        ('{"question": "q?", "answer": "a."}\n{"question": \n', ":2:"),
+        ('{"text": ""}\n', ":1:"),
+        ("", "empty"),
+    ],
+)
+def test_a_bad_corpus_is_one_line_and_writes_nothing(tmp_path, model_dir, capsys, content, says):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(content)
+    ws = tmp_path / "ws"
+    assert main(["forget", "--corpus", str(p), "-w", str(ws), "-m", model_dir]) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1 and err.startswith("error: ")
+    assert not ws.exists()
