@@ -125,13 +125,21 @@ class ContinuationScore:
     targets: torch.Tensor  # (L,) the continuation's token ids
     logprobs: torch.Tensor  # (L,) float32
     top1: torch.Tensor  # (L,) argmax predictions at the same positions
+    next_logprobs: torch.Tensor | None = None  # (V,) the distribution after the prompt
 
 
 @torch.no_grad()
 def continuation_scores(
-    model: nn.Module, tok, prompts: list[str], continuations: list[str], batch_size: int = 32
+    model: nn.Module,
+    tok,
+    prompts: list[str],
+    continuations: list[str],
+    batch_size: int = 32,
+    next_distribution: bool = False,
 ) -> list[ContinuationScore]:
-    """Score each continuation after its prompt, batched; one result per pair."""
+    """Score each continuation after its prompt, batched; one result per pair. With
+    ``next_distribution``, each result also holds the full next-token log-probabilities
+    after its prompt (what :func:`next_token_logprobs` returns, from the same pass)."""
     device = device_of(model)
     results: list[ContinuationScore] = []
     for start in range(0, len(prompts), batch_size):
@@ -154,15 +162,20 @@ def continuation_scores(
             model, ids, mask, torch.tensor(rows, device=device), torch.tensor(cols, device=device)
         )
         target_t = torch.tensor(targets, device=device)
-        lp = torch.log_softmax(logits, -1).gather(1, target_t[:, None])[:, 0]
+        full = torch.log_softmax(logits, -1)
+        lp = full.gather(1, target_t[:, None])[:, 0]
         top1 = logits.argmax(-1)
         parts = zip(
             target_t.cpu().split(lengths),
             lp.cpu().split(lengths),
             top1.cpu().split(lengths),
+            full.split(lengths),
             strict=True,
         )
-        results.extend(ContinuationScore(t, lps, h) for t, lps, h in parts)
+        results.extend(
+            ContinuationScore(t, lps, h, f[0].cpu() if next_distribution else None)
+            for t, lps, h, f in parts
+        )
     return results
 
 

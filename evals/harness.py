@@ -89,13 +89,13 @@ def default_ppl_text() -> str | None:
 # --------------------------------------------------------------------------- measuring
 
 
-def _nlls(model, tok, prompts: list[str], targets: list[str]) -> np.ndarray:
-    return np.array(
-        [
-            -float(s.mean())
-            for s in lm.continuation_logprobs(model, tok, prompts, targets, batch_size=64)
-        ]
-    )
+def _nlls(model, tok, prompts: list[str], targets: list[str], next_of: int = 0):
+    """Mean token NLL of each target after its prompt, and the next-token log-probabilities
+    after the last ``next_of`` prompts (from the same forward passes)."""
+    scores = lm.continuation_scores(model, tok, prompts, targets, 64, next_distribution=True)
+    nll = np.array([-float(s.logprobs.mean()) for s in scores])
+    nxt = [s.next_logprobs for s in scores[len(scores) - next_of :]] if next_of else []
+    return nll, nxt
 
 
 def measure(model: nn.Module, tok, rec: Record, ref: dict | None = None) -> dict:
@@ -115,7 +115,14 @@ def measure(model: nn.Module, tok, rec: Record, ref: dict | None = None) -> dict
         pairs += [(p, f.target) for p in prompts] + [(p, f.target_true) for p in prompts]
     answered = [(p, a) for p, a in rec.neighbours if a]
     pairs += answered + [(p, f.target) for p, _ in answered]
-    nll = _nlls(model, tok, [p for p, _ in pairs], [t for _, t in pairs]) if pairs else None
+    # with every neighbour answered, its next-token distribution comes from the same pass
+    from_pairs = bool(answered) and len(answered) == len(rec.neighbours)
+    n_next = len(answered) if from_pairs else 0
+    nll, nxt = (
+        _nlls(model, tok, [p for p, _ in pairs], [t for _, t in pairs], n_next)
+        if pairs
+        else (None, [])
+    )
     if f.target_true:
         n = len(prompts)
         n_new, n_true, nll = nll[:n], nll[n : 2 * n], nll[2 * n :]
@@ -127,7 +134,10 @@ def measure(model: nn.Module, tok, rec: Record, ref: dict | None = None) -> dict
         n_ans, n_new = nll[: len(answered)], nll[len(answered) :]
         out["NS"], out["NM"] = M.success(n_ans, n_new), M.magnitude(n_ans, n_new)
     if rec.neighbours:
-        logp = lm.next_token_logprobs(model, tok, [p for p, _ in rec.neighbours])
+        if from_pairs:
+            logp = torch.stack(nxt)
+        else:
+            logp = lm.next_token_logprobs(model, tok, [p for p, _ in rec.neighbours])
         if ref is None:
             keep["neighbour_logp"] = logp.half()
             out["KL"] = 0.0
