@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edit.atomic import write_bytes
 from edit.errors import EditError
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ def _cached_hash(model: nn.Module, folder: str | Path) -> str:
     if memo.is_file():
         return memo.read_text().strip()
     digest = weights_hash(model)
-    _atomic_write_text(memo, digest)
+    write_bytes(memo, digest.encode())
     return digest
 
 
@@ -194,11 +195,3 @@ def _dequantized_folder(gguf: Path) -> Path:
         if not (target / "config.json").is_file():
             raise
     return target
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -16,16 +16,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import time
 from importlib.resources import files
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from edit.atomic import save_tensors
 from edit.errors import EditError
 from edit.hooks import StopForward, Trace
 from edit.lm import device_of, start_ids
@@ -171,10 +171,4 @@ def _collect(model, tok, names, text, n_tokens, seq_len, batch_size, progress):
 
 
 def _save(path: Path, tensor: torch.Tensor, meta: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".stats-", suffix=".safetensors")
-    os.close(fd)
-    save_file(
-        {"second_moment": tensor.contiguous()}, tmp, metadata={k: str(v) for k, v in meta.items()}
-    )
-    os.replace(tmp, path)
+    save_tensors(path, {"second_moment": tensor}, meta)

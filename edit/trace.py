@@ -49,7 +49,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -61,6 +60,7 @@ from tqdm.auto import tqdm
 
 from edit import arch as arch_table
 from edit import lm
+from edit.atomic import write_bytes, write_json
 from edit.errors import EditError
 from edit.facts import Fact, _guess_subject
 from edit.hooks import Trace
@@ -809,7 +809,7 @@ def save_cached(avg: AverageTrace) -> Path | None:
     if not avg.model_hash or avg.peak_layer is None:
         return None
     path = cache_path(avg.model_hash)
-    _atomic_write(path, json.dumps(avg.to_dict(), indent=1).encode())
+    write_json(path, avg.to_dict())
     return path
 
 
@@ -829,24 +829,6 @@ def cached_layer(model: nn.Module) -> tuple[int, list[int], Path] | None:
     if not 0 <= layer < arch_table.num_layers(model):
         return None
     return layer, d.get("layer_range") or [layer, layer], path
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: str | os.PathLike, obj) -> Path:
-    path = Path(path)
-    _atomic_write(path, json.dumps(obj, indent=1).encode())
-    return path
 
 
 # --------------------------------------------------------------------------- plots
@@ -869,7 +851,7 @@ def _figure(**kw):
 def _save_figure(fig, path: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    _atomic_write(path, buf.getvalue())
+    write_bytes(path, buf.getvalue())
     return path
 
 

@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from torch import nn
 
 from edit import arch as arch_table
 from edit.api import EditResult, apply
+from edit.atomic import new_folder, write_bytes
 from edit.errors import EditError, EditFailed
 from edit.facts import Fact
 from edit.models import load, weights_hash
@@ -154,7 +154,7 @@ class Workspace:
         if meta_file.is_file():
             return
         (self.path / "edits").mkdir(parents=True, exist_ok=True)
-        _atomic_write(
+        write_bytes(
             meta_file,
             json.dumps({"format": FORMAT, "base": self.base, "created": _now()}, indent=2).encode(),
         )
@@ -238,20 +238,12 @@ class Workspace:
         out = Path(out_dir)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise EditError(f"{out} already exists and is not empty: choose a new folder")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-        try:
+        with new_folder(out) as tmp:
             self.model.save_pretrained(tmp)
             if self.tok is not None:
                 self.tok.save_pretrained(tmp)
             ledger = {"base": self.base, "edits": [_entry_json(e) for e in self.entries()]}
             (tmp / "edit_ledger.json").write_text(json.dumps(ledger, indent=2))
-            if out.exists():
-                out.rmdir()
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return out
 
     # ------------------------------------------------------------------ internals
@@ -410,13 +402,6 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
         h.update(k.encode())
         h.update(tensors[k].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def _now() -> str:

@@ -25,8 +25,6 @@ import json
 import logging
 import os
 import resource
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +37,7 @@ from tqdm.auto import tqdm
 from edit import arch, lm
 from edit import methods as method_registry
 from edit.api import apply
+from edit.atomic import new_folder
 from edit.config import resolve
 from edit.errors import EditError, EditFailed
 from edit.evals import metrics as M
@@ -418,9 +417,7 @@ def summary_table(summary: dict) -> str:
 
 def _write(out: Path, summary: dict, rows: list[dict]) -> None:
     """All files go to a temporary folder that is renamed into place at the end."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    try:
+    with new_folder(out) as tmp:
         with open(tmp / "records.jsonl", "w") as f:
             for row in rows:
                 f.write(json.dumps(row, default=_json_default) + "\n")
@@ -443,12 +440,6 @@ def _write(out: Path, summary: dict, rows: list[dict]) -> None:
         md += ["", f"Fluency: {summary['protocol']['fluency']}."]
         (tmp / "summary.md").write_text("\n".join(md) + "\n")
         _plots(tmp, summary, rows)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _fmt(x) -> str:

@@ -20,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -30,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from edit.atomic import write_json
 from edit.facts import Fact
 from edit.hooks import Trace
 from edit.lm import (
@@ -86,11 +85,7 @@ def context_templates(
                 text = " ".join(text.replace("{", " ").replace("}", " ").split())
                 templates.append(f"{text}. {{}}")
     if getattr(model, "edit_hash", None):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(templates, f)
-        os.replace(tmp, path)
+        write_json(path, templates)
     return templates
 
 
@@ -476,14 +471,19 @@ def spread_over_layers(
     and write ΔW = A B = ``solve_layer(module, K, R)`` into the layer. Each layer so takes an
     equal share of what is still missing. The model is unchanged at the end.
     """
-    _, h0 = keys_and_hidden(model, tok, facts, templates, modules[0], last_block, max_rows)
+    keys, h0 = keys_and_hidden(model, tok, facts, templates, modules[0], last_block, max_rows)
     target = h0 + deltas.float()
     update = Update()
     steps: list[dict] = []
     applied = []
     try:
         for i, module in enumerate(modules):
-            keys, h = keys_and_hidden(model, tok, facts, templates, module, last_block, max_rows)
+            if i == 0:  # nothing changed yet: the first layer's keys and h0 from above
+                h = h0
+            else:
+                keys, h = keys_and_hidden(
+                    model, tok, facts, templates, module, last_block, max_rows
+                )
             missing = target - h
             resid = missing / (len(modules) - i)
             a, b = solve_layer(module, keys, resid)

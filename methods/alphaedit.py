@@ -18,14 +18,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from edit.atomic import save_tensors
 from edit.errors import InvalidRequest
 from edit.facts import Fact
 from edit.methods import MethodOutput, register
@@ -81,11 +81,7 @@ def projector(model: nn.Module, module: str, cov: torch.Tensor, threshold: float
             threshold,
         )
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".proj-", suffix=".safetensors")
-            os.close(fd)
-            save_file({"projector": p.contiguous()}, tmp)
-            os.replace(tmp, path)
+            save_tensors(path, {"projector": p})
     _PROJECTORS[key] = p
     return p
 

@@ -252,3 +252,15 @@ def test_config_errors_name_the_setting():
         AlphaEditConfig(nullspace_threshold=-1)
     with pytest.raises(EditError, match="unknown method"):
         registry.get("memit2")
+
+
+def test_memit_erases_a_batch(llama, tok):
+    before = [_target_logprob(llama, tok, f) for f in FACTS]
+    out = registry.get("memit").compute(
+        llama, tok, FACTS, MEMITConfig(**TINY_MEMIT), objective="erase", progress=False
+    )
+    handle = out.update.apply(llama)
+    after = [_target_logprob(llama, tok, f) for f in FACTS]
+    handle.undo()
+    for b0, a0 in zip(before, after, strict=True):
+        assert a0 < b0 - 0.1, (before, after)

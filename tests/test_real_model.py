@@ -131,3 +131,26 @@ def test_eval_metrics_agree_with_full_logits_on_the_real_model(ws):
     n_true = independent_mean_nll(ws.model, ws.tok, f.text, "Paris")
     assert m["ES"] == float(n_new < n_true) == 0.0  # the unedited model knows it is Paris
     assert m["EM"] == pytest.approx(np.exp(-n_new) - np.exp(-n_true), abs=1e-5)
+
+
+def test_batches_take_and_alphaedit_keeps_the_earlier_batch(tmp_path):
+    from conftest import real_environment
+
+    from edit.workspace import Workspace
+
+    first_facts = ["Paris is capital of Italy", "Tokyo is capital of Brazil"]
+    with real_environment():
+        model, tok = edit.load()
+        w = Workspace.open(tmp_path / "ws", model, tok)
+        first, r1 = w.add(first_facts, progress=False)  # an empty workspace: MEMIT
+        assert first.method == "memit" and r1.metrics["took"] == 2, r1.metrics["not_taken"]
+        second, r2 = w.add(["Berlin is capital of Spain", "Madrid is capital of Canada"],
+                           progress=False)  # fmt: skip
+        assert second.method == "alphaedit" and r2.metrics["took"] == 2, r2.metrics["not_taken"]
+        assert r2.info["previous_keys"] == {m: 2 for m in r1.info["modules"]}
+        # the first batch still holds after the second
+        prompts = ["Paris is capital of", "Tokyo is capital of"]
+        new = lm.continuation_logprobs(model, tok, prompts, ["Italy", "Brazil"])
+        old = lm.continuation_logprobs(model, tok, prompts, ["France", "Japan"])
+        for n, o, p in zip(new, old, prompts, strict=True):
+            assert n.sum() > o.sum(), f"{p!r} lost its edit after the second batch"
