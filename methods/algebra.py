@@ -17,6 +17,7 @@ in how they turn (k*, δ) into weights.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -177,6 +178,11 @@ class ValueSettings:
     clamp_norm: float
     nll_stop: float
     erase_ratio: float
+
+    @classmethod
+    def of(cls, config) -> ValueSettings:
+        """The value-optimization fields of a method config (same names)."""
+        return cls(*(getattr(config, f.name) for f in dataclasses.fields(cls)))
 
 
 MAX_ROWS = 256  # prompt rows per forward/backward pass: bounds memory for large batches

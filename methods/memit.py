@@ -82,15 +82,7 @@ class MEMITConfig:
             raise InvalidRequest(f"erase_ratio must be > 1, got {self.erase_ratio}")
 
     def value_settings(self) -> ValueSettings:
-        return ValueSettings(
-            self.steps,
-            self.lr,
-            self.kl_factor,
-            self.weight_decay,
-            self.clamp_norm,
-            self.nll_stop,
-            self.erase_ratio,
-        )
+        return ValueSettings.of(self)
 
 
 def edit_layers(model: nn.Module, layers: tuple[int, ...] | None, method: str) -> list[int]:

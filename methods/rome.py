@@ -76,15 +76,7 @@ class ROMEConfig:
             )
 
     def value_settings(self) -> ValueSettings:
-        return ValueSettings(
-            self.steps,
-            self.lr,
-            self.kl_factor,
-            self.weight_decay,
-            self.clamp_norm,
-            self.nll_stop,
-            self.erase_ratio,
-        )
+        return ValueSettings.of(self)
 
 
 @register("rome", ROMEConfig)
