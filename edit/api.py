@@ -187,18 +187,14 @@ def _probe(
         for name, target in (("p_new", news[i]), ("p_old", olds[i]))
         if target
     ]
-    lps = lm.continuation_logprobs(
+    scores = lm.continuation_scores(
         model, tok, [facts[i].text for i, *_ in pairs], [t for *_, t in pairs]
     )
     res: list[dict[str, Any]] = [{} for _ in facts]
-    for (i, name, _), lp in zip(pairs, lps, strict=True):
-        res[i][name] = lm.sequence_prob(lp)
-    with_old = [i for i, old in enumerate(olds) if old]
-    if with_old:
-        logp = lm.next_token_logprobs(model, tok, [facts[i].text for i in with_old])
-        for row, i in zip(logp, with_old, strict=True):
-            first = lm.encode_continuation(tok, olds[i])[0]
-            res[i]["old_is_top"] = int(row.argmax()) == first
+    for (i, name, _), sc in zip(pairs, scores, strict=True):
+        res[i][name] = lm.sequence_prob(sc.logprobs)
+        if name == "p_old":  # the top next token, from the same teacher-forced pass
+            res[i]["old_is_top"] = int(sc.top1[0]) == int(sc.targets[0])
     if describe:
         for i, text in enumerate(lm.greedy(model, tok, [f.text for f in facts])):
             res[i]["completion"] = text

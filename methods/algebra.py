@@ -278,55 +278,39 @@ def _solve_chunk(
     b = _build_batch(tok, facts, templates, device)
     n_facts = len(facts)
     first_rows = b.tgt_row[b.tgt_first]
-    rows = torch.cat([b.tgt_row, b.kl_row])
-    cols = torch.cat([b.tgt_col, b.kl_col])
     n_tgt = len(b.tgt_row)
 
-    # Pass 0, unedited: the keys, the outputs v0, and the reference distributions.
-    with torch.no_grad(), Trace(model, module, retain_input=True, retain_output=True) as tr:
-        logits0 = logits_at(model, b.ids, b.mask, rows, cols)
-    sel = torch.arange(len(b.ids), device=device)
-    flat = sel * b.ids.shape[1] + b.lookup  # positions in (R·T): some blocks (OPT) flatten
-    k_rows = tr.input.flatten(0, -2)[flat].float()  # (R, d_in)
-    v_rows = tr.output.flatten(0, -2)[flat].float()  # (R, d_out)
-    keys = _mean_by_fact(k_rows[b.rewrite], b.fact[b.rewrite], n_facts)
-    values = _mean_by_fact(v_rows[b.rewrite], b.fact[b.rewrite], n_facts)
-    kl_ref = torch.log_softmax(logits0[n_tgt:], -1)  # (F, V)
-    first_tokens = b.tgt_tok[b.tgt_first]
-    if objective == "erase":
-        p0 = torch.softmax(logits0[:n_tgt][b.tgt_first], -1)
-        p0_obj = p0.gather(1, first_tokens[:, None])[:, 0]
-        q = p0.scatter(1, first_tokens[:, None], 0.0)
-        q = q / q.sum(-1, keepdim=True)  # the unedited distribution, conditioned on "not object"
-        fact_of_first = b.fact[first_rows]
-        # done once each fact's mean P(object) fell by erase_ratio
-        stop_at = (
-            _mean_by_fact(p0_obj[:, None], fact_of_first, n_facts)[:, 0] / settings.erase_ratio
-        )
-
-    delta = torch.zeros_like(values, requires_grad=True)  # (F, d_out)
-    opt = torch.optim.Adam([delta], lr=settings.lr)
-    v_norm = values.norm(dim=-1)  # (F,)
+    # δ starts at zero, so step 0's forward pass is the unedited one: it also yields the keys,
+    # the outputs v0 and the reference distributions (no separate unedited pass).
+    delta: torch.Tensor | None = None  # (F, d_out), created at step 0 from the output width
+    opt = None
     final_loss = torch.zeros(n_facts, device=device)
     final_measure = torch.zeros(n_facts, device=device)
     # Each fact stops as ROME's single edit does, once its own target is reached; the facts
     # still running are re-batched without the finished ones' rows.
     act = torch.arange(n_facts, device=device)  # facts still being optimized, increasing
-    cb, c_q = b, (q if objective == "erase" else None)
+    cb, c_q = b, None
 
     losses = []
     bar = tqdm(range(settings.steps), desc="optimizing value", leave=False, disable=not progress)
-    for _ in bar:
+    for step in bar:
         n_act, n_t = len(act), len(cb.tgt_row)
         c_flat = torch.arange(len(cb.ids), device=device) * cb.ids.shape[1] + cb.lookup
         row_fact = act[cb.fact]
 
         def inject(out: torch.Tensor, row_fact=row_fact, c_flat=c_flat) -> torch.Tensor:
+            nonlocal delta
+            if delta is None:
+                delta = out.new_zeros((n_facts, out.shape[-1]), dtype=torch.float32)
+                delta.requires_grad_(True)
             add = delta[row_fact].to(out.dtype)
             edited = torch.index_put(out.flatten(0, -2), (c_flat,), add, accumulate=True)
             return edited.view(out.shape)
 
-        with Trace(model, module, edit_output=inject, detach=False):
+        first = step == 0
+        with Trace(
+            model, module, edit_output=inject, retain_input=first, retain_output=first
+        ) as tr:
             logits = logits_at(
                 model,
                 cb.ids,
@@ -335,6 +319,28 @@ def _solve_chunk(
                 torch.cat([cb.tgt_col, cb.kl_col]),
             )
         logp = torch.log_softmax(logits, -1)
+        if first:  # δ = 0 here: what this pass saw is the unedited model
+            flat = torch.arange(len(b.ids), device=device) * b.ids.shape[1] + b.lookup
+            k_rows = tr.input.flatten(0, -2)[flat].float()  # (R, d_in); OPT blocks flatten
+            v_rows = tr.output.flatten(0, -2)[flat].float()  # (R, d_out)
+            keys = _mean_by_fact(k_rows[b.rewrite], b.fact[b.rewrite], n_facts)
+            values = _mean_by_fact(v_rows[b.rewrite], b.fact[b.rewrite], n_facts)
+            v_norm = values.norm(dim=-1)  # (F,)
+            kl_ref = logp[n_tgt:].detach()  # (F, V)
+            opt = torch.optim.Adam([delta], lr=settings.lr)
+            if objective == "erase":
+                first_tokens = b.tgt_tok[b.tgt_first]
+                p0 = logp[:n_tgt][b.tgt_first].detach().exp()
+                p0_obj = p0.gather(1, first_tokens[:, None])[:, 0]
+                q = p0.scatter(1, first_tokens[:, None], 0.0)
+                q = q / q.sum(-1, keepdim=True)  # the unedited distribution given "not object"
+                c_q = q
+                fact_of_first = b.fact[first_rows]
+                # done once each fact's mean P(object) fell by erase_ratio
+                stop_at = (
+                    _mean_by_fact(p0_obj[:, None], fact_of_first, n_facts)[:, 0]
+                    / settings.erase_ratio
+                )
         if objective == "insert":
             # mean token NLL per row, then mean of rows per fact (ROME's loss)
             tok_lp = logp[:n_t].gather(1, cb.tgt_tok[:, None])[:, 0]  # (P,)
