@@ -197,6 +197,20 @@ def next_token_logprobs(model: nn.Module, tok, prompts: list[str]) -> torch.Tens
     return torch.log_softmax(logits_at(model, ids, mask, rows, cols), -1).cpu()
 
 
+def _generate(model: nn.Module, tok, prompts: list[str], max_new_tokens: int, **how) -> list[str]:
+    """Continuations of a batch of prompts, left-padded (positions follow the mask)."""
+    device = device_of(model)
+    seqs = [encode(tok, p) for p in prompts]
+    width = max(map(len, seqs))
+    pad = pad_id(tok)
+    ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad, **how
+    )
+    return [tok.decode(row[width:], skip_special_tokens=True) for row in out]
+
+
 @torch.no_grad()
 def sample(
     model: nn.Module,
@@ -208,22 +222,9 @@ def sample(
 ) -> list[str]:
     """Top-k sampled continuations (ROME's generation setting), reproducible by seed."""
     device = device_of(model)
-    seqs = [encode(tok, p) for p in prompts]
-    width = max(map(len, seqs))
-    pad = pad_id(tok)
-    ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=device)
-    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=True,
-            top_k=top_k,
-            pad_token_id=pad,
-        )
-    return [tok.decode(row[width:], skip_special_tokens=True) for row in out]
+        return _generate(model, tok, prompts, max_new_tokens, do_sample=True, top_k=top_k)
 
 
 @torch.no_grad()
@@ -254,20 +255,18 @@ def sequence_prob(logprobs: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def greedy(model: nn.Module, tok, prompts: list[str], max_new_tokens: int = 12) -> list[str]:
-    """Greedy continuations (the text after each prompt)."""
-    device = device_of(model)
-    outs = []
-    for p in prompts:  # one at a time: no padding subtleties, and the prompts are few
-        ids = torch.tensor([encode(tok, p)], device=device)
-        gen = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad_id(tok),
-        )
-        outs.append(tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True))
+def greedy(
+    model: nn.Module, tok, prompts: list[str], max_new_tokens: int = 12, batch_size: int = 32
+) -> list[str]:
+    """Greedy continuations (the text after each prompt), ``batch_size`` prompts at a time.
+    Prompts of one length share a batch, so most batches need no padding at all."""
+    order = sorted(range(len(prompts)), key=lambda i: len(encode(tok, prompts[i])))
+    outs: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        texts = _generate(model, tok, [prompts[i] for i in chunk], max_new_tokens, do_sample=False)
+        for i, text in zip(chunk, texts, strict=True):
+            outs[i] = text
     return outs
 
 

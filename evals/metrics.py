@@ -18,6 +18,16 @@ evaluation code. ``p = exp(-nll)``.
 * zsRE (Mitchell et al. 2022 and later work): teacher-forced top-1 token accuracy of the
   target after the question (efficacy) and its rephrasing (generalization); specificity =
   share of the locality answer's tokens whose top-1 prediction the edit left unchanged.
+* TOFU (Maini et al. 2024), from the mean token NLLs of an answer, its paraphrase and its
+  perturbed (wrong) versions after the question: the truth ratio
+  R = exp(mean_k nll(perturbed_k) − nll(paraphrased)), i.e. the length-normalized probability
+  of the paraphrased answer over the geometric mean of the perturbed ones' (what TOFU's
+  evaluation code computes; its paper writes the inverse ratio, which orders cases the same
+  way). Forget quality = p-value of the two-sample Kolmogorov–Smirnov test between the truth
+  ratios of the unlearned and the retrained model on the forget set. Model utility = the
+  harmonic mean of probability, ROUGE-L recall and truth-ratio score on the sets the model
+  must keep. ROUGE-L recall = LCS(prediction, reference) / |reference| over lower-cased
+  alphanumeric words (TOFU also stems words; this does not).
 """
 
 from __future__ import annotations
@@ -89,3 +99,95 @@ def percentile_summary(values: Sequence[float]) -> dict:
         "p90": float(np.percentile(v, 90)),
         "mean": float(v.mean()),
     }
+
+
+def truth_ratio(nll_paraphrased: Sequence[float], nll_perturbed: np.ndarray) -> np.ndarray:
+    """TOFU's truth ratio per question: exp(mean over k of nll_perturbed[:, k] − nll_para).
+    Above 1: the model prefers the (paraphrased) true answer to the wrong ones."""
+    para = np.asarray(nll_paraphrased, float)
+    pert = np.asarray(nll_perturbed, float).reshape(len(para), -1)
+    return np.exp(pert.mean(-1) - para)
+
+
+def truth_ratio_score(ratios: Sequence[float]) -> float:
+    """TOFU's utility score of truth ratios on sets the model should know:
+    mean of max(0, 1 − 1/R) (0 when the wrong answers are at least as likely)."""
+    r = np.asarray(ratios, float)
+    return float(np.maximum(0.0, 1.0 - 1.0 / r).mean()) if r.size else float("nan")
+
+
+def _ks_path(a: np.ndarray, b: np.ndarray) -> list[tuple[int, int]]:
+    """(i, j) = (#a ≤ v, #b ≤ v) at each distinct value v of the pooled samples."""
+    values = np.unique(np.concatenate([a, b]))
+    i = np.searchsorted(np.sort(a), values, side="right")
+    j = np.searchsorted(np.sort(b), values, side="right")
+    return list(zip(i.tolist(), j.tolist(), strict=True))
+
+
+def ks_statistic(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sample Kolmogorov–Smirnov statistic D = max |F_a(v) − F_b(v)|."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    n, m = len(a), len(b)
+    return max(abs(i * m - j * n) for i, j in _ks_path(a, b)) / (n * m)
+
+
+def ks_pvalue(a: Sequence[float], b: Sequence[float]) -> float:
+    """Exact two-sided p-value of the two-sample KS test, P(D ≥ d_observed) when both samples
+    come from one continuous distribution (every interleaving of the sorted samples equally
+    likely). Counts the monotone lattice paths from (0, 0) to (n, m) that reach
+    |i/n − j/m| ≥ d; integer arithmetic for the boundary, O(n·m) time."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    n, m = len(a), len(b)
+    if not n or not m:
+        raise ValueError("the KS test needs two non-empty samples")
+    bound = max(abs(i * m - j * n) for i, j in _ks_path(a, b))  # d·n·m, an integer
+    if bound == 0:
+        return 1.0
+    # row[j] = probability that a uniform random path reaches (i, j) without having left the
+    # band; what leaves it is added to ``p`` where it crosses, so small p-values are summed
+    # rather than found as 1 minus something close to 1.
+    p = 0.0
+    prev: list[float] = []
+    for i in range(n + 1):
+        row = [0.0] * (m + 1)
+        for j in range(m + 1):
+            if i == 0 and j == 0:
+                row[0] = 1.0
+                continue
+            inflow = 0.0
+            if i > 0:  # from (i-1, j), whose next step took an a
+                inflow += prev[j] * (n - i + 1) / (n - i + 1 + m - j)
+            if j > 0:  # from (i, j-1), whose next step took a b
+                inflow += row[j - 1] * (m - j + 1) / (n - i + m - j + 1)
+            if abs(i * m - j * n) >= bound:
+                p += inflow
+            else:
+                row[j] = inflow
+        prev = row
+    return min(1.0, p)
+
+
+_ROUGE_WORD = re.compile(r"[a-z0-9]+")
+
+
+def rouge_l_recall(prediction: str, reference: str) -> float:
+    """ROUGE-L recall: length of the longest common word subsequence / reference words."""
+    pred, ref = _ROUGE_WORD.findall(prediction.lower()), _ROUGE_WORD.findall(reference.lower())
+    if not ref:
+        return float("nan")
+    row = [0] * (len(pred) + 1)
+    for r in ref:
+        diag = 0
+        for k, w in enumerate(pred, 1):
+            diag, row[k] = row[k], (diag + 1 if w == r else max(row[k], row[k - 1]))
+    return row[-1] / len(ref)
+
+
+def harmonic_mean(values: Sequence[float]) -> float:
+    """Harmonic mean; 0 if any value is 0 (TOFU's model utility aggregates this way)."""
+    v = np.asarray(values, float)
+    if not v.size:
+        return float("nan")
+    if (v <= 0).any():
+        return 0.0
+    return float(len(v) / (1.0 / v).sum())

@@ -1,0 +1,287 @@
+"""Unlearning on TOFU: does `edit forget` make the model look as if it never learned?
+
+    .venv/bin/python benchmarks/tofu_unlearn.py                    # the whole benchmark
+    .venv/bin/python benchmarks/tofu_unlearn.py --methods npo      # one method
+
+Steps, each through the library's own workspace API (what `edit learn` / `edit forget` run):
+
+1. target: `learn` TOFU's forget10 (400 QA about 20 fictitious authors) into the default
+   model;
+2. reference: `learn` only the 360 QA of the 18 authors outside forget01 into a fresh copy
+   of the default model (the model retrained without the forget set);
+3. for each method: `forget` forget01's 40 QA from the target, with the other 360 as the
+   retain set; evaluate; revert.
+
+Reported per model: forget quality (KS p-value of forget-set truth ratios against the
+reference, TOFU's definition), model utility (TOFU's harmonic mean over the kept authors'
+QA, real authors and world facts; see ``edit.evals.tofu``), forget-set ROUGE-L recall of
+greedy answers and probability, wall time and tokens per second; and, in separate
+processes, the throughput and peak memory of LoRA against full fine-tuning on the same
+batches. Writes ``summary.json``, ``summary.md`` and ``truth_ratios.png`` to ``--out``.
+Run it on a quiet machine: the figures are wall-clock times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "tofu"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def evaluate(model, tok, sets: dict, reference: dict | None, args) -> tuple[dict, dict]:
+    """Scores of every set, forget quality against ``reference`` and model utility."""
+    from edit.evals.tofu import forget_quality, model_utility, score_set
+
+    t = time.perf_counter()
+    scores = {}
+    for name, items in sets.items():
+        tokens = 16 if name in ("real_authors", "world_facts") else args.gen_tokens
+        scores[name] = score_set(model, tok, items, name, max_new_tokens=tokens)
+    utility, parts = model_utility(scores)
+    forget = scores["forget"].summary()
+    out = {
+        "model_utility": utility,
+        "utility_parts": parts,
+        "forget_rouge_l": forget["rouge_l"],
+        "forget_probability": forget["probability"],
+        "forget_truth_ratio_median": forget["truth_ratio_median"],
+        "forget_quality": (
+            forget_quality(scores["forget"], reference["forget"]) if reference else 1.0
+        ),
+        "truth_ratios": scores["forget"].truth_ratios().tolist(),
+        "eval_seconds": time.perf_counter() - t,
+        "examples": [
+            {"question": q.question, "answer": q.answer, "generated": g}
+            for q, g in list(zip(sets["forget"], scores["forget"].generations, strict=True))[:3]
+        ],
+    }
+    return out, scores
+
+
+def train_row(name: str, res, seconds: float) -> dict:
+    return {
+        "name": name,
+        "seconds": seconds,
+        "train_seconds": res.seconds,
+        "tokens": res.tokens,
+        "tokens_per_second": res.tokens_per_second,
+        "epochs": res.config.epochs,
+        "lr": res.config.lr,
+        "lora_rank": res.config.lora_rank,
+    }
+
+
+def probe(kind: str, args) -> None:
+    """Run in a child process: ``args.probe_steps`` optimizer steps of LoRA or of full
+    fine-tuning on the first forget10 batches; print tokens/s and peak memory as JSON."""
+    import torch
+
+    from edit import lm
+    from edit.corpus import collate, encode_example
+    from edit.evals.tofu import read_qa
+    from edit.methods.unlearn import UnlearnConfig, train_lora
+    from edit.models import load
+
+    model, tok = load(None)
+    items = read_qa(Path(args.data) / "forget10.json")
+    bs, steps = args.batch_size, args.probe_steps
+    examples = [q.example() for q in items[: bs * steps]]
+    base_rss = peak_rss_mb()
+    if kind == "lora":
+        config = UnlearnConfig(epochs=1, lr=args.learn_lr, lora_rank=args.lora_rank,
+                               batch_size=bs, eval_retain=1)  # fmt: skip
+        res = train_lora(model, tok, examples, [], config, objective="learn", progress=False)
+        tps = res.tokens_per_second
+    else:
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        enc = [encode_example(tok, ex, 256) for ex in examples]
+        tokens, t = 0, time.perf_counter()
+        for s in range(steps):
+            ids, mask, labels = collate(enc[s * bs : (s + 1) * bs], lm.pad_id(tok))
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            tokens += int(mask.sum())
+        tps = tokens / (time.perf_counter() - t)
+    print(json.dumps({"kind": kind, "tokens_per_second": tps, "peak_rss_mb": peak_rss_mb(),
+                      "rss_before_training_mb": base_rss}))  # fmt: skip
+
+
+def run_probe(kind: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--probe", kind, "--data", args.data,
+           "--probe-steps", str(args.probe_steps), "--batch-size", str(args.batch_size),
+           "--learn-lr", str(args.learn_lr), "--lora-rank", str(args.lora_rank)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=str(DATA))
+    p.add_argument("--out", default=str(ROOT / "bench-out" / "tofu"))
+    p.add_argument("--methods", default="npo,graddiff")
+    p.add_argument("--learn-epochs", type=int, default=5)
+    p.add_argument("--learn-lr", type=float, default=1e-3)
+    p.add_argument("--forget-epochs", type=int, default=2)
+    p.add_argument("--forget-lr", type=float, default=1e-3)
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--retain-eval", type=int, default=90, help="kept QA scored for utility")
+    p.add_argument("--gen-tokens", type=int, default=48)
+    p.add_argument("--probe-steps", type=int, default=4, help="0: skip the LoRA/full probes")
+    p.add_argument("--probe", choices=["lora", "full"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.probe:
+        return probe(args.probe, args)
+
+    from edit.errors import EditError
+    from edit.evals.tofu import read_qa
+    from edit.workspace import Workspace
+
+    t_all = time.perf_counter()
+    data = Path(args.data)
+    if not data.is_dir():
+        raise SystemExit(f"TOFU data not found at {data}: pass --data")
+    forget10, forget01 = read_qa(data / "forget10.json"), read_qa(data / "forget01.json")
+    if forget10[-len(forget01) :] != forget01:
+        raise SystemExit("forget01 is not the suffix of forget10: not TOFU's split files")
+    kept = forget10[: -len(forget01)]
+    step = max(1, len(kept) // args.retain_eval)
+    sets = {
+        "forget": forget01,
+        "retain": kept[::step][: args.retain_eval],
+        "real_authors": read_qa(data / "real_authors_perturbed.json"),
+        "world_facts": read_qa(data / "world_facts_perturbed.json"),
+    }
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    learn = {"epochs": args.learn_epochs, "lr": args.learn_lr, "lora_rank": args.lora_rank,
+             "batch_size": args.batch_size}  # fmt: skip
+    forget = {"epochs": args.forget_epochs, "lr": args.forget_lr, "lora_rank": args.lora_rank,
+              "batch_size": args.batch_size}  # fmt: skip
+    rows, evals = [], {}
+
+    log(f"reference: learn the {len(kept)} QA outside forget01")
+    ref_ws = Workspace.open(out / "ws-reference")
+    t = time.perf_counter()
+    _, res = ref_ws.learn([q.example() for q in kept], **learn)
+    rows.append(train_row("reference (learn 360)", res, time.perf_counter() - t))
+    log(f"  {rows[-1]['seconds']:.0f} s, {res.tokens_per_second:.0f} tokens/s; evaluating")
+    evals["reference"], ref_scores = evaluate(ref_ws.model, ref_ws.tok, sets, None, args)
+    del ref_ws
+
+    log(f"target: learn all {len(forget10)} QA of forget10")
+    ws = Workspace.open(out / "ws-target")
+    t = time.perf_counter()
+    _, res = ws.learn([q.example() for q in forget10], **learn)
+    rows.append(train_row("target (learn 400)", res, time.perf_counter() - t))
+    log(f"  {rows[-1]['seconds']:.0f} s; evaluating")
+    evals["target"], _ = evaluate(ws.model, ws.tok, sets, ref_scores, args)
+
+    for method in args.methods.split(","):
+        log(f"forget forget01 with {method}")
+        t = time.perf_counter()
+        try:
+            entry, res = ws.forget(
+                [q.example() for q in forget01], [q.example() for q in kept],
+                method=method, **forget,
+            )  # fmt: skip
+        except EditError as e:
+            log(f"  {method} failed: {e}")
+            continue
+        rows.append(train_row(f"forget01 {method}", res, time.perf_counter() - t))
+        log(f"  {rows[-1]['seconds']:.0f} s; evaluating")
+        evals[method], _ = evaluate(ws.model, ws.tok, sets, ref_scores, args)
+        ws.revert(entry.id)
+
+    probes = []
+    if args.probe_steps > 0:
+        log("throughput and memory: LoRA vs full fine-tuning (child processes)")
+        probes = [run_probe("lora", args), run_probe("full", args)]
+    summary = {
+        "settings": {"learn": learn, "forget": forget, "retain_eval": len(sets["retain"])},
+        "training": rows,
+        "evaluations": evals,
+        "probes": probes,
+        "peak_rss_mb": peak_rss_mb(),
+        "wall_seconds": time.perf_counter() - t_all,
+        "command": " ".join(sys.argv),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    md = markdown(summary)
+    (out / "summary.md").write_text(md)
+    plot(evals, out / "truth_ratios.png")
+    print(md)
+    log(f"wrote {out}/summary.json, summary.md; total {summary['wall_seconds'] / 60:.1f} min")
+
+
+def markdown(s: dict) -> str:
+    ev, rows = s["evaluations"], {r["name"]: r for r in s["training"]}
+    ref_util = ev["reference"]["model_utility"]
+    ref_train = rows["reference (learn 360)"]["seconds"]
+    lines = [
+        "| model | forget quality | model utility | vs reference | forget ROUGE-L "
+        "| forget P(answer) | train s | x cheaper than reference |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    names = {"reference": "reference (learn 360)", "target": "target (learn 400)"}
+    for key, e in ev.items():
+        row = rows.get(names.get(key, f"forget01 {key}"), {})
+        secs = row.get("seconds")
+        cheaper = f"{ref_train / secs:.1f}x" if secs and key not in names else ""
+        lines.append(
+            f"| {key} | {e['forget_quality']:.3g} | {e['model_utility']:.4f} "
+            f"| {100 * e['model_utility'] / ref_util:.1f} % | {e['forget_rouge_l']:.3f} "
+            f"| {e['forget_probability']:.4f} | {secs or 0:.0f} | {cheaper} |"
+        )
+    for p in s["probes"]:
+        lines.append(
+            f"\n{p['kind']}: {p['tokens_per_second']:.0f} tokens/s, peak RSS "
+            f"{p['peak_rss_mb']:.0f} MB (after loading {p['rss_before_training_mb']:.0f})"
+        )
+    lines.append(f"\nwall time {s['wall_seconds'] / 60:.1f} min; command: `{s['command']}`")
+    return "\n".join(lines) + "\n"
+
+
+def plot(evals: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, e in evals.items():
+        r = np.sort(np.log(e["truth_ratios"]))
+        ax.step(r, np.arange(1, len(r) + 1) / len(r), where="post", label=key)
+    ax.set_xlabel("log truth ratio on forget01 (paraphrase vs perturbed answers)")
+    ax.set_ylabel("cumulative share of questions")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

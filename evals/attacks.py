@@ -1,0 +1,84 @@
+"""Attacks that try to bring removed knowledge back.
+
+* Quantization (Zhang et al. 2024, "Does your LLM truly unlearn?"): an unlearning run moves
+  the weights only a little, so rounding them to a coarse grid can land the unlearned model
+  and the original one on the same grid points. :func:`quantize_rtn` is round-to-nearest with
+  an asymmetric (min/max) grid per group of ``group_size`` consecutive input weights, the
+  usual RTN baseline; :func:`quantized` applies it to every Linear projection in the
+  attention and MLP blocks (embeddings and norms stay in full precision) and restores the
+  exact weights on exit.
+
+    with quantized(model, bits=4):
+        measure(model)          # the 4-bit model
+    # the weights are bit-for-bit back
+
+* Relearning: a few optimizer steps on a small text sample (``edit.methods.unlearn.train_lora``
+  with the ``learn`` objective), then measure again.
+
+Both are scored as "knowledge recovered": the share of the gap between the model before the
+change and after it that the attack closes, (m_attacked − m_changed) / (m_before − m_changed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from edit.errors import InvalidRequest
+
+
+def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int = 128) -> torch.Tensor:
+    """``weight`` (out, in) rounded to ``2**bits`` levels per group of ``group_size`` inputs,
+    each group's grid spanning its own [min, max]; returned dequantized, same dtype."""
+    if not 2 <= bits <= 16:
+        raise InvalidRequest(f"bits must be between 2 and 16, got {bits}")
+    out_dim, in_dim = weight.shape
+    g = group_size if group_size > 0 and in_dim % group_size == 0 else in_dim
+    w = weight.detach().float().reshape(out_dim, in_dim // g, g)
+    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    levels = 2**bits - 1
+    scale = ((hi - lo) / levels).clamp_min(1e-12)
+    q = torch.round((w - lo) / scale).clamp(0, levels)
+    return (q * scale + lo).reshape(out_dim, in_dim).to(weight.dtype)
+
+
+def _projections(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
+    """(name, module, transposed) of the Linear / Conv1D modules the attack quantizes."""
+    from edit.methods.unlearn import target_module_names
+
+    transposed = lambda m: type(m).__name__ == "Conv1D"  # noqa: E731  GPT-2 stores (in, out)
+    out = []
+    for name in target_module_names(model):
+        module = model.get_submodule(name)
+        out.append((name, module, transposed(module)))
+    return out
+
+
+@contextmanager
+def quantized(model: nn.Module, bits: int, group_size: int = 128) -> Iterator[nn.Module]:
+    """The model with its block projections RTN-quantized; exact weights restored on exit."""
+    saved = []
+    try:
+        with torch.no_grad():
+            for _, module, transposed in _projections(model):
+                w = module.weight
+                saved.append((w, w.detach().clone()))
+                q = quantize_rtn(w.T if transposed else w, bits, group_size)
+                w.copy_(q.T if transposed else q)
+        yield model
+    finally:
+        with torch.no_grad():
+            for w, original in saved:
+                w.copy_(original)
+
+
+def recovered(before: float, changed: float, attacked: float) -> float:
+    """Share (in %) of the gap from ``before`` to ``changed`` that ``attacked`` closes: 0 the
+    attack changed nothing, 100 it brought the metric all the way back. NaN without a gap."""
+    gap = before - changed
+    if abs(gap) < 1e-12:
+        return float("nan")
+    return 100.0 * (attacked - changed) / gap

@@ -1,0 +1,171 @@
+"""TOFU's evaluation (Maini et al. 2024): forget quality and model utility of a model.
+
+    forget = read_qa("tofu/forget01.json")                  # list[QA]
+    scores = score_set(model, tok, forget, "forget")        # NLLs, generations, ROUGE-L
+    forget_quality(scores, reference_scores)                # KS p-value of the truth ratios
+    model_utility({"retain": ..., "real_authors": ..., "world_facts": ...})
+
+A question is scored the way training reads it (:mod:`edit.corpus`): the question is the
+prompt and every answer is a continuation of it, so the NLLs below are those the LoRA
+trainer minimizes. Per question: the mean token NLL of the answer, of its paraphrase (sets
+without one, the real-author and world-fact sets, use the answer itself, as TOFU does) and
+of each perturbed answer, and the ROUGE-L recall of the greedy answer. The metric
+definitions are in :mod:`edit.evals.metrics`.
+
+Model utility is TOFU's harmonic mean of nine numbers, three per set: probability (sets with
+a paraphrase: mean exp(−nll(answer)); multiple-choice sets: mean of p(answer) over p(answer)
++ Σ p(perturbed), p = exp(−nll)), ROUGE-L recall, and the truth-ratio score.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edit import lm
+from edit.corpus import Example
+from edit.errors import EditError
+from edit.evals import metrics
+
+UTILITY_SETS = ("retain", "real_authors", "world_facts")
+
+
+@dataclass(frozen=True)
+class QA:
+    question: str
+    answer: str
+    paraphrased: str | None  # None: the set has no paraphrases; the answer stands in
+    perturbed: tuple[str, ...]
+
+    def example(self) -> Example:
+        """The training example: loss on the answer after the question."""
+        return Example(self.question, self.answer)
+
+
+def read_qa(path: str | Path, *, need_perturbed: bool = True) -> list[QA]:
+    """TOFU QA records from a JSON array (or JSON Lines) file, each checked: ``question`` and
+    ``answer`` strings, optional ``paraphrased_answer``, and a non-empty list
+    ``perturbed_answer`` (unless ``need_perturbed`` is false)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise EditError(f"TOFU file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise EditError(f"cannot read {path}: {e}") from None
+    try:
+        rows = json.loads(text) if text.lstrip().startswith("[") else None
+    except json.JSONDecodeError as e:
+        raise EditError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if rows is None:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise EditError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    if not rows:
+        raise EditError(f"{path} holds no records")
+    items = []
+    for n, row in enumerate(rows, 1):
+        where = f"{path} record {n}"
+        if not isinstance(row, dict):
+            raise EditError(f"{where}: expected an object with question and answer")
+        for key in ("question", "answer"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise EditError(f'{where}: "{key}" must be a non-empty string')
+        para = row.get("paraphrased_answer")
+        if para is not None and (not isinstance(para, str) or not para.strip()):
+            raise EditError(f'{where}: "paraphrased_answer" must be a non-empty string')
+        pert = row.get("perturbed_answer", [])
+        if isinstance(pert, str):
+            pert = [pert]
+        if not isinstance(pert, list) or not all(isinstance(p, str) and p.strip() for p in pert):
+            raise EditError(f'{where}: "perturbed_answer" must be a list of non-empty strings')
+        if need_perturbed and not pert:
+            raise EditError(f'{where}: no "perturbed_answer": the truth ratio needs them')
+        items.append(QA(row["question"], row["answer"], para, tuple(pert)))
+    return items
+
+
+@dataclass
+class SetScores:
+    """Scores of one model on one QA set (arrays over questions)."""
+
+    name: str
+    answer_nll: np.ndarray  # (N,) mean token NLL of the answer
+    paraphrased_nll: np.ndarray  # (N,) of the paraphrase (the answer where there is none)
+    perturbed_nll: np.ndarray  # (N, K) of each perturbed answer
+    multiple_choice: bool  # no paraphrases: probability is normalized over the options
+    generations: list[str] = field(default_factory=list)
+    rouge: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (N,) ROUGE-L recall
+
+    def truth_ratios(self) -> np.ndarray:
+        return metrics.truth_ratio(self.paraphrased_nll, self.perturbed_nll)
+
+    def probability(self) -> float:
+        p_true = np.exp(-self.answer_nll)
+        if not self.multiple_choice:
+            return float(p_true.mean())
+        p_all = p_true + np.exp(-self.perturbed_nll).sum(-1)
+        return float((p_true / p_all).mean())
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "probability": self.probability(),
+            "rouge_l": float(self.rouge.mean()) if self.rouge.size else float("nan"),
+            "truth_ratio_score": metrics.truth_ratio_score(self.truth_ratios()),
+            "truth_ratio_median": float(np.median(self.truth_ratios())),
+        }
+
+
+def score_set(
+    model, tok, items: list[QA], name: str, *, max_new_tokens: int = 48, batch_size: int = 32
+) -> SetScores:
+    """Teacher-forced NLLs of every answer variant, and greedy answers with their ROUGE-L
+    recall against the answer (``max_new_tokens`` 0: no generation)."""
+    k = min(len(it.perturbed) for it in items)
+    prompts, conts = [], []
+    for it in items:
+        for c in (it.answer, it.paraphrased or it.answer, *it.perturbed[:k]):
+            prompts.append(it.question)
+            conts.append(c)
+    scores = lm.continuation_scores(model, tok, prompts, conts, batch_size=batch_size)
+    nll = np.array([-float(s.logprobs.mean()) for s in scores]).reshape(len(items), 2 + k)
+    out = SetScores(
+        name,
+        answer_nll=nll[:, 0],
+        paraphrased_nll=nll[:, 1],
+        perturbed_nll=nll[:, 2:],
+        multiple_choice=all(it.paraphrased is None for it in items),
+    )
+    if max_new_tokens > 0:
+        out.generations = lm.greedy(
+            model, tok, [it.question for it in items], max_new_tokens, batch_size=batch_size
+        )
+        pairs = zip(out.generations, items, strict=True)
+        out.rouge = np.array([metrics.rouge_l_recall(g, it.answer) for g, it in pairs])
+    return out
+
+
+def forget_quality(unlearned: SetScores, reference: SetScores) -> float:
+    """p-value of the KS test between the forget-set truth ratios of the unlearned model and
+    of the reference trained without the forget set (high: they cannot be told apart)."""
+    return metrics.ks_pvalue(unlearned.truth_ratios(), reference.truth_ratios())
+
+
+def model_utility(sets: dict[str, SetScores]) -> tuple[float, dict[str, float]]:
+    """(harmonic mean, its nine parts named ``<set>_<metric>``) over :data:`UTILITY_SETS`."""
+    missing = [s for s in UTILITY_SETS if s not in sets]
+    if missing:
+        raise EditError(f"model utility needs the sets {', '.join(missing)}")
+    parts = {}
+    for name in UTILITY_SETS:
+        s = sets[name].summary()
+        for key in ("probability", "rouge_l", "truth_ratio_score"):
+            parts[f"{name}_{key}"] = s[key]
+    return metrics.harmonic_mean(list(parts.values())), parts
