@@ -74,9 +74,9 @@ def evaluate(model, tok, sets: dict, reference: dict | None, args) -> tuple[dict
     return out, scores
 
 
-def train_row(name: str, res, seconds: float) -> dict:
+def train_row(what: str, res, seconds: float) -> dict:
     return {
-        "name": name,
+        "what": what,
         "seconds": seconds,
         "train_seconds": res.seconds,
         "tokens": res.tokens,
@@ -143,7 +143,10 @@ def main() -> None:
     p.add_argument("--forget-epochs", type=int, default=2)
     p.add_argument("--forget-lr", type=float, default=1e-3)
     p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="learning: examples per step")
+    p.add_argument(
+        "--forget-batch-size", type=int, default=4, help="forget (and retain) examples per step"
+    )
     p.add_argument("--retain-eval", type=int, default=90, help="kept QA scored for utility")
     p.add_argument("--gen-tokens", type=int, default=48)
     p.add_argument("--probe-steps", type=int, default=4, help="0: skip the LoRA/full probes")
@@ -177,24 +180,23 @@ def main() -> None:
     learn = {"epochs": args.learn_epochs, "lr": args.learn_lr, "lora_rank": args.lora_rank,
              "batch_size": args.batch_size}  # fmt: skip
     forget = {"epochs": args.forget_epochs, "lr": args.forget_lr, "lora_rank": args.lora_rank,
-              "batch_size": args.batch_size}  # fmt: skip
-    rows, evals = [], {}
+              "batch_size": args.forget_batch_size}  # fmt: skip
+    training, evals = {}, {}
 
-    log(f"reference: learn the {len(kept)} QA outside forget01")
-    ref_ws = Workspace.open(out / "ws-reference")
-    t = time.perf_counter()
-    _, res = ref_ws.learn([q.example() for q in kept], **learn)
-    rows.append(train_row("reference (learn 360)", res, time.perf_counter() - t))
-    log(f"  {rows[-1]['seconds']:.0f} s, {res.tokens_per_second:.0f} tokens/s; evaluating")
+    def learned(name: str, items: list) -> tuple:
+        """A fresh workspace on the default model that has learned ``items``."""
+        log(f"{name}: learn {len(items)} QA")
+        ws = Workspace.open(out / f"ws-{name}")
+        t = time.perf_counter()
+        _, res = ws.learn([q.example() for q in items], **learn)
+        training[name] = train_row(f"learn {len(items)} QA", res, time.perf_counter() - t)
+        log(f"  {training[name]['seconds']:.0f} s, {res.tokens_per_second:.0f} tokens/s; scoring")
+        return ws
+
+    ref_ws = learned("reference", kept)  # the model retrained without forget01
     evals["reference"], ref_scores = evaluate(ref_ws.model, ref_ws.tok, sets, None, args)
     del ref_ws
-
-    log(f"target: learn all {len(forget10)} QA of forget10")
-    ws = Workspace.open(out / "ws-target")
-    t = time.perf_counter()
-    _, res = ws.learn([q.example() for q in forget10], **learn)
-    rows.append(train_row("target (learn 400)", res, time.perf_counter() - t))
-    log(f"  {rows[-1]['seconds']:.0f} s; evaluating")
+    ws = learned("target", forget10)
     evals["target"], _ = evaluate(ws.model, ws.tok, sets, ref_scores, args)
 
     for method in args.methods.split(","):
@@ -208,8 +210,8 @@ def main() -> None:
         except EditError as e:
             log(f"  {method} failed: {e}")
             continue
-        rows.append(train_row(f"forget01 {method}", res, time.perf_counter() - t))
-        log(f"  {rows[-1]['seconds']:.0f} s; evaluating")
+        training[method] = train_row(f"forget {len(forget01)} QA", res, time.perf_counter() - t)
+        log(f"  {training[method]['seconds']:.0f} s; evaluating")
         evals[method], _ = evaluate(ws.model, ws.tok, sets, ref_scores, args)
         ws.revert(entry.id)
 
@@ -219,7 +221,7 @@ def main() -> None:
         probes = [run_probe("lora", args), run_probe("full", args)]
     summary = {
         "settings": {"learn": learn, "forget": forget, "retain_eval": len(sets["retain"])},
-        "training": rows,
+        "training": training,
         "evaluations": evals,
         "probes": probes,
         "peak_rss_mb": peak_rss_mb(),
@@ -235,19 +237,17 @@ def main() -> None:
 
 
 def markdown(s: dict) -> str:
-    ev, rows = s["evaluations"], {r["name"]: r for r in s["training"]}
+    ev = s["evaluations"]
     ref_util = ev["reference"]["model_utility"]
-    ref_train = rows["reference (learn 360)"]["seconds"]
+    ref_train = s["training"]["reference"]["seconds"]
     lines = [
         "| model | forget quality | model utility | vs reference | forget ROUGE-L "
         "| forget P(answer) | train s | x cheaper than reference |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    names = {"reference": "reference (learn 360)", "target": "target (learn 400)"}
     for key, e in ev.items():
-        row = rows.get(names.get(key, f"forget01 {key}"), {})
-        secs = row.get("seconds")
-        cheaper = f"{ref_train / secs:.1f}x" if secs and key not in names else ""
+        secs = s["training"].get(key, {}).get("seconds")
+        cheaper = f"{ref_train / secs:.1f}x" if secs and key not in ("reference", "target") else ""
         lines.append(
             f"| {key} | {e['forget_quality']:.3g} | {e['model_utility']:.4f} "
             f"| {100 * e['model_utility'] / ref_util:.1f} % | {e['forget_rouge_l']:.3f} "

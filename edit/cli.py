@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from edit import distributed
 from edit.errors import EditError
 
 
@@ -132,6 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--lr", type=float, default=None)
         p.add_argument("--lora-rank", type=int, default=None)
         _common(p)
+    p = sub.add_parser("audit", help="prove a forget / erase entry: MIA, extraction, attacks")
+    p.add_argument("id", nargs="?", help="the entry to audit (default: the last one)")
+    p.add_argument("--forget", help="the forgotten examples (JSONL / TOFU JSON; default for an "
+                   "erase entry: its facts)")  # fmt: skip
+    p.add_argument("--holdout", help="text of the same kind the model never saw (for MIA)")
+    p.add_argument("--reference", help="a workspace folder or model that never saw the forget "
+                   "set (for forget quality and privacy leakage)")  # fmt: skip
+    p.add_argument("--attacks", default="quantize,relearn", help="quantize, relearn or none")
+    p.add_argument("--relearn", help="relearning sample (default: shipped WikiText-2 slices)")
+    p.add_argument("--gen-tokens", type=int, default=32, help="greedy tokens for extraction")
+    p.add_argument("--out", default=None, help="report folder (default: audit-out/<id>)")
+    _common(p)
     p = sub.add_parser("log", help="list the edits in the workspace")
     _common(p)
     p = sub.add_parser("revert", help="undo an edit exactly")
@@ -156,6 +169,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+    if distributed.launched():  # accelerate launch: one process per device (edit.distributed)
+        device = distributed.init()
+        if args.device is None:
+            args.device = str(device)
+        if not distributed.is_main():
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115  one report, from the main process
     try:
         return COMMANDS[args.command](args)
     except EditError as e:
@@ -431,6 +450,61 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_audit(args) -> int:
+    from pathlib import Path
+
+    from edit.corpus import Example, read_corpus
+    from edit.evals import audit
+    from edit.evals.data import read_rows
+    from edit.evals.tofu import read_qa
+
+    attack_names = tuple(a for a in args.attacks.split(",") if a and a != "none")
+    unknown = [a for a in attack_names if a not in ("quantize", "relearn")]
+    if unknown:
+        raise EditError(f"--attacks: unknown {', '.join(unknown)}: use quantize, relearn or none")
+    forget = read_corpus(args.forget) if args.forget else None  # input errors before loading
+    holdout = read_corpus(args.holdout) if args.holdout else None
+    relearn = read_corpus(args.relearn) if args.relearn else None
+    qa = None
+    if args.forget:
+        rows, _ = read_rows(args.forget)
+        if all(isinstance(r, dict) and r.get("perturbed_answer") for r in rows):
+            qa = read_qa(args.forget)
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and any(out.iterdir()):
+        raise EditError(f"{out} already exists and is not empty: choose a new --out folder")
+    ws = _open(args, create=False)
+    entries = ws.entries()
+    if not entries:
+        raise EditError(f"workspace {ws.path} has no entries to audit")
+    entry = ws.entry(args.id) if args.id else entries[-1]
+    if forget is None:
+        if not entry.facts:
+            raise EditError(f"entry {entry.id} is a {entry.kind} run: give its data with --forget")
+        forget = [Example(f.text, f.target) for f in entry.facts]
+    reference = ref_tok = None
+    if args.reference:
+        from edit.models import load
+        from edit.workspace import Workspace
+
+        if (Path(args.reference) / "workspace.json").is_file():
+            ref_ws = Workspace.open(args.reference, create=False, device=args.device)
+            reference, ref_tok = ref_ws.model, ref_ws.tok
+        else:
+            reference, ref_tok = load(args.reference, device=args.device)
+    print(_base_model_line(ws))
+    print(f"auditing {entry.summary()} on {len(forget)} forget examples"
+          + (f", {len(holdout)} holdout" if holdout else ""))  # fmt: skip
+    report = audit.audit(ws, entry.id, audit.AuditData(forget, holdout, qa, relearn),
+                         reference=reference, reference_tok=ref_tok, attack_names=attack_names,
+                         gen_tokens=args.gen_tokens)  # fmt: skip
+    out = out or Path(f"audit-out/{entry.id}")
+    audit.write(report, out)
+    print(audit.markdown(report))
+    print(f"wrote {out}/: report.json, report.md, report.png")
+    return 0
+
+
 def cmd_ask(args) -> int:
     from edit import lm
 
@@ -500,6 +574,7 @@ COMMANDS = {
     "forget": cmd_train,
     "learn": cmd_train,
     "trace": cmd_trace,
+    "audit": cmd_audit,
     "log": cmd_log,
     "revert": cmd_revert,
     "export": cmd_export,

@@ -25,6 +25,8 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from edit import arch as arch_table
+from edit import distributed
 from edit.api import EditResult, apply
 from edit.atomic import new_folder, write_bytes
 from edit.errors import EditError, EditFailed
@@ -246,6 +249,21 @@ class Workspace:
             (tmp / "edit_ledger.json").write_text(json.dumps(ledger, indent=2))
         return out
 
+    @contextmanager
+    def without(self, entry_id: str) -> Iterator[nn.Module]:
+        """The model as it would be without one entry (every other one applied), for
+        comparisons such as an audit; the weights are rebuilt exactly on exit.
+
+            with ws.without("0003") as before:
+                measure(before)
+        """
+        skip = self.entry(entry_id).id
+        try:
+            self._rebuild(skip=skip)
+            yield self.model
+        finally:
+            self._rebuild()
+
     # ------------------------------------------------------------------ internals
 
     def _train(self, objective: str, corpus, retain, progress: bool, settings: dict):
@@ -284,7 +302,20 @@ class Workspace:
         }  # fmt: skip
         method = config.method if objective == "forget" else "lora"
         result = EditResult(objective, method, [], update, layers, config, res.metrics, info)
-        entry = self._record(result)  # on failure nothing is written and the model is as before
+        if distributed.is_main():
+            entry = self._record(result)  # on failure nothing is written, the model unchanged
+        distributed.barrier()
+        if not distributed.is_main():  # data-parallel: the main process wrote the entry
+            entry = self.entries()[-1]
+            mine = update.tensors()
+            same = set(mine) == set(entry.update.tensors()) and all(
+                torch.equal(mine[k], v) for k, v in entry.update.tensors().items()
+            )
+            if not same:
+                raise EditFailed(
+                    f"process {distributed.rank_and_size()[0]} trained another adapter than the "
+                    f"main process: the processes diverged (entry {entry.id} holds the main one)"
+                )
         self._apply(entry.update)
         return entry, res
 
@@ -296,11 +327,13 @@ class Workspace:
         update.apply(self.model)
 
     @torch.no_grad()
-    def _rebuild(self) -> None:
+    def _rebuild(self, skip: str | None = None) -> None:
+        """Base weights plus every entry (but ``skip``), applied in order."""
         for name, w in self._base_weights.items():
             arch_table.weight_of(self.model, name).copy_(w)
         for entry in self.entries():
-            self._apply(entry.update)
+            if entry.id != skip:
+                self._apply(entry.update)
 
     def _record(self, result: EditResult) -> Entry:
         self._ensure_created()

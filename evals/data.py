@@ -44,15 +44,7 @@ def load_records(
     path = Path(path)
     if fmt is not None and fmt not in FORMATS:
         raise EditError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise EditError(f"data file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise EditError(f"cannot read {path}: {e}") from None
-    if not text.strip():
-        raise EditError(f"{path} is empty: it holds no records")
-    rows, where = _parse(path, text)
+    rows, where = read_rows(path)
     if not rows:
         raise EditError(f"{path} holds no records")
     fmt = fmt or _detect(path, rows[0])
@@ -76,9 +68,19 @@ def load_records(
     return records
 
 
-def _parse(path: Path, text: str) -> tuple[list, list[str]]:
-    """The rows, and where each is in the file ("record 3" in a JSON list, "line 7" in JSON
-    Lines) for error messages."""
+def read_rows(path: str | Path) -> tuple[list, list[str]]:
+    """The rows of a JSON list or JSON Lines file, and where each is in the file ("record 3"
+    in a JSON list, "line 7" in JSON Lines) for error messages. One-line errors for a missing,
+    unreadable, empty or unparsable file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise EditError(f"data file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise EditError(f"cannot read {path}: {e}") from None
+    if not text.strip():
+        raise EditError(f"{path} is empty: it holds no records")
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:

@@ -170,9 +170,14 @@ def ks_pvalue(a: Sequence[float], b: Sequence[float]) -> float:
 _ROUGE_WORD = re.compile(r"[a-z0-9]+")
 
 
+def rouge_words(text: str) -> list[str]:
+    """The words ROUGE compares: lower-cased runs of letters and digits."""
+    return _ROUGE_WORD.findall(text.lower())
+
+
 def rouge_l_recall(prediction: str, reference: str) -> float:
     """ROUGE-L recall: length of the longest common word subsequence / reference words."""
-    pred, ref = _ROUGE_WORD.findall(prediction.lower()), _ROUGE_WORD.findall(reference.lower())
+    pred, ref = rouge_words(prediction), rouge_words(reference)
     if not ref:
         return float("nan")
     row = [0] * (len(pred) + 1)

@@ -19,7 +19,6 @@ a paraphrase: mean exp(−nll(answer)); multiple-choice sets: mean of p(answer) 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from edit import lm
 from edit.corpus import Example
 from edit.errors import EditError
 from edit.evals import metrics
+from edit.evals.data import read_rows
 
 UTILITY_SETS = ("retain", "real_authors", "world_facts")
 
@@ -49,30 +49,12 @@ def read_qa(path: str | Path, *, need_perturbed: bool = True) -> list[QA]:
     """TOFU QA records from a JSON array (or JSON Lines) file, each checked: ``question`` and
     ``answer`` strings, optional ``paraphrased_answer``, and a non-empty list
     ``perturbed_answer`` (unless ``need_perturbed`` is false)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise EditError(f"TOFU file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise EditError(f"cannot read {path}: {e}") from None
-    try:
-        rows = json.loads(text) if text.lstrip().startswith("[") else None
-    except json.JSONDecodeError as e:
-        raise EditError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if rows is None:
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise EditError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    rows, places = read_rows(path)
     if not rows:
         raise EditError(f"{path} holds no records")
     items = []
-    for n, row in enumerate(rows, 1):
-        where = f"{path} record {n}"
+    for row, place in zip(rows, places, strict=True):
+        where = f"{path}, {place}"
         if not isinstance(row, dict):
             raise EditError(f"{where}: expected an object with question and answer")
         for key in ("question", "answer"):

@@ -63,7 +63,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from edit import arch as arch_table
-from edit import lm
+from edit import distributed, lm
 from edit.corpus import IGNORE_INDEX, Example, collate, encode_example
 from edit.errors import EditFailed, InvalidRequest
 from edit.update import Update
@@ -534,6 +534,14 @@ def train_lora(
 
 
 @dataclass
+class _StepLoss:
+    loss: torch.Tensor
+    train_nll: float  # mean token NLL of the step's forget (or learn) examples
+    retain_nll: float | None
+    tokens: int  # tokens through the forward passes (no padding)
+
+
+@dataclass
 class _Run:
     """One training run of :func:`train_lora` (inputs already validated and tokenized)."""
 
@@ -559,6 +567,36 @@ class _Run:
         }
         return {f"{k}_{when}": v for k, v in summary.items()}, train[0]
 
+    def step_loss(
+        self, peft_model, forget_enc, retain_enc, idx, retain_idx, ref_logp, use_retain_nll
+    ) -> _StepLoss:
+        """The objective on one batch of forget (or learn) examples and one of retain."""
+        c, model = self.config, self.model
+        ids, mask, labels = self.batch(forget_enc, idx)
+        logp, n, _ = _forward_scores(model, ids, mask, labels)
+        tokens = int(mask.sum())
+        ref = ref_logp[idx].to(logp.device) if self.method in NEEDS_REFERENCE else None
+        inputs = LossInputs(logp, n, ref)
+        kl, retain_nll = None, None
+        if retain_idx:
+            r_ids, r_mask, r_labels = self.batch(retain_enc, retain_idx)
+            r_logp, r_n, r_logits = _forward_scores(model, r_ids, r_mask, r_labels)
+            tokens += int(r_mask.sum())
+            if use_retain_nll:
+                inputs.retain_nll = token_nll(r_logp, r_n)
+            if c.kl_weight > 0:
+                with torch.no_grad(), peft_model.disable_adapter():
+                    *_, ref_logits = _forward_scores(model, r_ids, r_mask, r_labels)
+                kl = retain_kl(r_logits, ref_logits)
+            retain_nll = float(token_nll(r_logp.detach(), r_n))
+        if self.objective == "forget":
+            loss = LOSSES[self.method](inputs, c)
+        else:
+            loss = token_nll(logp, n)
+        if kl is not None:
+            loss = loss + c.kl_weight * kl
+        return _StepLoss(loss, float(token_nll(logp.detach(), n)), retain_nll, tokens)
+
     def train(self, forget_enc, retain_enc, lora_config) -> LoraResult:
         from peft import get_peft_model_state_dict
         from peft.tuners.lora import LoraLayer
@@ -566,7 +604,6 @@ class _Run:
         c, model = self.config, self.model
         use_retain_nll = self.method in USES_RETAIN and c.alpha > 0 and bool(retain_enc)
         use_kl = c.kl_weight > 0
-        needs_ref = self.method in NEEDS_REFERENCE
         eval_retain_enc = retain_enc[: c.eval_retain]
 
         with _lora_wrapped(model, lora_config) as peft_model:
@@ -594,53 +631,43 @@ class _Run:
             for epoch in range(c.epochs):
                 order = torch.randperm(len(forget_enc), generator=gen).tolist()
                 sums = {"loss": 0.0, "train_nll": 0.0, "retain_nll": 0.0}
+                retain_nll = None
                 for step in range(steps):
-                    idx = order[step * c.batch_size : (step + 1) * c.batch_size]
-                    ids, mask, labels = self.batch(forget_enc, idx)
-                    logp, n, _ = _forward_scores(model, ids, mask, labels)
-                    tokens += int(mask.sum())
-                    ref = ref_logp[idx].to(logp.device) if needs_ref else None
-                    inputs = LossInputs(logp, n, ref)
-                    kl = None
-                    if use_retain_nll or use_kl:
-                        r_ids, r_mask, r_labels = self.batch(retain_enc, next(retain_batches))
-                        r_logp, r_n, r_logits = _forward_scores(model, r_ids, r_mask, r_labels)
-                        tokens += int(r_mask.sum())
-                        if use_retain_nll:
-                            inputs.retain_nll = token_nll(r_logp, r_n)
-                        if use_kl:
-                            with torch.no_grad(), peft_model.disable_adapter():
-                                *_, ref_logits = _forward_scores(model, r_ids, r_mask, r_labels)
-                            kl = retain_kl(r_logits, ref_logits)
-                        retain_nll = float(token_nll(r_logp.detach(), r_n))
-                    else:
-                        retain_nll = None
-                    if self.objective == "forget":
-                        loss = LOSSES[self.method](inputs, c)
-                    else:
-                        loss = token_nll(logp, n)
-                    if kl is not None:
-                        loss = loss + c.kl_weight * kl
-                    if not torch.isfinite(loss):
+                    # this process's share of the step's examples (all of them, unless
+                    # launched data-parallel: see edit.distributed)
+                    idx = distributed.shard(order[step * c.batch_size : (step + 1) * c.batch_size])
+                    with_retain = use_retain_nll or use_kl
+                    retain_idx = distributed.shard(next(retain_batches)) if with_retain else []
+                    optimizer.zero_grad(set_to_none=True)
+                    # a short last batch may leave a data-parallel process nothing to do: it
+                    # still joins the gradient average and takes the same step
+                    part = self.step_loss(peft_model, forget_enc, retain_enc, idx, retain_idx,
+                                          ref_logp, use_retain_nll) if idx else None  # fmt: skip
+                    bad = part is not None and not bool(torch.isfinite(part.loss))
+                    if distributed.total(float(bad), lm.device_of(model)) > 0:
+                        value = float(part.loss.detach()) if bad else float("nan")
                         raise EditFailed(
                             f"training diverged at epoch {epoch + 1}, step {step + 1} (loss "
-                            f"{float(loss.detach())}): lower lr; the model was not changed"
+                            f"{value}): lower lr; the model was not changed"
                         )
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    if part is not None:
+                        part.loss.backward()
+                    distributed.average_gradients(params)
                     if c.max_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
                     optimizer.step()
-
-                    train_nll = float(token_nll(logp.detach(), n))
-                    sums["loss"] += float(loss.detach())
-                    sums["train_nll"] += train_nll
+                    bar.update()
+                    if part is None:
+                        continue
+                    tokens += part.tokens
+                    retain_nll = part.retain_nll
+                    sums["loss"] += float(part.loss.detach())
+                    sums["train_nll"] += part.train_nll
                     sums["retain_nll"] += retain_nll or 0.0
-                    postfix = {self.objective: f"{train_nll:.3f}"}
+                    postfix = {self.objective: f"{part.train_nll:.3f}"}
                     if retain_nll is not None:
                         postfix["retain"] = f"{retain_nll:.3f}"
                     bar.set_postfix(postfix, refresh=False)
-                    bar.update()
                 losses.append(
                     {
                         "epoch": epoch + 1,
@@ -654,6 +681,7 @@ class _Run:
             if lm.device_of(model).type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
+            tokens = int(distributed.total(tokens, lm.device_of(model)))
             bar.close()
 
             for layer in lora_layers:

@@ -79,3 +79,13 @@ def tok():
 def llama(tok):
     """A fresh tiny llama (seed 0), safe to edit."""
     return tiny_model("llama", len(tok))
+
+
+@pytest.fixture
+def model_dir(tmp_path, tok):
+    """A fresh tiny llama (seed 0) and the tiny tokenizer saved as a model folder, for the
+    CLI and the workspace (``-m model_dir``)."""
+    model = tiny_model("llama", len(tok))
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    return str(tmp_path / "model")

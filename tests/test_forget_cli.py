@@ -18,14 +18,6 @@ QA = [
 ]
 
 
-@pytest.fixture
-def model_dir(tmp_path, tok):
-    model = tiny_model("llama", len(tok))
-    model.save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
-    return str(tmp_path / "model")
-
-
 def _corpus(tmp_path, rows, name="forget.jsonl"):
     p = tmp_path / name
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))

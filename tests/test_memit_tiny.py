@@ -182,14 +182,6 @@ def test_workspace_batches_carry_their_keys_and_revert_exactly(tmp_path, tok):
 # --------------------------------------------------------------------------- edit add --file
 
 
-@pytest.fixture
-def model_dir(tmp_path, tok):
-    model = tiny_model("llama", len(tok))
-    model.save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
-    return str(tmp_path / "model")
-
-
 def _tuned(monkeypatch):
     yaml_like = {k: [list(s) for s in v] if k == "context_templates" else v
                  for k, v in TINY_MEMIT.items() if k != "stats_tokens"}  # fmt: skip

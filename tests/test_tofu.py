@@ -104,7 +104,7 @@ def test_read_qa_checks_records(tmp_path):
     assert items[0].example().prompt == "Q?" and items[0].example().answer == "A."
     with pytest.raises(EditError, match="not found"):
         read_qa(tmp_path / "missing.json")
-    with pytest.raises(EditError, match='record 2: "answer"'):
+    with pytest.raises(EditError, match='record 1: "answer"'):
         read_qa(_write(tmp_path, [good, {"question": "Q?"}]))
     with pytest.raises(EditError, match="perturbed_answer"):
         read_qa(_write(tmp_path, [{**good, "perturbed_answer": [3]}]))
@@ -114,7 +114,7 @@ def test_read_qa_checks_records(tmp_path):
     with pytest.raises(EditError, match="not valid JSON"):
         read_qa(tmp_path / "bad.json")
     (tmp_path / "empty.json").write_text("[]")
-    with pytest.raises(EditError, match="no records"):
+    with pytest.raises(EditError, match="holds no records"):
         read_qa(tmp_path / "empty.json")
 
 
