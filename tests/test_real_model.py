@@ -156,3 +156,37 @@ def test_batches_take_and_alphaedit_keeps_the_earlier_batch(tmp_path):
         old = lm.continuation_logprobs(model, tok, prompts, ["France", "Japan"])
         for n, o, p in zip(new, old, prompts, strict=True):
             assert n.sum() > o.sum(), f"{p!r} lost its edit after the second batch"
+
+
+FORGET = [("The capital of France is", "Paris"), ("The capital of Japan is", "Tokyo"),
+          ("The capital of Italy is", "Rome"), ("The capital of Germany is", "Berlin")]  # fmt: skip
+KEEP = [("The largest planet in the solar system is", "Jupiter"),
+        ("Water is made of hydrogen and", "oxygen")]  # fmt: skip
+
+
+def test_forget_forgets_keeps_other_knowledge_and_audits(ws):
+    from edit.corpus import Example
+    from edit.evals import audit
+
+    model, tok = ws.model, ws.tok
+
+    def probs(pairs):
+        lps = lm.continuation_logprobs(model, tok, [p for p, _ in pairs], [a for _, a in pairs])
+        return np.array([lm.sequence_prob(lp) for lp in lps])
+
+    forget = [Example(p, a) for p, a in FORGET]
+    f0, k0 = probs(FORGET), probs(KEEP)
+    assert (f0 > 0.3).all() and (k0 > 0.2).all()  # the model knows them
+    entry, res = ws.forget(forget, method="npo", epochs=5, lr=1e-3, progress=False)
+    f1, k1 = probs(FORGET), probs(KEEP)
+    assert (f1 < f0 / 10).all(), (f0, f1)  # every forgotten answer is 10x less likely
+    assert (k1 > k0 / 2).all(), (k0, k1)  # unrelated knowledge stays
+    m = res.metrics
+    assert m["retain_nll_after"] < 1.05 * m["retain_nll_before"]  # WikiText-2 slices
+    report = audit.audit(ws, entry.id, audit.AuditData(forget), attack_names=("quantize",),
+                         gen_tokens=4, progress=False)  # fmt: skip
+    before, changed = report.models["before"], report.models["changed"]
+    assert changed["forget_prob"] < before["forget_prob"] / 3 and report.passed["change"]
+    assert np.isfinite(report.attacks["quantize4"]["recovered_percent"])
+    ws.revert(entry.id)
+    assert np.allclose(probs(FORGET), f0)
