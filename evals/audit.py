@@ -18,14 +18,14 @@ same kind of text the model never saw):
 
 Attacks on the changed model (:mod:`edit.evals.attacks`): RTN quantization to 8 and 4 bits,
 and relearning (a few LoRA steps on a small text sample, unrelated by default). Each reports
-"knowledge recovered": the share of the before→changed drop in forget-set probability that
-the attack undoes.
+"knowledge recovered": the share of the before→changed drop that the attack undoes, for the
+forget-set probability and for the extraction ROUGE-L.
 
 Verdict thresholds (module constants, printed in every verdict line): the change must at
 least halve the forget-set probability; membership AUC within ``MIA_MARGIN`` of the
 reference's (without one: at most 0.5 + ``MIA_MARGIN``); forget quality p ≥ 0.05; extraction
 ROUGE-L at most the reference's + 0.05 (without one: half the before model's); an attack
-passes if it recovers less than ``RECOVERY_LIMIT`` % of the gap.
+passes if it recovers less than ``RECOVERY_LIMIT`` % of either gap.
 """
 
 from __future__ import annotations
@@ -242,10 +242,18 @@ def _verdicts(report: Report) -> None:
         _verdict(report, "extraction", r <= limit, text)
     for name, hit in report.attacks.items():
         rec = hit["recovered_percent"]
-        ok = not (rec >= RECOVERY_LIMIT)  # NaN (no gap to recover) passes
-        _verdict(report, name, ok,
-                 f"forget-set probability {c['forget_prob']:.4g} -> {hit['forget_prob']:.4g}: "
-                 f"{rec:.1f} % of the drop recovered (needs < {RECOVERY_LIMIT:g} %)")  # fmt: skip
+        text = (f"forget-set probability {c['forget_prob']:.4g} -> {hit['forget_prob']:.4g}: "
+                f"{rec:.1f} % of the drop recovered")  # fmt: skip
+        recs = [rec]
+        if "extraction_rouge_l" in hit:
+            rec_x = attacks.recovered(b["extraction_rouge_l"], c["extraction_rouge_l"],
+                                      hit["extraction_rouge_l"])  # fmt: skip
+            hit["extraction_recovered_percent"] = rec_x
+            recs.append(rec_x)
+            text += (f"; greedy ROUGE-L {c['extraction_rouge_l']:.3f} -> "
+                     f"{hit['extraction_rouge_l']:.3f}: {rec_x:.1f} % recovered")  # fmt: skip
+        ok = not any(r >= RECOVERY_LIMIT for r in recs)  # NaN (no gap to recover) passes
+        _verdict(report, name, ok, text + f" (each needs < {RECOVERY_LIMIT:g} %)")
 
 
 def markdown(report: Report) -> str:

@@ -160,8 +160,12 @@ def test_batches_take_and_alphaedit_keeps_the_earlier_batch(tmp_path):
 
 FORGET = [("The capital of France is", "Paris"), ("The capital of Japan is", "Tokyo"),
           ("The capital of Italy is", "Rome"), ("The capital of Germany is", "Berlin")]  # fmt: skip
-KEEP = [("The largest planet in the solar system is", "Jupiter"),
-        ("Water is made of hydrogen and", "oxygen")]  # fmt: skip
+# facts of the same form to retain (NPO's retain term), and others held out of both sets
+RETAIN = [("The capital of Spain is", "Madrid"), ("The capital of Egypt is", "Cairo"),
+          ("The chemical symbol for iron is", "Fe"), ("The Starry Night was painted by",
+          "Vincent van Gogh"), ("Ice melts at 0 degrees", "Celsius")]  # fmt: skip
+KEEP = [("The chemical symbol for gold is", "Au"), ("The Mona Lisa was painted by",
+        "Leonardo da Vinci"), ("Water boils at 100 degrees", "Celsius")]  # fmt: skip
 
 
 def test_forget_forgets_keeps_other_knowledge_and_audits(ws):
@@ -176,13 +180,14 @@ def test_forget_forgets_keeps_other_knowledge_and_audits(ws):
 
     forget = [Example(p, a) for p, a in FORGET]
     f0, k0 = probs(FORGET), probs(KEEP)
-    assert (f0 > 0.3).all() and (k0 > 0.2).all()  # the model knows them
-    entry, res = ws.forget(forget, method="npo", epochs=5, lr=1e-3, progress=False)
+    assert (f0 > 0.3).all() and (k0 > 0.3).all()  # the model knows them
+    retain = [Example(p, a) for p, a in RETAIN]
+    entry, res = ws.forget(forget, retain, method="npo", epochs=5, lr=1e-3, progress=False)
     f1, k1 = probs(FORGET), probs(KEEP)
     assert (f1 < f0 / 10).all(), (f0, f1)  # every forgotten answer is 10x less likely
     assert (k1 > k0 / 2).all(), (k0, k1)  # unrelated knowledge stays
     m = res.metrics
-    assert m["retain_nll_after"] < 1.05 * m["retain_nll_before"]  # WikiText-2 slices
+    assert m["retain_nll_after"] < m["retain_nll_before"] + 0.5  # the retained facts
     report = audit.audit(ws, entry.id, audit.AuditData(forget), attack_names=("quantize",),
                          gen_tokens=4, progress=False)  # fmt: skip
     before, changed = report.models["before"], report.models["changed"]
