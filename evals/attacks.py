@@ -27,6 +27,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from edit import arch as arch_table
 from edit.errors import InvalidRequest
 
 
@@ -45,29 +46,21 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int = 128) -> torc
     return (q * scale + lo).reshape(out_dim, in_dim).to(weight.dtype)
 
 
-def _projections(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
-    """(name, module, transposed) of the Linear / Conv1D modules the attack quantizes."""
-    from edit.methods.unlearn import target_module_names
-
-    transposed = lambda m: type(m).__name__ == "Conv1D"  # noqa: E731  GPT-2 stores (in, out)
-    out = []
-    for name in target_module_names(model):
-        module = model.get_submodule(name)
-        out.append((name, module, transposed(module)))
-    return out
-
-
 @contextmanager
 def quantized(model: nn.Module, bits: int, group_size: int = 128) -> Iterator[nn.Module]:
-    """The model with its block projections RTN-quantized; exact weights restored on exit."""
+    """The model with its block projections (the modules LoRA adapts: every Linear / Conv1D
+    of the attention and MLP blocks) RTN-quantized; exact weights restored on exit."""
+    from edit.methods.unlearn import target_module_names
+
+    transposed = arch_table.lookup(model).transposed
     saved = []
     try:
         with torch.no_grad():
-            for _, module, transposed in _projections(model):
-                w = module.weight
+            for name in target_module_names(model):
+                w = arch_table.weight_of(model, name)
                 saved.append((w, w.detach().clone()))
-                q = quantize_rtn(w.T if transposed else w, bits, group_size)
-                w.copy_(q.T if transposed else q)
+                q = quantize_rtn(arch_table.as_out_in(w, transposed), bits, group_size)
+                w.copy_(arch_table.as_out_in(q, transposed))
         yield model
     finally:
         with torch.no_grad():

@@ -30,6 +30,7 @@ passes if it recovers less than ``RECOVERY_LIMIT`` % of either gap.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,11 +70,7 @@ class Report:
 
     def to_dict(self) -> dict:
         return {
-            "entry": self.entry,
-            "models": self.models,
-            "attacks": self.attacks,
-            "verdicts": self.verdicts,
-            "passed": self.passed,
+            **dataclasses.asdict(self),
             "thresholds": {
                 "mia_margin": MIA_MARGIN,
                 "forget_quality_min": FORGET_QUALITY_MIN,
@@ -158,8 +155,10 @@ def audit(
                 say("attack: %d-bit quantization", bits)
                 with attacks.quantized(ws.model, bits):
                     hit = measure(ws.model, ws.tok, data, gen_tokens)
+                # the before model quantized alike, for scale: its forget-set probability only
                 with ws.without(entry.id) as before, attacks.quantized(before, bits):
-                    hit["before_quantized_forget_prob"] = measure(before, ws.tok, data, 0)[
+                    forget_only = AuditData(data.forget)
+                    hit["before_quantized_forget_prob"] = measure(before, ws.tok, forget_only, 0)[
                         "forget_prob"
                     ]
                 report.attacks[f"quantize{bits}"] = hit
