@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from edit.atomic import write_json
+from edit.errors import InvalidRequest
 from edit.facts import Fact
 from edit.hooks import Trace
 from edit.lm import (
@@ -183,6 +184,27 @@ class ValueSettings:
     def of(cls, config) -> ValueSettings:
         """The value-optimization fields of a method config (same names)."""
         return cls(*(getattr(config, f.name) for f in dataclasses.fields(cls)))
+
+
+def check_value_config(config) -> None:
+    """One-line errors for the fields every locate-then-edit config shares (ROME, MEMIT,
+    AlphaEdit): the value optimization's settings, the statistics size, the context
+    templates."""
+    for name in ("steps", "stats_tokens"):
+        if getattr(config, name) < 1:
+            raise InvalidRequest(f"{name} must be >= 1, got {getattr(config, name)}")
+    for name in ("lr", "clamp_norm", "nll_stop"):
+        if not getattr(config, name) > 0:
+            raise InvalidRequest(f"{name} must be > 0, got {getattr(config, name)}")
+    for name in ("kl_factor", "weight_decay"):
+        if getattr(config, name) < 0:
+            raise InvalidRequest(f"{name} must be >= 0, got {getattr(config, name)}")
+    if config.erase_ratio <= 1:
+        raise InvalidRequest(f"erase_ratio must be > 1, got {config.erase_ratio}")
+    if any(len(s) != 2 or s[0] < 1 or s[1] < 0 for s in config.context_templates):
+        raise InvalidRequest(
+            f"context_templates must be (length, count) pairs, got {config.context_templates}"
+        )
 
 
 MAX_ROWS = 256  # prompt rows per forward/backward pass: bounds memory for large batches

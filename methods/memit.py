@@ -32,6 +32,7 @@ from edit.methods import MethodOutput, register
 from edit.methods.algebra import (
     MAX_ROWS,
     ValueSettings,
+    check_value_config,
     context_templates,
     memit_factors,
     solve_values,
@@ -69,17 +70,11 @@ class MEMITConfig:
                 raise InvalidRequest(f"layers must be block indices >= 0, got {self.layers}")
             if list(self.layers) != sorted(set(self.layers)):
                 raise InvalidRequest(f"layers must be increasing, got {list(self.layers)}")
-        for name in ("steps", "stats_tokens", "max_rows"):
-            if getattr(self, name) < 1:
-                raise InvalidRequest(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "clamp_norm", "nll_stop", "cov_weight"):
-            if not getattr(self, name) > 0:
-                raise InvalidRequest(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("kl_factor", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise InvalidRequest(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.erase_ratio <= 1:
-            raise InvalidRequest(f"erase_ratio must be > 1, got {self.erase_ratio}")
+        if self.max_rows < 1:
+            raise InvalidRequest(f"max_rows must be >= 1, got {self.max_rows}")
+        if not self.cov_weight > 0:
+            raise InvalidRequest(f"cov_weight must be > 0, got {self.cov_weight}")
+        check_value_config(self)
 
     def value_settings(self) -> ValueSettings:
         return ValueSettings.of(self)

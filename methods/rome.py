@@ -30,7 +30,13 @@ from edit import arch as arch_table
 from edit.errors import InvalidRequest
 from edit.facts import Fact
 from edit.methods import MethodOutput, register
-from edit.methods.algebra import ValueSettings, context_templates, solve_values, whitened_direction
+from edit.methods.algebra import (
+    ValueSettings,
+    check_value_config,
+    context_templates,
+    solve_values,
+    whitened_direction,
+)
 from edit.stats import DEFAULT_CORPUS, second_moment
 from edit.trace import cached_layer
 from edit.update import Update
@@ -59,21 +65,7 @@ class ROMEConfig:
     def __post_init__(self) -> None:
         if self.layer is not None and self.layer < 0:
             raise InvalidRequest(f"layer must be >= 0, got {self.layer}")
-        for name in ("steps", "stats_tokens"):
-            if getattr(self, name) < 1:
-                raise InvalidRequest(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "clamp_norm", "nll_stop"):
-            if not getattr(self, name) > 0:
-                raise InvalidRequest(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("kl_factor", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise InvalidRequest(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.erase_ratio <= 1:
-            raise InvalidRequest(f"erase_ratio must be > 1, got {self.erase_ratio}")
-        if any(len(s) != 2 or s[0] < 1 or s[1] < 0 for s in self.context_templates):
-            raise InvalidRequest(
-                f"context_templates must be (length, count) pairs, got {self.context_templates}"
-            )
+        check_value_config(self)
 
     def value_settings(self) -> ValueSettings:
         return ValueSettings.of(self)
