@@ -219,7 +219,8 @@ class UnlearnConfig:
     lora_alpha: float = 16.0  # LoRA scaling is lora_alpha / lora_rank
     lora_dropout: float = 0.0
     target_modules: tuple[str, ...] | None = None
-    batch_size: int = 4  # forget examples per step (and as many retain examples)
+    batch_size: int = 4  # forget examples per step
+    retain_batch_size: int | None = None  # retain examples per step; None: batch_size
     max_len: int = 256  # tokens per example, start token included; longer ones are cut
     beta: float = 0.1  # NPO / SimNPO inverse temperature β
     alpha: float = 1.0  # weight of NLL(D_r) in graddiff, npo, simnpo
@@ -238,6 +239,12 @@ class UnlearnConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise InvalidRequest(f"{name} must be an integer >= 1, got {value!r}")
+        if self.retain_batch_size is not None and (
+            not isinstance(self.retain_batch_size, int) or self.retain_batch_size < 1
+        ):
+            raise InvalidRequest(
+                f"retain_batch_size must be an integer >= 1 or None, got {self.retain_batch_size!r}"
+            )
         if self.eval_retain < 0:
             raise InvalidRequest(f"eval_retain must be >= 0, got {self.eval_retain}")
         for name in ("lr", "lora_alpha", "beta"):
@@ -493,7 +500,8 @@ def train_lora(
         result = train_lora(model, tok, forget, retain, UnlearnConfig(method="graddiff"))
 
     Each step takes ``batch_size`` examples of ``forget`` (shuffled each epoch) and, when the
-    objective has a retain term, ``batch_size`` retain examples (shuffled, cycled). NPO's
+    objective has a retain term, ``retain_batch_size`` (default ``batch_size``) retain examples
+    (shuffled, cycled). NPO's
     reference log-likelihoods come from the same model with the adapter disabled, once,
     before training; the KL term's reference logits likewise, per step. Metrics are named
     ``<set>_<metric>_before`` / ``_after`` with set ``forget`` (or ``learn``) and ``retain``.
@@ -617,7 +625,8 @@ class _Run:
             params = [p for p in peft_model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
             gen = torch.Generator().manual_seed(c.seed)
-            retain_batches = _retain_stream(len(retain_enc), c.batch_size, gen)
+            retain_size = c.retain_batch_size or c.batch_size
+            retain_batches = _retain_stream(len(retain_enc), retain_size, gen)
             steps = math.ceil(len(forget_enc) / c.batch_size)
             bar = tqdm(
                 total=c.epochs * steps,

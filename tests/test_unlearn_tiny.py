@@ -5,6 +5,7 @@ is bit-for-bit unchanged, the returned adapter reproduces the trained model exac
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import re
@@ -18,6 +19,7 @@ from edit import lm
 from edit.corpus import (
     IGNORE_INDEX,
     Example,
+    encode_example,
     read_corpus,
     tokenize_examples,
     wikitext_retain,
@@ -315,6 +317,7 @@ def test_missing_and_empty_corpus_files(tmp_path):
         ("lr", 0.0, "lr must be > 0"),
         ("beta", -1.0, "beta must be > 0"),
         ("alpha", -0.5, "alpha must be >= 0"),
+        ("retain_batch_size", 0, "retain_batch_size must be an integer >= 1 or None"),
         ("lora_dropout", 1.0, "lora_dropout must be in [0, 1)"),
         ("target_modules", ("",), "target_modules must be module names"),
     ],
@@ -388,6 +391,17 @@ def test_forget_raises_forget_nll_and_leaves_the_model_unchanged(tok, llama, met
     )
     assert json.loads(json.dumps(result.lora_config))["r"] == 4
     assert sorted(lora_delta(result)) == sorted(result.target_modules)
+
+
+def test_retain_batch_size_sets_the_retain_examples_per_step(tok, llama):
+    """batch_size 2 over 3 forget examples: 2 steps per epoch, 8 in all. Retain batches of 4
+    take the whole retain set every step, batches of 2 (the default) half of it."""
+    config = UnlearnConfig(method="graddiff", **FAST)
+    half = train_lora(llama, tok, FORGET, RETAIN, config, progress=False)
+    wide = dataclasses.replace(config, retain_batch_size=4)
+    full = train_lora(llama, tok, FORGET, RETAIN, wide, progress=False)
+    retain_tokens = sum(len(encode_example(tok, ex, FAST["max_len"])[0]) for ex in RETAIN)
+    assert full.tokens - half.tokens == 8 * retain_tokens - 4 * retain_tokens
 
 
 def test_learn_lowers_the_nll_of_new_examples(tok, llama):
