@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--epochs", type=int, default=None)
         p.add_argument("--lr", type=float, default=None)
         p.add_argument("--lora-rank", type=int, default=None)
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="any other setting of edit.methods.unlearn.UnlearnConfig, e.g. "
+                       "kl_weight=5 or retain_batch_size=16 (repeatable)")  # fmt: skip
         _common(p)
     p = sub.add_parser("audit", help="prove a forget / erase entry: MIA, extraction, attacks")
     p.add_argument("id", nargs="?", help="the entry to audit (default: the last one)")
@@ -404,12 +407,35 @@ def cmd_erase(args) -> int:
     return cmd_add(args, erase=True)
 
 
+def _settings(pairs: list[str]) -> dict:
+    """``--set KEY=VALUE`` options as a dict, each value read as YAML (5, 1e-3, [q_proj])."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise EditError(f"--set {pair!r}: write KEY=VALUE, e.g. --set kl_weight=5")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise EditError(f"--set {pair!r}: the value does not parse") from None
+        if isinstance(parsed, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        out[key.strip()] = parsed
+    return out
+
+
 def cmd_train(args) -> int:
     from edit import lm
     from edit.corpus import read_corpus
     from edit.stats import corpus_text
 
     forget = args.command == "forget"
+    extra = _settings(args.set)
     data = read_corpus(args.corpus)  # input errors before loading
     retain = read_corpus(args.retain) if forget and args.retain else None
     print(f"read {len(data)} examples from {args.corpus}"
@@ -425,7 +451,8 @@ def cmd_train(args) -> int:
         return float(nll.mean().exp())
 
     ppl_before = ppl()
-    settings = {"epochs": args.epochs, "lr": args.lr, "lora_rank": args.lora_rank}
+    flags = {"epochs": args.epochs, "lr": args.lr, "lora_rank": args.lora_rank}
+    settings = {**extra, **{k: v for k, v in flags.items() if v is not None}}
     if forget:
         settings["method"] = args.method
         entry, res = ws.forget(data, retain, **settings)

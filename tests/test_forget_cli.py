@@ -81,3 +81,20 @@ def test_a_bad_corpus_is_one_line_and_writes_nothing(tmp_path, model_dir, capsys
     err = capsys.readouterr().err
     assert says in err and err.count("\n") == 1 and err.startswith("error: ")
     assert not ws.exists()
+
+
+def test_set_passes_any_unlearning_setting_and_checks_it(tmp_path, model_dir, capsys):
+    ws = str(tmp_path / "ws")
+    corpus = _corpus(tmp_path, QA)
+    args = ["forget", "--corpus", corpus, "-w", ws, "-m", model_dir, "--epochs", "1"]
+    sets = ["--set", "kl_weight=0.5", "--set", "retain_batch_size=2", "--set", "lr=1e-2"]
+    assert main([*args, *sets]) == 0
+    config = Workspace.open(ws).entries()[-1].config
+    assert (config["kl_weight"], config["retain_batch_size"], config["lr"]) == (0.5, 2, 0.01)
+    assert config["epochs"] == 1
+    capsys.readouterr()
+    for bad, says in [("kl_weight", "write KEY=VALUE"), ("klweight=1", "unknown unlearn setting")]:
+        assert main([*args, "--set", bad]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1
+    assert len(Workspace.open(ws).entries()) == 1  # nothing recorded by the refused runs
