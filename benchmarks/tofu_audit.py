@@ -69,7 +69,7 @@ def main() -> None:
     p.add_argument("--methods", default="npo,graddiff")
     p.add_argument("--attacks", default="quantize,relearn")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a forget setting of the run (JSON value), e.g. kl_weight=1")  # fmt: skip
+                   help="override a forget setting of the run (JSON): kl_weight=1")  # fmt: skip
     args = p.parse_args()
 
     from edit.evals import audit
@@ -109,8 +109,9 @@ def main() -> None:
     t = time.perf_counter()
     summary["null_auc"] = {
         "what": f"{HOLDOUT} vs {HOLDOUT} never-seen TOFU QA on the target model",
-        "auc": null_auc(ws.model, ws.tok, [q.example() for q in holdout],
-                        [q.example() for q in second]),  # fmt: skip
+        "auc": null_auc(
+            ws.model, ws.tok, [q.example() for q in holdout], [q.example() for q in second]
+        ),  # fmt: skip
         "seconds": time.perf_counter() - t,
     }
     log(f"null check (unseen vs unseen): {summary['null_auc']['auc']}")

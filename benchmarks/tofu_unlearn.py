@@ -152,6 +152,8 @@ def main() -> None:
     p.add_argument(
         "--forget-batch-size", type=int, default=4, help="forget (and retain) examples per step"
     )
+    p.add_argument("--forget-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="another forget setting (JSON value), e.g. kl_weight=5")  # fmt: skip
     p.add_argument("--retain-eval", type=int, default=90, help="kept QA scored for utility")
     p.add_argument("--gen-tokens", type=int, default=48)
     p.add_argument("--probe-steps", type=int, default=4, help="0: skip the LoRA/full probes")
@@ -187,6 +189,9 @@ def main() -> None:
     # the retain NLL reported before/after a forget run is measured on 32 retain examples
     forget = {"epochs": args.forget_epochs, "lr": args.forget_lr, "lora_rank": args.lora_rank,
               "batch_size": args.forget_batch_size, "eval_retain": 32}  # fmt: skip
+    for item in args.forget_set:
+        key, _, value = item.partition("=")
+        forget[key] = json.loads(value)
     training, evals = {}, {}
 
     def learned(name: str, items: list) -> tuple:
