@@ -8,6 +8,7 @@ small model the vocabulary projection is a quarter of the forward pass.
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -97,14 +98,53 @@ def logits_at(
     attention_mask: torch.Tensor,
     rows: torch.Tensor,
     cols: torch.Tensor,
+    *,
+    position_ids: torch.Tensor | None = None,
+    cache=None,
 ) -> torch.Tensor:
     """Next-token logits (N, V) at positions (rows[n], cols[n]), in float32.
 
     Runs the base model once and applies the output embedding only where needed; applies
-    final logit soft-capping when the config asks for it (Gemma 2/3).
+    final logit soft-capping when the config asks for it (Gemma 2/3). With ``cache`` (from
+    :func:`prefix_cache`), ``input_ids`` continue the cached tokens: ``attention_mask``
+    covers both, ``position_ids`` the new ones; the cache grows by the new tokens.
     """
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask)
+    extra = {} if position_ids is None else {"position_ids": position_ids}
+    if cache is not None:
+        extra.update({cache_kwarg(model): cache, "use_cache": True})
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, **extra)
     return unembed(model, out.last_hidden_state[rows, cols])  # (N, d) -> (N, V)
+
+
+@functools.cache
+def _cache_kwarg(forward_class: type) -> str:
+    params = inspect.signature(forward_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The name of the base model's key/value-cache argument (transformers 5 renamed
+    ``past_key_values`` to ``cache``)."""
+    return _cache_kwarg(type(model.base_model))
+
+
+@torch.no_grad()
+def prefix_cache(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+):
+    """The key/value cache of a batch of (left-padded) prefixes, for :func:`logits_at` to
+    continue; copy it (``copy.deepcopy``) to continue it more than once."""
+    out = model.base_model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=True,
+    )
+    cache = getattr(out, "cache", None)
+    return out.past_key_values if cache is None else cache
 
 
 def unembed(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,6 @@ Choices, as ROME makes them unless said otherwise:
 from __future__ import annotations
 
 import copy
-import inspect
 import io
 import json
 import logging
@@ -411,9 +410,6 @@ class _Engine:
             (k, layer): name_of[k](layer) for k in kinds for layer in range(self.n_layers)
         }
         self.embed_name = arch.embed
-        # transformers renamed ``past_key_values`` to ``cache`` during 5.x
-        params = inspect.signature(model.base_model.forward).parameters
-        self.cache_arg = "cache" if "cache" in params else "past_key_values"
         self.shape = (0, 0)  # (B, T_in) of the current forward pass
         self.embed_dim = 0  # width of the embedding output (OPT may project it up later)
         self.clean_states: dict[str, torch.Tensor] = {}  # module -> (T, d)
@@ -469,7 +465,7 @@ class _Engine:
     def _forward(self, ids: torch.Tensor, cache=None) -> torch.Tensor:
         """Logits at the last position, (B, V); with ``cache``, ``ids`` continue it."""
         out = self.model.base_model(
-            input_ids=ids, use_cache=cache is not None, **{self.cache_arg: cache}
+            input_ids=ids, use_cache=cache is not None, **{lm.cache_kwarg(self.model): cache}
         )
         return lm.unembed(self.model, out.last_hidden_state[:, -1])
 

@@ -17,6 +17,7 @@ in how they turn (k*, δ) into weights.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -34,11 +35,13 @@ from edit.errors import InvalidRequest
 from edit.facts import Fact
 from edit.hooks import Trace
 from edit.lm import (
+    cache_kwarg,
     device_of,
     encode,
     encode_continuation,
     logits_at,
     pad_id,
+    prefix_cache,
     right_pad,
     subject_last_index,
 )
@@ -96,19 +99,35 @@ def context_templates(
 
 @dataclass
 class _Batch:
-    """Every row the value optimization runs, for all facts at once."""
+    """Every row the value optimization runs, for all facts at once, split at each row's
+    subject's last token (its lookup position, where δ is added).
 
-    ids: torch.Tensor  # (R, T)
-    mask: torch.Tensor  # (R, T)
+    The tokens before the lookup never change with δ (the model is causal), so they run once,
+    without gradients, into a key/value cache (``prefix_*``, left-padded so that every row's
+    lookup is the first token of ``ids``); each optimization step runs only ``ids``, the
+    tokens from the lookup on, and backpropagates through them alone.
+    """
+
+    ids: torch.Tensor  # (R, S) each row from its lookup token on, right-padded
+    mask: torch.Tensor  # (R, P + S) attention mask over prefix and suffix
+    pos: torch.Tensor  # (R, S) position ids of ``ids``
+    prefix_ids: torch.Tensor | None  # (R, P) the tokens before the lookup, left-padded
+    prefix_mask: torch.Tensor | None  # (R, P)
+    prefix_pos: torch.Tensor | None  # (R, P)
     fact: torch.Tensor  # (R,) which fact a row belongs to
-    lookup: torch.Tensor  # (R,) position of the subject's last token
     rewrite: torch.Tensor  # (R,) bool: a rewriting row (else an essence/KL row)
-    tgt_row: torch.Tensor  # (P,) row of each supervised target position
-    tgt_col: torch.Tensor  # (P,) position whose next-token logits predict the target token
-    tgt_tok: torch.Tensor  # (P,) the target token
-    tgt_first: torch.Tensor  # (P,) bool: the first token of the target
+    tgt_row: torch.Tensor  # (T,) row of each supervised target position
+    tgt_col: torch.Tensor  # (T,) column of ``ids`` whose next-token logits predict it
+    tgt_tok: torch.Tensor  # (T,) the target token
+    tgt_first: torch.Tensor  # (T,) bool: the first token of the target
     kl_row: torch.Tensor  # (F,) the essence row of each fact
     kl_col: torch.Tensor  # (F,)
+
+    def prefix_cache(self, model: nn.Module):
+        """The key/value cache of the prefixes (None when every lookup is at position 0)."""
+        if self.prefix_ids is None:
+            return None
+        return prefix_cache(model, self.prefix_ids, self.prefix_mask, self.prefix_pos)
 
 
 def _build_batch(tok, facts: list[Fact], templates: list[str], device) -> _Batch:
@@ -126,7 +145,7 @@ def _build_batch(tok, facts: list[Fact], templates: list[str], device) -> _Batch
             rewrite.append(True)
             for j, t in enumerate(target_ids):
                 t_row.append(r)
-                t_col.append(len(prompt_ids) - 1 + j)
+                t_col.append(len(prompt_ids) - 1 + j - idx)
                 t_tok.append(t)
                 t_first.append(j == 0)
     kl_row, kl_col = [], []
@@ -134,28 +153,38 @@ def _build_batch(tok, facts: list[Fact], templates: list[str], device) -> _Batch
         text, idx = subject_last_index(tok, ESSENCE_PROMPT, fact.subject)
         ids = encode(tok, text)
         kl_row.append(len(seqs))
-        kl_col.append(len(ids) - 1)
+        kl_col.append(len(ids) - 1 - idx)
         seqs.append(ids)
         fact_of.append(f)
         lookup.append(idx)
         rewrite.append(False)
-    ids, mask = right_pad(seqs, pad_id(tok), device)
+
+    pad, width = pad_id(tok), max(lookup)
+    prefix = [[pad] * (width - i) + seq[:i] for seq, i in zip(seqs, lookup, strict=True)]
+    p_mask = [[0] * (width - i) + [1] * i for i in lookup]
+    p_pos = [[0] * (width - i) + list(range(i)) for i in lookup]
+    ids, s_mask = right_pad([seq[i:] for seq, i in zip(seqs, lookup, strict=True)], pad, device)
+    steps = torch.arange(ids.shape[1], device=device)
 
     def t(x, dtype=torch.long):
         return torch.tensor(x, dtype=dtype, device=device)
 
+    with_prefix = width > 0
     return _Batch(
-        ids,
-        mask,
-        t(fact_of),
-        t(lookup),
-        t(rewrite, torch.bool),
-        t(t_row),
-        t(t_col),
-        t(t_tok),
-        t(t_first, torch.bool),
-        t(kl_row),
-        t(kl_col),
+        ids=ids,
+        mask=torch.cat([t(p_mask), s_mask], 1) if with_prefix else s_mask,
+        pos=t(lookup)[:, None] + steps,
+        prefix_ids=t(prefix) if with_prefix else None,
+        prefix_mask=t(p_mask) if with_prefix else None,
+        prefix_pos=t(p_pos) if with_prefix else None,
+        fact=t(fact_of),
+        rewrite=t(rewrite, torch.bool),
+        tgt_row=t(t_row),
+        tgt_col=t(t_col),
+        tgt_tok=t(t_tok),
+        tgt_first=t(t_first, torch.bool),
+        kl_row=t(kl_row),
+        kl_col=t(kl_col),
     )
 
 
@@ -312,12 +341,13 @@ def _solve_chunk(
     # still running are re-batched without the finished ones' rows.
     act = torch.arange(n_facts, device=device)  # facts still being optimized, increasing
     cb, c_q = b, None
+    prefix = cb.prefix_cache(model)
 
     losses = []
     bar = tqdm(range(settings.steps), desc="optimizing value", leave=False, disable=not progress)
     for step in bar:
         n_act, n_t = len(act), len(cb.tgt_row)
-        c_flat = torch.arange(len(cb.ids), device=device) * cb.ids.shape[1] + cb.lookup
+        c_flat = torch.arange(len(cb.ids), device=device) * cb.ids.shape[1]  # lookups: column 0
         row_fact = act[cb.fact]
 
         def inject(out: torch.Tensor, row_fact=row_fact, c_flat=c_flat) -> torch.Tensor:
@@ -339,10 +369,12 @@ def _solve_chunk(
                 cb.mask,
                 torch.cat([cb.tgt_row, cb.kl_row]),
                 torch.cat([cb.tgt_col, cb.kl_col]),
+                position_ids=cb.pos,
+                cache=None if prefix is None else copy.deepcopy(prefix),
             )
         logp = torch.log_softmax(logits, -1)
         if first:  # δ = 0 here: what this pass saw is the unedited model
-            flat = torch.arange(len(b.ids), device=device) * b.ids.shape[1] + b.lookup
+            flat = torch.arange(len(b.ids), device=device) * b.ids.shape[1]
             k_rows = tr.input.flatten(0, -2)[flat].float()  # (R, d_in); OPT blocks flatten
             v_rows = tr.output.flatten(0, -2)[flat].float()  # (R, d_out)
             keys = _mean_by_fact(k_rows[b.rewrite], b.fact[b.rewrite], n_facts)
@@ -404,6 +436,7 @@ def _solve_chunk(
         if bool(done.any()):
             act = act[~done]
             cb = _build_batch(tok, [facts[i] for i in act.tolist()], templates, device)
+            prefix = cb.prefix_cache(model)
             if objective == "erase":
                 c_q = q[torch.isin(fact_of_first, act)]
     bar.close()
@@ -471,11 +504,18 @@ def keys_and_hidden(
         for start in range(0, len(facts), per_chunk):
             chunk = facts[start : start + per_chunk]
             b = _build_batch(tok, chunk, templates, device)
+            # only the lookup token, after the cached prefix
+            cache = b.prefix_cache(model)
+            extra = {} if cache is None else {cache_kwarg(model): cache, "use_cache": True}
             with Trace(model, module, retain_input=True, stop=False) as tr:
-                model.base_model(input_ids=b.ids, attention_mask=b.mask)
-            flat = torch.arange(len(b.ids), device=device) * b.ids.shape[1] + b.lookup
-            k = tr.input.flatten(0, -2)[flat].float()[b.rewrite]
-            h = captured["h"].flatten(0, -2)[flat].float()[b.rewrite]
+                model.base_model(
+                    input_ids=b.ids[:, :1],
+                    attention_mask=b.mask[:, : b.mask.shape[1] - b.ids.shape[1] + 1],
+                    position_ids=b.pos[:, :1],
+                    **extra,
+                )
+            k = tr.input.flatten(0, -2).float()[b.rewrite]  # one token per row
+            h = captured["h"].flatten(0, -2).float()[b.rewrite]
             fact = b.fact[b.rewrite]
             keys.append(_mean_by_fact(k, fact, len(chunk)))
             hidden.append(_mean_by_fact(h, fact, len(chunk)))

@@ -232,3 +232,26 @@ def test_rome_edits_one_fact_at_a_time(llama, tok):
     facts = [Fact(**TINY_FACT), Fact(prompt="The capital of {}", subject="Spain", target="Madrid")]
     with pytest.raises(InvalidRequest, match="one fact at a time"):
         registry.get("rome").compute(llama, tok, facts, ROMEConfig(**TINY_ROME), progress=False)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_value_rows_after_a_cached_prefix_match_the_whole_rows(tok, model_type):
+    """The value optimization runs each row from its subject's last token on, after a
+    left-padded key/value cache of the tokens before it: its logits must be those of the
+    whole row run alone, on every architecture (positions, masks, cache)."""
+    from edit.methods import algebra
+
+    model = tiny_model(model_type, len(tok))
+    facts = [Fact(**TINY_FACT), Fact("{} was born in", "Marie Curie", "Warsaw, Poland")]
+    templates = ["{}", "A short text. {}", "Here is a much longer piece of text first. {}"]
+    b = algebra._build_batch(tok, facts, templates, "cpu")
+    rows, cols = torch.cat([b.tgt_row, b.kl_row]), torch.cat([b.tgt_col, b.kl_col])
+    with torch.no_grad():
+        cached = lm.logits_at(model, b.ids, b.mask, rows, cols, position_ids=b.pos,
+                              cache=b.prefix_cache(model))  # fmt: skip
+        for i, (r, c) in enumerate(zip(rows.tolist(), cols.tolist(), strict=True)):
+            prefix = b.prefix_ids[r][b.prefix_mask[r].bool()]
+            seq = torch.cat([prefix, b.ids[r, : c + 1]])[None]
+            whole = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[0, -1]
+            torch.testing.assert_close(cached[i], whole.float(), atol=2e-5, rtol=1e-4)
+    assert len(set(b.pos[:, 0].tolist())) > 1  # the lookups sit at different positions
