@@ -10,7 +10,8 @@ Steps, each through the library's own workspace API (what `edit learn` / `edit f
 2. reference: `learn` only the 360 QA of the 18 authors outside forget01 into a fresh copy
    of the default model (the model retrained without the forget set);
 3. for each method: `forget` forget01's 40 QA from the target, with the other 360 as the
-   retain set; evaluate; revert.
+   retain set (NLL and, weighted by ``--forget-kl-weight``, KL to the target on retain
+   answers); evaluate; revert.
 
 Reported per model: forget quality (KS p-value of forget-set truth ratios against the
 reference, TOFU's definition), model utility (TOFU's harmonic mean over the kept authors'
@@ -174,8 +175,10 @@ def main() -> None:
     p.add_argument(
         "--forget-batch-size", type=int, default=4, help="forget (and retain) examples per step"
     )
+    p.add_argument("--forget-kl-weight", type=float, default=5.0,
+                   help="weight of KL(reference || model) on the retain answers")  # fmt: skip
     p.add_argument("--forget-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="another forget setting (JSON value), e.g. kl_weight=5")  # fmt: skip
+                   help="another forget setting (JSON value), e.g. alpha=2")  # fmt: skip
     p.add_argument("--retain-eval", type=int, default=90, help="kept QA scored for utility")
     p.add_argument("--gen-tokens", type=int, default=48)
     p.add_argument("--probe-steps", type=int, default=4, help="0: skip the LoRA/full probes")
@@ -210,7 +213,8 @@ def main() -> None:
              "batch_size": args.batch_size}  # fmt: skip
     # the retain NLL reported before/after a forget run is measured on 32 retain examples
     forget = {"epochs": args.forget_epochs, "lr": args.forget_lr, "lora_rank": args.lora_rank,
-              "batch_size": args.forget_batch_size, "eval_retain": 32}  # fmt: skip
+              "batch_size": args.forget_batch_size, "kl_weight": args.forget_kl_weight,
+              "eval_retain": 32}  # fmt: skip
     for item in args.forget_set:
         key, _, value = item.partition("=")
         forget[key] = json.loads(value)
