@@ -25,7 +25,8 @@ Verdict thresholds (module constants, printed in every verdict line): the change
 least halve the forget-set probability; membership AUC within ``MIA_MARGIN`` of the
 reference's (without one: at most 0.5 + ``MIA_MARGIN``); forget quality p ≥ 0.05; extraction
 ROUGE-L at most the reference's + 0.05 (without one: half the before model's); an attack
-passes if it recovers less than ``RECOVERY_LIMIT`` % of either gap.
+passes if it recovers less than ``RECOVERY_LIMIT`` % of either gap, and fails when the change
+check failed (there is no removal to defend).
 """
 
 from __future__ import annotations
@@ -251,6 +252,10 @@ def _verdicts(report: Report) -> None:
             recs.append(rec_x)
             text += (f"; greedy ROUGE-L {c['extraction_rouge_l']:.3f} -> "
                      f"{hit['extraction_rouge_l']:.3f}: {rec_x:.1f} % recovered")  # fmt: skip
+        if not report.passed["change"]:  # recovery of a drop that never happened says nothing
+            _verdict(report, name, False, "nothing to defend: the change check failed; "
+                     + text)  # fmt: skip
+            continue
         ok = not any(r >= RECOVERY_LIMIT for r in recs)  # NaN (no gap to recover) passes
         _verdict(report, name, ok, text + f" (each needs < {RECOVERY_LIMIT:g} %)")
 

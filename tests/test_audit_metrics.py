@@ -111,3 +111,28 @@ def test_recovered_by_hand():
     assert attacks.recovered(before=0.9, changed=0.1, attacked=0.5) == pytest.approx(50.0)
     assert attacks.recovered(0.9, 0.1, 0.1) == 0.0
     assert np.isnan(attacks.recovered(0.5, 0.5, 0.7))
+
+
+def _report(before_prob: float, changed_prob: float, attacked_prob: float):
+    from edit.evals.audit import Report, _verdicts
+
+    report = Report({"summary": "hand-made"})
+    report.models = {
+        "before": {"forget_prob": before_prob},
+        "changed": {"forget_prob": changed_prob},
+    }
+    report.attacks = {"quantize4": {"forget_prob": attacked_prob,
+                                    "recovered_percent": attacks.recovered(
+                                        before_prob, changed_prob, attacked_prob)}}  # fmt: skip
+    _verdicts(report)
+    return report
+
+
+def test_attack_verdicts_by_hand():
+    # a real removal (0.8 -> 0.1), the attack brings back 10 % / 50 % of it
+    assert _report(0.8, 0.1, 0.17).passed == {"change": True, "quantize4": True}
+    assert _report(0.8, 0.1, 0.45).passed == {"change": True, "quantize4": False}
+    # nothing was removed (0.8 -> 0.7): an attack that lowers P further does not "pass"
+    report = _report(0.8, 0.7, 0.3)
+    assert report.passed == {"change": False, "quantize4": False}
+    assert "nothing to defend" in report.verdicts[-1]
