@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from edit.cli import parse_settings
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "tofu"
 HOLDOUT = 40  # forget01's size
@@ -84,9 +86,7 @@ def main() -> None:
     if not data.is_dir():
         raise SystemExit(f"TOFU data not found at {data}: pass --data")
     settings = json.loads((run / "summary.json").read_text())["settings"]["forget"]
-    for item in args.set:
-        key, _, value = item.partition("=")
-        settings[key] = json.loads(value)
+    settings.update(parse_settings(args.set))  # KEY=VALUE as `edit forget --set` reads it
     out = Path(args.out) if args.out else run / "audit"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)

@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+from edit.cli import parse_settings
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "tofu"
 
@@ -215,9 +217,7 @@ def main() -> None:
     forget = {"epochs": args.forget_epochs, "lr": args.forget_lr, "lora_rank": args.lora_rank,
               "batch_size": args.forget_batch_size, "kl_weight": args.forget_kl_weight,
               "eval_retain": 32}  # fmt: skip
-    for item in args.forget_set:
-        key, _, value = item.partition("=")
-        forget[key] = json.loads(value)
+    forget.update(parse_settings(args.forget_set))  # KEY=VALUE as `edit forget --set` reads it
     training, evals = {}, {}
 
     def learned(name: str, items: list) -> tuple:

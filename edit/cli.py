@@ -407,7 +407,7 @@ def cmd_erase(args) -> int:
     return cmd_add(args, erase=True)
 
 
-def _settings(pairs: list[str]) -> dict:
+def parse_settings(pairs: list[str]) -> dict:
     """``--set KEY=VALUE`` options as a dict, each value read as YAML (5, 1e-3, [q_proj])."""
     import yaml
 
@@ -435,7 +435,7 @@ def cmd_train(args) -> int:
     from edit.stats import corpus_text
 
     forget = args.command == "forget"
-    extra = _settings(args.set)
+    extra = parse_settings(args.set)
     data = read_corpus(args.corpus)  # input errors before loading
     retain = read_corpus(args.retain) if forget and args.retain else None
     print(f"read {len(data)} examples from {args.corpus}"
