@@ -15,21 +15,14 @@ wall-clock times.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
+from edit.cli import parse_settings
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "counterfact"
-
-
-def _overrides(pairs: list[str]) -> dict:
-    out = {}
-    for kv in pairs:
-        k, v = kv.split("=", 1)
-        out[k] = json.loads(v) if v[:1] in "[{0123456789.-" or v in ("true", "false") else v
-    return out
 
 
 def speed(model, tok, args) -> None:
@@ -39,7 +32,7 @@ def speed(model, tok, args) -> None:
 
     records = load_records(args.data or DATA / "counterfact_flat.json")
     spec = methods.get(args.method)
-    config = resolve(spec.name, spec.config_class, model, **_overrides(args.set))
+    config = resolve(spec.name, spec.config_class, model, **parse_settings(args.set))
     # statistics and context templates are one-time costs: paid before the clock starts
     spec.compute(model, tok, [records[0].fact], config, progress=False)
     rome = methods.get("rome")
@@ -68,14 +61,16 @@ def harness(model, tok, args, mode: str, methods_: list[str]) -> None:
     default = "counterfact_dev200.json" if mode == "batch" else "counterfact_flat.json"
     data = Path(args.data or DATA / default)
     records = load_records(data, limit=args.limit)
+    unedited = None  # measured once, shared by the methods compared
     for method in methods_:
         out = ROOT / "bench-out" / f"{data.stem}-{method}-{mode}-{len(records)}{args.out_suffix}"
         settings = EvalSettings(batch_size=args.batch_size, ppl_text=default_ppl_text(),
                                 fluency_records=args.fluency_records,
-                                method_settings=_overrides(args.set))  # fmt: skip
+                                method_settings=parse_settings(args.set))  # fmt: skip
         t = time.perf_counter()
         report = evaluate(model, tok, records, method=method, mode=mode, out_dir=out,
-                          data_name=data.stem, settings=settings)  # fmt: skip
+                          data_name=data.stem, settings=settings, unedited=unedited)  # fmt: skip
+        unedited = report.unedited
         s = report.summary
         print(f"\n{method} {mode}, {len(records)} records of {data.name}; results in {out}")
         print(summary_table(s))
@@ -105,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     import edit
 
     model, tok = edit.load(args.model)
-    print(f"model {model.edit_source}; overrides {_overrides(args.set)}")
+    print(f"model {model.edit_source}; overrides {parse_settings(args.set)}")
     if args.what == "speed":
         speed(model, tok, args)
     elif args.what == "batch":

@@ -47,6 +47,7 @@ from edit.stats import second_moment
 log = logging.getLogger(__name__)
 
 MODES = ("single", "sequential", "batch")
+_FLUENCY_FIELDS = ("fluency_records", "gen_prompts", "gen_tokens", "ppl_text", "ppl_tokens", "seed")
 DEFINITIONS = {
     "ES": "share of records with mean-token NLL(new) < NLL(true) on the edit prompt",
     "EM": "mean of p(new) - p(true), p = exp(-mean token NLL), edit prompt",
@@ -176,10 +177,24 @@ def fluency(model, tok, prompts: list[str], settings: EvalSettings, ppl_text: st
 
 
 @dataclass
+class Unedited:
+    """What ``evaluate`` measured on the unedited model. Another ``evaluate`` call on the same
+    records, the same unedited model and a mode of the same kind (single, or not) can take it
+    instead of measuring again (the sequential benchmark compares two methods this way)."""
+
+    key: tuple  # record ids, fluency records, fluency once for the whole run, fluency settings
+    before: list[dict]
+    refs: list[dict]
+    flu_before: list[dict]
+    global_flu_before: dict | None
+
+
+@dataclass
 class EvalReport:
     summary: dict
     rows: list[dict]
     out_dir: Path | None
+    unedited: Unedited | None = None
 
 
 def evaluate(
@@ -193,6 +208,7 @@ def evaluate(
     data_name: str = "",
     settings: EvalSettings | None = None,
     progress: bool = True,
+    unedited: Unedited | None = None,
 ) -> EvalReport:
     settings = settings or EvalSettings()
     if mode not in MODES:
@@ -228,28 +244,20 @@ def evaluate(
     stats_seconds = time.perf_counter() - t0
 
     n_flu = settings.fluency_records if mode == "single" else 0
-    before, refs, flu_before = [], [], []
-    for rec in tqdm(records, desc="unedited model", disable=not progress):
-        m = measure(model, tok, rec)
-        refs.append(m.pop("_keep"))
-        before.append(m)
-    # one unedited model: the generations of every fluency record in one batched call
-    # (decoding is bound by reading the weights, so 40 prompts cost about what 2 do)
-    gens = [rec.generation_prompts[: settings.gen_prompts] for rec in records[:n_flu]]
-    prompts = [p for g in gens for p in g]
-    texts = (
-        lm.sample(model, tok, prompts, settings.gen_tokens, seed=settings.seed) if prompts else []
+    key = (
+        tuple(rec.id for rec in records),
+        n_flu,
+        mode != "single",
+        *(getattr(settings, f) for f in _FLUENCY_FIELDS),
     )
-    for g in gens:
-        mine, texts = texts[: len(g)], texts[len(g) :]
-        flu_before.append({"GE": M.generation_entropy(mine), "_generations": mine} if g else {})
-    global_flu_before = None
-    if flu_before and ppl_text:  # one unedited model, one perplexity
-        ppl = fluency(model, tok, [], settings, ppl_text)["PPL"]
-        for f in flu_before:
-            f["PPL"] = ppl
-    if mode != "single":
-        global_flu_before = fluency(model, tok, _gen_prompts(records, settings), settings, ppl_text)
+    if unedited is not None and unedited.key != key:
+        raise EditError(
+            "the unedited measurements given are of other records, mode or fluency settings"
+        )
+    if unedited is None:
+        unedited = _measure_unedited(model, tok, records, key, settings, ppl_text, progress)
+    before, refs = unedited.before, unedited.refs
+    flu_before, global_flu_before = unedited.flu_before, unedited.global_flu_before
 
     after: list[dict | None] = [None] * len(records)
     flu_after: list[dict] = []
@@ -360,7 +368,35 @@ def evaluate(
 
     if out is not None:
         _write(out, summary, rows)
-    return EvalReport(summary, rows, out)
+    return EvalReport(summary, rows, out, unedited)
+
+
+def _measure_unedited(model, tok, records, key, settings, ppl_text, progress) -> Unedited:
+    """Every record's metrics on the unedited model, and its fluency."""
+    n_flu, whole_run = key[1], key[2]
+    before, refs, flu_before = [], [], []
+    for rec in tqdm(records, desc="unedited model", disable=not progress):
+        m = measure(model, tok, rec)
+        refs.append(m.pop("_keep"))
+        before.append(m)
+    # one unedited model: the generations of every fluency record in one batched call
+    # (decoding is bound by reading the weights, so 40 prompts cost about what 2 do)
+    gens = [rec.generation_prompts[: settings.gen_prompts] for rec in records[:n_flu]]
+    prompts = [p for g in gens for p in g]
+    texts = (
+        lm.sample(model, tok, prompts, settings.gen_tokens, seed=settings.seed) if prompts else []
+    )
+    for g in gens:
+        mine, texts = texts[: len(g)], texts[len(g) :]
+        flu_before.append({"GE": M.generation_entropy(mine), "_generations": mine} if g else {})
+    global_flu_before = None
+    if flu_before and ppl_text:  # one unedited model, one perplexity
+        ppl = fluency(model, tok, [], settings, ppl_text)["PPL"]
+        for f in flu_before:
+            f["PPL"] = ppl
+    if whole_run:
+        global_flu_before = fluency(model, tok, _gen_prompts(records, settings), settings, ppl_text)
+    return Unedited(key, before, refs, flu_before, global_flu_before)
 
 
 def _gen_prompts(records: list[Record], settings: EvalSettings) -> list[str]:

@@ -33,9 +33,8 @@ from tqdm.auto import tqdm
 from edit.atomic import write_json
 from edit.errors import InvalidRequest
 from edit.facts import Fact
-from edit.hooks import Trace
+from edit.hooks import StopForward, Trace
 from edit.lm import (
-    cache_kwarg,
     device_of,
     encode,
     encode_continuation,
@@ -490,7 +489,10 @@ def keys_and_hidden(
     max_rows: int = MAX_ROWS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per fact, the mean over the rewriting prompts of (the input of ``module``, the output
-    of the transformer block ``block``) at the subject's last token: (F, d_in), (F, d)."""
+    of the transformer block ``block``) at the subject's last token: (F, d_in), (F, d).
+
+    Each row runs only up to its lookup token, and only up to ``block`` (``module`` must lie
+    in or before it): nothing later can change either. No gradients."""
     device = device_of(model)
     per_chunk = max(1, max_rows // (len(templates) + 1))
     keys, hidden = [], []
@@ -498,24 +500,27 @@ def keys_and_hidden(
 
     def grab(_m, _inputs, output):
         captured["h"] = output[0] if isinstance(output, tuple) else output
+        raise StopForward  # the rest of the model cannot change k or h
 
     handle = model.get_submodule(block).register_forward_hook(grab)
     try:
         for start in range(0, len(facts), per_chunk):
             chunk = facts[start : start + per_chunk]
             b = _build_batch(tok, chunk, templates, device)
-            # only the lookup token, after the cached prefix
-            cache = b.prefix_cache(model)
-            extra = {} if cache is None else {cache_kwarg(model): cache, "use_cache": True}
-            with Trace(model, module, retain_input=True, stop=False) as tr:
-                model.base_model(
-                    input_ids=b.ids[:, :1],
-                    attention_mask=b.mask[:, : b.mask.shape[1] - b.ids.shape[1] + 1],
-                    position_ids=b.pos[:, :1],
-                    **extra,
-                )
-            k = tr.input.flatten(0, -2).float()[b.rewrite]  # one token per row
-            h = captured["h"].flatten(0, -2).float()[b.rewrite]
+            # every row ends at its lookup token (the prefixes are left-padded)
+            ids, pos = b.ids[:, :1], b.pos[:, :1]
+            mask = b.mask[:, : b.mask.shape[1] - b.ids.shape[1] + 1]
+            if b.prefix_ids is not None:
+                ids, pos = torch.cat([b.prefix_ids, ids], 1), torch.cat([b.prefix_pos, pos], 1)
+            captured.clear()
+            with torch.no_grad(), Trace(model, module, retain_input=True) as tr:
+                model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                 use_cache=False)  # fmt: skip
+            if "h" not in captured:
+                raise RuntimeError(f"{block} did not run in the forward pass")
+            width = ids.shape[1]
+            k = tr.input.reshape(len(ids), width, -1)[:, -1].float()[b.rewrite]
+            h = captured["h"].reshape(len(ids), width, -1)[:, -1].float()[b.rewrite]
             fact = b.fact[b.rewrite]
             keys.append(_mean_by_fact(k, fact, len(chunk)))
             hidden.append(_mean_by_fact(h, fact, len(chunk)))
@@ -533,7 +538,6 @@ def spread_over_layers(
     last_block: str,
     deltas: torch.Tensor,
     solve_layer,
-    max_rows: int = MAX_ROWS,
 ) -> tuple[Update, list[dict]]:
     """MEMIT's update of several layers (Meng et al. 2023, "Mass-Editing Memory in a
     Transformer", Alg. 1).
@@ -545,7 +549,7 @@ def spread_over_layers(
     and write ΔW = A B = ``solve_layer(module, K, R)`` into the layer. Each layer so takes an
     equal share of what is still missing. The model is unchanged at the end.
     """
-    keys, h0 = keys_and_hidden(model, tok, facts, templates, modules[0], last_block, max_rows)
+    keys, h0 = keys_and_hidden(model, tok, facts, templates, modules[0], last_block)
     target = h0 + deltas.float()
     update = Update()
     steps: list[dict] = []
@@ -555,9 +559,7 @@ def spread_over_layers(
             if i == 0:  # nothing changed yet: the first layer's keys and h0 from above
                 h = h0
             else:
-                keys, h = keys_and_hidden(
-                    model, tok, facts, templates, module, last_block, max_rows
-                )
+                keys, h = keys_and_hidden(model, tok, facts, templates, module, last_block)
             missing = target - h
             resid = missing / (len(modules) - i)
             a, b = solve_layer(module, keys, resid)

@@ -211,6 +211,31 @@ def test_harness_writes_every_artifact_and_restores_the_model(llama, tok, tmp_pa
     assert report.summary["cost"]["seconds_per_edit"]["median"] > 0
 
 
+def test_unedited_measurements_are_reused_only_for_the_same_records_and_mode(
+    llama, tok, tmp_path, monkeypatch
+):
+    import edit.evals.harness as harness
+
+    records = load_records(facts_file(tmp_path))
+    settings = EvalSettings(fluency_records=1, gen_tokens=8, method_settings=TINY_ROME)
+    first = evaluate(llama, tok, records, mode="sequential", settings=settings, progress=False)
+
+    def measured_again(*args, **kwargs):
+        raise AssertionError("the unedited model was measured again")
+
+    monkeypatch.setattr(harness, "_measure_unedited", measured_again)
+    second = evaluate(llama, tok, records, mode="sequential", settings=settings,
+                      progress=False, unedited=first.unedited)  # fmt: skip
+    assert second.summary["unedited"] == first.summary["unedited"]
+    assert [r["before"] for r in second.rows] == [r["before"] for r in first.rows]
+    assert second.summary["edited"]["ES"] == 1.0
+    more_fluency = EvalSettings(fluency_records=2, method_settings=TINY_ROME)
+    for other in (dict(records=records[:1]), dict(mode="single"), dict(settings=more_fluency)):
+        kw = dict(records=records, mode="sequential", settings=settings) | other
+        with pytest.raises(EditError, match="unedited measurements given"):
+            evaluate(llama, tok, progress=False, unedited=first.unedited, **kw)
+
+
 def test_harness_refuses_batch_mode_for_rome_and_a_used_folder(llama, tok, tmp_path):
     records = load_records(facts_file(tmp_path))
     with pytest.raises(EditError, match="one fact at a time"):

@@ -14,6 +14,7 @@ from tiny import (
     TINY_FACT,
     TINY_FACT_2,
     TINY_ROME,
+    TINY_TYPES,
     changed_tensors,
     state_copy,
     tiny_model,
@@ -22,6 +23,7 @@ from tiny import (
 import edit
 import edit.arch
 import edit.config
+import edit.hooks
 from edit import EditError, Fact, InvalidRequest, lm
 from edit import methods as registry
 from edit.cli import main
@@ -102,6 +104,36 @@ def test_chunked_value_solving_equals_one_batch(llama, tok):
     chunked = algebra.solve_values(*args, progress=False, max_rows=len(templates) + 1)
     torch.testing.assert_close(chunked.deltas, whole.deltas, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(chunked.keys, whole.keys)
+
+
+@pytest.mark.parametrize("model_type", TINY_TYPES)
+def test_keys_and_hidden_match_whole_prompts_run_one_by_one(tok, model_type):
+    """The key pass stops at the lookup token and at the block; it must read what a plain
+    forward pass of every templated prompt reads there (mean over the prompts of a fact)."""
+    model = tiny_model(model_type, len(tok))
+    arch = edit.arch.lookup(model)
+    module, block = arch.mlp_out_name(0), arch.block(1)
+    templates = ["{}", "A short prefix. {}", "x. {}"]
+    facts = FACTS + [Fact("{} is made of", "The big red chair", "wood")]
+    keys, hidden = algebra.keys_and_hidden(model, tok, facts, templates, module, block,
+                                           max_rows=5)  # fmt: skip
+    want_k, want_h = [], []
+    for fact in facts:
+        ks, hs = [], []
+        for template in templates:
+            text, idx = lm.subject_last_index(tok, template.format(fact.prompt), fact.subject)
+            ids = torch.tensor([lm.encode(tok, text)])
+            with torch.no_grad(), edit.hooks.Trace(model, module, retain_input=True) as k, \
+                    edit.hooks.Trace(model, block, retain_output=True) as h:  # fmt: skip
+                model(input_ids=ids)
+            width = ids.shape[1]
+            ks.append(k.input.reshape(width, -1)[idx])
+            out = h.output[0] if isinstance(h.output, tuple) else h.output
+            hs.append(out.reshape(width, -1)[idx])
+        want_k.append(torch.stack(ks).mean(0))
+        want_h.append(torch.stack(hs).mean(0))
+    torch.testing.assert_close(keys, torch.stack(want_k), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(hidden, torch.stack(want_h), rtol=1e-4, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- batch edits
