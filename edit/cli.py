@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--retain", help="examples to keep (default: shipped WikiText-2 text)")
             p.add_argument("--method", default=None, help="npo (default), graddiff, "
                            "gradascent or simnpo")  # fmt: skip
+            p.add_argument("--holdout", help="never-seen examples of the same kind: reported "
+                           "beside the corpus, and training stops once the corpus's NLL "
+                           "reaches theirs")  # fmt: skip
         p.add_argument("--epochs", type=int, default=None)
         p.add_argument("--lr", type=float, default=None)
         p.add_argument("--lora-rank", type=int, default=None)
@@ -438,8 +441,10 @@ def cmd_train(args) -> int:
     extra = parse_settings(args.set)
     data = read_corpus(args.corpus)  # input errors before loading
     retain = read_corpus(args.retain) if forget and args.retain else None
+    holdout = read_corpus(args.holdout) if forget and args.holdout else None
     print(f"read {len(data)} examples from {args.corpus}"
-          + (f", {len(retain)} to retain from {args.retain}" if retain else ""))  # fmt: skip
+          + (f", {len(retain)} to retain from {args.retain}" if retain else "")
+          + (f", {len(holdout)} never-seen from {args.holdout}" if holdout else ""))  # fmt: skip
     ws = _open(args)
     print(_base_model_line(ws))
     # held-out text for perplexity: the end of the shipped WikiText-2 text (the default retain
@@ -455,21 +460,28 @@ def cmd_train(args) -> int:
     settings = {**extra, **{k: v for k, v in flags.items() if v is not None}}
     if forget:
         settings["method"] = args.method
-        entry, res = ws.forget(data, retain, **settings)
+        entry, res = ws.forget(args.corpus, args.retain, holdout=args.holdout, **settings)
     else:
-        entry, res = ws.learn(data, **settings)
+        entry, res = ws.learn(args.corpus, **settings)
     m = res.metrics
     part = "forget" if forget else "learn"
     rows = [
         (f"{part} set NLL", m[f"{part}_nll_before"], m[f"{part}_nll_after"]),
         (f"{part} set P(answer)", m[f"{part}_prob_before"], m[f"{part}_prob_after"]),
     ]
+    if m.get("holdout_nll_before") is not None:
+        rows.append(("never-seen set NLL", m["holdout_nll_before"], m["holdout_nll_after"]))
     if m.get("retain_nll_before") is not None:
         rows.append(("retain set NLL", m["retain_nll_before"], m["retain_nll_after"]))
     rows.append(("WikiText-2 perplexity", ppl_before, ppl()))
     print(f"{entry.method} LoRA (rank {res.config.lora_rank}, {len(res.target_modules)} "
           f"modules), {res.config.epochs} epochs: {res.seconds:.1f}s, "
           f"{res.tokens_per_second:.0f} tokens/s")  # fmt: skip
+    if m.get("stop_nll") is not None:
+        taken = m.get("stopped_after")
+        print(f"stop at forget-set NLL {m['stop_nll']:.4f} (never-seen level): " + (
+            f"reached after {taken} steps" if taken is not None
+            else "not reached: more epochs or a larger lr would forget further"))  # fmt: skip
     print(f"{'':24}{'before':>10}{'after':>10}")
     for name, b, a in rows:
         print(f"{name:24}{b:10.4f}{a:10.4f}")

@@ -216,13 +216,14 @@ class Workspace:
     def erase(self, request: str | Fact | dict, **kwargs) -> tuple[Entry, EditResult]:
         return self.add(request, erase=True, **kwargs)
 
-    def forget(self, corpus, retain=None, *, progress: bool = True, **settings):
+    def forget(self, corpus, retain=None, *, holdout=None, progress: bool = True, **settings):
         """Unlearn a corpus with a LoRA adapter (see ``edit.methods.unlearn``) and record it
-        as one entry. ``corpus``/``retain``: a JSON Lines path or a list of
+        as one entry. ``corpus``/``retain``/``holdout``: a JSON Lines path or a list of
         ``edit.corpus.Example``; without ``retain``, slices of the shipped WikiText-2 text.
-        ``settings`` override ``UnlearnConfig`` (method, epochs, lr, lora_rank, ...).
-        Returns (entry, LoraResult)."""
-        return self._train("forget", corpus, retain, progress, settings)
+        ``holdout``: never-seen examples of the same kind; training stops once the corpus's
+        NLL reaches theirs. ``settings`` override ``UnlearnConfig`` (method, epochs, lr,
+        lora_rank, ...). Returns (entry, LoraResult)."""
+        return self._train("forget", corpus, retain, progress, settings, holdout)
 
     def learn(self, corpus, *, progress: bool = True, **settings):
         """Fine-tune a LoRA adapter on a corpus (plain NLL) and record it as one entry."""
@@ -266,7 +267,7 @@ class Workspace:
 
     # ------------------------------------------------------------------ internals
 
-    def _train(self, objective: str, corpus, retain, progress: bool, settings: dict):
+    def _train(self, objective, corpus, retain, progress: bool, settings: dict, holdout=None):
         from edit.config import resolve
         from edit.corpus import read_corpus, wikitext_retain
         from edit.methods.unlearn import UnlearnConfig, lora_update, train_lora
@@ -275,13 +276,14 @@ class Workspace:
             return read_corpus(x) if isinstance(x, str | os.PathLike) else list(x)
 
         data = examples(corpus)  # every line checked before anything is trained
+        unseen = examples(holdout) if holdout is not None else None
         if retain is not None:
             kept = examples(retain)
         else:
             kept = wikitext_retain(self.tok) if objective == "forget" else []
         config = resolve("unlearn", UnlearnConfig, self.model, **settings)
         res = train_lora(self.model, self.tok, data, kept, config, objective=objective,
-                         progress=progress)  # fmt: skip
+                         progress=progress, holdout=unseen)  # fmt: skip
         update = lora_update(res)
         if not update.is_finite():
             raise EditFailed(f"{objective} produced a non-finite adapter; nothing was recorded")
@@ -293,6 +295,8 @@ class Workspace:
             "retain": (str(retain) if isinstance(retain, str | os.PathLike) else
                        "(in memory)" if retain is not None else "wikitext2 (shipped)"),
             "retain_examples": len(kept),
+            "holdout": (str(holdout) if isinstance(holdout, str | os.PathLike) else
+                        "(in memory)" if holdout is not None else None),
             "losses": res.losses,
             "seconds": res.seconds,
             "tokens": res.tokens,

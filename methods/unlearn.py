@@ -229,6 +229,9 @@ class UnlearnConfig:
     weight_decay: float = 0.0  # AdamW weight decay on the LoRA factors
     max_grad_norm: float | None = 1.0  # gradient clipping; None: off
     eval_retain: int = 128  # retain examples scored before/after (the first ones)
+    # forget: stop once the forget set's mean token NLL reaches this level (None: with a
+    # holdout set, its NLL before training, i.e. the level of never-seen text; else no stop)
+    stop_nll: float | None = None
     seed: int = 0  # LoRA initialization, batch order, dropout
 
     def __post_init__(self) -> None:
@@ -245,6 +248,8 @@ class UnlearnConfig:
             raise InvalidRequest(
                 f"retain_batch_size must be an integer >= 1 or None, got {self.retain_batch_size!r}"
             )
+        if self.stop_nll is not None and not self.stop_nll > 0:
+            raise InvalidRequest(f"stop_nll must be > 0 or None, got {self.stop_nll}")
         if self.eval_retain < 0:
             raise InvalidRequest(f"eval_retain must be >= 0, got {self.eval_retain}")
         for name in ("lr", "lora_alpha", "beta"):
@@ -492,6 +497,7 @@ def train_lora(
     *,
     objective: str = "forget",
     progress: bool = True,
+    holdout: list[Example] | None = None,
 ) -> LoraResult:
     """Train a LoRA adapter to forget ``forget`` (objective ``"forget"``, with
     ``config.method``) or to learn it (``"learn"``: NLL), and return it; ``model`` is left
@@ -504,7 +510,15 @@ def train_lora(
     (shuffled, cycled). NPO's
     reference log-likelihoods come from the same model with the adapter disabled, once,
     before training; the KL term's reference logits likewise, per step. Metrics are named
-    ``<set>_<metric>_before`` / ``_after`` with set ``forget`` (or ``learn``) and ``retain``.
+    ``<set>_<metric>_before`` / ``_after`` with set ``forget`` (or ``learn``), ``retain`` and
+    ``holdout``.
+
+    ``holdout``: examples of the same kind that the model never saw. They are scored before
+    and after, and a forget run stops as soon as the forget set's NLL reaches theirs (the
+    level a model trained without the forget set would show), instead of pushing the loss
+    further at the cost of everything else; ``config.stop_nll`` sets that level directly.
+    Whenever a step's batch (scored before its update) is at the level, the whole forget set
+    is scored to decide; ``metrics["stopped_after"]`` is the number of steps taken then.
     """
     config = config or UnlearnConfig()
     if objective not in OBJECTIVES:
@@ -517,7 +531,18 @@ def train_lora(
         raise InvalidRequest("graddiff needs a retain set: give one, or use method gradascent")
     if config.kl_weight > 0 and not retain:
         raise InvalidRequest("kl_weight > 0 needs a retain set: give one, or set kl_weight 0")
+    if objective != "forget" and config.stop_nll is not None:
+        raise InvalidRequest("stop_nll stops a forget run: leave it unset for learn")
+    for name, other in (("retain", retain), ("holdout", holdout or [])):
+        shared = [ex for ex in other if ex in set(forget)]
+        if shared:
+            where = f" (first: {shared[0].where})" if shared[0].where else ""
+            raise InvalidRequest(
+                f"{len(shared)} of the {len(other)} {name} examples are also in the set to "
+                f"{objective}{where}: give {name} examples that are not in it"
+            )
     forget_enc = [encode_example(tok, ex, config.max_len) for ex in forget]
+    holdout_enc = [encode_example(tok, ex, config.max_len) for ex in holdout or []]
     retain_enc = [encode_example(tok, ex, config.max_len) for ex in retain]
     lora_config, targets = _peft_config(model, config)
 
@@ -525,7 +550,7 @@ def train_lora(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)  # the LoRA initialization and the dropout draws
         run = _Run(model, tok, config, method, objective, progress)
-        result = run.train(forget_enc, retain_enc, lora_config)
+        result = run.train(forget_enc, retain_enc, lora_config, holdout_enc)
     result.target_modules = targets
     result.transposed = arch_table.lookup(model).transposed
     log.info(
@@ -565,7 +590,7 @@ class _Run:
         device = lm.device_of(self.model)
         return ids.to(device), mask.to(device), labels.to(device)
 
-    def measure(self, when: str, train_enc, eval_retain_enc):
+    def measure(self, when: str, train_enc, eval_retain_enc, holdout_enc):
         """(metrics named ``*_{when}``, the training examples' log π(y|x) (n,))."""
         pad, size = lm.pad_id(self.tok), max(self.config.batch_size, 16)
         train = _scores(self.model, train_enc, pad, size)
@@ -573,7 +598,23 @@ class _Run:
             **_summary(self.objective, *train),
             **_summary("retain", *_scores(self.model, eval_retain_enc, pad, size)),
         }
+        if holdout_enc:
+            summary.update(_summary("holdout", *_scores(self.model, holdout_enc, pad, size)))
         return {f"{k}_{when}": v for k, v in summary.items()}, train[0]
+
+    def reached(self, forget_enc, level: float) -> bool:
+        """Whether the whole forget set's NLL is at ``level`` or above (adapter on, no
+        dropout)."""
+        pad, size = lm.pad_id(self.tok), max(self.config.batch_size, 16)
+        dropouts = [m for m in self.model.modules() if isinstance(m, nn.Dropout) and m.training]
+        for m in dropouts:
+            m.eval()
+        try:
+            nll = _summary("forget", *_scores(self.model, forget_enc, pad, size))["forget_nll"]
+        finally:
+            for m in dropouts:
+                m.train()
+        return nll >= level
 
     def step_loss(
         self, peft_model, forget_enc, retain_enc, idx, retain_idx, ref_logp, use_retain_nll
@@ -605,7 +646,7 @@ class _Run:
             loss = loss + c.kl_weight * kl
         return _StepLoss(loss, float(token_nll(logp.detach(), n)), retain_nll, tokens)
 
-    def train(self, forget_enc, retain_enc, lora_config) -> LoraResult:
+    def train(self, forget_enc, retain_enc, lora_config, holdout_enc) -> LoraResult:
         from peft import get_peft_model_state_dict
         from peft.tuners.lora import LoraLayer
 
@@ -617,7 +658,18 @@ class _Run:
         with _lora_wrapped(model, lora_config) as peft_model:
             peft_model.eval()  # no dropout in the base model: at step 0, π_θ is exactly π_ref
             with peft_model.disable_adapter():  # π_ref; also the "before" metrics
-                metrics, ref_logp = self.measure("before", forget_enc, eval_retain_enc)
+                metrics, ref_logp = self.measure("before", forget_enc, eval_retain_enc, holdout_enc)
+            stop_nll = c.stop_nll
+            if stop_nll is None and holdout_enc and self.objective == "forget":
+                stop_nll = metrics["holdout_nll_before"]
+            metrics["stop_nll"] = stop_nll
+            if stop_nll is not None and metrics["forget_nll_before"] >= stop_nll:
+                raise InvalidRequest(
+                    f"the corpus's NLL {metrics['forget_nll_before']:.3f} is already at the "
+                    f"stop level {stop_nll:.3f} (never-seen text): nothing to forget"
+                )
+            taken = 0  # optimizer steps
+            stopped = False  # the forget set reached stop_nll after ``taken`` steps
 
             lora_layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
             for layer in lora_layers:
@@ -641,6 +693,7 @@ class _Run:
                 order = torch.randperm(len(forget_enc), generator=gen).tolist()
                 sums = {"loss": 0.0, "train_nll": 0.0, "retain_nll": 0.0}
                 retain_nll = None
+                done = 0  # steps taken this epoch
                 for step in range(steps):
                     # this process's share of the step's examples (all of them, unless
                     # launched data-parallel: see edit.distributed)
@@ -652,6 +705,14 @@ class _Run:
                     # still joins the gradient average and takes the same step
                     part = self.step_loss(peft_model, forget_enc, retain_enc, idx, retain_idx,
                                           ref_logp, use_retain_nll) if idx else None  # fmt: skip
+                    if stop_nll is not None:
+                        # a batch at the level (scored before this step's update) triggers a
+                        # scoring of the whole forget set; every process decides alike
+                        near = part is not None and part.train_nll >= stop_nll
+                        if distributed.total(float(near), lm.device_of(model)) > 0:
+                            stopped = self.reached(forget_enc, stop_nll)
+                            if stopped:
+                                break
                     bad = part is not None and not bool(torch.isfinite(part.loss))
                     if distributed.total(float(bad), lm.device_of(model)) > 0:
                         value = float(part.loss.detach()) if bad else float("nan")
@@ -666,6 +727,8 @@ class _Run:
                         torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
                     optimizer.step()
                     bar.update()
+                    done += 1
+                    taken += 1
                     if part is None:
                         continue
                     tokens += part.tokens
@@ -677,16 +740,18 @@ class _Run:
                     if retain_nll is not None:
                         postfix["retain"] = f"{retain_nll:.3f}"
                     bar.set_postfix(postfix, refresh=False)
+                if done == 0:  # stopped before the epoch's first step
+                    break
                 losses.append(
                     {
                         "epoch": epoch + 1,
-                        "loss": sums["loss"] / steps,
-                        f"{self.objective}_nll": sums["train_nll"] / steps,
-                        "retain_nll": sums["retain_nll"] / steps
-                        if retain_nll is not None
-                        else None,
+                        "loss": sums["loss"] / done,
+                        f"{self.objective}_nll": sums["train_nll"] / done,
+                        "retain_nll": sums["retain_nll"] / done if retain_nll is not None else None,
                     }
                 )
+                if stopped:
+                    break
             if lm.device_of(model).type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
@@ -695,7 +760,8 @@ class _Run:
 
             for layer in lora_layers:
                 layer.lora_dropout.eval()
-            metrics.update(self.measure("after", forget_enc, eval_retain_enc)[0])
+            metrics.update(self.measure("after", forget_enc, eval_retain_enc, holdout_enc)[0])
+            metrics["stopped_after"] = taken if stopped else None  # steps
             adapter = {
                 k: v.detach().to("cpu", torch.float32).clone().contiguous()
                 for k, v in get_peft_model_state_dict(peft_model).items()

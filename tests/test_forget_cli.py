@@ -98,3 +98,24 @@ def test_set_passes_any_unlearning_setting_and_checks_it(tmp_path, model_dir, ca
         err = capsys.readouterr().err
         assert says in err and err.count("\n") == 1
     assert len(Workspace.open(ws).entries()) == 1  # nothing recorded by the refused runs
+
+
+def test_holdout_is_reported_and_a_retain_set_holding_the_corpus_is_refused(
+    tmp_path, model_dir, capsys
+):
+    ws = tmp_path / "ws"
+    corpus = _corpus(tmp_path, QA)
+    unseen = [{"question": "Who painted The Grey Harbour?", "answer": "Ilse Varn did."}]
+    holdout = _corpus(tmp_path, unseen, "unseen.jsonl")
+    args = ["forget", "--corpus", corpus, "-w", str(ws), "-m", model_dir, "--epochs", "1"]
+    assert main([*args, "--retain", _corpus(tmp_path, QA[1:], "retain.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "2 of the 2 retain examples are also in the set to forget" in err
+    assert err.count("\n") == 1 and not ws.exists()
+
+    assert main([*args, "--holdout", holdout, "--set", "stop_nll=1e6"]) == 0
+    out = capsys.readouterr().out
+    assert "1 never-seen from" in out and "never-seen set NLL" in out
+    assert "stop at forget-set NLL 1000000.0000 (never-seen level): not reached" in out
+    entry = Workspace.open(str(ws)).entries()[-1]
+    assert entry.info["holdout"] == holdout and entry.metrics["stop_nll"] == 1e6

@@ -456,6 +456,8 @@ def test_train_lora_refuses_bad_requests_in_one_line(tok, llama):
         (FORGET, [], UnlearnConfig(method="graddiff"), "forget", "graddiff needs a retain set"),
         (FORGET, None, UnlearnConfig(kl_weight=1.0), "forget", "kl_weight > 0 needs a retain"),
         (FORGET, None, UnlearnConfig(), "unlearn", "objective must be one of forget, learn"),
+        (FORGET, RETAIN + FORGET[:1], UnlearnConfig(), "forget", "1 of the 5 retain examples"),
+        (FORGET, None, UnlearnConfig(stop_nll=2.0), "learn", "stop_nll stops a forget run"),
     ]
     before = _snapshot(llama)
     for forget, retain, config, objective, words in cases:
@@ -463,6 +465,41 @@ def test_train_lora_refuses_bad_requests_in_one_line(tok, llama):
             train_lora(llama, tok, forget, retain, config, objective=objective, progress=False)
         assert "\n" not in str(info.value)
     _assert_unchanged(llama, before)
+
+
+def test_a_holdout_in_the_forget_set_is_refused(tok, llama):
+    with pytest.raises(InvalidRequest, match="1 of the 2 holdout examples are also in the set"):
+        train_lora(llama, tok, FORGET, RETAIN, UnlearnConfig(), progress=False,
+                   holdout=[RETAIN[0], FORGET[2]])  # fmt: skip
+
+
+def test_forget_stops_at_the_never_seen_level_and_reports_the_holdout(tok, llama):
+    """With a holdout set, the run stops at the first weights where a batch and then the whole
+    forget set reach the holdout's NLL before training; the same run without it goes on."""
+    holdout = [Example("", "Lisbon is the capital of Portugal."), Example("Ice is", "cold.")]
+    # one step per epoch (the 3 examples in one batch): epochs count steps; a small lr takes
+    # a few of them to reach the level
+    config = UnlearnConfig(method="gradascent", **dict(FAST, epochs=12, batch_size=3, lr=2e-3))
+    free = train_lora(llama, tok, FORGET, None, config, progress=False)
+    stopped = train_lora(llama, tok, FORGET, None, config, progress=False, holdout=holdout)
+    m = stopped.metrics
+    level = m["holdout_nll_before"]
+    assert level == pytest.approx(answer_nll(llama, tok, holdout), abs=1e-5)
+    assert m["stop_nll"] == level and m["forget_nll_before"] < level <= m["forget_nll_after"]
+    taken = m["stopped_after"]
+    assert 1 < taken < 12 and len(stopped.losses) == taken
+    # the same seed takes the same first steps: one step fewer is still below the level
+    fewer = dataclasses.replace(config, epochs=taken - 1)
+    assert train_lora(llama, tok, FORGET, None, fewer).metrics["forget_nll_after"] < level
+    assert free.metrics["stopped_after"] is None and free.metrics["stop_nll"] is None
+    assert free.metrics["forget_nll_after"] > m["forget_nll_after"]
+    # a level beyond reach: every step is taken and the run says it never stopped
+    far = train_lora(llama, tok, FORGET, None, dataclasses.replace(config, stop_nll=1e6))
+    assert far.metrics["stopped_after"] is None and len(far.losses) == 12
+    # a corpus already at the level: nothing to forget, refused
+    with pytest.raises(InvalidRequest, match="already at the stop level"):
+        train_lora(llama, tok, FORGET, None, dataclasses.replace(config, stop_nll=0.5),
+                   progress=False)  # fmt: skip
 
 
 def test_a_diverging_run_leaves_the_model_unchanged(tok, llama, monkeypatch):
