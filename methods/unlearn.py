@@ -533,8 +533,9 @@ def train_lora(
         raise InvalidRequest("kl_weight > 0 needs a retain set: give one, or set kl_weight 0")
     if objective != "forget" and config.stop_nll is not None:
         raise InvalidRequest("stop_nll stops a forget run: leave it unset for learn")
+    forget_set = set(forget)
     for name, other in (("retain", retain), ("holdout", holdout or [])):
-        shared = [ex for ex in other if ex in set(forget)]
+        shared = [ex for ex in other if ex in forget_set]
         if shared:
             where = f" (first: {shared[0].where})" if shared[0].where else ""
             raise InvalidRequest(
