@@ -762,6 +762,8 @@ class _Run:
             for layer in lora_layers:
                 layer.lora_dropout.eval()
             metrics.update(self.measure("after", forget_enc, eval_retain_enc, holdout_enc)[0])
+            if stop_nll is not None and not stopped:  # reached by the very last step?
+                stopped = metrics["forget_nll_after"] >= stop_nll
             metrics["stopped_after"] = taken if stopped else None  # steps
             adapter = {
                 k: v.detach().to("cpu", torch.float32).clone().contiguous()
