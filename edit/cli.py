@@ -479,7 +479,8 @@ def cmd_train(args) -> int:
           f"{res.tokens_per_second:.0f} tokens/s")  # fmt: skip
     if m.get("stop_nll") is not None:
         taken = m.get("stopped_after")
-        print(f"stop at forget-set NLL {m['stop_nll']:.4f} (never-seen level): " + (
+        what = "never-seen level" if m["stop_nll"] == m.get("holdout_nll_before") else "stop_nll"
+        print(f"stop at forget-set NLL {m['stop_nll']:.4f} ({what}): " + (
             f"reached after {taken} steps" if taken is not None
             else "not reached: more epochs or a larger lr would forget further"))  # fmt: skip
     print(f"{'':24}{'before':>10}{'after':>10}")

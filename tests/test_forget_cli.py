@@ -116,6 +116,6 @@ def test_holdout_is_reported_and_a_retain_set_holding_the_corpus_is_refused(
     assert main([*args, "--holdout", holdout, "--set", "stop_nll=1e6"]) == 0
     out = capsys.readouterr().out
     assert "1 never-seen from" in out and "never-seen set NLL" in out
-    assert "stop at forget-set NLL 1000000.0000 (never-seen level): not reached" in out
+    assert "stop at forget-set NLL 1000000.0000 (stop_nll): not reached" in out
     entry = Workspace.open(str(ws)).entries()[-1]
     assert entry.info["holdout"] == holdout and entry.metrics["stop_nll"] == 1e6
