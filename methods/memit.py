@@ -51,7 +51,7 @@ class MEMITConfig:
 
     layers: tuple[int, ...] | None = None  # consecutive blocks whose MLPs are edited
     # (tokens, count): the bare prompt and 5 prefixes of 10 tokens, as MEMIT's own code
-    # (ROME's 20 prefixes cost 3.4x the prompt rows per fact)
+    # (ROME's default takes 20 prefixes)
     context_templates: tuple[tuple[int, int], ...] = ((10, 5),)
     steps: int = 25  # max gradient steps for δ
     lr: float = 0.5
