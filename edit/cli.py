@@ -479,7 +479,7 @@ def cmd_train(args) -> int:
           f"{res.tokens_per_second:.0f} tokens/s")  # fmt: skip
     if m.get("stop_nll") is not None:
         taken = m.get("stopped_after")
-        what = "never-seen level" if m["stop_nll"] == m.get("holdout_nll_before") else "stop_nll"
+        what = entry.info.get("stop_source") or "stop_nll"
         print(f"stop at forget-set NLL {m['stop_nll']:.4f} ({what}): " + (
             f"reached after {taken} steps" if taken is not None
             else "not reached: more epochs or a larger lr would forget further"))  # fmt: skip
@@ -487,6 +487,10 @@ def cmd_train(args) -> int:
     for name, b, a in rows:
         print(f"{name:24}{b:10.4f}{a:10.4f}")
     print(f"recorded: {entry.path} (id {entry.id}); undo with 'edit revert {entry.id}'")
+    if entry.info.get("learned_by"):
+        by = entry.info["learned_by"]
+        print(f"note: entry {by} learned these examples; 'edit revert {by}' removes exactly "
+              "everything it learned")  # fmt: skip
     return 0
 
 

@@ -22,6 +22,7 @@ loss trained here is the NLL that ``lm.continuation_logprobs`` measures.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -60,6 +61,12 @@ class Example:
     @property
     def is_text(self) -> bool:
         return self.prompt == ""
+
+    def fingerprint(self) -> str:
+        """A short stable hash of (prompt, answer): how the ledger tells whether a corpus to
+        forget was learned by an earlier entry."""
+        data = json.dumps([self.prompt, self.answer], ensure_ascii=False).encode()
+        return hashlib.sha256(data).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ written to a temporary name and renamed into place, so a crash never leaves half
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -270,7 +271,13 @@ class Workspace:
     def _train(self, objective, corpus, retain, progress: bool, settings: dict, holdout=None):
         from edit.config import resolve
         from edit.corpus import read_corpus, wikitext_retain
-        from edit.methods.unlearn import UnlearnConfig, lora_update, train_lora
+        from edit.methods.unlearn import (
+            UnlearnConfig,
+            answer_nll,
+            for_objective,
+            lora_update,
+            train_lora,
+        )
 
         def examples(x):
             return read_corpus(x) if isinstance(x, str | os.PathLike) else list(x)
@@ -281,7 +288,17 @@ class Workspace:
             kept = examples(retain)
         else:
             kept = wikitext_retain(self.tok) if objective == "forget" else []
-        config = resolve("unlearn", UnlearnConfig, self.model, **settings)
+        config = for_objective(resolve("unlearn", UnlearnConfig, self.model, **settings), objective)
+        stop_source = ("never-seen set" if unseen is not None and config.stop_nll is None
+                       else "stop_nll" if config.stop_nll is not None else None)  # fmt: skip
+        learned_by = None
+        if objective == "forget" and stop_source is None and config.stop_at_learned:
+            learned_by = self._learned_by(data)
+            if learned_by is not None:  # the corpus's level as text this model never saw
+                with self.without(learned_by.id):
+                    level = answer_nll(self.model, self.tok, data, max_len=config.max_len)
+                config = dataclasses.replace(config, stop_nll=level)
+                stop_source = f"its NLL without entry {learned_by.id}, which learned it"
         res = train_lora(self.model, self.tok, data, kept, config, objective=objective,
                          progress=progress, holdout=unseen)  # fmt: skip
         update = lora_update(res)
@@ -303,7 +320,11 @@ class Workspace:
             "tokens_per_second": res.tokens_per_second,
             "target_modules": res.target_modules,
             "lora_config": res.lora_config,
+            "stop_source": stop_source,
+            "learned_by": learned_by.id if learned_by is not None else None,
         }  # fmt: skip
+        if objective == "learn":  # lets a later forget find the entry that learned its corpus
+            info["example_hashes"] = [ex.fingerprint() for ex in data]
         method = config.method if objective == "forget" else "lora"
         result = EditResult(objective, method, [], update, layers, config, res.metrics, info)
         if distributed.is_main():
@@ -322,6 +343,15 @@ class Workspace:
                 )
         self._apply(entry.update)
         return entry, res
+
+    def _learned_by(self, examples) -> Entry | None:
+        """The latest ``learn`` entry that learned every one of ``examples``, if any."""
+        wanted = {ex.fingerprint() for ex in examples}
+        for entry in reversed(self.entries()):
+            learned = set(entry.info.get("example_hashes") or ())
+            if wanted and entry.kind == "learn" and wanted <= learned:
+                return entry
+        return None
 
     @torch.no_grad()
     def _apply(self, update: Update) -> None:

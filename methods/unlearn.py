@@ -213,8 +213,8 @@ class UnlearnConfig:
     """
 
     method: str = "npo"  # a key of LOSSES (objective "forget" only)
-    epochs: int = 5  # passes over the forget (or learn) set
-    lr: float = 1e-4  # AdamW learning rate
+    epochs: int | None = None  # passes over the forget (or learn) set; None: OBJECTIVE_DEFAULTS
+    lr: float | None = None  # AdamW learning rate; None: OBJECTIVE_DEFAULTS
     lora_rank: int = 8
     lora_alpha: float = 16.0  # LoRA scaling is lora_alpha / lora_rank
     lora_dropout: float = 0.0
@@ -232,6 +232,10 @@ class UnlearnConfig:
     # forget: stop once the forget set's mean token NLL reaches this level (None: with a
     # holdout set, its NLL before training, i.e. the level of never-seen text; else no stop)
     stop_nll: float | None = None
+    # forget in a workspace, with neither a holdout nor stop_nll: when an earlier ``learn``
+    # entry learned every example of the corpus, stop at the corpus's NLL without that entry
+    # (the level of the same text never seen); False: no such stop
+    stop_at_learned: bool = True
     seed: int = 0  # LoRA initialization, batch order, dropout
 
     def __post_init__(self) -> None:
@@ -240,6 +244,8 @@ class UnlearnConfig:
             raise InvalidRequest(f"unknown unlearning method {self.method!r}: choose {known}")
         for name in ("epochs", "lora_rank", "batch_size", "max_len"):
             value = getattr(self, name)
+            if name == "epochs" and value is None:
+                continue
             if not isinstance(value, int) or value < 1:
                 raise InvalidRequest(f"{name} must be an integer >= 1, got {value!r}")
         if self.retain_batch_size is not None and (
@@ -253,6 +259,8 @@ class UnlearnConfig:
         if self.eval_retain < 0:
             raise InvalidRequest(f"eval_retain must be >= 0, got {self.eval_retain}")
         for name in ("lr", "lora_alpha", "beta"):
+            if name == "lr" and self.lr is None:
+                continue
             if not getattr(self, name) > 0:
                 raise InvalidRequest(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("alpha", "gamma", "kl_weight", "weight_decay"):
@@ -488,6 +496,23 @@ def _retain_stream(n: int, batch_size: int, gen: torch.Generator) -> Iterator[li
             yield order[start : start + batch_size]
 
 
+# What a field left None means, per objective. Measured on a 40-QA private corpus on the
+# default model (README, "Forgetting to the never-seen level"): learning at lr 1e-4 moves
+# the corpus NLL 2.96 -> 2.28, at 3e-4 to 1.42 (WikiText-2 perplexity +14%), at 1e-3 to
+# 0.10 (+109%); forgetting takes smaller steps, and more of them, so that a stop level
+# (a holdout, or the level before a learn entry) is met by a step that does not overshoot.
+OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "forget": {"lr": 2e-4, "epochs": 10},
+    "learn": {"lr": 3e-4, "epochs": 5},
+}
+
+
+def for_objective(config: UnlearnConfig, objective: str) -> UnlearnConfig:
+    """``config`` with the fields left None set to the objective's defaults."""
+    unset = {k: v for k, v in OBJECTIVE_DEFAULTS[objective].items() if getattr(config, k) is None}
+    return dataclasses.replace(config, **unset) if unset else config
+
+
 def train_lora(
     model: nn.Module,
     tok,
@@ -520,9 +545,9 @@ def train_lora(
     Whenever a step's batch (scored before its update) is at the level, the whole forget set
     is scored to decide; ``metrics["stopped_after"]`` is the number of steps taken then.
     """
-    config = config or UnlearnConfig()
     if objective not in OBJECTIVES:
         raise InvalidRequest(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    config = for_objective(config or UnlearnConfig(), objective)
     forget, retain = list(forget), list(retain or [])
     if not forget:
         raise InvalidRequest(f"no examples to {objective}")

@@ -119,3 +119,59 @@ def test_holdout_is_reported_and_a_retain_set_holding_the_corpus_is_refused(
     assert "stop at forget-set NLL 1000000.0000 (stop_nll): not reached" in out
     entry = Workspace.open(str(ws)).entries()[-1]
     assert entry.info["holdout"] == holdout and entry.metrics["stop_nll"] == 1e6
+
+
+def test_forgetting_a_learned_corpus_stops_at_its_level_without_the_learn_entry(
+    tmp_path, model_dir, capsys
+):
+    ws = str(tmp_path / "ws")
+    learned = _corpus(tmp_path, QA)
+    part = _corpus(tmp_path, QA[:2], "part.jsonl")  # a subset of what was learned
+    common = ["-w", ws, "-m", model_dir, "--lr", "0.01"]
+    assert main(["learn", "--corpus", learned, *common, "--epochs", "5"]) == 0
+    w = Workspace.open(ws)
+    learn = w.entries()[-1]
+    from edit.corpus import read_corpus
+    from edit.methods.unlearn import answer_nll
+
+    with w.without(learn.id):
+        level = answer_nll(w.model, w.tok, read_corpus(part))
+    assert answer_nll(w.model, w.tok, read_corpus(part)) < level  # the learn entry took
+    capsys.readouterr()
+
+    assert main(["forget", "--corpus", part, *common, "--epochs", "50"]) == 0
+    out = capsys.readouterr().out
+    assert f"(its NLL without entry {learn.id}, which learned it): reached after" in out
+    assert f"'edit revert {learn.id}' removes exactly everything it learned" in out
+    entry = Workspace.open(ws).entries()[-1]
+    assert entry.info["learned_by"] == learn.id
+    assert entry.metrics["stop_nll"] == pytest.approx(level, rel=1e-4)
+    assert level <= entry.metrics["forget_nll_after"]
+    assert entry.metrics["stopped_after"] < 50  # steps: it stopped before the last one
+
+    # a corpus with an example the learn entry never saw gets no such stop; nor with the switch
+    other = _corpus(tmp_path, [*QA[:1], {"text": "Something else entirely."}], "other.jsonl")
+    assert main(["forget", "--corpus", other, *common, "--epochs", "1"]) == 0
+    assert Workspace.open(ws).entries()[-1].metrics["stop_nll"] is None
+    args = ["forget", "--corpus", part, *common, "--epochs", "1", "--set", "stop_at_learned=false"]
+    assert main(args) == 0
+    assert Workspace.open(ws).entries()[-1].metrics["stop_nll"] is None
+
+
+def test_unset_lr_and_epochs_take_the_objectives_defaults_and_the_ledger_records_them(
+    tmp_path, model_dir
+):
+    from edit.methods.unlearn import OBJECTIVE_DEFAULTS
+
+    ws = str(tmp_path / "ws")
+    corpus = _corpus(tmp_path, QA)
+    assert main(["learn", "--corpus", corpus, "-w", ws, "-m", model_dir, "--epochs", "1"]) == 0
+    assert main(["forget", "--corpus", corpus, "-w", ws, "-m", model_dir, "--lr", "0.01",
+                 "--set", "stop_at_learned=false"]) == 0  # fmt: skip
+    learn, forget = Workspace.open(ws).entries()
+    assert (learn.config["lr"], learn.config["epochs"]) == (OBJECTIVE_DEFAULTS["learn"]["lr"], 1)
+    assert (forget.config["lr"], forget.config["epochs"]) == (
+        0.01,
+        OBJECTIVE_DEFAULTS["forget"]["epochs"],
+    )
+    assert OBJECTIVE_DEFAULTS["forget"]["lr"] != OBJECTIVE_DEFAULTS["learn"]["lr"]
