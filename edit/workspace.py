@@ -288,7 +288,8 @@ class Workspace:
             kept = examples(retain)
         else:
             kept = wikitext_retain(self.tok) if objective == "forget" else []
-        config = for_objective(resolve("unlearn", UnlearnConfig, self.model, **settings), objective)
+        config = resolve("unlearn", UnlearnConfig, self.model, **settings)
+        config = for_objective(config, objective, retain=bool(kept))
         stop_source = ("never-seen set" if unseen is not None and config.stop_nll is None
                        else "stop_nll" if config.stop_nll is not None else None)  # fmt: skip
         learned_by = None

@@ -175,3 +175,5 @@ def test_unset_lr_and_epochs_take_the_objectives_defaults_and_the_ledger_records
         OBJECTIVE_DEFAULTS["forget"]["epochs"],
     )
     assert OBJECTIVE_DEFAULTS["forget"]["lr"] != OBJECTIVE_DEFAULTS["learn"]["lr"]
+    # forget keeps close to the reference on its (shipped) retain set; learn has no retain set
+    assert (forget.config["kl_weight"], learn.config["kl_weight"]) == (5.0, 0.0)
