@@ -132,8 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--holdout", help="never-seen examples of the same kind: reported "
                            "beside the corpus, and training stops once the corpus's NLL "
                            "reaches theirs")  # fmt: skip
-        p.add_argument("--epochs", type=int, default=None)
-        p.add_argument("--lr", type=float, default=None)
+        # the defaults are methods.unlearn.OBJECTIVE_DEFAULTS (not imported here: no torch)
+        epochs, lr = (
+            ("10; a stop level may end it sooner", "2e-4") if name == "forget" else ("5", "3e-4")
+        )
+        p.add_argument("--epochs", type=int, default=None, help=f"passes over the corpus "
+                       f"(default {epochs})")  # fmt: skip
+        p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate "
+                       f"(default {lr})")  # fmt: skip
         p.add_argument("--lora-rank", type=int, default=None)
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="any other setting of edit.methods.unlearn.UnlearnConfig, e.g. "

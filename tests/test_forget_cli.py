@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 from tiny import changed_tensors, state_copy, tiny_model
 
-from edit.cli import main
+from edit.cli import build_parser, main
 from edit.workspace import Workspace
 
 QA = [
@@ -175,5 +176,11 @@ def test_unset_lr_and_epochs_take_the_objectives_defaults_and_the_ledger_records
         OBJECTIVE_DEFAULTS["forget"]["epochs"],
     )
     assert OBJECTIVE_DEFAULTS["forget"]["lr"] != OBJECTIVE_DEFAULTS["learn"]["lr"]
+    for command in ("forget", "learn"):  # --help states the defaults
+        parser = build_parser()._subparsers._group_actions[0].choices[command]
+        helps = {a.dest: a.help for a in parser._actions}
+        for field in ("epochs", "lr"):
+            stated = re.search(r"default ([0-9.e-]+)", helps[field]).group(1)
+            assert float(stated) == OBJECTIVE_DEFAULTS[command][field], (command, field)
     # forget keeps close to the reference on its (shipped) retain set; learn has no retain set
     assert (forget.config["kl_weight"], learn.config["kl_weight"]) == (5.0, 0.0)
