@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "reaches theirs")  # fmt: skip
         # the defaults are methods.unlearn.OBJECTIVE_DEFAULTS (not imported here: no torch)
         epochs, lr = (
-            ("10; a stop level may end it sooner", "2e-4") if name == "forget" else ("5", "3e-4")
+            ("20; a stop level may end it sooner", "2e-4") if name == "forget" else ("5", "3e-4")
         )
         p.add_argument("--epochs", type=int, default=None, help=f"passes over the corpus "
                        f"(default {epochs})")  # fmt: skip
