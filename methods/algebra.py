@@ -616,11 +616,18 @@ def alphaedit_factors(
     resid: torch.Tensor,
     previous: torch.Tensor | None,
     l2: float,
+    second_moment: torch.Tensor | None = None,
+    cov_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """AlphaEdit's update (Fang et al. 2025, eq. 16): ΔWᵀ = (P(K_p K_pᵀ + K Kᵀ) + αI)⁻¹ P K Rᵀ,
     with P the null-space projector, K_p the keys of earlier edits (``previous``, (m, d_in),
     or None) and α = ``l2``. Returned as factors A = R (d_out, n), B (n, d_in), solved in
     float64. For any key k0 with P k0 = 0 (the preserved knowledge), ΔW k0 = 0.
+
+    With ``cov_weight`` λ > 0 the generic keys' second moment C joins the earlier edits' keys,
+    (P(K_p K_pᵀ + K Kᵀ + λC) + αI)⁻¹: it penalizes λ‖ΔP k0‖² for the generic keys that P
+    lets through (where C has no exact null space, P keeps directions generic text uses).
+    λ = 0 is the paper's update.
     """
     k = keys.to(torch.float64)
     p = projector.to(device=k.device, dtype=torch.float64)
@@ -628,6 +635,10 @@ def alphaedit_factors(
     if previous is not None and len(previous):
         kp = previous.to(device=k.device, dtype=torch.float64)
         gram = gram + kp.T @ kp
+    if cov_weight > 0:
+        if second_moment is None:
+            raise ValueError("cov_weight > 0 needs the keys' second moment")
+        gram = gram + cov_weight * second_moment.to(device=k.device, dtype=torch.float64)
     eye = torch.eye(p.shape[0], dtype=torch.float64, device=k.device)
     x = torch.linalg.solve(p @ gram + l2 * eye, p @ k.T)  # (d_in, n)
     return resid.T.float().clone(memory_format=torch.contiguous_format), x.T.float().contiguous()

@@ -46,6 +46,9 @@ class AlphaEditConfig(MEMITConfig):
 
     nullspace_threshold: float = 1.0
     l2: float = 10.0
+    # λ of the generic keys' second moment inside the null space (0: the paper's update;
+    # ``cov_weight`` is MEMIT's and is not used here)
+    null_cov_weight: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -53,6 +56,8 @@ class AlphaEditConfig(MEMITConfig):
             raise InvalidRequest(f"nullspace_threshold must be > 0, got {self.nullspace_threshold}")
         if not self.l2 > 0:
             raise InvalidRequest(f"l2 must be > 0, got {self.l2}")
+        if self.null_cov_weight < 0:
+            raise InvalidRequest(f"null_cov_weight must be >= 0, got {self.null_cov_weight}")
 
 
 _PROJECTORS: dict[str, torch.Tensor] = {}
@@ -106,7 +111,13 @@ def compute(
 
         def solve(module, keys, resid):
             return alphaedit_factors(
-                projectors[module], keys, resid, history.get(module), config.l2
+                projectors[module],
+                keys,
+                resid,
+                history.get(module),
+                config.l2,
+                covs[module],
+                config.null_cov_weight,
             )
 
         return solve

@@ -95,6 +95,35 @@ def test_alphaedit_leaves_preserved_keys_alone_and_respects_earlier_edits():
     assert with_history < 0.05 * without
 
 
+def test_alphaedit_cov_weight_damps_generic_keys_the_projector_lets_through():
+    # no exact null space: the smallest directions of C still carry generic energy
+    d_in, d_out = 12, 6
+    g = np.random.default_rng(2)
+    u, _ = np.linalg.qr(g.normal(size=(d_in, d_in)))
+    eig = np.array([5.0] * 4 + [0.5] * 8)
+    c = torch.tensor(u @ np.diag(eig) @ u.T)
+    p = algebra.null_space_projector(c, threshold=1.0)  # below the mean: the 8 small ones
+    keys = torch.tensor(g.normal(size=(3, d_in)))
+    resid = torch.tensor(g.normal(size=(3, d_out)))
+    plain = algebra.alphaedit_factors(p, keys, resid, None, l2=1e-3)
+    zero = algebra.alphaedit_factors(p, keys, resid, None, l2=1e-3, second_moment=c)
+    torch.testing.assert_close(zero[1], plain[1])  # λ = 0 is the paper's update
+    damped = algebra.alphaedit_factors(p, keys, resid, None, 1e-3, c, cov_weight=20.0)
+    # the explicit form: ΔWᵀ = (P(KKᵀ + λC) + αI)⁻¹ P K Rᵀ
+    pd, cd, kd = p.double().numpy(), c.numpy(), keys.numpy()
+    x = np.linalg.solve(pd @ (kd.T @ kd + 20.0 * cd) + 1e-3 * np.eye(d_in), pd @ kd.T)
+    np.testing.assert_allclose((damped[0] @ damped[1]).double().numpy(), resid.numpy().T @ x.T,
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
+
+    def generic_energy(factors):  # E‖ΔW k0‖² over keys with second moment C
+        dw = (factors[0] @ factors[1]).double()
+        return float(torch.trace(dw @ c @ dw.T))
+
+    assert generic_energy(damped) < 0.5 * generic_energy(plain)
+    with pytest.raises(ValueError, match="second moment"):
+        algebra.alphaedit_factors(p, keys, resid, None, 1e-3, cov_weight=2.0)
+
+
 def test_chunked_value_solving_equals_one_batch(llama, tok):
     module = edit.arch.lookup(llama).mlp_out_name(1)
     cfg = MEMITConfig(**TINY_MEMIT | {"nll_stop": 1e-9, "steps": 5})  # every fact runs 5 steps
