@@ -26,7 +26,8 @@ from edit import methods as method_registry
 from edit.config import resolve
 from edit.errors import EditFailed, InvalidRequest
 from edit.facts import Fact, parse_statement
-from edit.update import Applied, Update
+from edit.methods import MethodOutput
+from edit.update import Applied, Update, with_keys
 
 log = logging.getLogger(__name__)
 
@@ -133,22 +134,49 @@ def apply(
         model, tok, facts, config, objective=kind, progress=progress, history=history
     )
     seconds = time.perf_counter() - t0
-    if not out.update.is_finite():
-        raise EditFailed(
-            f"{spec.name} produced a non-finite update for {facts[0].statement!r}"
-            f"{f' and {len(facts) - 1} more' if len(facts) > 1 else ''}; "
-            f"nothing was changed (try other layers)"
-        )
-
+    _check_finite(spec.name, out.update, facts)
     handle = out.update.apply(model)
     after = _probe(model, tok, facts, news, olds, describe)
-    per_fact = []
-    for old, b, a in zip(olds, before, after, strict=True):
-        m = {"old_target": old}
-        m.update({f"{k}_before": v for k, v in b.items()})
-        m.update({f"{k}_after": v for k, v in a.items()})
-        per_fact.append(m)
-    problems = [_did_not_take(kind, m) for m in per_fact]
+    problems = [_did_not_take(kind, {**b2, **a2}) for b2, a2 in _pairs(before, after)]
+    retried = []
+    for _ in range(getattr(config, "retry_rounds", 0) if batch else 0):
+        # the facts that did not take are edited again on top of the batch's update, with its
+        # keys as history (AlphaEdit keeps the rest of the batch); kept only if more took
+        redo = [i for i, p in enumerate(problems) if p]
+        if not redo:
+            break
+        t1 = time.perf_counter()
+        more = spec.compute(
+            model,
+            tok,
+            [facts[i] for i in redo],
+            config,
+            objective=kind,
+            progress=progress,
+            history=with_keys(history, out.update),
+        )
+        seconds += time.perf_counter() - t1
+        if not more.update.is_finite():
+            break
+        handle.undo()
+        merged = out.update.merged(more.update)
+        handle = merged.apply(model)
+        again = _probe(model, tok, facts, news, olds, describe)
+        still = [_did_not_take(kind, {**b2, **a2}) for b2, a2 in _pairs(before, again)]
+        better = sum(map(bool, still)) < sum(map(bool, problems))
+        retried.append(
+            {"facts": len(redo), "took": sum(1 for i in redo if not still[i]), "kept": better}
+        )
+        if not better:
+            handle.undo()  # back to the batch's own update
+            handle = out.update.apply(model)
+            break
+        out = MethodOutput(merged, out.layers, {**out.info, "retry_info": more.info})
+        after, problems = again, still
+    per_fact = [
+        {"old_target": old, **b2, **a2}
+        for old, (b2, a2) in zip(olds, _pairs(before, after), strict=True)
+    ]
     if not batch:
         metrics = {"seconds": round(seconds, 2), **per_fact[0]}
         if problems[0]:
@@ -170,11 +198,29 @@ def apply(
             "facts": len(facts),
             "took": len(facts) - len(failed),
             "not_taken": [f"{f.statement}: {p}" for f, p in failed],
+            "retried": retried,
             "per_fact": per_fact,
         }
     return EditResult(
         kind, spec.name, facts, out.update, out.layers, config, metrics, out.info, handle
     )
+
+
+def _check_finite(method: str, update: Update, facts: list[Fact]) -> None:
+    if not update.is_finite():
+        raise EditFailed(
+            f"{method} produced a non-finite update for {facts[0].statement!r}"
+            f"{f' and {len(facts) - 1} more' if len(facts) > 1 else ''}; "
+            f"nothing was changed (try other layers)"
+        )
+
+
+def _pairs(before: list[dict], after: list[dict]) -> list[tuple[dict, dict]]:
+    """Per fact, the probe's numbers before and after, named ``<key>_before``/``_after``."""
+    return [
+        ({f"{k}_before": v for k, v in b.items()}, {f"{k}_after": v for k, v in a.items()})
+        for b, a in zip(before, after, strict=True)
+    ]
 
 
 def _probe(

@@ -406,6 +406,11 @@ def _print_batch(res, erase: bool, seconds: float) -> None:
     print(f"{'':16}{'before':>10}{'after':>10}")
     for name, b, a in rows:
         print(f"{name:16}{b:10.4f}{a:10.4f}")
+    for r in m.get("retried", []):
+        print(
+            f"edited again the {r['facts']} that did not take: {r['took']} took"
+            + ("" if r["kept"] else " (no better: that round was dropped)")
+        )
     for line in m["not_taken"][:5]:
         print(f"did not take: {line}")
     if len(m["not_taken"]) > 5:

@@ -61,6 +61,18 @@ class Update:
             w.add_(self.delta(name, transposed).to(device=w.device, dtype=w.dtype))
         return Applied(model, originals)
 
+    def merged(self, other: Update) -> Update:
+        """One update that does what ``self`` then ``other`` do: per module the factors side
+        by side, A = [A₁ A₂], B = [B₁; B₂] (so ΔW = A₁B₁ + A₂B₂), and the keys of both."""
+        factors = dict(self.factors)
+        for name, (a, b) in other.factors.items():
+            if name in factors:
+                a0, b0 = factors[name]
+                factors[name] = (torch.cat([a0, a.to(a0)], 1), torch.cat([b0, b.to(b0)], 0))
+            else:
+                factors[name] = (a, b)
+        return Update(factors, with_keys(self.keys, other))
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """Flat name → tensor dict for safetensors: ``<module>.A``, ``<module>.B`` and,
         where recorded, ``<module>.keys``."""
@@ -82,3 +94,12 @@ class Update:
             {n: (tensors[f"{n}.A"], tensors[f"{n}.B"]) for n in names},
             {n: tensors[f"{n}.keys"] for n in names if f"{n}.keys" in tensors},
         )
+
+
+def with_keys(history: dict[str, torch.Tensor] | None, update: Update) -> dict[str, torch.Tensor]:
+    """``history`` (module -> keys (m, in) of earlier edits) with the keys ``update`` wrote
+    appended; ``history`` itself is not changed."""
+    out = dict(history or {})
+    for name, k in update.keys.items():
+        out[name] = torch.cat([out[name], k.to(out[name])]) if name in out else k
+    return out

@@ -43,6 +43,7 @@ from edit.errors import EditError, EditFailed
 from edit.evals import metrics as M
 from edit.evals.data import Record
 from edit.stats import second_moment
+from edit.update import with_keys
 
 log = logging.getLogger(__name__)
 
@@ -291,8 +292,7 @@ def evaluate(
             )
             seconds.extend([(time.perf_counter() - t) / len(group)] * len(group))
             handles.append(res)
-            for module, k in res.update.keys.items():
-                history[module] = torch.cat([history[module], k]) if module in history else k
+            history = with_keys(history, res.update)
         except EditFailed as e:
             for i in group:
                 refused[i] = True

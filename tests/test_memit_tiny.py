@@ -3,6 +3,7 @@ random models, the ledger's key history, and ``edit add --file``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -215,6 +216,52 @@ def test_apply_takes_a_list_and_refuses_it_for_rome(llama, tok):
     assert changed_tensors(llama, base) == []
 
 
+def _weak_first_calls(monkeypatch, weak: int) -> list:
+    """MEMIT whose first ``weak`` updates write nothing (A = 0): every fact of such a round
+    fails to take. Returns the calls made: (facts, history)."""
+    real = registry.get("memit")
+    calls = []
+
+    def compute(model, tok, facts, config, **kw):
+        out = real.compute(model, tok, facts, config, **kw)
+        calls.append((len(facts), kw.get("history")))
+        if len(calls) <= weak:
+            out.update.factors = {m: (a * 0, b) for m, (a, b) in out.update.factors.items()}
+        return out
+
+    monkeypatch.setitem(registry._REGISTRY, "memit", dataclasses.replace(real, compute=compute))
+    return calls
+
+
+def test_facts_that_did_not_take_are_edited_again_on_top(llama, tok, monkeypatch):
+    calls = _weak_first_calls(monkeypatch, weak=1)
+    base = state_copy(llama)
+    result = edit.apply(llama, tok, FACTS, method="memit", progress=False, **TINY_MEMIT)
+    m = result.metrics
+    assert m["took"] == 2 and m["retried"] == [{"facts": 2, "took": 2, "kept": True}]
+    # the second round saw the first round's keys as history, and the update holds both
+    assert [n for n, _ in calls] == [2, 2]
+    assert {k: v.shape for k, v in calls[1][1].items()} == {
+        n: (2, INTERMEDIATE) for n in result.update.factors
+    }
+    for a, b in result.update.factors.values():
+        assert a.shape == (HIDDEN, 4) and b.shape == (4, INTERMEDIATE)
+    result.undo()
+    assert changed_tensors(llama, base) == []
+
+
+@pytest.mark.parametrize("rounds", [0, 2])
+def test_a_batch_that_never_takes_leaves_the_model_unchanged(llama, tok, monkeypatch, rounds):
+    calls = _weak_first_calls(monkeypatch, weak=10)
+    base = state_copy(llama)
+    with pytest.raises(EditError, match="none of the 2 edits took"):
+        edit.apply(llama, tok, FACTS, method="memit", progress=False,
+                   **TINY_MEMIT | {"retry_rounds": rounds})  # fmt: skip
+    # a round that takes no more facts ends the retries
+    assert len(calls) == 1 + min(rounds, 1)
+    assert changed_tensors(llama, base) == []
+
+
 def test_workspace_batches_carry_their_keys_and_revert_exactly(tmp_path, tok):
     model = tiny_model("llama", len(tok))
     base = state_copy(model)
@@ -303,6 +350,10 @@ def test_config_errors_name_the_setting():
         MEMITConfig(cov_weight=0)
     with pytest.raises(InvalidRequest, match="nullspace_threshold must be > 0"):
         AlphaEditConfig(nullspace_threshold=-1)
+    with pytest.raises(InvalidRequest, match="null_cov_weight must be >= 0"):
+        AlphaEditConfig(null_cov_weight=-1)
+    with pytest.raises(InvalidRequest, match="retry_rounds must be >= 0"):
+        MEMITConfig(retry_rounds=-1)
     with pytest.raises(EditError, match="unknown method"):
         registry.get("memit2")
 
