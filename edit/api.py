@@ -139,12 +139,16 @@ def apply(
     after = _probe(model, tok, facts, news, olds, describe)
     problems = [_did_not_take(kind, {**b2, **a2}) for b2, a2 in _pairs(before, after)]
     retried = []
+    first_keys = out.update.keys  # one row per fact
     for _ in range(getattr(config, "retry_rounds", 0) if batch else 0):
-        # the facts that did not take are edited again on top of the batch's update, with its
-        # keys as history (AlphaEdit keeps the rest of the batch); kept only if more took
+        # the facts that did not take are edited again on top of the batch's update, with
+        # the keys of those that took as history (AlphaEdit keeps them); kept only if more
+        # facts take
         redo = [i for i, p in enumerate(problems) if p]
         if not redo:
             break
+        took = [i for i, p in enumerate(problems) if not p]
+        written = Update(keys={m: k[took] for m, k in first_keys.items()})
         t1 = time.perf_counter()
         more = spec.compute(
             model,
@@ -153,7 +157,7 @@ def apply(
             config,
             objective=kind,
             progress=progress,
-            history=with_keys(history, out.update),
+            history=with_keys(history, written),
         )
         seconds += time.perf_counter() - t1
         if not more.update.is_finite():

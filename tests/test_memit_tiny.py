@@ -216,9 +216,10 @@ def test_apply_takes_a_list_and_refuses_it_for_rome(llama, tok):
     assert changed_tensors(llama, base) == []
 
 
-def _weak_first_calls(monkeypatch, weak: int) -> list:
-    """MEMIT whose first ``weak`` updates write nothing (A = 0): every fact of such a round
-    fails to take. Returns the calls made: (facts, history)."""
+def _weak_first_calls(monkeypatch, weak: int, spared: int = 0) -> list:
+    """MEMIT whose first ``weak`` updates write nothing for the facts after the first
+    ``spared`` (their columns of A are 0): those facts do not take in such a round. Returns
+    the calls made: (facts, history)."""
     real = registry.get("memit")
     calls = []
 
@@ -226,7 +227,10 @@ def _weak_first_calls(monkeypatch, weak: int) -> list:
         out = real.compute(model, tok, facts, config, **kw)
         calls.append((len(facts), kw.get("history")))
         if len(calls) <= weak:
-            out.update.factors = {m: (a * 0, b) for m, (a, b) in out.update.factors.items()}
+            out.update.factors = {
+                m: (torch.cat([a[:, :spared], 0 * a[:, spared:]], 1), b)
+                for m, (a, b) in out.update.factors.items()
+            }
         return out
 
     monkeypatch.setitem(registry._REGISTRY, "memit", dataclasses.replace(real, compute=compute))
@@ -234,18 +238,20 @@ def _weak_first_calls(monkeypatch, weak: int) -> list:
 
 
 def test_facts_that_did_not_take_are_edited_again_on_top(llama, tok, monkeypatch):
-    calls = _weak_first_calls(monkeypatch, weak=1)
+    calls = _weak_first_calls(monkeypatch, weak=1, spared=1)
     base = state_copy(llama)
     result = edit.apply(llama, tok, FACTS, method="memit", progress=False, **TINY_MEMIT)
     m = result.metrics
-    assert m["took"] == 2 and m["retried"] == [{"facts": 2, "took": 2, "kept": True}]
-    # the second round saw the first round's keys as history, and the update holds both
-    assert [n for n, _ in calls] == [2, 2]
-    assert {k: v.shape for k, v in calls[1][1].items()} == {
-        n: (2, INTERMEDIATE) for n in result.update.factors
-    }
+    assert m["took"] == 2 and m["retried"] == [{"facts": 1, "took": 1, "kept": True}]
+    # the second round edited the second fact with the first one's keys as history, and
+    # the update holds both rounds
+    assert [n for n, _ in calls] == [2, 1]
+    first_round_keys = {n: k[:1] for n, k in result.update.keys.items()}
+    assert calls[1][1].keys() == first_round_keys.keys()
+    for n, k in calls[1][1].items():
+        torch.testing.assert_close(k, first_round_keys[n])
     for a, b in result.update.factors.values():
-        assert a.shape == (HIDDEN, 4) and b.shape == (4, INTERMEDIATE)
+        assert a.shape == (HIDDEN, 3) and b.shape == (3, INTERMEDIATE)
     result.undo()
     assert changed_tensors(llama, base) == []
 
