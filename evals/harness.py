@@ -266,6 +266,7 @@ def evaluate(
     refused: list[bool] = [False] * len(records)
     handles = []
     history: dict[str, torch.Tensor] = {}  # keys written so far (sequential batches)
+    retried: list[dict] = []  # batch methods: the rounds that edited again what did not take
     # one edit call per group: a record (single; sequential with a one-fact method), a batch
     # of ``batch_size`` records (sequential with a batch method) or all records (batch)
     if mode == "batch":
@@ -293,6 +294,7 @@ def evaluate(
             seconds.extend([(time.perf_counter() - t) / len(group)] * len(group))
             handles.append(res)
             history = with_keys(history, res.update)
+            retried.extend(res.metrics.get("retried", []))
         except EditFailed as e:
             for i in group:
                 refused[i] = True
@@ -353,6 +355,11 @@ def evaluate(
         "unedited": _average(before),
         "edited": _average(after),
         "refused": int(sum(refused)),
+        "retried": {
+            "rounds": len(retried),
+            "facts": sum(r["facts"] for r in retried),
+            "took": sum(r["took"] for r in retried if r["kept"]),
+        },
         "cost": {
             "seconds_per_edit": M.percentile_summary(seconds),
             "statistics_seconds": round(stats_seconds, 2),
@@ -472,7 +479,9 @@ def _write(out: Path, summary: dict, rows: list[dict]) -> None:
             f"mode {summary['mode']})",
             "",
             summary_table(summary),
-            f"Edits refused: {summary['refused']}. Seconds per edit: median "
+            f"Edits refused: {summary['refused']}. "
+            + _retried_line(summary.get("retried"))
+            + "Seconds per edit: median "
             f"{_fmt(spe['median'])}, p90 {_fmt(spe['p90'])}. Key statistics: "
             f"{cost['statistics_seconds']} s. Peak memory: {cost['peak_memory_mb']} MB.",
             "",
@@ -535,3 +544,12 @@ def _plots(folder: Path, summary: dict, rows: list[dict]) -> None:
         fig.tight_layout()
         fig.savefig(folder / "margins.png", dpi=120)
         plt.close(fig)
+
+
+def _retried_line(r: dict | None) -> str:
+    if not r or not r["rounds"]:
+        return ""
+    return (
+        f"Facts that did not take, edited again: {r['facts']} in {r['rounds']} rounds, "
+        f"{r['took']} of them took. "
+    )
