@@ -550,6 +550,7 @@ def _retried_line(r: dict | None) -> str:
     if not r or not r["rounds"]:
         return ""
     return (
-        f"Facts that did not take, edited again: {r['facts']} in {r['rounds']} rounds, "
+        f"Facts that did not take, edited again: {r['facts']} in {r['rounds']} "
+        f"round{'s' if r['rounds'] > 1 else ''}, "
         f"{r['took']} of them took. "
     )
