@@ -319,6 +319,20 @@ def test_add_file_records_one_batch(tmp_path, model_dir, capsys, monkeypatch):
     assert entry.method == "memit" and len(entry.facts) == 2 and entry.layers == [0, 1]
 
 
+def test_add_file_says_what_the_retry_round_did(tmp_path, model_dir, capsys, monkeypatch):
+    _tuned(monkeypatch)
+    _weak_first_calls(monkeypatch, weak=1, spared=1)
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("".join(json.dumps(f) + "\n" for f in (TINY_FACT, TINY_FACT_2)))
+    ws = str(tmp_path / "ws")
+    assert main(["add", "--file", str(facts), "-w", ws, "-m", model_dir]) == 0
+    out = capsys.readouterr().out
+    assert "2/2 took" in out and "edited again the 1 that did not take: 1 took" in out
+    [entry] = Workspace.inspect(ws).entries()
+    assert entry.metrics["retried"] == [{"facts": 1, "took": 1, "kept": True}]
+    assert {k.shape[0] for k in entry.update.keys.values()} == {3}  # both rounds' keys
+
+
 @pytest.mark.parametrize(
     "lines, says",
     [
