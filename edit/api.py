@@ -100,8 +100,10 @@ def apply(
     ``layer=6``); ``history`` passes the keys of earlier edits (see ``Workspace.history``).
     With ``describe``, greedy completions before and after are measured too (single facts).
 
-    A single edit that does not take is undone and raises :class:`EditFailed`. A batch is
-    kept when at least one of its facts took; ``metrics["not_taken"]`` names the others.
+    Facts that do not take are edited again on top, ``retry_rounds`` times at most (the
+    method's config; ``metrics["retried"]``). A single edit that still does not take is undone
+    and raises :class:`EditFailed`. A batch is kept when at least one of its facts took;
+    ``metrics["not_taken"]`` names the others.
     """
     batch = isinstance(request, list | tuple)
     facts = [as_fact(r) for r in request] if batch else [as_fact(request, subject, target)]
@@ -140,10 +142,10 @@ def apply(
     problems = [_did_not_take(kind, {**b2, **a2}) for b2, a2 in _pairs(before, after)]
     retried = []
     first_keys = out.update.keys  # one row per fact
-    for _ in range(getattr(config, "retry_rounds", 0) if batch else 0):
-        # the facts that did not take are edited again on top of the batch's update, with
-        # the keys of those that took as history (AlphaEdit keeps them); kept only if more
-        # facts take
+    for _ in range(getattr(config, "retry_rounds", 0)):
+        # the facts that did not take are edited again on top of the first update, with the
+        # keys of those that took as history (AlphaEdit keeps them); kept only if more facts
+        # take
         redo = [i for i, p in enumerate(problems) if p]
         if not redo:
             break
@@ -182,7 +184,7 @@ def apply(
         for old, (b2, a2) in zip(olds, _pairs(before, after), strict=True)
     ]
     if not batch:
-        metrics = {"seconds": round(seconds, 2), **per_fact[0]}
+        metrics = {"seconds": round(seconds, 2), "retried": retried, **per_fact[0]}
         if problems[0]:
             handle.undo()
             raise EditFailed(

@@ -382,6 +382,8 @@ def _print_single(res, erase: bool, seconds: float) -> None:
         print(f"{name:{width}}{b:10.4f}{a:10.4f}")
     print(f"greedy before: {fact.text!r} -> {m['completion_before']!r}")
     print(f"greedy after:  {fact.text!r} -> {m['completion_after']!r}")
+    if any(r["kept"] for r in m.get("retried", [])):
+        print("the first update did not take; a second one on top of it did (both recorded)")
 
 
 def _print_batch(res, erase: bool, seconds: float) -> None:

@@ -217,10 +217,12 @@ class ValueSettings:
 def check_value_config(config) -> None:
     """One-line errors for the fields every locate-then-edit config shares (ROME, MEMIT,
     AlphaEdit): the value optimization's settings, the statistics size, the context
-    templates."""
+    templates, the retry rounds."""
     for name in ("steps", "stats_tokens"):
         if getattr(config, name) < 1:
             raise InvalidRequest(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.retry_rounds < 0:
+        raise InvalidRequest(f"retry_rounds must be >= 0, got {config.retry_rounds}")
     for name in ("lr", "clamp_norm", "nll_stop"):
         if not getattr(config, name) > 0:
             raise InvalidRequest(f"{name} must be > 0, got {getattr(config, name)}")

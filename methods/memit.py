@@ -66,7 +66,7 @@ class MEMITConfig:
     max_rows: int = MAX_ROWS  # value optimization: prompt rows per forward/backward pass
     seed: int = 0
     # facts whose edit did not take are edited again, on top of the batch's update, this many
-    # times at most (``edit.apply``); a round is kept only if more facts took
+    # times at most (``edit.apply``); a round is kept only if more facts take
     retry_rounds: int = 1
 
     def __post_init__(self) -> None:
@@ -77,8 +77,6 @@ class MEMITConfig:
                 raise InvalidRequest(f"layers must be increasing, got {list(self.layers)}")
         if self.max_rows < 1:
             raise InvalidRequest(f"max_rows must be >= 1, got {self.max_rows}")
-        if self.retry_rounds < 0:
-            raise InvalidRequest(f"retry_rounds must be >= 0, got {self.retry_rounds}")
         if not self.cov_weight > 0:
             raise InvalidRequest(f"cov_weight must be > 0, got {self.cov_weight}")
         check_value_config(self)

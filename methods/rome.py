@@ -61,6 +61,7 @@ class ROMEConfig:
     stats_corpus: str = DEFAULT_CORPUS
     stats_tokens: int = 100_000
     seed: int = 0
+    retry_rounds: int = 1  # an edit that did not take is edited again on top (``edit.apply``)
 
     def __post_init__(self) -> None:
         if self.layer is not None and self.layer < 0:

@@ -136,8 +136,31 @@ def test_apply_rolls_back_an_edit_that_did_not_take(llama, tok, monkeypatch):
     base = state_copy(llama)
     with pytest.raises(EditFailed, match=r"did not take \(forced by the test\)"):
         edit.apply(llama, tok, TINY_FACT, progress=False, **TINY_ROME)
-    assert seen == [[f"{edit.arch.lookup(llama).mlp_out_name(1)}.weight"]]
+    # checked after the first update and again after the retry round on top of it
+    assert seen == [[f"{edit.arch.lookup(llama).mlp_out_name(1)}.weight"]] * 2
     assert changed_tensors(llama, base) == []  # restored bit for bit
+
+
+def test_an_edit_that_did_not_take_is_edited_again_on_top(llama, tok, monkeypatch):
+    name = edit.arch.lookup(llama).mlp_out_name(1)
+    g = torch.Generator().manual_seed(0)
+    updates = [
+        Update({name: (torch.randn(HIDDEN, 1, generator=g), torch.randn(1, INTERMEDIATE,
+                                                                         generator=g))})
+        for _ in range(2)
+    ]  # fmt: skip
+    _fake_rome(monkeypatch, lambda model: updates.pop(0))
+    verdicts = ["forced by the test", None]  # the first update does not take, both do
+    monkeypatch.setattr("edit.api._did_not_take", lambda kind, m: verdicts.pop(0))
+    base = state_copy(llama)
+    result = edit.apply(llama, tok, TINY_FACT, progress=False, **TINY_ROME)
+    assert result.metrics["retried"] == [{"facts": 1, "took": 1, "kept": True}]
+    a, b = result.update.factors[name]
+    assert a.shape == (HIDDEN, 2) and b.shape == (2, INTERMEDIATE)
+    result.undo()
+    assert changed_tensors(llama, base) == []
+    with pytest.raises(InvalidRequest, match="retry_rounds must be >= 0"):
+        edit.apply(llama, tok, TINY_FACT, progress=False, **TINY_ROME | {"retry_rounds": -1})
 
 
 def test_did_not_take_rules():
