@@ -139,7 +139,7 @@ def apply(
     _check_finite(spec.name, out.update, facts)
     handle = out.update.apply(model)
     after = _probe(model, tok, facts, news, olds, describe)
-    problems = [_did_not_take(kind, {**b2, **a2}) for b2, a2 in _pairs(before, after)]
+    problems = _verdicts(kind, before, after)
     retried = []
     first_keys = out.update.keys  # one row per fact
     for _ in range(getattr(config, "retry_rounds", 0)):
@@ -168,7 +168,7 @@ def apply(
         merged = out.update.merged(more.update)
         handle = merged.apply(model)
         again = _probe(model, tok, facts, news, olds, describe)
-        still = [_did_not_take(kind, {**b2, **a2}) for b2, a2 in _pairs(before, again)]
+        still = _verdicts(kind, before, again)
         better = sum(map(bool, still)) < sum(map(bool, problems))
         retried.append(
             {"facts": len(redo), "took": sum(1 for i in redo if not still[i]), "kept": better}
@@ -227,6 +227,11 @@ def _pairs(before: list[dict], after: list[dict]) -> list[tuple[dict, dict]]:
         ({f"{k}_before": v for k, v in b.items()}, {f"{k}_after": v for k, v in a.items()})
         for b, a in zip(before, after, strict=True)
     ]
+
+
+def _verdicts(kind: str, before: list[dict], after: list[dict]) -> list[str | None]:
+    """Per fact, why its edit did not take (None: it took)."""
+    return [_did_not_take(kind, {**b, **a}) for b, a in _pairs(before, after)]
 
 
 def _probe(
