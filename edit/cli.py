@@ -63,6 +63,14 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
         help="block(s) to edit: 4 (rome), 4,5,6 or 4-8 (memit, alphaedit); default: tuned config",
     )
     p.add_argument("--steps", type=int, default=None, help="max optimization steps")
+    _set_arg(p)
+
+
+def _set_arg(p: argparse.ArgumentParser, what: str = "a setting of the method's config, e.g. "
+             "stop_most_probable=true or cov_weight=2000") -> None:  # fmt: skip
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help=f"{what} (repeatable)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default=None, help="result folder (default: eval-out/<data>-<method>-<mode>)"
     )
     p.add_argument("--layer", default=None, help="block(s) to edit: 4, 4,5,6 or 4-8")
+    _set_arg(p)
     p.add_argument(
         "--batch-size",
         type=int,
@@ -141,9 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate "
                        f"(default {lr})")  # fmt: skip
         p.add_argument("--lora-rank", type=int, default=None)
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="any other setting of edit.methods.unlearn.UnlearnConfig, e.g. "
-                       "kl_weight=5 or retain_batch_size=16 (repeatable)")  # fmt: skip
+        _set_arg(p, "any other setting of edit.methods.unlearn.UnlearnConfig, e.g. kl_weight=5 "
+                 "or retain_batch_size=16")  # fmt: skip
         _common(p)
     p = sub.add_parser("audit", help="prove a forget / erase entry: MIA, extraction, attacks")
     p.add_argument("id", nargs="?", help="the entry to audit (default: the last one)")
@@ -207,6 +215,7 @@ def cmd_eval(args) -> int:
 
     records = load_records(args.data, args.format, args.limit)  # input errors before loading
     layer_settings = _layer_settings(args.layer, methods.get(args.method).batch)
+    layer_settings.update(parse_settings(args.set))
     name = Path(args.data).stem
     out = Path(args.out or f"eval-out/{name}-{args.method}-{args.mode}")
     if out.exists() and any(out.iterdir()):
@@ -341,6 +350,9 @@ def cmd_add(args, erase: bool = False) -> int:
     batch = isinstance(request, list)
     # the default method for a batch is a batch method, for one fact ROME
     layers = _layer_settings(args.layer, methods.get(args.method).batch if args.method else batch)
+    settings = {**parse_settings(args.set), **layers}  # --layer/--steps win over --set
+    if args.steps is not None:
+        settings["steps"] = args.steps
     ws = _open(args)
     print(_base_model_line(ws))
     n = len(ws.entries())
@@ -351,8 +363,7 @@ def cmd_add(args, erase: bool = False) -> int:
         request,
         method=args.method or ws.default_method(batch),
         erase=erase,
-        steps=args.steps,
-        **layers,
+        **settings,
     )
     if batch:
         _print_batch(res, erase, time.perf_counter() - t0)

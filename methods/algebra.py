@@ -207,6 +207,7 @@ class ValueSettings:
     clamp_norm: float
     nll_stop: float
     erase_ratio: float
+    stop_most_probable: bool = False
 
     @classmethod
     def of(cls, config) -> ValueSettings:
@@ -229,6 +230,10 @@ def check_value_config(config) -> None:
     for name in ("kl_factor", "weight_decay"):
         if getattr(config, name) < 0:
             raise InvalidRequest(f"{name} must be >= 0, got {getattr(config, name)}")
+    if not isinstance(config.stop_most_probable, bool):
+        raise InvalidRequest(
+            f"stop_most_probable must be true or false, got {config.stop_most_probable!r}"
+        )
     if config.erase_ratio <= 1:
         raise InvalidRequest(f"erase_ratio must be > 1, got {config.erase_ratio}")
     if any(len(s) != 2 or s[0] < 1 or s[1] < 0 for s in config.context_templates):
@@ -404,6 +409,16 @@ def _solve_chunk(
             fact_loss = fact_loss[:, 0]
             measure = torch.exp(-fact_loss.detach())
             done = fact_loss.detach() < settings.nll_stop
+            if settings.stop_most_probable:
+                # most-probable early stop (Gupta et al. 2025, "Lifelong Sequential Knowledge
+                # Editing without Model Degradation", MPES): done once every target token is
+                # the top prediction after every rewriting prompt; pushing further only
+                # grows the update
+                top = logp[:n_t].detach().argmax(-1) == cb.tgt_tok  # (P,)
+                row_top = _mean_by_group(top.float(), cb.tgt_row, len(cb.ids)) == 1
+                fact_top = _mean_by_fact(row_top[cb.rewrite].float()[:, None],
+                                         cb.fact[cb.rewrite], n_act)[:, 0] == 1  # fmt: skip
+                done = done | fact_top
         else:
             lp_first = logp[:n_t][cb.tgt_first]  # (Rw, V)
             first_of = cb.fact[cb.tgt_row[cb.tgt_first]]

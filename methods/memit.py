@@ -60,6 +60,9 @@ class MEMITConfig:
     clamp_norm: float = 4.0  # ‖δ‖ ≤ clamp_norm · ‖v₀‖
     nll_stop: float = 0.05
     erase_ratio: float = 20.0
+    # also stop a fact once each target token is the top prediction after every prompt
+    # (most-probable early stop, Gupta et al. 2025); off: run to nll_stop
+    stop_most_probable: bool = False
     cov_weight: float = 15000.0  # λ: weight of the generic keys' second moment
     stats_corpus: str = DEFAULT_CORPUS
     stats_tokens: int = 100_000

@@ -58,6 +58,9 @@ class ROMEConfig:
     clamp_norm: float = 4.0  # ‖δ‖ ≤ clamp_norm · ‖v₀‖
     nll_stop: float = 0.05  # stop once the mean target NLL is below this
     erase_ratio: float = 20.0  # erase: stop once P(object) fell by this factor
+    # also stop a fact once each target token is the top prediction after every prompt
+    # (most-probable early stop, Gupta et al. 2025); off: run to nll_stop
+    stop_most_probable: bool = False
     stats_corpus: str = DEFAULT_CORPUS
     stats_tokens: int = 100_000
     seed: int = 0

@@ -319,6 +319,20 @@ def test_add_file_records_one_batch(tmp_path, model_dir, capsys, monkeypatch):
     assert entry.method == "memit" and len(entry.facts) == 2 and entry.layers == [0, 1]
 
 
+def test_add_file_takes_config_settings_from_set(tmp_path, model_dir, capsys, monkeypatch):
+    _tuned(monkeypatch)
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("".join(json.dumps(f) + "\n" for f in (TINY_FACT, TINY_FACT_2)))
+    ws = str(tmp_path / "ws")
+    argv = ["add", "--file", str(facts), "-w", ws, "-m", model_dir, "--method", "alphaedit"]
+    extra = ["--set", "stop_most_probable=true", "--set", "null_cov_weight=2.5", "--steps", "7"]
+    assert main(argv + extra) == 0
+    [entry] = Workspace.inspect(ws).entries()
+    assert entry.method == "alphaedit"
+    assert entry.config["stop_most_probable"] is True and entry.config["null_cov_weight"] == 2.5
+    assert entry.config["steps"] == 7
+
+
 def test_add_file_says_what_the_retry_round_did(tmp_path, model_dir, capsys, monkeypatch):
     _tuned(monkeypatch)
     _weak_first_calls(monkeypatch, weak=1, spared=1)

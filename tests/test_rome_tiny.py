@@ -278,3 +278,36 @@ def test_value_rows_after_a_cached_prefix_match_the_whole_rows(tok, model_type):
             whole = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[0, -1]
             torch.testing.assert_close(cached[i], whole.float(), atol=2e-5, rtol=1e-4)
     assert len(set(b.pos[:, 0].tolist())) > 1  # the lookups sit at different positions
+
+
+def _target_is_top1(model, tok, fact: Fact) -> bool:
+    (score,) = lm.continuation_scores(model, tok, [fact.text], [fact.target])
+    return bool((score.top1 == score.targets).all())
+
+
+def test_most_probable_stop_ends_at_the_first_step_where_the_target_is_top1(llama, tok):
+    # bare prompt only, so the update maps the prompt's own key to v0 + δ exactly
+    fact = Fact(**TINY_FACT)
+    rome = registry.get("rome")
+    settings = {**TINY_ROME, "context_templates": ((3, 0),), "nll_stop": 1e-6, "lr": 0.02}
+    assert not _target_is_top1(llama, tok, fact)
+
+    def edited(**extra):
+        out = rome.compute(llama, tok, [fact], ROMEConfig(**settings | extra), progress=False)
+        return out, out.update.apply(llama)
+
+    out, handle = edited(stop_most_probable=True)
+    assert _target_is_top1(llama, tok, fact)
+    mpes_norm = float(out.update.delta(out.info["module"]).norm())
+    handle.undo()
+    steps = out.info["steps"]  # steps evaluated; the last one found the target on top
+    assert 2 < steps < settings["steps"]
+    # one update fewer (max steps = steps - 2 leaves the δ of the step before): not on top yet
+    _, handle = edited(stop_most_probable=True, steps=steps - 2)
+    assert not _target_is_top1(llama, tok, fact)
+    handle.undo()
+    # without the stop the same edit runs on toward nll_stop and writes a larger update
+    plain, handle = edited()
+    handle.undo()
+    assert plain.info["steps"] > steps
+    assert float(plain.update.delta(plain.info["module"]).norm()) > mpes_norm
