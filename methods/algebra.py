@@ -22,7 +22,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -208,6 +208,7 @@ class ValueSettings:
     nll_stop: float
     erase_ratio: float
     stop_most_probable: bool = False
+    value_dtype: str = "auto"
 
     @classmethod
     def of(cls, config) -> ValueSettings:
@@ -234,6 +235,10 @@ def check_value_config(config) -> None:
         raise InvalidRequest(
             f"stop_most_probable must be true or false, got {config.stop_most_probable!r}"
         )
+    if config.value_dtype not in VALUE_DTYPES:
+        raise InvalidRequest(
+            f"value_dtype must be one of {', '.join(VALUE_DTYPES)}, got {config.value_dtype!r}"
+        )
     if config.erase_ratio <= 1:
         raise InvalidRequest(f"erase_ratio must be > 1, got {config.erase_ratio}")
     if any(len(s) != 2 or s[0] < 1 or s[1] < 0 for s in config.context_templates):
@@ -243,6 +248,27 @@ def check_value_config(config) -> None:
 
 
 MAX_ROWS = 256  # prompt rows per forward/backward pass: bounds memory for large batches
+VALUE_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AVX512-BF16 or AMX): there
+    a bfloat16 matrix product runs several times faster than a float32 one."""
+    cpu = torch.cpu
+    return any(bool(getattr(cpu, f, lambda: False)()) for f in
+               ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))  # fmt: skip
+
+
+def value_autocast(model: nn.Module, value_dtype: str):
+    """The autocast context the value optimization runs in: ``bfloat16`` runs the model's
+    matrix products in bfloat16 (δ, the loss and Adam stay float32); ``auto`` does so for a
+    float32 model on a CPU with native bfloat16 products, else runs the model as it is."""
+    device = device_of(model)
+    if value_dtype == "float32" or next(model.parameters()).dtype != torch.float32:
+        return nullcontext()
+    if value_dtype == "auto" and not (device.type == "cpu" and native_bf16_cpu()):
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def solve_values(
@@ -265,6 +291,19 @@ def solve_values(
     """
     if objective not in ("insert", "erase"):
         raise ValueError(f"objective must be 'insert' or 'erase', not {objective!r}")
+    precision = value_autocast(model, settings.value_dtype)
+    if isinstance(precision, nullcontext):
+        return _solve_values(model, tok, module, facts, templates, settings, objective, progress,
+                             max_rows)  # fmt: skip
+    with precision:
+        sol = _solve_values(model, tok, module, facts, templates, settings, objective, progress,
+                            max_rows)  # fmt: skip
+    # the keys and v0 that the update is built from come from the model at its own precision
+    keys, values = keys_and_hidden(model, tok, facts, templates, module, module, max_rows)
+    return dataclasses.replace(sol, keys=keys, values=values)
+
+
+def _solve_values(model, tok, module, facts, templates, settings, objective, progress, max_rows):
     per_chunk = max(1, max_rows // (len(templates) + 1))
     with _frozen(model):
         if len(facts) <= per_chunk:
@@ -509,7 +548,8 @@ def keys_and_hidden(
     of the transformer block ``block``) at the subject's last token: (F, d_in), (F, d).
 
     Each row runs only up to its lookup token, and only up to ``block`` (``module`` must lie
-    in or before it): nothing later can change either. No gradients."""
+    in or before it; ``block == module`` gives the keys and the module's own output): nothing
+    later can change either. No gradients."""
     device = device_of(model)
     per_chunk = max(1, max_rows // (len(templates) + 1))
     keys, hidden = [], []
@@ -519,6 +559,8 @@ def keys_and_hidden(
         captured["h"] = output[0] if isinstance(output, tuple) else output
         raise StopForward  # the rest of the model cannot change k or h
 
+    # the key hook first: on the same module it must see the input before the stop
+    tr = Trace(model, module, retain_input=True)
     handle = model.get_submodule(block).register_forward_hook(grab)
     try:
         for start in range(0, len(facts), per_chunk):
@@ -530,9 +572,11 @@ def keys_and_hidden(
             if b.prefix_ids is not None:
                 ids, pos = torch.cat([b.prefix_ids, ids], 1), torch.cat([b.prefix_pos, pos], 1)
             captured.clear()
-            with torch.no_grad(), Trace(model, module, retain_input=True) as tr:
+            try:
                 model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos,
                                  use_cache=False)  # fmt: skip
+            except StopForward:
+                pass
             if "h" not in captured:
                 raise RuntimeError(f"{block} did not run in the forward pass")
             width = ids.shape[1]
@@ -543,6 +587,7 @@ def keys_and_hidden(
             hidden.append(_mean_by_fact(h, fact, len(chunk)))
     finally:
         handle.remove()
+        tr.close()
     return torch.cat(keys), torch.cat(hidden)
 
 

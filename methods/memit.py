@@ -63,6 +63,9 @@ class MEMITConfig:
     # also stop a fact once each target token is the top prediction after every prompt
     # (most-probable early stop, Gupta et al. 2025); off: run to nll_stop
     stop_most_probable: bool = False
+    # precision of the value optimization's forward/backward passes: auto (bfloat16 products
+    # for a float32 model on a CPU that has them in hardware), float32 or bfloat16
+    value_dtype: str = "auto"
     cov_weight: float = 15000.0  # λ: weight of the generic keys' second moment
     stats_corpus: str = DEFAULT_CORPUS
     stats_tokens: int = 100_000

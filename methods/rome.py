@@ -61,6 +61,9 @@ class ROMEConfig:
     # also stop a fact once each target token is the top prediction after every prompt
     # (most-probable early stop, Gupta et al. 2025); off: run to nll_stop
     stop_most_probable: bool = False
+    # precision of the value optimization's forward/backward passes: auto (bfloat16 products
+    # for a float32 model on a CPU that has them in hardware), float32 or bfloat16
+    value_dtype: str = "auto"
     stats_corpus: str = DEFAULT_CORPUS
     stats_tokens: int = 100_000
     seed: int = 0

@@ -311,3 +311,43 @@ def test_most_probable_stop_ends_at_the_first_step_where_the_target_is_top1(llam
     handle.undo()
     assert plain.info["steps"] > steps
     assert float(plain.update.delta(plain.info["module"]).norm()) > mpes_norm
+
+
+def test_bfloat16_values_edit_with_full_precision_keys(llama, tok):
+    fact = Fact(**TINY_FACT)
+    rome = registry.get("rome")
+    module = edit.arch.lookup(llama).mlp_out_name(TINY_ROME["layer"])
+    seen = []
+    hook = llama.get_submodule(module).register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    try:
+        full32 = ROMEConfig(**TINY_ROME | {"value_dtype": "float32"})
+        full = rome.compute(llama, tok, [fact], full32, progress=False)
+        assert set(seen) == {torch.float32}
+        seen.clear()
+        half = ROMEConfig(**TINY_ROME | {"value_dtype": "bfloat16"})
+        out = rome.compute(llama, tok, [fact], half, progress=False)
+    finally:
+        hook.remove()
+    assert torch.bfloat16 in seen  # the optimization ran in bfloat16 ...
+    assert torch.float32 in seen  # ... and the key pass at the model's own precision
+    assert next(llama.parameters()).dtype == torch.float32
+    torch.testing.assert_close(out.update.keys[module], full.update.keys[module],
+                               rtol=1e-4, atol=1e-6)  # fmt: skip
+    lp0 = float(lm.continuation_logprobs(llama, tok, [fact.text], [fact.target])[0].sum())
+    handle = out.update.apply(llama)
+    lp1 = float(lm.continuation_logprobs(llama, tok, [fact.text], [fact.target])[0].sum())
+    handle.undo()
+    assert lp1 > lp0 + 0.1, (lp0, lp1)
+
+
+def test_auto_value_dtype_uses_bfloat16_only_where_the_cpu_has_it(llama, monkeypatch):
+    from edit.methods import algebra
+
+    for native in (True, False):
+        monkeypatch.setattr(algebra, "native_bf16_cpu", lambda native=native: native)
+        ctx = algebra.value_autocast(llama, "auto")
+        assert isinstance(ctx, torch.autocast) is native
+        assert isinstance(algebra.value_autocast(llama, "float32"), torch.autocast) is False
+        assert isinstance(algebra.value_autocast(llama, "bfloat16"), torch.autocast)
+    with pytest.raises(InvalidRequest, match="value_dtype must be one of auto, float32"):
+        ROMEConfig(value_dtype="fp8")
