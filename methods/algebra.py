@@ -292,12 +292,11 @@ def solve_values(
     if objective not in ("insert", "erase"):
         raise ValueError(f"objective must be 'insert' or 'erase', not {objective!r}")
     precision = value_autocast(model, settings.value_dtype)
-    if isinstance(precision, nullcontext):
-        return _solve_values(model, tok, module, facts, templates, settings, objective, progress,
-                             max_rows)  # fmt: skip
     with precision:
         sol = _solve_values(model, tok, module, facts, templates, settings, objective, progress,
                             max_rows)  # fmt: skip
+    if isinstance(precision, nullcontext):
+        return sol
     # the keys and v0 that the update is built from come from the model at its own precision
     keys, values = keys_and_hidden(model, tok, facts, templates, module, module, max_rows)
     return dataclasses.replace(sol, keys=keys, values=values)
