@@ -32,11 +32,14 @@ def speed(model, tok, args) -> None:
 
     records = load_records(args.data or DATA / "counterfact_flat.json")
     spec = methods.get(args.method)
-    config = resolve(spec.name, spec.config_class, model, **parse_settings(args.set))
+    settings = parse_settings(args.set)
+    config = resolve(spec.name, spec.config_class, model, **settings)
     # statistics and context templates are one-time costs: paid before the clock starts
     spec.compute(model, tok, [records[0].fact], config, progress=False)
     rome = methods.get("rome")
-    rome_config = resolve("rome", rome.config_class, model)
+    # the settings ROME shares with the batch method (value_dtype, steps, ...) apply to it too
+    shared = {k: v for k, v in settings.items() if k in rome.config_class.__dataclass_fields__}
+    rome_config = resolve("rome", rome.config_class, model, **shared)
     rome_seconds = []
     for rec in records[: args.rome_edits]:
         t = time.perf_counter()
