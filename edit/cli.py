@@ -214,8 +214,11 @@ def cmd_eval(args) -> int:
     from edit.models import load
 
     records = load_records(args.data, args.format, args.limit)  # input errors before loading
-    layer_settings = _layer_settings(args.layer, methods.get(args.method).batch)
-    layer_settings.update(parse_settings(args.set))
+    # --layer wins over --set, as for edit add
+    layer_settings = {
+        **parse_settings(args.set),
+        **_layer_settings(args.layer, methods.get(args.method).batch),
+    }
     name = Path(args.data).stem
     out = Path(args.out or f"eval-out/{name}-{args.method}-{args.mode}")
     if out.exists() and any(out.iterdir()):
