@@ -35,7 +35,9 @@ from edit.errors import InvalidRequest
 from edit.facts import Fact
 from edit.hooks import StopForward, Trace
 from edit.lm import (
+    cache_kwarg,
     device_of,
+    eager_attention_on_cpu,
     encode,
     encode_continuation,
     logits_at,
@@ -304,7 +306,7 @@ def solve_values(
 
 def _solve_values(model, tok, module, facts, templates, settings, objective, progress, max_rows):
     per_chunk = max(1, max_rows // (len(templates) + 1))
-    with _frozen(model):
+    with _frozen(model), eager_attention_on_cpu(model):
         if len(facts) <= per_chunk:
             return _solve_chunk(model, tok, module, facts, templates, settings, objective, progress)
         order = sorted(range(len(facts)), key=lambda i: len(tok(facts[i].statement).input_ids))
@@ -533,6 +535,16 @@ def whitened_direction(second_moment: torch.Tensor, key: torch.Tensor) -> torch.
     return torch.linalg.solve(c + ridge * eye, key.double())
 
 
+def _shared_length(rows: list[list[int]]) -> int:
+    """Length of the longest token prefix common to all rows, leaving each row ≥ 1 token."""
+    n = min(len(r) for r in rows) - 1
+    first = rows[0]
+    for i in range(n):
+        if any(r[i] != first[i] for r in rows):
+            return i
+    return n
+
+
 @torch.no_grad()
 def keys_and_hidden(
     model: nn.Module,
@@ -546,12 +558,25 @@ def keys_and_hidden(
     """Per fact, the mean over the rewriting prompts of (the input of ``module``, the output
     of the transformer block ``block``) at the subject's last token: (F, d_in), (F, d).
 
-    Each row runs only up to its lookup token, and only up to ``block`` (``module`` must lie
-    in or before it; ``block == module`` gives the keys and the module's own output): nothing
-    later can change either. No gradients."""
+    The prompts are run template by template: the tokens that all facts share under one
+    template (the start token and the sampled prefix text) run once into a key/value cache,
+    and each fact's row continues it only up to its lookup token and only up to ``block``
+    (``module`` must lie in or before it; ``block == module`` gives the keys and the
+    module's own output): nothing later can change either. No gradients."""
     device = device_of(model)
-    per_chunk = max(1, max_rows // (len(templates) + 1))
-    keys, hidden = [], []
+    pad = pad_id(tok)
+    groups = []  # per template: the rows, their shared length, the shared tokens' cache
+    for template in templates:
+        rows = []
+        for fact in facts:
+            text, idx = subject_last_index(tok, template.format(fact.prompt), fact.subject)
+            rows.append(encode(tok, text)[: idx + 1])
+        shared = _shared_length(rows)
+        head = torch.tensor([rows[0][:shared]], device=device)
+        pos = torch.arange(shared, device=device)[None]
+        groups.append((rows, shared, prefix_cache(model, head, torch.ones_like(head), pos)
+                       if shared else None))  # fmt: skip
+    keys = hidden = None
     captured: dict[str, torch.Tensor] = {}
 
     def grab(_m, _inputs, output):
@@ -562,32 +587,43 @@ def keys_and_hidden(
     tr = Trace(model, module, retain_input=True)
     handle = model.get_submodule(block).register_forward_hook(grab)
     try:
-        for start in range(0, len(facts), per_chunk):
-            chunk = facts[start : start + per_chunk]
-            b = _build_batch(tok, chunk, templates, device)
-            # every row ends at its lookup token (the prefixes are left-padded)
-            ids, pos = b.ids[:, :1], b.pos[:, :1]
-            mask = b.mask[:, : b.mask.shape[1] - b.ids.shape[1] + 1]
-            if b.prefix_ids is not None:
-                ids, pos = torch.cat([b.prefix_ids, ids], 1), torch.cat([b.prefix_pos, pos], 1)
-            captured.clear()
-            try:
-                model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                                 use_cache=False)  # fmt: skip
-            except StopForward:
-                pass
-            if "h" not in captured:
-                raise RuntimeError(f"{block} did not run in the forward pass")
-            width = ids.shape[1]
-            k = tr.input.reshape(len(ids), width, -1)[:, -1].float()[b.rewrite]
-            h = captured["h"].reshape(len(ids), width, -1)[:, -1].float()[b.rewrite]
-            fact = b.fact[b.rewrite]
-            keys.append(_mean_by_fact(k, fact, len(chunk)))
-            hidden.append(_mean_by_fact(h, fact, len(chunk)))
+        for rows, shared, head_cache in groups:
+            for start in range(0, len(rows), max_rows):
+                chunk = rows[start : start + max_rows]
+                captured.clear()
+                at = _run_to_lookup(model, chunk, shared, head_cache, pad, device)
+                if "h" not in captured:
+                    raise RuntimeError(f"{block} did not run in the forward pass")
+                k = tr.input.reshape(-1, tr.input.shape[-1])[at].float()
+                h = captured["h"].reshape(-1, captured["h"].shape[-1])[at]
+                if keys is None:
+                    keys = torch.zeros((len(facts), k.shape[1]), device=device)
+                    hidden = torch.zeros((len(facts), h.shape[1]), device=device)
+                keys[start : start + len(chunk)] += k
+                hidden[start : start + len(chunk)] += h.float()
     finally:
         handle.remove()
         tr.close()
-    return torch.cat(keys), torch.cat(hidden)
+    return keys / len(templates), hidden / len(templates)
+
+
+def _run_to_lookup(model, rows, shared, head_cache, pad, device) -> torch.Tensor:
+    """Run rows that share their first ``shared`` tokens (cached in ``head_cache``) on from
+    there, right-padded (the real tokens stay next to the cache, as sliding-window attention
+    needs); returns the flat index of each row's last token, its lookup."""
+    ids, own = right_pad([r[shared:] for r in rows], pad, device)
+    pos = shared + torch.arange(ids.shape[1], device=device).expand_as(ids)
+    mask = torch.cat([torch.ones((len(rows), shared), dtype=own.dtype, device=device), own], 1)
+    extra: dict = {"use_cache": False}
+    if head_cache is not None:
+        cache = copy.deepcopy(head_cache)
+        cache.batch_repeat_interleave(len(rows))
+        extra = {cache_kwarg(model): cache, "use_cache": True}
+    try:
+        model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, **extra)
+    except StopForward:
+        pass
+    return torch.arange(len(rows), device=device) * ids.shape[1] + own.sum(1) - 1
 
 
 def spread_over_layers(

@@ -145,14 +145,22 @@ def test_keys_and_hidden_match_whole_prompts_run_one_by_one(tok, model_type):
     module, block = arch.mlp_out_name(0), arch.block(1)
     templates = ["{}", "A short prefix. {}", "x. {}"]
     facts = FACTS + [Fact("{} is made of", "The big red chair", "wood")]
-    keys, hidden = algebra.keys_and_hidden(model, tok, facts, templates, module, block,
-                                           max_rows=5)  # fmt: skip
-    want_k, want_h = [], []
+    embedded = []  # tokens the key pass runs through the model
+    count = model.get_input_embeddings().register_forward_hook(
+        lambda m, i, o: embedded.append(int(i[0].ne(lm.pad_id(tok)).sum()))
+    )
+    try:
+        keys, hidden = algebra.keys_and_hidden(model, tok, facts, templates, module, block,
+                                               max_rows=2)  # fmt: skip
+    finally:
+        count.remove()
+    want_k, want_h, row_tokens = [], [], 0
     for fact in facts:
         ks, hs = [], []
         for template in templates:
             text, idx = lm.subject_last_index(tok, template.format(fact.prompt), fact.subject)
             ids = torch.tensor([lm.encode(tok, text)])
+            row_tokens += idx + 1
             with torch.no_grad(), edit.hooks.Trace(model, module, retain_input=True) as k, \
                     edit.hooks.Trace(model, block, retain_output=True) as h:  # fmt: skip
                 model(input_ids=ids)
@@ -164,6 +172,48 @@ def test_keys_and_hidden_match_whole_prompts_run_one_by_one(tok, model_type):
         want_h.append(torch.stack(hs).mean(0))
     torch.testing.assert_close(keys, torch.stack(want_k), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(hidden, torch.stack(want_h), rtol=1e-4, atol=1e-5)
+    # the tokens the facts share under a template (start token, prefix text) ran once per
+    # template, not once per fact: fewer tokens than the rows hold
+    assert sum(embedded) < row_tokens - 2 * len(tok("A short prefix.").input_ids)
+
+
+def test_shared_length_leaves_every_row_a_token():
+    assert algebra._shared_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert algebra._shared_length([[1, 2, 3], [1, 2, 3]]) == 2
+    assert algebra._shared_length([[7], [7, 8]]) == 0
+    assert algebra._shared_length([[1, 2], [3, 2]]) == 0
+
+
+def test_value_optimization_runs_plain_attention_on_cpu_and_restores_it(tok):
+    """With PyTorch's fused attention the model runs the plain one while δ is optimized (the
+    fused backward is slow on CPU), computes the same δ, and gets its own back after."""
+    facts = FACTS
+    cfg = MEMITConfig(**TINY_MEMIT | {"nll_stop": 1e-9, "steps": 4, "value_dtype": "float32"})
+    eager = tiny_model("llama", len(tok))  # the tiny models are built with plain attention
+    module = edit.arch.lookup(eager).mlp_out_name(1)
+    templates = algebra.context_templates(eager, tok, cfg.context_templates)
+    want = algebra.solve_values(eager, tok, module, facts, templates, cfg.value_settings(),
+                                progress=False)  # fmt: skip
+    fused = tiny_model("llama", len(tok))
+    fused.set_attn_implementation("sdpa")
+    seen = []
+    hook = fused.get_submodule(module).register_forward_hook(
+        lambda m, i, o: seen.append(fused.config._attn_implementation)
+    )
+    try:
+        got = algebra.solve_values(fused, tok, module, facts, templates, cfg.value_settings(),
+                                   progress=False)  # fmt: skip
+    finally:
+        hook.remove()
+    assert set(seen) == {"eager"}
+    assert fused.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(got.deltas, want.deltas, rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError, match="inside"), lm.eager_attention_on_cpu(fused):
+        assert fused.config._attn_implementation == "eager"
+        raise RuntimeError("inside")
+    assert fused.config._attn_implementation == "sdpa"  # restored after an error too
+    with lm.eager_attention_on_cpu(eager):  # a model already on plain attention: untouched
+        assert eager.config._attn_implementation == "eager"
 
 
 # --------------------------------------------------------------------------- batch edits
