@@ -175,6 +175,14 @@ def eager_attention_on_cpu(model: nn.Module):
         model.set_attn_implementation(current)
 
 
+def empty_cache(model: nn.Module):
+    """An empty key/value cache for ``model`` to fill, with the layer kinds (full or sliding
+    window) its config declares, as the model builds for itself."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
 def unembed(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Logits (..., V) in float32 from final hidden states (..., d), soft-capped when the
     config asks for it (Gemma 2/3)."""

@@ -38,6 +38,7 @@ from edit.lm import (
     cache_kwarg,
     device_of,
     eager_attention_on_cpu,
+    empty_cache,
     encode,
     encode_continuation,
     logits_at,
@@ -571,11 +572,7 @@ def keys_and_hidden(
         for fact in facts:
             text, idx = subject_last_index(tok, template.format(fact.prompt), fact.subject)
             rows.append(encode(tok, text)[: idx + 1])
-        shared = _shared_length(rows)
-        head = torch.tensor([rows[0][:shared]], device=device)
-        pos = torch.arange(shared, device=device)[None]
-        groups.append((rows, shared, prefix_cache(model, head, torch.ones_like(head), pos)
-                       if shared else None))  # fmt: skip
+        groups.append((rows, _shared_length(rows)))
     keys = hidden = None
     captured: dict[str, torch.Tensor] = {}
 
@@ -587,7 +584,12 @@ def keys_and_hidden(
     tr = Trace(model, module, retain_input=True)
     handle = model.get_submodule(block).register_forward_hook(grab)
     try:
-        for rows, shared, head_cache in groups:
+        for rows, shared in groups:
+            head_cache = None
+            if shared:  # the shared tokens, run once up to ``block`` into a cache
+                head_cache = empty_cache(model)
+                head = torch.tensor([rows[0][:shared]], device=device)
+                _run_to_lookup(model, [head[0].tolist()], 0, head_cache, pad, device)
             for start in range(0, len(rows), max_rows):
                 chunk = rows[start : start + max_rows]
                 captured.clear()
@@ -610,15 +612,18 @@ def keys_and_hidden(
 def _run_to_lookup(model, rows, shared, head_cache, pad, device) -> torch.Tensor:
     """Run rows that share their first ``shared`` tokens (cached in ``head_cache``) on from
     there, right-padded (the real tokens stay next to the cache, as sliding-window attention
-    needs); returns the flat index of each row's last token, its lookup."""
+    needs), until the stop hook; returns the flat index of each row's last token, its lookup.
+    With ``shared == 0`` and a cache, the rows fill that cache instead."""
     ids, own = right_pad([r[shared:] for r in rows], pad, device)
     pos = shared + torch.arange(ids.shape[1], device=device).expand_as(ids)
     mask = torch.cat([torch.ones((len(rows), shared), dtype=own.dtype, device=device), own], 1)
     extra: dict = {"use_cache": False}
-    if head_cache is not None:
+    if head_cache is not None and shared:
         cache = copy.deepcopy(head_cache)
         cache.batch_repeat_interleave(len(rows))
         extra = {cache_kwarg(model): cache, "use_cache": True}
+    elif head_cache is not None:  # an empty cache to fill: the shared tokens themselves
+        extra = {cache_kwarg(model): head_cache, "use_cache": True}
     try:
         model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, **extra)
     except StopForward:
