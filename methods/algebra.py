@@ -131,6 +131,39 @@ class _Batch:
             return None
         return prefix_cache(model, self.prefix_ids, self.prefix_mask, self.prefix_pos)
 
+    def keep(self, facts: torch.Tensor, cache) -> tuple[_Batch, object]:
+        """The rows of the facts flagged in ``facts`` (bool, one per fact of this batch),
+        renumbered in order, and ``cache`` cut to those rows (no prefix is run again)."""
+        rows = facts[self.fact]  # (R,) bool
+        new_row = torch.cumsum(rows, 0) - 1  # row index in the kept batch
+        new_fact = torch.cumsum(facts, 0) - 1
+        tgt = rows[self.tgt_row]
+        kept_rows = rows.nonzero()[:, 0]
+        if cache is not None:
+            cache.batch_select_indices(kept_rows)
+
+        def sub(x):
+            return None if x is None else x[kept_rows]
+
+        batch = dataclasses.replace(
+            self,
+            ids=self.ids[kept_rows],
+            mask=self.mask[kept_rows],
+            pos=self.pos[kept_rows],
+            prefix_ids=sub(self.prefix_ids),
+            prefix_mask=sub(self.prefix_mask),
+            prefix_pos=sub(self.prefix_pos),
+            fact=new_fact[self.fact[kept_rows]],
+            rewrite=self.rewrite[kept_rows],
+            tgt_row=new_row[self.tgt_row[tgt]],
+            tgt_col=self.tgt_col[tgt],
+            tgt_tok=self.tgt_tok[tgt],
+            tgt_first=self.tgt_first[tgt],
+            kl_row=new_row[self.kl_row[facts]],
+            kl_col=self.kl_col[facts],
+        )
+        return batch, cache
+
 
 def _build_batch(tok, facts: list[Fact], templates: list[str], device) -> _Batch:
     seqs, fact_of, lookup, rewrite = [], [], [], []
@@ -492,8 +525,7 @@ def _solve_chunk(
             delta[~running] = before[~running]  # finished facts keep their δ (Adam's momentum)
         if bool(done.any()):
             act = act[~done]
-            cb = _build_batch(tok, [facts[i] for i in act.tolist()], templates, device)
-            prefix = cb.prefix_cache(model)
+            cb, prefix = cb.keep(~done, prefix)
             if objective == "erase":
                 c_q = q[torch.isin(fact_of_first, act)]
     bar.close()

@@ -280,6 +280,34 @@ def test_value_rows_after_a_cached_prefix_match_the_whole_rows(tok, model_type):
     assert len(set(b.pos[:, 0].tolist())) > 1  # the lookups sit at different positions
 
 
+@pytest.mark.parametrize("model_type", TYPES)
+def test_finished_facts_leave_the_batch_and_the_cache_without_running_it_again(tok, model_type):
+    """When facts finish, the rows of the others are cut out of the batch and of the prefix
+    cache: their logits must be those of a batch built for the remaining facts alone."""
+    from edit.methods import algebra
+
+    model = tiny_model(model_type, len(tok))
+    facts = [Fact(**TINY_FACT), Fact("{} was born in", "Marie Curie", "Warsaw, Poland"),
+             Fact("{} is made of", "The big red chair", "wood")]  # fmt: skip
+    templates = ["{}", "A short text. {}", "Here is a much longer piece of text first. {}"]
+
+    def logits(b, cache):
+        rows, cols = torch.cat([b.tgt_row, b.kl_row]), torch.cat([b.tgt_col, b.kl_col])
+        with torch.no_grad():
+            return lm.logits_at(model, b.ids, b.mask, rows, cols, position_ids=b.pos,
+                                cache=cache)  # fmt: skip
+
+    full = algebra._build_batch(tok, facts, templates, "cpu")
+    with torch.no_grad():
+        kept, cache = full.keep(torch.tensor([True, False, True]), full.prefix_cache(model))
+    alone = algebra._build_batch(tok, [facts[0], facts[2]], templates, "cpu")
+    with torch.no_grad():
+        want = logits(alone, alone.prefix_cache(model))
+    torch.testing.assert_close(logits(kept, cache), want, atol=2e-5, rtol=1e-4)
+    for name in ("fact", "rewrite", "tgt_tok", "tgt_first", "tgt_row"):
+        assert torch.equal(getattr(kept, name), getattr(alone, name)), name
+
+
 def _target_is_top1(model, tok, fact: Fact) -> bool:
     (score,) = lm.continuation_scores(model, tok, [fact.text], [fact.target])
     return bool((score.top1 == score.targets).all())
