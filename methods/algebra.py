@@ -598,7 +598,7 @@ def keys_and_hidden(
     module's own output): nothing later can change either. No gradients."""
     device = device_of(model)
     pad = pad_id(tok)
-    groups = []  # per template: the rows, their shared length, the shared tokens' cache
+    groups = []  # per template: every fact's row up to its lookup, and their shared length
     for template in templates:
         rows = []
         for fact in facts:
@@ -620,8 +620,7 @@ def keys_and_hidden(
             head_cache = None
             if shared:  # the shared tokens, run once up to ``block`` into a cache
                 head_cache = empty_cache(model)
-                head = torch.tensor([rows[0][:shared]], device=device)
-                _run_to_lookup(model, [head[0].tolist()], 0, head_cache, pad, device)
+                _run_to_lookup(model, [rows[0][:shared]], 0, head_cache, pad, device)
             for start in range(0, len(rows), max_rows):
                 chunk = rows[start : start + max_rows]
                 captured.clear()
