@@ -617,14 +617,18 @@ def keys_and_hidden(
     handle = model.get_submodule(block).register_forward_hook(grab)
     try:
         for rows, shared in groups:
-            head_cache = None
+            head = None
             if shared:  # the shared tokens, run once up to ``block`` into a cache
-                head_cache = empty_cache(model)
-                _run_to_lookup(model, [rows[0][:shared]], 0, head_cache, pad, device)
+                head = empty_cache(model)
+                _run_to_lookup(model, [rows[0][:shared]], 0, head, pad, device)
             for start in range(0, len(rows), max_rows):
                 chunk = rows[start : start + max_rows]
+                cache = None
+                if head is not None:  # one copy of the shared tokens' cache per row
+                    cache = copy.deepcopy(head)
+                    cache.batch_repeat_interleave(len(chunk))
                 captured.clear()
-                at = _run_to_lookup(model, chunk, shared, head_cache, pad, device)
+                at = _run_to_lookup(model, chunk, shared, cache, pad, device)
                 if "h" not in captured:
                     raise RuntimeError(f"{block} did not run in the forward pass")
                 k = tr.input.reshape(-1, tr.input.shape[-1])[at].float()
@@ -640,21 +644,16 @@ def keys_and_hidden(
     return keys / len(templates), hidden / len(templates)
 
 
-def _run_to_lookup(model, rows, shared, head_cache, pad, device) -> torch.Tensor:
-    """Run rows that share their first ``shared`` tokens (cached in ``head_cache``) on from
-    there, right-padded (the real tokens stay next to the cache, as sliding-window attention
-    needs), until the stop hook; returns the flat index of each row's last token, its lookup.
-    With ``shared == 0`` and a cache, the rows fill that cache instead."""
+def _run_to_lookup(model, rows, shared, cache, pad, device) -> torch.Tensor:
+    """Run rows on from their first ``shared`` tokens, which ``cache`` holds (one row each),
+    right-padded (the real tokens stay next to the cache, as sliding-window attention needs),
+    until the stop hook; the rows' own tokens are added to ``cache`` (None: no cache).
+    Returns the flat index of each row's last token, its lookup."""
     ids, own = right_pad([r[shared:] for r in rows], pad, device)
     pos = shared + torch.arange(ids.shape[1], device=device).expand_as(ids)
     mask = torch.cat([torch.ones((len(rows), shared), dtype=own.dtype, device=device), own], 1)
-    extra: dict = {"use_cache": False}
-    if head_cache is not None and shared:
-        cache = copy.deepcopy(head_cache)
-        cache.batch_repeat_interleave(len(rows))
-        extra = {cache_kwarg(model): cache, "use_cache": True}
-    elif head_cache is not None:  # an empty cache to fill: the shared tokens themselves
-        extra = {cache_kwarg(model): head_cache, "use_cache": True}
+    extra = {"use_cache": False} if cache is None else {cache_kwarg(model): cache,
+                                                         "use_cache": True}  # fmt: skip
     try:
         model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, **extra)
     except StopForward:
