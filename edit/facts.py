@@ -111,7 +111,10 @@ class Fact:
     ``prompt`` contains ``{}`` exactly once; ``prompt.format(subject)`` is what the model
     reads and ``target`` is what it should say next. ``target_true`` is the object the model
     is expected to say before the edit (optional). ``paraphrases`` and ``neighbours`` are
-    full prompts used to measure generalization and locality.
+    full prompts used to measure generalization and locality. ``questions`` ask for the
+    object as questions ("Who performed Hey Jude?"); each names the subject literally. The
+    edit methods train on them (plainly and in the chat template); without them, questions
+    are made from the prompt (``edit.questions``).
     """
 
     prompt: str
@@ -120,6 +123,7 @@ class Fact:
     target_true: str | None = None
     paraphrases: tuple[str, ...] = field(default=())
     neighbours: tuple[str, ...] = field(default=())
+    questions: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
         if self.prompt.count("{}") != 1:
@@ -137,6 +141,12 @@ class Fact:
             raise InvalidRequest("the target is empty: give the object the model should say")
         if self.target_true is not None and not self.target_true.strip():
             object.__setattr__(self, "target_true", None)
+        for q in self.questions:
+            if self.subject not in q:
+                raise InvalidRequest(
+                    f"question {q!r} does not name the subject {self.subject!r}: "
+                    f"write the subject in it as it is written in the fact"
+                )
 
     @property
     def text(self) -> str:
@@ -155,6 +165,7 @@ class Fact:
             "target_true": self.target_true,
             "paraphrases": list(self.paraphrases),
             "neighbours": list(self.neighbours),
+            "questions": list(self.questions),
         }
 
     @classmethod
@@ -179,6 +190,7 @@ class Fact:
             target_true=d.get("target_true"),
             paraphrases=_strings(d.get("paraphrases")),
             neighbours=_strings(d.get("neighbours")),
+            questions=_strings(d.get("questions")),
         )
 
 

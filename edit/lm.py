@@ -39,14 +39,27 @@ def start_ids(tok) -> tuple[int, ...]:
     return ()
 
 
+def opens_with_special(tok, text: str) -> bool:
+    """Whether ``text`` opens with one of the tokenizer's special tokens, as a rendered chat
+    template does (``<|im_start|>``, ``<|begin_of_text|>``): such a text carries its own
+    opening and is read exactly as written, with no start token or BOS added."""
+    return any(t and text.startswith(t) for t in tok.all_special_tokens)
+
+
 def encode(tok, text: str) -> list[int]:
-    """Token ids of a text as the model reads it: see :func:`start_ids`."""
+    """Token ids of a text as the model reads it: see :func:`start_ids` (and
+    :func:`opens_with_special` for rendered chat templates)."""
+    if opens_with_special(tok, text):
+        return list(tok(text, add_special_tokens=False).input_ids)
     return list(start_ids(tok)) + list(tok(text).input_ids)
 
 
-def encode_continuation(tok, text: str) -> list[int]:
-    """Token ids of ``text`` as it continues a prompt: a leading space, no special tokens."""
-    return list(tok(" " + text.strip(), add_special_tokens=False).input_ids)
+def encode_continuation(tok, text: str, after: str = "") -> list[int]:
+    """Token ids of ``text`` as it continues the prompt ``after``: a leading space, unless the
+    prompt ends a line (an answer opening a chat turn starts without one); no special
+    tokens."""
+    space = "" if after.endswith("\n") else " "
+    return list(tok(space + text.strip(), add_special_tokens=False).input_ids)
 
 
 def pad_id(tok) -> int:
@@ -72,14 +85,19 @@ def right_pad(
 def last_token_of_span(tok, text: str, end_char: int) -> int:
     """Index, in ``encode(tok, text)``, of the token that holds character ``end_char - 1``:
     the last token of a span ending at ``end_char``."""
-    enc = tok(text, return_offsets_mapping=True)
+    if opens_with_special(tok, text):
+        enc = tok(text, return_offsets_mapping=True, add_special_tokens=False)
+        opening = 0
+    else:
+        enc = tok(text, return_offsets_mapping=True)
+        opening = len(start_ids(tok))
     index = None
     for i, (start, stop) in enumerate(enc["offset_mapping"]):
         if stop > start and start < end_char:
             index = i
     if index is None:
         raise ValueError(f"no token covers the span ending at {end_char} in {text!r}")
-    return index + len(start_ids(tok))
+    return index + opening
 
 
 def subject_last_index(tok, prompt_template: str, subject: str) -> tuple[str, int]:
@@ -226,7 +244,7 @@ def continuation_scores(
             strict=True,
         )
         for b, (p, c) in enumerate(pairs):
-            p_ids, c_ids = encode(tok, p), encode_continuation(tok, c)
+            p_ids, c_ids = encode(tok, p), encode_continuation(tok, c, after=p)
             seqs.append(p_ids + c_ids)
             for j, t in enumerate(c_ids):
                 rows.append(b)

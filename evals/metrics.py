@@ -15,6 +15,12 @@ evaluation code. ``p = exp(-nll)``.
   its word bigram and trigram frequency distributions (bits), combined as the arithmetic mean
   of (2/3)·H₂ and (4/3)·H₃, then averaged over texts. Perplexity = exp(mean token NLL) of
   held-out text.
+* Asked forms (for an instruct model, how the fact is used): QS = share of questions where
+  nll(new) < nll(old) after ``Question: …\nAnswer:``; CS = the same with the question as a
+  user turn of the chat template and the answer opening the assistant's turn; CG = share of
+  chat-template questions whose greedy answer names the new object or an alias
+  (:func:`answer_contains`); MHS = CS on multi-hop questions whose answer the edits change
+  (MQuAKE, Zhong et al. 2023), new answer against old.
 * zsRE (Mitchell et al. 2022 and later work): teacher-forced top-1 token accuracy of the
   target after the question (efficacy) and its rephrasing (generalization); specificity =
   share of the locality answer's tokens whose top-1 prediction the edit left unchanged.
@@ -196,3 +202,14 @@ def harmonic_mean(values: Sequence[float]) -> float:
     if (v <= 0).any():
         return 0.0
     return float(len(v) / (1.0 / v).sum())
+
+
+def _plain(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def answer_contains(answer: str, names: Sequence[str]) -> bool:
+    """Whether a generated answer names one of ``names`` (the object or its aliases), as
+    whole words, case and punctuation aside (MQuAKE's accuracy on generated answers)."""
+    text = f" {_plain(answer)} "
+    return any(_plain(n) and f" {_plain(n)} " in text for n in names)

@@ -40,13 +40,13 @@ from edit.lm import (
     eager_attention_on_cpu,
     empty_cache,
     encode,
-    encode_continuation,
     logits_at,
     pad_id,
     prefix_cache,
     right_pad,
     subject_last_index,
 )
+from edit.methods.contexts import Contexts, check_forms
 from edit.models import cache_dir
 from edit.update import Update
 
@@ -118,6 +118,7 @@ class _Batch:
     prefix_pos: torch.Tensor | None  # (R, P)
     fact: torch.Tensor  # (R,) which fact a row belongs to
     rewrite: torch.Tensor  # (R,) bool: a rewriting row (else an essence/KL row)
+    weight: torch.Tensor  # (R,) share of its fact's loss and key (0 for essence rows)
     tgt_row: torch.Tensor  # (T,) row of each supervised target position
     tgt_col: torch.Tensor  # (T,) column of ``ids`` whose next-token logits predict it
     tgt_tok: torch.Tensor  # (T,) the target token
@@ -155,6 +156,7 @@ class _Batch:
             prefix_pos=sub(self.prefix_pos),
             fact=new_fact[self.fact[kept_rows]],
             rewrite=self.rewrite[kept_rows],
+            weight=self.weight[kept_rows],
             tgt_row=new_row[self.tgt_row[tgt]],
             tgt_col=self.tgt_col[tgt],
             tgt_tok=self.tgt_tok[tgt],
@@ -165,22 +167,23 @@ class _Batch:
         return batch, cache
 
 
-def _build_batch(tok, facts: list[Fact], templates: list[str], device) -> _Batch:
-    seqs, fact_of, lookup, rewrite = [], [], [], []
+def _build_batch(tok, facts: list[Fact], templates, device) -> _Batch:
+    """The rows of ``templates`` (a :class:`Contexts`, or cloze templates alone) for every
+    fact, then one essence (KL) row per fact."""
+    contexts = Contexts.of(templates)
+    seqs, fact_of, lookup, rewrite, weight = [], [], [], [], []
     t_row, t_col, t_tok, t_first = [], [], [], []
     for f, fact in enumerate(facts):
-        target_ids = encode_continuation(tok, fact.target)
-        for template in templates:
-            text, idx = subject_last_index(tok, template.format(fact.prompt), fact.subject)
-            prompt_ids = encode(tok, text)
+        for row in contexts.rows(tok, fact):
             r = len(seqs)
-            seqs.append(prompt_ids + target_ids[:-1])
+            seqs.append(row.ids + row.target[:-1])
             fact_of.append(f)
-            lookup.append(idx)
+            lookup.append(row.lookup)
             rewrite.append(True)
-            for j, t in enumerate(target_ids):
+            weight.append(row.weight)
+            for j, t in enumerate(row.target):
                 t_row.append(r)
-                t_col.append(len(prompt_ids) - 1 + j - idx)
+                t_col.append(len(row.ids) - 1 + j - row.lookup)
                 t_tok.append(t)
                 t_first.append(j == 0)
     kl_row, kl_col = [], []
@@ -193,6 +196,7 @@ def _build_batch(tok, facts: list[Fact], templates: list[str], device) -> _Batch
         fact_of.append(f)
         lookup.append(idx)
         rewrite.append(False)
+        weight.append(0.0)
 
     pad, width = pad_id(tok), max(lookup)
     prefix = [[pad] * (width - i) + seq[:i] for seq, i in zip(seqs, lookup, strict=True)]
@@ -214,6 +218,7 @@ def _build_batch(tok, facts: list[Fact], templates: list[str], device) -> _Batch
         prefix_pos=t(p_pos) if with_prefix else None,
         fact=t(fact_of),
         rewrite=t(rewrite, torch.bool),
+        weight=t(weight, torch.float32),
         tgt_row=t(t_row),
         tgt_col=t(t_col),
         tgt_tok=t(t_tok),
@@ -275,6 +280,7 @@ def check_value_config(config) -> None:
         raise InvalidRequest(
             f"value_dtype must be one of {', '.join(VALUE_DTYPES)}, got {config.value_dtype!r}"
         )
+    check_forms(config)
     if config.erase_ratio <= 1:
         raise InvalidRequest(f"erase_ratio must be > 1, got {config.erase_ratio}")
     if any(len(s) != 2 or s[0] < 1 or s[1] < 0 for s in config.context_templates):
@@ -339,7 +345,8 @@ def solve_values(
 
 
 def _solve_values(model, tok, module, facts, templates, settings, objective, progress, max_rows):
-    per_chunk = max(1, max_rows // (len(templates) + 1))
+    rows_per_fact = len(Contexts.of(templates).rows(tok, facts[0])) + 1  # + the essence row
+    per_chunk = max(1, max_rows // rows_per_fact)
     with _frozen(model), eager_attention_on_cpu(model):
         if len(facts) <= per_chunk:
             return _solve_chunk(model, tok, module, facts, templates, settings, objective, progress)
@@ -457,8 +464,8 @@ def _solve_chunk(
             flat = torch.arange(len(b.ids), device=device) * b.ids.shape[1]
             k_rows = tr.input.flatten(0, -2)[flat].float()  # (R, d_in); OPT blocks flatten
             v_rows = tr.output.flatten(0, -2)[flat].float()  # (R, d_out)
-            keys = _mean_by_fact(k_rows[b.rewrite], b.fact[b.rewrite], n_facts)
-            values = _mean_by_fact(v_rows[b.rewrite], b.fact[b.rewrite], n_facts)
+            keys = _weighted_by_fact(k_rows, b.weight, b.fact, n_facts)
+            values = _weighted_by_fact(v_rows, b.weight, b.fact, n_facts)
             v_norm = values.norm(dim=-1)  # (F,)
             kl_ref = logp[n_tgt:].detach()  # (F, V)
             opt = torch.optim.Adam([delta], lr=settings.lr)
@@ -476,11 +483,11 @@ def _solve_chunk(
                     / settings.erase_ratio
                 )
         if objective == "insert":
-            # mean token NLL per row, then mean of rows per fact (ROME's loss)
+            # mean token NLL per row, then the rows' weighted mean per fact (ROME's loss when
+            # every row weighs the same)
             tok_lp = logp[:n_t].gather(1, cb.tgt_tok[:, None])[:, 0]  # (P,)
             row_nll = _mean_by_group(-tok_lp, cb.tgt_row, len(cb.ids))
-            fact_loss = _mean_by_fact(row_nll[cb.rewrite][:, None], cb.fact[cb.rewrite], n_act)
-            fact_loss = fact_loss[:, 0]
+            fact_loss = _weighted_by_fact(row_nll[:, None], cb.weight, cb.fact, n_act)[:, 0]
             measure = torch.exp(-fact_loss.detach())
             done = fact_loss.detach() < settings.nll_stop
             if settings.stop_most_probable:
@@ -499,7 +506,9 @@ def _solve_chunk(
             p_obj = lp_first.gather(1, cb.tgt_tok[cb.tgt_first][:, None])[:, 0].exp()
             kl_q = (c_q * (c_q.clamp_min(1e-30).log() - lp_first)).sum(-1)
             unlikely = -torch.log1p(-p_obj.clamp(max=1 - 1e-6))
-            fact_loss = _mean_by_fact((kl_q + unlikely)[:, None], first_of, n_act)[:, 0]
+            first_w = cb.weight[cb.tgt_row[cb.tgt_first]]
+            fact_loss = _weighted_by_fact((kl_q + unlikely)[:, None], first_w, first_of, n_act)
+            fact_loss = fact_loss[:, 0]
             measure = _mean_by_fact(p_obj[:, None].detach(), first_of, n_act)[:, 0]
             done = measure <= stop_at[act]
         final_loss[act] = fact_loss.detach()
@@ -547,6 +556,13 @@ def _mean_by_group(x: torch.Tensor, group: torch.Tensor, n: int) -> torch.Tensor
     return total / count.clamp_min(1)
 
 
+def _weighted_by_fact(x: torch.Tensor, w: torch.Tensor, fact: torch.Tensor, n: int) -> torch.Tensor:
+    """Sum of the rows of ``x`` (R, d) weighted by ``w`` (R,) per fact → (n, d): a weighted
+    mean where each fact's weights sum to 1."""
+    total = torch.zeros((n, x.shape[1]), dtype=x.dtype, device=x.device)
+    return total.index_add(0, fact, x * w.to(x.dtype)[:, None])
+
+
 def _mean_by_fact(x: torch.Tensor, fact: torch.Tensor, n: int) -> torch.Tensor:
     """Mean of the rows of ``x`` (R, d) per fact → (n, d)."""
     total = torch.zeros((n, x.shape[1]), dtype=x.dtype, device=x.device).index_add(0, fact, x)
@@ -583,28 +599,28 @@ def keys_and_hidden(
     model: nn.Module,
     tok,
     facts: list[Fact],
-    templates: list[str],
+    templates,
     module: str,
     block: str,
     max_rows: int = MAX_ROWS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per fact, the mean over the rewriting prompts of (the input of ``module``, the output
-    of the transformer block ``block``) at the subject's last token: (F, d_in), (F, d).
+    """Per fact, the weighted mean over its rewriting rows (``templates``: a
+    :class:`Contexts`, or cloze templates alone) of (the input of ``module``, the output of
+    the transformer block ``block``) at the subject's last token: (F, d_in), (F, d).
 
-    The prompts are run template by template: the tokens that all facts share under one
-    template (the start token and the sampled prefix text) run once into a key/value cache,
-    and each fact's row continues it only up to its lookup token and only up to ``block``
-    (``module`` must lie in or before it; ``block == module`` gives the keys and the
-    module's own output): nothing later can change either. No gradients."""
+    The rows are run group by group (one context template, or one asked form): the tokens
+    that all rows of a group share (the start token and the sampled prefix text, or the chat
+    template's opening) run once into a key/value cache, and each row continues it only up to
+    its lookup token and only up to ``block`` (``module`` must lie in or before it;
+    ``block == module`` gives the keys and the module's own output): nothing later can
+    change either. No gradients."""
     device = device_of(model)
     pad = pad_id(tok)
-    groups = []  # per template: every fact's row up to its lookup, and their shared length
-    for template in templates:
-        rows = []
-        for fact in facts:
-            text, idx = subject_last_index(tok, template.format(fact.prompt), fact.subject)
-            rows.append(encode(tok, text)[: idx + 1])
-        groups.append((rows, _shared_length(rows)))
+    contexts = Contexts.of(templates)
+    groups: dict[tuple, list] = {}  # group -> [(fact, row up to its lookup, weight)]
+    for f, fact in enumerate(facts):
+        for row in contexts.rows(tok, fact):
+            groups.setdefault(row.group, []).append((f, row.ids[: row.lookup + 1], row.weight))
     keys = hidden = None
     captured: dict[str, torch.Tensor] = {}
 
@@ -616,7 +632,11 @@ def keys_and_hidden(
     tr = Trace(model, module, retain_input=True)
     handle = model.get_submodule(block).register_forward_hook(grab)
     try:
-        for rows, shared in groups:
+        for members in groups.values():
+            rows = [m[1] for m in members]
+            fact_of = torch.tensor([m[0] for m in members], device=device)
+            weight = torch.tensor([m[2] for m in members], device=device)
+            shared = _shared_length(rows)
             head = None
             if shared:  # the shared tokens, run once up to ``block`` into a cache
                 head = empty_cache(model)
@@ -632,16 +652,17 @@ def keys_and_hidden(
                 if "h" not in captured:
                     raise RuntimeError(f"{block} did not run in the forward pass")
                 k = tr.input.reshape(-1, tr.input.shape[-1])[at].float()
-                h = captured["h"].reshape(-1, captured["h"].shape[-1])[at]
+                h = captured["h"].reshape(-1, captured["h"].shape[-1])[at].float()
                 if keys is None:
                     keys = torch.zeros((len(facts), k.shape[1]), device=device)
                     hidden = torch.zeros((len(facts), h.shape[1]), device=device)
-                keys[start : start + len(chunk)] += k
-                hidden[start : start + len(chunk)] += h.float()
+                w = weight[start : start + len(chunk), None]
+                keys.index_add_(0, fact_of[start : start + len(chunk)], k * w)
+                hidden.index_add_(0, fact_of[start : start + len(chunk)], h * w)
     finally:
         handle.remove()
         tr.close()
-    return keys / len(templates), hidden / len(templates)
+    return keys, hidden
 
 
 def _run_to_lookup(model, rows, shared, cache, pad, device) -> torch.Tensor:

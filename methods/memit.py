@@ -38,6 +38,7 @@ from edit.methods.algebra import (
     solve_values,
     spread_over_layers,
 )
+from edit.methods.contexts import Contexts
 from edit.stats import DEFAULT_CORPUS, second_moment
 from edit.trace import cached_layer
 
@@ -53,6 +54,10 @@ class MEMITConfig:
     # (tokens, count): the bare prompt and 5 prefixes of 10 tokens, as MEMIT's own code
     # (ROME's default takes 20 prefixes)
     context_templates: tuple[tuple[int, int], ...] = ((10, 5),)
+    # the asked forms the edit is written for besides the cloze prompt: its questions
+    # (``edit.questions``) plainly and in the chat template (``methods/contexts.py``)
+    forms: tuple[str, ...] = ("question", "chat")
+    form_weight: float = 0.5  # share of each fact's loss and key k* on the asked forms
     steps: int = 25  # max gradient steps for δ
     lr: float = 0.5
     kl_factor: float = 0.0625
@@ -152,13 +157,14 @@ def batch_compute(
     solve = make_solver(modules, covs)
     t_stats = time.perf_counter() - t0
     templates = context_templates(model, tok, config.context_templates, config.seed)
+    contexts = Contexts.of(templates, config)
     t1 = time.perf_counter()
     sol = solve_values(
         model,
         tok,
         modules[-1],
         facts,
-        templates,
+        contexts,
         config.value_settings(),
         objective=objective,
         progress=progress,
@@ -169,7 +175,7 @@ def batch_compute(
         model,
         tok,
         facts,
-        templates,
+        contexts,
         modules,
         arch.block(layers[-1]),
         sol.deltas,

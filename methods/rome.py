@@ -37,6 +37,7 @@ from edit.methods.algebra import (
     solve_values,
     whitened_direction,
 )
+from edit.methods.contexts import Contexts
 from edit.stats import DEFAULT_CORPUS, second_moment
 from edit.trace import cached_layer
 from edit.update import Update
@@ -51,6 +52,10 @@ class ROMEConfig:
 
     layer: int | None = None  # block whose MLP is edited; None: see ``compute``
     context_templates: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))  # (tokens, count)
+    # the asked forms the edit is written for besides the cloze prompt: its questions
+    # (``edit.questions``) plainly and in the chat template (``methods/contexts.py``)
+    forms: tuple[str, ...] = ("question", "chat")
+    form_weight: float = 0.5  # share of each fact's loss and key k* on the asked forms
     steps: int = 20  # max gradient steps for δ
     lr: float = 0.5
     kl_factor: float = 0.0625  # weight of KL(p₀‖p) on "{subject} is a"
@@ -137,7 +142,7 @@ def compute(
         tok,
         module,
         facts,
-        templates,
+        Contexts.of(templates, config),
         config.value_settings(),
         objective=objective,
         progress=progress,

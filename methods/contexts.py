@@ -1,0 +1,96 @@
+"""The contexts an edit is written for: every prompt row the value optimization and the key
+passes run for a fact, with the token where the subject ends and the target that follows.
+
+* cloze rows: the fact's own prompt behind each context template (``"{}"`` and short sampled
+  texts ``"<text>. {}"``, ROME §3.1), the target after a space;
+* question rows (``"question"`` in ``forms``): each of the fact's questions
+  (:func:`edit.questions.questions_for`) as ``Question: …\\nAnswer:``;
+* chat rows (``"chat"``): each question as a user turn of the model's own chat template,
+  the target opening the assistant's answer.
+
+Row weights sum to 1 per fact: the cloze rows share ``1 - form_weight`` and the asked rows
+``form_weight`` (all of it to the cloze rows when a fact has no asked rows). The fact's key
+k* and its loss are these weighted means, so a form counts the same however many prompts it
+has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edit.errors import InvalidRequest
+from edit.facts import Fact
+from edit.lm import encode, encode_continuation, last_token_of_span
+from edit.questions import FORMS, chat_prompt, question_prompt, questions_for
+
+
+@dataclass(frozen=True)
+class Row:
+    """One prompt row of one fact, tokenized."""
+
+    ids: list[int]  # the prompt's token ids
+    lookup: int  # index in ``ids`` of the subject's last token
+    target: list[int]  # token ids of the target after the prompt
+    weight: float  # share of the fact's loss and key
+    group: tuple  # rows of one group (one template or form slot) share opening tokens
+
+
+@dataclass(frozen=True)
+class Contexts:
+    """Cloze templates plus the asked forms; :meth:`rows` builds a fact's rows."""
+
+    templates: tuple[str, ...]
+    forms: tuple[str, ...] = ()
+    form_weight: float = 0.5
+
+    @classmethod
+    def of(cls, templates, config=None) -> Contexts:
+        """Contexts from sampled templates and a method config's ``forms``/``form_weight``
+        (a bare list of templates: cloze rows only)."""
+        if isinstance(templates, Contexts):
+            return templates
+        if config is None:
+            return cls(tuple(templates))
+        return cls(tuple(templates), tuple(config.forms), config.form_weight)
+
+    def rows(self, tok, fact: Fact) -> list[Row]:
+        cloze = [_cloze_row(tok, fact, t, ("cloze", i)) for i, t in enumerate(self.templates)]
+        asked = []
+        for k, q in enumerate(questions_for(fact) if self.forms else []):
+            at = q.index(fact.subject) + len(fact.subject)
+            if "question" in self.forms:
+                text = question_prompt(q)
+                asked.append(_row(tok, text, text.index(q) + at, fact.target, ("question", k)))
+            text = chat_prompt(tok, q) if "chat" in self.forms else None
+            if text is not None and q in text:
+                asked.append(_row(tok, text, text.rindex(q) + at, fact.target, ("chat", k)))
+        share = 1.0 - self.form_weight if asked else 1.0
+        weighted = [_weigh(r, share / len(cloze)) for r in cloze]
+        return weighted + [_weigh(r, self.form_weight / len(asked)) for r in asked]
+
+
+def check_forms(config) -> None:
+    """One-line errors for a config's ``forms`` and ``form_weight``."""
+    unknown = [f for f in config.forms if f not in FORMS]
+    if unknown:
+        raise InvalidRequest(
+            f"forms must be among {', '.join(FORMS)}, got {', '.join(map(str, unknown))}"
+        )
+    if not 0 <= config.form_weight < 1:
+        raise InvalidRequest(f"form_weight must be in [0, 1), got {config.form_weight}")
+
+
+def _cloze_row(tok, fact: Fact, template: str, group: tuple) -> Row:
+    prompt = template.format(fact.prompt)  # still holds the subject's "{}"
+    text = prompt.format(fact.subject)
+    return _row(tok, text, prompt.index("{}") + len(fact.subject), fact.target, group)
+
+
+def _row(tok, text: str, subject_end: int, target: str, group: tuple) -> Row:
+    ids = encode(tok, text)
+    lookup = last_token_of_span(tok, text, subject_end)
+    return Row(ids, lookup, encode_continuation(tok, target, after=text), 0.0, group)
+
+
+def _weigh(row: Row, weight: float) -> Row:
+    return Row(row.ids, row.lookup, row.target, weight, row.group)

@@ -1,0 +1,160 @@
+"""Asked forms: questions made from a fact, the rows the edit methods train on (plain
+question, chat template), their weights and keys, and the scores that measure them."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny import EOS_TOKEN, tiny_model
+
+import edit
+from edit import Fact, InvalidRequest, lm
+from edit.evals import metrics as M
+from edit.hooks import Trace
+from edit.methods import algebra
+from edit.methods.contexts import Contexts
+from edit.methods.rome import ROMEConfig
+from edit.questions import chat_prompt, question_prompt, questions_for
+
+CHAT = (
+    "{% for m in messages %}" + EOS_TOKEN + "{{ m['role'] }}\n{{ m['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}" + EOS_TOKEN + "assistant\n{% endif %}"
+)
+FACT = Fact("{} is a citizen of", "Marie Curie", "Spain", "Poland")
+
+
+@pytest.fixture
+def chat_tok(tok):
+    """The tiny tokenizer with a chat template whose turns open with a special token."""
+    t = copy.deepcopy(tok)
+    t.chat_template = CHAT
+    return t
+
+
+@pytest.mark.parametrize(
+    "prompt, subject, want",
+    [
+        ("{} is a citizen of", "Ellie Kemper",
+         ["Ellie Kemper is a citizen of what?", "What is Ellie Kemper a citizen of?"]),
+        ("The official language of {} is", "Australia",
+         ["The official language of Australia is what?",
+          "What is the official language of Australia?"]),
+        ("{}'s child is", "Ann", ["Ann's child is what?", "What is Ann's child?"]),
+        ("{} plays the position of", "Bo", ["Bo plays the position of what?"]),
+        ("Everyone knows {}", "Bo", []),
+    ],
+)  # fmt: skip
+def test_questions_made_from_the_cloze_template(prompt, subject, want):
+    assert questions_for(Fact(prompt, subject, "X")) == want
+
+
+def test_questions_given_in_the_request_win():
+    request = {"prompt": "{} was performed by", "subject": "Hey Jude", "target": "Madonna",
+               "questions": ["Who performed Hey Jude?"]}  # fmt: skip
+    fact = Fact.from_dict(request)
+    assert questions_for(fact) == ["Who performed Hey Jude?"]
+    assert Fact.from_dict(fact.to_dict()) == fact
+
+
+def test_a_question_must_name_the_subject():
+    with pytest.raises(InvalidRequest, match="does not name the subject"):
+        Fact("{} was performed by", "Hey Jude", "Madonna", questions=("Who sang it?",))
+
+
+def test_rendered_chat_text_is_read_as_written(chat_tok):
+    text = chat_prompt(chat_tok, "Who is Marie Curie?")
+    assert text.startswith(EOS_TOKEN) and text.endswith("assistant\n")
+    assert lm.opens_with_special(chat_tok, text)
+    assert lm.encode(chat_tok, text) == chat_tok(text, add_special_tokens=False).input_ids
+    # a plain prompt still gets the start token in front
+    assert lm.encode(chat_tok, "Marie Curie")[0] == chat_tok.convert_tokens_to_ids(EOS_TOKEN)
+    # an answer opening a turn has no leading space; one after a prompt does
+    assert lm.encode_continuation(chat_tok, "Spain", after=text) == chat_tok("Spain").input_ids
+    assert lm.encode_continuation(chat_tok, "Spain") == chat_tok(" Spain").input_ids
+
+
+def test_rows_of_every_form_with_weights_that_sum_to_one(chat_tok):
+    contexts = Contexts(("{}", "Hello there. {}"), ("question", "chat"), form_weight=0.4)
+    rows = contexts.rows(chat_tok, FACT)
+    kinds = [r.group[0] for r in rows]
+    # 2 cloze rows, then a plain question and a chat row per made question (2 questions)
+    assert kinds == ["cloze", "cloze", "question", "chat", "question", "chat"]
+    assert sum(r.weight for r in rows) == pytest.approx(1.0)
+    assert [r.weight for r in rows[:2]] == pytest.approx([0.3, 0.3])
+    assert [r.weight for r in rows[2:]] == pytest.approx([0.1] * 4)
+    for r in rows:  # the lookup is the subject's last token, the target follows the prompt
+        assert chat_tok.decode(r.ids[: r.lookup + 1]).endswith("Marie Curie")
+    chat = rows[3]
+    assert chat.ids == lm.encode(chat_tok, chat_prompt(chat_tok, questions_for(FACT)[0]))
+    assert chat.target == chat_tok("Spain").input_ids
+    assert rows[2].target == chat_tok(" Spain").input_ids
+    assert rows[2].ids == lm.encode(chat_tok, question_prompt(questions_for(FACT)[0]))
+
+
+def test_no_forms_is_the_cloze_rows_alone(tok):
+    rows = Contexts(("{}", "Hello there. {}"), ()).rows(tok, FACT)
+    assert [r.group for r in rows] == [("cloze", 0), ("cloze", 1)]
+    assert [r.weight for r in rows] == [0.5, 0.5]
+
+
+def test_a_tokenizer_without_chat_template_gets_plain_questions_only(tok):
+    rows = Contexts(("{}",), ("question", "chat")).rows(tok, FACT)
+    assert [r.group[0] for r in rows] == ["cloze", "question", "question"]
+    assert sum(r.weight for r in rows) == pytest.approx(1.0)
+
+
+def test_keys_are_the_weighted_mean_of_each_row_run_alone(chat_tok, llama):
+    contexts = Contexts(("{}", "Hello there. {}"), ("question", "chat"), form_weight=0.4)
+    module = edit.arch.lookup(llama).mlp_out_name(1)
+    keys, _ = algebra.keys_and_hidden(llama, chat_tok, [FACT], contexts, module, module)
+    want = torch.zeros_like(keys[0])
+    for row in contexts.rows(chat_tok, FACT):
+        ids = torch.tensor([row.ids])
+        with Trace(llama, module, retain_input=True) as tr, torch.no_grad():
+            llama(input_ids=ids, attention_mask=torch.ones_like(ids))
+        want += row.weight * tr.input[0, row.lookup].float()
+    torch.testing.assert_close(keys[0], want, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_forms_are_refused():
+    with pytest.raises(InvalidRequest, match="forms must be among question, chat"):
+        ROMEConfig(forms=("poem",))
+    with pytest.raises(InvalidRequest, match="form_weight must be in"):
+        ROMEConfig(form_weight=1.0)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma2"])
+def test_asked_rows_after_a_cached_prefix_match_the_whole_rows(chat_tok, model_type):
+    """The value optimization's batch holds the plain-question and chat rows like the cloze
+    ones: logits at each supervised position equal those of the whole row run alone, and
+    each supervised token is the target's."""
+    model = tiny_model(model_type, len(chat_tok))
+    facts = [FACT, Fact("{} was born in", "Albert Einstein", "Ulm",
+                        questions=("Where was Albert Einstein born?",))]  # fmt: skip
+    contexts = Contexts(("{}", "A short text. {}"), ("question", "chat"))
+    b = algebra._build_batch(chat_tok, facts, contexts, "cpu")
+    assert len(b.ids) == 6 + 4 + 2  # 2 cloze + 2 per question, per fact; one essence row each
+    with torch.no_grad():
+        cached = lm.logits_at(model, b.ids, b.mask, b.tgt_row, b.tgt_col, position_ids=b.pos,
+                              cache=b.prefix_cache(model))  # fmt: skip
+        for i, (r, c) in enumerate(zip(b.tgt_row.tolist(), b.tgt_col.tolist(), strict=True)):
+            prefix = b.prefix_ids[r][b.prefix_mask[r].bool()]
+            seq = torch.cat([prefix, b.ids[r, : c + 1]])[None]
+            whole = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[0, -1]
+            torch.testing.assert_close(cached[i], whole.float(), atol=2e-5, rtol=1e-4)
+    firsts = b.tgt_tok[b.tgt_first].tolist()
+    spain, ulm = chat_tok(" Spain").input_ids[0], chat_tok(" Ulm").input_ids[0]
+    chat_spain, chat_ulm = chat_tok("Spain").input_ids[0], chat_tok("Ulm").input_ids[0]
+    assert firsts == [spain] * 3 + [chat_spain, spain, chat_spain] + [ulm] * 3 + [chat_ulm]
+    weights = b.weight[b.rewrite]
+    for f in range(2):
+        assert float(weights[b.fact[b.rewrite] == f].sum()) == pytest.approx(1.0)
+
+
+def test_answer_contains_names_as_whole_words():
+    assert M.answer_contains("The capital is Zagreb, Croatia.", ["Croatia"])
+    assert M.answer_contains("She is from the U.K.", ["United Kingdom", "U.K."])
+    assert not M.answer_contains("Croatian food", ["Croatia"])
+    assert not M.answer_contains("anything", [""])
