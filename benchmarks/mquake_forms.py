@@ -132,8 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "| form | unedited | after the edit |",
         "|---|---|---|",
-        *(f"| {k} | {summary['unedited'][k]:.1f} | {summary['edited'][k]:.1f} |"
-          for k in ("ES", "QS", "CS", "CG")),  # fmt: skip
+        *(
+            f"| {k} | {summary['unedited'][k]:.1f} | {summary['edited'][k]:.1f} |"
+            for k in ("ES", "QS", "CS", "CG")
+        ),  # fmt: skip
     ]
     if hops:
         lines.append(f"| MHS ({len(hops)} cases, 4 edits each) | {summary['MHS_unedited']:.1f} "
