@@ -64,13 +64,19 @@ def save_tensors(
     return path
 
 
-def check_new_folder(out: str | os.PathLike) -> None:
+def check_new_folder(out: str | os.PathLike, may_exist: bool = False) -> None:
     """Refuse, in one line, a result folder that cannot be made: one that exists and is not
-    empty, a path under a file, a place this process may not write."""
+    empty (unless ``may_exist``), a path under a file, a place this process may not write."""
     out = Path(out)
     try:
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if out.exists() and not out.is_dir():
+            raise EditError(f"{out} already exists and is not a folder: choose a new folder")
+        if out.exists() and not may_exist and any(out.iterdir()):
             raise EditError(f"{out} already exists and is not empty: choose a new folder")
+        if may_exist and out.is_dir():
+            if not os.access(out, os.W_OK | os.X_OK):
+                raise EditError(f"cannot write in {out}: it is not writable")
+            return
         parent = out.absolute().parent
         while not parent.exists():
             parent = parent.parent
