@@ -719,6 +719,7 @@ def cmd_verify(args) -> int:
         raise EditError(f"no workspace at {path}: nothing to verify")
     with WorkspaceLock(path).shared():
         ledger = read_ledger(path)
+    shapes = _check_shapes(ledger, meta["base"]["source"])
     for problem in ledger.problems:
         print(f"problem: {problem}")
     if ledger.problems:
@@ -731,12 +732,35 @@ def cmd_verify(args) -> int:
     print(f"workspace {path}: ok: base {base['source']} ({base['hash'][:19]}…); "
           f"{len(ledger.lines)} manifest line{'s' * (len(ledger.lines) != 1)}, chained; "
           f"{len(ledger.active)} active and {len(ledger.reverted)} reverted entries, every "
-          f"content hash as recorded, every factor finite")  # fmt: skip
+          f"content hash as recorded, every factor finite"
+          + ("" if shapes else "; shapes not checked (the base model's config is not at hand: "
+             "they are checked when it is loaded)"))  # fmt: skip
     if ledger.repairs or ledger.leftovers:
         print(f"note: an interrupted write left {len(ledger.repairs)} rename(s) to finish and "
               f"{len(ledger.leftovers)} temporary file(s); the next change to the workspace "
               f"completes and removes them")  # fmt: skip
     return 0
+
+
+def _check_shapes(ledger, source: str) -> bool:
+    """Add to ``ledger.problems`` the active entries that do not fit the base model's
+    weights, judged from its config alone. False: the config is not at hand."""
+    from edit.models import skeleton
+    from edit.update import Update
+
+    model = skeleton(source)
+    if model is None:
+        return False
+    for e in ledger.active:
+        try:
+            problem = Update.from_tensors(e.tensors).misfit(model)
+        except (ValueError, EditError) as err:
+            problem = str(err)
+        if problem:
+            ledger.problems.append(
+                f"entry {e.id} ({e.path}) does not fit the base model: {problem}"
+            )
+    return True
 
 
 def cmd_log(args) -> int:

@@ -118,8 +118,11 @@ def read_meta(path: Path) -> dict | None:
         raise EditError(
             f"{meta_file} has format {version!r}, and this version of edit reads format "
             f"{FORMAT}: "
-            + ("upgrade edit to open it" if newer else "open it with the edit that wrote it, "
-               "or start a new workspace")  # fmt: skip
+            + (
+                "upgrade edit to open it"
+                if newer
+                else "open it with the edit that wrote it, or start a new workspace"
+            )  # fmt: skip
         )
     return meta
 

@@ -252,6 +252,37 @@ def _cached_hash(model: nn.Module, folder: Path | None) -> str:
     return digest
 
 
+def skeleton(source: str) -> nn.Module | None:
+    """The model's modules without weights (on the meta device), built from its config
+    alone: for checking an update's shapes without loading anything. None: the config is not
+    at hand without a download or a dequantization."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if source == DEFAULT_MODEL:
+        gguf = _default_gguf()
+        folder = _dequantized_folder(gguf, create=False) if gguf else None
+    elif source.lower().endswith(".gguf"):
+        folder = _dequantized_folder(Path(source), create=False) if Path(source).is_file() else None
+    else:
+        folder = _checkpoint_folder(source)
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except Exception:  # an unusual config: the shapes are checked when the model is loaded
+        return None
+
+
+def _default_gguf() -> Path | None:
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    gguf = Path(next(iter(spec.submodule_search_locations))) / _DEFAULT_GGUF
+    return gguf if gguf.is_file() else None
+
+
 def _default_model_folder() -> Path:
     spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -265,14 +296,17 @@ def _default_model_folder() -> Path:
     return _dequantized_folder(gguf)
 
 
-def _dequantized_folder(gguf: Path) -> Path:
-    """A save_pretrained copy of a GGUF file, written once into the cache."""
+def _dequantized_folder(gguf: Path, create: bool = True) -> Path | None:
+    """A save_pretrained copy of a GGUF file, written once into the cache (``create``
+    False: the copy if it exists, else None)."""
     name = gguf.name.split(".")[0]
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
     target = cache_dir() / "models" / f"{name}-{key[:12]}"
     if (target / "config.json").is_file():
         return target
+    if not create:
+        return None
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
