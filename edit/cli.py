@@ -712,6 +712,7 @@ def cmd_verify(args) -> int:
 
     from edit.ledger import read_ledger, read_meta
     from edit.lock import WorkspaceLock
+    from edit.workspace import check_shapes
 
     path = Path(args.workspace)
     meta = read_meta(path)
@@ -719,7 +720,7 @@ def cmd_verify(args) -> int:
         raise EditError(f"no workspace at {path}: nothing to verify")
     with WorkspaceLock(path).shared():
         ledger = read_ledger(path)
-    shapes = _check_shapes(ledger, meta["base"]["source"])
+    shapes = check_shapes(ledger, meta["base"]["source"])
     for problem in ledger.problems:
         print(f"problem: {problem}")
     if ledger.problems:
@@ -740,27 +741,6 @@ def cmd_verify(args) -> int:
               f"{len(ledger.leftovers)} temporary file(s); the next change to the workspace "
               f"completes and removes them")  # fmt: skip
     return 0
-
-
-def _check_shapes(ledger, source: str) -> bool:
-    """Add to ``ledger.problems`` the active entries that do not fit the base model's
-    weights, judged from its config alone. False: the config is not at hand."""
-    from edit.models import skeleton
-    from edit.update import Update
-
-    model = skeleton(source)
-    if model is None:
-        return False
-    for e in ledger.active:
-        try:
-            problem = Update.from_tensors(e.tensors).misfit(model)
-        except (ValueError, EditError) as err:
-            problem = str(err)
-        if problem:
-            ledger.problems.append(
-                f"entry {e.id} ({e.path}) does not fit the base model: {problem}"
-            )
-    return True
 
 
 def cmd_log(args) -> int:

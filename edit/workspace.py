@@ -58,7 +58,7 @@ from edit.ledger import (
     sha256,
 )
 from edit.lock import LOCK_FILE, WorkspaceLock
-from edit.models import load, weights_hash
+from edit.models import load, skeleton, weights_hash
 from edit.update import Update
 
 log = logging.getLogger(__name__)
@@ -187,6 +187,7 @@ class Workspace:
             raise EditError(f"no workspace at {path}: make an edit first, or pass --workspace")
         with WorkspaceLock(path).shared():
             ledger = read_ledger(path)
+        check_shapes(ledger, meta["base"]["source"])
         ledger.check()
         return cls(path, None, None, meta["base"], ledger)
 
@@ -491,6 +492,25 @@ class Workspace:
             os.replace(pending, self.path / "edits" / f"{meta['id']}.safetensors")
             self._reread()
         return self._active[-1]
+
+
+def check_shapes(ledger: Ledger, source: str) -> bool:
+    """Add to ``ledger.problems`` the active entries that do not fit the base model's
+    weights, judged from its config alone (no weights are loaded). False: the config is not
+    at hand; the shapes are checked when the model is loaded."""
+    model = skeleton(source)
+    if model is None:
+        return False
+    for e in ledger.active:
+        try:
+            problem = Update.from_tensors(e.tensors).misfit(model)
+        except (ValueError, EditError) as err:
+            problem = str(err)
+        if problem:
+            ledger.problems.append(
+                f"entry {e.id} ({e.path}) does not fit the base model: {problem}"
+            )
+    return True
 
 
 def _entry(data: EntryData) -> Entry:
