@@ -75,8 +75,8 @@ def check_settings(method: str, config_class: type, settings: dict) -> None:
     """Check explicit settings alone (types, then the config's own ranges) before a model is
     loaded; what needs the model (the tuned file, the layer count) :func:`resolve` checks."""
     hints = typing.get_type_hints(config_class)
-    typed = {k: _typed(method, k, v, hints[k]) for k, v in settings.items() if k in hints}
-    config_class(**{k: v for k, v in typed.items() if v is not None})
+    given = {k: v for k, v in settings.items() if k in hints and v is not None}
+    config_class(**{k: _typed(method, k, v, hints[k]) for k, v in given.items()})
 
 
 def _check_layers(config, model: nn.Module) -> None:
