@@ -272,10 +272,11 @@ class Workspace:
         """Remove an edit; the weights become the base plus the remaining edits, exactly."""
         entry = self.entry(entry_id)
         with self._committing():
+            entry = self.entry(entry.id)  # where it is now that interrupted moves are done
             line = manifest_line(self._ledger, "revert", entry.id, entry.hash)
             write_bytes(self.path / MANIFEST, self._ledger.manifest + line)  # the commit
             (self.path / "reverted").mkdir(exist_ok=True)
-            os.replace(entry.path, self.path / "reverted" / entry.path.name)
+            os.replace(entry.path, self.path / "reverted" / f"{entry.id}.safetensors")
             self._reread()
         self._rebuild()
         return entry
