@@ -84,8 +84,10 @@ def check_new_folder(out: str | os.PathLike, may_exist: bool = False) -> None:
         raise EditError(f"cannot use {out} as a new folder: {e.strerror or e}") from None
     if not parent.is_dir():
         raise EditError(f"cannot make {out}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise EditError(f"cannot make {out}: {parent} is not writable")
+    try:  # a probe: access() says yes to root even where nothing can be made (/proc)
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".edit-probe-"))
+    except OSError as e:
+        raise EditError(f"cannot make {out}: {parent} is not writable ({e.strerror})") from None
 
 
 @contextmanager

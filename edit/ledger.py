@@ -107,7 +107,8 @@ def read_meta(path: Path) -> dict | None:
         if not meta_file.is_file():
             return None
         meta = json.loads(meta_file.read_text())
-        meta["base"]["hash"], meta["base"]["source"]  # noqa: B018  the fields must exist
+        if not all(isinstance(meta["base"][k], str) for k in ("hash", "source")):
+            raise TypeError
         version = meta["format"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         raise EditError(f"{meta_file} is corrupt: restore it or start a new workspace") from None

@@ -142,6 +142,7 @@ class Workspace:
                 raise EditError(f"{path} exists and is not an edit workspace (no {META})")
             if not create:
                 raise EditError(f"no workspace at {path}: make an edit first, or pass --workspace")
+            check_new_folder(path)  # it can be made: known before any work is done
         lock = WorkspaceLock(path)
         if exclusive:
             lock.acquire(exclusive=True)
