@@ -113,9 +113,11 @@ def test_verify_passes_a_sound_workspace(capsys, ws):
     assert "ok" in out and "2 active and 0 reverted entries" in out and "not checked" not in out
     lines = [json.loads(x) for x in (ws / MANIFEST).read_text().splitlines()]
     assert [(x["op"], x["id"]) for x in lines] == [("add", "0001"), ("add", "0002")]
-    assert lines[1]["prev"] == "sha256:" + hashlib.sha256(
-        (ws / MANIFEST).read_text().splitlines()[0].encode()
-    ).hexdigest()
+    assert (
+        lines[1]["prev"]
+        == "sha256:"
+        + hashlib.sha256((ws / MANIFEST).read_text().splitlines()[0].encode()).hexdigest()
+    )
 
 
 # --------------------------------------------------------------------------- tampering
