@@ -12,6 +12,7 @@ POSIX: a crash or an interrupt never leaves half a file that looks complete.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -84,8 +85,9 @@ def check_new_folder(out: str | os.PathLike, may_exist: bool = False) -> None:
         raise EditError(f"cannot use {out} as a new folder: {e.strerror or e}") from None
     if not parent.is_dir():
         raise EditError(f"cannot make {out}: {parent} is a file, not a folder")
+    _remove_dead(parent, ".edit-probe-")
     try:  # a probe: access() says yes to root even where nothing can be made (/proc)
-        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".edit-probe-"))
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=f".edit-probe-{os.getpid()}-"))
     except OSError as e:
         raise EditError(f"cannot make {out}: {parent} is not writable ({e.strerror})") from None
 
@@ -112,9 +114,14 @@ def new_folder(out: str | os.PathLike) -> Iterator[Path]:
 
 def remove_stale_partials(out: Path) -> list[Path]:
     """Remove the partial folders for ``out`` that processes no longer running left."""
+    return _remove_dead(out.parent, f".{out.name}.partial-")
+
+
+def _remove_dead(folder: Path, prefix: str) -> list[Path]:
+    """Remove the ``<prefix><pid>-*`` folders in ``folder`` whose process is gone."""
     removed = []
-    for p in out.parent.glob(f".{out.name}.partial-*"):
-        pid = p.name.removeprefix(f".{out.name}.partial-").split("-")[0]
+    for p in folder.glob(f"{glob.escape(prefix)}*"):
+        pid = p.name.removeprefix(prefix).split("-")[0]
         if p.is_dir() and not (pid.isdigit() and _alive(int(pid))):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)

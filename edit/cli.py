@@ -383,14 +383,14 @@ def cmd_trace(args) -> int:
     return 0
 
 
-def _open(args, create: bool = True, writer: bool = False):
+def _open(args, create: bool = True, writer: bool = False, dropping: str | None = None):
     """The workspace with its model; a writer holds the workspace's lock until it exits (in
     data-parallel runs the main process, which alone writes)."""
     from edit.workspace import Workspace
 
     ws = Workspace.open(args.workspace, model_name=args.model, create=create,
-                        exclusive=writer and distributed.is_main(), device=args.device,
-                        dtype=args.dtype)  # fmt: skip
+                        exclusive=writer and distributed.is_main(), dropping=dropping,
+                        device=args.device, dtype=args.dtype)  # fmt: skip
     args.cleanup.callback(ws.close)
     return ws
 
@@ -760,7 +760,13 @@ def cmd_log(args) -> int:
 
 
 def cmd_revert(args) -> int:
-    ws = _open(args, create=False, writer=True)
+    ws = _open(args, create=False, writer=True, dropping=args.id)
+    if args.id.zfill(4) in ws.broken:
+        problem = ws.drop(args.id)
+        n = len(ws.entries())
+        print(f"dropped entry {args.id.zfill(4)}: {problem.split(', or drop')[0]}")
+        print(f"the model is now the base plus {n} edit{'s' * (n != 1)}")
+        return 0
     entry = ws.revert(args.id)
     print(f"reverted {entry.id}: {entry.summary()}")
     left = ws.entries()

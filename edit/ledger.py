@@ -12,6 +12,9 @@ method, config, layers, metrics) and the tensors, so any change to either change
     {"seq": 1, "op": "add", "id": "0001", "hash": "sha256:...", "prev": "sha256:..."}
     {"seq": 2, "op": "revert", "id": "0001", "hash": "sha256:...", "prev": "sha256:..."}
 
+(``"drop"``: an active entry whose file was lost or damaged is given up; what is left of
+the file is kept as ``reverted/<id>.damaged``.)
+
 where ``prev`` is the sha256 of the previous line (for the first line, the base model's
 hash). A missing, reordered or edited line breaks the chain; a deleted, altered, truncated
 or copied entry file disagrees with the manifest. Each problem is named with what to do.
@@ -65,6 +68,7 @@ class Ledger:
     active: list[EntryData] = field(default_factory=list)
     reverted: list[EntryData] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    broken: dict[str, str] = field(default_factory=dict)  # active entry id -> its problem
     # (from, to) renames that finish an interrupted add or revert, and stale temporaries
     repairs: list[tuple[Path, Path]] = field(default_factory=list)
     leftovers: list[Path] = field(default_factory=list)
@@ -80,13 +84,22 @@ class Ledger:
         ids = [int(line["id"]) for line in self.lines if line.get("op") == "add"]
         return f"{max(ids, default=0) + 1:04d}"
 
-    def check(self) -> None:
-        """Raise one line naming the first problem (and how many more there are)."""
-        if not self.problems:
+    def flag(self, problem: str, entry_id: str | None = None) -> None:
+        """Record a problem; one of an active entry says how to drop that entry."""
+        if entry_id is not None:
+            problem += f", or drop entry {entry_id} with 'edit revert {entry_id}'"
+            self.broken.setdefault(entry_id, problem)
+        self.problems.append(problem)
+
+    def check(self, dropping: str | None = None) -> None:
+        """Raise one line naming the first problem (and how many more there are), but for
+        the problem of the entry ``dropping``, which is about to be dropped."""
+        problems = [p for p in self.problems if p != self.broken.get(dropping or "")]
+        if not problems:
             return
-        more = len(self.problems) - 1
+        more = len(problems) - 1
         tail = f" ({more} more problem{'s' * (more != 1)}: run 'edit verify -w {self.path}')"
-        raise EditError(f"workspace {self.path}: {self.problems[0]}" + (tail if more else ""))
+        raise EditError(f"workspace {self.path}: {problems[0]}" + (tail if more else ""))
 
 
 def sha256(data: bytes) -> str:
@@ -137,9 +150,13 @@ def read_ledger(path: Path) -> Ledger:
     files = {folder: _listing(ledger, folder) for folder in ("edits", "reverted")}
     active = {line["id"]: line["hash"] for line in ledger.lines if line["op"] == "add"}
     reverted = {}
+    dropped = []
     for line in ledger.lines:
         if line["op"] == "revert":
             reverted[line["id"]] = active.pop(line["id"])
+        elif line["op"] == "drop":
+            dropped.append(line["id"])
+            active.pop(line["id"])
     used: set[Path] = set()
 
     def find(entry_id: str, places: list[tuple[str, str]]) -> Path | None:
@@ -158,14 +175,17 @@ def read_ledger(path: Path) -> Ledger:
         name = entry_id + ENTRY_SUFFIX
         where = find(entry_id, [("edits", name), ("edits", f".{entry_id}.pending")])
         if where is None:
-            ledger.problems.append(
+            ledger.flag(
                 f"entry {entry_id} is missing: {path / 'edits' / name} was deleted or moved "
-                f"(the manifest records it as active): restore it from a backup"
+                f"(the manifest records it as active): restore it from a backup",
+                entry_id,
             )
             continue
-        entry = _read_entry(ledger, entry_id, want, where)
+        entry = _read_entry(ledger, entry_id, want, where, active=True)
         if entry is not None:
             ledger.active.append(entry)
+    for entry_id in dropped:  # its damaged file, if any, is kept aside, never read
+        find(entry_id, [("reverted", f"{entry_id}.damaged"), ("edits", entry_id + ENTRY_SUFFIX)])
     for entry_id, want in reverted.items():
         name = entry_id + ENTRY_SUFFIX
         where = find(entry_id, [("reverted", name), ("edits", name)])
@@ -230,7 +250,7 @@ def _read_manifest(ledger: Ledger) -> None:
             if not entry_id.isdigit() or int(entry_id) <= last or entry_id in seen:
                 ledger.problems.append(f"{where} adds entry {entry_id!r} out of order")
                 return
-        elif op != "revert" or seen.get(entry_id) != "add":
+        elif op not in ("revert", "drop") or seen.get(entry_id) != "add":
             ledger.problems.append(f"{where} reverts entry {entry_id!r}, which is not active")
             return
         seen[entry_id] = op
@@ -261,12 +281,14 @@ def _listing(ledger: Ledger, folder: str) -> set[str]:
     return names
 
 
-def _read_entry(ledger: Ledger, entry_id: str, want: str, path: Path) -> EntryData | None:
+def _read_entry(
+    ledger: Ledger, entry_id: str, want: str, path: Path, active: bool = False
+) -> EntryData | None:
     problem = None
     try:
         data = path.read_bytes()
     except OSError as e:
-        ledger.problems.append(f"cannot read {path}: {e.strerror}")
+        ledger.flag(f"cannot read {path}: {e.strerror}", entry_id if active else None)
         return None
     got = sha256(data)
     if got != want:
@@ -279,14 +301,20 @@ def _read_entry(ledger: Ledger, entry_id: str, want: str, path: Path) -> EntryDa
         try:
             meta, tensors = parse_entry(data)
         except ValueError as e:
-            problem = f"edit file {path} is corrupt ({e})"
+            problem = f"edit file {path} is corrupt ({e}): restore it from a backup"
         else:
             if meta.get("id") != entry_id:
-                problem = f"edit file {path} holds entry {meta.get('id')!r}, not {entry_id}"
+                problem = (
+                    f"edit file {path} holds entry {meta.get('id')!r}, not {entry_id}: restore "
+                    f"it from a backup"
+                )
             elif not all(bool(torch.isfinite(t).all()) for t in tensors.values()):
-                problem = f"edit file {path} holds non-finite values (inf or NaN)"
+                problem = (
+                    f"edit file {path} holds non-finite values (inf or NaN): restore it from a "
+                    f"backup"
+                )
     if problem:
-        ledger.problems.append(problem)
+        ledger.flag(problem, entry_id if active else None)
         return None
     return EntryData(entry_id, got, path, meta, tensors)
 
@@ -314,8 +342,8 @@ def _find_duplicates(ledger: Ledger) -> None:
             h.update(k.encode() + entry.tensors[k].contiguous().view(torch.uint8).numpy().tobytes())
         digest = h.hexdigest()
         if digest in seen:
-            ledger.problems.append(
-                f"entry {entry.id} holds the same update as entry {seen[digest]} (a copy): "
-                f"revert one of them"
+            ledger.flag(
+                f"entry {entry.id} holds the same update as entry {seen[digest]} (a copy)",
+                entry.id,
             )
         seen.setdefault(digest, entry.id)

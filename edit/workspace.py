@@ -126,6 +126,7 @@ class Workspace:
         model_name: str | None = None,
         create: bool = True,
         exclusive: bool = False,
+        dropping: str | None = None,
         **load_kwargs,
     ) -> Workspace:
         """Open (or create) the workspace at ``path`` and bring ``model`` to base + edits.
@@ -133,7 +134,9 @@ class Workspace:
         Without ``model``, the recorded base (or ``model_name``, or the default model) is
         loaded. The whole ledger is read and checked before any entry is applied. With
         ``exclusive``, this process is the workspace's only writer until :meth:`close`
-        (or its exit); otherwise each change takes the lock while it writes.
+        (or its exit); otherwise each change takes the lock while it writes. ``dropping``:
+        the id of a broken entry (its file lost or damaged) that is about to be dropped
+        (:meth:`drop`): its problem alone is let through, and it is not applied.
         """
         path = Path(path)
         meta = read_meta(path)
@@ -149,7 +152,8 @@ class Workspace:
         try:
             with lock.shared():
                 ledger = read_ledger(path)
-            ledger.check()  # a damaged or incomplete ledger is refused before loading a model
+            dropping = dropping.zfill(4) if dropping else None
+            ledger.check(dropping)  # a damaged ledger is refused before loading a model
             if model is None:
                 source = model_name or (meta["base"]["source"] if meta else None)
                 model, tok = load(source, **load_kwargs)
@@ -163,13 +167,20 @@ class Workspace:
             source = getattr(model, "edit_source", None) or getattr(model, "name_or_path", "?")
             base = meta["base"] if meta else {"source": source, "hash": model_hash}
             ws = cls(path, model, tok, base, ledger)
-            for entry in ws._active:  # every entry must fit before any is applied
+            if dropping in ledger.broken:
+                ws._active = [e for e in ws._active if e.id != dropping]
+            for entry in list(ws._active):  # every entry must fit before any is applied
                 problem = entry.update.misfit(model)
-                if problem:
-                    raise EditError(
-                        f"workspace {path}: entry {entry.id} ({entry.path}) does not fit this "
-                        f"model: {problem}"
-                    )
+                if not problem:
+                    continue
+                problem = (
+                    f"entry {entry.id} ({entry.path}) does not fit this model: {problem}: "
+                    f"restore it from a backup"
+                )
+                ledger.flag(problem, entry.id)
+                if entry.id != dropping:
+                    raise EditError(f"workspace {path}: {ledger.broken[entry.id]}")
+                ws._active.remove(entry)
         except BaseException:
             if exclusive:
                 lock.release()
@@ -281,6 +292,34 @@ class Workspace:
             self._reread()
         self._rebuild()
         return entry
+
+    def drop(self, entry_id: str) -> str:
+        """Give up an entry whose file was lost or damaged (open the workspace with
+        ``dropping=entry_id``): the manifest records the drop, what is left of the file goes
+        to ``reverted/<id>.damaged``. Returns the problem the entry had."""
+        entry_id = entry_id.zfill(4)
+        problem = self._ledger.broken.get(entry_id)
+        if problem is None:
+            raise EditError(f"entry {entry_id} is not broken: revert it instead")
+        line = next(x for x in self._ledger.lines if x["op"] == "add" and x["id"] == entry_id)
+        with self._committing():
+            write_bytes(
+                self.path / MANIFEST,
+                self._ledger.manifest + manifest_line(self._ledger, "drop", entry_id, line["hash"]),
+            )  # the commit
+            names = (f"{entry_id}.safetensors", f".{entry_id}.pending")
+            left = [p for n in names if (p := self.path / "edits" / n).is_file()]
+            if left:
+                (self.path / "reverted").mkdir(exist_ok=True)
+                os.replace(left[0], self.path / "reverted" / f"{entry_id}.damaged")
+            self._reread()
+        self._rebuild()
+        return problem
+
+    @property
+    def broken(self) -> dict[str, str]:
+        """Active entries that cannot be applied (id -> problem): see :meth:`drop`."""
+        return dict(self._ledger.broken)
 
     def export(self, out_dir: str | os.PathLike) -> Path:
         """Write the edited model as a plain Hugging Face folder (safetensors), whole or not
@@ -509,8 +548,10 @@ def check_shapes(ledger: Ledger, source: str) -> bool:
         except (ValueError, EditError) as err:
             problem = str(err)
         if problem:
-            ledger.problems.append(
-                f"entry {e.id} ({e.path}) does not fit the base model: {problem}"
+            ledger.flag(
+                f"entry {e.id} ({e.path}) does not fit the base model: {problem}: restore it "
+                f"from a backup",
+                e.id,
             )
     return True
 

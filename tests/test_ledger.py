@@ -272,3 +272,32 @@ def test_a_cuda_request_without_cuda_is_refused():
         pick_device_and_dtype("cuda")
     with pytest.raises(EditError, match="unknown device 'gpu0'"):
         pick_device_and_dtype("gpu0")
+
+
+# --------------------------------------------------------------------------- the way out
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "copy"])
+def test_a_broken_entry_can_be_dropped_and_the_rest_stays(capsys, ws, model_dir, damage):
+    """What the error says to do works: 'edit revert ID' drops the broken entry."""
+    if damage == "delete":
+        (ws / "edits" / "0001.safetensors").unlink()
+        broken = "0001"
+    elif damage == "truncate":
+        path = ws / "edits" / "0001.safetensors"
+        path.write_bytes(path.read_bytes()[:100])
+        broken = "0001"
+    else:
+        shutil.copy(ws / "edits" / "0001.safetensors", ws / "edits" / "0003.safetensors")
+        _rewrite(ws / "edits" / "0003.safetensors", id="0003")
+        _forge_manifest(ws)
+        broken = "0003"
+    line = _one_error(capsys, "log", "-w", ws)
+    assert f"or drop entry {broken} with 'edit revert {broken}'" in line
+    assert main(["revert", broken, "-w", str(ws)]) == 0
+    assert f"dropped entry {broken}" in capsys.readouterr().out
+    assert main(["verify", "-w", str(ws)]) == 0
+    kept = Workspace.open(ws, model_name=model_dir)
+    assert [e.id for e in kept.entries()] == (["0002"] if broken == "0001" else ["0001", "0002"])
+    assert lm.top_next(kept.model, kept.tok, "The capital of Germany", k=1)[0][0] == " Berlin"
+    assert (ws / "reverted" / f"{broken}.damaged").is_file() == (damage != "delete")
