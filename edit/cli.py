@@ -686,7 +686,11 @@ def cmd_ask(args) -> int:
         raise EditError(
             f"the prompt is {len(args.prompt)} characters long, more than {MAX_PROMPT_CHARS}"
         )
-    has_ws = os.path.isfile(os.path.join(args.workspace, "workspace.json"))
+    from pathlib import Path
+
+    from edit.ledger import read_meta
+
+    has_ws = read_meta(Path(args.workspace)) is not None  # a damaged one is refused here
     ws = _open(args, create=False) if has_ws else None
     if ws is None:
         from edit.models import load

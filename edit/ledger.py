@@ -118,6 +118,10 @@ def read_meta(path: Path) -> dict | None:
     meta_file = path / META
     try:
         if not meta_file.is_file():
+            if (path / MANIFEST).is_file() or (path / "edits").is_dir():
+                raise EditError(
+                    f"{meta_file} is missing, but {path} holds a ledger: restore it from a backup"
+                )
             return None
         meta = json.loads(meta_file.read_text())
         if not all(isinstance(meta["base"][k], str) for k in ("hash", "source")):
@@ -238,6 +242,12 @@ def _read_manifest(ledger: Ledger) -> None:
             ok = False
         if not ok:
             ledger.problems.append(f"{where} is damaged: restore the manifest from a backup")
+            return
+        if n == 1 and line.get("prev") != prev:
+            ledger.problems.append(
+                f"{where} does not start from the base model that {META} records (its base "
+                f"hash was changed?): restore {META} from a backup"
+            )
             return
         if line.get("seq") != n or line.get("prev") != prev:
             ledger.problems.append(

@@ -191,6 +191,15 @@ def test_a_changed_manifest_is_named(capsys, ws, how):
     _refused(capsys, ws, f"{MANIFEST} line 1" if how != "edit" else f"{MANIFEST} line 2")
 
 
+def test_a_changed_base_hash_or_a_missing_workspace_json_is_named(capsys, ws):
+    meta = json.loads((ws / "workspace.json").read_text())
+    meta["base"]["hash"] = "sha256:" + "0" * 64
+    (ws / "workspace.json").write_text(json.dumps(meta))
+    _refused(capsys, ws, "does not start from the base model that workspace.json records")
+    (ws / "workspace.json").unlink()
+    _refused(capsys, ws, "workspace.json is missing, but")
+
+
 def test_a_missing_manifest_is_named(capsys, ws):
     (ws / MANIFEST).unlink()
     _refused(capsys, ws, f"{MANIFEST} is missing")
