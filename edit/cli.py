@@ -3,20 +3,74 @@
 edit add "Paris is capital of Italy"
 edit ask "Paris is the capital of"
 edit erase "The Eiffel Tower is located in Paris"
-edit log | edit revert 0001 | edit export merged/
+edit log | edit revert 0001 | edit export merged/ | edit verify
+
+Every refusal is one ``error: ...`` line on stderr and exit status 2, and nothing is
+written: option values are checked before any model is loaded or any file is touched.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 
 from edit import distributed
+from edit.atomic import check_new_folder
 from edit.errors import EditError
+
+MAX_PROMPT_CHARS = 4000
+
+
+class _UsageError(EditError):
+    """A command line that argparse cannot read."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line, like every other refusal
+    (its default prints the usage block and exits on its own)."""
+
+    def error(self, message: str):
+        raise _UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+def _int_in(lo: int, hi: int | None = None):
+    """An argparse type: an integer in lo..hi."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lo or (hi is not None and value > hi):
+            span = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+            raise argparse.ArgumentTypeError(f"must be an integer {span}, got {value}")
+        return value
+
+    return parse
+
+
+def _number(positive: bool):
+    """An argparse type: a finite float, > 0 (``positive``) or >= 0."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number {'> 0' if positive else '>= 0'}, got {text}"
+            )
+        return value
+
+    return parse
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -62,7 +116,7 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="block(s) to edit: 4 (rome), 4,5,6 or 4-8 (memit, alphaedit); default: tuned config",
     )
-    p.add_argument("--steps", type=int, default=None, help="max optimization steps")
+    p.add_argument("--steps", type=_int_in(1, 100_000), default=None, help="max optimization steps")
     _set_arg(p)
 
 
@@ -74,7 +128,7 @@ def _set_arg(p: argparse.ArgumentParser, what: str = "a setting of the method's 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edit", description="Change what a language model knows.")
+    parser = _Parser(prog="edit", description="Change what a language model knows.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("add", help="insert or change a fact (ROME)")
     _edit_args(p)
@@ -84,15 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p = sub.add_parser("ask", help="what does the (edited) model say?")
     p.add_argument("prompt")
-    p.add_argument("--top", type=int, default=5, help="how many next-token candidates")
-    p.add_argument("--tokens", type=int, default=12, help="length of the greedy completion")
+    p.add_argument("--top", type=_int_in(1, 1000), default=5, help="how many next-token candidates")
+    p.add_argument("--tokens", type=_int_in(1, 4096), default=12,
+                   help="length of the greedy completion")  # fmt: skip
     _common(p)
     p = sub.add_parser("eval", help="edit records from a data set and measure the edits")
     p.add_argument("--data", required=True, help="CounterFact / flat CounterFact / zsRE / JSONL")
     p.add_argument("--format", default=None, help="counterfact, counterfact_flat, zsre or facts")
     p.add_argument("--method", default="rome")
     p.add_argument("--mode", default="single", help="single, sequential or batch")
-    p.add_argument("--limit", type=int, default=None, help="the first N records")
+    p.add_argument("--limit", type=_int_in(1), default=None, help="the first N records")
     p.add_argument(
         "--out", default=None, help="result folder (default: eval-out/<data>-<method>-<mode>)"
     )
@@ -100,13 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     _set_arg(p)
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=_int_in(1),
         default=100,
         help="sequential mode with memit/alphaedit: records per edit call (default 100)",
     )
     p.add_argument(
         "--fluency-records",
-        type=int,
+        type=_int_in(0),
         default=20,
         help="single mode: records whose fluency is measured (costly on CPU)",
     )
@@ -123,11 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help="the answer to trace (default: the model's prediction)")
     p.add_argument("--kind", default="all", help="all, mlp, attn or resid (default: all)")
     p.add_argument("--data", help="average over the facts of a known_1000.json-style file")
-    p.add_argument("--limit", type=int, default=100, help="--data: facts to trace")
-    p.add_argument("--samples", type=int, default=None, help="noise samples (10; --data: 2)")
-    p.add_argument("--noise", type=float, default=3.0, help="noise std in embedding stds")
-    p.add_argument("--window", type=int, default=10, help="layers restored for mlp/attn")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=_int_in(1), default=100, help="--data: facts to trace")
+    p.add_argument("--samples", type=_int_in(1), default=None, help="noise samples (10; --data: 2)")
+    p.add_argument("--noise", type=_number(positive=False), default=3.0,
+                   help="noise std in embedding stds")  # fmt: skip
+    p.add_argument("--window", type=_int_in(1), default=10, help="layers restored for mlp/attn")
+    p.add_argument("--seed", type=_int_in(0), default=0)
     p.add_argument("--out", default="trace-out", help="folder for JSON and PNG files")
     _common(p)
     for name, what in (("forget", "unlearn a corpus (LoRA)"), ("learn", "learn a corpus (LoRA)")):
@@ -145,11 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
         epochs, lr = (
             ("20; a stop level may end it sooner", "2e-4") if name == "forget" else ("5", "3e-4")
         )
-        p.add_argument("--epochs", type=int, default=None, help=f"passes over the corpus "
+        p.add_argument("--epochs", type=_int_in(1), default=None, help=f"passes over the corpus "
                        f"(default {epochs})")  # fmt: skip
-        p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate "
-                       f"(default {lr})")  # fmt: skip
-        p.add_argument("--lora-rank", type=int, default=None)
+        p.add_argument("--lr", type=_number(positive=True), default=None,
+                       help=f"AdamW learning rate (default {lr})")  # fmt: skip
+        p.add_argument("--lora-rank", type=_int_in(1), default=None)
         _set_arg(p, "any other setting of edit.methods.unlearn.UnlearnConfig, e.g. kl_weight=5 "
                  "or retain_batch_size=16")  # fmt: skip
         _common(p)
@@ -162,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "set (for forget quality and privacy leakage)")  # fmt: skip
     p.add_argument("--attacks", default="quantize,relearn", help="quantize, relearn or none")
     p.add_argument("--relearn", help="relearning sample (default: shipped WikiText-2 slices)")
-    p.add_argument("--gen-tokens", type=int, default=32, help="greedy tokens for extraction")
+    p.add_argument("--gen-tokens", type=_int_in(1, 4096), default=32,
+                   help="greedy tokens for extraction")  # fmt: skip
     p.add_argument("--out", default=None, help="report folder (default: audit-out/<id>)")
     _common(p)
     p = sub.add_parser("log", help="list the edits in the workspace")
@@ -173,36 +230,66 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write base + edits as a Hugging Face model folder")
     p.add_argument("dir")
     _common(p)
+    p = sub.add_parser("verify", help="check the ledger: every entry, hash and manifest line")
+    _common(p)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # What the library does (statistics collected, config used, model dequantized) is shown;
-    # other libraries' chatter only with --verbose.
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
-    )
-    logging.getLogger("edit").setLevel(logging.INFO)
-    if not args.verbose:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    if distributed.launched():  # accelerate launch: one process per device (edit.distributed)
-        device = distributed.init()
-        if args.device is None:
-            args.device = str(device)
-        if not distributed.is_main():
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115  one report, from the main process
     try:
-        return COMMANDS[args.command](args)
+        args = build_parser().parse_args(argv)
+    except _UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _quiet_libraries(args.verbose)
+    try:
+        if distributed.launched():  # accelerate launch: one process per device
+            device = distributed.init()
+            if args.device is None:
+                args.device = str(device)
+            if not distributed.is_main():
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115  one report, from the main one
+        with contextlib.ExitStack() as args.cleanup:  # closes the workspaces opened
+            return COMMANDS[args.command](args)
     except EditError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: nothing was recorded", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, not the user's input: one line, the traceback on request
+        if args.verbose:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        print(f"error: unexpected {type(e).__name__}: {first} (this is a bug in edit; "
+              f"run again with --verbose for the traceback)", file=sys.stderr)  # fmt: skip
+        return 2
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """What this library does (statistics collected, config used) is reported on stdout;
+    its warnings, and other libraries' chatter (Hub retries, deprecations) only with
+    --verbose, so that a refusal is the one line on stderr."""
+    to_stdout = logging.StreamHandler(sys.stdout)
+    to_stdout.addFilter(lambda record: record.levelno < logging.WARNING)
+    to_stderr = logging.StreamHandler(sys.stderr)
+    to_stderr.setLevel(logging.WARNING)
+    for h in (to_stdout, to_stderr):
+        h.setFormatter(logging.Formatter("%(message)s"))
+    ours = logging.getLogger("edit")
+    ours.handlers = [to_stdout, to_stderr]
+    ours.propagate = False
+    ours.setLevel(logging.INFO)
+    logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, format="%(message)s")
+    if verbose:
+        return
+    warnings.simplefilter("ignore")
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    hub_logging.set_verbosity_error()
 
 
 def cmd_eval(args) -> int:
@@ -221,8 +308,7 @@ def cmd_eval(args) -> int:
     }
     name = Path(args.data).stem
     out = Path(args.out or f"eval-out/{name}-{args.method}-{args.mode}")
-    if out.exists() and any(out.iterdir()):
-        raise EditError(f"{out} already exists and is not empty: choose a new --out folder")
+    check_new_folder(out)
     model, tok = load(args.model, device=args.device, dtype=args.dtype)
     print(
         f"model: {model.edit_source}; {len(records)} {records[0].format} records from {args.data}"
@@ -263,6 +349,7 @@ def cmd_trace(args) -> int:
     from edit.models import load
 
     kinds = trace.parse_kinds(args.kind)  # input errors before loading the model
+    check_new_folder(args.out, may_exist=True)
     if bool(args.prompt) == bool(args.data):
         raise EditError("give a prompt to trace, or --data FILE to average over facts")
     facts = trace.load_known(args.data) if args.data else None
@@ -296,12 +383,16 @@ def cmd_trace(args) -> int:
     return 0
 
 
-def _open(args, create: bool = True):
+def _open(args, create: bool = True, writer: bool = False, dropping: str | None = None):
+    """The workspace with its model; a writer holds the workspace's lock until it exits (in
+    data-parallel runs the main process, which alone writes)."""
     from edit.workspace import Workspace
 
-    return Workspace.open(
-        args.workspace, model_name=args.model, create=create, device=args.device, dtype=args.dtype
-    )
+    ws = Workspace.open(args.workspace, model_name=args.model, create=create,
+                        exclusive=writer and distributed.is_main(), dropping=dropping,
+                        device=args.device, dtype=args.dtype)  # fmt: skip
+    args.cleanup.callback(ws.close)
+    return ws
 
 
 def _base_model_line(ws) -> str:
@@ -316,6 +407,8 @@ def _layer_settings(text: str | None, batch: bool) -> dict:
     try:
         if "-" in text:
             lo, hi = (int(x) for x in text.split("-"))
+            if not 0 <= lo <= hi < lo + 1000:
+                raise ValueError
             layers = tuple(range(lo, hi + 1))
         else:
             layers = tuple(int(x) for x in text.split(","))
@@ -333,6 +426,7 @@ def _layer_settings(text: str | None, batch: bool) -> dict:
 def cmd_add(args, erase: bool = False) -> int:
     from edit import methods
     from edit.api import as_fact
+    from edit.config import check_settings
 
     if args.file and args.statement is not None:
         raise EditError("give a statement or --file, not both")
@@ -356,7 +450,9 @@ def cmd_add(args, erase: bool = False) -> int:
     settings = {**parse_settings(args.set), **layers}  # --layer/--steps win over --set
     if args.steps is not None:
         settings["steps"] = args.steps
-    ws = _open(args)
+    spec = methods.get(args.method or ("memit" if batch else "rome"))
+    check_settings(spec.name, spec.config_class, settings)  # bad values before loading
+    ws = _open(args, writer=True)
     print(_base_model_line(ws))
     n = len(ws.entries())
     if n:
@@ -472,7 +568,15 @@ def cmd_train(args) -> int:
     print(f"read {len(data)} examples from {args.corpus}"
           + (f", {len(retain)} to retain from {args.retain}" if retain else "")
           + (f", {len(holdout)} never-seen from {args.holdout}" if holdout else ""))  # fmt: skip
-    ws = _open(args)
+    flags = {"epochs": args.epochs, "lr": args.lr, "lora_rank": args.lora_rank}
+    settings = {**extra, **{k: v for k, v in flags.items() if v is not None}}
+    if forget:
+        settings["method"] = args.method
+    from edit.config import check_settings
+    from edit.methods.unlearn import UnlearnConfig
+
+    check_settings("unlearn", UnlearnConfig, settings)  # bad values before loading
+    ws = _open(args, writer=True)
     print(_base_model_line(ws))
     # held-out text for perplexity: the end of the shipped WikiText-2 text (the default retain
     # set is taken from its start)
@@ -483,10 +587,7 @@ def cmd_train(args) -> int:
         return float(nll.mean().exp())
 
     ppl_before = ppl()
-    flags = {"epochs": args.epochs, "lr": args.lr, "lora_rank": args.lora_rank}
-    settings = {**extra, **{k: v for k, v in flags.items() if v is not None}}
     if forget:
-        settings["method"] = args.method
         entry, res = ws.forget(args.corpus, args.retain, holdout=args.holdout, **settings)
     else:
         entry, res = ws.learn(args.corpus, **settings)
@@ -542,8 +643,8 @@ def cmd_audit(args) -> int:
         if all(isinstance(r, dict) and r.get("perturbed_answer") for r in rows):
             qa = read_qa(args.forget)
     out = Path(args.out) if args.out else None
-    if out is not None and out.exists() and any(out.iterdir()):
-        raise EditError(f"{out} already exists and is not empty: choose a new --out folder")
+    if out is not None:
+        check_new_folder(out)
     ws = _open(args, create=False)
     entries = ws.entries()
     if not entries:
@@ -579,7 +680,17 @@ def cmd_audit(args) -> int:
 def cmd_ask(args) -> int:
     from edit import lm
 
-    has_ws = os.path.isfile(os.path.join(args.workspace, "workspace.json"))
+    if not args.prompt.strip():
+        raise EditError("the prompt is empty: give the text the model should continue")
+    if len(args.prompt) > MAX_PROMPT_CHARS:
+        raise EditError(
+            f"the prompt is {len(args.prompt)} characters long, more than {MAX_PROMPT_CHARS}"
+        )
+    from pathlib import Path
+
+    from edit.ledger import read_meta
+
+    has_ws = read_meta(Path(args.workspace)) is not None  # a damaged one is refused here
     ws = _open(args, create=False) if has_ws else None
     if ws is None:
         from edit.models import load
@@ -590,11 +701,49 @@ def cmd_ask(args) -> int:
         model, tok = ws.model, ws.tok
         n = len(ws.entries())
         print(_base_model_line(ws) + f" + {n} edit{'s' * (n != 1)} from {ws.path}")
+    if args.top > len(tok):
+        raise EditError(f"--top {args.top}: this model has only {len(tok)} tokens")
     completion = lm.greedy(model, tok, [args.prompt], max_new_tokens=args.tokens)[0]
     print(f"{args.prompt}{completion}")
     print("next token:")
     for text, p in lm.top_next(model, tok, args.prompt, k=args.top):
         print(f"  {p:7.4f}  {text!r}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from pathlib import Path
+
+    from edit.ledger import read_ledger, read_meta
+    from edit.lock import WorkspaceLock
+    from edit.workspace import check_shapes
+
+    path = Path(args.workspace)
+    meta = read_meta(path)
+    if meta is None:
+        raise EditError(f"no workspace at {path}: nothing to verify")
+    with WorkspaceLock(path).shared():
+        ledger = read_ledger(path)
+    shapes = check_shapes(ledger, meta["base"]["source"])
+    for problem in ledger.problems:
+        print(f"problem: {problem}")
+    if ledger.problems:
+        n = len(ledger.problems)
+        raise EditError(
+            f"workspace {path} has {n} problem{'s' * (n != 1)}"
+            + (" (listed above)" if n > 1 else "") + f": {ledger.problems[0]}"
+        )  # fmt: skip
+    base = meta["base"]
+    print(f"workspace {path}: ok: base {base['source']} ({base['hash'][:19]}…); "
+          f"{len(ledger.lines)} manifest line{'s' * (len(ledger.lines) != 1)}, chained; "
+          f"{len(ledger.active)} active and {len(ledger.reverted)} reverted entries, every "
+          f"content hash as recorded, every factor finite"
+          + ("" if shapes else "; shapes not checked (the base model's config is not at hand: "
+             "they are checked when it is loaded)"))  # fmt: skip
+    if ledger.repairs or ledger.leftovers:
+        print(f"note: an interrupted write left {len(ledger.repairs)} rename(s) to finish and "
+              f"{len(ledger.leftovers)} temporary file(s); the next change to the workspace "
+              f"completes and removes them")  # fmt: skip
     return 0
 
 
@@ -615,7 +764,13 @@ def cmd_log(args) -> int:
 
 
 def cmd_revert(args) -> int:
-    ws = _open(args, create=False)
+    ws = _open(args, create=False, writer=True, dropping=args.id)
+    if args.id.zfill(4) in ws.broken:
+        problem = ws.drop(args.id)
+        n = len(ws.entries())
+        print(f"dropped entry {args.id.zfill(4)}: {problem.split(', or drop')[0]}")
+        print(f"the model is now the base plus {n} edit{'s' * (n != 1)}")
+        return 0
     entry = ws.revert(args.id)
     print(f"reverted {entry.id}: {entry.summary()}")
     left = ws.entries()
@@ -627,6 +782,7 @@ def cmd_revert(args) -> int:
 
 
 def cmd_export(args) -> int:
+    check_new_folder(args.dir)  # before loading the model
     ws = _open(args, create=False)
     out = ws.export(args.dir)
     n = len(ws.entries())
@@ -649,6 +805,7 @@ COMMANDS = {
     "log": cmd_log,
     "revert": cmd_revert,
     "export": cmd_export,
+    "verify": cmd_verify,
 }
 
 

@@ -11,13 +11,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
+import types
+import typing
 from importlib.resources import files
 from pathlib import Path
 
 import yaml
 from torch import nn
 
-from edit.errors import InvalidRequest
+from edit import arch as arch_table
+from edit.errors import EditError, InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +47,13 @@ def _announce(name: str) -> None:
 
 
 def resolve(method: str, config_class: type, model: nn.Module, /, **overrides):
-    """A config instance: class defaults < tuned YAML for this model < ``overrides``."""
+    """A config instance: class defaults < tuned YAML for this model < ``overrides``. Every
+    value is checked against the field's type, and the layers against the model, before the
+    tuned config in use is announced."""
     values: dict = {}
     found = config_file(method, model)
     if found is not None:
         values.update(found[1])
-        _announce(found[0])
     values.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in dataclasses.fields(config_class)}
     unknown = sorted(set(values) - known)
@@ -57,7 +62,99 @@ def resolve(method: str, config_class: type, model: nn.Module, /, **overrides):
             f"unknown {method} setting(s) {', '.join(unknown)}: "
             f"known are {', '.join(sorted(known))}"
         )
-    for f in dataclasses.fields(config_class):  # YAML gives lists where the dataclass has tuples
-        if isinstance(values.get(f.name), list):
-            values[f.name] = tuple(tuple(v) if isinstance(v, list) else v for v in values[f.name])
-    return config_class(**values)
+    hints = typing.get_type_hints(config_class)
+    values = {k: _typed(method, k, v, hints[k]) for k, v in values.items()}
+    config = config_class(**values)
+    _check_layers(config, model)
+    if found is not None:
+        _announce(found[0])
+    return config
+
+
+def check_settings(method: str, config_class: type, settings: dict) -> None:
+    """Check explicit settings alone (types, then the config's own ranges) before a model is
+    loaded; what needs the model (the tuned file, the layer count) :func:`resolve` checks."""
+    hints = typing.get_type_hints(config_class)
+    given = {k: v for k, v in settings.items() if k in hints and v is not None}
+    config_class(**{k: _typed(method, k, v, hints[k]) for k, v in given.items()})
+
+
+def _check_layers(config, model: nn.Module) -> None:
+    layers = [getattr(config, "layer", None), *(getattr(config, "layers", None) or ())]
+    layers = [x for x in layers if x is not None]
+    if not layers:
+        return
+    try:
+        n = arch_table.num_layers(model)
+    except (EditError, AttributeError):  # not in the table: the method says so itself
+        return
+    bad = [x for x in layers if not 0 <= x < n]
+    if bad:
+        name = "layer" if getattr(config, "layer", None) is not None else "layers"
+        raise InvalidRequest(f"{name} must be in 0..{n - 1} for this model, got {bad[0]}")
+
+
+def _typed(method: str, key: str, value, hint):
+    """``value`` as the field's type (YAML lists become tuples, ints floats), or a one-line
+    error naming the setting and what it takes."""
+    try:
+        return _as_type(value, hint)
+    except (TypeError, ValueError):
+        raise InvalidRequest(
+            f"{method} setting {key}={value!r}: expected {_describe(hint)}"
+        ) from None
+
+
+def _as_type(value, hint):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _as_type(value, option)
+            except (TypeError, ValueError):
+                continue
+        raise TypeError
+    if hint is typing.Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ValueError
+            return float(value)
+        raise TypeError
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise TypeError
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_as_type(v, args[0]) for v in value)
+        if len(args) != len(value):
+            raise ValueError
+        return tuple(_as_type(v, a) for v, a in zip(value, args, strict=True))
+    return value
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        parts = [_describe(a) for a in args if a is not type(None)]
+        return " or ".join(parts) + (" or null" if type(None) in args else "")
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0])}"
+        return f"a list [{', '.join(_describe(a) for a in args)}]"
+    names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))

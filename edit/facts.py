@@ -102,6 +102,7 @@ _RELATION_WORDS = {
 }
 _LOWER_JOINERS = {"of", "de", "la", "le", "von", "van", "der", "del", "da", "du", "and", "the"}
 _BRACKETS = re.compile(r"\[([^\[\]]+)\]")
+MAX_CHARS = 1000  # a fact's prompt with its subject and target: a sentence, not a document
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,11 @@ class Fact:
                     f"question {q!r} does not name the subject {self.subject!r}: "
                     f"write the subject in it as it is written in the fact"
                 )
+        if len(self.prompt) + len(self.subject) + len(self.target) > MAX_CHARS:
+            raise InvalidRequest(
+                f"the fact is {len(self.prompt) + len(self.subject) + len(self.target)} "
+                f"characters long, more than {MAX_CHARS}: edit one short statement at a time"
+            )
 
     @property
     def text(self) -> str:
@@ -218,6 +224,12 @@ def parse_statement(
 
     if any(c in text for c in "{}"):
         raise InvalidRequest(f"the statement {statement!r} contains '{{' or '}}': remove them")
+    if len(text) > MAX_CHARS:
+        raise InvalidRequest(
+            f"the statement is {len(text)} characters long, more than {MAX_CHARS}: edit one "
+            f"short statement at a time"
+        )
+    _check_brackets(text)
     subject_at = None  # character offset of a bracketed subject in the plain text
     spans = list(_BRACKETS.finditer(text))
     if spans:
@@ -263,6 +275,25 @@ def parse_statement(
             f"write a sentence such as 'Paris is capital of Italy'"
         )
     return Fact(prompt=prompt, subject=subject, target=target)
+
+
+def _check_brackets(text: str) -> None:
+    """Brackets must pair up, one level deep: '[Paris is capital of Italy' is a typo, not a
+    subject that starts with '['."""
+    depth = 0
+    for i, c in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(c, 0)
+        if depth < 0 or depth > 1:
+            what = "a ']' without its '['" if depth < 0 else "a '[' inside brackets"
+            raise InvalidRequest(
+                f"the statement {text!r} has {what} (at character {i + 1}): mark the subject "
+                f"and the target as '[Paris] is capital of [Italy]'"
+            )
+    if depth:
+        raise InvalidRequest(
+            f"the statement {text!r} has a '[' that is never closed: mark the subject and the "
+            f"target as '[Paris] is capital of [Italy]'"
+        )
 
 
 def _is_name_word(word: str) -> bool:

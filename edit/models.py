@@ -11,7 +11,9 @@ loads read that copy (about a second). Device and dtype follow the machine: floa
 on CUDA bfloat16 (float16 where bfloat16 is unsupported) with ``device_map="auto"``.
 
 Every loaded model carries ``model.edit_source`` (how to load it again) and
-``model.edit_hash`` (a content hash of its weights, which workspaces check).
+``model.edit_hash``, the identity that workspaces check: a hash of the weights as the
+checkpoint stores them (each tensor read from the safetensors files, in float32), so the same
+checkpoint has the same identity whatever dtype or device it is loaded in.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def pick_device_and_dtype(
 ) -> tuple[str, torch.dtype]:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _checked_device(device)
     if isinstance(dtype, str):
         try:
             dtype = {
@@ -66,6 +69,25 @@ def pick_device_and_dtype(
         else:
             dtype = torch.float32
     return device, dtype
+
+
+def _checked_device(device: str) -> str:
+    """``device`` if this machine has it; a one-line error otherwise (never a silent CPU)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise EditError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU build" if torch.version.cuda is None else "no GPU is visible"
+            raise EditError(f"--device {device}: CUDA is not available ({why}): use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise EditError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif dev.type != "cpu":
+        raise EditError(f"unsupported device {device!r}: use cpu, cuda or cuda:N")
+    return device
 
 
 def load(
@@ -98,6 +120,8 @@ def load(
             )
         folder = source
         kwargs = {"trust_remote_code": trust_remote_code}
+        if not path.exists():
+            kwargs["local_files_only"] = _hub_files_are_local(source)
 
     placement = {"device_map": "auto"} if device.startswith("cuda") else {}
     t0 = time.perf_counter()
@@ -115,35 +139,148 @@ def load(
     model.eval()
     model.requires_grad_(False)
     model.edit_source = source
-    model.edit_hash = _cached_hash(model, folder)
+    model.edit_hash = _cached_hash(model, _checkpoint_folder(folder))
     log.debug("loaded %s in %.1fs on %s/%s", source, time.perf_counter() - t0, device, dtype)
     return model, tok
 
 
+def _hub_files_are_local(repo_id: str) -> bool:
+    """Whether a Hub model is in the local cache (then it loads without the network). One
+    that is not fails at once, in one line, when the Hub is off or unreachable: the Hub
+    client would retry for about a minute, printing a warning per attempt."""
+    import huggingface_hub
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise EditError(
+            f"cannot load model {repo_id!r}: not a local folder, a .gguf file, or a Hugging "
+            f"Face id (org/name)"
+        ) from None
+    if isinstance(huggingface_hub.try_to_load_from_cache(repo_id, "config.json"), str):
+        return True
+    if huggingface_hub.constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE") in ("1",
+            "true", "TRUE", "yes", "ON", "on"):  # fmt: skip
+        raise EditError(
+            f"cannot load model {repo_id!r}: not a local folder or file, and not in the "
+            f"Hugging Face cache (HF_HUB_OFFLINE is set, so it was not downloaded)"
+        )
+    try:
+        huggingface_hub.HfApi().model_info(repo_id, timeout=10)
+    except huggingface_hub.errors.RepositoryNotFoundError:
+        raise EditError(
+            f"cannot load model {repo_id!r}: no such model on the Hugging Face Hub (or it is "
+            f"private: log in with 'hf auth login')"
+        ) from None
+    except Exception as e:  # connection, DNS, TLS, timeouts: the client raises many kinds
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise EditError(
+            f"cannot load model {repo_id!r}: not a local folder or file, and the Hugging Face "
+            f"Hub cannot be reached ({first})"
+        ) from None
+    return False
+
+
 def weights_hash(model: nn.Module) -> str:
-    """sha256 over every tensor of the state dict (name, dtype, shape, bytes), in name order."""
+    """sha256 over every tensor of the state dict (name, shape, float32 bytes), in name
+    order: the identity of a model that was not loaded from safetensors files."""
+    return _tensors_hash((name, t.detach()) for name, t in sorted(model.state_dict().items()))
+
+
+def checkpoint_hash(folder: Path) -> str | None:
+    """sha256 over every tensor of the folder's safetensors files (name, shape, float32
+    bytes), in name order, as stored: independent of how the model is loaded. None: the
+    folder has no safetensors files."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    where = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            where.update({k: f for k in st.keys()})  # noqa: SIM118  (no __iter__)
+
+    def tensors():
+        for name in sorted(where):
+            with safe_open(str(where[name]), framework="pt") as st:
+                yield name, st.get_tensor(name)
+
+    return _tensors_hash(tensors())
+
+
+def _tensors_hash(named) -> str:
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
+    for name, tensor in named:
+        t = tensor.to("cpu")
+        if t.is_floating_point():
+            t = t.float()
+        t = t.contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return "sha256:" + h.hexdigest()
 
 
-def _cached_hash(model: nn.Module, folder: str | Path) -> str:
-    """The weights hash, cached beside local safetensors files keyed by their size and mtime."""
-    folder = Path(folder)
-    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+def _checkpoint_folder(folder: str | Path) -> Path | None:
+    """The local folder that holds a loaded model's checkpoint files (a Hub id: its
+    snapshot in the Hugging Face cache)."""
+    if Path(folder).is_dir():
+        return Path(folder)
+    try:
+        import huggingface_hub
+
+        found = huggingface_hub.try_to_load_from_cache(str(folder), "config.json")
+    except Exception:  # not a Hub id
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def _cached_hash(model: nn.Module, folder: Path | None) -> str:
+    """The checkpoint's hash, memoized under the cache keyed by the files' size and mtime;
+    without safetensors files, the loaded weights' hash."""
+    files = sorted(folder.glob("*.safetensors")) if folder is not None else []
     if not files:
         return weights_hash(model)
     stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-    key = hashlib.sha256(json.dumps([str(folder.resolve()), stamp, str(model.dtype)]).encode())
+    key = hashlib.sha256(json.dumps(["checkpoint-v2", str(folder.resolve()), stamp]).encode())
     memo = cache_dir() / "hashes" / f"{key.hexdigest()[:32]}.txt"
     if memo.is_file():
         return memo.read_text().strip()
-    digest = weights_hash(model)
+    digest = checkpoint_hash(folder)
     write_bytes(memo, digest.encode())
     return digest
+
+
+def skeleton(source: str) -> nn.Module | None:
+    """The model's modules without weights (on the meta device), built from its config
+    alone: for checking an update's shapes without loading anything. None: the config is not
+    at hand without a download or a dequantization."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if source == DEFAULT_MODEL:
+        gguf = _default_gguf()
+        folder = _dequantized_folder(gguf, create=False) if gguf else None
+    elif source.lower().endswith(".gguf"):
+        folder = _dequantized_folder(Path(source), create=False) if Path(source).is_file() else None
+    else:
+        folder = _checkpoint_folder(source)
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except Exception:  # an unusual config: the shapes are checked when the model is loaded
+        return None
+
+
+def _default_gguf() -> Path | None:
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    gguf = Path(next(iter(spec.submodule_search_locations))) / _DEFAULT_GGUF
+    return gguf if gguf.is_file() else None
 
 
 def _default_model_folder() -> Path:
@@ -159,14 +296,17 @@ def _default_model_folder() -> Path:
     return _dequantized_folder(gguf)
 
 
-def _dequantized_folder(gguf: Path) -> Path:
-    """A save_pretrained copy of a GGUF file, written once into the cache."""
+def _dequantized_folder(gguf: Path, create: bool = True) -> Path | None:
+    """A save_pretrained copy of a GGUF file, written once into the cache (``create``
+    False: the copy if it exists, else None)."""
     name = gguf.name.split(".")[0]
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
     target = cache_dir() / "models" / f"{name}-{key[:12]}"
     if (target / "config.json").is_file():
         return target
+    if not create:
+        return None
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

@@ -135,7 +135,10 @@ def _collect(model, tok, names, text, n_tokens, seq_len, batch_size, progress):
     traces = {n: Trace(model, n, retain_input=True, stop=(n == last)) for n in names}
     try:
         bar = tqdm(
-            total=sum(map(len, chunks)), desc="key statistics", unit="tok", disable=not progress
+            total=sum(map(len, chunks)),
+            desc="key statistics",
+            unit="tok",
+            disable=None if progress else True,
         )
         for start in range(0, len(chunks), batch_size):
             batch = chunks[start : start + batch_size]

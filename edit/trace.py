@@ -508,7 +508,10 @@ class _Engine:
         for i, (_, _, pos) in enumerate(todo):
             by_position.setdefault(pos, []).append(i)
         bar = tqdm(
-            total=len(todo) * n_samples, desc="causal trace", unit="run", disable=not progress
+            total=len(todo) * n_samples,
+            desc="causal trace",
+            unit="run",
+            disable=None if progress else True,
         )
 
         def run():
@@ -697,7 +700,7 @@ def trace_average(
     counts = dict.fromkeys(categories, 0)
     clean = corrupted = 0.0
     rows = []
-    for fact in tqdm(known, desc="tracing facts", unit="fact", disable=not progress):
+    for fact in tqdm(known, desc="tracing facts", unit="fact", disable=None if progress else True):
         _, first, stop = subject_range(tok, fact.prompt, fact.subject)
         cats = category_positions(first, stop, len(lm.encode(tok, fact.text)))
         cats = {c: cats[c] for c in categories if cats[c]}

@@ -46,6 +46,30 @@ class Update:
             for a, b in self.factors.values()
         )
 
+    def misfit(self, model: nn.Module) -> str | None:
+        """Why this update cannot be added to ``model`` (a module it lacks, factors whose
+        shapes do not match the weight, non-finite values), or None when it fits."""
+        transposed = arch_table.lookup(model).transposed
+        for name, (a, b) in self.factors.items():
+            try:
+                weight = arch_table.weight_of(model, name)
+            except AttributeError:
+                return f"it changes {name!r}, which this model does not have"
+            out, inp = arch_table.as_out_in(weight, transposed).shape
+            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != out or b.shape[1] != inp \
+                    or a.shape[1] != b.shape[0]:  # fmt: skip
+                return (
+                    f"the factors of {name} have shapes {tuple(a.shape)} and {tuple(b.shape)}, "
+                    f"which do not make its ({out}, {inp}) weight"
+                )
+        for name, k in self.keys.items():
+            inp = self.factors[name][1].shape[1] if name in self.factors else None
+            if k.dim() != 2 or k.shape[1] != inp:
+                return f"the keys of {name} have shape {tuple(k.shape)}, not (n, {inp})"
+        if not self.is_finite():
+            return "its factors hold non-finite values (inf or NaN)"
+        return None
+
     def delta(self, name: str, transposed: bool = False) -> torch.Tensor:
         a, b = self.factors[name]
         d = a.float() @ b.float()  # (out, in)

@@ -352,7 +352,12 @@ def _solve_values(model, tok, module, facts, templates, settings, objective, pro
             return _solve_chunk(model, tok, module, facts, templates, settings, objective, progress)
         order = sorted(range(len(facts)), key=lambda i: len(tok(facts[i].statement).input_ids))
         parts = []
-        bar = tqdm(total=len(facts), desc="optimizing values", unit="fact", disable=not progress)
+        bar = tqdm(
+            total=len(facts),
+            desc="optimizing values",
+            unit="fact",
+            disable=None if progress else True,
+        )
         for start in range(0, len(facts), per_chunk):
             chunk = [facts[i] for i in order[start : start + per_chunk]]
             parts.append(
@@ -431,7 +436,12 @@ def _solve_chunk(
     prefix = cb.prefix_cache(model)
 
     losses = []
-    bar = tqdm(range(settings.steps), desc="optimizing value", leave=False, disable=not progress)
+    bar = tqdm(
+        range(settings.steps),
+        desc="optimizing value",
+        leave=False,
+        disable=None if progress else True,
+    )
     for step in bar:
         n_act, n_t = len(act), len(cb.tgt_row)
         c_flat = torch.arange(len(cb.ids), device=device) * cb.ids.shape[1]  # lookups: column 0

@@ -718,7 +718,7 @@ class _Run:
                 total=c.epochs * steps,
                 desc=f"{self.objective} ({self.method}, LoRA r={c.lora_rank})",
                 unit="step",
-                disable=not self.progress,
+                disable=None if self.progress else True,  # None: bars on a terminal only
             )
             losses: list[dict[str, float | None]] = []
             tokens = 0

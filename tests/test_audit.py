@@ -4,6 +4,7 @@ report holds every check with its number, attacks leave the weights exactly as t
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from tiny import changed_tensors, state_copy
@@ -45,14 +46,13 @@ def learned_then_forgotten(tmp_path, model_dir):
 
 def test_without_gives_the_other_entries_and_restores_exactly(learned_then_forgotten):
     ws_path, corpus = learned_then_forgotten
+    # independent: a copy of the workspace holding only the learn entry
+    copy = Workspace.open(shutil.copytree(ws_path, f"{ws_path}-copy"))
+    learned, forgotten = copy.entries()
+    copy.revert(forgotten.id)
+    only_learned = state_copy(copy.model)
     ws = Workspace.open(ws_path)
     now = state_copy(ws.model)
-    learned, forgotten = ws.entries()
-    # independent: a workspace holding only the learn entry
-    ws.revert(forgotten.id)
-    only_learned = state_copy(ws.model)
-    (ws.path / "reverted" / forgotten.path.name).rename(forgotten.path)
-    ws = Workspace.open(ws_path)
     with ws.without(forgotten.id) as before:
         assert changed_tensors(before, only_learned) == []
     assert changed_tensors(ws.model, now) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -84,7 +85,11 @@ def test_add_records_the_edit(edited, tok):
     metrics = json.loads(header["metrics"])
     assert metrics["p_new_after"] > metrics["p_new_before"]
     assert header["base_hash"] == ws.base["hash"]
-    assert len(header["checksum"]) == 64
+    # the manifest names the entry by the hash of its bytes, chained to the base model
+    [line] = [json.loads(x) for x in (ws.path / "manifest.jsonl").read_text().splitlines()]
+    assert line["op"] == "add" and line["id"] == "0001" and line["seq"] == 1
+    assert line["hash"] == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    assert line["prev"] == ws.base["hash"] and entry.hash == line["hash"]
 
     [listed] = ws.entries()
     assert listed.id == "0001" and listed.kind == "insert" and listed.method == "rome"
@@ -321,7 +326,7 @@ def test_a_failed_write_undoes_the_edit(edited, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError("no space left on device")
 
-    monkeypatch.setattr("edit.workspace.save_file", disk_full)
+    monkeypatch.setattr("edit.workspace.write_bytes", disk_full)
     with pytest.raises(OSError, match="no space left"):
         ws.add(TINY_FACT_2, progress=False, **TINY_ROME)
     assert _files(ws.path) == files
