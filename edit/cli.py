@@ -189,13 +189,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    if distributed.launched():  # accelerate launch: one process per device (edit.distributed)
-        device = distributed.init()
-        if args.device is None:
-            args.device = str(device)
-        if not distributed.is_main():
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115  one report, from the main process
     try:
+        distributed.check_launch()  # a launch this machine cannot serve: one line, now
+        if distributed.launched():  # accelerate launch: one process per device
+            device = distributed.init()
+            if args.device is None:
+                args.device = str(device)
+            if not distributed.is_main():
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115  one report, from the main one
         return COMMANDS[args.command](args)
     except EditError as e:
         print(f"error: {e}", file=sys.stderr)

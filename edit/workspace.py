@@ -330,7 +330,7 @@ class Workspace:
         result = EditResult(objective, method, [], update, layers, config, res.metrics, info)
         if distributed.is_main():
             entry = self._record(result)  # on failure nothing is written, the model unchanged
-        distributed.barrier()
+        distributed.wait_for_everyone()
         if not distributed.is_main():  # data-parallel: the main process wrote the entry
             entry = self.entries()[-1]
             mine = update.tensors()
