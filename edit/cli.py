@@ -63,7 +63,27 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
         help="block(s) to edit: 4 (rome), 4,5,6 or 4-8 (memit, alphaedit); default: tuned config",
     )
     p.add_argument("--steps", type=int, default=None, help="max optimization steps")
+    _stats_arg(p)
     _set_arg(p)
+
+
+def _stats_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--stats-corpus",
+        default=None,
+        help="text for the key statistics: a .txt, .jsonl or .parquet file ('text' column) or "
+        "a datasets name NAME[:CONFIG[:SPLIT]] (default: the shipped WikiText-2)",
+    )
+
+
+def _stats_setting(args) -> dict:
+    """``--stats-corpus`` as the method's setting, checked before the model is loaded."""
+    if getattr(args, "stats_corpus", None) is None:
+        return {}
+    from edit.corpus import text_source
+
+    text_source(args.stats_corpus)  # a missing file: one line, now
+    return {"stats_corpus": args.stats_corpus}
 
 
 def _set_arg(p: argparse.ArgumentParser, what: str = "a setting of the method's config, e.g. "
@@ -97,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default=None, help="result folder (default: eval-out/<data>-<method>-<mode>)"
     )
     p.add_argument("--layer", default=None, help="block(s) to edit: 4, 4,5,6 or 4-8")
+    _stats_arg(p)
     _set_arg(p)
     p.add_argument(
         "--batch-size",
@@ -219,6 +240,7 @@ def cmd_eval(args) -> int:
     layer_settings = {
         **parse_settings(args.set),
         **_layer_settings(args.layer, methods.get(args.method).batch),
+        **_stats_setting(args),
     }
     name = Path(args.data).stem
     out = Path(args.out or f"eval-out/{name}-{args.method}-{args.mode}")
@@ -354,7 +376,7 @@ def cmd_add(args, erase: bool = False) -> int:
     batch = isinstance(request, list)
     # the default method for a batch is a batch method, for one fact ROME
     layers = _layer_settings(args.layer, methods.get(args.method).batch if args.method else batch)
-    settings = {**parse_settings(args.set), **layers}  # --layer/--steps win over --set
+    settings = {**parse_settings(args.set), **layers, **_stats_setting(args)}  # flags win
     if args.steps is not None:
         settings["steps"] = args.steps
     ws = _open(args)

@@ -109,3 +109,13 @@ def wait_for_everyone() -> None:
     """Block until every process reaches this point (accelerate's barrier)."""
     if launched():
         _state().wait_for_everyone()
+
+
+def reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The elementwise sum of ``tensor`` over the processes (accelerate's reduce)."""
+    if not launched():
+        return tensor
+    from accelerate.utils import reduce
+
+    _state()
+    return reduce(tensor, reduction="sum")
