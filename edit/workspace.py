@@ -44,6 +44,7 @@ from edit.atomic import new_folder, write_bytes
 from edit.errors import EditError, EditFailed
 from edit.facts import Fact
 from edit.models import load, weights_hash
+from edit.placement import read_weight, write_weight
 from edit.update import Update
 
 log = logging.getLogger(__name__)
@@ -365,14 +366,14 @@ class Workspace:
     def _apply(self, update: Update) -> None:
         for name in update.factors:
             if name not in self._base_weights:
-                self._base_weights[name] = arch_table.weight_of(self.model, name).detach().clone()
+                self._base_weights[name] = read_weight(self.model, name).detach().clone()
         update.apply(self.model)
 
     @torch.no_grad()
     def _rebuild(self, skip: str | None = None) -> None:
         """Base weights plus every entry (but ``skip``), applied in order."""
         for name, w in self._base_weights.items():
-            arch_table.weight_of(self.model, name).copy_(w)
+            write_weight(self.model, name, w)
         for entry in self.entries():
             if entry.id != skip:
                 self._apply(entry.update)
