@@ -35,7 +35,28 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    p.add_argument(
+        "--device-map",
+        default=None,
+        type=_device_map,
+        help="accelerate's layer placement: auto (GPUs, then CPU memory, then disk), "
+        "balanced, sequential, or JSON {module: device} (default: auto on CUDA)",
+    )
     p.add_argument("--verbose", "-v", action="store_true", help="log what happens inside")
+
+
+def _device_map(text: str) -> str | dict:
+    if not text.lstrip().startswith("{"):
+        return text
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not a JSON object ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("give a JSON object {module: device}")
+    return value
 
 
 def _edit_args(p: argparse.ArgumentParser) -> None:
@@ -246,7 +267,7 @@ def cmd_eval(args) -> int:
     out = Path(args.out or f"eval-out/{name}-{args.method}-{args.mode}")
     if out.exists() and any(out.iterdir()):
         raise EditError(f"{out} already exists and is not empty: choose a new --out folder")
-    model, tok = load(args.model, device=args.device, dtype=args.dtype)
+    model, tok = load(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
     print(
         f"model: {model.edit_source}; {len(records)} {records[0].format} records from {args.data}"
     )
@@ -291,7 +312,7 @@ def cmd_trace(args) -> int:
     facts = trace.load_known(args.data) if args.data else None
     if facts is None:
         template, subject = trace.parse_prompt(args.prompt, args.subject)
-    model, tok = load(args.model, device=args.device, dtype=args.dtype)
+    model, tok = load(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
     print(f"model: {model.edit_source} ({model.edit_hash[:19]}…) on {model.device}")
     settings = dict(
         kinds=kinds, window=args.window, seed=args.seed, noise_multiplier=args.noise, progress=True
@@ -323,7 +344,12 @@ def _open(args, create: bool = True):
     from edit.workspace import Workspace
 
     return Workspace.open(
-        args.workspace, model_name=args.model, create=create, device=args.device, dtype=args.dtype
+        args.workspace,
+        model_name=args.model,
+        create=create,
+        device=args.device,
+        dtype=args.dtype,
+        device_map=args.device_map,
     )
 
 
@@ -607,7 +633,9 @@ def cmd_ask(args) -> int:
     if ws is None:
         from edit.models import load
 
-        model, tok = load(args.model, device=args.device, dtype=args.dtype)
+        model, tok = load(
+            args.model, device=args.device, dtype=args.dtype, device_map=args.device_map
+        )
         print(f"model: {model.edit_source} (no workspace at {args.workspace}: base model)")
     else:
         model, tok = ws.model, ws.tok

@@ -79,3 +79,18 @@ def test_batch_edits_span_blocks_in_memory_and_on_disk(tmp_path, model_dir, meth
         torch.testing.assert_close(t_split[k], v, rtol=1e-4, atol=1e-6, msg=k)
     for name in ("model.layers.0.mlp.down_proj", MODULE):
         torch.testing.assert_close(read_weight(split.model, name), read_weight(whole.model, name))
+
+
+def test_the_cli_takes_a_device_map(tmp_path, model_dir, capsys):
+    import json
+
+    from edit.cli import main
+
+    tiny = [f"--set={k}={json.dumps(v)}" for k, v in TINY_ROME.items()]
+    args = ["add", "The capital of [France] [Paris]", "-m", model_dir, "-w", str(tmp_path / "w"),
+            "--device-map", json.dumps(SPLIT), *tiny]  # fmt: skip
+    assert main(args) == 0
+    assert "recorded:" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # argparse: a one-line usage error
+        main(["ask", "Paris is", "-m", model_dir, "--device-map", "{not json"])
+    assert "argument --device-map: not a JSON object" in capsys.readouterr().err

@@ -96,3 +96,17 @@ def test_a_launch_this_machine_cannot_serve_is_one_line(tmp_path, model_dir, cap
     assert not (tmp_path / "ws" / "edits").exists() or not any(
         (tmp_path / "ws" / "edits").iterdir()
     )
+
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch):
+    from edit import distributed
+    from edit.errors import EditError
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(EditError, match="launched 4 processes on a machine with 2 GPU"):
+        distributed.check_launch()
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # --cpu: as many processes as asked
+    distributed.check_launch()
