@@ -748,6 +748,11 @@ class _Run:
             # the launch configuration decides how the steps run: one process, DDP, FSDP or
             # DeepSpeed; mixed precision and gradient accumulation (edit.distributed)
             acc = self.acc = distributed.accelerator()
+            plugin = getattr(acc.state, "deepspeed_plugin", None)
+            if plugin is not None and plugin.is_auto("train_micro_batch_size_per_gpu"):
+                # DeepSpeed reads it from a prepared dataloader; this loop batches itself
+                per_process = math.ceil(c.batch_size / acc.num_processes)
+                plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = per_process
             self.forward, optimizer = acc.prepare(_Forward(model), optimizer)
             try:
                 result = self._steps(peft_model, acc, optimizer, params, forget_enc,
