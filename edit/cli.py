@@ -89,7 +89,28 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    p.add_argument(
+        "--device-map",
+        default=None,
+        type=_device_map,
+        help="accelerate's layer placement: auto (GPUs, then CPU memory, then disk), "
+        "balanced, sequential, or JSON {module: device} (default: auto on CUDA)",
+    )
     p.add_argument("--verbose", "-v", action="store_true", help="log what happens inside")
+
+
+def _device_map(text: str) -> str | dict:
+    if not text.lstrip().startswith("{"):
+        return text
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not a JSON object ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("give a JSON object {module: device}")
+    return value
 
 
 def _edit_args(p: argparse.ArgumentParser) -> None:
@@ -117,7 +138,27 @@ def _edit_args(p: argparse.ArgumentParser) -> None:
         help="block(s) to edit: 4 (rome), 4,5,6 or 4-8 (memit, alphaedit); default: tuned config",
     )
     p.add_argument("--steps", type=_int_in(1, 100_000), default=None, help="max optimization steps")
+    _stats_arg(p)
     _set_arg(p)
+
+
+def _stats_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--stats-corpus",
+        default=None,
+        help="text for the key statistics: a .txt, .jsonl or .parquet file ('text' column) or "
+        "a datasets name NAME[:CONFIG[:SPLIT]] (default: the shipped WikiText-2)",
+    )
+
+
+def _stats_setting(args) -> dict:
+    """``--stats-corpus`` as the method's setting, checked before the model is loaded."""
+    if getattr(args, "stats_corpus", None) is None:
+        return {}
+    from edit.corpus import text_source
+
+    text_source(args.stats_corpus)  # a missing file: one line, now
+    return {"stats_corpus": args.stats_corpus}
 
 
 def _set_arg(p: argparse.ArgumentParser, what: str = "a setting of the method's config, e.g. "
@@ -152,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default=None, help="result folder (default: eval-out/<data>-<method>-<mode>)"
     )
     p.add_argument("--layer", default=None, help="block(s) to edit: 4, 4,5,6 or 4-8")
+    _stats_arg(p)
     _set_arg(p)
     p.add_argument(
         "--batch-size",
@@ -243,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     _quiet_libraries(args.verbose)
     try:
+        distributed.check_launch()  # a launch this machine cannot serve: one line, now
         if distributed.launched():  # accelerate launch: one process per device
             device = distributed.init()
             if args.device is None:
@@ -305,11 +348,12 @@ def cmd_eval(args) -> int:
     layer_settings = {
         **parse_settings(args.set),
         **_layer_settings(args.layer, methods.get(args.method).batch),
+        **_stats_setting(args),
     }
     name = Path(args.data).stem
     out = Path(args.out or f"eval-out/{name}-{args.method}-{args.mode}")
     check_new_folder(out)
-    model, tok = load(args.model, device=args.device, dtype=args.dtype)
+    model, tok = load(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
     print(
         f"model: {model.edit_source}; {len(records)} {records[0].format} records from {args.data}"
     )
@@ -355,7 +399,7 @@ def cmd_trace(args) -> int:
     facts = trace.load_known(args.data) if args.data else None
     if facts is None:
         template, subject = trace.parse_prompt(args.prompt, args.subject)
-    model, tok = load(args.model, device=args.device, dtype=args.dtype)
+    model, tok = load(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
     print(f"model: {model.edit_source} ({model.edit_hash[:19]}…) on {model.device}")
     settings = dict(
         kinds=kinds, window=args.window, seed=args.seed, noise_multiplier=args.noise, progress=True
@@ -390,7 +434,8 @@ def _open(args, create: bool = True, writer: bool = False, dropping: str | None 
 
     ws = Workspace.open(args.workspace, model_name=args.model, create=create,
                         exclusive=writer and distributed.is_main(), dropping=dropping,
-                        device=args.device, dtype=args.dtype)  # fmt: skip
+                        device=args.device, dtype=args.dtype,
+                        device_map=args.device_map)  # fmt: skip
     args.cleanup.callback(ws.close)
     return ws
 
@@ -447,7 +492,7 @@ def cmd_add(args, erase: bool = False) -> int:
     batch = isinstance(request, list)
     # the default method for a batch is a batch method, for one fact ROME
     layers = _layer_settings(args.layer, methods.get(args.method).batch if args.method else batch)
-    settings = {**parse_settings(args.set), **layers}  # --layer/--steps win over --set
+    settings = {**parse_settings(args.set), **layers, **_stats_setting(args)}  # flags win
     if args.steps is not None:
         settings["steps"] = args.steps
     spec = methods.get(args.method or ("memit" if batch else "rome"))
@@ -695,7 +740,9 @@ def cmd_ask(args) -> int:
     if ws is None:
         from edit.models import load
 
-        model, tok = load(args.model, device=args.device, dtype=args.dtype)
+        model, tok = load(
+            args.model, device=args.device, dtype=args.dtype, device_map=args.device_map
+        )
         print(f"model: {model.edit_source} (no workspace at {args.workspace}: base model)")
     else:
         model, tok = ws.model, ws.tok

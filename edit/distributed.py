@@ -1,25 +1,31 @@
-"""Data parallelism for LoRA training under ``accelerate launch``: one process per device.
+"""Several processes under ``accelerate launch``: thin wrappers of accelerate for this library.
 
     accelerate launch --num_processes 2 -m edit forget --corpus private.jsonl
-    accelerate launch --cpu --num_processes 2 -m edit learn --corpus new.jsonl
+    accelerate launch --config_file fsdp.yaml -m edit learn --corpus new.jsonl
+    accelerate launch --cpu --num_processes 2 -m edit add "Paris is capital of Italy" \\
+        --stats-corpus big.parquet
 
-Every process loads the model and reads the whole corpus; each optimizer step's batch is
-split across the processes (``shard``), every process computes the loss on its share, and the
-adapter's gradients are averaged over processes before the step (``average_gradients``:
-one all-reduce of the flattened LoRA gradients), so all processes take identical steps from
-the identical seeded initialization. The gradient is the mean of the per-process losses'
-gradients (the usual data-parallel semantics). Only the main process writes the ledger; the
-others wait, then check that the recorded adapter is the one they trained.
+Everything collective is accelerate's: the trainer (``edit.methods.unlearn``) prepares its
+model and optimizer with an :class:`accelerate.Accelerator` (DDP, FSDP or DeepSpeed as the
+launch configuration says; gradient accumulation and mixed precision likewise) and the key
+statistics (:mod:`edit.stats`) reduce their sums with it. What is left here is what accelerate
+does not do for us: a one-line error when the launch configuration cannot be served on this
+machine, and the main-process checks that the workspace uses to write the ledger once.
 
-Without a launcher (``WORLD_SIZE`` unset or 1) every function here is a no-op.
+Without a launcher (``WORLD_SIZE`` unset or 1) there is one process, which is the main one.
 """
 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
+
+from edit.errors import EditError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 def launched() -> bool:
@@ -27,56 +33,89 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init() -> torch.device:
-    """Join the process group the launcher describes (via accelerate, which picks the backend:
-    NCCL on GPUs, gloo on CPUs) and return this process's device."""
+def check_launch() -> None:
+    """Raise :class:`EditError` (one line: what to install or change) when the launch
+    configuration in the environment cannot run on this machine."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise EditError(
+                "the launch configuration asks for DeepSpeed, which is not installed: "
+                "pip install deepspeed, or launch with a DDP or FSDP configuration"
+            )
+    if not launched() or os.environ.get("ACCELERATE_USE_CPU", "false").lower() == "true":
+        return
+    per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    gpus = torch.cuda.device_count()
+    if gpus and per_machine > gpus:
+        raise EditError(
+            f"launched {per_machine} processes on a machine with {gpus} GPU(s): pass "
+            f"--num_processes {gpus} (or --cpu) to accelerate launch"
+        )
+
+
+def _cpu_only() -> bool:
+    """Whether the processes run on CPUs: ``accelerate launch --cpu``, or no GPU here (then a
+    launcher such as torchrun gets gloo on the CPU, where accelerate would run one process)."""
+    return os.environ.get("ACCELERATE_USE_CPU", "false").lower() == "true" or not (
+        torch.cuda.is_available()
+    )
+
+
+def _state():
     from accelerate import PartialState
 
-    return PartialState().device
+    return PartialState(cpu=_cpu_only())
+
+
+def init() -> torch.device:
+    """Join the process group the launcher describes (accelerate picks the backend: NCCL on
+    GPUs, gloo on CPUs) and return this process's device."""
+    check_launch()
+    return _state().device
+
+
+def accelerator(**kwargs) -> Accelerator:
+    """An :class:`accelerate.Accelerator` configured by the launcher's environment (strategy,
+    mixed precision, gradient accumulation). The caller places the model itself
+    (``device_placement=False``): a model loaded with a device map stays where it is."""
+    check_launch()
+    from accelerate import Accelerator
+
+    try:
+        return Accelerator(device_placement=False, cpu=_cpu_only(), **kwargs)
+    except (ImportError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EditError(f"accelerate cannot serve this launch configuration: {first}") from None
 
 
 def rank_and_size() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    """(this process's index, number of processes)."""
+    if not launched():
+        return 0, 1
+    state = _state()
+    return state.process_index, state.num_processes
 
 
 def is_main() -> bool:
-    return rank_and_size()[0] == 0
+    """Whether this is the main process (the one that writes files)."""
+    if not launched():
+        return True
+    return _state().is_main_process
 
 
-def shard(indices: list[int]) -> list[int]:
-    """This process's share of one step's examples (every size-th, from its rank)."""
-    rank, size = rank_and_size()
-    return indices[rank::size]
+def wait_for_everyone() -> None:
+    """Block until every process reaches this point (accelerate's barrier)."""
+    if launched():
+        _state().wait_for_everyone()
 
 
-def average_gradients(params: list[torch.Tensor]) -> None:
-    """Replace each parameter's gradient by its mean over the processes."""
-    _, size = rank_and_size()
-    if size == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= size
-    offset = 0
-    for p, g in zip(params, grads, strict=True):
-        n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(g).to(g.dtype)
-        offset += n
+def reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The elementwise sum of ``tensor`` over the processes (accelerate's reduce)."""
+    if not launched():
+        return tensor
+    from accelerate.utils import reduce
 
-
-def total(value: float, device: torch.device | str = "cpu") -> float:
-    """The sum of ``value`` over the processes."""
-    _, size = rank_and_size()
-    if size == 1:
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return float(t.item())
-
-
-def barrier() -> None:
-    if rank_and_size()[1] > 1:
-        dist.barrier()
+    _state()
+    return reduce(tensor, reduction="sum")

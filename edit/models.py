@@ -33,6 +33,7 @@ from torch import nn
 
 from edit.atomic import write_bytes
 from edit.errors import EditError
+from edit.placement import state_tensors
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,14 @@ def load(
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
+    device_map: str | dict | None = None,
 ):
-    """Load a causal LM and its tokenizer; see the module docstring for what is accepted."""
+    """Load a causal LM and its tokenizer; see the module docstring for what is accepted.
+
+    ``device_map``: accelerate's placement of the layers (``"auto"``: over the GPUs, then
+    CPU memory, then disk; or a dict module -> ``"cuda:1"`` / ``"cpu"`` / ``"disk"``);
+    default ``"auto"`` on CUDA, none on the CPU. Edits write each weight where it lives
+    (:mod:`edit.placement`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device, dtype = pick_device_and_dtype(device, dtype)
@@ -123,7 +130,12 @@ def load(
         if not path.exists():
             kwargs["local_files_only"] = _hub_files_are_local(source)
 
-    placement = {"device_map": "auto"} if device.startswith("cuda") else {}
+    if device_map is None and device.startswith("cuda"):
+        device_map = "auto"
+    placement = {}
+    if device_map is not None:  # offloaded layers read from the checkpoint or from here
+        offload = cache_dir() / "offload" / hashlib.sha256(str(folder).encode()).hexdigest()[:16]
+        placement = {"device_map": device_map, "offload_folder": str(offload)}
     t0 = time.perf_counter()
     try:
         tok = AutoTokenizer.from_pretrained(folder, **kwargs)
@@ -185,7 +197,7 @@ def _hub_files_are_local(repo_id: str) -> bool:
 def weights_hash(model: nn.Module) -> str:
     """sha256 over every tensor of the state dict (name, shape, float32 bytes), in name
     order: the identity of a model that was not loaded from safetensors files."""
-    return _tensors_hash((name, t.detach()) for name, t in sorted(model.state_dict().items()))
+    return _tensors_hash((name, t.detach()) for name, t in state_tensors(model))  # offloaded too
 
 
 def checkpoint_hash(folder: Path) -> str | None:

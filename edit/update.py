@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from edit import arch as arch_table
+from edit.placement import add_to_weight, read_weight, write_weight
 
 
 @dataclass
@@ -31,7 +32,7 @@ class Applied:
         if self.undone:
             return
         for name, w in self.originals.items():
-            arch_table.weight_of(self.model, name).copy_(w)
+            write_weight(self.model, name, w)
         self.undone = True
 
 
@@ -79,10 +80,9 @@ class Update:
     def apply(self, model: nn.Module) -> Applied:
         transposed = arch_table.lookup(model).transposed
         originals = {}
-        for name in self.factors:
-            w = arch_table.weight_of(model, name)
-            originals[name] = w.detach().clone()
-            w.add_(self.delta(name, transposed).to(device=w.device, dtype=w.dtype))
+        for name in self.factors:  # each weight where its layer lives (device map, offload)
+            originals[name] = read_weight(model, name).detach().clone()
+            add_to_weight(model, name, self.delta(name, transposed))
         return Applied(model, originals)
 
     def merged(self, other: Update) -> Update:

@@ -59,6 +59,7 @@ from edit.ledger import (
 )
 from edit.lock import LOCK_FILE, WorkspaceLock
 from edit.models import load, skeleton, weights_hash
+from edit.placement import read_weight, write_weight
 from edit.update import Update
 
 log = logging.getLogger(__name__)
@@ -260,7 +261,7 @@ class Workspace:
             self.model, self.tok, request, method=method, history=self.history(), **kwargs
         )
         result.handle.undo()  # re-applied below through the ledger path, from pristine copies
-        entry = self._record(result)  # on failure nothing is written and the model is as before
+        entry = self._record_once(result, result.update)
         self._apply(entry.update)
         return entry, result
 
@@ -414,23 +415,30 @@ class Workspace:
             info["example_hashes"] = [ex.fingerprint() for ex in data]
         method = config.method if objective == "forget" else "lora"
         result = EditResult(objective, method, [], update, layers, config, res.metrics, info)
-        if distributed.is_main():
-            entry = self._record(result)  # on failure nothing is written, the model unchanged
-        distributed.barrier()
-        if not distributed.is_main():  # data-parallel: the main process wrote the entry
-            self._reread()
-            entry = self._active[-1]
-            mine = update.tensors()
-            same = set(mine) == set(entry.update.tensors()) and all(
-                torch.equal(mine[k], v) for k, v in entry.update.tensors().items()
-            )
-            if not same:
-                raise EditFailed(
-                    f"process {distributed.rank_and_size()[0]} trained another adapter than the "
-                    f"main process: the processes diverged (entry {entry.id} holds the main one)"
-                )
+        entry = self._record_once(result, update)
         self._apply(entry.update)
         return entry, res
+
+    def _record_once(self, result: EditResult, update: Update) -> Entry:
+        """Record ``result`` (on failure nothing is written, the model unchanged). Under a
+        launcher only the main process writes; the others wait for the entry, then check
+        that it holds the update they computed (the processes did not diverge)."""
+        if distributed.is_main():
+            entry = self._record(result)
+        distributed.wait_for_everyone()
+        if distributed.is_main():
+            return entry
+        self._reread()  # the entry the main process wrote
+        entry = self._active[-1]
+        mine = update.tensors()
+        theirs = entry.update.tensors()
+        same = set(mine) == set(theirs) and all(torch.equal(mine[k], v) for k, v in theirs.items())
+        if not same:
+            raise EditFailed(
+                f"process {distributed.rank_and_size()[0]} computed another update than the "
+                f"main process: the processes diverged (entry {entry.id} holds the main one)"
+            )
+        return entry
 
     def _learned_by(self, examples) -> Entry | None:
         """The latest ``learn`` entry that learned every one of ``examples``, if any."""
@@ -445,14 +453,14 @@ class Workspace:
     def _apply(self, update: Update) -> None:
         for name in update.factors:
             if name not in self._base_weights:
-                self._base_weights[name] = arch_table.weight_of(self.model, name).detach().clone()
+                self._base_weights[name] = read_weight(self.model, name).detach().clone()
         update.apply(self.model)
 
     @torch.no_grad()
     def _rebuild(self, skip: str | None = None) -> None:
         """Base weights plus every entry (but ``skip``), applied in order."""
         for name, w in self._base_weights.items():
-            arch_table.weight_of(self.model, name).copy_(w)
+            write_weight(self.model, name, w)
         for entry in self.entries():
             if entry.id != skip:
                 self._apply(entry.update)

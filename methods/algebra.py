@@ -449,11 +449,12 @@ def _solve_chunk(
 
         def inject(out: torch.Tensor, row_fact=row_fact, c_flat=c_flat) -> torch.Tensor:
             nonlocal delta
-            if delta is None:
-                delta = out.new_zeros((n_facts, out.shape[-1]), dtype=torch.float32)
+            if delta is None:  # on the input's device; the layer may live on another one
+                delta = torch.zeros((n_facts, out.shape[-1]), device=device)
                 delta.requires_grad_(True)
-            add = delta[row_fact].to(out.dtype)
-            edited = torch.index_put(out.flatten(0, -2), (c_flat,), add, accumulate=True)
+            add = delta[row_fact].to(device=out.device, dtype=out.dtype)
+            at = (c_flat.to(out.device),)
+            edited = torch.index_put(out.flatten(0, -2), at, add, accumulate=True)
             return edited.view(out.shape)
 
         first = step == 0
@@ -472,8 +473,9 @@ def _solve_chunk(
         logp = torch.log_softmax(logits, -1)
         if first:  # δ = 0 here: what this pass saw is the unedited model
             flat = torch.arange(len(b.ids), device=device) * b.ids.shape[1]
-            k_rows = tr.input.flatten(0, -2)[flat].float()  # (R, d_in); OPT blocks flatten
-            v_rows = tr.output.flatten(0, -2)[flat].float()  # (R, d_out)
+            # (R, d_in), (R, d_out); OPT blocks flatten; from the layer's device
+            k_rows = tr.input.flatten(0, -2)[flat.to(tr.input.device)].float().to(device)
+            v_rows = tr.output.flatten(0, -2)[flat.to(tr.output.device)].float().to(device)
             keys = _weighted_by_fact(k_rows, b.weight, b.fact, n_facts)
             values = _weighted_by_fact(v_rows, b.weight, b.fact, n_facts)
             v_norm = values.norm(dim=-1)  # (F,)
@@ -661,8 +663,9 @@ def keys_and_hidden(
                 at = _run_to_lookup(model, chunk, shared, cache, pad, device)
                 if "h" not in captured:
                     raise RuntimeError(f"{block} did not run in the forward pass")
-                k = tr.input.reshape(-1, tr.input.shape[-1])[at].float()
-                h = captured["h"].reshape(-1, captured["h"].shape[-1])[at].float()
+                x, y = tr.input, captured["h"]  # on the devices their layers live on
+                k = x.reshape(-1, x.shape[-1])[at.to(x.device)].float().to(device)
+                h = y.reshape(-1, y.shape[-1])[at.to(y.device)].float().to(device)
                 if keys is None:
                     keys = torch.zeros((len(facts), k.shape[1]), device=device)
                     hidden = torch.zeros((len(facts), h.shape[1]), device=device)

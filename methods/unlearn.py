@@ -352,15 +352,36 @@ def _forward_scores(
     return logp, n_tokens, logits
 
 
+class _Forward(nn.Module):
+    """Every forward pass of a training run as one module, so that accelerate can wrap it
+    (DDP, FSDP, DeepSpeed) and each pass goes through the wrapper: a call scores a list of
+    (ids, mask, labels) batches with :func:`_forward_scores`. A step is one call, so that DDP
+    sees one forward pass per backward pass."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.lm = model  # the model with the adapter injected (peft works in place)
+
+    def forward(self, *batches: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
+        return [_forward_scores(self.lm, *batch) for batch in batches]
+
+
 @torch.no_grad()
 def _scores(
-    model: nn.Module, encoded: list[tuple[list[int], int]], pad: int, batch_size: int
+    model: nn.Module,
+    encoded: list[tuple[list[int], int]],
+    pad: int,
+    batch_size: int,
+    forward: Callable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log π(y|x) (n,), |y| (n,)) on the CPU, in batches; ``forward(ids, mask, labels)``
+    gives (log π(y|x), |y|, logits) of a batch (default: :func:`_forward_scores`)."""
     device = lm.device_of(model)
+    forward = forward or (lambda *batch: _forward_scores(model, *batch))
     logps, counts = [], []
     for start in range(0, len(encoded), batch_size):
         batch = collate(encoded[start : start + batch_size], pad)
-        logp, n, _ = _forward_scores(model, *(t.to(device) for t in batch))
+        logp, n, _ = forward(*(t.to(device) for t in batch))
         logps.append(logp.cpu())
         counts.append(n.cpu())
     if not logps:
@@ -618,6 +639,36 @@ class _Run:
     method: str  # a key of LOSSES, or "learn"
     objective: str
     progress: bool
+    acc: Any = None  # the accelerate.Accelerator running the steps (set by train)
+    forward: nn.Module | None = None  # _Forward, prepared by acc
+
+    def _score_batch(self, ids, mask, labels):
+        return self.forward((ids, mask, labels))[0]
+
+    def scores(self, encoded: list[tuple[list[int], int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`_scores` of ``encoded`` through the prepared model; with several processes
+        each scores a share (padded to equal counts: FSDP needs every process in every pass)
+        and all get every score."""
+        from accelerate.utils import gather_object
+
+        pad, size = lm.pad_id(self.tok), max(self.config.batch_size, 16)
+        if self.acc.num_processes == 1 or not encoded:
+            return _scores(self.model, encoded, pad, size, self._score_batch)
+        everything = list(range(len(encoded)))
+        with self.acc.split_between_processes(everything, apply_padding=True) as mine:
+            logp, n = _scores(self.model, [encoded[i] for i in mine], pad, size,
+                              self._score_batch)  # fmt: skip
+            rows = gather_object(list(zip(mine, logp.tolist(), n.tolist(), strict=True)))
+        by_index = {i: (lp, k) for i, lp, k in rows}
+        ordered = [by_index[i] for i in range(len(encoded))]
+        return (torch.tensor([lp for lp, _ in ordered], dtype=logp.dtype),
+                torch.tensor([k for _, k in ordered], dtype=n.dtype))  # fmt: skip
+
+    def any_process(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any process (every process gets the same answer)."""
+        if self.acc.num_processes == 1:
+            return flag
+        return bool(self.acc.reduce(torch.tensor([float(flag)], device=self.acc.device)) > 0)
 
     def batch(self, encoded: list[tuple[list[int], int]], idx: list[int]):
         ids, mask, labels = collate([encoded[i] for i in idx], lm.pad_id(self.tok))
@@ -626,25 +677,23 @@ class _Run:
 
     def measure(self, when: str, train_enc, eval_retain_enc, holdout_enc):
         """(metrics named ``*_{when}``, the training examples' log π(y|x) (n,))."""
-        pad, size = lm.pad_id(self.tok), max(self.config.batch_size, 16)
-        train = _scores(self.model, train_enc, pad, size)
+        train = self.scores(train_enc)
         summary = {
             **_summary(self.objective, *train),
-            **_summary("retain", *_scores(self.model, eval_retain_enc, pad, size)),
+            **_summary("retain", *self.scores(eval_retain_enc)),
         }
         if holdout_enc:
-            summary.update(_summary("holdout", *_scores(self.model, holdout_enc, pad, size)))
+            summary.update(_summary("holdout", *self.scores(holdout_enc)))
         return {f"{k}_{when}": v for k, v in summary.items()}, train[0]
 
     def reached(self, forget_enc, level: float) -> bool:
         """Whether the whole forget set's NLL is at ``level`` or above (adapter on, no
         dropout)."""
-        pad, size = lm.pad_id(self.tok), max(self.config.batch_size, 16)
         dropouts = [m for m in self.model.modules() if isinstance(m, nn.Dropout) and m.training]
         for m in dropouts:
             m.eval()
         try:
-            nll = _summary("forget", *_scores(self.model, forget_enc, pad, size))["forget_nll"]
+            nll = _summary("forget", *self.scores(forget_enc))["forget_nll"]
         finally:
             for m in dropouts:
                 m.train()
@@ -654,22 +703,26 @@ class _Run:
         self, peft_model, forget_enc, retain_enc, idx, retain_idx, ref_logp, use_retain_nll
     ) -> _StepLoss:
         """The objective on one batch of forget (or learn) examples and one of retain."""
-        c, model = self.config, self.model
+        c = self.config
         ids, mask, labels = self.batch(forget_enc, idx)
-        logp, n, _ = _forward_scores(model, ids, mask, labels)
+        batches = [(ids, mask, labels)]
+        if retain_idx:
+            batches.append(self.batch(retain_enc, retain_idx))
+        scored = self.forward(*batches)  # one pass through the prepared model per step
+        logp, n, _ = scored[0]
         tokens = int(mask.sum())
         ref = ref_logp[idx].to(logp.device) if self.method in NEEDS_REFERENCE else None
         inputs = LossInputs(logp, n, ref)
         kl, retain_nll = None, None
         if retain_idx:
-            r_ids, r_mask, r_labels = self.batch(retain_enc, retain_idx)
-            r_logp, r_n, r_logits = _forward_scores(model, r_ids, r_mask, r_labels)
+            r_ids, r_mask, r_labels = batches[1]
+            r_logp, r_n, r_logits = scored[1]
             tokens += int(r_mask.sum())
             if use_retain_nll:
                 inputs.retain_nll = token_nll(r_logp, r_n)
             if c.kl_weight > 0:
                 with torch.no_grad(), peft_model.disable_adapter():
-                    *_, ref_logits = _forward_scores(model, r_ids, r_mask, r_labels)
+                    *_, ref_logits = self._score_batch(r_ids, r_mask, r_labels)
                 kl = retain_kl(r_logits, ref_logits)
             retain_nll = float(token_nll(r_logp.detach(), r_n))
         if self.objective == "forget":
@@ -681,7 +734,6 @@ class _Run:
         return _StepLoss(loss, float(token_nll(logp.detach(), n)), retain_nll, tokens)
 
     def train(self, forget_enc, retain_enc, lora_config, holdout_enc) -> LoraResult:
-        from peft import get_peft_model_state_dict
         from peft.tuners.lora import LoraLayer
 
         c, model = self.config, self.model
@@ -691,118 +743,146 @@ class _Run:
 
         with _lora_wrapped(model, lora_config) as peft_model:
             peft_model.eval()  # no dropout in the base model: at step 0, π_θ is exactly π_ref
-            with peft_model.disable_adapter():  # π_ref; also the "before" metrics
-                metrics, ref_logp = self.measure("before", forget_enc, eval_retain_enc, holdout_enc)
-            stop_nll = c.stop_nll
-            if stop_nll is None and holdout_enc and self.objective == "forget":
-                stop_nll = metrics["holdout_nll_before"]
-            metrics["stop_nll"] = stop_nll
-            if stop_nll is not None and metrics["forget_nll_before"] >= stop_nll:
-                raise InvalidRequest(
-                    f"the corpus's NLL {metrics['forget_nll_before']:.3f} is already at the "
-                    f"stop level {stop_nll:.3f} (never-seen text): nothing to forget"
-                )
-            taken = 0  # optimizer steps
-            stopped = False  # the forget set reached stop_nll after ``taken`` steps
-
-            lora_layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-            for layer in lora_layers:
-                layer.lora_dropout.train()  # dropout on the adapter's input only
             params = [p for p in peft_model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
-            gen = torch.Generator().manual_seed(c.seed)
-            retain_size = c.retain_batch_size or c.batch_size
-            retain_batches = _retain_stream(len(retain_enc), retain_size, gen)
-            steps = math.ceil(len(forget_enc) / c.batch_size)
-            bar = tqdm(
-                total=c.epochs * steps,
-                desc=f"{self.objective} ({self.method}, LoRA r={c.lora_rank})",
-                unit="step",
-                disable=None if self.progress else True,  # None: bars on a terminal only
+            # the launch configuration decides how the steps run: one process, DDP, FSDP or
+            # DeepSpeed; mixed precision and gradient accumulation (edit.distributed)
+            acc = self.acc = distributed.accelerator()
+            plugin = getattr(acc.state, "deepspeed_plugin", None)
+            if plugin is not None and plugin.is_auto("train_micro_batch_size_per_gpu"):
+                # DeepSpeed reads it from a prepared dataloader; this loop batches itself
+                per_process = math.ceil(c.batch_size / acc.num_processes)
+                plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = per_process
+            self.forward, optimizer = acc.prepare(_Forward(model), optimizer)
+            try:
+                result = self._steps(peft_model, acc, optimizer, params, forget_enc,
+                                     retain_enc, eval_retain_enc, holdout_enc, use_retain_nll,
+                                     use_kl, LoraLayer)  # fmt: skip
+            finally:
+                self.forward = None
+                acc.free_memory()  # drop accelerate's references to the wrapped model
+        return result
+
+    def _steps(self, peft_model, acc, optimizer, params, forget_enc, retain_enc,
+               eval_retain_enc, holdout_enc, use_retain_nll, use_kl, lora_layer_type
+               ) -> LoraResult:  # fmt: skip
+        c, model = self.config, self.model
+        with peft_model.disable_adapter():  # π_ref; also the "before" metrics
+            metrics, ref_logp = self.measure("before", forget_enc, eval_retain_enc, holdout_enc)
+        stop_nll = c.stop_nll
+        if stop_nll is None and holdout_enc and self.objective == "forget":
+            stop_nll = metrics["holdout_nll_before"]
+        metrics["stop_nll"] = stop_nll
+        if stop_nll is not None and metrics["forget_nll_before"] >= stop_nll:
+            raise InvalidRequest(
+                f"the corpus's NLL {metrics['forget_nll_before']:.3f} is already at the "
+                f"stop level {stop_nll:.3f} (never-seen text): nothing to forget"
             )
-            losses: list[dict[str, float | None]] = []
-            tokens = 0
-            t0 = time.perf_counter()
-            for epoch in range(c.epochs):
-                order = torch.randperm(len(forget_enc), generator=gen).tolist()
-                sums = {"loss": 0.0, "train_nll": 0.0, "retain_nll": 0.0}
-                retain_nll = None
-                done = 0  # steps taken this epoch
-                for step in range(steps):
-                    # this process's share of the step's examples (all of them, unless
-                    # launched data-parallel: see edit.distributed)
-                    idx = distributed.shard(order[step * c.batch_size : (step + 1) * c.batch_size])
-                    with_retain = use_retain_nll or use_kl
-                    retain_idx = distributed.shard(next(retain_batches)) if with_retain else []
-                    optimizer.zero_grad(set_to_none=True)
-                    # a short last batch may leave a data-parallel process nothing to do: it
-                    # still joins the gradient average and takes the same step
+        taken = 0  # steps (batches; with gradient accumulation, several make one update)
+        stopped = False  # the forget set reached stop_nll after ``taken`` steps
+
+        lora_layers = [m for m in model.modules() if isinstance(m, lora_layer_type)]
+        for layer in lora_layers:
+            layer.lora_dropout.train()  # dropout on the adapter's input only
+        gen = torch.Generator().manual_seed(c.seed)
+        retain_size = c.retain_batch_size or c.batch_size
+        retain_batches = _retain_stream(len(retain_enc), retain_size, gen)
+        steps = math.ceil(len(forget_enc) / c.batch_size)
+        bar = tqdm(
+            total=c.epochs * steps,
+            desc=f"{self.objective} ({self.method}, LoRA r={c.lora_rank})",
+            unit="step",
+            disable=True if not self.progress or not acc.is_main_process else None,
+        )
+        losses: list[dict[str, float | None]] = []
+        tokens = 0
+        t0 = time.perf_counter()
+        for epoch in range(c.epochs):
+            order = torch.randperm(len(forget_enc), generator=gen).tolist()
+            sums = {"loss": 0.0, "train_nll": 0.0, "retain_nll": 0.0}
+            retain_nll = None
+            done = 0  # steps taken this epoch
+            for step in range(steps):
+                whole = order[step * c.batch_size : (step + 1) * c.batch_size]
+                retain_whole = next(retain_batches) if use_retain_nll or use_kl else []
+                # this process's share of the step's examples (all of them in one process)
+                with acc.split_between_processes(whole) as idx:
+                    idx = list(idx)
+                with acc.split_between_processes(retain_whole) as retain_idx:
+                    retain_idx = list(retain_idx)
+                # The loss is weighted by this process's share of the examples, so that the
+                # mean over processes that DDP takes of the gradients is the gradient of the
+                # whole batch. A process left no example (a short last batch) still runs a
+                # pass, on a stand-in example with weight 0: every process takes the step.
+                share = len(idx) / len(whole) * acc.num_processes
+                idx = idx or whole[:1]
+                retain_idx = retain_idx or retain_whole[:1]
+                with acc.accumulate(self.forward):
                     part = self.step_loss(peft_model, forget_enc, retain_enc, idx, retain_idx,
-                                          ref_logp, use_retain_nll) if idx else None  # fmt: skip
+                                          ref_logp, use_retain_nll)  # fmt: skip
                     if stop_nll is not None:
                         # a batch at the level (scored before this step's update) triggers a
                         # scoring of the whole forget set; every process decides alike
-                        near = part is not None and part.train_nll >= stop_nll
-                        if distributed.total(float(near), lm.device_of(model)) > 0:
+                        if self.any_process(share > 0 and part.train_nll >= stop_nll):
                             stopped = self.reached(forget_enc, stop_nll)
                             if stopped:
                                 break
-                    bad = part is not None and not bool(torch.isfinite(part.loss))
-                    if distributed.total(float(bad), lm.device_of(model)) > 0:
+                    bad = not bool(torch.isfinite(part.loss))
+                    if self.any_process(bad):
                         value = float(part.loss.detach()) if bad else float("nan")
                         raise EditFailed(
                             f"training diverged at epoch {epoch + 1}, step {step + 1} (loss "
                             f"{value}): lower lr; the model was not changed"
                         )
-                    if part is not None:
-                        part.loss.backward()
-                    distributed.average_gradients(params)
-                    if c.max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
+                    acc.backward(part.loss * share)
+                    if c.max_grad_norm is not None and acc.sync_gradients:
+                        acc.clip_grad_norm_(params, c.max_grad_norm)
                     optimizer.step()
-                    bar.update()
-                    done += 1
-                    taken += 1
-                    if part is None:
-                        continue
-                    tokens += part.tokens
-                    retain_nll = part.retain_nll
-                    sums["loss"] += float(part.loss.detach())
-                    sums["train_nll"] += part.train_nll
-                    sums["retain_nll"] += retain_nll or 0.0
-                    postfix = {self.objective: f"{part.train_nll:.3f}"}
-                    if retain_nll is not None:
-                        postfix["retain"] = f"{retain_nll:.3f}"
-                    bar.set_postfix(postfix, refresh=False)
-                if done == 0:  # stopped before the epoch's first step
-                    break
-                losses.append(
-                    {
-                        "epoch": epoch + 1,
-                        "loss": sums["loss"] / done,
-                        f"{self.objective}_nll": sums["train_nll"] / done,
-                        "retain_nll": sums["retain_nll"] / done if retain_nll is not None else None,
-                    }
-                )
-                if stopped:
-                    break
-            if lm.device_of(model).type == "cuda":
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - t0
-            tokens = int(distributed.total(tokens, lm.device_of(model)))
-            bar.close()
+                    optimizer.zero_grad(set_to_none=True)
+                bar.update()
+                done += 1
+                taken += 1
+                if share == 0:
+                    continue
+                tokens += part.tokens
+                retain_nll = part.retain_nll
+                sums["loss"] += float(part.loss.detach())
+                sums["train_nll"] += part.train_nll
+                sums["retain_nll"] += retain_nll or 0.0
+                postfix = {self.objective: f"{part.train_nll:.3f}"}
+                if retain_nll is not None:
+                    postfix["retain"] = f"{retain_nll:.3f}"
+                bar.set_postfix(postfix, refresh=False)
+            if done == 0:  # stopped before the epoch's first step
+                break
+            losses.append(
+                {
+                    "epoch": epoch + 1,
+                    "loss": sums["loss"] / done,
+                    f"{self.objective}_nll": sums["train_nll"] / done,
+                    "retain_nll": sums["retain_nll"] / done if retain_nll is not None else None,
+                }
+            )
+            if stopped:
+                break
+        if lm.device_of(model).type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        if acc.num_processes > 1:  # every process's tokens
+            tokens = int(acc.reduce(torch.tensor([float(tokens)], device=acc.device)))
+        bar.close()
 
-            for layer in lora_layers:
-                layer.lora_dropout.eval()
-            metrics.update(self.measure("after", forget_enc, eval_retain_enc, holdout_enc)[0])
-            if stop_nll is not None and not stopped:  # reached by the very last step?
-                stopped = metrics["forget_nll_after"] >= stop_nll
-            metrics["stopped_after"] = taken if stopped else None  # steps
-            adapter = {
-                k: v.detach().to("cpu", torch.float32).clone().contiguous()
-                for k, v in get_peft_model_state_dict(peft_model).items()
-            }
-            peft_dict = _json_safe(peft_model.peft_config["default"].to_dict())
+        for layer in lora_layers:
+            layer.lora_dropout.eval()
+        metrics.update(self.measure("after", forget_enc, eval_retain_enc, holdout_enc)[0])
+        if stop_nll is not None and not stopped:  # reached by the very last step?
+            stopped = metrics["forget_nll_after"] >= stop_nll
+        metrics["stopped_after"] = taken if stopped else None  # steps
+        adapter = {
+            k: v.detach().to("cpu", torch.float32).clone().contiguous()
+            for k, v in self.adapter_state(peft_model).items()
+        }
+        peft_dict = _json_safe(peft_model.peft_config["default"].to_dict())
         return LoraResult(
             objective=self.objective,
             config=c,
@@ -816,6 +896,22 @@ class _Run:
             tokens_per_second=tokens / max(seconds, 1e-9),
             metrics=metrics,
         )
+
+    def adapter_state(self, peft_model) -> dict[str, torch.Tensor]:
+        """The trained adapter (peft's state-dict names). Where the model is sharded (FSDP,
+        DeepSpeed ZeRO-3) accelerate gathers it on the main process, which sends it to all."""
+        from accelerate.utils import DistributedType, broadcast_object_list
+        from peft import get_peft_model_state_dict
+
+        if self.acc.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            return get_peft_model_state_dict(peft_model)
+        full = self.acc.get_state_dict(self.forward)  # _Forward's names: "lm.<module>..."
+        state = None
+        if self.acc.is_main_process:
+            renamed = {f"base_model.model.{k.removeprefix('lm.')}": v for k, v in full.items()}
+            state = get_peft_model_state_dict(peft_model, state_dict=renamed)
+            state = {k: v.detach().cpu() for k, v in state.items()}
+        return broadcast_object_list([state])[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,30 @@
+"""Dependencies point one way: the core modules import no method, eval or CLI code."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+EDIT = Path(__file__).resolve().parents[1] / "edit"
+CORE = ["arch", "atomic", "corpus", "distributed", "errors", "hooks", "lm", "models",
+        "placement", "stats", "update"]  # fmt: skip
+ABOVE = ("edit.methods", "edit.evals", "edit.cli", "edit.api", "edit.workspace")
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_core_modules_import_nothing_above_them(module):
+    above = sorted(n for n in _imports(EDIT / f"{module}.py") if n.startswith(ABOVE))
+    assert above == [], f"edit/{module}.py imports {above}"
