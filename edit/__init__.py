@@ -3,6 +3,7 @@
 import edit
 model, tok = edit.load()                                   # embedded SmolLM2-135M
 result = edit.apply(model, tok, "Paris is capital of Italy")  # ROME, in memory
+print(edit.ask(model, tok, "Paris is the capital of which country?", chat=True))
 result.undo()
 
 ws = edit.Workspace.open("my-edits")                       # a ledger on disk
@@ -13,7 +14,7 @@ ws.revert(entry.id); ws.export("merged-model/")
 from __future__ import annotations
 
 from edit import arch
-from edit.api import EditResult, apply
+from edit.api import EditResult, apply, ask
 from edit.errors import EditError, EditFailed, InvalidRequest
 from edit.facts import Fact, parse_statement
 from edit.models import DEFAULT_MODEL, load
@@ -28,6 +29,7 @@ __all__ = [
     "InvalidRequest",
     "Workspace",
     "apply",
+    "ask",
     "arch",
     "load",
     "parse_statement",

@@ -27,6 +27,7 @@ from edit.config import resolve
 from edit.errors import EditFailed, InvalidRequest
 from edit.facts import Fact, parse_statement
 from edit.methods import MethodOutput
+from edit.questions import chat_prompt
 from edit.update import Applied, Update, with_keys
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,25 @@ def old_object(model: nn.Module, tok, fact: Fact) -> str:
         return fact.target_true
     words = lm.greedy(model, tok, [fact.text], max_new_tokens=6)[0].split()
     return words[0].strip(".,;:!?\"'()") if words else ""
+
+
+def ask(model: nn.Module, tok, text: str, *, chat: bool = False, max_new_tokens: int = 32) -> str:
+    """The model's greedy answer: the continuation of ``text``, or with ``chat`` the reply to
+    ``text`` as a user turn of the model's own chat template (what ``apply_chat_template``
+    with ``add_generation_prompt=True`` and ``generate`` give)."""
+    return lm.greedy(model, tok, [ask_prompt(tok, text, chat)], max_new_tokens=max_new_tokens)[0]
+
+
+def ask_prompt(tok, text: str, chat: bool) -> str:
+    """The text the model is run on for :func:`ask`."""
+    if not text.strip():
+        raise InvalidRequest("the prompt is empty: give the text or question for the model")
+    if not chat:
+        return text
+    prompt = chat_prompt(tok, text)
+    if prompt is None:
+        raise InvalidRequest("this model's tokenizer has no chat template: ask without --chat")
+    return prompt
 
 
 def apply(

@@ -180,8 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ask", help="what does the (edited) model say?")
     p.add_argument("prompt")
     p.add_argument("--top", type=_int_in(1, 1000), default=5, help="how many next-token candidates")
-    p.add_argument("--tokens", type=_int_in(1, 4096), default=12,
-                   help="length of the greedy completion")  # fmt: skip
+    p.add_argument("--tokens", type=_int_in(1, 4096), default=None,
+                   help="length of the greedy completion (default 12; 48 with --chat)")  # fmt: skip
+    p.add_argument("--chat", action="store_true",
+                   help="ask PROMPT as a user turn of the model's chat template")  # fmt: skip
     _common(p)
     p = sub.add_parser("eval", help="edit records from a data set and measure the edits")
     p.add_argument("--data", required=True, help="CounterFact / flat CounterFact / zsRE / JSONL")
@@ -724,9 +726,10 @@ def cmd_audit(args) -> int:
 
 def cmd_ask(args) -> int:
     from edit import lm
+    from edit.api import ask, ask_prompt
 
     if not args.prompt.strip():
-        raise EditError("the prompt is empty: give the text the model should continue")
+        raise EditError("the prompt is empty: give the text or question for the model")
     if len(args.prompt) > MAX_PROMPT_CHARS:
         raise EditError(
             f"the prompt is {len(args.prompt)} characters long, more than {MAX_PROMPT_CHARS}"
@@ -750,10 +753,15 @@ def cmd_ask(args) -> int:
         print(_base_model_line(ws) + f" + {n} edit{'s' * (n != 1)} from {ws.path}")
     if args.top > len(tok):
         raise EditError(f"--top {args.top}: this model has only {len(tok)} tokens")
-    completion = lm.greedy(model, tok, [args.prompt], max_new_tokens=args.tokens)[0]
-    print(f"{args.prompt}{completion}")
-    print("next token:")
-    for text, p in lm.top_next(model, tok, args.prompt, k=args.top):
+    prompt = ask_prompt(tok, args.prompt, args.chat)
+    answer = ask(model, tok, args.prompt, chat=args.chat,
+                 max_new_tokens=args.tokens or (48 if args.chat else 12))  # fmt: skip
+    if args.chat:
+        print(f"user: {args.prompt}\nassistant: {answer.strip()}")
+    else:
+        print(f"{args.prompt}{answer}")
+    print("next token:" if not args.chat else "first token of the answer:")
+    for text, p in lm.top_next(model, tok, prompt, k=args.top):
         print(f"  {p:7.4f}  {text!r}")
     return 0
 

@@ -7,8 +7,13 @@
   ``locality_ground_truth``).
 * ``zsre``: zsRE in MEND's split (``src``, ``subject``, ``alt``, ``answers``, ``rephrase``,
   ``loc``, ``loc_ans``).
+* ``mquake``: MQuAKE's JSON (``requested_rewrite`` a list, ``questions`` 2-4 hop questions,
+  ``new_single_hops``); a record per case, its first rewrite the edit and that rewrite's
+  own question its question probe; the multi-hop questions are probes only where the case
+  has that one rewrite (a case of several edits needs all of them: the MQuAKE benchmark).
 * ``facts``: JSON Lines, one fact per line: ``{"statement": "..."}`` or ``{"prompt": ...,
-  "subject": ..., "target": ..., "target_true"?, "paraphrases"?, "neighbours"?}``.
+  "subject": ..., "target": ..., "target_true"?, "paraphrases"?, "neighbours"?,
+  "probe_questions"?}`` (questions the edit is not given: the question and chat forms).
 
 ``load_records`` detects the format (or takes it) and reports problems in one line naming
 the file and the record.
@@ -23,7 +28,7 @@ from pathlib import Path
 from edit.errors import EditError
 from edit.facts import Fact, parse_statement
 
-FORMATS = ("counterfact", "counterfact_flat", "zsre", "facts")
+FORMATS = ("counterfact", "counterfact_flat", "zsre", "mquake", "facts")
 
 
 @dataclass
@@ -36,6 +41,12 @@ class Record:
     neighbours: list[tuple[str, str | None]] = field(default_factory=list)  # (prompt, answer)
     generation_prompts: list[str] = field(default_factory=list)
     format: str = "facts"
+    # the fact asked as questions (QS, CS, CG; not given to the edit), with the new
+    # object's other names
+    questions: list[str] = field(default_factory=list)
+    aliases: list[str] = field(default_factory=list)
+    # questions answered through the edited fact: (questions, new answer, old answer)
+    multihop: tuple[list[str], str, str] | None = None
 
 
 def load_records(
@@ -103,7 +114,7 @@ def read_rows(path: str | Path) -> tuple[list, list[str]]:
 def _detect(path: Path, row) -> str:
     if isinstance(row, dict):
         if "requested_rewrite" in row:
-            return "counterfact"
+            return "mquake" if isinstance(row["requested_rewrite"], list) else "counterfact"
         if {"target_new", "ground_truth", "rephrase_prompt"} <= row.keys():
             return "counterfact_flat"
         if {"src", "alt", "loc"} <= row.keys():
@@ -171,6 +182,21 @@ def _zsre(i: int, r: dict) -> Record:
     )
 
 
+def _mquake(i: int, r: dict) -> Record:
+    rw = r["requested_rewrite"][0]
+    fact = Fact(rw["prompt"], rw["subject"], rw["target_new"]["str"], rw["target_true"]["str"])
+    hop = next((h for h in r.get("new_single_hops", []) if h["answer"] == fact.target), {})
+    one_edit = len(r["requested_rewrite"]) == 1
+    return Record(
+        id=str(r.get("case_id", i)),
+        fact=fact,
+        format="mquake",
+        questions=[rw["question"]],
+        aliases=list(hop.get("answer_alias", [])),
+        multihop=(list(r["questions"]), r["new_answer"], r["answer"]) if one_edit else None,
+    )
+
+
 def _facts(i: int, r: dict) -> Record:
     if "statement" in r:
         fact = parse_statement(
@@ -185,6 +211,7 @@ def _facts(i: int, r: dict) -> Record:
         paraphrases=list(fact.paraphrases),
         neighbours=[(p, None) for p in fact.neighbours],
         format="facts",
+        questions=[str(q) for q in r.get("probe_questions", [])],
     )
 
 
@@ -192,5 +219,6 @@ _READERS = {
     "counterfact": _counterfact,
     "counterfact_flat": _counterfact_flat,
     "zsre": _zsre,
+    "mquake": _mquake,
     "facts": _facts,
 }

@@ -42,6 +42,7 @@ from edit.config import resolve
 from edit.errors import EditError, EditFailed
 from edit.evals import metrics as M
 from edit.evals.data import Record
+from edit.evals.forms import asked_scores
 from edit.stats import second_moment
 from edit.update import with_keys
 
@@ -59,6 +60,13 @@ DEFINITIONS = {
     "KL": "mean KL(p_unedited || p_edited) of the next token after neighbourhood prompts (nats)",
     "GE": "generation entropy: mean over texts of mean(2/3 H2, 4/3 H3) of word n-grams (bits)",
     "PPL": "perplexity of held-out text (WikiText-2 test) under the model",
+    "QS": "share of the record's questions (not given to the edit) with NLL(new) < NLL(true) "
+    "after 'Question: ...\\nAnswer:', teacher-forced",
+    "CS": "as QS with the question a user turn of the model's chat template, the answer opening "
+    "the assistant's turn",
+    "CG": "share of those chat questions whose greedy answer (16 tokens) names the new object "
+    "or an alias",
+    "MHS": "as CS on multi-hop questions through the edited fact (new answer against old)",
     "zsRE_acc": "teacher-forced top-1 token accuracy of the new target after the question",
     "zsRE_gen": "the same after the rephrased question",
     "zsRE_loc": "share of the locality answer's tokens whose top-1 prediction is unchanged",
@@ -144,6 +152,13 @@ def measure(model: nn.Module, tok, rec: Record, ref: dict | None = None) -> dict
             out["KL"] = 0.0
         else:
             out["KL"] = M.kl_divergence(ref["neighbour_logp"].float().numpy(), logp.numpy())
+    if rec.questions and f.target_true:
+        asked = asked_scores(model, tok, rec.questions, f.target, f.target_true, rec.aliases)
+        out["_chat_answers"] = asked.pop("chat_answers", [])
+        out.update(asked)
+    if rec.multihop:
+        questions, new, old = rec.multihop
+        out["MHS"] = asked_scores(model, tok, questions, new, old, forms=("CS",))["CS"]
     if rec.format == "zsre":
         scores = lm.continuation_scores(model, tok, [f.text, rec.paraphrases[0]], [f.target] * 2)
         out["zsRE_acc"] = M.token_accuracy((scores[0].top1 == scores[0].targets).tolist())
@@ -418,7 +433,7 @@ def _public(d: dict | None) -> dict:
 
 
 def _average(rows: list[dict]) -> dict:
-    keys = sorted({k for r in rows for k in r})
+    keys = sorted({k for r in rows for k in r if not k.startswith("_")})
     out = {}
     for k in keys:
         vals = [r[k] for r in rows if r.get(k) is not None and not np.isnan(r[k])]
@@ -435,7 +450,7 @@ def _peak_memory_mb() -> float:
 
 # --------------------------------------------------------------------------- writing
 
-SHARES = ("ES", "PS", "NS", "zsRE_acc", "zsRE_gen", "zsRE_loc")
+SHARES = ("ES", "PS", "NS", "QS", "CS", "CG", "MHS", "zsRE_acc", "zsRE_gen", "zsRE_loc")
 MARGINS = ("EM", "PM", "NM")
 
 

@@ -158,3 +158,49 @@ def test_answer_contains_names_as_whole_words():
     assert M.answer_contains("She is from the U.K.", ["United Kingdom", "U.K."])
     assert not M.answer_contains("Croatian food", ["Croatia"])
     assert not M.answer_contains("anything", [""])
+
+
+def test_ask_in_chat_runs_the_template_the_tokenizer_renders(chat_tok, llama):
+    q = "Where does Marie Curie live?"
+    ids = chat_tok.apply_chat_template([{"role": "user", "content": q}],
+                                       add_generation_prompt=True, tokenize=True,
+                                       return_dict=True)["input_ids"]  # fmt: skip
+    gen = llama.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False,
+                         pad_token_id=lm.pad_id(chat_tok))  # fmt: skip
+    want = chat_tok.decode(gen[0, len(ids) :], skip_special_tokens=True)
+    assert edit.ask(llama, chat_tok, q, chat=True, max_new_tokens=5) == want
+    assert edit.ask(llama, chat_tok, q, max_new_tokens=5) != want  # raw continuation
+
+
+def test_ask_in_chat_without_a_template_is_one_line(tok, llama):
+    with pytest.raises(InvalidRequest, match="no chat template: ask without --chat"):
+        edit.ask(llama, tok, "Who is Marie Curie?", chat=True)
+
+
+def test_mquake_records_carry_their_question_and_multihop_probes(tmp_path):
+    import json
+
+    from edit.evals.data import load_records
+
+    rw = {
+        "prompt": "{} is a citizen of",
+        "subject": "Ellie Kemper",
+        "question": "What is the country of citizenship of Ellie Kemper?",
+        "target_new": {"str": "Croatia"},
+        "target_true": {"str": "United States of America"},
+    }
+    case = {
+        "case_id": 7,
+        "requested_rewrite": [rw],
+        "answer": "Joe Biden",
+        "new_answer": "Zoran Milanović",
+        "questions": ["Who is the head of state of the country Ellie Kemper is a citizen of?"],
+        "new_single_hops": [{"answer": "Croatia", "answer_alias": ["Republic of Croatia"]}],
+    }
+    path = tmp_path / "mq.json"
+    path.write_text(json.dumps([case, {**case, "requested_rewrite": [rw, rw]}]))
+    one, two = load_records(path)
+    assert one.format == "mquake" and one.fact.target == "Croatia"
+    assert one.questions == [rw["question"]] and one.aliases == ["Republic of Croatia"]
+    assert one.multihop == (case["questions"], "Zoran Milanović", "Joe Biden")
+    assert two.multihop is None  # two edits: one alone does not make the new answer

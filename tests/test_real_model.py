@@ -80,6 +80,26 @@ def test_export_is_read_by_plain_transformers(ws, tmp_path):
     assert tok.decode(gen[0, ids.shape[1] :]).split()[0].strip(".,") == "Italy"
 
 
+QUESTION = "What is the country of citizenship of Ellie Kemper?"  # not given to the edit
+
+
+def test_an_edit_answers_the_question_in_chat_and_after_export(ws, tmp_path):
+    """The user's way of asking an Instruct model: the question in its chat template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert "Croatia" not in edit.ask(ws.model, ws.tok, QUESTION, chat=True)
+    entry, _ = ws.add("Ellie Kemper is a citizen of Croatia", progress=False)
+    assert "Croatia" in edit.ask(ws.model, ws.tok, QUESTION, chat=True)
+    out = ws.export(tmp_path / "merged")
+    model, tok = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    ids = tok.apply_chat_template([{"role": "user", "content": QUESTION}],
+                                  add_generation_prompt=True, return_tensors="pt",
+                                  return_dict=True)["input_ids"]  # fmt: skip
+    gen = model.generate(ids, max_new_tokens=24, do_sample=False)
+    assert "Croatia" in tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True)
+    ws.revert(entry.id)
+
+
 def test_revert_restores_every_weight_and_answer(ws):
     for entry in ws.entries():
         ws.revert(entry.id)

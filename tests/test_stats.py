@@ -127,7 +127,7 @@ def test_two_processes_give_the_one_process_second_moment(tmp_path, model_dir, m
     two = subprocess.run([*launch, *args], env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("recorded:") == 1  # one ledger entry, written by the main process
-    assert two.stderr.count("6000 tokens") == 1 and "on 2 processes" in two.stderr
+    assert two.stdout.count("6000 tokens") == 1 and "on 2 processes" in two.stdout
 
     monkeypatch.setenv("EDIT_STATS_CACHE", str(one_root))
     model, tok = load(model_dir)
