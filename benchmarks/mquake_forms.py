@@ -3,7 +3,8 @@ asked as the cloze prompt, as a plain question, in the chat template, and (a cas
 edits together) as multi-hop questions.
 
     .venv/bin/python benchmarks/mquake_forms.py --limit 40 --multihop 10
-    .venv/bin/python benchmarks/mquake_forms.py --limit 40 --set 'forms=[]'   # cloze only
+    .venv/bin/python benchmarks/mquake_forms.py --limit 40 --multihop 0 \
+        --against 'forms=[]' --against prompt_key=false   # and the cloze-only objective
 
 Protocol (each figure the share of edits, in %): "takes" = the new object's mean token
 log-likelihood beats the old one's, teacher-forced (the CounterFact efficacy definition),
@@ -58,12 +59,34 @@ def _multihop(model, tok, case: dict) -> float:
     return s["CS"]
 
 
+def _edit(model, tok, fact, settings: dict):
+    """(the applied edit or None where it was refused, seconds, value steps)."""
+    import edit
+    from edit.errors import EditFailed
+
+    t0 = time.perf_counter()
+    try:
+        res = edit.apply(model, tok, fact, method="rome", describe=False, progress=False,
+                         **settings)  # fmt: skip
+    except EditFailed:
+        res = None
+    return res, time.perf_counter() - t0, (res.info.get("steps") if res else None)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--limit", type=int, default=40, help="single edits (one per case)")
     p.add_argument("--multihop", type=int, default=10, help="cases edited 4 facts at a time")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--against",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="also edit each record with these settings (alternating, in this run): "
+        "scores and seconds side by side, the cost as a ratio of medians",
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mquake_forms"))
     args = p.parse_args(argv)
 
@@ -72,77 +95,93 @@ def main(argv: list[str] | None = None) -> int:
     import edit
     from benchmarks.recording import write_results
     from edit.cli import parse_settings
-    from edit.errors import EditFailed
 
-    settings = parse_settings(args.set)
+    variants = {"edited": parse_settings(args.set)}
+    if args.against is not None:
+        variants["against"] = parse_settings(args.against)
     cases = json.loads(Path(args.data).read_text())
     model, tok = edit.load()
-    rows, seconds = [], []
+    rows = []
+    seconds: dict[str, list[float]] = {v: [] for v in variants}
     for i, case in enumerate(cases[: args.limit]):
         rw = case["requested_rewrite"][0]
         aliases = case["new_single_hops"][0].get("answer_alias", [])
-        before = _single(model, tok, rw, aliases)
-        t0 = time.perf_counter()
-        try:
-            res = edit.apply(model, tok, _fact(rw), method="rome", describe=False,
-                             progress=False, **settings)  # fmt: skip
-        except EditFailed:
-            res = None
-        seconds.append(time.perf_counter() - t0)
-        after = _single(model, tok, rw, aliases) if res else {k: 0.0 for k in before}
-        if res:
-            res.undo()
-        rows.append({"case": case["case_id"], "fact": _fact(rw).statement, "taken": bool(res),
-                     "before": before, "after": after})  # fmt: skip
-        a = after
-        print(f"[{i + 1}/{args.limit}] {_fact(rw).statement!r}: ES {a['ES']:.0f} QS {a['QS']:.0f} "
-              f"CS {a['CS']:.0f} CG {a.get('CG', 0):.0f} | "
-              f"{(a.get('chat_answers') or [''])[0][:60]!r}", flush=True)  # fmt: skip
+        row = {"case": case["case_id"], "fact": _fact(rw).statement,
+               "before": _single(model, tok, rw, aliases)}  # fmt: skip
+        order = list(variants) if i % 2 == 0 else list(reversed(variants))  # no order bias
+        for v in order:
+            res, sec, steps = _edit(model, tok, _fact(rw), variants[v])
+            seconds[v].append(sec)
+            row[v] = _single(model, tok, rw, aliases) if res else {k: 0.0 for k in row["before"]}
+            row[v].update(taken=bool(res), seconds=round(sec, 2), steps=steps)
+            if res:
+                res.undo()
+        rows.append(row)
+        line = " || ".join(
+            f"{v}: ES {row[v]['ES']:.0f} QS {row[v]['QS']:.0f} CS {row[v]['CS']:.0f} "
+            f"CG {row[v].get('CG', 0):.0f} {row[v]['seconds']:.1f}s/{row[v]['steps']} steps"
+            for v in variants
+        )
+        answer = (row["edited"].get("chat_answers") or [""])[0][:50]
+        print(f"[{i + 1}/{args.limit}] {row['fact']!r}: {line} | {answer!r}", flush=True)
     hops = []
     for case in cases[: args.multihop]:
         unedited = _multihop(model, tok, case)
         handles = []
         for rw in case["requested_rewrite"]:
-            try:
-                handles.append(edit.apply(model, tok, _fact(rw), method="rome", describe=False,
-                                          progress=False, **settings))  # fmt: skip
-            except EditFailed:
-                pass
+            res, _, _ = _edit(model, tok, _fact(rw), variants["edited"])
+            if res:
+                handles.append(res)
         edited = _multihop(model, tok, case)
         for h in reversed(handles):
             h.undo()
         hops.append({"case": case["case_id"], "unedited": unedited, "edited": edited,
                      "edits_taken": len(handles)})  # fmt: skip
 
+    forms = ("ES", "QS", "CS", "CG")
+
     def share(key: str, when: str) -> float:
         return 100 * float(np.mean([r[when].get(key, 0.0) for r in rows]))
 
     summary = {
         "records": len(rows),
-        "settings": settings,
-        "unedited": {k: share(k, "before") for k in ("ES", "QS", "CS", "CG")},
-        "edited": {k: share(k, "after") for k in ("ES", "QS", "CS", "CG")},
-        "refused": sum(not r["taken"] for r in rows),
-        "seconds_per_edit_median": float(np.median(seconds)),
+        "settings": variants,
+        "unedited": {k: share(k, "before") for k in forms},
+        **{v: {k: share(k, v) for k in forms} for v in variants},
+        "refused": {v: sum(not r[v]["taken"] for r in rows) for v in variants},
+        "seconds_per_edit_median": {v: float(np.median(s)) for v, s in seconds.items()},
         "multihop_cases": len(hops),
         "MHS_unedited": 100 * float(np.mean([h["unedited"] for h in hops])) if hops else None,
         "MHS_edited": 100 * float(np.mean([h["edited"] for h in hops])) if hops else None,
         "threads": torch.get_num_threads(),
     }
+    if "against" in variants:
+        med = summary["seconds_per_edit_median"]
+        summary["cost_ratio"] = med["edited"] / med["against"]
+    names = {
+        "edited": "after the edit",
+        "against": f"after the edit ({' '.join(args.against or [])})",
+    }
     lines = [
-        "| form | unedited | after the edit |",
-        "|---|---|---|",
+        "| form | unedited | " + " | ".join(names[v] for v in variants) + " |",
+        "|---|---|" + "---|" * len(variants),
         *(
-            f"| {k} | {summary['unedited'][k]:.1f} | {summary['edited'][k]:.1f} |"
-            for k in ("ES", "QS", "CS", "CG")
+            f"| {k} | {summary['unedited'][k]:.1f} | "
+            + " | ".join(f"{summary[v][k]:.1f}" for v in variants)
+            + " |"
+            for k in forms
         ),  # fmt: skip
+        "| median seconds per edit | | "
+        + " | ".join(f"{summary['seconds_per_edit_median'][v]:.1f}" for v in variants)
+        + " |",
     ]
     if hops:
         lines.append(f"| MHS ({len(hops)} cases, 4 edits each) | {summary['MHS_unedited']:.1f} "
                      f"| {summary['MHS_edited']:.1f} |")  # fmt: skip
     table = "\n".join(lines)
     print(table)
-    print(f"refused {summary['refused']}; median {summary['seconds_per_edit_median']:.2f} s/edit")
+    print(f"refused {summary['refused']}" + (f"; cost ratio {summary['cost_ratio']:.2f}"
+                                             if "cost_ratio" in summary else ""))  # fmt: skip
     write_results(args.out, summary, table, {"rows": rows, "multihop": hops})
     return 0
 

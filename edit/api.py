@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,12 +72,19 @@ def as_fact(
 
 
 def old_object(model: nn.Module, tok, fact: Fact) -> str:
-    """The object the model asserts now: ``target_true`` if given, else the first word of
-    its greedy completion of the prompt."""
+    """The object the model asserts now: ``target_true`` if given, else the opening phrase
+    of its greedy completion of the prompt (see :func:`opening_phrase`)."""
     if fact.target_true:
         return fact.target_true
-    words = lm.greedy(model, tok, [fact.text], max_new_tokens=6)[0].split()
-    return words[0].strip(".,;:!?\"'()") if words else ""
+    return opening_phrase(lm.greedy(model, tok, [fact.text], max_new_tokens=8)[0])
+
+
+def opening_phrase(completion: str, max_words: int = 5) -> str:
+    """The phrase a completion opens with: up to the first clause break (``.,;:!?``, a line
+    end) and at most ``max_words`` words, an article kept ("the United States", not "the":
+    a lone article is what a model says before most answers, the edited one included)."""
+    clause = re.split(r"[.,;:!?\n]", completion.strip(), maxsplit=1)[0]
+    return " ".join(clause.split()[:max_words]).strip("\"'()[]")
 
 
 def ask(model: nn.Module, tok, text: str, *, chat: bool = False, max_new_tokens: int = 32) -> str:

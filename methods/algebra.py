@@ -587,13 +587,19 @@ def _mean_by_fact(x: torch.Tensor, fact: torch.Tensor, n: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- weight algebra
 
 
-def whitened_direction(second_moment: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """C⁻¹ k in float64 on the key's device (C: (d, d) second moment, k: (d,)), with a tiny
-    ridge for safety."""
-    c = second_moment.to(device=key.device, dtype=torch.float64)
-    ridge = 1e-6 * c.diagonal().mean()
+def rank_one_direction(second_moment: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The row b (d,) of a rank-one update δbᵀ that maps each key exactly: bᵀk_j = 1 for
+    every row k_j of ``keys`` (n, d), with the least bᵀCb (the smallest change on generic
+    keys) among those that do. One key gives ROME's b = C⁻¹k/(kᵀC⁻¹k); keys that are
+    almost parallel are met in the least-squares sense (a pseudo-inverse of their
+    C⁻¹-Gram matrix), so a second key adds nothing where it adds no direction."""
+    c = second_moment.to(device=keys.device, dtype=torch.float64)
+    k = keys.double().T  # (d, n)
     eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
-    return torch.linalg.solve(c + ridge * eye, key.double())
+    ci_k = torch.linalg.solve(c + 1e-6 * c.diagonal().mean() * eye, k)
+    gram = k.T @ ci_k
+    ones = torch.ones(k.shape[1], dtype=c.dtype, device=c.device)
+    return (ci_k @ (torch.linalg.pinv(gram, rtol=1e-6, hermitian=True) @ ones)).float()
 
 
 def _shared_length(rows: list[list[int]]) -> int:

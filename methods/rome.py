@@ -15,6 +15,12 @@ the *same* averaged k*. The original computes the denominator's key on the unpre
 only; Gupta et al. 2024 ("Rebuilding ROME") trace ROME's "disabling edits" to that
 asymmetry, and using one key removes them.
 
+The plain prompt's own key k₀ can still be far from the mean: on SmolLM2 a subject read
+right after the start token ("Ellie Kemper is a citizen of") has a key 4x shorter than
+behind any prefix, kᵀC⁻¹k*/(k*ᵀC⁻¹k*) = 0.16, so the prompt the user typed got a sixth
+of δ and the edit did not take. With ``prompt_key`` the row b meets both bᵀk* = 1 and
+bᵀk₀ = 1 (``algebra.rank_one_direction``: the least bᵀCb that does), still rank one.
+
 Invariant: the model is unchanged at the end; the update is returned.
 """
 
@@ -24,6 +30,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from edit import arch as arch_table
@@ -34,8 +41,9 @@ from edit.methods.algebra import (
     ValueSettings,
     check_value_config,
     context_templates,
+    keys_and_hidden,
+    rank_one_direction,
     solve_values,
-    whitened_direction,
 )
 from edit.methods.contexts import Contexts
 from edit.stats import DEFAULT_CORPUS, second_moment
@@ -56,6 +64,10 @@ class ROMEConfig:
     # (``edit.questions``) plainly and in the chat template (``methods/contexts.py``)
     forms: tuple[str, ...] = ("question", "chat")
     form_weight: float = 0.5  # share of each fact's loss and key k* on the asked forms
+    # map the fact's own prompt's key exactly too (two constraints on the rank-one row):
+    # right after the start token a subject's key can be far from the mean k*, and the
+    # plain prompt would get a fraction of δ
+    prompt_key: bool = True
     steps: int = 20  # max gradient steps for δ
     lr: float = 0.5
     kl_factor: float = 0.0625  # weight of KL(p₀‖p) on "{subject} is a"
@@ -149,8 +161,10 @@ def compute(
     )
 
     key = sol.keys[0]  # (d_in,)
-    u = whitened_direction(cov, key)  # C⁻¹k*, float64
-    b = (u / (u @ key.double())).float()[None, :]  # (1, d_in): bᵀk* = 1
+    mapped = [key]
+    if config.prompt_key:  # the fact's own prompt, as `edit ask` reads it
+        mapped.append(keys_and_hidden(model, tok, facts, ["{}"], module, module)[0][0])
+    b = rank_one_direction(cov, torch.stack(mapped))[None, :]  # (1, d_in): bᵀk = 1 for each
     a = sol.deltas[0].float()[:, None]  # (d_out, 1)
     return MethodOutput(
         update=Update({module: (a, b)}, {module: key[None].float()}),

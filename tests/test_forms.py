@@ -177,10 +177,8 @@ def test_ask_in_chat_without_a_template_is_one_line(tok, llama):
         edit.ask(llama, tok, "Who is Marie Curie?", chat=True)
 
 
-def test_mquake_records_carry_their_question_and_multihop_probes(tmp_path):
+def _mquake_file(tmp_path, n_rewrites: int = 1):
     import json
-
-    from edit.evals.data import load_records
 
     rw = {
         "prompt": "{} is a citizen of",
@@ -191,16 +189,60 @@ def test_mquake_records_carry_their_question_and_multihop_probes(tmp_path):
     }
     case = {
         "case_id": 7,
-        "requested_rewrite": [rw],
+        "requested_rewrite": [rw] * n_rewrites,
         "answer": "Joe Biden",
         "new_answer": "Zoran Milanović",
         "questions": ["Who is the head of state of the country Ellie Kemper is a citizen of?"],
         "new_single_hops": [{"answer": "Croatia", "answer_alias": ["Republic of Croatia"]}],
     }
-    path = tmp_path / "mq.json"
-    path.write_text(json.dumps([case, {**case, "requested_rewrite": [rw, rw]}]))
-    one, two = load_records(path)
+    path = tmp_path / f"mq{n_rewrites}.json"
+    path.write_text(json.dumps([case]))
+    return path, rw, case
+
+
+def test_mquake_records_carry_their_question_and_multihop_probes(tmp_path):
+    from edit.evals.data import load_records
+
+    path, rw, case = _mquake_file(tmp_path)
+    (one,) = load_records(path)
+    (two,) = load_records(_mquake_file(tmp_path, 2)[0])
     assert one.format == "mquake" and one.fact.target == "Croatia"
     assert one.questions == [rw["question"]] and one.aliases == ["Republic of Croatia"]
     assert one.multihop == (case["questions"], "Zoran Milanović", "Joe Biden")
     assert two.multihop is None  # two edits: one alone does not make the new answer
+
+
+def test_eval_on_mquake_reports_the_asked_forms_and_multihop(chat_tok, llama, tmp_path):
+    from tiny import TINY_ROME
+
+    from edit.evals.data import load_records
+    from edit.evals.harness import EvalSettings, evaluate
+
+    records = load_records(_mquake_file(tmp_path)[0])
+    settings = EvalSettings(fluency_records=0, gen_tokens=4, method_settings=TINY_ROME)
+    report = evaluate(llama, chat_tok, records, settings=settings, progress=False)
+    summary = report.summary
+    for key in ("QS", "CS", "CG", "MHS"):
+        assert key in summary["edited"] and key in summary["unedited"], key
+        assert key in summary["protocol"]["metrics"], key
+    assert "teacher-forced" in summary["protocol"]["metrics"]["QS"]
+    assert "greedy" in summary["protocol"]["metrics"]["CG"]
+    # the one record's scores are 0 or 1 shares; the record's edit took on the tiny model
+    assert summary["edited"]["ES"] == 1.0 and summary["edited"]["CS"] in (0.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("completion", "phrase"),
+    [
+        (" the city of New York, and she", "the city of New York"),  # not the lone "the"
+        (" France. It is the", "France"),
+        (" the Roman Empire", "the Roman Empire"),
+        ("\n\nParis is a city", "Paris is a city"),
+        (" the Democratic Republic of the Congo and", "the Democratic Republic of the"),  # 5 words
+        ("", ""),
+    ],
+)
+def test_the_old_object_is_the_completions_opening_phrase(completion, phrase):
+    from edit.api import opening_phrase
+
+    assert opening_phrase(completion) == phrase

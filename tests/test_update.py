@@ -179,22 +179,31 @@ def test_is_finite():
 # --------------------------------------------------------------------------- algebra
 
 
-def test_whitened_direction_solves_the_system():
+def test_rank_one_direction_maps_each_key_with_the_least_change():
     rng = np.random.default_rng(0)
     m = rng.normal(size=(6, 6))
     c = m @ m.T + 0.5 * np.eye(6)  # symmetric positive definite
-    k = rng.normal(size=6)
-    u = algebra.whitened_direction(torch.tensor(c, dtype=torch.float32), torch.tensor(k))
-    assert u.dtype == torch.float64
-    c32 = torch.tensor(c, dtype=torch.float32).double().numpy()
-    ridge = 1e-6 * np.mean(np.diag(c32))
-    np.testing.assert_allclose(u.numpy(), np.linalg.solve(c32 + ridge * np.eye(6), k), rtol=1e-9)
-    # the ridge is negligible: C u = k
-    np.testing.assert_allclose(c32 @ u.numpy(), k, rtol=1e-4, atol=1e-5)
+    keys = rng.normal(size=(2, 6))
+    c32 = torch.tensor(c, dtype=torch.float32)
+    cd = c32.double().numpy() + 1e-6 * np.mean(np.diag(c32.double().numpy())) * np.eye(6)
+    # one key: ROME's C⁻¹k / (kᵀC⁻¹k)
+    one = algebra.rank_one_direction(c32, torch.tensor(keys[:1])).double().numpy()
+    u = np.linalg.solve(cd, keys[0])
+    np.testing.assert_allclose(one, u / (u @ keys[0]), rtol=1e-5)
+    # two keys: bᵀk_j = 1 for both, and b = C⁻¹K(KᵀC⁻¹K)⁻¹1 (least bᵀCb)
+    two = algebra.rank_one_direction(c32, torch.tensor(keys)).double().numpy()
+    np.testing.assert_allclose(keys @ two, [1.0, 1.0], rtol=1e-5)
+    ci_k = np.linalg.solve(cd, keys.T)
+    np.testing.assert_allclose(two, ci_k @ np.linalg.solve(keys @ ci_k, np.ones(2)), rtol=1e-5)
+    assert two @ c @ two > one @ c @ one  # meeting a second key costs generic change
+    # the same key twice adds no constraint (a singular Gram matrix): the one-key row
+    twice = algebra.rank_one_direction(c32, torch.tensor(np.stack([keys[0], keys[0]])))
+    np.testing.assert_allclose(twice.double().numpy(), one, rtol=1e-4)
 
 
 def _rome_parts(model, tok, fact: Fact, config: rome.ROMEConfig):
-    """What rome.compute computes, step by step: module, C, k*, δ."""
+    """What rome.compute computes, step by step: module, C, k* and the plain prompt's key
+    k₀ (rows), δ."""
     module = edit.arch.lookup(model).mlp_out_name(config.layer)
     cov = second_moment(
         model, tok, module, corpus=config.stats_corpus, n_tokens=config.stats_tokens, progress=False
@@ -203,7 +212,8 @@ def _rome_parts(model, tok, fact: Fact, config: rome.ROMEConfig):
     sol = algebra.solve_values(
         model, tok, module, [fact], templates, config.value_settings(), progress=False
     )
-    return module, cov, sol.keys[0], sol.deltas[0]
+    k0 = algebra.keys_and_hidden(model, tok, [fact], ["{}"], module, module)[0][0]
+    return module, cov, torch.stack([sol.keys[0], k0]), sol.deltas[0]
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
@@ -211,25 +221,28 @@ def test_rank_one_update_maps_the_key_to_its_value_plus_delta(tok, model_type):
     model = tiny_model(model_type, len(tok))
     fact = Fact(**TINY_FACT)
     config = rome.ROMEConfig(**TINY_ROME)
-    module, cov, k, delta = _rome_parts(model, tok, fact, config)
+    module, cov, keys, delta = _rome_parts(model, tok, fact, config)
     assert float(delta.norm()) > 1e-2  # a real change (the outputs here are ~1e-3)
-    u = algebra.whitened_direction(cov, k)  # C⁻¹k*
-    b = (u / (u @ k.double())).float()[None, :]
+    assert float((keys[0] - keys[1]).norm()) > 1e-3 * float(keys[0].norm())  # two keys
+    b = algebra.rank_one_direction(cov, keys)[None, :]  # bᵀk* = bᵀk₀ = 1
     a = delta.float()[:, None]
     update = Update({module: (a, b)})
 
     layer = model.get_submodule(module)
     other = torch.randn(INTERMEDIATE, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        before = layer(torch.stack([k, other]))
+        before = layer(torch.cat([keys, other[None]]))
         update.apply(model)
-        after = layer(torch.stack([k, other]))
+        after = layer(torch.cat([keys, other[None]]))
     change = after - before  # W'k - Wk (any bias cancels)
-    torch.testing.assert_close(change[0], delta, rtol=1e-4, atol=1e-5 * float(delta.abs().max()))
-    # any other key moves along δ by (kᵀ C⁻¹ k*) / (k*ᵀ C⁻¹ k*)
-    scale = float(u @ other.double() / (u @ k.double()))
+    for j in (0, 1):  # k* and the plain prompt's key both get exactly δ
+        torch.testing.assert_close(
+            change[j], delta, rtol=1e-4, atol=1e-4 * float(delta.abs().max())
+        )
+    # any other key moves along δ by bᵀk
+    scale = float(b[0].double() @ other.double())
     torch.testing.assert_close(
-        change[1],
+        change[2],
         delta * scale,
         rtol=1e-4,
         atol=1e-5 * float(delta.abs().max()) * max(1.0, abs(scale)),
