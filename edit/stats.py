@@ -34,13 +34,12 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from edit import distributed
+from edit import cache, distributed
 from edit.atomic import save_tensors
 from edit.corpus import DEFAULT_TEXT, TextSource, shipped_text, text_source
 from edit.errors import EditError
 from edit.hooks import StopForward, Trace
 from edit.lm import device_of, start_ids
-from edit.models import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +129,7 @@ def second_moment(
         rank, world = distributed.rank_and_size()
         key = hashlib.sha256("|".join(missing).encode()).hexdigest()[:12]
         partial = (
-            _cache_root() / model_hash.split(":")[-1][:16] / "partial"
+            cache.root("stats") / cache.model_key(model_hash) / "partial"
             / f"{key}.{corpus_id}.{n_tokens}.b{batch_size}.r{rank}of{world}.safetensors"
         )  # fmt: skip
     run = _Collection(model, missing, batch_size, len(start_ids(tok)), progress, partial,
@@ -148,14 +147,8 @@ def second_moment(
     return found[names[0]] if single else {n: found[n] for n in names}
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("EDIT_STATS_CACHE") or cache_dir() / "stats")
-
-
 def _cache_path(model_hash: str | None, module: str, corpus_id: str, n: int) -> Path | None:
-    if not model_hash:  # a model that was not loaded by edit.load: nothing safe to key on
-        return None
-    return _cache_root() / model_hash.split(":")[-1][:16] / f"{module}.{corpus_id}.{n}.safetensors"
+    return cache.path("stats", model_hash, module, corpus_id, str(n), ext="safetensors")
 
 
 class _Collection:

@@ -60,10 +60,10 @@ from tqdm.auto import tqdm
 from edit import arch as arch_table
 from edit import lm
 from edit.atomic import write_bytes, write_json
+from edit.cache import cache_dir
 from edit.errors import EditError
 from edit.facts import Fact, _guess_subject
 from edit.hooks import Trace
-from edit.models import cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from edit.atomic import write_json
+from edit.cache import cache_dir
 from edit.errors import InvalidRequest
 from edit.facts import Fact
 from edit.hooks import StopForward, Trace
@@ -47,7 +48,6 @@ from edit.lm import (
     subject_last_index,
 )
 from edit.methods.contexts import Contexts, check_forms
-from edit.models import cache_dir
 from edit.update import Update
 
 log = logging.getLogger(__name__)

@@ -26,12 +26,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 from edit.atomic import save_tensors
+from edit.cache import cache_dir
 from edit.errors import InvalidRequest
 from edit.facts import Fact
 from edit.methods import MethodOutput, register
 from edit.methods.algebra import alphaedit_factors, null_space_projector
 from edit.methods.memit import MEMITConfig, batch_compute
-from edit.models import cache_dir
 
 log = logging.getLogger(__name__)
 

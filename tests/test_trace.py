@@ -16,10 +16,11 @@ from tiny import LAYERS, TINY_FACT, TINY_ROME, tiny_model
 from edit import EditError, Fact, lm, trace
 from edit import arch as arch_table
 from edit import methods as registry
+from edit.cache import cache_dir
 from edit.cli import main
 from edit.hooks import Trace
 from edit.methods.rome import ROMEConfig
-from edit.models import cache_dir, weights_hash
+from edit.models import weights_hash
 
 # The subject sits inside the prompt, so that tokens come before and after it.
 PROMPT, SUBJECT = "Where is {} located? It is in", "the Brandenburg Gate"

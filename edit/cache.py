@@ -1,0 +1,52 @@
+"""Where everything this library caches on disk lives, keyed one way.
+
+Every on-disk cache (dequantized models, weight hashes, second-moment statistics, null-space
+projectors, sampled prefix texts, tracing results) takes its path from here:
+
+    root(kind)                               <cache>/<kind>
+    path(kind, model_hash, *key, ext=...)    <cache>/<kind>/<model>/<key parts joined by ".">.<ext>
+
+``<cache>`` is ``$EDIT_CACHE`` or ``~/.cache/edit``; statistics and projectors may live
+elsewhere (``$EDIT_STATS_CACHE``, a folder to share between machines). ``<model>`` is the
+first 16 hex digits of the model's content hash (``model.edit_hash``). A model that was not
+loaded by :func:`edit.load` has no hash: nothing safe to key on, so ``path`` answers ``None``
+and the caller computes without caching.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+_OVERRIDES = {"stats": "EDIT_STATS_CACHE"}  # kinds whose folder an environment variable moves
+
+
+def cache_dir() -> Path:
+    """Root of every cache: ``$EDIT_CACHE`` or ``~/.cache/edit``."""
+    return Path(os.environ.get("EDIT_CACHE") or Path.home() / ".cache" / "edit")
+
+
+def root(kind: str) -> Path:
+    """The folder of one kind of cache."""
+    moved = os.environ.get(_OVERRIDES.get(kind, ""), "")
+    return Path(moved) if moved else cache_dir() / kind
+
+
+def model_key(model_hash: str) -> str:
+    """The short form of a model hash used in cache paths (``sha256:abcd…`` -> 16 digits)."""
+    return model_hash.split(":")[-1][:16]
+
+
+def path(kind: str, model_hash: str | None, *key: str, ext: str) -> Path | None:
+    """The cache file of ``key`` for one model, or ``None`` for a model with no hash."""
+    if not model_hash:
+        return None
+    return root(kind) / model_key(model_hash) / (".".join([*key, ext]))
+
+
+def digest(value: object, n: int = 24) -> str:
+    """A short stable name for a JSON-able key (settings, lists of numbers)."""
+    text = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
