@@ -59,7 +59,8 @@ def speed(model, tok, args) -> None:
 
 def harness(model, tok, args, mode: str, methods_: list[str]) -> None:
     from edit.evals.data import load_records
-    from edit.evals.harness import EvalSettings, default_ppl_text, evaluate, summary_table
+    from edit.evals.harness import EvalSettings, default_ppl_text, evaluate
+    from edit.evals.report import summary_table
 
     default = "counterfact_dev200.json" if mode == "batch" else "counterfact_flat.json"
     data = Path(args.data or DATA / default)

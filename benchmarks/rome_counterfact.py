@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import edit
     from edit.evals.data import load_records
-    from edit.evals.harness import EvalSettings, evaluate, summary_table
+    from edit.evals.harness import EvalSettings, evaluate
+    from edit.evals.report import summary_table
 
     overrides = {}
     for kv in args.set:

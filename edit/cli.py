@@ -342,7 +342,8 @@ def cmd_eval(args) -> int:
 
     from edit import methods
     from edit.evals.data import load_records
-    from edit.evals.harness import EvalSettings, default_ppl_text, evaluate, summary_table
+    from edit.evals.harness import EvalSettings, default_ppl_text, evaluate
+    from edit.evals.report import summary_table
     from edit.models import load
 
     records = load_records(args.data, args.format, args.limit)  # input errors before loading

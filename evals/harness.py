@@ -21,7 +21,6 @@ modes once after all edits.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import resource
@@ -37,12 +36,13 @@ from tqdm.auto import tqdm
 from edit import arch, lm
 from edit import methods as method_registry
 from edit.api import apply
-from edit.atomic import new_folder
 from edit.config import resolve
 from edit.errors import EditError, EditFailed
 from edit.evals import metrics as M
 from edit.evals.data import Record
 from edit.evals.forms import asked_scores
+from edit.evals.metrics import DEFINITIONS
+from edit.evals.report import write
 from edit.stats import second_moment
 from edit.update import with_keys
 
@@ -50,27 +50,6 @@ log = logging.getLogger(__name__)
 
 MODES = ("single", "sequential", "batch")
 _FLUENCY_FIELDS = ("fluency_records", "gen_prompts", "gen_tokens", "ppl_text", "ppl_tokens", "seed")
-DEFINITIONS = {
-    "ES": "share of records with mean-token NLL(new) < NLL(true) on the edit prompt",
-    "EM": "mean of p(new) - p(true), p = exp(-mean token NLL), edit prompt",
-    "PS": "as ES on the paraphrase prompts (mean within a record, then over records)",
-    "PM": "as EM on the paraphrase prompts",
-    "NS": "share of neighbourhood prompts where NLL(true answer) < NLL(new target)",
-    "NM": "mean of p(true answer) - p(new target) on neighbourhood prompts",
-    "KL": "mean KL(p_unedited || p_edited) of the next token after neighbourhood prompts (nats)",
-    "GE": "generation entropy: mean over texts of mean(2/3 H2, 4/3 H3) of word n-grams (bits)",
-    "PPL": "perplexity of held-out text (WikiText-2 test) under the model",
-    "QS": "share of the record's questions (not given to the edit) with NLL(new) < NLL(true) "
-    "after 'Question: ...\\nAnswer:', teacher-forced",
-    "CS": "as QS with the question a user turn of the model's chat template, the answer opening "
-    "the assistant's turn",
-    "CG": "share of those chat questions whose greedy answer (16 tokens) names the new object "
-    "or an alias",
-    "MHS": "as CS on multi-hop questions through the edited fact (new answer against old)",
-    "zsRE_acc": "teacher-forced top-1 token accuracy of the new target after the question",
-    "zsRE_gen": "the same after the rephrased question",
-    "zsRE_loc": "share of the locality answer's tokens whose top-1 prediction is unchanged",
-}
 
 
 @dataclass
@@ -227,6 +206,68 @@ def evaluate(
     unedited: Unedited | None = None,
 ) -> EvalReport:
     settings = settings or EvalSettings()
+    spec, config, out, ppl_text = _check(model, method, mode, out_dir, settings)
+    stats_seconds = _collect_statistics(model, tok, config, progress)
+    n_flu = settings.fluency_records if mode == "single" else 0
+    key = (
+        tuple(rec.id for rec in records),
+        n_flu,
+        mode != "single",
+        *(getattr(settings, f) for f in _FLUENCY_FIELDS),
+    )
+    if unedited is not None and unedited.key != key:
+        raise EditError(
+            "the unedited measurements given are of other records, mode or fluency settings"
+        )
+    if unedited is None:
+        unedited = _measure_unedited(model, tok, records, key, settings, ppl_text, progress)
+    # one edit call per group: a record (single; sequential with a one-fact method), a batch
+    # of ``batch_size`` records (sequential with a batch method) or all records (batch)
+    if mode == "batch":
+        size = len(records)
+    elif mode == "sequential" and spec.batch:
+        size = settings.batch_size
+    else:
+        size = 1
+    run = _Run(model, tok, records, spec.name, settings, unedited, ppl_text, progress)
+    run.edit_all(mode, size, n_flu)
+    rows = run.rows(unedited)
+    summary = {
+        "data": data_name,
+        "records": len(records),
+        "format": records[0].format if records else None,
+        "method": spec.name,
+        "mode": mode,
+        "config": config.__dict__ if hasattr(config, "__dict__") else str(config),
+        "protocol": _protocol(mode, size, n_flu, settings),
+        "unedited": _average(unedited.before),
+        "edited": _average(run.after),
+        "refused": int(sum(run.refused)),
+        "retried": {
+            "rounds": len(run.retried),
+            "facts": sum(r["facts"] for r in run.retried),
+            "took": sum(r["took"] for r in run.retried if r["kept"]),
+        },
+        "cost": {
+            "seconds_per_edit": M.percentile_summary(run.seconds),
+            "statistics_seconds": round(stats_seconds, 2),
+            "peak_memory_mb": _peak_memory_mb(),
+        },
+    }
+    if mode == "single":
+        summary["unedited"].update(_average([_public(f) for f in unedited.flu_before]))
+        summary["edited"].update(_average([_public(f) for f in run.flu_after]))
+    else:
+        summary["unedited"].update(_public(unedited.global_flu_before))
+        summary["edited"].update(_public(run.global_flu_after))
+    if out is not None:
+        write(out, summary, rows)
+    return EvalReport(summary, rows, out, unedited)
+
+
+def _check(model, method: str, mode: str, out_dir, settings: EvalSettings):
+    """The method, its resolved config, the output folder and the perplexity text, or a
+    one-line error naming what is wrong."""
     if mode not in MODES:
         raise EditError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
     spec = method_registry.get(method)
@@ -244,8 +285,11 @@ def evaluate(
             ppl_text = Path(settings.ppl_text).read_text(encoding="utf-8")
         except OSError as e:
             raise EditError(f"cannot read the perplexity text {settings.ppl_text}: {e}") from None
+    return spec, config, out, ppl_text
 
-    # one-time cost: the key statistics the method needs (reported, cached after)
+
+def _collect_statistics(model, tok, config, progress: bool) -> float:
+    """The one-time cost: the key statistics the method needs (reported, cached after)."""
     t0 = time.perf_counter()
     layers = getattr(config, "layers", None) or [getattr(config, "layer", None)]
     if None not in layers:  # without a configured layer the method picks one (cost in edit 1)
@@ -257,140 +301,113 @@ def evaluate(
             n_tokens=config.stats_tokens,
             progress=progress,
         )
-    stats_seconds = time.perf_counter() - t0
+    return time.perf_counter() - t0
 
-    n_flu = settings.fluency_records if mode == "single" else 0
-    key = (
-        tuple(rec.id for rec in records),
-        n_flu,
-        mode != "single",
-        *(getattr(settings, f) for f in _FLUENCY_FIELDS),
+
+def _protocol(mode: str, size: int, n_flu: int, settings: EvalSettings) -> dict:
+    fluency = (
+        f"first {n_flu} records, each measured right after its own edit"
+        if mode == "single"
+        else "once, after all edits"
     )
-    if unedited is not None and unedited.key != key:
-        raise EditError(
-            "the unedited measurements given are of other records, mode or fluency settings"
-        )
-    if unedited is None:
-        unedited = _measure_unedited(model, tok, records, key, settings, ppl_text, progress)
-    before, refs = unedited.before, unedited.refs
-    flu_before, global_flu_before = unedited.flu_before, unedited.global_flu_before
+    return {
+        "mode": mode,
+        "records_per_edit_call": size,
+        "metrics": DEFINITIONS,
+        "fluency": fluency + f"; {settings.gen_prompts} generation prompts x "
+        f"{settings.gen_tokens} tokens, top-5 sampling, seed {settings.seed}; perplexity on the "
+        f"first {settings.ppl_tokens} tokens of {settings.ppl_text or 'no text'}",
+    }
 
-    after: list[dict | None] = [None] * len(records)
-    flu_after: list[dict] = []
-    seconds: list[float] = []
-    refused: list[bool] = [False] * len(records)
-    handles = []
-    history: dict[str, torch.Tensor] = {}  # keys written so far (sequential batches)
-    retried: list[dict] = []  # batch methods: the rounds that edited again what did not take
-    # one edit call per group: a record (single; sequential with a one-fact method), a batch
-    # of ``batch_size`` records (sequential with a batch method) or all records (batch)
-    if mode == "batch":
-        size = len(records)
-    elif mode == "sequential" and spec.batch:
-        size = settings.batch_size
-    else:
-        size = 1
-    bar = tqdm(total=len(records), desc=f"editing ({mode})", disable=not progress)
-    for start in range(0, len(records), size):
-        group = list(range(start, min(start + size, len(records))))
-        request = [records[i].fact for i in group] if size > 1 else records[start].fact
+
+class _Run:
+    """The edits of one evaluation and what was measured after them."""
+
+    def __init__(self, model, tok, records, method, settings, unedited, ppl_text, progress):
+        self.model, self.tok, self.records, self.method = model, tok, records, method
+        self.settings, self.refs, self.ppl_text = settings, unedited.refs, ppl_text
+        self.progress = progress
+        self.after: list[dict | None] = [None] * len(records)
+        self.flu_after: list[dict] = []
+        self.global_flu_after: dict | None = None
+        self.seconds: list[float] = []
+        self.refused: list[bool] = [False] * len(records)
+        self.retried: list[dict] = []  # batch methods: rounds that edited again what missed
+        self.handles: list = []
+        self.history: dict[str, torch.Tensor] = {}  # keys written so far (sequential batches)
+
+    def edit_all(self, mode: str, size: int, n_flu: int) -> None:
+        records = self.records
+        bar = tqdm(total=len(records), desc=f"editing ({mode})", disable=not self.progress)
+        for start in range(0, len(records), size):
+            group = list(range(start, min(start + size, len(records))))
+            self._edit(group, size)
+            if mode == "single":
+                self._measure_single(start, n_flu)
+            bar.update(len(group))
+        bar.close()
+        if mode != "single":
+            for i, rec in enumerate(tqdm(records, desc="edited model", disable=not self.progress)):
+                self.after[i] = measure(self.model, self.tok, rec, self.refs[i])
+            prompts = _gen_prompts(records, self.settings)
+            self.global_flu_after = fluency(
+                self.model, self.tok, prompts, self.settings, self.ppl_text
+            )
+            for res in reversed(self.handles):
+                res.undo()
+
+    def _edit(self, group: list[int], size: int) -> None:
+        records = self.records
+        request = [records[i].fact for i in group] if size > 1 else records[group[0]].fact
         t = time.perf_counter()
         try:
             res = apply(
-                model,
-                tok,
+                self.model,
+                self.tok,
                 request,
-                method=spec.name,
+                method=self.method,
                 describe=False,
-                progress=progress and size > 1,
-                history=history,
-                **settings.method_settings,
+                progress=self.progress and size > 1,
+                history=self.history,
+                **self.settings.method_settings,
             )
-            seconds.extend([(time.perf_counter() - t) / len(group)] * len(group))
-            handles.append(res)
-            history = with_keys(history, res.update)
-            retried.extend(res.metrics.get("retried", []))
         except EditFailed as e:
             for i in group:
-                refused[i] = True
+                self.refused[i] = True
             log.info("records %s: edit refused (%s)", [records[i].id for i in group], e)
-        if mode == "single":
-            after[start] = measure(model, tok, records[start], refs[start])
-            if start < n_flu:
-                gen = records[start].generation_prompts[: settings.gen_prompts]
-                flu_after.append(fluency(model, tok, gen, settings, ppl_text))
-            if handles:
-                handles.pop().undo()
-                history.clear()
-        bar.update(len(group))
-    bar.close()
-    global_flu_after = None
-    if mode != "single":
-        for i, rec in enumerate(tqdm(records, desc="edited model", disable=not progress)):
-            after[i] = measure(model, tok, rec, refs[i])
-        global_flu_after = fluency(model, tok, _gen_prompts(records, settings), settings, ppl_text)
-        for res in reversed(handles):
-            res.undo()
+            return
+        self.seconds.extend([(time.perf_counter() - t) / len(group)] * len(group))
+        self.handles.append(res)
+        self.history = with_keys(self.history, res.update)
+        self.retried.extend(res.metrics.get("retried", []))
 
-    rows = []
-    for i, rec in enumerate(records):
-        row = {
-            "id": rec.id,
-            "fact": rec.fact.to_dict(),
-            "refused": refused[i],
-            "before": before[i],
-            "after": after[i],
-        }
-        if i < len(flu_after):
-            row["fluency_before"] = _public(flu_before[i])
-            row["fluency_after"] = _public(flu_after[i])
-            row["generations_after"] = flu_after[i].get("_generations")
-        rows.append(row)
+    def _measure_single(self, i: int, n_flu: int) -> None:
+        """Measure record ``i`` right after its own edit, then undo the edit."""
+        rec = self.records[i]
+        self.after[i] = measure(self.model, self.tok, rec, self.refs[i])
+        if i < n_flu:
+            gen = rec.generation_prompts[: self.settings.gen_prompts]
+            self.flu_after.append(fluency(self.model, self.tok, gen, self.settings, self.ppl_text))
+        if self.handles:
+            self.handles.pop().undo()
+            self.history.clear()
 
-    summary = {
-        "data": data_name,
-        "records": len(records),
-        "format": records[0].format if records else None,
-        "method": spec.name,
-        "mode": mode,
-        "config": config.__dict__ if hasattr(config, "__dict__") else str(config),
-        "protocol": {
-            "mode": mode,
-            "records_per_edit_call": size,
-            "metrics": DEFINITIONS,
-            "fluency": (
-                f"first {n_flu} records, each measured right after its own edit"
-                if mode == "single"
-                else "once, after all edits"
-            )
-            + f"; {settings.gen_prompts} generation prompts x {settings.gen_tokens} "
-            f"tokens, top-5 sampling, seed {settings.seed}; perplexity on the first "
-            f"{settings.ppl_tokens} tokens of {settings.ppl_text or 'no text'}",
-        },
-        "unedited": _average(before),
-        "edited": _average(after),
-        "refused": int(sum(refused)),
-        "retried": {
-            "rounds": len(retried),
-            "facts": sum(r["facts"] for r in retried),
-            "took": sum(r["took"] for r in retried if r["kept"]),
-        },
-        "cost": {
-            "seconds_per_edit": M.percentile_summary(seconds),
-            "statistics_seconds": round(stats_seconds, 2),
-            "peak_memory_mb": _peak_memory_mb(),
-        },
-    }
-    if mode == "single":
-        summary["unedited"].update(_average([_public(f) for f in flu_before]))
-        summary["edited"].update(_average([_public(f) for f in flu_after]))
-    else:
-        summary["unedited"].update(_public(global_flu_before))
-        summary["edited"].update(_public(global_flu_after))
-
-    if out is not None:
-        _write(out, summary, rows)
-    return EvalReport(summary, rows, out, unedited)
+    def rows(self, unedited: Unedited) -> list[dict]:
+        rows = []
+        for i, rec in enumerate(self.records):
+            row = {
+                "id": rec.id,
+                "fact": rec.fact.to_dict(),
+                "refused": self.refused[i],
+                "before": unedited.before[i],
+                "after": self.after[i],
+            }
+            if i < len(self.flu_after):
+                row["fluency_before"] = _public(unedited.flu_before[i])
+                row["fluency_after"] = _public(self.flu_after[i])
+                row["generations_after"] = self.flu_after[i].get("_generations")
+            rows.append(row)
+        return rows
 
 
 def _measure_unedited(model, tok, records, key, settings, ppl_text, progress) -> Unedited:
@@ -446,126 +463,3 @@ def _peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
-
-
-# --------------------------------------------------------------------------- writing
-
-SHARES = ("ES", "PS", "NS", "QS", "CS", "CG", "MHS", "zsRE_acc", "zsRE_gen", "zsRE_loc")
-MARGINS = ("EM", "PM", "NM")
-
-
-def summary_table(summary: dict) -> str:
-    """A Markdown table: unedited and edited side by side (shares and margins in percent)."""
-    keys = [
-        k
-        for k in (*SHARES, *MARGINS, "KL", "GE", "PPL")
-        if k in summary["unedited"] or k in summary["edited"]
-    ]
-    head = "| model | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
-    lines = []
-    for name in ("unedited", "edited"):
-        vals = []
-        for k in keys:
-            v = summary[name].get(k)
-            if v is None:
-                vals.append("–")
-            elif k in SHARES or k in MARGINS:
-                vals.append(f"{100 * v:.1f}")
-            elif k == "KL":
-                vals.append(f"{v:.4f}")
-            else:
-                vals.append(f"{v:.2f}")
-        label = "unedited" if name == "unedited" else f"{summary['method']} ({summary['mode']})"
-        lines.append(f"| {label} | " + " | ".join(vals) + " |")
-    return head + "\n".join(lines) + "\n"
-
-
-def _write(out: Path, summary: dict, rows: list[dict]) -> None:
-    """All files go to a temporary folder that is renamed into place at the end."""
-    with new_folder(out) as tmp:
-        with open(tmp / "records.jsonl", "w") as f:
-            for row in rows:
-                f.write(json.dumps(row, default=_json_default) + "\n")
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
-        cost = summary["cost"]
-        spe = cost["seconds_per_edit"]
-        md = [
-            f"# {summary['method']} on {summary['data']} ({summary['records']} records, "
-            f"mode {summary['mode']})",
-            "",
-            summary_table(summary),
-            f"Edits refused: {summary['refused']}. "
-            + _retried_line(summary.get("retried"))
-            + "Seconds per edit: median "
-            f"{_fmt(spe['median'])}, p90 {_fmt(spe['p90'])}. Key statistics: "
-            f"{cost['statistics_seconds']} s. Peak memory: {cost['peak_memory_mb']} MB.",
-            "",
-            "Shares and margins in percent. Definitions:",
-            "",
-        ]
-        md += [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()]
-        md += ["", f"Fluency: {summary['protocol']['fluency']}."]
-        (tmp / "summary.md").write_text("\n".join(md) + "\n")
-        _plots(tmp, summary, rows)
-
-
-def _fmt(x) -> str:
-    return "–" if x is None else f"{x:.1f} s"
-
-
-def _json_default(o):
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, tuple):
-        return list(o)
-    return str(o)
-
-
-def _plots(folder: Path, summary: dict, rows: list[dict]) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no plots (pip install matplotlib)")
-        return
-    keys = [k for k in SHARES if k in summary["edited"]]
-    fig, ax = plt.subplots(figsize=(1.2 * len(keys) + 2, 3.2))
-    x = np.arange(len(keys))
-    for off, name, color in ((-0.2, "unedited", "#999999"), (0.2, "edited", "#2b6cb0")):
-        ax.bar(x + off, [100 * summary[name].get(k, 0) for k in keys], 0.4, label=name, color=color)
-    ax.set_xticks(x, keys)
-    ax.set_ylabel("%")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"{summary['method']} ({summary['mode']}), {summary['records']} records")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(folder / "scores.png", dpi=120)
-    plt.close(fig)
-
-    em_b = [r["before"].get("EM") for r in rows if r["after"] and r["before"].get("EM") is not None]
-    em_a = [r["after"].get("EM") for r in rows if r["after"] and r["after"].get("EM") is not None]
-    if em_a:
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        bins = np.linspace(-1, 1, 41)
-        ax.hist(em_b, bins=bins, alpha=0.6, label="unedited", color="#999999")
-        ax.hist(em_a, bins=bins, alpha=0.6, label="edited", color="#2b6cb0")
-        ax.set_xlabel("p(new) - p(true) on the edit prompt")
-        ax.set_ylabel("records")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(folder / "margins.png", dpi=120)
-        plt.close(fig)
-
-
-def _retried_line(r: dict | None) -> str:
-    if not r or not r["rounds"]:
-        return ""
-    return (
-        f"Facts that did not take, edited again: {r['facts']} in {r['rounds']} "
-        f"round{'s' if r['rounds'] > 1 else ''}, "
-        f"{r['took']} of them took. "
-    )

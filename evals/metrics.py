@@ -213,3 +213,27 @@ def answer_contains(answer: str, names: Sequence[str]) -> bool:
     whole words, case and punctuation aside (MQuAKE's accuracy on generated answers)."""
     text = f" {_plain(answer)} "
     return any(_plain(n) and f" {_plain(n)} " in text for n in names)
+
+
+# what each reported figure means, written into every result file
+DEFINITIONS = {
+    "ES": "share of records with mean-token NLL(new) < NLL(true) on the edit prompt",
+    "EM": "mean of p(new) - p(true), p = exp(-mean token NLL), edit prompt",
+    "PS": "as ES on the paraphrase prompts (mean within a record, then over records)",
+    "PM": "as EM on the paraphrase prompts",
+    "NS": "share of neighbourhood prompts where NLL(true answer) < NLL(new target)",
+    "NM": "mean of p(true answer) - p(new target) on neighbourhood prompts",
+    "KL": "mean KL(p_unedited || p_edited) of the next token after neighbourhood prompts (nats)",
+    "GE": "generation entropy: mean over texts of mean(2/3 H2, 4/3 H3) of word n-grams (bits)",
+    "PPL": "perplexity of held-out text (WikiText-2 test) under the model",
+    "QS": "share of the record's questions (not given to the edit) with NLL(new) < NLL(true) "
+    "after 'Question: ...\\nAnswer:', teacher-forced",
+    "CS": "as QS with the question a user turn of the model's chat template, the answer opening "
+    "the assistant's turn",
+    "CG": "share of those chat questions whose greedy answer (16 tokens) names the new object "
+    "or an alias",
+    "MHS": "as CS on multi-hop questions through the edited fact (new answer against old)",
+    "zsRE_acc": "teacher-forced top-1 token accuracy of the new target after the question",
+    "zsRE_gen": "the same after the rephrased question",
+    "zsRE_loc": "share of the locality answer's tokens whose top-1 prediction is unchanged",
+}
