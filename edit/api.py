@@ -135,6 +135,36 @@ def apply(
     """
     batch = isinstance(request, list | tuple)
     facts = [as_fact(r) for r in request] if batch else [as_fact(request, subject, target)]
+    spec = _method_for(method, facts)
+    config = resolve(spec.name, spec.config_class, model, **settings)
+    kind = "erase" if erase else "insert"
+    olds = [_old_of(model, tok, fact, erase) for fact in facts]
+    news = [None if erase else f.target for f in facts]
+    probe = _Probe(model, tok, facts, news, olds, describe and not batch)
+    before = probe()
+
+    t0 = time.perf_counter()
+    out = spec.compute(
+        model, tok, facts, config, objective=kind, progress=progress, history=history
+    )
+    seconds = time.perf_counter() - t0
+    _check_finite(spec.name, out.update, facts)
+    edit = _Applied(out, out.update.apply(model), probe(), seconds)
+    edit.problems = _verdicts(kind, before, edit.after)
+    rounds = getattr(config, "retry_rounds", 0)
+    while rounds and any(edit.problems):
+        rounds -= 1
+        if not _retry(edit, spec, config, kind, before, probe, history, progress):
+            break
+    metrics = _outcome(facts, olds, before, edit, batch)
+    out = edit.out
+    return EditResult(
+        kind, spec.name, facts, out.update, out.layers, config, metrics, out.info, edit.handle
+    )
+
+
+def _method_for(method: str, facts: list[Fact]) -> method_registry.Method:
+    """The registered method, checked against the number of facts."""
     if not facts:
         raise InvalidRequest("no facts to edit: the list is empty")
     spec = method_registry.get(method)
@@ -146,98 +176,100 @@ def apply(
             f"{spec.name} edits one fact at a time, got {len(facts)}: use a batch method "
             f"({batch_methods})"
         )
-    config = resolve(spec.name, spec.config_class, model, **settings)
-    kind = "erase" if erase else "insert"
+    return spec
 
-    olds = []
-    for fact in facts:  # for an erasure the fact's target *is* the object to remove
-        old = fact.target if erase else old_object(model, tok, fact)
-        if not erase and old.strip().lower() == fact.target.strip().lower():
-            old = ""  # the model already says the target: there is no old object to compare
-        olds.append(old)
-    news = [None if erase else f.target for f in facts]
-    describe = describe and not batch
-    before = _probe(model, tok, facts, news, olds, describe)
 
-    t0 = time.perf_counter()
-    out = spec.compute(
-        model, tok, facts, config, objective=kind, progress=progress, history=history
+def _old_of(model, tok, fact: Fact, erase: bool) -> str:
+    """The object the edit compares against ("" when the model already says the target)."""
+    if erase:  # for an erasure the fact's target *is* the object to remove
+        return fact.target
+    old = old_object(model, tok, fact)
+    return "" if old.strip().lower() == fact.target.strip().lower() else old
+
+
+@dataclass
+class _Applied:
+    """The update on the model now, what the probe measured after it, and why facts missed."""
+
+    out: MethodOutput
+    handle: Applied
+    after: list[dict]
+    seconds: float
+    problems: list[str | None] = field(default_factory=list)
+    retried: list[dict] = field(default_factory=list)
+
+
+def _retry(edit: _Applied, spec, config, kind, before, probe, history, progress) -> bool:
+    """Edit again, on top, the facts that did not take, with the keys of those that took as
+    history (AlphaEdit keeps them); keep the round only if more facts take. Whether to go on."""
+    facts = probe.facts
+    redo = [i for i, p in enumerate(edit.problems) if p]
+    took = [i for i, p in enumerate(edit.problems) if not p]
+    first_keys = edit.out.update.keys  # one row per fact
+    written = Update(keys={m: k[took] for m, k in first_keys.items()})
+    t1 = time.perf_counter()
+    more = spec.compute(
+        probe.model,
+        probe.tok,
+        [facts[i] for i in redo],
+        config,
+        objective=kind,
+        progress=progress,
+        history=with_keys(history, written),
     )
-    seconds = time.perf_counter() - t0
-    _check_finite(spec.name, out.update, facts)
-    handle = out.update.apply(model)
-    after = _probe(model, tok, facts, news, olds, describe)
-    problems = _verdicts(kind, before, after)
-    retried = []
-    first_keys = out.update.keys  # one row per fact
-    for _ in range(getattr(config, "retry_rounds", 0)):
-        # the facts that did not take are edited again on top of the first update, with the
-        # keys of those that took as history (AlphaEdit keeps them); kept only if more facts
-        # take
-        redo = [i for i, p in enumerate(problems) if p]
-        if not redo:
-            break
-        took = [i for i, p in enumerate(problems) if not p]
-        written = Update(keys={m: k[took] for m, k in first_keys.items()})
-        t1 = time.perf_counter()
-        more = spec.compute(
-            model,
-            tok,
-            [facts[i] for i in redo],
-            config,
-            objective=kind,
-            progress=progress,
-            history=with_keys(history, written),
-        )
-        seconds += time.perf_counter() - t1
-        if not more.update.is_finite():
-            break
-        handle.undo()
-        merged = out.update.merged(more.update)
-        handle = merged.apply(model)
-        again = _probe(model, tok, facts, news, olds, describe)
-        still = _verdicts(kind, before, again)
-        better = sum(map(bool, still)) < sum(map(bool, problems))
-        retried.append(
-            {"facts": len(redo), "took": sum(1 for i in redo if not still[i]), "kept": better}
-        )
-        if not better:
-            handle.undo()  # back to the batch's own update
-            handle = out.update.apply(model)
-            break
-        out = MethodOutput(merged, out.layers, {**out.info, "retry_info": more.info})
-        after, problems = again, still
+    edit.seconds += time.perf_counter() - t1
+    if not more.update.is_finite():
+        return False
+    edit.handle.undo()
+    merged = edit.out.update.merged(more.update)
+    edit.handle = merged.apply(probe.model)
+    again = probe()
+    still = _verdicts(kind, before, again)
+    better = sum(map(bool, still)) < sum(map(bool, edit.problems))
+    edit.retried.append(
+        {"facts": len(redo), "took": sum(1 for i in redo if not still[i]), "kept": better}
+    )
+    if not better:
+        edit.handle.undo()  # back to the batch's own update
+        edit.handle = edit.out.update.apply(probe.model)
+        return False
+    edit.out = MethodOutput(merged, edit.out.layers, {**edit.out.info, "retry_info": more.info})
+    edit.after, edit.problems = again, still
+    return True
+
+
+def _outcome(facts, olds, before, edit: _Applied, batch: bool) -> dict:
+    """The edit's metrics; a single edit that did not take, or a batch of which none took,
+    is undone and raises :class:`EditFailed`."""
+    problems = edit.problems
     per_fact = [
         {"old_target": old, **b2, **a2}
-        for old, (b2, a2) in zip(olds, _pairs(before, after), strict=True)
+        for old, (b2, a2) in zip(olds, _pairs(before, edit.after), strict=True)
     ]
+    seconds = round(edit.seconds, 2)
     if not batch:
-        metrics = {"seconds": round(seconds, 2), "retried": retried, **per_fact[0]}
         if problems[0]:
-            handle.undo()
+            edit.handle.undo()
             raise EditFailed(
                 f"the edit did not take ({problems[0]}); the model is unchanged "
                 f"(try another --layer or more steps)"
             )
-    else:
-        failed = [(f, p) for f, p in zip(facts, problems, strict=True) if p]
-        if len(failed) == len(facts):
-            handle.undo()
-            raise EditFailed(
-                f"none of the {len(facts)} edits took (first: {facts[0].statement!r}: "
-                f"{problems[0]}); the model is unchanged (try other layers or more steps)"
-            )
-        metrics = {
-            "seconds": round(seconds, 2),
-            "facts": len(facts),
-            "took": len(facts) - len(failed),
-            "not_taken": [f"{f.statement}: {p}" for f, p in failed],
-            "retried": retried,
-            "per_fact": per_fact,
-        }
-    return EditResult(
-        kind, spec.name, facts, out.update, out.layers, config, metrics, out.info, handle
-    )
+        return {"seconds": seconds, "retried": edit.retried, **per_fact[0]}
+    failed = [(f, p) for f, p in zip(facts, problems, strict=True) if p]
+    if len(failed) == len(facts):
+        edit.handle.undo()
+        raise EditFailed(
+            f"none of the {len(facts)} edits took (first: {facts[0].statement!r}: "
+            f"{problems[0]}); the model is unchanged (try other layers or more steps)"
+        )
+    return {
+        "seconds": seconds,
+        "facts": len(facts),
+        "took": len(facts) - len(failed),
+        "not_taken": [f"{f.statement}: {p}" for f, p in failed],
+        "retried": edit.retried,
+        "per_fact": per_fact,
+    }
 
 
 def _check_finite(method: str, update: Update, facts: list[Fact]) -> None:
@@ -262,28 +294,38 @@ def _verdicts(kind: str, before: list[dict], after: list[dict]) -> list[str | No
     return [_did_not_take(kind, {**b, **a}) for b, a in _pairs(before, after)]
 
 
-def _probe(
-    model, tok, facts: list[Fact], news: list[str | None], olds: list[str], describe: bool
-) -> list[dict]:
-    """Per fact: P(new), P(old) and whether the old object is the top next token."""
-    pairs = [
-        (i, name, target)
-        for i in range(len(facts))
-        for name, target in (("p_new", news[i]), ("p_old", olds[i]))
-        if target
-    ]
-    scores = lm.continuation_scores(
-        model, tok, [facts[i].text for i, *_ in pairs], [t for *_, t in pairs]
-    )
-    res: list[dict[str, Any]] = [{} for _ in facts]
-    for (i, name, _), sc in zip(pairs, scores, strict=True):
-        res[i][name] = lm.sequence_prob(sc.logprobs)
-        if name == "p_old":  # the top next token, from the same teacher-forced pass
-            res[i]["old_is_top"] = int(sc.top1[0]) == int(sc.targets[0])
-    if describe:
-        for i, text in enumerate(lm.greedy(model, tok, [f.text for f in facts])):
-            res[i]["completion"] = text
-    return res
+@dataclass
+class _Probe:
+    """Per fact: P(new), P(old) and whether the old object is the top next token (with
+    ``describe``, the greedy completion too), on the model as it is when called."""
+
+    model: nn.Module
+    tok: Any
+    facts: list[Fact]
+    news: list[str | None]
+    olds: list[str]
+    describe: bool
+
+    def __call__(self) -> list[dict]:
+        facts = self.facts
+        pairs = [
+            (i, name, target)
+            for i in range(len(facts))
+            for name, target in (("p_new", self.news[i]), ("p_old", self.olds[i]))
+            if target
+        ]
+        scores = lm.continuation_scores(
+            self.model, self.tok, [facts[i].text for i, *_ in pairs], [t for *_, t in pairs]
+        )
+        res: list[dict[str, Any]] = [{} for _ in facts]
+        for (i, name, _), sc in zip(pairs, scores, strict=True):
+            res[i][name] = lm.sequence_prob(sc.logprobs)
+            if name == "p_old":  # the top next token, from the same teacher-forced pass
+                res[i]["old_is_top"] = int(sc.top1[0]) == int(sc.targets[0])
+        if self.describe:
+            for i, text in enumerate(lm.greedy(self.model, self.tok, [f.text for f in facts])):
+                res[i]["completion"] = text
+        return res
 
 
 def _did_not_take(kind: str, m: dict) -> str | None:
