@@ -31,9 +31,7 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import save as serialize
@@ -43,16 +41,15 @@ from edit import arch as arch_table
 from edit import distributed
 from edit.api import EditResult, apply
 from edit.atomic import check_new_folder, new_folder, write_bytes
+from edit.entry import Entry, header
 from edit.errors import EditError, EditFailed
 from edit.facts import Fact
 from edit.ledger import (
     FORMAT,
     MANIFEST,
     META,
-    EntryData,
     Ledger,
     manifest_line,
-    parse_entry,
     read_ledger,
     read_meta,
     sha256,
@@ -67,41 +64,6 @@ log = logging.getLogger(__name__)
 DEFAULT_WORKSPACE = "edit-workspace"
 
 
-@dataclass
-class Entry:
-    """One recorded change."""
-
-    id: str
-    kind: str
-    method: str
-    facts: list[Fact]
-    layers: list[int]
-    config: dict[str, Any]
-    metrics: dict[str, Any]
-    created: str
-    update: Update
-    path: Path
-    hash: str = ""  # sha256 of the file's bytes: the entry's identity in the manifest
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def summary(self) -> str:
-        when = self.created[:19]
-        if not self.facts:  # a LoRA run (forget / learn) on a corpus
-            corpus = self.info.get("corpus", "?")
-            n = self.info.get("examples", "?")
-            return f"{self.id}  {when}  {self.kind:<6} {self.method:<6} {corpus} ({n} examples)"
-        fact = self.facts[0]
-        what = (
-            f"{fact.text} -> {fact.target}"
-            if self.kind == "insert"
-            else f"{fact.text} -/-> {fact.target}"
-        )
-        more = f" (+{len(self.facts) - 1} more)" if len(self.facts) > 1 else ""
-        return (
-            f"{self.id}  {when}  {self.kind:<6} {self.method:<6} layers {self.layers}  {what}{more}"
-        )
-
-
 class Workspace:
     def __init__(
         self, path: Path, model: nn.Module, tok, base: dict, ledger: Ledger | None = None
@@ -112,7 +74,7 @@ class Workspace:
         self.base = base
         self.lock = WorkspaceLock(path)
         self._ledger = ledger if ledger is not None else Ledger(path, None)
-        self._active = [_entry(e) for e in self._ledger.active]
+        self._active = [Entry.from_data(e) for e in self._ledger.active]
         self._base_weights: dict[str, torch.Tensor] = {}  # pristine copies of touched weights
 
     # ------------------------------------------------------------------ opening
@@ -219,7 +181,7 @@ class Workspace:
     def entries(self, folder: str = "edits") -> list[Entry]:
         """The active entries in ledger order (``folder="reverted"``: the reverted ones)."""
         if folder == "reverted":
-            return [_entry(e) for e in self._ledger.reverted]
+            return [Entry.from_data(e) for e in self._ledger.reverted]
         return list(self._active)
 
     def entry(self, entry_id: str) -> Entry:
@@ -332,7 +294,7 @@ class Workspace:
                 self.model.save_pretrained(tmp)
                 if self.tok is not None:
                     self.tok.save_pretrained(tmp)
-                ledger = {"base": self.base, "edits": [_entry_json(e) for e in self._active]}
+                ledger = {"base": self.base, "edits": [e.to_json() for e in self._active]}
                 (tmp / "edit_ledger.json").write_text(json.dumps(ledger, indent=2))
         except OSError as e:
             raise EditError(f"cannot write {out}: {e.strerror or e}") from None
@@ -496,7 +458,7 @@ class Workspace:
     def _reread(self) -> None:
         self._ledger = read_ledger(self.path)
         self._ledger.check()
-        self._active = [_entry(e) for e in self._ledger.active]
+        self._active = [Entry.from_data(e) for e in self._ledger.active]
 
     def _create(self) -> None:
         """Make the workspace folder whole: its files are written beside it, then renamed."""
@@ -518,17 +480,17 @@ class Workspace:
 
     def _record(self, result: EditResult) -> Entry:
         tensors = result.update.tensors()
-        meta = {
-            "kind": result.kind,
-            "method": result.method,
-            "facts": json.dumps([f.to_dict() for f in result.facts]),
-            "layers": json.dumps(result.layers),
-            "config": json.dumps(result.config_dict()),
-            "metrics": json.dumps(result.metrics),
-            "info": json.dumps(result.info),
-            "created": _now(),
-            "base_hash": self.base["hash"],
-        }
+        meta = header(
+            result.kind,
+            result.method,
+            result.facts,
+            result.layers,
+            result.config_dict(),
+            result.metrics,
+            result.info,
+            created=_now(),
+            base_hash=self.base["hash"],
+        )
         if self._ledger.meta is None:
             self._create()
         with self._committing():
@@ -562,54 +524,6 @@ def check_shapes(ledger: Ledger, source: str) -> bool:
                 e.id,
             )
     return True
-
-
-def _entry(data: EntryData) -> Entry:
-    """An :class:`Entry` from a checked entry file; a header that does not parse is refused."""
-    meta = data.meta
-    try:
-        return Entry(
-            id=meta["id"],
-            kind=meta["kind"],
-            method=meta["method"],
-            facts=[Fact.from_dict(d) for d in json.loads(meta["facts"])],
-            layers=json.loads(meta["layers"]),
-            config=json.loads(meta["config"]),
-            metrics=json.loads(meta["metrics"]),
-            info=json.loads(meta.get("info", "{}")),
-            created=meta["created"],
-            update=Update.from_tensors(data.tensors),
-            path=data.path,
-            hash=data.hash,
-        )
-    except (KeyError, TypeError, ValueError, AttributeError) as e:  # ValueError: also JSON
-        raise EditError(
-            f"edit file {data.path} has a header that does not parse ({type(e).__name__}: "
-            f"{str(e)[:80]}): restore it from a backup"
-        ) from None
-
-
-def read_entry(path: Path) -> Entry:
-    """One edit file on its own (no manifest to check it against): for tools and tests."""
-    try:
-        data = Path(path).read_bytes()
-        meta, tensors = parse_entry(data)
-    except (OSError, ValueError) as e:
-        raise EditError(f"edit file {path} is corrupt or truncated ({e})") from None
-    return _entry(EntryData(meta.get("id", "?"), sha256(data), Path(path), meta, tensors))
-
-
-def _entry_json(e: Entry) -> dict:
-    return {
-        "id": e.id,
-        "kind": e.kind,
-        "method": e.method,
-        "layers": e.layers,
-        "facts": [f.to_dict() for f in e.facts],
-        "config": e.config,
-        "metrics": e.metrics,
-        "created": e.created,
-    }
 
 
 def _now() -> str:
