@@ -604,9 +604,8 @@ def parse_settings(pairs: list[str]) -> dict:
 
 
 def cmd_train(args) -> int:
-    from edit import lm
     from edit.corpus import read_corpus
-    from edit.stats import corpus_text
+    from edit.evals.fluency import heldout_text, perplexity
 
     forget = args.command == "forget"
     extra = parse_settings(args.set)
@@ -626,13 +625,10 @@ def cmd_train(args) -> int:
     check_settings("unlearn", UnlearnConfig, settings)  # bad values before loading
     ws = _open(args, writer=True)
     print(_base_model_line(ws))
-    # held-out text for perplexity: the end of the shipped WikiText-2 text (the default retain
-    # set is taken from its start)
-    heldout = corpus_text()[-40_000:]
+    heldout = heldout_text()
 
     def ppl() -> float:
-        nll = lm.text_token_nlls(ws.model, ws.tok, heldout, 2048)
-        return float(nll.mean().exp())
+        return perplexity(ws.model, ws.tok, heldout)
 
     ppl_before = ppl()
     if forget:
@@ -702,16 +698,7 @@ def cmd_audit(args) -> int:
         if not entry.facts:
             raise EditError(f"entry {entry.id} is a {entry.kind} run: give its data with --forget")
         forget = [Example(f.text, f.target) for f in entry.facts]
-    reference = ref_tok = None
-    if args.reference:
-        from edit.models import load
-        from edit.workspace import Workspace
-
-        if (Path(args.reference) / "workspace.json").is_file():
-            ref_ws = Workspace.open(args.reference, create=False, device=args.device)
-            reference, ref_tok = ref_ws.model, ref_ws.tok
-        else:
-            reference, ref_tok = load(args.reference, device=args.device)
+    reference, ref_tok = audit.load_reference(args.reference, args.device)
     print(_base_model_line(ws))
     print(f"auditing {entry.summary()} on {len(forget)} forget examples"
           + (f", {len(holdout)} holdout" if holdout else ""))  # fmt: skip

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -123,6 +124,21 @@ def measure(model, tok, data: AuditData, gen_tokens: int = 32) -> dict[str, Any]
             for (p, w), g in list(zip(pairs, gens, strict=True))[:3]
         ]
     return out
+
+
+def load_reference(path: str | None, device: str | None = None):
+    """(model, tokenizer) of a reference that never saw the forgotten data: a workspace
+    folder (its base plus its ledger) or anything :func:`edit.load` reads; (None, None)
+    without one."""
+    if not path:
+        return None, None
+    from edit.models import load
+    from edit.workspace import Workspace
+
+    if (Path(path) / "workspace.json").is_file():
+        ws = Workspace.open(path, create=False, device=device)
+        return ws.model, ws.tok
+    return load(path, device=device)
 
 
 def audit(

@@ -40,6 +40,7 @@ from edit.config import resolve
 from edit.errors import EditError, EditFailed
 from edit.evals import metrics as M
 from edit.evals.data import Record
+from edit.evals.fluency import fluency
 from edit.evals.forms import asked_scores
 from edit.evals.metrics import DEFINITIONS
 from edit.evals.report import write
@@ -151,20 +152,6 @@ def measure(model: nn.Module, tok, rec: Record, ref: dict | None = None) -> dict
             out["zsRE_loc"] = M.token_accuracy((loc.top1 == ref["loc_top1"]).tolist())
     if ref is None:
         out["_keep"] = keep
-    return out
-
-
-def fluency(model, tok, prompts: list[str], settings: EvalSettings, ppl_text: str | None) -> dict:
-    """Generation entropy of sampled continuations of ``prompts``; perplexity of ``ppl_text``."""
-    out: dict = {}
-    if prompts:
-        texts = lm.sample(model, tok, prompts, settings.gen_tokens, seed=settings.seed)
-        out["GE"] = M.generation_entropy(texts)
-        out["_generations"] = texts
-    if ppl_text:
-        out["PPL"] = M.perplexity(
-            lm.text_token_nlls(model, tok, ppl_text, settings.ppl_tokens).tolist()
-        )
     return out
 
 
