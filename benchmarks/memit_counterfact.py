@@ -19,7 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
-from edit.cli import parse_settings
+from edit.config import parse_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "counterfact"

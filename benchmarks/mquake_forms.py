@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import edit
     from benchmarks.recording import write_results
-    from edit.cli import parse_settings
+    from edit.config import parse_settings
 
     variants = {"edited": parse_settings(args.set)}
     if args.against is not None:

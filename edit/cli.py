@@ -341,6 +341,7 @@ def cmd_eval(args) -> int:
     from pathlib import Path
 
     from edit import methods
+    from edit.config import parse_settings
     from edit.evals.data import load_records
     from edit.evals.harness import EvalSettings, default_ppl_text, evaluate
     from edit.evals.report import summary_table
@@ -474,7 +475,7 @@ def _layer_settings(text: str | None, batch: bool) -> dict:
 def cmd_add(args, erase: bool = False) -> int:
     from edit import methods
     from edit.api import as_fact
-    from edit.config import check_settings
+    from edit.config import check_settings, parse_settings
 
     if args.file and args.statement is not None:
         raise EditError("give a statement or --file, not both")
@@ -581,29 +582,8 @@ def cmd_erase(args) -> int:
     return cmd_add(args, erase=True)
 
 
-def parse_settings(pairs: list[str]) -> dict:
-    """``--set KEY=VALUE`` options as a dict, each value read as YAML (5, 1e-3, [q_proj])."""
-    import yaml
-
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise EditError(f"--set {pair!r}: write KEY=VALUE, e.g. --set kl_weight=5")
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise EditError(f"--set {pair!r}: the value does not parse") from None
-        if isinstance(parsed, str):  # YAML reads 1e-3 (no dot) as a string
-            try:
-                parsed = float(parsed)
-            except ValueError:
-                pass
-        out[key.strip()] = parsed
-    return out
-
-
 def cmd_train(args) -> int:
+    from edit.config import parse_settings
     from edit.corpus import read_corpus
     from edit.evals.fluency import heldout_text, perplexity
 

@@ -158,3 +158,25 @@ def _describe(hint) -> str:
         return f"a list [{', '.join(_describe(a) for a in args)}]"
     names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
     return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def parse_settings(pairs: list[str]) -> dict:
+    """``--set KEY=VALUE`` options as a dict, each value read as YAML (5, 1e-3, [q_proj])."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise EditError(f"--set {pair!r}: write KEY=VALUE, e.g. --set kl_weight=5")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise EditError(f"--set {pair!r}: the value does not parse") from None
+        if isinstance(parsed, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        out[key.strip()] = parsed
+    return out
