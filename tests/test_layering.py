@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 EDIT = Path(__file__).resolve().parents[1] / "edit"
-CORE = ["arch", "atomic", "cache", "corpus", "distributed", "errors", "hooks", "lm", "models",
-        "placement", "stats", "update"]  # fmt: skip
+CORE = ["arch", "atomic", "cache", "corpus", "distributed", "errors", "hooks", "layers", "lm",
+        "models", "placement", "stats", "update"]  # fmt: skip
 ABOVE = ("edit.methods", "edit.evals", "edit.cli", "edit.api", "edit.workspace")
 
 
