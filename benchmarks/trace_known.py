@@ -46,35 +46,35 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import edit
-    from edit import trace
+    from edit import locate
 
     if args.threads:
         torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
     model, tok = edit.load(args.model)
-    facts = trace.load_known(args.data)
+    facts = locate.load_known(args.data)
     print(
         f"model {model.edit_source}; {len(facts)} facts in {args.data}; "
         f"{torch.get_num_threads()} torch threads",
         flush=True,
     )
-    avg = trace.trace_average(
+    avg = locate.trace_average(
         model,
         tok,
         facts,
         limit=args.limit,
         kinds=args.kind,
-        samples=trace.AVERAGE_SAMPLES if args.samples is None else args.samples,
+        samples=locate.AVERAGE_SAMPLES if args.samples is None else args.samples,
         window=args.window,
         seed=args.seed,
         data=args.data,
     )
     wall = time.perf_counter() - t0
     print("\n".join(avg.summary()))
-    paths, note = trace.write_outputs(avg, args.out)
+    paths, note = locate.write_outputs(avg, args.out)
     print(f"wrote {', '.join(map(str, paths))}" + (f" ({note})" if note else ""))
-    if not args.no_cache and (cached := trace.save_cached(avg)):
+    if not args.no_cache and (cached := locate.save_cached(avg)):
         print(f"cached at {cached}")
     print(
         f"wall time: {wall:.1f}s for {avg.n_facts} facts ({avg.n_checked} checked), "

@@ -393,34 +393,34 @@ def cmd_eval(args) -> int:
 
 
 def cmd_trace(args) -> int:
-    from edit import trace
+    from edit import locate
     from edit.models import load
 
-    kinds = trace.parse_kinds(args.kind)  # input errors before loading the model
+    kinds = locate.parse_kinds(args.kind)  # input errors before loading the model
     check_new_folder(args.out, may_exist=True)
     if bool(args.prompt) == bool(args.data):
         raise EditError("give a prompt to trace, or --data FILE to average over facts")
-    facts = trace.load_known(args.data) if args.data else None
+    facts = locate.load_known(args.data) if args.data else None
     if facts is None:
-        template, subject = trace.parse_prompt(args.prompt, args.subject)
+        template, subject = locate.parse_prompt(args.prompt, args.subject)
     model, tok = load(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
     print(f"model: {model.edit_source} ({model.edit_hash[:19]}…) on {model.device}")
     settings = dict(
         kinds=kinds, window=args.window, seed=args.seed, noise_multiplier=args.noise, progress=True
     )
     if facts is None:
-        samples = trace.SAMPLES if args.samples is None else args.samples
-        result = trace.trace_fact(
+        samples = locate.SAMPLES if args.samples is None else args.samples
+        result = locate.trace_fact(
             model, tok, template, subject, args.target, samples=samples, **settings
         )
     else:
-        samples = trace.AVERAGE_SAMPLES if args.samples is None else args.samples
-        result = trace.trace_average(
+        samples = locate.AVERAGE_SAMPLES if args.samples is None else args.samples
+        result = locate.trace_average(
             model, tok, facts, limit=args.limit, samples=samples, data=args.data, **settings
         )
     print("\n".join(result.summary()))
-    paths, note = trace.write_outputs(result, args.out)
-    if facts is not None and (cached := trace.save_cached(result)):
+    paths, note = locate.write_outputs(result, args.out)
+    if facts is not None and (cached := locate.save_cached(result)):
         print(
             f"cached at {cached}: ROME uses layer {result.peak_layer} for this model when it "
             f"has no tuned config"

@@ -28,6 +28,7 @@ from torch import nn
 from edit import arch as arch_table
 from edit.errors import InvalidRequest
 from edit.facts import Fact
+from edit.layers import memit_layers
 from edit.methods import MethodOutput, register
 from edit.methods.algebra import (
     MAX_ROWS,
@@ -40,7 +41,6 @@ from edit.methods.algebra import (
 )
 from edit.methods.contexts import Contexts
 from edit.stats import DEFAULT_CORPUS, second_moment
-from edit.trace import cached_layer
 
 log = logging.getLogger(__name__)
 
@@ -96,36 +96,6 @@ class MEMITConfig:
         return ValueSettings.of(self)
 
 
-def edit_layers(model: nn.Module, layers: tuple[int, ...] | None, method: str) -> list[int]:
-    """The configured layers; without any, the range of this model's cached causal trace,
-    else five blocks from n_layers // 6."""
-    n = arch_table.num_layers(model)
-    if layers is None:
-        traced = cached_layer(model)
-        if traced is not None:
-            lo, hi = traced[1][0], traced[1][-1]
-            layers = tuple(range(lo, hi + 1))
-            log.warning(
-                "no tuned %s config: editing layers %s from the causal trace of this model "
-                "(cached at %s)",
-                method,
-                list(layers),
-                traced[2],
-            )
-        else:
-            start = n // 6
-            layers = tuple(range(start, min(start + 5, n)))
-            log.warning(
-                "no tuned %s config for this model: editing layers %s; pass --layers, or run "
-                "'edit trace --data known.json' once to use a measured range",
-                method,
-                list(layers),
-            )
-    if max(layers) >= n:
-        raise InvalidRequest(f"layers must be in 0..{n - 1} for this model, got {list(layers)}")
-    return [int(x) for x in layers]
-
-
 def batch_compute(
     model: nn.Module,
     tok,
@@ -142,7 +112,7 @@ def batch_compute(
     if not facts:
         raise InvalidRequest("no facts to edit")
     arch = arch_table.lookup(model)
-    layers = edit_layers(model, config.layers, method)
+    layers = memit_layers(model, config.layers, method)
     modules = [arch.mlp_out_name(i) for i in layers]
 
     t0 = time.perf_counter()

@@ -36,6 +36,7 @@ from torch import nn
 from edit import arch as arch_table
 from edit.errors import InvalidRequest
 from edit.facts import Fact
+from edit.layers import rome_layer
 from edit.methods import MethodOutput, register
 from edit.methods.algebra import (
     ValueSettings,
@@ -47,7 +48,6 @@ from edit.methods.algebra import (
 )
 from edit.methods.contexts import Contexts
 from edit.stats import DEFAULT_CORPUS, second_moment
-from edit.trace import cached_layer
 from edit.update import Update
 
 log = logging.getLogger(__name__)
@@ -109,33 +109,15 @@ def compute(
     """The rank-one update for one fact (ROME edits facts one at a time).
 
     The layer is ``config.layer``; without one (no tuned config, no override), the peak
-    layer of this model's cached causal trace (``edit trace --data``), else n_layers // 6.
+    layer of this model's cached causal trace (``edit trace --data``), else n_layers // 6
+    (``edit.layers.rome_layer``).
     """
     if len(facts) != 1:
         raise InvalidRequest(
             f"ROME edits one fact at a time (got {len(facts)}): use a batch method for several"
         )
     arch = arch_table.lookup(model)
-    n_layers = arch_table.num_layers(model)
-    layer = config.layer
-    traced = cached_layer(model) if layer is None else None  # no tuned config, no --layer
-    if traced is not None:
-        layer = traced[0]
-        log.warning(
-            "no tuned config: using layer %d from the causal trace of this model (cached at %s)",
-            layer,
-            traced[2],
-        )
-    elif layer is None:
-        layer = n_layers // 6
-        log.warning(
-            "no tuned ROME config for this model: editing layer %d of %d (n_layers // 6); "
-            "pass --layer, or run 'edit trace --data known.json' once to use a measured layer",
-            layer,
-            n_layers,
-        )
-    if layer >= n_layers:
-        raise InvalidRequest(f"layer must be in 0..{n_layers - 1}, got {layer}")
+    layer = rome_layer(model, config.layer)
     module = arch.mlp_out_name(layer)
 
     t0 = time.perf_counter()

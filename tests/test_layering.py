@@ -1,4 +1,10 @@
-"""Dependencies point one way: the core modules import no method, eval or CLI code."""
+"""Dependencies point one way: core -> methods -> API -> evals -> CLI and benchmarks.
+
+The core modules import no method, eval, API, locate or CLI code; methods import no API,
+eval or CLI code; the API imports no eval or CLI code; evals import no CLI code. The test
+reads each file's imports (lazy ones inside functions included), so an added forbidden
+import fails it.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +13,14 @@ from pathlib import Path
 
 import pytest
 
-EDIT = Path(__file__).resolve().parents[1] / "edit"
-CORE = ["arch", "atomic", "cache", "corpus", "distributed", "entry", "errors", "hooks", "lm", "models",
-        "placement", "stats", "update"]  # fmt: skip
-ABOVE = ("edit.methods", "edit.evals", "edit.cli", "edit.api", "edit.workspace")
+ROOT = Path(__file__).resolve().parents[1]
+CORE = ["arch", "atomic", "cache", "config", "corpus", "distributed", "entry", "errors", "facts",
+        "hooks", "layers", "ledger", "lm", "lock", "models", "placement", "questions", "stats",
+        "update"]  # fmt: skip
+CLI = ("edit.cli",)
+EVALS = ("edit.evals", *CLI)
+API = ("edit.api", "edit.workspace", *EVALS)
+METHODS = ("edit.methods", "edit.locate", *API)
 
 
 def _imports(path: Path) -> set[str]:
@@ -24,7 +34,38 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
+def _forbidden(path: Path, above: tuple[str, ...]) -> list[str]:
+    return sorted(n for n in _imports(path) if n.startswith(above))
+
+
+def _files(folder: str) -> list[Path]:
+    return sorted((ROOT / folder).rglob("*.py"))
+
+
 @pytest.mark.parametrize("module", CORE)
 def test_core_modules_import_nothing_above_them(module):
-    above = sorted(n for n in _imports(EDIT / f"{module}.py") if n.startswith(ABOVE))
-    assert above == [], f"edit/{module}.py imports {above}"
+    path = ROOT / "edit" / f"{module}.py"
+    if not path.exists():
+        path = ROOT / "edit" / module / "__init__.py"
+    assert _forbidden(path, METHODS) == [], f"edit/{module} imports code above the core"
+
+
+@pytest.mark.parametrize("path", _files("methods"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_methods_import_no_api_eval_or_cli(path):
+    assert _forbidden(path, API) == []
+
+
+@pytest.mark.parametrize("name", ["api", "workspace"])
+def test_the_api_imports_no_eval_or_cli(name):
+    assert _forbidden(ROOT / "edit" / f"{name}.py", EVALS) == []
+
+
+@pytest.mark.parametrize("path", _files("evals"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_evals_import_no_cli(path):
+    assert _forbidden(path, CLI) == []
+
+
+def test_the_check_fails_on_a_forbidden_import(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from edit.evals.harness import evaluate\n")
+    assert _forbidden(bad, METHODS) == ["edit.evals.harness", "edit.evals.harness.evaluate"]

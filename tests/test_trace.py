@@ -1,4 +1,4 @@
-"""Causal tracing (edit.trace): the batched, cache-reusing runs against a hand-written
+"""Causal tracing (edit.locate): the batched, cache-reusing runs against a hand-written
 reference, what is provably true of any model, the averaged trace and its cache, ROME's
 layer choice from it, and the ``edit trace`` command line."""
 
@@ -13,12 +13,13 @@ import pytest
 import torch
 from tiny import LAYERS, TINY_FACT, TINY_ROME, tiny_model
 
-from edit import EditError, Fact, lm, trace
+from edit import EditError, Fact, lm, locate
 from edit import arch as arch_table
 from edit import methods as registry
 from edit.cache import cache_dir
 from edit.cli import main
 from edit.hooks import Trace
+from edit.layers import cached_layer
 from edit.methods.rome import ROMEConfig
 from edit.models import weights_hash
 
@@ -36,10 +37,10 @@ def reference(model, tok, kind, layer, pos, eps, window, target_id) -> float:
     """Mean P(target) with ``kind`` restored at (layer, pos): one noise sample at a time, the
     whole prompt, no cache, no batching (ROME's ``trace_with_patch``, spelled out)."""
     a = arch_table.lookup(model)
-    text, first, stop = trace.subject_range(tok, PROMPT, SUBJECT)
+    text, first, stop = locate.subject_range(tok, PROMPT, SUBJECT)
     ids = torch.tensor([lm.encode(tok, text)])
     name = {"resid": a.block, "mlp": a.mlp_name, "attn": a.attn_name}[kind]
-    names = [name(j) for j in trace.window_layers(kind, layer, LAYERS, window)]
+    names = [name(j) for j in locate.window_layers(kind, layer, LAYERS, window)]
 
     def main_of(out):
         x = out[0] if isinstance(out, tuple) else out
@@ -89,7 +90,7 @@ def reference(model, tok, kind, layer, pos, eps, window, target_id) -> float:
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt", "gemma3", "phi"])
 def test_batched_trace_equals_reference(tok, model_type):
     model = tiny_model(model_type, len(tok))
-    t = trace.trace_fact(
+    t = locate.trace_fact(
         model, tok, PROMPT, SUBJECT, noise=NOISE, samples=2, window=2, batch_tokens=16
     )
     # The same noise as trace_fact draws: seed 0, (samples, subject tokens, d).
@@ -97,10 +98,10 @@ def test_batched_trace_equals_reference(tok, model_type):
     shape = (2, t.subject_stop - t.subject_first, d)
     eps = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * NOISE
     # Random tiny models pass little on (effects of 1e-6 to 1e-3), far above float error.
-    scale = max(float(t.effect(k).abs().max()) for k in trace.KINDS)
+    scale = max(float(t.effect(k).abs().max()) for k in locate.KINDS)
     assert scale > 1e-6, "the noise must change the answer's probability"
     worst = 0.0
-    for kind in trace.KINDS:
+    for kind in locate.KINDS:
         for layer in range(LAYERS):
             for j, pos in enumerate(t.positions):
                 want = (
@@ -113,10 +114,10 @@ def test_batched_trace_equals_reference(tok, model_type):
 
 
 def test_heat_map_shape_and_provable_cells(tok, model):
-    t = trace.trace_fact(model, tok, PROMPT, SUBJECT, noise=NOISE, samples=3)
+    t = locate.trace_fact(model, tok, PROMPT, SUBJECT, noise=NOISE, samples=3)
     n = len(lm.encode(tok, PROMPT.format(SUBJECT)))
     assert t.positions == list(range(n)) and len(t.tokens) == n
-    for kind in trace.KINDS:
+    for kind in locate.KINDS:
         assert t.effect(kind).shape == (LAYERS, n)
     drop = t.p_clean - t.p_corrupted
     assert abs(drop) > 1e-6  # float error is ~1e-10
@@ -127,24 +128,24 @@ def test_heat_map_shape_and_provable_cells(tok, model):
     assert resid[-1, :-1].abs().max() < 1e-3 * abs(drop)
     # Tokens before the subject never see the noise: restoring them changes nothing.
     assert t.subject_first > 1
-    for kind in trace.KINDS:
+    for kind in locate.KINDS:
         assert torch.all(t.effect(kind)[:, : t.subject_first] == 0)
 
 
 def test_no_noise_no_effect(tok, model):
-    t = trace.trace_fact(model, tok, PROMPT, SUBJECT, noise=0.0, samples=2)
+    t = locate.trace_fact(model, tok, PROMPT, SUBJECT, noise=0.0, samples=2)
     assert t.p_corrupted == pytest.approx(t.p_clean, rel=1e-5)
-    for kind in trace.KINDS:
+    for kind in locate.KINDS:
         assert t.effect(kind).abs().max() < 1e-6
 
 
 def test_target_defaults_to_the_models_prediction(tok, model):
     text = PROMPT.format(SUBJECT)
-    t = trace.trace_fact(model, tok, PROMPT, SUBJECT, kinds="resid", noise=NOISE, samples=1)
+    t = locate.trace_fact(model, tok, PROMPT, SUBJECT, kinds="resid", noise=NOISE, samples=1)
     top_text, top_p = lm.top_next(model, tok, text, k=1)[0]
     assert not t.target_given and t.target == top_text
     assert t.p_clean == pytest.approx(top_p, rel=1e-5)
-    given = trace.trace_fact(
+    given = locate.trace_fact(
         model, tok, PROMPT, SUBJECT, "Berlin", kinds="resid", noise=NOISE, samples=1
     )
     assert given.target_given and given.target_id == lm.encode_continuation(tok, "Berlin")[0]
@@ -152,13 +153,13 @@ def test_target_defaults_to_the_models_prediction(tok, model):
 
 def test_noise_is_fixed_by_the_seed_and_set_from_embeddings(tok, model):
     run = dict(kinds="mlp", noise=NOISE, samples=2, positions=[8])
-    a = trace.trace_fact(model, tok, PROMPT, SUBJECT, seed=1, **run)
-    b = trace.trace_fact(model, tok, PROMPT, SUBJECT, seed=1, **run)
-    c = trace.trace_fact(model, tok, PROMPT, SUBJECT, seed=2, **run)
+    a = locate.trace_fact(model, tok, PROMPT, SUBJECT, seed=1, **run)
+    b = locate.trace_fact(model, tok, PROMPT, SUBJECT, seed=1, **run)
+    c = locate.trace_fact(model, tok, PROMPT, SUBJECT, seed=2, **run)
     assert torch.equal(a.scores["mlp"], b.scores["mlp"]) and a.p_corrupted == b.p_corrupted
     assert a.p_corrupted != c.p_corrupted
     subjects = ["Paris", "the Eiffel Tower"]
-    nu, what = trace.noise_level(model, tok, subjects)
+    nu, what = locate.noise_level(model, tok, subjects)
     ids = [i for s in subjects for i in tok(s, add_special_tokens=False).input_ids]
     with torch.no_grad():
         sigma = float(model.get_input_embeddings().weight[ids].std())
@@ -167,27 +168,27 @@ def test_noise_is_fixed_by_the_seed_and_set_from_embeddings(tok, model):
 
 
 def test_inputs_and_conventions():
-    assert trace.parse_kinds("all") == ("resid", "mlp", "attn")
-    assert trace.parse_kinds("attn,mlp") == ("mlp", "attn")
+    assert locate.parse_kinds("all") == ("resid", "mlp", "attn")
+    assert locate.parse_kinds("attn,mlp") == ("mlp", "attn")
     with pytest.raises(EditError, match="unknown --kind 'mpl'"):
-        trace.parse_kinds("mpl")
-    assert trace.parse_prompt("The Eiffel Tower is located in") == (
+        locate.parse_kinds("mpl")
+    assert locate.parse_prompt("The Eiffel Tower is located in") == (
         "{} is located in",
         "The Eiffel Tower",
     )
-    assert trace.parse_prompt("Visit [the Louvre] in") == ("Visit {} in", "the Louvre")
+    assert locate.parse_prompt("Visit [the Louvre] in") == ("Visit {} in", "the Louvre")
     with pytest.raises(EditError, match="cannot tell the subject"):
-        trace.parse_prompt("in the city of")
+        locate.parse_prompt("in the city of")
     # ROME's window: layers l - 5 ... l + 4, clipped; the residual stream restores one.
-    assert trace.window_layers("mlp", 7, 30, 10) == list(range(2, 12))
-    assert trace.window_layers("attn", 0, 30, 10) == list(range(0, 5))
-    assert trace.window_layers("mlp", 29, 30, 10) == list(range(24, 30))
-    assert trace.window_layers("resid", 7, 30, 10) == [7]
-    assert trace.suggest_layers([0.1, 0.5, 0.9, 1.0, 0.85, 0.2, 0.95]) == (3, [2, 4])
-    assert trace.peak_shares([[0.0, 1.0, 0.5], [0.2, 0.9, 0.1]]) == {"1": 1.0}
-    shares = trace.peak_shares([[1.0, 0.0], [0.0, 1.0]])  # a tie broken by the resampling
+    assert locate.window_layers("mlp", 7, 30, 10) == list(range(2, 12))
+    assert locate.window_layers("attn", 0, 30, 10) == list(range(0, 5))
+    assert locate.window_layers("mlp", 29, 30, 10) == list(range(24, 30))
+    assert locate.window_layers("resid", 7, 30, 10) == [7]
+    assert locate.suggest_layers([0.1, 0.5, 0.9, 1.0, 0.85, 0.2, 0.95]) == (3, [2, 4])
+    assert locate.peak_shares([[0.0, 1.0, 0.5], [0.2, 0.9, 0.1]]) == {"1": 1.0}
+    shares = locate.peak_shares([[1.0, 0.0], [0.0, 1.0]])  # a tie broken by the resampling
     assert set(shares) == {"0", "1"} and sum(shares.values()) == pytest.approx(1.0)
-    cats = trace.category_positions(2, 5, 9)
+    cats = locate.category_positions(2, 5, 9)
     assert cats["first subject"] == [2] and cats["middle subject"] == [3]
     assert cats["last subject"] == [4] and cats["first after"] == [5]
     assert cats["further"] == [6, 7] and cats["last"] == [8]
@@ -216,8 +217,8 @@ def _known(tok, model, path, n_right: int = 2):
 
 
 def test_average_skips_unknown_facts_and_suggests_a_layer(tok, model, tmp_path):
-    facts = trace.load_known(_known(tok, model, tmp_path / "known.json"))
-    avg = trace.trace_average(model, tok, facts, limit=2, samples=2, progress=False)
+    facts = locate.load_known(_known(tok, model, tmp_path / "known.json"))
+    avg = locate.trace_average(model, tok, facts, limit=2, samples=2, progress=False)
     assert avg.n_facts == 2 and avg.n_checked == 3  # the made-up answer was skipped
     assert avg.categories == ["last subject", "last"] and avg.counts == {
         "last subject": 2,
@@ -229,13 +230,13 @@ def test_average_skips_unknown_facts_and_suggests_a_layer(tok, model, tmp_path):
     assert [len(f["effects"]["mlp"]["last subject"]) for f in avg.facts] == [LAYERS, LAYERS]
     # The average is the mean of the single traces.
     one = [
-        trace.trace_fact(model, tok, f.prompt, f.subject, f.target, noise=avg.noise, samples=2)
+        locate.trace_fact(model, tok, f.prompt, f.subject, f.target, noise=avg.noise, samples=2)
         for f in (facts[0], facts[2])
     ]
     want = sum(t.effect("mlp")[:, t.subject_last] for t in one) / 2
     assert curve == pytest.approx(want.tolist(), abs=1e-7)
     avg.model_hash = None
-    assert trace.save_cached(avg) is None  # nothing to key the cache on
+    assert locate.save_cached(avg) is None  # nothing to key the cache on
 
 
 def test_rome_takes_its_layer_from_the_cached_trace(tok, caplog):
@@ -247,9 +248,9 @@ def test_rome_takes_its_layer_from_the_cached_trace(tok, caplog):
         assert rome.compute(model, tok, [fact], ROMEConfig(**settings)).layers == [0]
     assert "edit trace --data" in caplog.text  # says how to get a measured layer
     model.edit_hash = weights_hash(model)
-    avg = trace.AverageTrace(**{**_AVG, "model_hash": model.edit_hash})
-    path = trace.save_cached(avg)
-    assert path.is_file() and trace.cached_layer(model) == (1, [1, 1], path)
+    avg = locate.AverageTrace(**{**_AVG, "model_hash": model.edit_hash})
+    path = locate.save_cached(avg)
+    assert path.is_file() and cached_layer(model) == (1, [1, 1], path)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="edit"):
         out = rome.compute(model, tok, [fact], ROMEConfig(**settings))
@@ -329,7 +330,7 @@ def test_cli_averages_and_caches(capsys, model_dir, tmp_path, tok, model):
     assert "peak at layer" in out and "cached at" in out
     saved = json.loads((tmp_path / "out" / "average_trace.json").read_text())
     assert saved["n_facts"] == 2 and len(saved["effects"]["mlp"]) == LAYERS
-    assert len(list((cache_dir() / "traces").glob("*.json"))) == 1  # kept for layer choice
+    assert len(list((cache_dir() / "traces").glob("*/trace.json"))) == 1  # kept for layer choice
 
 
 @pytest.mark.parametrize(
@@ -374,9 +375,9 @@ def test_real_model_shows_the_early_mlp_and_late_attention_sites():
     with real_environment():
         model, tok = edit.load()
         prompt, subject = "{} worked in the city of", "Joseph Goebbels"
-        text, _, stop = trace.subject_range(tok, prompt, subject)
+        text, _, stop = locate.subject_range(tok, prompt, subject)
         last = len(lm.encode(tok, text)) - 1
-        t = trace.trace_fact(model, tok, prompt, subject, samples=2, positions=[stop - 1, last])
+        t = locate.trace_fact(model, tok, prompt, subject, samples=2, positions=[stop - 1, last])
     assert t.tokens[t.subject_last] == "els" and t.positions == [t.subject_last, last]
     assert t.target == " Berlin" and not t.target_given and t.p_clean > 0.3
     assert t.p_corrupted < t.p_clean / 5  # 3σ noise on the subject loses the answer
