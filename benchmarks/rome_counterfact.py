@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["EDIT_STATS_CACHE"] = tempfile.mkdtemp(prefix="edit-stats-")
 
     import edit
-    from edit.evals.data import load_records
     from edit.evals.harness import EvalSettings, evaluate, summary_table
+    from edit.readers.records import load_records
 
     overrides = {}
     for kv in args.set:

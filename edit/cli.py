@@ -155,7 +155,7 @@ def _stats_setting(args) -> dict:
     """``--stats-corpus`` as the method's setting, checked before the model is loaded."""
     if getattr(args, "stats_corpus", None) is None:
         return {}
-    from edit.corpus import text_source
+    from edit.readers.text import text_source
 
     text_source(args.stats_corpus)  # a missing file: one line, now
     return {"stats_corpus": args.stats_corpus}
@@ -341,9 +341,9 @@ def cmd_eval(args) -> int:
     from pathlib import Path
 
     from edit import methods
-    from edit.evals.data import load_records
     from edit.evals.harness import EvalSettings, default_ppl_text, evaluate, summary_table
     from edit.models import load
+    from edit.readers.records import load_records
 
     records = load_records(args.data, args.format, args.limit)  # input errors before loading
     # --layer wins over --set, as for edit add
@@ -478,7 +478,7 @@ def cmd_add(args, erase: bool = False) -> int:
     if args.file and args.statement is not None:
         raise EditError("give a statement or --file, not both")
     if args.file:
-        from edit.evals.data import load_records
+        from edit.readers.records import load_records
 
         facts = [r.fact for r in load_records(args.file)]  # every line checked before loading
         print(f"read {len(facts)} fact{'s' * (len(facts) != 1)} from {args.file}")
@@ -604,7 +604,7 @@ def parse_settings(pairs: list[str]) -> dict:
 
 def cmd_train(args) -> int:
     from edit import lm
-    from edit.corpus import read_corpus
+    from edit.readers.corpus import read_corpus
     from edit.stats import corpus_text
 
     forget = args.command == "forget"
@@ -672,10 +672,12 @@ def cmd_train(args) -> int:
 def cmd_audit(args) -> int:
     from pathlib import Path
 
-    from edit.corpus import Example, read_corpus
+    from edit.corpus import Example
     from edit.evals import audit
-    from edit.evals.data import read_rows
-    from edit.evals.tofu import read_qa
+    from edit.readers.corpus import read_corpus
+    from edit.readers.formats import is_tofu_qa
+    from edit.readers.rows import read_rows
+    from edit.readers.tofu import read_qa
 
     attack_names = tuple(a for a in args.attacks.split(",") if a and a != "none")
     unknown = [a for a in attack_names if a not in ("quantize", "relearn")]
@@ -687,7 +689,7 @@ def cmd_audit(args) -> int:
     qa = None
     if args.forget:
         rows, _ = read_rows(args.forget)
-        if all(isinstance(r, dict) and r.get("perturbed_answer") for r in rows):
+        if is_tofu_qa(rows):
             qa = read_qa(args.forget)
     out = Path(args.out) if args.out else None
     if out is not None:

@@ -41,8 +41,8 @@ from edit.atomic import new_folder
 from edit.config import resolve
 from edit.errors import EditError, EditFailed
 from edit.evals import metrics as M
-from edit.evals.data import Record
 from edit.evals.forms import asked_scores
+from edit.readers.records import Record
 from edit.stats import second_moment
 from edit.update import with_keys
 

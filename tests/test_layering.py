@@ -9,7 +9,7 @@ import pytest
 
 EDIT = Path(__file__).resolve().parents[1] / "edit"
 CORE = ["arch", "atomic", "cache", "corpus", "distributed", "errors", "hooks", "lm", "models",
-        "placement", "stats", "update"]  # fmt: skip
+        "placement", "readers", "stats", "update"]  # fmt: skip
 ABOVE = ("edit.methods", "edit.evals", "edit.cli", "edit.api", "edit.workspace")
 
 
@@ -24,7 +24,14 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
+def _files(module: str) -> list[Path]:
+    """The file of a core module, or every file of a core package."""
+    folder = EDIT / module
+    return sorted(folder.rglob("*.py")) if folder.is_dir() else [EDIT / f"{module}.py"]
+
+
 @pytest.mark.parametrize("module", CORE)
 def test_core_modules_import_nothing_above_them(module):
-    above = sorted(n for n in _imports(EDIT / f"{module}.py") if n.startswith(ABOVE))
-    assert above == [], f"edit/{module}.py imports {above}"
+    for path in _files(module):
+        above = sorted(n for n in _imports(path) if n.startswith(ABOVE))
+        assert above == [], f"{path.relative_to(EDIT.parent)} imports {above}"
