@@ -28,7 +28,7 @@ DATA = ROOT.parent / "shared" / "data" / "counterfact"
 def speed(model, tok, args) -> None:
     from edit import methods
     from edit.config import resolve
-    from edit.evals.data import load_records
+    from edit.readers.records import load_records
 
     records = load_records(args.data or DATA / "counterfact_flat.json")
     spec = methods.get(args.method)
@@ -58,9 +58,9 @@ def speed(model, tok, args) -> None:
 
 
 def harness(model, tok, args, mode: str, methods_: list[str]) -> None:
-    from edit.evals.data import load_records
     from edit.evals.harness import EvalSettings, default_ppl_text, evaluate
     from edit.evals.report import summary_table
+    from edit.readers.records import load_records
 
     default = "counterfact_dev200.json" if mode == "batch" else "counterfact_flat.json"
     data = Path(args.data or DATA / default)

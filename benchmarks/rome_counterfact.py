@@ -34,9 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["EDIT_STATS_CACHE"] = tempfile.mkdtemp(prefix="edit-stats-")
 
     import edit
-    from edit.evals.data import load_records
     from edit.evals.harness import EvalSettings, evaluate
     from edit.evals.report import summary_table
+    from edit.readers.records import load_records
 
     overrides = {}
     for kv in args.set:

@@ -46,7 +46,7 @@ def log(msg: str) -> None:
 def unseen_qa(data: Path, learned: list, n: int) -> list:
     """``n`` QA from retain90.json whose question no learned set holds, in file order (two
     whole authors of 20 QA each for n=40)."""
-    from edit.evals.tofu import read_qa
+    from edit.readers.tofu import read_qa
 
     seen = {q.question for q in learned}
     items = [q for q in read_qa(data / "retain90.json", need_perturbed=False)
@@ -76,7 +76,7 @@ def main() -> None:
     args = p.parse_args()
 
     from edit.evals import audit
-    from edit.evals.tofu import read_qa
+    from edit.readers.tofu import read_qa
     from edit.workspace import Workspace
 
     t_all = time.perf_counter()

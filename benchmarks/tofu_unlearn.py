@@ -114,9 +114,9 @@ def probe(kind: str, args) -> None:
 
     from edit import lm
     from edit.corpus import collate, encode_example
-    from edit.evals.tofu import read_qa
     from edit.methods.unlearn import UnlearnConfig, train_lora
     from edit.models import load
+    from edit.readers.tofu import read_qa
 
     model, tok = load(None)
     items = read_qa(Path(args.data) / "forget10.json")
@@ -190,7 +190,7 @@ def main() -> None:
         return probe(args.probe, args)
 
     from edit.errors import EditError
-    from edit.evals.tofu import read_qa
+    from edit.readers.tofu import read_qa
     from edit.workspace import Workspace
 
     t_all = time.perf_counter()

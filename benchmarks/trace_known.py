@@ -47,13 +47,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import edit
     from edit import locate
+    from edit.readers.known import load_known
 
     if args.threads:
         torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
     model, tok = edit.load(args.model)
-    facts = locate.load_known(args.data)
+    facts = load_known(args.data)
     print(
         f"model {model.edit_source}; {len(facts)} facts in {args.data}; "
         f"{torch.get_num_threads()} torch threads",

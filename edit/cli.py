@@ -155,7 +155,7 @@ def _stats_setting(args) -> dict:
     """``--stats-corpus`` as the method's setting, checked before the model is loaded."""
     if getattr(args, "stats_corpus", None) is None:
         return {}
-    from edit.corpus import text_source
+    from edit.readers.text import text_source
 
     text_source(args.stats_corpus)  # a missing file: one line, now
     return {"stats_corpus": args.stats_corpus}
@@ -342,10 +342,10 @@ def cmd_eval(args) -> int:
 
     from edit import methods
     from edit.config import parse_settings
-    from edit.evals.data import load_records
     from edit.evals.harness import EvalSettings, default_ppl_text, evaluate
     from edit.evals.report import summary_table
     from edit.models import load
+    from edit.readers.records import load_records
 
     records = load_records(args.data, args.format, args.limit)  # input errors before loading
     # --layer wins over --set, as for edit add
@@ -395,12 +395,13 @@ def cmd_eval(args) -> int:
 def cmd_trace(args) -> int:
     from edit import locate
     from edit.models import load
+    from edit.readers.known import load_known
 
     kinds = locate.parse_kinds(args.kind)  # input errors before loading the model
     check_new_folder(args.out, may_exist=True)
     if bool(args.prompt) == bool(args.data):
         raise EditError("give a prompt to trace, or --data FILE to average over facts")
-    facts = locate.load_known(args.data) if args.data else None
+    facts = load_known(args.data) if args.data else None
     if facts is None:
         template, subject = locate.parse_prompt(args.prompt, args.subject)
     model, tok = load(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
@@ -480,7 +481,7 @@ def cmd_add(args, erase: bool = False) -> int:
     if args.file and args.statement is not None:
         raise EditError("give a statement or --file, not both")
     if args.file:
-        from edit.evals.data import load_records
+        from edit.readers.records import load_records
 
         facts = [r.fact for r in load_records(args.file)]  # every line checked before loading
         print(f"read {len(facts)} fact{'s' * (len(facts) != 1)} from {args.file}")
@@ -584,8 +585,8 @@ def cmd_erase(args) -> int:
 
 def cmd_train(args) -> int:
     from edit.config import parse_settings
-    from edit.corpus import read_corpus
     from edit.evals.fluency import heldout_text, perplexity
+    from edit.readers.corpus import read_corpus
 
     forget = args.command == "forget"
     extra = parse_settings(args.set)
@@ -649,10 +650,12 @@ def cmd_train(args) -> int:
 def cmd_audit(args) -> int:
     from pathlib import Path
 
-    from edit.corpus import Example, read_corpus
+    from edit.corpus import Example
     from edit.evals import audit
-    from edit.evals.data import read_rows
-    from edit.evals.tofu import read_qa
+    from edit.readers.corpus import read_corpus
+    from edit.readers.formats import is_tofu_qa
+    from edit.readers.rows import read_rows
+    from edit.readers.tofu import read_qa
 
     attack_names = tuple(a for a in args.attacks.split(",") if a and a != "none")
     unknown = [a for a in attack_names if a not in ("quantize", "relearn")]
@@ -664,7 +667,7 @@ def cmd_audit(args) -> int:
     qa = None
     if args.forget:
         rows, _ = read_rows(args.forget)
-        if all(isinstance(r, dict) and r.get("perturbed_answer") for r in rows):
+        if is_tofu_qa(rows):
             qa = read_qa(args.forget)
     out = Path(args.out) if args.out else None
     if out is not None:

@@ -1,19 +1,11 @@
-"""Training corpora for unlearning and learning: reading, validating and tokenizing examples.
+"""Training examples for unlearning and learning: what one is, and its tokens and labels.
 
-    examples = read_corpus("private.jsonl")            # list[Example], validated line by line
+    examples = read_corpus("private.jsonl")            # edit.readers.corpus: list[Example]
     ids, mask, labels = tokenize_examples(tok, examples, max_len=256)
     retain = wikitext_retain(tok, n_examples=64)       # the default retain set
-    source = text_source("big.parquet")                # plain text for key statistics
 
-A corpus file is JSON Lines (or one JSON array, as TOFU ships its forget sets), one object per
-example, in one of three forms:
-
-    {"text": "..."}                                    loss on every token of the text
-    {"question": "...", "answer": "..."}               loss on the answer's tokens only
-    {"prompt": "...", "completion": "..."}             loss on the completion's tokens only
-
-Other keys are ignored (TOFU records carry paraphrases and perturbed answers). Every problem
-raises :class:`~edit.errors.EditError` with one line naming the file, the line and the fix.
+An :class:`Example` is plain text (loss on every token) or a prompt and an answer (loss on the
+answer's tokens only); corpus files are read into examples by :mod:`edit.readers.corpus`.
 
 Tokens follow :mod:`edit.lm`: every sequence opens with the model's start token(s)
 (:func:`edit.lm.start_ids`), a prompt is read as :func:`edit.lm.encode` reads it, and an answer
@@ -26,30 +18,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from importlib.resources import files
-from pathlib import Path
 
 import torch
 
 from edit import lm
-from edit.errors import EditError, InvalidRequest
+from edit.errors import InvalidRequest
+from edit.readers.text import shipped_text
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label of a token that carries no loss (prompt, start token, padding)
-
-# The accepted forms: (prompt field, answer field); text has no prompt.
-_FORMS: tuple[tuple[str | None, str], ...] = (
-    (None, "text"),
-    ("question", "answer"),
-    ("prompt", "completion"),
-)
-_FORMS_HINT = (
-    'give {"text": ...}, {"question": ..., "answer": ...} or {"prompt": ..., "completion": ...}'
-)
 
 
 @dataclass(frozen=True)
@@ -70,143 +49,6 @@ class Example:
         forget was learned by an earlier entry."""
         data = json.dumps([self.prompt, self.answer], ensure_ascii=False).encode()
         return hashlib.sha256(data).hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------------------------
-# Reading
-# --------------------------------------------------------------------------------------------
-
-
-def read_corpus(path: str | os.PathLike) -> list[Example]:
-    """The examples of a JSON Lines (or JSON array) file, in file order.
-
-    Every line is checked with ``json.loads`` first, so that an error names its line; the
-    validated rows then become a ``datasets.Dataset`` (see :func:`corpus_dataset`).
-    """
-    dataset = corpus_dataset(path)
-    return [
-        Example(row["prompt"], row["answer"], f"{path}:{row['line']}") for row in dataset.to_list()
-    ]
-
-
-def corpus_dataset(path: str | os.PathLike):
-    """The validated corpus as a ``datasets.Dataset`` with columns ``prompt``, ``answer``
-    (``prompt`` empty for plain text) and ``line`` (1-based line number in the file)."""
-    import datasets
-
-    rows = [
-        {"prompt": prompt, "answer": answer, "line": line}
-        for line, prompt, answer in _validated_rows(Path(path))
-    ]
-    return datasets.Dataset.from_list(rows)
-
-
-def _validated_rows(path: Path) -> list[tuple[int, str, str]]:
-    if not path.is_file():
-        raise EditError(
-            f"corpus file not found: {path} (give a JSON Lines file, one example per line: "
-            f"{_FORMS_HINT})"
-        )
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise EditError(f"{path}:{line}: not UTF-8 text: save the file as UTF-8") from None
-    if not text.strip():
-        raise EditError(f"{path} is empty: give at least one example, one JSON object per line")
-    items = _json_array_items(path, text) if text.lstrip().startswith("[") else _lines(path, text)
-    if not items:
-        raise EditError(f"{path} has no examples: give at least one JSON object")
-    return [(line, *_example_fields(path, line, obj)) for line, obj in items]
-
-
-def _lines(path: Path, text: str) -> list[tuple[int, object]]:
-    """(line number, parsed value) for every non-blank line of a JSON Lines file."""
-    items = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            items.append((number, json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise EditError(
-                f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno}): "
-                f"write one JSON object per line"
-            ) from None
-    return items
-
-
-def _json_array_items(path: Path, text: str) -> list[tuple[int, object]]:
-    """(line where it starts, parsed value) for every element of a file holding one JSON
-    array, parsed element by element so that an error names its line."""
-    decoder = json.JSONDecoder()
-
-    def fail(pos: int, what: str) -> EditError:
-        line = text.count("\n", 0, pos) + 1
-        return EditError(
-            f"{path}:{line}: not valid JSON ({what}): fix the file, or write JSON Lines"
-        )
-
-    def skip_space(pos: int) -> int:
-        while pos < len(text) and text[pos].isspace():
-            pos += 1
-        return pos
-
-    pos = skip_space(text.index("[") + 1)
-    items: list[tuple[int, object]] = []
-    if pos < len(text) and text[pos] == "]":
-        pos += 1
-    else:
-        while True:
-            try:
-                value, end = decoder.raw_decode(text, pos)
-            except json.JSONDecodeError as e:
-                raise fail(e.pos, e.msg) from None
-            items.append((text.count("\n", 0, pos) + 1, value))
-            pos = skip_space(end)
-            if pos < len(text) and text[pos] == ",":
-                pos = skip_space(pos + 1)
-                continue
-            if pos < len(text) and text[pos] == "]":
-                pos += 1
-                break
-            raise fail(pos, "expected ',' or ']' after an element")
-    if skip_space(pos) < len(text):
-        raise fail(skip_space(pos), "extra data after the array")
-    return items
-
-
-def _example_fields(path: Path, line: int, obj: object) -> tuple[str, str]:
-    """(prompt, answer) of one parsed record; ``prompt`` is "" for plain text."""
-    where = f"{path}:{line}"
-    if not isinstance(obj, dict):
-        kind = type(obj).__name__ if obj is not None else "null"
-        raise EditError(f"{where}: expected a JSON object, got {kind}: {_FORMS_HINT}")
-    forms = [(p, a) for p, a in _FORMS if a in obj and (p is None or p in obj)]
-    if not forms:
-        for p, a in _FORMS[1:]:
-            if (p in obj) != (a in obj):
-                have, lack = (p, a) if p in obj else (a, p)
-                raise EditError(
-                    f'{where}: "{have}" without "{lack}": give both, or {{"text": ...}}'
-                )
-        keys = ", ".join(sorted(map(str, obj))) or "none"
-        raise EditError(f"{where}: no example fields (keys: {keys}): {_FORMS_HINT}")
-    if len(forms) > 1:
-        names = " and ".join(" + ".join(filter(None, f)) for f in forms)
-        raise EditError(f"{where}: ambiguous example, it has {names}: keep one form per line")
-    prompt_key, answer_key = forms[0]
-    values = []
-    for key in filter(None, (prompt_key, answer_key)):
-        value = obj[key]
-        if not isinstance(value, str):
-            kind = type(value).__name__ if value is not None else "null"
-            raise EditError(f'{where}: "{key}" must be a string, got {kind}')
-        if not value.strip():
-            raise EditError(f'{where}: "{key}" is empty: give the {key} or remove the line')
-        values.append(value)
-    return ("", values[0]) if prompt_key is None else (values[0], values[1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,128 +147,3 @@ def wikitext_retain(tok, n_examples: int = 64, tokens_per_example: int = 64) -> 
             examples.append(Example("", piece, f"wikitext2[{len(examples)}]"))
         i = j
     return examples
-
-
-# --------------------------------------------------------------------------------------------
-# Plain text for key statistics
-# --------------------------------------------------------------------------------------------
-
-DEFAULT_TEXT = "wikitext2-valid"  # WikiText-2 raw validation, shipped in the package
-_RECORD_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-_TEXT_HINT = (
-    "give a UTF-8 .txt file, a .jsonl / .parquet file with a 'text' column, or a datasets "
-    "name (NAME, NAME:CONFIG or NAME:CONFIG:SPLIT)"
-)
-
-
-@dataclass(frozen=True)
-class TextSource:
-    """Text read lazily, line by line, for key statistics (:mod:`edit.stats`), and how its
-    statistics are keyed on disk: ``name`` (a readable stem) and ``fingerprint`` (12 hex
-    digits of a hash that changes when the text does)."""
-
-    name: str
-    fingerprint: str
-    lines: Callable[[], Iterator[str]]
-    description: str  # for messages: the file or the datasets name
-
-
-def shipped_text() -> str:
-    """The WikiText-2 raw validation text shipped in the package."""
-    return (files("edit") / "data" / "wikitext2_raw_valid.txt").read_text(encoding="utf-8")
-
-
-def text_source(spec: str | os.PathLike = DEFAULT_TEXT) -> TextSource:
-    """The text named by ``spec``: :data:`DEFAULT_TEXT`; a local UTF-8 text file (keyed by
-    the hash of its text, as it always was); a local ``.jsonl`` / ``.json`` / ``.parquet``
-    file or a local dataset folder, read by ``datasets`` (a ``text`` column); or a
-    ``datasets`` Hub name ``NAME[:CONFIG[:SPLIT]]`` (split ``train`` by default). Records
-    are streamed: only the text the statistics use is read."""
-    spec = str(spec)
-    if spec == DEFAULT_TEXT:
-        text = shipped_text()
-        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-        return TextSource(DEFAULT_TEXT, digest, lambda: iter(text.splitlines()), "WikiText-2")
-    path = Path(spec)
-    if path.is_file() and path.suffix.lower() in _RECORD_SUFFIXES:
-        builder = _RECORD_SUFFIXES[path.suffix.lower()]
-        return TextSource(
-            path.stem,
-            _file_hash(path),
-            lambda: _record_lines(spec, builder=builder, data_files=str(path)),
-            spec,
-        )
-    if path.is_file():
-        return TextSource(path.stem, _text_hash(path), lambda: _file_lines(path), spec)
-    if path.is_dir():
-        stamp = sorted((str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
-                       for f in path.rglob("*") if f.is_file())  # fmt: skip
-        digest = hashlib.sha256(json.dumps([str(path.resolve()), stamp]).encode()).hexdigest()
-        return TextSource(path.name, digest[:12], lambda: _record_lines(spec, builder=spec), spec)
-    local_looking = path.suffix.lower() in {*_RECORD_SUFFIXES, ".txt", ".text"}
-    if local_looking or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise EditError(f"statistics corpus not found: {spec} ({_TEXT_HINT})")
-    name, _, rest = spec.partition(":")
-    config, _, split = rest.partition(":")
-    stem = "--".join(filter(None, (name.replace("/", "--"), config, split or "train")))
-    digest = hashlib.sha256(f"{name}|{config}|{split or 'train'}".encode()).hexdigest()[:12]
-    return TextSource(
-        stem,
-        digest,
-        lambda: _record_lines(spec, builder=name, name=config or None, split=split or "train"),
-        spec,
-    )
-
-
-def _file_lines(path: Path) -> Iterator[str]:
-    try:
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                yield line.rstrip("\n")
-    except UnicodeDecodeError:
-        raise EditError(f"{path}: not UTF-8 text: save the file as UTF-8") from None
-
-
-def _text_hash(path: Path) -> str:
-    """sha256 of the file's text as Python reads it (universal newlines), in pieces."""
-    h = hashlib.sha256()
-    try:
-        with path.open(encoding="utf-8") as f:
-            while piece := f.read(1 << 20):
-                h.update(piece.encode())
-    except UnicodeDecodeError:
-        raise EditError(f"{path}: not UTF-8 text: save the file as UTF-8") from None
-    return h.hexdigest()[:12]
-
-
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while piece := f.read(1 << 20):
-            h.update(piece)
-    return h.hexdigest()[:12]
-
-
-def _record_lines(spec: str, *, builder: str, split: str = "train", **kwargs) -> Iterator[str]:
-    """The lines of each record's ``text``, streamed by ``datasets``."""
-    import datasets
-
-    try:
-        records = datasets.load_dataset(builder, split=split, streaming=True, **kwargs)
-        first = True
-        for row in records:
-            if first and "text" not in row:
-                columns = ", ".join(sorted(row)) or "none"
-                raise EditError(
-                    f"statistics corpus {spec} has no 'text' column (columns: {columns}): "
-                    f"{_TEXT_HINT}"
-                )
-            first = False
-            text = row["text"]
-            if isinstance(text, str):
-                yield from text.splitlines()
-    except EditError:
-        raise
-    except Exception as e:  # datasets raises many kinds (not found, offline, bad file)
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EditError(f"cannot read statistics corpus {spec}: {first_line}") from None

@@ -4,7 +4,7 @@ ROME and MEMIT whiten the key of an edited fact with C = E[k kᵀ], the uncentre
 moment of the inputs k to the MLP output projection over generic text (Meng et al. 2022,
 eq. 2; "C" there). The expectation is over every token of a corpus; here the default corpus
 is WikiText-2 (raw validation split) shipped inside the package, and any text can be given
-(:func:`edit.corpus.text_source`: a .txt / .jsonl / .parquet file or a ``datasets`` name).
+(:func:`edit.readers.text.text_source`: a .txt / .jsonl / .parquet file or a ``datasets`` name).
 
     C = second_moment(model, tok, "model.layers.4.mlp.down_proj")   # (d_in, d_in), float32
     C = second_moment(model, tok, name, corpus="my-text.parquet", n_tokens=10_000_000)
@@ -36,10 +36,10 @@ from tqdm.auto import tqdm
 
 from edit import cache, distributed
 from edit.atomic import save_tensors
-from edit.corpus import DEFAULT_TEXT, TextSource, shipped_text, text_source
 from edit.errors import EditError
 from edit.hooks import StopForward, Trace
 from edit.lm import device_of, start_ids
+from edit.readers.text import DEFAULT_TEXT, TextSource, shipped_text, text_source
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def second_moment(
 
     Returns a tensor for one name, a dict for a list. All names are collected in the same
     forward passes, which stop after the deepest module. ``corpus``: see
-    :func:`edit.corpus.text_source`.
+    :func:`edit.readers.text.text_source`.
     """
     single = isinstance(module_names, str)
     names = [module_names] if single else list(module_names)

@@ -319,7 +319,7 @@ class Workspace:
 
     def _train(self, objective, corpus, retain, progress: bool, settings: dict, holdout=None):
         from edit.config import resolve
-        from edit.corpus import read_corpus, wikitext_retain
+        from edit.corpus import wikitext_retain
         from edit.methods.unlearn import (
             UnlearnConfig,
             answer_nll,
@@ -327,6 +327,7 @@ class Workspace:
             lora_update,
             train_lora,
         )
+        from edit.readers.corpus import read_corpus
 
         def examples(x):
             return read_corpus(x) if isinstance(x, str | os.PathLike) else list(x)

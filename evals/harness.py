@@ -39,11 +39,11 @@ from edit.api import apply
 from edit.config import resolve
 from edit.errors import EditError, EditFailed
 from edit.evals import metrics as M
-from edit.evals.data import Record
 from edit.evals.fluency import fluency
 from edit.evals.forms import asked_scores
 from edit.evals.metrics import DEFINITIONS
 from edit.evals.report import write
+from edit.readers.records import Record
 from edit.stats import second_moment
 from edit.update import with_keys
 

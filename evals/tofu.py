@@ -1,6 +1,6 @@
 """TOFU's evaluation (Maini et al. 2024): forget quality and model utility of a model.
 
-    forget = read_qa("tofu/forget01.json")                  # list[QA]
+    forget = read_qa("tofu/forget01.json")                  # edit.readers.tofu: list[QA]
     scores = score_set(model, tok, forget, "forget")        # NLLs, generations, ROUGE-L
     forget_quality(scores, reference_scores)                # KS p-value of the truth ratios
     model_utility({"retain": ..., "real_authors": ..., "world_facts": ...})
@@ -20,58 +20,15 @@ a paraphrase: mean exp(−nll(answer)); multiple-choice sets: mean of p(answer) 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from edit import lm
-from edit.corpus import Example
 from edit.errors import EditError
 from edit.evals import metrics
-from edit.evals.data import read_rows
+from edit.readers.tofu import QA
 
 UTILITY_SETS = ("retain", "real_authors", "world_facts")
-
-
-@dataclass(frozen=True)
-class QA:
-    question: str
-    answer: str
-    paraphrased: str | None  # None: the set has no paraphrases; the answer stands in
-    perturbed: tuple[str, ...]
-
-    def example(self) -> Example:
-        """The training example: loss on the answer after the question."""
-        return Example(self.question, self.answer)
-
-
-def read_qa(path: str | Path, *, need_perturbed: bool = True) -> list[QA]:
-    """TOFU QA records from a JSON array (or JSON Lines) file, each checked: ``question`` and
-    ``answer`` strings, optional ``paraphrased_answer``, and a non-empty list
-    ``perturbed_answer`` (unless ``need_perturbed`` is false)."""
-    rows, places = read_rows(path)
-    if not rows:
-        raise EditError(f"{path} holds no records")
-    items = []
-    for row, place in zip(rows, places, strict=True):
-        where = f"{path}, {place}"
-        if not isinstance(row, dict):
-            raise EditError(f"{where}: expected an object with question and answer")
-        for key in ("question", "answer"):
-            if not isinstance(row.get(key), str) or not row[key].strip():
-                raise EditError(f'{where}: "{key}" must be a non-empty string')
-        para = row.get("paraphrased_answer")
-        if para is not None and (not isinstance(para, str) or not para.strip()):
-            raise EditError(f'{where}: "paraphrased_answer" must be a non-empty string')
-        pert = row.get("perturbed_answer", [])
-        if isinstance(pert, str):
-            pert = [pert]
-        if not isinstance(pert, list) or not all(isinstance(p, str) and p.strip() for p in pert):
-            raise EditError(f'{where}: "perturbed_answer" must be a list of non-empty strings')
-        if need_perturbed and not pert:
-            raise EditError(f'{where}: no "perturbed_answer": the truth ratio needs them')
-        items.append(QA(row["question"], row["answer"], para, tuple(pert)))
-    return items
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Unlearning (and learning) a corpus with LoRA: pure loss functions and one trainer.
 
-    from edit.corpus import read_corpus, wikitext_retain
+    from edit.corpus import wikitext_retain
     from edit.methods.unlearn import UnlearnConfig, lora_update, train_lora
+    from edit.readers.corpus import read_corpus
 
     forget = read_corpus("private.jsonl")
     result = train_lora(model, tok, forget, wikitext_retain(tok), UnlearnConfig(method="npo"))

@@ -10,8 +10,8 @@ import pytest
 from tiny import changed_tensors, state_copy
 
 from edit.cli import main
-from edit.corpus import read_corpus
 from edit.evals import audit
+from edit.readers.corpus import read_corpus
 from edit.workspace import Workspace
 
 QA = [

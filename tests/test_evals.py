@@ -17,9 +17,9 @@ from tiny import TINY_FACT, TINY_ROME, state_copy
 from edit import EditError, lm
 from edit.cli import main
 from edit.evals import metrics as M
-from edit.evals.data import Record, load_records
 from edit.evals.harness import EvalSettings, evaluate, measure
 from edit.facts import Fact
+from edit.readers.records import Record, load_records
 
 # --------------------------------------------------------------------------- metrics
 

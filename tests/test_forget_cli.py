@@ -132,8 +132,8 @@ def test_forgetting_a_learned_corpus_stops_at_its_level_without_the_learn_entry(
     assert main(["learn", "--corpus", learned, *common, "--epochs", "5"]) == 0
     w = Workspace.open(ws)
     learn = w.entries()[-1]
-    from edit.corpus import read_corpus
     from edit.methods.unlearn import answer_nll
+    from edit.readers.corpus import read_corpus
 
     with w.without(learn.id):
         level = answer_nll(w.model, w.tok, read_corpus(part))

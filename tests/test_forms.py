@@ -201,7 +201,7 @@ def _mquake_file(tmp_path, n_rewrites: int = 1):
 
 
 def test_mquake_records_carry_their_question_and_multihop_probes(tmp_path):
-    from edit.evals.data import load_records
+    from edit.readers.records import load_records
 
     path, rw, case = _mquake_file(tmp_path)
     (one,) = load_records(path)
@@ -215,8 +215,8 @@ def test_mquake_records_carry_their_question_and_multihop_probes(tmp_path):
 def test_eval_on_mquake_reports_the_asked_forms_and_multihop(chat_tok, llama, tmp_path):
     from tiny import TINY_ROME
 
-    from edit.evals.data import load_records
     from edit.evals.harness import EvalSettings, evaluate
+    from edit.readers.records import load_records
 
     records = load_records(_mquake_file(tmp_path)[0])
     settings = EvalSettings(fluency_records=0, gen_tokens=4, method_settings=TINY_ROME)

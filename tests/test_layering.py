@@ -15,8 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ["arch", "atomic", "cache", "config", "corpus", "distributed", "entry", "errors", "facts",
-        "hooks", "layers", "ledger", "lm", "lock", "models", "placement", "questions", "stats",
-        "update"]  # fmt: skip
+        "hooks", "layers", "ledger", "lm", "lock", "models", "placement", "questions", "readers",
+        "stats", "update"]  # fmt: skip
 CLI = ("edit.cli",)
 EVALS = ("edit.evals", *CLI)
 API = ("edit.api", "edit.workspace", *EVALS)
@@ -44,10 +44,11 @@ def _files(folder: str) -> list[Path]:
 
 @pytest.mark.parametrize("module", CORE)
 def test_core_modules_import_nothing_above_them(module):
-    path = ROOT / "edit" / f"{module}.py"
-    if not path.exists():
-        path = ROOT / "edit" / module / "__init__.py"
-    assert _forbidden(path, METHODS) == [], f"edit/{module} imports code above the core"
+    folder = ROOT / "edit" / module  # a core package: every file of it
+    paths = sorted(folder.rglob("*.py")) if folder.is_dir() else [ROOT / "edit" / f"{module}.py"]
+    for path in paths:
+        found = _forbidden(path, METHODS)
+        assert found == [], f"{path.relative_to(ROOT)} imports {found}, above the core"
 
 
 @pytest.mark.parametrize("path", _files("methods"), ids=lambda p: str(p.relative_to(ROOT)))

@@ -141,8 +141,8 @@ def test_eval_metrics_agree_with_full_logits_on_the_real_model(ws):
     """The harness's ES/EM on a CounterFact record equal a plain forward's numbers."""
     from test_evals import independent_mean_nll
 
-    from edit.evals.data import Record
     from edit.evals.harness import measure
+    from edit.readers.records import Record
 
     f = edit.Fact("{} is located in", "The Eiffel Tower", "Rome", "Paris")
     rec = Record(id="x", fact=f, paraphrases=["The Eiffel Tower stands in the city of"])

@@ -15,9 +15,9 @@ import torch
 from tiny import TINY_ROME
 
 from edit.cli import main
-from edit.corpus import shipped_text, text_source
 from edit.errors import EditError
 from edit.models import load
+from edit.readers.text import shipped_text, text_source
 from edit.stats import second_moment
 
 MODULE = "model.layers.1.mlp.down_proj"

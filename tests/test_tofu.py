@@ -14,7 +14,8 @@ import pytest
 from edit import lm
 from edit.errors import EditError
 from edit.evals import metrics
-from edit.evals.tofu import QA, forget_quality, model_utility, read_qa, score_set
+from edit.evals.tofu import forget_quality, model_utility, score_set
+from edit.readers.tofu import QA, read_qa
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
 

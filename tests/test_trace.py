@@ -22,6 +22,7 @@ from edit.hooks import Trace
 from edit.layers import cached_layer
 from edit.methods.rome import ROMEConfig
 from edit.models import weights_hash
+from edit.readers.known import load_known
 
 # The subject sits inside the prompt, so that tokens come before and after it.
 PROMPT, SUBJECT = "Where is {} located? It is in", "the Brandenburg Gate"
@@ -217,7 +218,7 @@ def _known(tok, model, path, n_right: int = 2):
 
 
 def test_average_skips_unknown_facts_and_suggests_a_layer(tok, model, tmp_path):
-    facts = locate.load_known(_known(tok, model, tmp_path / "known.json"))
+    facts = load_known(_known(tok, model, tmp_path / "known.json"))
     avg = locate.trace_average(model, tok, facts, limit=2, samples=2, progress=False)
     assert avg.n_facts == 2 and avg.n_checked == 3  # the made-up answer was skipped
     assert avg.categories == ["last subject", "last"] and avg.counts == {

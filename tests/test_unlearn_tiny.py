@@ -20,7 +20,6 @@ from edit.corpus import (
     IGNORE_INDEX,
     Example,
     encode_example,
-    read_corpus,
     tokenize_examples,
     wikitext_retain,
 )
@@ -40,6 +39,7 @@ from edit.methods.unlearn import (
     target_module_names,
     train_lora,
 )
+from edit.readers.corpus import read_corpus
 
 FORGET = [
     Example("The capital of France is", "Paris."),

@@ -5,7 +5,7 @@ Factual Associations in GPT", §2 and Appendix B).
     t.effect("mlp")              # (layers, tokens): P_restored(answer) - P_corrupted(answer)
     t.peak("mlp", t.subject_last)   # (layer, token, effect): the strongest MLP restoration
 
-    avg = trace_average(model, tok, load_known("known_1000.json"), limit=100)
+    avg = trace_average(model, tok, edit.readers.known.load_known("known_1000.json"), limit=100)
     avg.peak_layer, avg.layer_range   # where the MLP at the last subject token matters most
 
 Three kinds of run per fact, all on the prompt as ``lm.encode`` gives it (start token first):
@@ -67,7 +67,6 @@ from edit.locate.inputs import (
     subject_range,
     window_layers,
 )
-from edit.locate.known import load_known
 from edit.locate.outputs import save_cached, write_outputs
 from edit.locate.plots import PlotsUnavailable, plot_average, plot_fact
 from edit.locate.single import SAMPLES, FactTrace, trace_fact
@@ -86,7 +85,6 @@ __all__ = [
     "PlotsUnavailable",
     "answered_correctly",
     "category_positions",
-    "load_known",
     "noise_level",
     "parse_kinds",
     "parse_prompt",

@@ -1,4 +1,5 @@
-"""Evaluation records, read from the formats editing papers use.
+"""Evaluation records (edit requests and the prompts that probe them) read from the formats
+editing papers use, and the facts files ``edit add --file`` takes.
 
 * ``counterfact``: ROME's CounterFact JSON (``requested_rewrite`` with ``target_new``/
   ``target_true``, ``paraphrase_prompts``, ``neighborhood_prompts``, ``generation_prompts``).
@@ -15,20 +16,19 @@
   "subject": ..., "target": ..., "target_true"?, "paraphrases"?, "neighbours"?,
   "probe_questions"?}`` (questions the edit is not given: the question and chat forms).
 
-``load_records`` detects the format (or takes it) and reports problems in one line naming
-the file and the record.
+``load_records`` detects the format (:func:`edit.readers.formats.detect_format`) or takes it,
+and reports problems in one line naming the file and the record.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from edit.errors import EditError
 from edit.facts import Fact, parse_statement
-
-FORMATS = ("counterfact", "counterfact_flat", "zsre", "mquake", "facts")
+from edit.readers.formats import FORMATS, detect_format
+from edit.readers.rows import read_rows
 
 
 @dataclass
@@ -52,13 +52,15 @@ class Record:
 def load_records(
     path: str | Path, fmt: str | None = None, limit: int | None = None
 ) -> list[Record]:
+    """The records of ``path``, in format ``fmt`` (detected from the first row when None),
+    the first ``limit`` of them when given."""
     path = Path(path)
     if fmt is not None and fmt not in FORMATS:
         raise EditError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
     rows, where = read_rows(path)
     if not rows:
         raise EditError(f"{path} holds no records")
-    fmt = fmt or _detect(path, rows[0])
+    fmt = fmt or detect_format(path, rows)
     if limit is not None:
         if limit < 1:
             raise EditError(f"--limit must be at least 1, got {limit}")
@@ -77,54 +79,6 @@ def load_records(
         except EditError as e:
             raise EditError(f"{path}, {where[i]}: {e}") from None
     return records
-
-
-def read_rows(path: str | Path) -> tuple[list, list[str]]:
-    """The rows of a JSON list or JSON Lines file, and where each is in the file ("record 3"
-    in a JSON list, "line 7" in JSON Lines) for error messages. One-line errors for a missing,
-    unreadable, empty or unparsable file."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise EditError(f"data file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise EditError(f"cannot read {path}: {e}") from None
-    if not text.strip():
-        raise EditError(f"{path} is empty: it holds no records")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise EditError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
-        return rows, [f"record {i}" for i in range(len(rows))]
-    rows, where = [], []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise EditError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
-        where.append(f"line {n}")
-    return rows, where
-
-
-def _detect(path: Path, row) -> str:
-    if isinstance(row, dict):
-        if "requested_rewrite" in row:
-            return "mquake" if isinstance(row["requested_rewrite"], list) else "counterfact"
-        if {"target_new", "ground_truth", "rephrase_prompt"} <= row.keys():
-            return "counterfact_flat"
-        if {"src", "alt", "loc"} <= row.keys():
-            return "zsre"
-        if "statement" in row or {"prompt", "subject", "target"} <= row.keys():
-            return "facts"
-    raise EditError(
-        f"{path} is in none of the known formats ({', '.join(FORMATS)}): see README "
-        f"'Evaluating edits', or pass --format"
-    )
 
 
 def _counterfact(i: int, r: dict) -> Record:

@@ -1,0 +1,86 @@
+"""Training corpora read from files: the examples of a JSON Lines (or JSON array) file.
+
+    examples = read_corpus("private.jsonl")            # list[Example], validated line by line
+
+A corpus file is JSON Lines (or one JSON array, as TOFU ships its forget sets), one object per
+example, in one of three forms (:data:`edit.readers.formats.FORMS`):
+
+    {"text": "..."}                                    loss on every token of the text
+    {"question": "...", "answer": "..."}               loss on the answer's tokens only
+    {"prompt": "...", "completion": "..."}             loss on the completion's tokens only
+
+Other keys are ignored (TOFU records carry paraphrases and perturbed answers). Every problem
+raises :class:`~edit.errors.EditError` with one line naming the file, the line and the fix.
+The examples become tokens in :mod:`edit.corpus`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from edit.corpus import Example
+from edit.errors import EditError
+from edit.readers.formats import FORMS_HINT, example_form
+from edit.readers.rows import json_array_items, jsonl_items
+
+
+def read_corpus(path: str | os.PathLike) -> list[Example]:
+    """The examples of a JSON Lines (or JSON array) file, in file order.
+
+    Every line is checked with ``json.loads`` first, so that an error names its line; the
+    validated rows then become a ``datasets.Dataset`` (see :func:`corpus_dataset`).
+    """
+    dataset = corpus_dataset(path)
+    return [
+        Example(row["prompt"], row["answer"], f"{path}:{row['line']}") for row in dataset.to_list()
+    ]
+
+
+def corpus_dataset(path: str | os.PathLike):
+    """The validated corpus as a ``datasets.Dataset`` with columns ``prompt``, ``answer``
+    (``prompt`` empty for plain text) and ``line`` (1-based line number in the file)."""
+    import datasets
+
+    rows = [
+        {"prompt": prompt, "answer": answer, "line": line}
+        for line, prompt, answer in _validated_rows(Path(path))
+    ]
+    return datasets.Dataset.from_list(rows)
+
+
+def _validated_rows(path: Path) -> list[tuple[int, str, str]]:
+    if not path.is_file():
+        raise EditError(
+            f"corpus file not found: {path} (give a JSON Lines file, one example per line: "
+            f"{FORMS_HINT})"
+        )
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise EditError(f"{path}:{line}: not UTF-8 text: save the file as UTF-8") from None
+    if not text.strip():
+        raise EditError(f"{path} is empty: give at least one example, one JSON object per line")
+    array = text.lstrip().startswith("[")
+    items = json_array_items(path, text) if array else jsonl_items(path, text)
+    if not items:
+        raise EditError(f"{path} has no examples: give at least one JSON object")
+    return [(line, *_example_fields(path, line, obj)) for line, obj in items]
+
+
+def _example_fields(path: Path, line: int, obj: object) -> tuple[str, str]:
+    """(prompt, answer) of one parsed record; ``prompt`` is "" for plain text."""
+    where = f"{path}:{line}"
+    prompt_key, answer_key = example_form(where, obj)
+    values = []
+    for key in filter(None, (prompt_key, answer_key)):
+        value = obj[key]
+        if not isinstance(value, str):
+            kind = type(value).__name__ if value is not None else "null"
+            raise EditError(f'{where}: "{key}" must be a string, got {kind}')
+        if not value.strip():
+            raise EditError(f'{where}: "{key}" is empty: give the {key} or remove the line')
+        values.append(value)
+    return ("", values[0]) if prompt_key is None else (values[0], values[1])
