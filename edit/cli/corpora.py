@@ -1,0 +1,162 @@
+"""``edit forget``, ``edit learn`` and ``edit audit``: train a LoRA change on a corpus,
+and prove what a change did."""
+
+from __future__ import annotations
+
+from edit.atomic import check_new_folder
+from edit.cli.options import base_model_line, common, int_in, number, open_workspace, set_arg
+from edit.errors import EditError
+
+
+def add_parsers(sub) -> None:
+    for name, what in (("forget", "unlearn a corpus (LoRA)"), ("learn", "learn a corpus (LoRA)")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("--corpus", required=True, help="JSON Lines: {'text'}, {'question', "
+                       "'answer'} or {'prompt', 'completion'} per line")  # fmt: skip
+        if name == "forget":
+            p.add_argument("--retain", help="examples to keep (default: shipped WikiText-2 text)")
+            p.add_argument("--method", default=None, help="npo (default), graddiff, "
+                           "gradascent or simnpo")  # fmt: skip
+            p.add_argument("--holdout", help="never-seen examples of the same kind: reported "
+                           "beside the corpus, and training stops once the corpus's NLL "
+                           "reaches theirs")  # fmt: skip
+        # the defaults are methods.unlearn.OBJECTIVE_DEFAULTS (not imported here: no torch)
+        epochs, lr = (
+            ("20; a stop level may end it sooner", "2e-4") if name == "forget" else ("5", "3e-4")
+        )
+        p.add_argument("--epochs", type=int_in(1), default=None, help=f"passes over the corpus "
+                       f"(default {epochs})")  # fmt: skip
+        p.add_argument("--lr", type=number(positive=True), default=None,
+                       help=f"AdamW learning rate (default {lr})")  # fmt: skip
+        p.add_argument("--lora-rank", type=int_in(1), default=None)
+        set_arg(p, "any other setting of edit.methods.unlearn.UnlearnConfig, e.g. kl_weight=5 "
+                 "or retain_batch_size=16")  # fmt: skip
+        common(p)
+    p = sub.add_parser("audit", help="prove a forget / erase entry: MIA, extraction, attacks")
+    p.add_argument("id", nargs="?", help="the entry to audit (default: the last one)")
+    p.add_argument("--forget", help="the forgotten examples (JSONL / TOFU JSON; default for an "
+                   "erase entry: its facts)")  # fmt: skip
+    p.add_argument("--holdout", help="text of the same kind the model never saw (for MIA)")
+    p.add_argument("--reference", help="a workspace folder or model that never saw the forget "
+                   "set (for forget quality and privacy leakage)")  # fmt: skip
+    p.add_argument("--attacks", default="quantize,relearn", help="quantize, relearn or none")
+    p.add_argument("--relearn", help="relearning sample (default: shipped WikiText-2 slices)")
+    p.add_argument("--gen-tokens", type=int_in(1, 4096), default=32,
+                   help="greedy tokens for extraction")  # fmt: skip
+    p.add_argument("--out", default=None, help="report folder (default: audit-out/<id>)")
+    common(p)
+
+
+def cmd_train(args) -> int:
+    from edit.config import parse_settings
+    from edit.evals.fluency import heldout_text, perplexity
+    from edit.readers.corpus import read_corpus
+
+    forget = args.command == "forget"
+    extra = parse_settings(args.set)
+    data = read_corpus(args.corpus)  # input errors before loading
+    retain = read_corpus(args.retain) if forget and args.retain else None
+    holdout = read_corpus(args.holdout) if forget and args.holdout else None
+    print(f"read {len(data)} examples from {args.corpus}"
+          + (f", {len(retain)} to retain from {args.retain}" if retain else "")
+          + (f", {len(holdout)} never-seen from {args.holdout}" if holdout else ""))  # fmt: skip
+    flags = {"epochs": args.epochs, "lr": args.lr, "lora_rank": args.lora_rank}
+    settings = {**extra, **{k: v for k, v in flags.items() if v is not None}}
+    if forget:
+        settings["method"] = args.method
+    from edit.config import check_settings
+    from edit.methods.unlearn import UnlearnConfig
+
+    check_settings("unlearn", UnlearnConfig, settings)  # bad values before loading
+    ws = open_workspace(args, writer=True)
+    print(base_model_line(ws))
+    heldout = heldout_text()
+
+    def ppl() -> float:
+        return perplexity(ws.model, ws.tok, heldout)
+
+    ppl_before = ppl()
+    if forget:
+        entry, res = ws.forget(args.corpus, args.retain, holdout=args.holdout, **settings)
+    else:
+        entry, res = ws.learn(args.corpus, **settings)
+    m = res.metrics
+    part = "forget" if forget else "learn"
+    rows = [
+        (f"{part} set NLL", m[f"{part}_nll_before"], m[f"{part}_nll_after"]),
+        (f"{part} set P(answer)", m[f"{part}_prob_before"], m[f"{part}_prob_after"]),
+    ]
+    if m.get("holdout_nll_before") is not None:
+        rows.append(("never-seen set NLL", m["holdout_nll_before"], m["holdout_nll_after"]))
+    if m.get("retain_nll_before") is not None:
+        rows.append(("retain set NLL", m["retain_nll_before"], m["retain_nll_after"]))
+    rows.append(("WikiText-2 perplexity", ppl_before, ppl()))
+    print(f"{entry.method} LoRA (rank {res.config.lora_rank}, {len(res.target_modules)} "
+          f"modules), {res.config.epochs} epochs: {res.seconds:.1f}s, "
+          f"{res.tokens_per_second:.0f} tokens/s")  # fmt: skip
+    if m.get("stop_nll") is not None:
+        taken = m.get("stopped_after")
+        what = entry.info.get("stop_source") or "stop_nll"
+        print(f"stop at forget-set NLL {m['stop_nll']:.4f} ({what}): " + (
+            f"reached after {taken} steps" if taken is not None
+            else "not reached: more epochs or a larger lr would forget further"))  # fmt: skip
+    print(f"{'':24}{'before':>10}{'after':>10}")
+    for name, b, a in rows:
+        print(f"{name:24}{b:10.4f}{a:10.4f}")
+    print(f"recorded: {entry.path} (id {entry.id}); undo with 'edit revert {entry.id}'")
+    if entry.info.get("learned_by"):
+        by = entry.info["learned_by"]
+        print(f"note: entry {by} learned these examples; 'edit revert {by}' removes exactly "
+              "everything it learned")  # fmt: skip
+    return 0
+
+
+def cmd_audit(args) -> int:
+    from pathlib import Path
+
+    from edit.corpus import Example
+    from edit.evals import audit
+    from edit.readers.corpus import read_corpus
+    from edit.readers.formats import is_tofu_qa
+    from edit.readers.rows import read_rows
+    from edit.readers.tofu import read_qa
+
+    attack_names = tuple(a for a in args.attacks.split(",") if a and a != "none")
+    unknown = [a for a in attack_names if a not in ("quantize", "relearn")]
+    if unknown:
+        raise EditError(f"--attacks: unknown {', '.join(unknown)}: use quantize, relearn or none")
+    forget = read_corpus(args.forget) if args.forget else None  # input errors before loading
+    holdout = read_corpus(args.holdout) if args.holdout else None
+    relearn = read_corpus(args.relearn) if args.relearn else None
+    qa = None
+    if args.forget:
+        rows, _ = read_rows(args.forget)
+        if is_tofu_qa(rows):
+            qa = read_qa(args.forget)
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        check_new_folder(out)
+    ws = open_workspace(args, create=False)
+    entries = ws.entries()
+    if not entries:
+        raise EditError(f"workspace {ws.path} has no entries to audit")
+    entry = ws.entry(args.id) if args.id else entries[-1]
+    if forget is None:
+        if not entry.facts:
+            raise EditError(f"entry {entry.id} is a {entry.kind} run: give its data with --forget")
+        forget = [Example(f.text, f.target) for f in entry.facts]
+    reference, ref_tok = audit.load_reference(args.reference, args.device)
+    print(base_model_line(ws))
+    print(f"auditing {entry.summary()} on {len(forget)} forget examples"
+          + (f", {len(holdout)} holdout" if holdout else ""))  # fmt: skip
+    report = audit.audit(ws, entry.id, audit.AuditData(forget, holdout, qa, relearn),
+                         reference=reference, reference_tok=ref_tok, attack_names=attack_names,
+                         gen_tokens=args.gen_tokens)  # fmt: skip
+    out = out or Path(f"audit-out/{entry.id}")
+    audit.write(report, out)
+    print(audit.markdown(report))
+    print(f"wrote {out}/: report.json, report.md, report.png")
+    return 0
+
+
+COMMANDS = {"forget": cmd_train, "learn": cmd_train, "audit": cmd_audit}
