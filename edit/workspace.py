@@ -24,7 +24,6 @@ writer at a time, and a writer commits only on top of the ledger it opened.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -37,7 +36,6 @@ import torch
 from safetensors.torch import save as serialize
 from torch import nn
 
-from edit import arch as arch_table
 from edit import distributed
 from edit.api import EditResult, apply
 from edit.atomic import check_new_folder, new_folder, write_bytes
@@ -318,69 +316,17 @@ class Workspace:
     # ------------------------------------------------------------------ internals
 
     def _train(self, objective, corpus, retain, progress: bool, settings: dict, holdout=None):
-        from edit.config import resolve
-        from edit.corpus import wikitext_retain
-        from edit.methods.unlearn import (
-            UnlearnConfig,
-            answer_nll,
-            for_objective,
-            lora_update,
-            train_lora,
-        )
-        from edit.readers.corpus import read_corpus
+        """Run the unlearning package's forget / learn policy, then record its adapter."""
+        from edit.methods.unlearn import train_corpus
 
-        def examples(x):
-            return read_corpus(x) if isinstance(x, str | os.PathLike) else list(x)
-
-        data = examples(corpus)  # every line checked before anything is trained
-        unseen = examples(holdout) if holdout is not None else None
-        if retain is not None:
-            kept = examples(retain)
-        else:
-            kept = wikitext_retain(self.tok) if objective == "forget" else []
-        config = resolve("unlearn", UnlearnConfig, self.model, **settings)
-        config = for_objective(config, objective, retain=bool(kept))
-        stop_source = ("never-seen set" if unseen is not None and config.stop_nll is None
-                       else "stop_nll" if config.stop_nll is not None else None)  # fmt: skip
-        learned_by = None
-        if objective == "forget" and stop_source is None and config.stop_at_learned:
-            learned_by = self._learned_by(data)
-            if learned_by is not None:  # the corpus's level as text this model never saw
-                with self.without(learned_by.id):
-                    level = answer_nll(self.model, self.tok, data, max_len=config.max_len)
-                config = dataclasses.replace(config, stop_nll=level)
-                stop_source = f"its NLL without entry {learned_by.id}, which learned it"
-        res = train_lora(self.model, self.tok, data, kept, config, objective=objective,
-                         progress=progress, holdout=unseen)  # fmt: skip
-        update = lora_update(res)
-        if not update.is_finite():
-            raise EditFailed(f"{objective} produced a non-finite adapter; nothing was recorded")
-        prefix = arch_table.lookup(self.model).layers + "."
-        layers = sorted({int(n[len(prefix) :].split(".")[0]) for n in res.target_modules})
-        info = {
-            "corpus": str(corpus) if isinstance(corpus, str | os.PathLike) else "(in memory)",
-            "examples": len(data),
-            "retain": (str(retain) if isinstance(retain, str | os.PathLike) else
-                       "(in memory)" if retain is not None else "wikitext2 (shipped)"),
-            "retain_examples": len(kept),
-            "holdout": (str(holdout) if isinstance(holdout, str | os.PathLike) else
-                        "(in memory)" if holdout is not None else None),
-            "losses": res.losses,
-            "seconds": res.seconds,
-            "tokens": res.tokens,
-            "tokens_per_second": res.tokens_per_second,
-            "target_modules": res.target_modules,
-            "lora_config": res.lora_config,
-            "stop_source": stop_source,
-            "learned_by": learned_by.id if learned_by is not None else None,
-        }  # fmt: skip
-        if objective == "learn":  # lets a later forget find the entry that learned its corpus
-            info["example_hashes"] = [ex.fingerprint() for ex in data]
-        method = config.method if objective == "forget" else "lora"
-        result = EditResult(objective, method, [], update, layers, config, res.metrics, info)
-        entry = self._record_once(result, update)
+        run = train_corpus(self.model, self.tok, objective, corpus, retain, holdout,
+                           settings=settings, progress=progress, entries=self.entries(),
+                           without=self.without)  # fmt: skip
+        result = EditResult(objective, run.method, [], run.update, run.layers, run.config,
+                            run.result.metrics, run.info)  # fmt: skip
+        entry = self._record_once(result, run.update)
         self._apply(entry.update)
-        return entry, res
+        return entry, run.result
 
     def _record_once(self, result: EditResult, update: Update) -> Entry:
         """Record ``result`` (on failure nothing is written, the model unchanged). Under a
@@ -402,15 +348,6 @@ class Workspace:
                 f"main process: the processes diverged (entry {entry.id} holds the main one)"
             )
         return entry
-
-    def _learned_by(self, examples) -> Entry | None:
-        """The latest ``learn`` entry that learned every one of ``examples``, if any."""
-        wanted = {ex.fingerprint() for ex in examples}
-        for entry in reversed(self.entries()):
-            learned = set(entry.info.get("example_hashes") or ())
-            if wanted and entry.kind == "learn" and wanted <= learned:
-                return entry
-        return None
 
     @torch.no_grad()
     def _apply(self, update: Update) -> None:

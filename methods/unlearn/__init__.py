@@ -1,0 +1,91 @@
+"""Unlearning (and learning) a corpus with LoRA: pure loss functions and one trainer.
+
+    from edit.corpus import wikitext_retain
+    from edit.readers.corpus import read_corpus
+    from edit.methods.unlearn import UnlearnConfig, lora_update, train_lora
+
+    forget = read_corpus("private.jsonl")
+    result = train_lora(model, tok, forget, wikitext_retain(tok), UnlearnConfig(method="npo"))
+    result.metrics["forget_nll_before"], result.metrics["forget_nll_after"]
+    applied = lora_update(result).apply(model)   # the adapter as exact weight deltas
+    applied.undo()                               # bit-for-bit the base again
+
+The goal, for a forget set D_f of the training data, is a model that behaves as if it had
+never seen D_f, while it keeps what it knows elsewhere (a retain set D_r). ``learn`` trains
+NLL(examples) instead, to teach a corpus. The modules, in the order a run uses them:
+
+    losses    the objectives (gradascent, graddiff, npo, simnpo) as one table, LOSSES
+    config    UnlearnConfig, and OBJECTIVE_DEFAULTS for the fields left None
+    targets   which modules get an adapter
+    scoring   log π(y|x) of the answers, batched; the NLL summaries
+    trainer   train_lora: the steps under accelerate, the stop rule
+    lora      the adapter: attach and detach (peft), LoraResult, and exact weight deltas
+    policy    train_corpus: a workspace's forget / learn run (sets, stop level, what to record)
+"""
+
+from edit.methods.unlearn.config import (
+    OBJECTIVE_DEFAULTS,
+    OBJECTIVES,
+    UnlearnConfig,
+    for_objective,
+)
+from edit.methods.unlearn.lora import (
+    LoraResult,
+    adapter_attached,
+    lora_delta,
+    lora_factors,
+    lora_update,
+)
+from edit.methods.unlearn.losses import (
+    LOSSES,
+    NEEDS_REFERENCE,
+    USES_RETAIN,
+    LossInputs,
+    gradient_ascent,
+    gradient_difference,
+    npo,
+    register_loss,
+    retain_kl,
+    sequence_logprob,
+    sequence_nll,
+    simnpo,
+    token_logprobs,
+    token_nll,
+)
+from edit.methods.unlearn.policy import Trained, learned_by, train_corpus
+from edit.methods.unlearn.scoring import answer_nll, answer_scores
+from edit.methods.unlearn.targets import target_module_names
+from edit.methods.unlearn.trainer import train_lora
+
+__all__ = [
+    "LOSSES",
+    "NEEDS_REFERENCE",
+    "OBJECTIVES",
+    "OBJECTIVE_DEFAULTS",
+    "USES_RETAIN",
+    "LoraResult",
+    "LossInputs",
+    "Trained",
+    "UnlearnConfig",
+    "adapter_attached",
+    "answer_nll",
+    "answer_scores",
+    "for_objective",
+    "gradient_ascent",
+    "gradient_difference",
+    "learned_by",
+    "lora_delta",
+    "lora_factors",
+    "lora_update",
+    "npo",
+    "register_loss",
+    "retain_kl",
+    "sequence_logprob",
+    "sequence_nll",
+    "simnpo",
+    "target_module_names",
+    "token_logprobs",
+    "token_nll",
+    "train_corpus",
+    "train_lora",
+]

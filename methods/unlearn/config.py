@@ -1,0 +1,120 @@
+"""The hyper-parameters of a LoRA unlearning / learning run (:class:`UnlearnConfig`) and what
+a field left None means for each objective (:data:`OBJECTIVE_DEFAULTS`).
+
+Defaults: β = 0.1 (NPO's TOFU setting), α = 1 (retain term at full weight; 0 turns it off),
+γ = 0 (SimNPO's margin, which the paper tunes per task from 0 upward).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from edit.errors import InvalidRequest
+from edit.methods.unlearn.losses import LOSSES
+
+OBJECTIVES = ("forget", "learn")
+
+
+@dataclass(frozen=True)
+class UnlearnConfig:
+    """LoRA unlearning / learning hyper-parameters.
+
+    ``target_modules``: names (or name suffixes, as peft matches them, e.g. ``"q_proj"``) of
+    the Linear / Conv1D modules to adapt; None adapts every projection inside the attention
+    and MLP of every block, as found from the architecture table (:mod:`edit.arch`).
+    """
+
+    method: str = "npo"  # a key of LOSSES (objective "forget" only)
+    epochs: int | None = None  # passes over the forget (or learn) set; None: OBJECTIVE_DEFAULTS
+    lr: float | None = None  # AdamW learning rate; None: OBJECTIVE_DEFAULTS
+    lora_rank: int = 8
+    lora_alpha: float = 16.0  # LoRA scaling is lora_alpha / lora_rank
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] | None = None
+    batch_size: int = 4  # forget examples per step
+    retain_batch_size: int | None = None  # retain examples per step; None: batch_size
+    max_len: int = 256  # tokens per example, start token included; longer ones are cut
+    beta: float = 0.1  # NPO / SimNPO inverse temperature β
+    alpha: float = 1.0  # weight of NLL(D_r) in graddiff, npo, simnpo
+    gamma: float = 0.0  # SimNPO reward margin γ
+    kl_weight: float | None = None  # weight of KL(π_ref ‖ π_θ) on the retain set; None: as above
+    weight_decay: float = 0.0  # AdamW weight decay on the LoRA factors
+    max_grad_norm: float | None = 1.0  # gradient clipping; None: off
+    eval_retain: int = 128  # retain examples scored before/after (the first ones)
+    # forget: stop once the forget set's mean token NLL reaches this level (None: with a
+    # holdout set, its NLL before training, i.e. the level of never-seen text; else no stop)
+    stop_nll: float | None = None
+    # forget in a workspace, with neither a holdout nor stop_nll: when an earlier ``learn``
+    # entry learned every example of the corpus, stop at the corpus's NLL without that entry
+    # (the level of the same text never seen); False: no such stop
+    stop_at_learned: bool = True
+    seed: int = 0  # LoRA initialization, batch order, dropout
+
+    def __post_init__(self) -> None:
+        if self.method not in LOSSES:
+            known = ", ".join(sorted(LOSSES))
+            raise InvalidRequest(f"unknown unlearning method {self.method!r}: choose {known}")
+        for name in ("epochs", "lora_rank", "batch_size", "max_len"):
+            value = getattr(self, name)
+            if name == "epochs" and value is None:
+                continue
+            if not isinstance(value, int) or value < 1:
+                raise InvalidRequest(f"{name} must be an integer >= 1, got {value!r}")
+        if self.retain_batch_size is not None and (
+            not isinstance(self.retain_batch_size, int) or self.retain_batch_size < 1
+        ):
+            raise InvalidRequest(
+                f"retain_batch_size must be an integer >= 1 or None, got {self.retain_batch_size!r}"
+            )
+        if self.stop_nll is not None and not self.stop_nll > 0:
+            raise InvalidRequest(f"stop_nll must be > 0 or None, got {self.stop_nll}")
+        if self.eval_retain < 0:
+            raise InvalidRequest(f"eval_retain must be >= 0, got {self.eval_retain}")
+        for name in ("lr", "lora_alpha", "beta"):
+            if name == "lr" and self.lr is None:
+                continue
+            if not getattr(self, name) > 0:
+                raise InvalidRequest(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("alpha", "gamma", "kl_weight", "weight_decay"):
+            if name == "kl_weight" and self.kl_weight is None:
+                continue
+            if not getattr(self, name) >= 0:
+                raise InvalidRequest(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.lora_dropout < 1:
+            raise InvalidRequest(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise InvalidRequest(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+        if self.target_modules is not None:
+            names = (
+                (self.target_modules,)
+                if isinstance(self.target_modules, str)
+                else tuple(self.target_modules)
+            )
+            if not names or not all(isinstance(n, str) and n for n in names):
+                raise InvalidRequest(
+                    f"target_modules must be module names, got {self.target_modules!r}"
+                )
+            object.__setattr__(self, "target_modules", names)  # YAML gives lists
+
+
+# What a field left None means, per objective (chosen on a private QA corpus on the default
+# model; README, "Forgetting to the never-seen level"). Learning: a larger lr learns the corpus
+# further but costs perplexity elsewhere. Forgetting takes smaller steps, and more of them, so
+# that a stop level (a holdout, or the level before a learn entry) is met by a step that does
+# not overshoot; the KL to the reference on the retain set keeps perplexity near the base's on
+# the way to that level. With a stop level, epochs is a cap.
+OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "forget": {"lr": 2e-4, "epochs": 20, "kl_weight": 5.0},
+    "learn": {"lr": 3e-4, "epochs": 5, "kl_weight": 0.0},
+}
+
+
+def for_objective(config: UnlearnConfig, objective: str, *, retain: bool = True) -> UnlearnConfig:
+    """``config`` with the fields left None set to the objective's defaults (no KL term
+    without a retain set to take it on)."""
+    unset = {k: v for k, v in OBJECTIVE_DEFAULTS[objective].items() if getattr(config, k) is None}
+    if not retain and "kl_weight" in unset:
+        unset["kl_weight"] = 0.0
+    return dataclasses.replace(config, **unset) if unset else config

@@ -1,0 +1,165 @@
+"""The unlearning objectives: pure functions of logits, labels and log-likelihoods, and the
+table :data:`LOSSES` that names them.
+
+Every objective is written in per-sequence log-likelihoods of an answer y after its prompt x,
+
+    log π_θ(y|x) = Σ_t log π_θ(y_t | x, y_<t)        (answer tokens only; |y| of them)
+
+with π_ref the model before unlearning (the same model with the adapter disabled: the
+adapter starts at zero, so π_θ = π_ref at step 0). NLL(D) is the mean token NLL over every
+answer token of a batch, as Hugging Face's ``labels`` loss computes it:
+
+    gradascent  −NLL(D_f)                                  gradient ascent (Jang et al. 2023;
+                                                           TOFU, Maini et al. 2024)
+    graddiff    −NLL(D_f) + α·NLL(D_r)                     gradient difference (Liu et al. 2022)
+    npo         −(2/β)·E_f[log σ(−β·(log π_θ(y|x) − log π_ref(y|x)))] + α·NLL(D_r)
+                = (2/β)·E_f[log(1 + (π_θ/π_ref)^β)] + α·NLL(D_r)
+                Negative Preference Optimization (Zhang et al. 2024), with its retain term
+                (NPO+RT). As β → 0 its gradient becomes gradient ascent on the sequence
+                log-likelihood; at θ = ref it equals it for every β.
+    simnpo      −(2/β)·E_f[log σ(−(β/|y|)·log π_θ(y|x) − γ)] + α·NLL(D_r)
+                SimNPO (Fan et al. 2024): NPO without a reference, length-normalized, with a
+                reward margin γ.
+
+plus, for any objective, ``kl_weight``·KL(π_ref ‖ π_θ) over the retain set's answer tokens
+(:func:`retain_kl`), which the trainer adds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from edit.corpus import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from edit.methods.unlearn.config import UnlearnConfig
+
+# --------------------------------------------------------------------------------------------
+# Pure functions of logits and labels
+# --------------------------------------------------------------------------------------------
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T-1) log-probability of each label token, 0 where the label is ignored.
+
+    ``logits`` (B, T, V) at every position, ``labels`` (B, T) in the Hugging Face convention:
+    the logits at t-1 predict ``labels[:, t]``; :data:`IGNORE_INDEX` marks no loss.
+    """
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)  # (B, T-1, V)
+    picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]  # (B, T-1)
+    return picked * keep
+
+
+def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) log π(y|x): the summed log-probabilities of each sequence's label tokens."""
+    return token_logprobs(logits, labels).sum(-1)
+
+
+def sequence_nll(
+    logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """(B,) NLL of each sequence's label tokens: their ``"sum"``, or their ``"mean"``."""
+    total = -sequence_logprob(logits, labels)
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        return total / (labels[:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1)
+    raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+
+
+def token_nll(logp: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
+    """() mean token NLL of a batch from per-sequence sums: −Σ_i log π(y_i|x_i) / Σ_i |y_i|
+    (what ``model(..., labels=...).loss`` computes)."""
+    return -logp.sum() / n_tokens.sum().clamp(min=1)
+
+
+def retain_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """() mean over rows of KL(π_ref ‖ π_θ) = Σ_v π_ref(v)·(log π_ref(v) − log π_θ(v)).
+
+    Both (N, V): the next-token logits at the N label positions of a batch (ignored tokens
+    already dropped), from the trained model and from the reference.
+    """
+    logp = torch.log_softmax(logits.float(), -1)
+    ref_logp = torch.log_softmax(ref_logits.float(), -1)
+    return F.kl_div(logp, ref_logp, log_target=True, reduction="batchmean")
+
+
+# --------------------------------------------------------------------------------------------
+# The objectives: one table
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LossInputs:
+    """The per-batch quantities every objective is written in."""
+
+    logp: torch.Tensor  # (B,) log π_θ(y|x) of each forget sequence (summed over answer tokens)
+    n_tokens: torch.Tensor  # (B,) |y|, answer tokens per sequence
+    ref_logp: torch.Tensor | None = None  # (B,) log π_ref(y|x); objectives that need it
+    retain_nll: torch.Tensor | None = None  # () NLL(D_r) of the retain batch; None: no term
+
+
+LossFn = Callable[[LossInputs, "UnlearnConfig"], torch.Tensor]
+
+LOSSES: dict[str, LossFn] = {}  # name -> loss(inputs, config): the forget objectives
+NEEDS_REFERENCE: set[str] = set()  # objectives that read LossInputs.ref_logp
+USES_RETAIN: set[str] = set()  # objectives with an α·NLL(D_r) term
+
+
+def register_loss(name: str, *, reference: bool = False, retain: bool = True):
+    """Add a forget objective to :data:`LOSSES` under ``name``."""
+
+    def wrap(fn: LossFn) -> LossFn:
+        LOSSES[name] = fn
+        if reference:
+            NEEDS_REFERENCE.add(name)
+        if retain:
+            USES_RETAIN.add(name)
+        return fn
+
+    return wrap
+
+
+def _retain_term(x: LossInputs, config: UnlearnConfig) -> torch.Tensor | float:
+    if x.retain_nll is None or config.alpha == 0:
+        return 0.0
+    return config.alpha * x.retain_nll
+
+
+@register_loss("gradascent", retain=False)
+def gradient_ascent(x: LossInputs, config: UnlearnConfig) -> torch.Tensor:
+    """−NLL(D_f): push the forget answers' likelihood down without bound (no retain term)."""
+    return -token_nll(x.logp, x.n_tokens)
+
+
+@register_loss("graddiff")
+def gradient_difference(x: LossInputs, config: UnlearnConfig) -> torch.Tensor:
+    """−NLL(D_f) + α·NLL(D_r) (Liu et al. 2022; TOFU's "Grad. Diff.")."""
+    return -token_nll(x.logp, x.n_tokens) + _retain_term(x, config)
+
+
+@register_loss("npo", reference=True)
+def npo(x: LossInputs, config: UnlearnConfig) -> torch.Tensor:
+    """−(2/β)·mean_i log σ(−β·(log π_θ(y_i|x_i) − log π_ref(y_i|x_i))) + α·NLL(D_r)
+    (Zhang et al. 2024, with the retain loss of their NPO+RT)."""
+    if x.ref_logp is None:
+        raise ValueError("npo needs the reference log-likelihoods (LossInputs.ref_logp)")
+    log_ratio = x.logp - x.ref_logp  # (B,) log(π_θ/π_ref)
+    forget = -(2.0 / config.beta) * F.logsigmoid(-config.beta * log_ratio).mean()
+    return forget + _retain_term(x, config)
+
+
+@register_loss("simnpo")
+def simnpo(x: LossInputs, config: UnlearnConfig) -> torch.Tensor:
+    """−(2/β)·mean_i log σ(−(β/|y_i|)·log π_θ(y_i|x_i) − γ) + α·NLL(D_r)
+    (Fan et al. 2024: NPO with the reference replaced by length normalization)."""
+    reward = config.beta / x.n_tokens.clamp(min=1) * x.logp  # (B,)
+    forget = -(2.0 / config.beta) * F.logsigmoid(-reward - config.gamma).mean()
+    return forget + _retain_term(x, config)

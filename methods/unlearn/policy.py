@@ -1,0 +1,156 @@
+"""How a workspace forgets or learns a corpus: read the sets (corpus, retain, holdout), choose
+where a forget run stops, train, and describe the run for the ledger (:func:`train_corpus`).
+
+A forget run stops at the first of: ``stop_nll`` when given; else, with a holdout (never-seen
+examples of the same kind), at the holdout's NLL; else, when an earlier ``learn`` entry
+learned every example of the corpus (``stop_at_learned``), at the corpus's NLL without that
+entry, the level of the same text never seen. Without any of these it runs every epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from torch import nn
+
+from edit import arch as arch_table
+from edit.config import resolve
+from edit.corpus import Example, wikitext_retain
+from edit.errors import EditFailed
+from edit.methods.unlearn.config import UnlearnConfig, for_objective
+from edit.methods.unlearn.lora import LoraResult, lora_update
+from edit.methods.unlearn.scoring import answer_nll
+from edit.methods.unlearn.trainer import train_lora
+from edit.readers.corpus import read_corpus
+from edit.update import Update
+
+
+class Recorded(Protocol):
+    """A ledger entry as the policy reads it (an ``edit.workspace.Entry``)."""
+
+    id: str
+    kind: str
+    info: dict[str, Any]
+
+
+@dataclass
+class Trained:
+    """A finished forget / learn run, ready to record as one entry."""
+
+    objective: str  # "forget" or "learn"
+    method: str  # the forget objective (``config.method``), or "lora" for learn
+    config: UnlearnConfig  # as resolved: tuned file, settings, objective defaults, stop level
+    update: Update  # the adapter as weight deltas (finite)
+    layers: list[int]  # the blocks whose weights it changes
+    info: dict[str, Any]  # what the entry records about the run
+    result: LoraResult
+
+
+def train_corpus(
+    model: nn.Module,
+    tok,
+    objective: str,
+    corpus,
+    retain=None,
+    holdout=None,
+    *,
+    settings: dict[str, Any],
+    progress: bool = True,
+    entries: Sequence[Recorded] = (),
+    without: Callable[[str], AbstractContextManager] | None = None,
+) -> Trained:
+    """Forget (or learn) ``corpus`` with a LoRA adapter on ``model`` (left unchanged).
+
+    ``corpus``/``retain``/``holdout``: a JSON Lines path or a list of ``Example``; without
+    ``retain``, a forget run retains slices of the shipped WikiText-2 text. ``settings``
+    override ``UnlearnConfig`` (over the tuned file for this model). ``entries``: the ledger's
+    active entries in order, and ``without(id)``: the model without one of them (a context
+    manager), for the stop level of a corpus that an earlier ``learn`` entry learned.
+    """
+    data = _examples(corpus)  # every line checked before anything is trained
+    unseen = _examples(holdout) if holdout is not None else None
+    if retain is not None:
+        kept = _examples(retain)
+    else:
+        kept = wikitext_retain(tok) if objective == "forget" else []
+    config = resolve("unlearn", UnlearnConfig, model, **settings)
+    config = for_objective(config, objective, retain=bool(kept))
+    config, stop_source, learner = _stop_level(model, tok, objective, config, data, unseen,
+                                               entries, without)  # fmt: skip
+    res = train_lora(model, tok, data, kept, config, objective=objective,
+                     progress=progress, holdout=unseen)  # fmt: skip
+    update = lora_update(res)
+    if not update.is_finite():
+        raise EditFailed(f"{objective} produced a non-finite adapter; nothing was recorded")
+    prefix = arch_table.lookup(model).layers + "."
+    layers = sorted({int(n[len(prefix) :].split(".")[0]) for n in res.target_modules})
+    info = {
+        "corpus": _source(corpus),
+        "examples": len(data),
+        "retain": _source(retain) or "wikitext2 (shipped)",
+        "retain_examples": len(kept),
+        "holdout": _source(holdout),
+        "losses": res.losses,
+        "seconds": res.seconds,
+        "tokens": res.tokens,
+        "tokens_per_second": res.tokens_per_second,
+        "target_modules": res.target_modules,
+        "lora_config": res.lora_config,
+        "stop_source": stop_source,
+        "learned_by": learner.id if learner is not None else None,
+    }
+    if objective == "learn":  # lets a later forget find the entry that learned its corpus
+        info["example_hashes"] = [ex.fingerprint() for ex in data]
+    method = config.method if objective == "forget" else "lora"
+    return Trained(objective, method, config, update, layers, info, res)
+
+
+def learned_by(examples: Iterable[Example], entries: Sequence[Recorded]) -> Recorded | None:
+    """The latest ``learn`` entry that learned every one of ``examples``, if any."""
+    wanted = {ex.fingerprint() for ex in examples}
+    for entry in reversed(entries):
+        learned = set(entry.info.get("example_hashes") or ())
+        if wanted and entry.kind == "learn" and wanted <= learned:
+            return entry
+    return None
+
+
+def _stop_level(
+    model: nn.Module,
+    tok,
+    objective: str,
+    config: UnlearnConfig,
+    data: list[Example],
+    unseen: list[Example] | None,
+    entries: Sequence[Recorded],
+    without: Callable[[str], AbstractContextManager] | None,
+) -> tuple[UnlearnConfig, str | None, Recorded | None]:
+    """(``config``, with the stop level of a corpus an earlier entry learned; what sets the
+    stop level, None: nothing; the entry that learned the corpus, if that is it)."""
+    stop_source = ("never-seen set" if unseen is not None and config.stop_nll is None
+                   else "stop_nll" if config.stop_nll is not None else None)  # fmt: skip
+    learner = None
+    if objective == "forget" and stop_source is None and config.stop_at_learned:
+        learner = learned_by(data, entries)
+        if learner is not None:  # the corpus's level as text this model never saw
+            with without(learner.id):
+                level = answer_nll(model, tok, data, max_len=config.max_len)
+            config = dataclasses.replace(config, stop_nll=level)
+            stop_source = f"its NLL without entry {learner.id}, which learned it"
+    return config, stop_source, learner
+
+
+def _examples(x) -> list[Example]:
+    return read_corpus(x) if isinstance(x, str | os.PathLike) else list(x)
+
+
+def _source(x) -> str | None:
+    """How the entry names a set: its path, "(in memory)", or None where none was given."""
+    if x is None:
+        return None
+    return str(x) if isinstance(x, str | os.PathLike) else "(in memory)"
