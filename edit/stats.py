@@ -108,11 +108,8 @@ def second_moment(
     single = isinstance(module_names, str)
     names = [module_names] if single else list(module_names)
     source = corpus if isinstance(corpus, TextSource) else text_source(corpus)
-    # Sequences (with their start token) must fit a model with learned positions.
-    max_pos = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    if max_pos:
-        seq_len = min(seq_len, max_pos - len(start_ids(tok)))
-    corpus_id = f"{source.name}-{source.fingerprint}-s{seq_len}"
+    seq_len = _fitted_seq_len(model, tok, seq_len)
+    corpus_id = _corpus_id(source, seq_len)
     model_hash = getattr(model, "edit_hash", None)
     paths = {n: _cache_path(model_hash, n, corpus_id, n_tokens) for n in names}
 
@@ -145,6 +142,29 @@ def second_moment(
     if partial is not None:
         partial.unlink(missing_ok=True)
     return found[names[0]] if single else {n: found[n] for n in names}
+
+
+def corpus_id(
+    model: nn.Module,
+    tok,
+    corpus: str | os.PathLike | TextSource = DEFAULT_CORPUS,
+    seq_len: int = 256,
+) -> str:
+    """The name :func:`second_moment` keys the statistics of ``corpus`` under for this model
+    (with the same ``seq_len``): with the model hash, the module and the token count, it
+    identifies a statistic."""
+    source = corpus if isinstance(corpus, TextSource) else text_source(corpus)
+    return _corpus_id(source, _fitted_seq_len(model, tok, seq_len))
+
+
+def _fitted_seq_len(model: nn.Module, tok, seq_len: int) -> int:
+    """Sequences (with their start token) must fit a model with learned positions."""
+    max_pos = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    return min(seq_len, max_pos - len(start_ids(tok))) if max_pos else seq_len
+
+
+def _corpus_id(source: TextSource, seq_len: int) -> str:
+    return f"{source.name}-{source.fingerprint}-s{seq_len}"
 
 
 def _cache_path(model_hash: str | None, module: str, corpus_id: str, n: int) -> Path | None:

@@ -15,23 +15,21 @@ it wrote), so sequential batches do not undo each other.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from edit import cache
 from edit.atomic import save_tensors
-from edit.cache import cache_dir
 from edit.errors import InvalidRequest
 from edit.facts import Fact
 from edit.methods import MethodOutput, register
 from edit.methods.algebra import alphaedit_factors, null_space_projector
 from edit.methods.memit import MEMITConfig, batch_compute
+from edit.stats import corpus_id
 
 log = logging.getLogger(__name__)
 
@@ -60,34 +58,55 @@ class AlphaEditConfig(MEMITConfig):
             raise InvalidRequest(f"null_cov_weight must be >= 0, got {self.null_cov_weight}")
 
 
-_PROJECTORS: dict[str, torch.Tensor] = {}
+# A statistic's identity, as edit.stats keys it: (model hash, module, corpus id, token count)
+StatsId = tuple[str, str, str, int]
+
+_PROJECTORS: dict[tuple[StatsId, float], torch.Tensor] = {}  # (statistic, threshold) -> P
 
 
-def projector(model: nn.Module, module: str, cov: torch.Tensor, threshold: float) -> torch.Tensor:
-    """The null-space projector of ``cov``, from memory, the disk cache, or computed."""
-    digest = hashlib.sha256(cov.contiguous().numpy().tobytes()).hexdigest()[:16]
-    key = f"{module}.{digest}.{threshold:g}"
+def stats_ids(
+    model: nn.Module, tok, modules: list[str], config: AlphaEditConfig
+) -> dict[str, StatsId | None]:
+    """The identity of the key statistic of each module, as ``memit.batch_compute`` gets it
+    from ``config``; None for a model not loaded by :func:`edit.load` (no hash)."""
+    model_hash = getattr(model, "edit_hash", None)
+    if not model_hash:
+        return dict.fromkeys(modules)
+    corpus = corpus_id(model, tok, config.stats_corpus)
+    return {m: (model_hash, m, corpus, config.stats_tokens) for m in modules}
+
+
+def projector(
+    cov: torch.Tensor, threshold: float, module: str, identity: StatsId | None
+) -> torch.Tensor:
+    """The null-space projector of ``cov`` (the statistic ``identity`` names), from memory,
+    the disk cache, or computed; without an identity, computed and not cached."""
+    if identity is None:
+        return _computed(cov, threshold, module)
+    key = (identity, threshold)
     if key in _PROJECTORS:
         return _PROJECTORS[key]
-    model_hash = getattr(model, "edit_hash", None)
-    path = None
-    if model_hash:
-        root = Path(os.environ.get("EDIT_STATS_CACHE") or cache_dir() / "stats")
-        path = root / model_hash.split(":")[-1][:16] / f"{key}.projector.safetensors"
-    if path is not None and path.is_file():
+    model_hash, _, corpus, n = identity
+    path = cache.path("stats", model_hash, module, corpus, str(n), f"{threshold:g}",
+                      "projector", ext="safetensors")  # fmt: skip
+    if path.is_file():
         p = load_file(path)["projector"]
     else:
-        p = null_space_projector(cov, threshold)
-        log.info(
-            "null space of %s: %d of %d directions below %g x the mean eigenvalue",
-            module,
-            round(float(p.trace())),
-            p.shape[0],
-            threshold,
-        )
-        if path is not None:
-            save_tensors(path, {"projector": p})
+        p = _computed(cov, threshold, module)
+        save_tensors(path, {"projector": p})
     _PROJECTORS[key] = p
+    return p
+
+
+def _computed(cov: torch.Tensor, threshold: float, module: str) -> torch.Tensor:
+    p = null_space_projector(cov, threshold)
+    log.info(
+        "null space of %s: %d of %d directions below %g x the mean eigenvalue",
+        module,
+        round(float(p.trace())),
+        p.shape[0],
+        threshold,
+    )
     return p
 
 
@@ -107,7 +126,9 @@ def compute(
     history = history or {}
 
     def make_solver(modules, covs):
-        projectors = {m: projector(model, m, covs[m], config.nullspace_threshold) for m in modules}
+        ids = stats_ids(model, tok, modules, config)
+        threshold = config.nullspace_threshold
+        projectors = {m: projector(covs[m], threshold, m, ids[m]) for m in modules}
 
         def solve(module, keys, resid):
             return alphaedit_factors(

@@ -32,6 +32,7 @@ from edit.layers import memit_layers
 from edit.methods import MethodOutput, register
 from edit.methods.algebra import (
     MAX_ROWS,
+    Contexts,
     ValueSettings,
     check_value_config,
     context_templates,
@@ -39,7 +40,6 @@ from edit.methods.algebra import (
     solve_values,
     spread_over_layers,
 )
-from edit.methods.contexts import Contexts
 from edit.stats import DEFAULT_CORPUS, second_moment
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class MEMITConfig:
     # (ROME's default takes 20 prefixes)
     context_templates: tuple[tuple[int, int], ...] = ((10, 5),)
     # the asked forms the edit is written for besides the cloze prompt: its questions
-    # (``edit.questions``) plainly and in the chat template (``methods/contexts.py``)
+    # (``edit.questions``) plainly and in the chat template (``methods/algebra/contexts.py``)
     forms: tuple[str, ...] = ("question", "chat")
     form_weight: float = 0.5  # share of each fact's loss and key k* on the asked forms
     steps: int = 25  # max gradient steps for δ

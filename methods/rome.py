@@ -39,6 +39,7 @@ from edit.facts import Fact
 from edit.layers import rome_layer
 from edit.methods import MethodOutput, register
 from edit.methods.algebra import (
+    Contexts,
     ValueSettings,
     check_value_config,
     context_templates,
@@ -46,7 +47,6 @@ from edit.methods.algebra import (
     rank_one_direction,
     solve_values,
 )
-from edit.methods.contexts import Contexts
 from edit.stats import DEFAULT_CORPUS, second_moment
 from edit.update import Update
 
@@ -61,7 +61,7 @@ class ROMEConfig:
     layer: int | None = None  # block whose MLP is edited; None: see ``compute``
     context_templates: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))  # (tokens, count)
     # the asked forms the edit is written for besides the cloze prompt: its questions
-    # (``edit.questions``) plainly and in the chat template (``methods/contexts.py``)
+    # (``edit.questions``) plainly and in the chat template (``methods/algebra/contexts.py``)
     forms: tuple[str, ...] = ("question", "chat")
     form_weight: float = 0.5  # share of each fact's loss and key k* on the asked forms
     # map the fact's own prompt's key exactly too (two constraints on the rank-one row):

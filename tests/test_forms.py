@@ -14,7 +14,8 @@ from edit import Fact, InvalidRequest, lm
 from edit.evals import metrics as M
 from edit.hooks import Trace
 from edit.methods import algebra
-from edit.methods.contexts import Contexts
+from edit.methods.algebra import Contexts
+from edit.methods.algebra.batch import build_batch
 from edit.methods.rome import ROMEConfig
 from edit.questions import chat_prompt, question_prompt, questions_for
 
@@ -134,7 +135,7 @@ def test_asked_rows_after_a_cached_prefix_match_the_whole_rows(chat_tok, model_t
     facts = [FACT, Fact("{} was born in", "Albert Einstein", "Ulm",
                         questions=("Where was Albert Einstein born?",))]  # fmt: skip
     contexts = Contexts(("{}", "A short text. {}"), ("question", "chat"))
-    b = algebra._build_batch(chat_tok, facts, contexts, "cpu")
+    b = build_batch(chat_tok, facts, contexts, "cpu")
     assert len(b.ids) == 6 + 4 + 2  # 2 cloze + 2 per question, per fact; one essence row each
     with torch.no_grad():
         cached = lm.logits_at(model, b.ids, b.mask, b.tgt_row, b.tgt_col, position_ids=b.pos,

@@ -30,6 +30,7 @@ from edit import methods as registry
 from edit.cli import main
 from edit.entry import read_entry
 from edit.methods import algebra
+from edit.methods.algebra.keys import _shared_length
 from edit.methods.alphaedit import AlphaEditConfig
 from edit.methods.memit import MEMITConfig
 from edit.workspace import Workspace
@@ -179,10 +180,10 @@ def test_keys_and_hidden_match_whole_prompts_run_one_by_one(tok, model_type):
 
 
 def test_shared_length_leaves_every_row_a_token():
-    assert algebra._shared_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
-    assert algebra._shared_length([[1, 2, 3], [1, 2, 3]]) == 2
-    assert algebra._shared_length([[7], [7, 8]]) == 0
-    assert algebra._shared_length([[1, 2], [3, 2]]) == 0
+    assert _shared_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert _shared_length([[1, 2, 3], [1, 2, 3]]) == 2
+    assert _shared_length([[7], [7, 8]]) == 0
+    assert _shared_length([[1, 2], [3, 2]]) == 0
 
 
 def test_value_optimization_runs_plain_attention_on_cpu_and_restores_it(tok):

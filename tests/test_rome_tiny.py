@@ -262,12 +262,12 @@ def test_value_rows_after_a_cached_prefix_match_the_whole_rows(tok, model_type):
     """The value optimization runs each row from its subject's last token on, after a
     left-padded key/value cache of the tokens before it: its logits must be those of the
     whole row run alone, on every architecture (positions, masks, cache)."""
-    from edit.methods import algebra
+    from edit.methods.algebra.batch import build_batch
 
     model = tiny_model(model_type, len(tok))
     facts = [Fact(**TINY_FACT), Fact("{} was born in", "Marie Curie", "Warsaw, Poland")]
     templates = ["{}", "A short text. {}", "Here is a much longer piece of text first. {}"]
-    b = algebra._build_batch(tok, facts, templates, "cpu")
+    b = build_batch(tok, facts, templates, "cpu")
     rows, cols = torch.cat([b.tgt_row, b.kl_row]), torch.cat([b.tgt_col, b.kl_col])
     with torch.no_grad():
         cached = lm.logits_at(model, b.ids, b.mask, rows, cols, position_ids=b.pos,
@@ -284,7 +284,7 @@ def test_value_rows_after_a_cached_prefix_match_the_whole_rows(tok, model_type):
 def test_finished_facts_leave_the_batch_and_the_cache_without_running_it_again(tok, model_type):
     """When facts finish, the rows of the others are cut out of the batch and of the prefix
     cache: their logits must be those of a batch built for the remaining facts alone."""
-    from edit.methods import algebra
+    from edit.methods.algebra.batch import build_batch
 
     model = tiny_model(model_type, len(tok))
     facts = [Fact(**TINY_FACT), Fact("{} was born in", "Marie Curie", "Warsaw, Poland"),
@@ -297,10 +297,10 @@ def test_finished_facts_leave_the_batch_and_the_cache_without_running_it_again(t
             return lm.logits_at(model, b.ids, b.mask, rows, cols, position_ids=b.pos,
                                 cache=cache)  # fmt: skip
 
-    full = algebra._build_batch(tok, facts, templates, "cpu")
+    full = build_batch(tok, facts, templates, "cpu")
     with torch.no_grad():
         kept, cache = full.keep(torch.tensor([True, False, True]), full.prefix_cache(model))
-    alone = algebra._build_batch(tok, [facts[0], facts[2]], templates, "cpu")
+    alone = build_batch(tok, [facts[0], facts[2]], templates, "cpu")
     with torch.no_grad():
         want = logits(alone, alone.prefix_cache(model))
     torch.testing.assert_close(logits(kept, cache), want, atol=2e-5, rtol=1e-4)
@@ -370,13 +370,13 @@ def test_bfloat16_values_edit_with_full_precision_keys(llama, tok):
 
 
 def test_auto_value_dtype_uses_bfloat16_only_where_the_cpu_has_it(llama, monkeypatch):
-    from edit.methods import algebra
+    from edit.methods.algebra import precision
 
     for native in (True, False):
-        monkeypatch.setattr(algebra, "native_bf16_cpu", lambda native=native: native)
-        ctx = algebra.value_autocast(llama, "auto")
+        monkeypatch.setattr(precision, "native_bf16_cpu", lambda native=native: native)
+        ctx = precision.value_autocast(llama, "auto")
         assert isinstance(ctx, torch.autocast) is native
-        assert isinstance(algebra.value_autocast(llama, "float32"), torch.autocast) is False
-        assert isinstance(algebra.value_autocast(llama, "bfloat16"), torch.autocast)
+        assert isinstance(precision.value_autocast(llama, "float32"), torch.autocast) is False
+        assert isinstance(precision.value_autocast(llama, "bfloat16"), torch.autocast)
     with pytest.raises(InvalidRequest, match="value_dtype must be one of auto, float32"):
         ROMEConfig(value_dtype="fp8")

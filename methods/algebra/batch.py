@@ -1,0 +1,174 @@
+"""The rows the value optimization runs, for all facts of a chunk at once, and the per-fact
+means over them.
+
+Every rewriting row of every fact (:class:`~edit.methods.algebra.contexts.Contexts`), then one
+essence (KL) row per fact, split at each row's subject's last token; :meth:`Batch.keep` cuts
+out the rows of facts that finished. The reductions turn per-row or per-token quantities into
+one per fact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from edit.facts import Fact
+from edit.lm import encode, pad_id, prefix_cache, right_pad, subject_last_index
+from edit.methods.algebra.contexts import Contexts
+
+ESSENCE_PROMPT = "{} is a"  # ROME's KL prompt: what the subject is, kept while editing
+
+
+@dataclass
+class Batch:
+    """Every row the value optimization runs, for all facts at once, split at each row's
+    subject's last token (its lookup position, where δ is added).
+
+    The tokens before the lookup never change with δ (the model is causal), so they run once,
+    without gradients, into a key/value cache (``prefix_*``, left-padded so that every row's
+    lookup is the first token of ``ids``); each optimization step runs only ``ids``, the
+    tokens from the lookup on, and backpropagates through them alone.
+    """
+
+    ids: torch.Tensor  # (R, S) each row from its lookup token on, right-padded
+    mask: torch.Tensor  # (R, P + S) attention mask over prefix and suffix
+    pos: torch.Tensor  # (R, S) position ids of ``ids``
+    prefix_ids: torch.Tensor | None  # (R, P) the tokens before the lookup, left-padded
+    prefix_mask: torch.Tensor | None  # (R, P)
+    prefix_pos: torch.Tensor | None  # (R, P)
+    fact: torch.Tensor  # (R,) which fact a row belongs to
+    rewrite: torch.Tensor  # (R,) bool: a rewriting row (else an essence/KL row)
+    weight: torch.Tensor  # (R,) share of its fact's loss and key (0 for essence rows)
+    tgt_row: torch.Tensor  # (T,) row of each supervised target position
+    tgt_col: torch.Tensor  # (T,) column of ``ids`` whose next-token logits predict it
+    tgt_tok: torch.Tensor  # (T,) the target token
+    tgt_first: torch.Tensor  # (T,) bool: the first token of the target
+    kl_row: torch.Tensor  # (F,) the essence row of each fact
+    kl_col: torch.Tensor  # (F,)
+
+    def prefix_cache(self, model: nn.Module):
+        """The key/value cache of the prefixes (None when every lookup is at position 0)."""
+        if self.prefix_ids is None:
+            return None
+        return prefix_cache(model, self.prefix_ids, self.prefix_mask, self.prefix_pos)
+
+    def keep(self, facts: torch.Tensor, cache) -> tuple[Batch, object]:
+        """The rows of the facts flagged in ``facts`` (bool, one per fact of this batch),
+        renumbered in order, and ``cache`` cut to those rows (no prefix is run again)."""
+        rows = facts[self.fact]  # (R,) bool
+        new_row = torch.cumsum(rows, 0) - 1  # row index in the kept batch
+        new_fact = torch.cumsum(facts, 0) - 1
+        tgt = rows[self.tgt_row]
+        kept_rows = rows.nonzero()[:, 0]
+        if cache is not None:
+            cache.batch_select_indices(kept_rows)
+
+        def sub(x):
+            return None if x is None else x[kept_rows]
+
+        batch = dataclasses.replace(
+            self,
+            ids=self.ids[kept_rows],
+            mask=self.mask[kept_rows],
+            pos=self.pos[kept_rows],
+            prefix_ids=sub(self.prefix_ids),
+            prefix_mask=sub(self.prefix_mask),
+            prefix_pos=sub(self.prefix_pos),
+            fact=new_fact[self.fact[kept_rows]],
+            rewrite=self.rewrite[kept_rows],
+            weight=self.weight[kept_rows],
+            tgt_row=new_row[self.tgt_row[tgt]],
+            tgt_col=self.tgt_col[tgt],
+            tgt_tok=self.tgt_tok[tgt],
+            tgt_first=self.tgt_first[tgt],
+            kl_row=new_row[self.kl_row[facts]],
+            kl_col=self.kl_col[facts],
+        )
+        return batch, cache
+
+
+def build_batch(tok, facts: list[Fact], templates, device) -> Batch:
+    """The rows of ``templates`` (a :class:`Contexts`, or cloze templates alone) for every
+    fact, then one essence (KL) row per fact."""
+    contexts = Contexts.of(templates)
+    seqs, fact_of, lookup, rewrite, weight = [], [], [], [], []
+    t_row, t_col, t_tok, t_first = [], [], [], []
+    for f, fact in enumerate(facts):
+        for row in contexts.rows(tok, fact):
+            r = len(seqs)
+            seqs.append(row.ids + row.target[:-1])
+            fact_of.append(f)
+            lookup.append(row.lookup)
+            rewrite.append(True)
+            weight.append(row.weight)
+            for j, t in enumerate(row.target):
+                t_row.append(r)
+                t_col.append(len(row.ids) - 1 + j - row.lookup)
+                t_tok.append(t)
+                t_first.append(j == 0)
+    kl_row, kl_col = [], []
+    for f, fact in enumerate(facts):
+        text, idx = subject_last_index(tok, ESSENCE_PROMPT, fact.subject)
+        ids = encode(tok, text)
+        kl_row.append(len(seqs))
+        kl_col.append(len(ids) - 1 - idx)
+        seqs.append(ids)
+        fact_of.append(f)
+        lookup.append(idx)
+        rewrite.append(False)
+        weight.append(0.0)
+
+    pad, width = pad_id(tok), max(lookup)
+    prefix = [[pad] * (width - i) + seq[:i] for seq, i in zip(seqs, lookup, strict=True)]
+    p_mask = [[0] * (width - i) + [1] * i for i in lookup]
+    p_pos = [[0] * (width - i) + list(range(i)) for i in lookup]
+    ids, s_mask = right_pad([seq[i:] for seq, i in zip(seqs, lookup, strict=True)], pad, device)
+    steps = torch.arange(ids.shape[1], device=device)
+
+    def t(x, dtype=torch.long):
+        return torch.tensor(x, dtype=dtype, device=device)
+
+    with_prefix = width > 0
+    return Batch(
+        ids=ids,
+        mask=torch.cat([t(p_mask), s_mask], 1) if with_prefix else s_mask,
+        pos=t(lookup)[:, None] + steps,
+        prefix_ids=t(prefix) if with_prefix else None,
+        prefix_mask=t(p_mask) if with_prefix else None,
+        prefix_pos=t(p_pos) if with_prefix else None,
+        fact=t(fact_of),
+        rewrite=t(rewrite, torch.bool),
+        weight=t(weight, torch.float32),
+        tgt_row=t(t_row),
+        tgt_col=t(t_col),
+        tgt_tok=t(t_tok),
+        tgt_first=t(t_first, torch.bool),
+        kl_row=t(kl_row),
+        kl_col=t(kl_col),
+    )
+
+
+def mean_by_group(x: torch.Tensor, group: torch.Tensor, n: int) -> torch.Tensor:
+    """Mean of a 1-D ``x`` per group index (groups with no members give 0)."""
+    total = torch.zeros(n, dtype=x.dtype, device=x.device).index_add(0, group, x)
+    count = torch.zeros(n, dtype=x.dtype, device=x.device).index_add(0, group, torch.ones_like(x))
+    return total / count.clamp_min(1)
+
+
+def weighted_by_fact(x: torch.Tensor, w: torch.Tensor, fact: torch.Tensor, n: int) -> torch.Tensor:
+    """Sum of the rows of ``x`` (R, d) weighted by ``w`` (R,) per fact → (n, d): a weighted
+    mean where each fact's weights sum to 1."""
+    total = torch.zeros((n, x.shape[1]), dtype=x.dtype, device=x.device)
+    return total.index_add(0, fact, x * w.to(x.dtype)[:, None])
+
+
+def mean_by_fact(x: torch.Tensor, fact: torch.Tensor, n: int) -> torch.Tensor:
+    """Mean of the rows of ``x`` (R, d) per fact → (n, d)."""
+    total = torch.zeros((n, x.shape[1]), dtype=x.dtype, device=x.device).index_add(0, fact, x)
+    count = torch.zeros(n, dtype=x.dtype, device=x.device).index_add(
+        0, fact, torch.ones(len(fact), dtype=x.dtype, device=x.device)
+    )
+    return total / count.clamp_min(1)[:, None]

@@ -1,0 +1,162 @@
+"""The value objectives: what δ is optimized for, one table of pure functions by name.
+
+An objective reads the log-probabilities at the supervised target positions of the running
+rows and returns, per running fact, its loss, the probability it reports, and whether the fact
+is done (:class:`FactLoss`). An objective that compares with the unedited model also has a
+``reference``, computed once from the first pass (δ = 0). Every objective shares the essence
+KL and the norm penalty (:func:`regularized`).
+
+* ``insert`` makes ``fact.target`` likely after the prompts (mean token NLL);
+* ``erase`` makes ``fact.target`` unlikely without naming a replacement: the next-token
+  distribution at the end of each prompt is pulled toward the unedited one conditioned on
+  *not* starting the object, q(x) ∝ p₀(x)·[x ≠ object], by KL(q ‖ p), plus the unlikelihood
+  term −log(1 − p(object)) (Welleck et al. 2020) that drives its probability down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from edit.methods.algebra.batch import Batch, mean_by_fact, mean_by_group, weighted_by_fact
+
+if TYPE_CHECKING:
+    from edit.methods.algebra.values import ValueSettings
+
+
+@dataclass
+class ObjectiveInputs:
+    """What one optimization step gives an objective."""
+
+    logp: torch.Tensor  # (T, V) log-probabilities predicting each target token of ``batch``
+    batch: Batch  # the running facts' rows
+    act: torch.Tensor  # (F,) the running facts, as indices into the chunk's facts
+
+
+@dataclass
+class FactLoss:
+    """An objective's answer, one entry per running fact."""
+
+    loss: torch.Tensor  # (F,) the objective's own loss (with gradient)
+    measure: torch.Tensor  # (F,) P(target) (insert) or P(object) (erase), reported
+    done: torch.Tensor  # (F,) bool: the fact reached its stop criterion
+
+
+Reference = dict[str, torch.Tensor]
+LossFn = Callable[[ObjectiveInputs, Reference, "ValueSettings"], FactLoss]
+ReferenceFn = Callable[[ObjectiveInputs, "ValueSettings"], Reference]
+
+
+@dataclass(frozen=True)
+class Objective:
+    loss: LossFn
+    reference: ReferenceFn | None = None  # from the unedited pass; None: needs none
+
+    def unedited(self, x: ObjectiveInputs, settings: ValueSettings) -> Reference:
+        """The reference from the unedited pass (empty for an objective that needs none)."""
+        return {} if self.reference is None else self.reference(x, settings)
+
+
+OBJECTIVES: dict[str, Objective] = {}  # name -> objective
+
+
+def register_objective(name: str, *, reference: ReferenceFn | None = None):
+    """Add a value objective to :data:`OBJECTIVES` under ``name``."""
+
+    def wrap(fn: LossFn) -> LossFn:
+        OBJECTIVES[name] = Objective(fn, reference)
+        return fn
+
+    return wrap
+
+
+# --------------------------------------------------------------------------- insert
+
+
+def _all_top(x: ObjectiveInputs, n_act: int) -> torch.Tensor:
+    """(F,) bool: every target token is the top prediction after every rewriting prompt."""
+    b = x.batch
+    top = x.logp.detach().argmax(-1) == b.tgt_tok  # (P,)
+    row_top = mean_by_group(top.float(), b.tgt_row, len(b.ids)) == 1
+    fact_top = mean_by_fact(row_top[b.rewrite].float()[:, None], b.fact[b.rewrite], n_act)
+    return fact_top[:, 0] == 1
+
+
+@register_objective("insert")
+def target_nll(x: ObjectiveInputs, ref: Reference, settings: ValueSettings) -> FactLoss:
+    """Mean token NLL of the target per row, then the rows' weighted mean per fact (ROME's
+    loss when every row weighs the same); done below ``nll_stop``."""
+    b, n_act = x.batch, len(x.act)
+    tok_lp = x.logp.gather(1, b.tgt_tok[:, None])[:, 0]  # (P,)
+    row_nll = mean_by_group(-tok_lp, b.tgt_row, len(b.ids))
+    fact_loss = weighted_by_fact(row_nll[:, None], b.weight, b.fact, n_act)[:, 0]
+    measure = torch.exp(-fact_loss.detach())
+    done = fact_loss.detach() < settings.nll_stop
+    if settings.stop_most_probable:
+        # most-probable early stop (Gupta et al. 2025, "Lifelong Sequential Knowledge
+        # Editing without Model Degradation", MPES): done once every target token is
+        # the top prediction after every rewriting prompt; pushing further only
+        # grows the update
+        done = done | _all_top(x, n_act)
+    return FactLoss(fact_loss, measure, done)
+
+
+# --------------------------------------------------------------------------- erase
+
+
+def erase_reference(x: ObjectiveInputs, settings: ValueSettings) -> Reference:
+    """From the unedited pass, per first target token: q, the unedited next-token
+    distribution given "not object", and its fact; per fact: the P(object) to stop at (its
+    unedited mean divided by ``erase_ratio``)."""
+    b = x.batch
+    first_tokens = b.tgt_tok[b.tgt_first]
+    p0 = x.logp[b.tgt_first].detach().exp()
+    p0_obj = p0.gather(1, first_tokens[:, None])[:, 0]
+    q = p0.scatter(1, first_tokens[:, None], 0.0)
+    q = q / q.sum(-1, keepdim=True)  # the unedited distribution given "not object"
+    q_fact = b.fact[b.tgt_row[b.tgt_first]]
+    # done once each fact's mean P(object) fell by erase_ratio
+    stop_at = mean_by_fact(p0_obj[:, None], q_fact, len(x.act))[:, 0] / settings.erase_ratio
+    return {"q": q, "q_fact": q_fact, "stop_at": stop_at}
+
+
+@register_objective("erase", reference=erase_reference)
+def erase(x: ObjectiveInputs, ref: Reference, settings: ValueSettings) -> FactLoss:
+    """KL(q ‖ p) + −log(1 − p(object)) at the first target token, the rows' weighted mean
+    per fact; done once the fact's mean P(object) is at most its ``stop_at``."""
+    b, n_act = x.batch, len(x.act)
+    q = ref["q"][torch.isin(ref["q_fact"], x.act)]  # the running facts' rows of q
+    lp_first = x.logp[b.tgt_first]  # (Rw, V)
+    first_of = b.fact[b.tgt_row[b.tgt_first]]
+    p_obj = lp_first.gather(1, b.tgt_tok[b.tgt_first][:, None])[:, 0].exp()
+    kl_q = (q * (q.clamp_min(1e-30).log() - lp_first)).sum(-1)
+    unlikely = -torch.log1p(-p_obj.clamp(max=1 - 1e-6))
+    first_w = b.weight[b.tgt_row[b.tgt_first]]
+    fact_loss = weighted_by_fact((kl_q + unlikely)[:, None], first_w, first_of, n_act)[:, 0]
+    measure = mean_by_fact(p_obj[:, None].detach(), first_of, n_act)[:, 0]
+    return FactLoss(fact_loss, measure, measure <= ref["stop_at"][x.act])
+
+
+# --------------------------------------------------------------------------- shared terms
+
+
+def essence_kl(logp_kl: torch.Tensor, ref_kl: torch.Tensor) -> torch.Tensor:
+    """(F,) KL(p₀ ‖ p) of the next token after each fact's essence prompt ("{} is a"): keeps
+    what the subject is (ROME §3.1, eq. 4)."""
+    return F.kl_div(logp_kl, ref_kl, log_target=True, reduction="none").sum(-1)
+
+
+def norm_penalty(delta: torch.Tensor, v_norm: torch.Tensor) -> torch.Tensor:
+    """(F,) (‖δ‖ / ‖v0‖)²: weight decay relative to the output's own size."""
+    return (delta.norm(dim=-1) / v_norm) ** 2
+
+
+def regularized(
+    fact_loss: torch.Tensor, kl: torch.Tensor, decay: torch.Tensor, settings: ValueSettings
+) -> torch.Tensor:
+    """(F,) an objective's loss plus the shared terms, weighted by the settings."""
+    return fact_loss + settings.kl_factor * kl + settings.weight_decay * decay

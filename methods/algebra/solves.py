@@ -1,0 +1,143 @@
+"""The weight updates that map the keys k* to their new values: ROME's rank-one direction,
+MEMIT's least-squares solve spread over several layers, AlphaEdit's null-space projector and
+its projected solve. All solves run in float64 and return float32 factors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edit.facts import Fact
+from edit.methods.algebra.keys import keys_and_hidden
+from edit.update import Update
+
+
+def rank_one_direction(second_moment: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The row b (d,) of a rank-one update δbᵀ that maps each key exactly: bᵀk_j = 1 for
+    every row k_j of ``keys`` (n, d), with the least bᵀCb (the smallest change on generic
+    keys) among those that do. One key gives ROME's b = C⁻¹k/(kᵀC⁻¹k); keys that are
+    almost parallel are met in the least-squares sense (a pseudo-inverse of their
+    C⁻¹-Gram matrix), so a second key adds nothing where it adds no direction."""
+    c = second_moment.to(device=keys.device, dtype=torch.float64)
+    k = keys.double().T  # (d, n)
+    eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    ci_k = torch.linalg.solve(c + 1e-6 * c.diagonal().mean() * eye, k)
+    gram = k.T @ ci_k
+    ones = torch.ones(k.shape[1], dtype=c.dtype, device=c.device)
+    return (ci_k @ (torch.linalg.pinv(gram, rtol=1e-6, hermitian=True) @ ones)).float()
+
+
+def spread_over_layers(
+    model: nn.Module,
+    tok,
+    facts: list[Fact],
+    templates: list[str],
+    modules: list[str],
+    last_block: str,
+    deltas: torch.Tensor,
+    solve_layer,
+) -> tuple[Update, list[dict]]:
+    """MEMIT's update of several layers (Meng et al. 2023, "Mass-Editing Memory in a
+    Transformer", Alg. 1).
+
+    The target of fact i is z_i = h_i + δ_i, with h_i the output of ``last_block`` (the
+    residual stream after the last edited layer) before the edit. Layer by layer, from the
+    first: read the keys K (F, d_in) at the layer and the residual stream h' as the model is
+    now (earlier layers already changed), take the residual R = (z − h') / (layers left),
+    and write ΔW = A B = ``solve_layer(module, K, R)`` into the layer. Each layer so takes an
+    equal share of what is still missing. The model is unchanged at the end.
+    """
+    keys, h0 = keys_and_hidden(model, tok, facts, templates, modules[0], last_block)
+    target = h0 + deltas.float()
+    update = Update()
+    steps: list[dict] = []
+    applied = []
+    try:
+        for i, module in enumerate(modules):
+            if i == 0:  # nothing changed yet: the first layer's keys and h0 from above
+                h = h0
+            else:
+                keys, h = keys_and_hidden(model, tok, facts, templates, module, last_block)
+            missing = target - h
+            resid = missing / (len(modules) - i)
+            a, b = solve_layer(module, keys, resid)
+            part = Update({module: (a, b)}, {module: keys})
+            applied.append(part.apply(model))
+            update.factors[module] = (a, b)
+            update.keys[module] = keys
+            steps.append(
+                {
+                    "module": module,
+                    "missing_norm": float(missing.norm(dim=-1).mean()),
+                    "update_norm": float(part.delta(module).norm()),
+                }
+            )
+    finally:
+        for handle in reversed(applied):
+            handle.undo()
+    return update, steps
+
+
+def memit_factors(
+    second_moment: torch.Tensor, keys: torch.Tensor, resid: torch.Tensor, cov_weight: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEMIT's least-squares update ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ (Meng et al. 2023, eq. 14) as
+    factors A = R (d_out, n), B = ((λC + KᵀK)⁻¹ K)ᵀ (n, d_in), solved in float64.
+
+    ``keys`` (n, d_in), ``resid`` (n, d_out); C the keys' second moment over generic text
+    and λ (``cov_weight``) how many generic keys' worth of preservation it stands for.
+    """
+    k = keys.to(torch.float64)
+    c = second_moment.to(device=k.device, dtype=torch.float64)
+    m = cov_weight * c + k.T @ k
+    b = torch.linalg.solve(m, k.T).T  # m is symmetric
+    return resid.T.float().clone(memory_format=torch.contiguous_format), b.float().contiguous()
+
+
+def null_space_projector(second_moment: torch.Tensor, threshold: float) -> torch.Tensor:
+    """P = U Uᵀ over the eigenvectors of C whose eigenvalues are below ``threshold`` times
+    their mean: keys that generic text uses (C's large directions) are mapped to ~0
+    (AlphaEdit, Fang et al. 2025, eq. 7), in float32 on C's device.
+
+    The paper's threshold is absolute (2e-2); relative to the mean eigenvalue it carries
+    over between models whose keys differ in scale by orders of magnitude.
+    """
+    c = second_moment.to(torch.float64)
+    values, vectors = torch.linalg.eigh(c)
+    u = vectors[:, values < threshold * values.mean()]
+    return (u @ u.T).float()
+
+
+def alphaedit_factors(
+    projector: torch.Tensor,
+    keys: torch.Tensor,
+    resid: torch.Tensor,
+    previous: torch.Tensor | None,
+    l2: float,
+    second_moment: torch.Tensor | None = None,
+    cov_weight: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AlphaEdit's update (Fang et al. 2025, eq. 16): ΔWᵀ = (P(K_p K_pᵀ + K Kᵀ) + αI)⁻¹ P K Rᵀ,
+    with P the null-space projector, K_p the keys of earlier edits (``previous``, (m, d_in),
+    or None) and α = ``l2``. Returned as factors A = R (d_out, n), B (n, d_in), solved in
+    float64. For any key k0 with P k0 = 0 (the preserved knowledge), ΔW k0 = 0.
+
+    With ``cov_weight`` λ > 0 the generic keys' second moment C joins the earlier edits' keys,
+    (P(K_p K_pᵀ + K Kᵀ + λC) + αI)⁻¹: it penalizes λ‖ΔP k0‖² for the generic keys that P
+    lets through (where C has no exact null space, P keeps directions generic text uses).
+    λ = 0 is the paper's update.
+    """
+    k = keys.to(torch.float64)
+    p = projector.to(device=k.device, dtype=torch.float64)
+    gram = k.T @ k
+    if previous is not None and len(previous):
+        kp = previous.to(device=k.device, dtype=torch.float64)
+        gram = gram + kp.T @ kp
+    if cov_weight > 0:
+        if second_moment is None:
+            raise ValueError("cov_weight > 0 needs the keys' second moment")
+        gram = gram + cov_weight * second_moment.to(device=k.device, dtype=torch.float64)
+    eye = torch.eye(p.shape[0], dtype=torch.float64, device=k.device)
+    x = torch.linalg.solve(p @ gram + l2 * eye, p @ k.T)  # (d_in, n)
+    return resid.T.float().clone(memory_format=torch.contiguous_format), x.T.float().contiguous()

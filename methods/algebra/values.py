@@ -1,0 +1,343 @@
+"""The value optimization: per fact, the key k* and the change δ of a module's output at the
+subject's last token that makes the model say the new target (or stop saying the old one).
+
+δ is found by gradient descent on the output (Meng et al. 2022, "Locating and Editing Factual
+Associations in GPT", §3.1, eq. 4) under the objective picked by name from
+:data:`~edit.methods.algebra.objectives.OBJECTIVES`, a KL term that keeps the subject's other
+properties and a norm bound. All facts of a chunk run in one forward/backward per step; each
+fact stops once its own criterion is met and its rows leave the batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from edit.errors import InvalidRequest
+from edit.facts import Fact
+from edit.hooks import Trace
+from edit.lm import device_of, eager_attention_on_cpu, logits_at
+from edit.methods.algebra.batch import Batch, build_batch, weighted_by_fact
+from edit.methods.algebra.contexts import Contexts, check_forms
+from edit.methods.algebra.keys import MAX_ROWS, keys_and_hidden
+from edit.methods.algebra.objectives import (
+    OBJECTIVES,
+    FactLoss,
+    ObjectiveInputs,
+    essence_kl,
+    norm_penalty,
+    regularized,
+)
+from edit.methods.algebra.precision import VALUE_DTYPES, value_autocast
+
+
+@dataclass
+class ValueSolution:
+    keys: torch.Tensor  # (F, d_in) k*: mean key over the rewriting prompts
+    values: torch.Tensor  # (F, d_out) v0 = W k* (+ bias): the layer's output before the edit
+    deltas: torch.Tensor  # (F, d_out) δ: the optimized change of the output
+    steps: int
+    loss_start: float
+    loss_end: float
+    target_prob: list[float]  # per fact, mean P(target) (insert) or P(object) (erase) at the end
+
+
+@dataclass(frozen=True)
+class ValueSettings:
+    steps: int
+    lr: float
+    kl_factor: float
+    weight_decay: float
+    clamp_norm: float
+    nll_stop: float
+    erase_ratio: float
+    stop_most_probable: bool = False
+    value_dtype: str = "auto"
+
+    @classmethod
+    def of(cls, config) -> ValueSettings:
+        """The value-optimization fields of a method config (same names)."""
+        return cls(*(getattr(config, f.name) for f in dataclasses.fields(cls)))
+
+
+def check_value_config(config) -> None:
+    """One-line errors for the fields every locate-then-edit config shares (ROME, MEMIT,
+    AlphaEdit): the value optimization's settings, the statistics size, the context
+    templates, the retry rounds."""
+    for name in ("steps", "stats_tokens"):
+        if getattr(config, name) < 1:
+            raise InvalidRequest(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.retry_rounds < 0:
+        raise InvalidRequest(f"retry_rounds must be >= 0, got {config.retry_rounds}")
+    for name in ("lr", "clamp_norm", "nll_stop"):
+        if not getattr(config, name) > 0:
+            raise InvalidRequest(f"{name} must be > 0, got {getattr(config, name)}")
+    for name in ("kl_factor", "weight_decay"):
+        if getattr(config, name) < 0:
+            raise InvalidRequest(f"{name} must be >= 0, got {getattr(config, name)}")
+    if not isinstance(config.stop_most_probable, bool):
+        raise InvalidRequest(
+            f"stop_most_probable must be true or false, got {config.stop_most_probable!r}"
+        )
+    if config.value_dtype not in VALUE_DTYPES:
+        raise InvalidRequest(
+            f"value_dtype must be one of {', '.join(VALUE_DTYPES)}, got {config.value_dtype!r}"
+        )
+    check_forms(config)
+    if config.erase_ratio <= 1:
+        raise InvalidRequest(f"erase_ratio must be > 1, got {config.erase_ratio}")
+    if any(len(s) != 2 or s[0] < 1 or s[1] < 0 for s in config.context_templates):
+        raise InvalidRequest(
+            f"context_templates must be (length, count) pairs, got {config.context_templates}"
+        )
+
+
+def solve_values(
+    model: nn.Module,
+    tok,
+    module: str,
+    facts: list[Fact],
+    templates: list[str],
+    settings: ValueSettings,
+    objective: str = "insert",
+    progress: bool = True,
+    max_rows: int = MAX_ROWS,
+) -> ValueSolution:
+    """Keys k* and output changes δ for a batch of facts at the output of ``module``.
+
+    Facts are independent (each has its own δ and its own loss terms), so a large batch is
+    solved in chunks of about ``max_rows`` prompt rows, each chunk in one forward/backward
+    per step and stopped as soon as all of its facts are done. Facts of similar length share
+    a chunk (less padding); the results are in the order of ``facts``.
+    """
+    if objective not in OBJECTIVES:
+        names = " or ".join(map(repr, OBJECTIVES))
+        raise ValueError(f"objective must be {names}, not {objective!r}")
+    precision = value_autocast(model, settings.value_dtype)
+    with precision:
+        sol = _solve_values(model, tok, module, facts, templates, settings, objective, progress,
+                            max_rows)  # fmt: skip
+    if isinstance(precision, nullcontext):
+        return sol
+    # the keys and v0 that the update is built from come from the model at its own precision
+    keys, values = keys_and_hidden(model, tok, facts, templates, module, module, max_rows)
+    return dataclasses.replace(sol, keys=keys, values=values)
+
+
+def _solve_values(model, tok, module, facts, templates, settings, objective, progress, max_rows):
+    rows_per_fact = len(Contexts.of(templates).rows(tok, facts[0])) + 1  # + the essence row
+    per_chunk = max(1, max_rows // rows_per_fact)
+    with _frozen(model), eager_attention_on_cpu(model):
+        if len(facts) <= per_chunk:
+            return _solve_chunk(model, tok, module, facts, templates, settings, objective, progress)
+        order = sorted(range(len(facts)), key=lambda i: len(tok(facts[i].statement).input_ids))
+        parts = []
+        bar = tqdm(
+            total=len(facts),
+            desc="optimizing values",
+            unit="fact",
+            disable=None if progress else True,
+        )
+        for start in range(0, len(facts), per_chunk):
+            chunk = [facts[i] for i in order[start : start + per_chunk]]
+            parts.append(
+                _solve_chunk(model, tok, module, chunk, templates, settings, objective, False)
+            )
+            bar.update(len(chunk))
+            bar.set_postfix(loss=f"{parts[-1].loss_end:.3f}", steps=parts[-1].steps)
+        bar.close()
+    return _joined(parts, order)
+
+
+def _joined(parts: list[ValueSolution], order: list[int]) -> ValueSolution:
+    """The chunks' solutions (of the facts in ``order``) as one, in the facts' own order."""
+    back = torch.argsort(torch.tensor(order))  # position in the sorted order of each fact
+
+    def gather(name: str) -> torch.Tensor:
+        return torch.cat([getattr(p, name) for p in parts])[back.to(parts[0].keys.device)]
+
+    weights = [len(p.target_prob) / len(order) for p in parts]
+    probs = [x for p in parts for x in p.target_prob]
+    return ValueSolution(
+        keys=gather("keys"),
+        values=gather("values"),
+        deltas=gather("deltas"),
+        steps=max(p.steps for p in parts),
+        loss_start=sum(w * p.loss_start for w, p in zip(weights, parts, strict=True)),
+        loss_end=sum(w * p.loss_end for w, p in zip(weights, parts, strict=True)),
+        target_prob=[probs[int(i)] for i in back],
+    )
+
+
+@contextmanager
+def _frozen(model: nn.Module):
+    """No gradients for the model's parameters while inside: only δ is optimized, and the
+    forward pass records nothing before the edited layer."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _solve_chunk(
+    model: nn.Module,
+    tok,
+    module: str,
+    facts: list[Fact],
+    templates: list[str],
+    settings: ValueSettings,
+    objective: str,
+    progress: bool,
+) -> ValueSolution:
+    """Keys k* and output changes δ for a chunk of facts at the output of ``module``, under
+    the objective named ``objective`` (see :mod:`edit.methods.algebra.objectives`); every
+    objective shares the essence KL and the norm bound.
+
+    δ starts at zero, so step 0's forward pass is the unedited one: it also yields the keys,
+    the outputs v0 and the reference distributions (no separate unedited pass). Each fact
+    stops as ROME's single edit does, once its own target is reached; the facts still running
+    are re-batched without the finished ones' rows.
+    """
+    run = _ChunkRun(model, module, build_batch(tok, facts, templates, device_of(model)),
+                    settings, objective)  # fmt: skip
+    bar = tqdm(
+        range(settings.steps),
+        desc="optimizing value",
+        leave=False,
+        disable=None if progress else True,
+    )
+    for step in bar:
+        n_t = len(run.batch.tgt_row)
+        logp, trace = run.forward(first=step == 0)
+        if step == 0:  # δ = 0 here: what this pass saw is the unedited model
+            run.read_unedited(logp, trace)
+        scored = run.score(logp[:n_t])
+        bar.set_postfix(loss=f"{run.losses[-1]:.3f}", running=int((~scored.done).sum()))
+        if bool(scored.done.all()):
+            break
+        run.descend(logp[n_t:], scored)
+        run.drop(scored.done)
+    bar.close()
+    return run.solution()
+
+
+class _ChunkRun:
+    """The optimization state of one chunk: δ (one row per fact, created at the first pass
+    from the output width), Adam, the facts still running and their rows (``batch``, with
+    the prefixes' key/value cache), what the unedited pass saw, and each fact's last loss."""
+
+    def __init__(self, model: nn.Module, module: str, batch: Batch, settings, objective: str):
+        self.model, self.module, self.settings = model, module, settings
+        self.objective = OBJECTIVES[objective]
+        self.device = device_of(model)
+        self.full = batch  # every fact's rows, as built
+        self.n_facts = len(batch.kl_row)  # one essence row per fact
+        self.delta: torch.Tensor | None = None  # (F, d_out)
+        self.opt: torch.optim.Optimizer | None = None
+        self.final_loss = torch.zeros(self.n_facts, device=self.device)
+        self.final_measure = torch.zeros(self.n_facts, device=self.device)
+        self.act = torch.arange(self.n_facts, device=self.device)  # running facts, increasing
+        self.batch = batch  # the running facts' rows
+        self.prefix = batch.prefix_cache(model)
+        self.losses: list[float] = []
+
+    def forward(self, first: bool) -> tuple[torch.Tensor, Trace]:
+        """One pass over the running rows with δ added at each row's lookup (column 0):
+        log-probabilities (targets, then essence rows) and the trace of ``module`` (its input
+        and output kept at the first pass)."""
+        cb, device = self.batch, self.device
+        c_flat = torch.arange(len(cb.ids), device=device) * cb.ids.shape[1]  # lookups: column 0
+        row_fact = self.act[cb.fact]
+
+        def inject(out: torch.Tensor) -> torch.Tensor:
+            if self.delta is None:  # on the input's device; the layer may live on another one
+                self.delta = torch.zeros((self.n_facts, out.shape[-1]), device=device)
+                self.delta.requires_grad_(True)
+            add = self.delta[row_fact].to(device=out.device, dtype=out.dtype)
+            at = (c_flat.to(out.device),)
+            edited = torch.index_put(out.flatten(0, -2), at, add, accumulate=True)
+            return edited.view(out.shape)
+
+        with Trace(
+            self.model, self.module, edit_output=inject, retain_input=first, retain_output=first
+        ) as tr:
+            logits = logits_at(
+                self.model,
+                cb.ids,
+                cb.mask,
+                torch.cat([cb.tgt_row, cb.kl_row]),
+                torch.cat([cb.tgt_col, cb.kl_col]),
+                position_ids=cb.pos,
+                cache=None if self.prefix is None else copy.deepcopy(self.prefix),
+            )
+        return torch.log_softmax(logits, -1), tr
+
+    def read_unedited(self, logp: torch.Tensor, tr: Trace) -> None:
+        """From the first pass (δ = 0): the keys, v0, the essence rows' reference
+        distributions and the objective's reference; Adam is set up on δ."""
+        b, device, n_tgt = self.full, self.device, len(self.full.tgt_row)
+        flat = torch.arange(len(b.ids), device=device) * b.ids.shape[1]
+        # (R, d_in), (R, d_out); OPT blocks flatten; from the layer's device
+        k_rows = tr.input.flatten(0, -2)[flat.to(tr.input.device)].float().to(device)
+        v_rows = tr.output.flatten(0, -2)[flat.to(tr.output.device)].float().to(device)
+        self.keys = weighted_by_fact(k_rows, b.weight, b.fact, self.n_facts)
+        self.values = weighted_by_fact(v_rows, b.weight, b.fact, self.n_facts)
+        self.v_norm = self.values.norm(dim=-1)  # (F,)
+        self.kl_ref = logp[n_tgt:].detach()  # (F, V)
+        self.opt = torch.optim.Adam([self.delta], lr=self.settings.lr)
+        x = ObjectiveInputs(logp[:n_tgt], b, self.act)
+        self.reference = self.objective.unedited(x, self.settings)
+
+    def score(self, logp_targets: torch.Tensor) -> FactLoss:
+        """The objective on this pass; each running fact's loss and measure are recorded."""
+        x = ObjectiveInputs(logp_targets, self.batch, self.act)
+        scored = self.objective.loss(x, self.reference, self.settings)
+        self.final_loss[self.act] = scored.loss.detach()
+        self.final_measure[self.act] = scored.measure
+        self.losses.append(float(self.final_loss.mean()))
+        return scored
+
+    def descend(self, logp_essence: torch.Tensor, scored: FactLoss) -> None:
+        """One Adam step on δ for the facts not done, then the norm bound."""
+        act, delta, done, s = self.act, self.delta, scored.done, self.settings
+        kl = essence_kl(logp_essence, self.kl_ref[act])
+        decay = norm_penalty(delta[act], self.v_norm[act])
+        loss = regularized(scored.loss, kl, decay, s)[~done].sum()
+        # gradient for δ only: the model's parameters get no .grad, whatever their flags
+        (delta.grad,) = torch.autograd.grad(loss, [delta])
+        running = torch.zeros(self.n_facts, dtype=torch.bool, device=self.device)
+        running[act[~done]] = True
+        before = delta.detach().clone()
+        self.opt.step()
+        with torch.no_grad():  # keep ‖δ‖ ≤ clamp · ‖v0‖ (ROME's norm constraint)
+            limit = s.clamp_norm * self.v_norm
+            scale = (limit / delta.norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0)
+            delta.mul_(scale[:, None])
+            delta[~running] = before[~running]  # finished facts keep their δ (Adam's momentum)
+
+    def drop(self, done: torch.Tensor) -> None:
+        """Cut the facts that are done out of the batch and the prefix cache."""
+        if bool(done.any()):
+            self.act = self.act[~done]
+            self.batch, self.prefix = self.batch.keep(~done, self.prefix)
+
+    def solution(self) -> ValueSolution:
+        return ValueSolution(
+            keys=self.keys,
+            values=self.values,
+            deltas=self.delta.detach(),
+            steps=len(self.losses),
+            loss_start=self.losses[0],
+            loss_end=float(self.final_loss.mean()),
+            target_prob=[float(x) for x in self.final_measure],
+        )
