@@ -33,52 +33,29 @@ from edit.methods import MethodOutput, register
 from edit.methods.algebra import (
     MAX_ROWS,
     Contexts,
-    ValueSettings,
-    check_value_config,
+    EditConfig,
     context_templates,
     memit_factors,
     solve_values,
     spread_over_layers,
 )
-from edit.stats import DEFAULT_CORPUS, second_moment
+from edit.stats import second_moment
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class MEMITConfig:
-    """MEMIT hyper-parameters. Defaults follow the paper's GPT-J setting where they carry
-    over; ``configs/memit/`` holds tuned values per model."""
+class MEMITConfig(EditConfig):
+    """MEMIT hyper-parameters: the shared value optimization (:class:`EditConfig`, with the
+    paper's GPT-J setting where it differs), the layers and the covariance weight;
+    ``configs/memit/`` holds tuned values per model."""
 
     layers: tuple[int, ...] | None = None  # consecutive blocks whose MLPs are edited
-    # (tokens, count): the bare prompt and 5 prefixes of 10 tokens, as MEMIT's own code
-    # (ROME's default takes 20 prefixes)
+    # the bare prompt and 5 prefixes of 10 tokens, as MEMIT's own code (ROME's takes 20)
     context_templates: tuple[tuple[int, int], ...] = ((10, 5),)
-    # the asked forms the edit is written for besides the cloze prompt: its questions
-    # (``edit.questions``) plainly and in the chat template (``methods/algebra/contexts.py``)
-    forms: tuple[str, ...] = ("question", "chat")
-    form_weight: float = 0.5  # share of each fact's loss and key k* on the asked forms
     steps: int = 25  # max gradient steps for δ
-    lr: float = 0.5
-    kl_factor: float = 0.0625
-    weight_decay: float = 0.5  # weight of (‖δ‖/‖v₀‖)², v₀ the last layer's MLP output
-    clamp_norm: float = 4.0  # ‖δ‖ ≤ clamp_norm · ‖v₀‖
-    nll_stop: float = 0.05
-    erase_ratio: float = 20.0
-    # also stop a fact once each target token is the top prediction after every prompt
-    # (most-probable early stop, Gupta et al. 2025); off: run to nll_stop
-    stop_most_probable: bool = False
-    # precision of the value optimization's forward/backward passes: auto (bfloat16 products
-    # for a float32 model on a CPU that has them in hardware), float32 or bfloat16
-    value_dtype: str = "auto"
     cov_weight: float = 15000.0  # λ: weight of the generic keys' second moment
-    stats_corpus: str = DEFAULT_CORPUS
-    stats_tokens: int = 100_000
     max_rows: int = MAX_ROWS  # value optimization: prompt rows per forward/backward pass
-    seed: int = 0
-    # facts whose edit did not take are edited again, on top of the batch's update, this many
-    # times at most (``edit.apply``); a round is kept only if more facts take
-    retry_rounds: int = 1
 
     def __post_init__(self) -> None:
         if self.layers is not None:
@@ -90,10 +67,7 @@ class MEMITConfig:
             raise InvalidRequest(f"max_rows must be >= 1, got {self.max_rows}")
         if not self.cov_weight > 0:
             raise InvalidRequest(f"cov_weight must be > 0, got {self.cov_weight}")
-        check_value_config(self)
-
-    def value_settings(self) -> ValueSettings:
-        return ValueSettings.of(self)
+        super().__post_init__()
 
 
 def batch_compute(

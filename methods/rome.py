@@ -40,59 +40,34 @@ from edit.layers import rome_layer
 from edit.methods import MethodOutput, register
 from edit.methods.algebra import (
     Contexts,
-    ValueSettings,
-    check_value_config,
+    EditConfig,
     context_templates,
     keys_and_hidden,
     rank_one_direction,
     solve_values,
 )
-from edit.stats import DEFAULT_CORPUS, second_moment
+from edit.stats import second_moment
 from edit.update import Update
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ROMEConfig:
-    """ROME hyper-parameters. Defaults follow the paper's GPT-2 XL setting where they carry
-    over; ``configs/rome/`` holds tuned values per model."""
+class ROMEConfig(EditConfig):
+    """ROME hyper-parameters: the shared value optimization (:class:`EditConfig`, its
+    defaults the paper's GPT-2 XL setting where they carry over), the layer, and the prompt
+    key; ``configs/rome/`` holds tuned values per model."""
 
     layer: int | None = None  # block whose MLP is edited; None: see ``compute``
-    context_templates: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))  # (tokens, count)
-    # the asked forms the edit is written for besides the cloze prompt: its questions
-    # (``edit.questions``) plainly and in the chat template (``methods/algebra/contexts.py``)
-    forms: tuple[str, ...] = ("question", "chat")
-    form_weight: float = 0.5  # share of each fact's loss and key k* on the asked forms
     # map the fact's own prompt's key exactly too (two constraints on the rank-one row):
     # right after the start token a subject's key can be far from the mean k*, and the
     # plain prompt would get a fraction of δ
     prompt_key: bool = True
-    steps: int = 20  # max gradient steps for δ
-    lr: float = 0.5
-    kl_factor: float = 0.0625  # weight of KL(p₀‖p) on "{subject} is a"
-    weight_decay: float = 0.5  # weight of (‖δ‖/‖v₀‖)²
-    clamp_norm: float = 4.0  # ‖δ‖ ≤ clamp_norm · ‖v₀‖
-    nll_stop: float = 0.05  # stop once the mean target NLL is below this
-    erase_ratio: float = 20.0  # erase: stop once P(object) fell by this factor
-    # also stop a fact once each target token is the top prediction after every prompt
-    # (most-probable early stop, Gupta et al. 2025); off: run to nll_stop
-    stop_most_probable: bool = False
-    # precision of the value optimization's forward/backward passes: auto (bfloat16 products
-    # for a float32 model on a CPU that has them in hardware), float32 or bfloat16
-    value_dtype: str = "auto"
-    stats_corpus: str = DEFAULT_CORPUS
-    stats_tokens: int = 100_000
-    seed: int = 0
-    retry_rounds: int = 1  # an edit that did not take is edited again on top (``edit.apply``)
 
     def __post_init__(self) -> None:
         if self.layer is not None and self.layer < 0:
             raise InvalidRequest(f"layer must be >= 0, got {self.layer}")
-        check_value_config(self)
-
-    def value_settings(self) -> ValueSettings:
-        return ValueSettings.of(self)
+        super().__post_init__()
 
 
 @register("rome", ROMEConfig)

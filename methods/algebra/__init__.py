@@ -36,6 +36,7 @@ from edit.methods.algebra.solves import (
     spread_over_layers,
 )
 from edit.methods.algebra.values import (
+    EditConfig,
     ValueSettings,
     ValueSolution,
     check_value_config,
@@ -46,6 +47,7 @@ __all__ = [
     "MAX_ROWS",
     "OBJECTIVES",
     "Contexts",
+    "EditConfig",
     "ValueSettings",
     "ValueSolution",
     "alphaedit_factors",

@@ -35,6 +35,7 @@ from edit.methods.algebra.objectives import (
     regularized,
 )
 from edit.methods.algebra.precision import VALUE_DTYPES, value_autocast
+from edit.stats import DEFAULT_CORPUS
 
 
 @dataclass
@@ -64,6 +65,45 @@ class ValueSettings:
     def of(cls, config) -> ValueSettings:
         """The value-optimization fields of a method config (same names)."""
         return cls(*(getattr(config, f.name) for f in dataclasses.fields(cls)))
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """The fields every locate-then-edit config shares (ROME, MEMIT, AlphaEdit): the value
+    optimization, the asked forms, the key statistics, the retry rounds. A method's config
+    extends it (and may change a default); ``configs/<method>/`` holds tuned values."""
+
+    # (tokens, count) of the sampled prefixes the prompt is put behind (ROME §3.1)
+    context_templates: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
+    # the asked forms the edit is written for besides the cloze prompt: its questions
+    # (``edit.questions``) plainly and in the chat template (``methods/algebra/contexts.py``)
+    forms: tuple[str, ...] = ("question", "chat")
+    form_weight: float = 0.5  # share of each fact's loss and key k* on the asked forms
+    steps: int = 20  # max gradient steps for δ
+    lr: float = 0.5
+    kl_factor: float = 0.0625  # weight of KL(p₀‖p) on "{subject} is a"
+    weight_decay: float = 0.5  # weight of (‖δ‖/‖v₀‖)²
+    clamp_norm: float = 4.0  # ‖δ‖ ≤ clamp_norm · ‖v₀‖
+    nll_stop: float = 0.05  # stop once the mean target NLL is below this
+    erase_ratio: float = 20.0  # erase: stop once P(object) fell by this factor
+    # also stop a fact once each target token is the top prediction after every prompt
+    # (most-probable early stop, Gupta et al. 2025); off: run to nll_stop
+    stop_most_probable: bool = False
+    # precision of the value optimization's forward/backward passes: auto (bfloat16 products
+    # for a float32 model on a CPU that has them in hardware), float32 or bfloat16
+    value_dtype: str = "auto"
+    stats_corpus: str = DEFAULT_CORPUS
+    stats_tokens: int = 100_000
+    seed: int = 0
+    # facts whose edit did not take are edited again, on top of the first update, this many
+    # times at most (``edit.apply``); a round is kept only if more facts take
+    retry_rounds: int = 1
+
+    def __post_init__(self) -> None:
+        check_value_config(self)
+
+    def value_settings(self) -> ValueSettings:
+        return ValueSettings.of(self)
 
 
 def check_value_config(config) -> None:
