@@ -58,3 +58,46 @@ def test_projectors_are_keyed_by_the_statistic_not_its_bytes(monkeypatch, tmp_pa
     alone = alphaedit.projector(_cov(seed=1), 1.0, "m.down_proj", None)
     torch.testing.assert_close(alone, algebra.null_space_projector(_cov(seed=1), 1.0))
     assert alphaedit._PROJECTORS == {(identity, 1.0): alphaedit._PROJECTORS[(identity, 1.0)]}
+
+
+LONG_AND_SHORT = [
+    Fact("{} is in", "Tomo", "Rome"),
+    Fact("{} was born long ago in the small old town of", "Maru", "Paris of the north"),
+]
+
+
+def test_rows_of_very_different_lengths_run_in_two_passes(llama, tok):
+    from edit.methods.algebra.batch import build_batch, length_parts
+    from edit.methods.algebra.values import _ChunkRun
+
+    batch = build_batch(tok, LONG_AND_SHORT, ["{}", "a b c. {}"], torch.device("cpu"))
+    split = length_parts(batch, batch.prefix_cache(llama))
+    assert split is not None
+    parts, _ = split
+    padded = sum(p.ids.numel() for p in parts)
+    assert padded < 0.75 * batch.ids.numel()  # the point of the split
+    assert sorted(torch.cat([p.rows for p in parts]).tolist()) == list(range(len(batch.ids)))
+    module = edit.arch.lookup(llama).mlp_out_name(1)
+    cfg = MEMITConfig(**{k: v for k, v in TINY_ROME.items() if k != "layer"})
+    run = _ChunkRun(llama, module, batch, cfg.value_settings(), "insert")
+    whole, _ = run.forward(first=True)  # one rectangular pass
+    with torch.no_grad():
+        run.delta.normal_(0, 0.1)  # a δ that changes what both passes see
+    whole, _ = run.forward(first=True)
+    assert run.parts is None
+    in_parts, _ = run.forward(first=False)
+    assert run.parts  # the split was used
+    torch.testing.assert_close(in_parts, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_the_split_changes_no_solved_value(llama, tok, monkeypatch):
+    from edit.methods.algebra import values
+
+    module = edit.arch.lookup(llama).mlp_out_name(1)
+    cfg = MEMITConfig(**{k: v for k, v in TINY_ROME.items() if k != "layer"}, value_dtype="float32")
+    args = (llama, tok, module, LONG_AND_SHORT, ["{}", "a b c. {}"], cfg.value_settings())
+    split = algebra.solve_values(*args, progress=False)
+    monkeypatch.setattr(values, "length_parts", lambda batch, cache: None)
+    whole = algebra.solve_values(*args, progress=False)
+    torch.testing.assert_close(split.deltas, whole.deltas, atol=1e-4, rtol=1e-4)
+    assert split.steps == whole.steps
