@@ -50,7 +50,17 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def percent(scores: dict) -> dict:
+    """An evaluation average with its shares and margins in percent, as the tables print
+    them (``edit.evals.report.summary_table``); KL, GE and PPL as they are."""
+    from edit.evals.harness import MARGINS, SHARES
+
+    return {k: 100 * v if k in SHARES or k in MARGINS else v for k, v in scores.items()}
+
+
 def write_results(out: str | Path, summary: dict, table: str, details: dict) -> None:
+    """Write ``<out>.json`` (run info, ``summary``: the figures a README row quotes, and
+    ``details``) and ``<out>.md`` (run info and ``table``)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     info = run_info()

@@ -6,6 +6,9 @@ quick comparisons of settings:
     .venv/bin/python benchmarks/rome_counterfact.py --limit 50
     .venv/bin/python benchmarks/rome_counterfact.py --limit 10 --set layer=6 --set steps=15
     .venv/bin/python benchmarks/rome_counterfact.py --limit 1 --fresh-stats   # statistics time
+
+Writes ``benchmarks/results/rome_counterfact.{json,md}`` (``--out``; pass another name when
+trying settings, so the headline file keeps the defaults' figures).
 """
 
 from __future__ import annotations
@@ -29,11 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a ROME setting, e.g. layer=6")  # fmt: skip
     p.add_argument("--fresh-stats", action="store_true", help="measure statistics in a new cache")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rome_counterfact"),
+                   help="results file stem: <out>.json and <out>.md")  # fmt: skip
     args = p.parse_args(argv)
     if args.fresh_stats:
         os.environ["EDIT_STATS_CACHE"] = tempfile.mkdtemp(prefix="edit-stats-")
 
     import edit
+    from benchmarks.recording import percent, write_results
     from edit.evals.harness import EvalSettings, evaluate
     from edit.evals.report import summary_table
     from edit.readers.records import load_records
@@ -55,8 +61,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seconds per edit: median {spe['median']:.1f}, p90 {spe['p90']:.1f}; "
               f"edits refused: {s['refused']}")  # fmt: skip
     print(f"key statistics: {s['cost']['statistics_seconds']:.1f}s")
+    summary = {
+        "data": Path(args.data).name,
+        "records": len(records),
+        "overrides": overrides,
+        "unedited": percent(s["unedited"]),
+        "edited": percent(s["edited"]),
+        "refused": s["refused"],
+        "retried": s["retried"],
+        "seconds_per_edit_median": spe["median"],
+        "seconds_per_edit_p90": spe["p90"],
+        "statistics_seconds": s["cost"]["statistics_seconds"],
+    }
+    write_results(args.out, summary, summary_table(s), {"harness_summary": s})
     return 0
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
     sys.exit(main())

@@ -18,8 +18,9 @@ Also a null check of the membership scores on the real model: the AUC between tw
 200 more never-seen QA from retain90 (alternate questions, so both halves cover the same ten
 authors) should be 0.5 up to sampling noise (standard error about 0.04 at 100 vs 100).
 
-Writes ``<out>/<method>/report.{json,md,png}``, ``<out>/holdout.json`` and
-``<out>/summary.{json,md}``, with the wall time of every forget and audit.
+Writes ``<reports>/<method>/report.{json,md,png}``, ``<reports>/holdout.json`` and
+``<reports>/summary.{json,md}``, with the wall time of every forget and audit, and the
+figures to ``benchmarks/results/tofu_audit.{json,md}`` (``--out``).
 """
 
 from __future__ import annotations
@@ -68,7 +69,9 @@ def main() -> None:
     p.add_argument("--run", default=str(ROOT / "bench-out" / "tofu"),
                    help="a tofu_unlearn.py --out folder")  # fmt: skip
     p.add_argument("--data", default=str(DATA))
-    p.add_argument("--out", default=None, help="default: <run>/audit")
+    p.add_argument("--reports", default=None, help="audit reports folder (default <run>/audit)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tofu_audit"),
+                   help="results file stem: <out>.json and <out>.md")  # fmt: skip
     p.add_argument("--methods", default="npo,graddiff")
     p.add_argument("--attacks", default="quantize,relearn")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -87,7 +90,7 @@ def main() -> None:
         raise SystemExit(f"TOFU data not found at {data}: pass --data")
     settings = json.loads((run / "summary.json").read_text())["settings"]["forget"]
     settings.update(parse_settings(args.set))  # KEY=VALUE as `edit forget --set` reads it
-    out = Path(args.out) if args.out else run / "audit"
+    out = Path(args.reports) if args.reports else run / "audit"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
 
@@ -134,7 +137,7 @@ def main() -> None:
             ws.revert(entry.id)
         audit.write(report, out / method)
         summary["runs"][method] = {"forget_seconds": forget_s, "audit_seconds": audit_s,
-                                   "verdicts": report.verdicts}  # fmt: skip
+                                   "verdicts": report.verdicts, **figures(report)}  # fmt: skip
         log(f"  audit {audit_s:.0f} s")
         for v in report.verdicts:
             log(f"    {v}")
@@ -146,6 +149,28 @@ def main() -> None:
     (out / "summary.md").write_text(md)
     print(md)
     log(f"wrote {out}; total {summary['wall_seconds'] / 60:.1f} min")
+    from benchmarks.recording import write_results
+
+    write_results(args.out, summary, md, {})
+
+
+SCALARS = ("forget_nll", "forget_prob", "holdout_nll", "mia_auc", "forget_quality",
+           "extraction_rouge_l", "extraction_exact", "recovered_percent",
+           "extraction_recovered_percent")  # fmt: skip
+
+
+def figures(report) -> dict:
+    """Each model's and attack's figures of an audit report (no per-example lists), and
+    which checks passed."""
+
+    def pick(m: dict) -> dict:
+        return {k: m[k] for k in SCALARS if k in m}
+
+    return {
+        "passed": dict(report.passed),
+        "models": {name: pick(m) for name, m in report.models.items()},
+        "attacks": {name: pick(m) for name, m in report.attacks.items()},
+    }
 
 
 def markdown(summary: dict, out: Path) -> str:
@@ -166,4 +191,5 @@ def markdown(summary: dict, out: Path) -> str:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
     main()

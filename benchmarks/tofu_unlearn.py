@@ -18,8 +18,10 @@ reference, TOFU's definition), model utility (TOFU's harmonic mean over the kept
 QA, real authors and world facts; see ``edit.evals.tofu``), forget-set ROUGE-L recall of
 greedy answers and probability, wall time and tokens per second; and, in separate
 processes, the throughput and peak memory of LoRA against full fine-tuning on the same
-batches. Writes ``summary.json``, ``summary.md`` and ``truth_ratios.png`` to ``--out``.
-Run it on a quiet machine: the figures are wall-clock times.
+batches. Writes the workspaces (``ws-target``, ``ws-reference``: what ``tofu_audit.py``
+reads), ``summary.json``, ``summary.md`` and ``truth_ratios.png`` to ``--work``, and the
+figures to ``benchmarks/results/tofu_unlearn.{json,md}`` (``--out``). Run it on a quiet
+machine: the figures are wall-clock times.
 """
 
 from __future__ import annotations
@@ -166,7 +168,10 @@ def run_probe(kind: str, args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=str(DATA))
-    p.add_argument("--out", default=str(ROOT / "bench-out" / "tofu"))
+    p.add_argument("--work", default=str(ROOT / "bench-out" / "tofu"),
+                   help="folder for the workspaces and the full summary")  # fmt: skip
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tofu_unlearn"),
+                   help="results file stem: <out>.json and <out>.md")  # fmt: skip
     p.add_argument("--methods", default="npo,graddiff")
     p.add_argument("--learn-epochs", type=int, default=5)
     p.add_argument("--learn-lr", type=float, default=1e-3)
@@ -208,7 +213,7 @@ def main() -> None:
         "real_authors": read_qa(data / "real_authors_perturbed.json"),
         "world_facts": read_qa(data / "world_facts_perturbed.json"),
     }
-    out = Path(args.out)
+    out = Path(args.work)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     learn = {"epochs": args.learn_epochs, "lr": args.learn_lr, "lora_rank": args.lora_rank,
@@ -289,6 +294,32 @@ def main() -> None:
     plot(evals, out / "truth_ratios.png")
     print(md)
     log(f"wrote {out}/summary.json, summary.md; total {summary['wall_seconds'] / 60:.1f} min")
+    from benchmarks.recording import write_results
+
+    write_results(args.out, results(summary), md, {"settings": summary["settings"]})
+
+
+def results(s: dict) -> dict:
+    """The figures of each model (reference, target, one per method) as the table prints
+    them, and the run's cost."""
+    ev, train = s["evaluations"], s["training"]
+    ref_util, ref_train = ev["reference"]["model_utility"], train["reference"]["seconds"]
+    models = {}
+    for key, e in ev.items():
+        secs = train.get(key, {}).get("seconds")
+        models[key] = {
+            "forget_quality": e["forget_quality"],
+            "model_utility": e["model_utility"],
+            "utility_vs_reference_percent": 100 * e["model_utility"] / ref_util,
+            "forget_rouge_l": e["forget_rouge_l"],
+            "forget_probability": e["forget_probability"],
+            "train_seconds": secs,
+            "cheaper_than_reference": (
+                ref_train / secs if secs and key not in ("reference", "target") else None
+            ),
+        }
+    return {"models": models, "probes": s["probes"], "peak_rss_mb": s["peak_rss_mb"],
+            "wall_seconds": s["wall_seconds"]}  # fmt: skip
 
 
 def markdown(s: dict) -> str:
@@ -343,4 +374,5 @@ def plot(evals: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
     main()

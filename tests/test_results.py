@@ -1,0 +1,154 @@
+"""The README's headline results table quotes its results files exactly.
+
+Each row of the table under "## Results" links one file ``benchmarks/results/<name>.md``; its
+figures cell is a list of ``label value`` items. For a row whose ``<name>.json`` exists, every
+value must equal the file's summary figure rounded as printed (``99.0`` to one decimal,
+``1.56x`` to two, ``76%`` to none); ``FIGURES`` says where in the summary each label lives. A
+row whose file does not exist yet must be marked "(not yet re-measured)"; the second test
+names those rows in its skip reason until the benchmarks have been run again.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+RESULTS = ROOT / "benchmarks" / "results"
+MARK = "(not yet re-measured)"
+
+# label in the README -> dotted path in the results file's "summary"
+FIGURES: dict[str, dict[str, str]] = {
+    "rome_counterfact": {
+        "ES": "edited.ES",
+        "PS": "edited.PS",
+        "NS": "edited.NS",
+        "unedited NS": "unedited.NS",
+        "s/edit": "seconds_per_edit_median",
+    },
+    "memit_counterfact_batch": {
+        "ES": "methods.memit.edited.ES",
+        "PS": "methods.memit.edited.PS",
+        "NS": "methods.memit.edited.NS",
+        "unedited NS": "unedited.NS",
+        "PPL": "methods.memit.edited.PPL",
+        "unedited PPL": "unedited.PPL",
+        "s/fact": "methods.memit.seconds_per_fact_median",
+    },
+    "memit_counterfact_sequential": {
+        "ES": "methods.alphaedit.edited.ES",
+        "PS": "methods.alphaedit.edited.PS",
+        "NS": "methods.alphaedit.edited.NS",
+        "unedited NS": "unedited.NS",
+        "PPL": "methods.alphaedit.edited.PPL",
+        "unedited PPL": "unedited.PPL",
+        "MEMIT ES": "methods.memit.edited.ES",
+        "MEMIT PPL": "methods.memit.edited.PPL",
+    },
+    "memit_counterfact_speed": {
+        "ROME s/edit": "rome_seconds_per_edit",
+        **{
+            f"batch {n} {label}": f"batches.{n}.{key}"
+            for n in (10, 100, 1000)
+            for label, key in (
+                ("s/fact", "seconds_per_fact"),
+                ("facts/min", "facts_per_minute"),
+                ("vs ROME", "vs_rome"),
+            )
+        },
+    },
+    "mquake_forms": {
+        **{k: f"edited.{k}" for k in ("ES", "QS", "CS", "CG")},
+        "s/edit": "seconds_per_edit_median.edited",
+        "cost": "cost_ratio",
+        "MHS": "MHS_edited",
+    },
+    "trace_known": {
+        "peak layer": "peak_layer",
+        "range": "layer_range",
+        "peak share": "peak_layer_share_percent",
+        "facts": "facts",
+    },
+    "tofu_unlearn": {
+        "forget quality": "models.npo.forget_quality",
+        "utility vs reference": "models.npo.utility_vs_reference_percent",
+        "cheaper than retraining": "models.npo.cheaper_than_reference",
+        "graddiff forget quality": "models.graddiff.forget_quality",
+    },
+    "tofu_audit": {
+        "zlib AUC": "runs.npo.models.changed.mia_auc.zlib",
+        "reference zlib AUC": "runs.npo.models.reference.mia_auc.zlib",
+        "relearn recovered": "runs.npo.attacks.relearn.recovered_percent",
+        "forget quality": "runs.npo.models.changed.forget_quality",
+    },
+    "device_check": {"failures": "failures"},
+}
+
+VALUE = re.compile(r"^(-?\d+(?:\.\d+)?)(?:x|%)?$")
+RANGE = re.compile(r"^(\d+)–(\d+)$")
+
+
+def headline_rows() -> list[dict]:
+    """The rows of the README's results table: name, figures (label -> printed value), mark."""
+    text = README.read_text()
+    section = text.split("\n## Results\n", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not (m := re.search(r"\(benchmarks/results/(\w+)\.md\)", cells[2])):
+            continue
+        figures = {}
+        for item in cells[1].split(", "):
+            label, _, value = item.rpartition(" ")
+            figures[label] = value
+        rows.append({"name": m.group(1), "figures": figures, "marked": MARK in cells[2]})
+    return rows
+
+
+def lookup(summary: dict, path: str):
+    value = summary
+    for part in path.split("."):
+        value = value[part]
+    return value
+
+
+def printed(value, as_printed: str) -> str:
+    """``value`` written the way the README writes ``as_printed``."""
+    if RANGE.match(as_printed):
+        return "–".join(str(v) for v in value)
+    m = VALUE.match(as_printed)
+    assert m, f"not a figure: {as_printed!r}"
+    decimals = len(m.group(1).split(".")[1]) if "." in m.group(1) else 0
+    return f"{value:.{decimals}f}" + as_printed[len(m.group(1)) :]
+
+
+def test_the_table_has_rows_and_known_labels():
+    rows = headline_rows()
+    assert len(rows) >= 5, "the README has no results table under '## Results'"
+    for row in rows:
+        assert row["name"] in FIGURES, f"{row['name']}: no entry in FIGURES"
+        unknown = set(row["figures"]) - set(FIGURES[row["name"]])
+        assert not unknown, f"{row['name']}: labels {sorted(unknown)} not in FIGURES"
+
+
+def test_headline_figures_match_results_files():
+    for row in headline_rows():
+        path = RESULTS / f"{row['name']}.json"
+        if not path.is_file():
+            assert row["marked"], f"{row['name']}: no {path.name} and not marked {MARK!r}"
+            continue
+        assert not row["marked"], f"{row['name']}: {path.name} exists; drop the {MARK!r} mark"
+        summary = json.loads(path.read_text())["summary"]
+        for label, shown in row["figures"].items():
+            want = printed(lookup(summary, FIGURES[row["name"]][label]), shown)
+            assert shown == want, f"{row['name']}: README says {label} {shown}, file {want}"
+
+
+def test_every_row_is_measured():
+    missing = [r["name"] for r in headline_rows() if not (RESULTS / f"{r['name']}.json").is_file()]
+    if missing:
+        pytest.skip(f"not yet re-measured (no results file): {', '.join(missing)}")
