@@ -1,7 +1,8 @@
 """ROME single edits on CounterFact: efficacy, generalization, locality, and cost.
 
-A thin front to the evaluation harness (``edit eval``) without the fluency measurements, for
-quick comparisons of settings:
+A thin front to the evaluation harness (``edit eval``), fluency (generation entropy,
+WikiText-2 perplexity) measured on the first ``--fluency-records`` records right after each
+one's own edit (0: none, for quick comparisons of settings):
 
     .venv/bin/python benchmarks/rome_counterfact.py --limit 50
     .venv/bin/python benchmarks/rome_counterfact.py --limit 10 --set layer=6 --set steps=15
@@ -14,7 +15,6 @@ trying settings, so the headline file keeps the defaults' figures).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a ROME setting, e.g. layer=6")  # fmt: skip
     p.add_argument("--fresh-stats", action="store_true", help="measure statistics in a new cache")
+    p.add_argument("--fluency-records", type=int, default=10,
+                   help="records whose fluency (generation entropy, WikiText-2 perplexity) is "
+                   "measured right after their own edit")  # fmt: skip
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rome_counterfact"),
                    help="results file stem: <out>.json and <out>.md")  # fmt: skip
     args = p.parse_args(argv)
@@ -40,17 +43,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import edit
     from benchmarks.recording import percent, write_results
-    from edit.evals.harness import EvalSettings, evaluate
+    from edit.config import parse_settings
+    from edit.evals.harness import EvalSettings, default_ppl_text, evaluate
     from edit.evals.report import summary_table
     from edit.readers.records import load_records
 
-    overrides = {}
-    for kv in args.set:
-        k, v = kv.split("=", 1)
-        overrides[k] = json.loads(v) if v[:1] in "[{0123456789.-" or v in ("true", "false") else v
+    overrides = parse_settings(args.set)
     model, tok = edit.load(args.model)
     records = load_records(args.data, limit=args.limit)
-    settings = EvalSettings(fluency_records=0, method_settings=overrides)
+    settings = EvalSettings(fluency_records=args.fluency_records, ppl_text=default_ppl_text(),
+                            method_settings=overrides)  # fmt: skip
     report = evaluate(model, tok, records, method="rome", mode="single", settings=settings,
                       data_name=Path(args.data).stem)  # fmt: skip
     s = report.summary

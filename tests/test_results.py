@@ -28,6 +28,8 @@ FIGURES: dict[str, dict[str, str]] = {
         "PS": "edited.PS",
         "NS": "edited.NS",
         "unedited NS": "unedited.NS",
+        "PPL": "edited.PPL",
+        "unedited PPL": "unedited.PPL",
         "s/edit": "seconds_per_edit_median",
     },
     "memit_counterfact_batch": {
