@@ -74,6 +74,28 @@ def _edit(model, tok, fact, settings: dict):
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    import edit
+    from benchmarks.recording import write_results
+    from edit.config import parse_settings
+
+    variants = {"edited": parse_settings(args.set)}
+    if args.against is not None:
+        variants["against"] = parse_settings(args.against)
+    cases = json.loads(Path(args.data).read_text())
+    model, tok = edit.load()
+    rows, seconds = _single_edits(model, tok, cases[: args.limit], variants)
+    hops = _multihop_cases(model, tok, cases[: args.multihop], variants["edited"])
+    summary = _summary(rows, seconds, hops, variants)
+    table = _table(summary, variants, args.against, hops)
+    print(table)
+    print(f"refused {summary['refused']}" + (f"; cost ratio {summary['cost_ratio']:.2f}"
+                                             if "cost_ratio" in summary else ""))  # fmt: skip
+    write_results(args.out, summary, table, {"rows": rows, "multihop": hops})
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--limit", type=int, default=40, help="single edits (one per case)")
@@ -88,28 +110,20 @@ def main(argv: list[str] | None = None) -> int:
         "scores and seconds side by side, the cost as a ratio of medians",
     )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mquake_forms"))
-    args = p.parse_args(argv)
+    return p
 
-    import torch
 
-    import edit
-    from benchmarks.recording import write_results
-    from edit.config import parse_settings
-
-    variants = {"edited": parse_settings(args.set)}
-    if args.against is not None:
-        variants["against"] = parse_settings(args.against)
-    cases = json.loads(Path(args.data).read_text())
-    model, tok = edit.load()
+def _single_edits(model, tok, cases: list[dict], variants: dict):
+    """Each case's first rewrite edited alone with every variant (alternating which goes
+    first, no order bias), scored before and after, undone after: rows and seconds."""
     rows = []
     seconds: dict[str, list[float]] = {v: [] for v in variants}
-    for i, case in enumerate(cases[: args.limit]):
+    for i, case in enumerate(cases):
         rw = case["requested_rewrite"][0]
         aliases = case["new_single_hops"][0].get("answer_alias", [])
         row = {"case": case["case_id"], "fact": _fact(rw).statement,
                "before": _single(model, tok, rw, aliases)}  # fmt: skip
-        order = list(variants) if i % 2 == 0 else list(reversed(variants))  # no order bias
-        for v in order:
+        for v in list(variants) if i % 2 == 0 else list(reversed(variants)):
             res, sec, steps = _edit(model, tok, _fact(rw), variants[v])
             seconds[v].append(sec)
             row[v] = _single(model, tok, rw, aliases) if res else {k: 0.0 for k in row["before"]}
@@ -123,13 +137,19 @@ def main(argv: list[str] | None = None) -> int:
             for v in variants
         )
         answer = (row["edited"].get("chat_answers") or [""])[0][:50]
-        print(f"[{i + 1}/{args.limit}] {row['fact']!r}: {line} | {answer!r}", flush=True)
+        print(f"[{i + 1}/{len(cases)}] {row['fact']!r}: {line} | {answer!r}", flush=True)
+    return rows, seconds
+
+
+def _multihop_cases(model, tok, cases: list[dict], settings: dict) -> list[dict]:
+    """Each case's four edits applied one after another, its multi-hop questions asked
+    before and after; undone after."""
     hops = []
-    for case in cases[: args.multihop]:
+    for case in cases:
         unedited = _multihop(model, tok, case)
         handles = []
         for rw in case["requested_rewrite"]:
-            res, _, _ = _edit(model, tok, _fact(rw), variants["edited"])
+            res, _, _ = _edit(model, tok, _fact(rw), settings)
             if res:
                 handles.append(res)
         edited = _multihop(model, tok, case)
@@ -137,8 +157,14 @@ def main(argv: list[str] | None = None) -> int:
             h.undo()
         hops.append({"case": case["case_id"], "unedited": unedited, "edited": edited,
                      "edits_taken": len(handles)})  # fmt: skip
+    return hops
 
-    forms = ("ES", "QS", "CS", "CG")
+
+FORMS = ("ES", "QS", "CS", "CG")
+
+
+def _summary(rows, seconds, hops, variants) -> dict:
+    import torch
 
     def share(key: str, when: str) -> float:
         return 100 * float(np.mean([r[when].get(key, 0.0) for r in rows]))
@@ -146,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "records": len(rows),
         "settings": variants,
-        "unedited": {k: share(k, "before") for k in forms},
-        **{v: {k: share(k, v) for k in forms} for v in variants},
+        "unedited": {k: share(k, "before") for k in FORMS},
+        **{v: {k: share(k, v) for k in FORMS} for v in variants},
         "refused": {v: sum(not r[v]["taken"] for r in rows) for v in variants},
         "seconds_per_edit_median": {v: float(np.median(s)) for v, s in seconds.items()},
         "multihop_cases": len(hops),
@@ -158,10 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     if "against" in variants:
         med = summary["seconds_per_edit_median"]
         summary["cost_ratio"] = med["edited"] / med["against"]
-    names = {
-        "edited": "after the edit",
-        "against": f"after the edit ({' '.join(args.against or [])})",
-    }
+    return summary
+
+
+def _table(summary: dict, variants: dict, against: list[str] | None, hops: list) -> str:
+    names = {"edited": "after the edit", "against": f"after the edit ({' '.join(against or [])})"}
     lines = [
         "| form | unedited | " + " | ".join(names[v] for v in variants) + " |",
         "|---|---|" + "---|" * len(variants),
@@ -169,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {k} | {summary['unedited'][k]:.1f} | "
             + " | ".join(f"{summary[v][k]:.1f}" for v in variants)
             + " |"
-            for k in forms
+            for k in FORMS
         ),  # fmt: skip
         "| median seconds per edit | | "
         + " | ".join(f"{summary['seconds_per_edit_median'][v]:.1f}" for v in variants)
@@ -178,12 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     if hops:
         lines.append(f"| MHS ({len(hops)} cases, 4 edits each) | {summary['MHS_unedited']:.1f} "
                      f"| {summary['MHS_edited']:.1f} |")  # fmt: skip
-    table = "\n".join(lines)
-    print(table)
-    print(f"refused {summary['refused']}" + (f"; cost ratio {summary['cost_ratio']:.2f}"
-                                             if "cost_ratio" in summary else ""))  # fmt: skip
-    write_results(args.out, summary, table, {"rows": rows, "multihop": hops})
-    return 0
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
