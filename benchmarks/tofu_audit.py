@@ -65,21 +65,7 @@ def null_auc(model, tok, a: list, b: list) -> dict[str, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", default=str(ROOT / "bench-out" / "tofu"),
-                   help="a tofu_unlearn.py --out folder")  # fmt: skip
-    p.add_argument("--data", default=str(DATA))
-    p.add_argument("--reports", default=None, help="audit reports folder (default <run>/audit)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tofu_audit"),
-                   help="results file stem: <out>.json and <out>.md")  # fmt: skip
-    p.add_argument("--methods", default="npo,graddiff")
-    p.add_argument("--attacks", default="quantize,relearn")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a forget setting of the run (JSON): kl_weight=1")  # fmt: skip
-    args = p.parse_args()
-
-    from edit.evals import audit
-    from edit.readers.tofu import read_qa
+    args = _parser().parse_args()
     from edit.workspace import Workspace
 
     t_all = time.perf_counter()
@@ -93,6 +79,42 @@ def main() -> None:
     out = Path(args.reports) if args.reports else run / "audit"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    forget01, kept, null, examples = _audit_sets(data, out)
+
+    ref = Workspace.open(run / "ws-reference", create=False)
+    ws = Workspace.open(run / "ws-target", create=False)
+    summary: dict = {"settings": settings, "command": " ".join(sys.argv), "runs": {}}
+    summary["null_auc"] = _null_check(ws, null)
+    log(f"null check (unseen vs unseen): {summary['null_auc']['auc']}")
+    for method in args.methods.split(","):
+        summary["runs"][method] = _forget_and_audit(
+            ws, ref, method, settings, forget01, kept, examples, args.attacks.split(","), out
+        )
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _finish(summary, out, args.out, t_all)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", default=str(ROOT / "bench-out" / "tofu"),
+                   help="a tofu_unlearn.py --out folder")  # fmt: skip
+    p.add_argument("--data", default=str(DATA))
+    p.add_argument("--reports", default=None, help="audit reports folder (default <run>/audit)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tofu_audit"),
+                   help="results file stem: <out>.json and <out>.md")  # fmt: skip
+    p.add_argument("--methods", default="npo,graddiff")
+    p.add_argument("--attacks", default="quantize,relearn")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a forget setting of the run (JSON): kl_weight=1")  # fmt: skip
+    return p
+
+
+def _audit_sets(data: Path, out: Path) -> tuple:
+    """forget01, the kept QA of forget10 (the retain set), the never-seen QA of the null
+    check, and the audit's data (forget01 against the never-seen holdout, written to
+    ``<out>/holdout.json``)."""
+    from edit.evals import audit
+    from edit.readers.tofu import read_qa
 
     forget10 = read_qa(data / "forget10.json")
     forget01 = read_qa(data / "forget01.json")
@@ -106,43 +128,50 @@ def main() -> None:
         holdout=[q.example() for q in holdout],
         qa=forget01,
     )
+    return forget01, kept, null, examples
 
-    ref = Workspace.open(run / "ws-reference", create=False)
-    ws = Workspace.open(run / "ws-target", create=False)
-    summary: dict = {"settings": settings, "command": " ".join(sys.argv), "runs": {}}
+
+def _null_check(ws, null: list) -> dict:
+    """Membership AUCs between the alternate halves of ``null`` on the target model."""
     t = time.perf_counter()
-    summary["null_auc"] = {
+    return {
         "what": f"{NULL // 2} vs {NULL // 2} never-seen TOFU QA on the target model",
         "auc": null_auc(
             ws.model, ws.tok, [q.example() for q in null[::2]], [q.example() for q in null[1::2]]
         ),
         "seconds": time.perf_counter() - t,
     }
-    log(f"null check (unseen vs unseen): {summary['null_auc']['auc']}")
 
-    for method in args.methods.split(","):
-        log(f"forget forget01 with {method} ({settings})")
-        t = time.perf_counter()
-        entry, _ = ws.forget([q.example() for q in forget01], [q.example() for q in kept],
-                             method=method, **settings)  # fmt: skip
-        forget_s = time.perf_counter() - t
-        log(f"  {forget_s:.0f} s; auditing entry {entry.id}")
-        t = time.perf_counter()
-        try:
-            report = audit.audit(ws, entry.id, examples, reference=ref.model,
-                                 reference_tok=ref.tok,
-                                 attack_names=tuple(args.attacks.split(",")))  # fmt: skip
-        finally:
-            audit_s = time.perf_counter() - t
-            ws.revert(entry.id)
-        audit.write(report, out / method)
-        summary["runs"][method] = {"forget_seconds": forget_s, "audit_seconds": audit_s,
-                                   "verdicts": report.verdicts, **figures(report)}  # fmt: skip
-        log(f"  audit {audit_s:.0f} s")
-        for v in report.verdicts:
-            log(f"    {v}")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
+def _forget_and_audit(ws, ref, method: str, settings: dict, forget01: list, kept: list,
+                      examples, attacks: list[str], out: Path) -> dict:  # fmt: skip
+    """`forget` forget01 from the target with ``method``, audit the entry against the
+    reference (report written to ``<out>/<method>``), revert it: its times and figures."""
+    from edit.evals import audit
+
+    log(f"forget forget01 with {method} ({settings})")
+    t = time.perf_counter()
+    entry, _ = ws.forget([q.example() for q in forget01], [q.example() for q in kept],
+                         method=method, **settings)  # fmt: skip
+    forget_s = time.perf_counter() - t
+    log(f"  {forget_s:.0f} s; auditing entry {entry.id}")
+    t = time.perf_counter()
+    try:
+        report = audit.audit(ws, entry.id, examples, reference=ref.model, reference_tok=ref.tok,
+                             attack_names=tuple(attacks))  # fmt: skip
+    finally:
+        audit_s = time.perf_counter() - t
+        ws.revert(entry.id)
+    audit.write(report, out / method)
+    log(f"  audit {audit_s:.0f} s")
+    for v in report.verdicts:
+        log(f"    {v}")
+    return {"forget_seconds": forget_s, "audit_seconds": audit_s, "verdicts": report.verdicts,
+            **figures(report)}  # fmt: skip
+
+
+def _finish(summary: dict, out: Path, results_stem: str, t_all: float) -> None:
+    """The final summary.json and summary.md in ``out``, printed, and the results file."""
     summary["wall_seconds"] = time.perf_counter() - t_all
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     md = markdown(summary, out)
@@ -151,7 +180,7 @@ def main() -> None:
     log(f"wrote {out}; total {summary['wall_seconds'] / 60:.1f} min")
     from benchmarks.recording import write_results
 
-    write_results(args.out, summary, md, {})
+    write_results(results_stem, summary, md, {})
 
 
 SCALARS = ("forget_nll", "forget_prob", "holdout_nll", "mia_auc", "forget_quality",

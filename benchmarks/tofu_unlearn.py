@@ -166,6 +166,33 @@ def run_probe(kind: str, args) -> dict:
 
 
 def main() -> None:
+    args = _parser().parse_args()
+    if args.probe:
+        return probe(args.probe, args)
+
+    t_all = time.perf_counter()
+    forget10, forget01, kept, sets = _sets(Path(args.data), args.retain_eval)
+    out = Path(args.work)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    learn, forget = _settings(args)
+    run = _Run(args, out, sets, learn, forget, t_all)
+
+    ref_ws = run.learned("reference", kept)  # the model retrained without forget01
+    ref_scores = run.scored("reference", ref_ws, None)
+    del ref_ws
+    ws = run.learned("target", forget10)
+    run.scored("target", ws, ref_scores)
+    for method in args.methods.split(","):
+        run.forgotten(method, ws, forget01, kept, ref_scores)
+
+    if args.probe_steps > 0:
+        log("throughput and memory: LoRA vs full fine-tuning (child processes)")
+        run.probes += [run_probe("lora", args), run_probe("full", args)]
+    run.finish()
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--work", default=str(ROOT / "bench-out" / "tofu"),
@@ -190,32 +217,33 @@ def main() -> None:
     p.add_argument("--gen-tokens", type=int, default=48)
     p.add_argument("--probe-steps", type=int, default=4, help="0: skip the LoRA/full probes")
     p.add_argument("--probe", choices=["lora", "full"], help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.probe:
-        return probe(args.probe, args)
+    return p
 
-    from edit.errors import EditError
+
+def _sets(data: Path, retain_eval: int) -> tuple:
+    """forget10, forget01 (its suffix), the kept QA (forget10 less forget01) and the sets
+    scored for every model: forget01, ``retain_eval`` kept QA spread over the authors, real
+    authors and world facts."""
     from edit.readers.tofu import read_qa
-    from edit.workspace import Workspace
 
-    t_all = time.perf_counter()
-    data = Path(args.data)
     if not data.is_dir():
         raise SystemExit(f"TOFU data not found at {data}: pass --data")
     forget10, forget01 = read_qa(data / "forget10.json"), read_qa(data / "forget01.json")
     if forget10[-len(forget01) :] != forget01:
         raise SystemExit("forget01 is not the suffix of forget10: not TOFU's split files")
     kept = forget10[: -len(forget01)]
-    step = max(1, len(kept) // args.retain_eval)
+    step = max(1, len(kept) // retain_eval)
     sets = {
         "forget": forget01,
-        "retain": kept[::step][: args.retain_eval],
+        "retain": kept[::step][:retain_eval],
         "real_authors": read_qa(data / "real_authors_perturbed.json"),
         "world_facts": read_qa(data / "world_facts_perturbed.json"),
     }
-    out = Path(args.work)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    return forget10, forget01, kept, sets
+
+
+def _settings(args) -> tuple[dict, dict]:
+    """The `learn` and the `forget` settings of the run."""
     learn = {"epochs": args.learn_epochs, "lr": args.learn_lr, "lora_rank": args.lora_rank,
              "batch_size": args.batch_size}  # fmt: skip
     # the retain NLL reported before/after a forget run is measured on 32 retain examples
@@ -226,77 +254,96 @@ def main() -> None:
               # target had before it learned forget01 (stop_at_learned=true would add it)
               "stop_at_learned": False}  # fmt: skip
     forget.update(parse_settings(args.forget_set))  # KEY=VALUE as `edit forget --set` reads it
-    training, evals = {}, {}
+    return learn, forget
 
-    def learned(name: str, items: list) -> tuple:
+
+class _Run:
+    """What one run has measured so far (training rows, evaluations, probes), written to
+    ``<work>/summary.json`` after every stage."""
+
+    def __init__(self, args, out: Path, sets: dict, learn: dict, forget: dict, t_all: float):
+        self.args, self.out, self.sets = args, out, sets
+        self.learn, self.forget, self.t_all = learn, forget, t_all
+        self.training: dict = {}
+        self.evals: dict = {}
+        self.probes: list[dict] = []
+
+    def learned(self, name: str, items: list):
         """A fresh workspace on the default model that has learned ``items``."""
+        from edit.workspace import Workspace
+
         log(f"{name}: learn {len(items)} QA")
-        ws = Workspace.open(out / f"ws-{name}")
+        ws = Workspace.open(self.out / f"ws-{name}")
         t = time.perf_counter()
-        _, res = ws.learn([q.example() for q in items], **learn)
-        training[name] = train_row(f"learn {len(items)} QA", res, time.perf_counter() - t)
-        log(f"  {training[name]['seconds']:.0f} s, {res.tokens_per_second:.0f} tokens/s; scoring")
+        _, res = ws.learn([q.example() for q in items], **self.learn)
+        self.training[name] = train_row(f"learn {len(items)} QA", res, time.perf_counter() - t)
+        log(f"  {self.training[name]['seconds']:.0f} s, {res.tokens_per_second:.0f} tokens/s; "
+            "scoring")  # fmt: skip
         return ws
 
-    probes: list[dict] = []
-
-    def save() -> dict:
-        """summary.json after every stage, so an interrupted run keeps what it measured."""
-        summary = {
-            "settings": {"learn": learn, "forget": forget, "retain_eval": len(sets["retain"])},
-            "training": training,
-            "evaluations": evals,
-            "probes": probes,
-            "peak_rss_mb": peak_rss_mb(),
-            "wall_seconds": time.perf_counter() - t_all,
-            "command": " ".join(sys.argv),
-        }
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        return summary
-
-    def scored(key: str, ws, reference) -> dict:
-        evals[key], scores = evaluate(ws.model, ws.tok, sets, reference, args)
-        e = evals[key]
+    def scored(self, key: str, ws, reference) -> dict:
+        """Evaluate ``ws``'s model against ``reference``'s scores (None: the reference
+        itself), log and save: its scores."""
+        self.evals[key], scores = evaluate(ws.model, ws.tok, self.sets, reference, self.args)
+        e = self.evals[key]
         log(f"  {key}: forget quality {e['forget_quality']:.3g}, model utility "
             f"{e['model_utility']:.4f}, forget ROUGE-L {e['forget_rouge_l']:.3f} "
             f"({e['eval_seconds']:.0f} s)")  # fmt: skip
-        save()
+        self.save()
         return scores
 
-    ref_ws = learned("reference", kept)  # the model retrained without forget01
-    ref_scores = scored("reference", ref_ws, None)
-    del ref_ws
-    ws = learned("target", forget10)
-    scored("target", ws, ref_scores)
+    def forgotten(self, method: str, ws, forget01: list, kept: list, ref_scores) -> None:
+        """`forget` forget01 from the target with ``method`` (the kept QA as retain set),
+        evaluate, revert; a method that fails is logged and skipped."""
+        from edit.errors import EditError
 
-    for method in args.methods.split(","):
         log(f"forget forget01 with {method}")
         t = time.perf_counter()
         try:
             entry, res = ws.forget(
                 [q.example() for q in forget01], [q.example() for q in kept],
-                method=method, **forget,
+                method=method, **self.forget,
             )  # fmt: skip
         except EditError as e:
             log(f"  {method} failed: {e}")
-            continue
-        training[method] = train_row(f"forget {len(forget01)} QA", res, time.perf_counter() - t)
-        log(f"  {training[method]['seconds']:.0f} s; scoring")
-        scored(method, ws, ref_scores)
+            return
+        row = train_row(f"forget {len(forget01)} QA", res, time.perf_counter() - t)
+        self.training[method] = row
+        log(f"  {row['seconds']:.0f} s; scoring")
+        self.scored(method, ws, ref_scores)
         ws.revert(entry.id)
 
-    if args.probe_steps > 0:
-        log("throughput and memory: LoRA vs full fine-tuning (child processes)")
-        probes += [run_probe("lora", args), run_probe("full", args)]
-    summary = save()
-    md = markdown(summary)
-    (out / "summary.md").write_text(md)
-    plot(evals, out / "truth_ratios.png")
-    print(md)
-    log(f"wrote {out}/summary.json, summary.md; total {summary['wall_seconds'] / 60:.1f} min")
-    from benchmarks.recording import write_results
+    def save(self) -> dict:
+        """summary.json after every stage, so an interrupted run keeps what it measured."""
+        summary = {
+            "settings": {
+                "learn": self.learn,
+                "forget": self.forget,
+                "retain_eval": len(self.sets["retain"]),
+            },
+            "training": self.training,
+            "evaluations": self.evals,
+            "probes": self.probes,
+            "peak_rss_mb": peak_rss_mb(),
+            "wall_seconds": time.perf_counter() - self.t_all,
+            "command": " ".join(sys.argv),
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
 
-    write_results(args.out, results(summary), md, {"settings": summary["settings"]})
+    def finish(self) -> None:
+        """The last summary.json, summary.md and truth_ratios.png in ``<work>``, the table
+        printed, and the results file."""
+        out = self.out
+        summary = self.save()
+        md = markdown(summary)
+        (out / "summary.md").write_text(md)
+        plot(self.evals, out / "truth_ratios.png")
+        print(md)
+        log(f"wrote {out}/summary.json, summary.md; total {summary['wall_seconds'] / 60:.1f} min")
+        from benchmarks.recording import write_results
+
+        write_results(self.args.out, results(summary), md, {"settings": summary["settings"]})
 
 
 def results(s: dict) -> dict:
