@@ -53,7 +53,7 @@ def _cpu_name() -> str:
 def percent(scores: dict) -> dict:
     """An evaluation average with its shares and margins in percent, as the tables print
     them (``edit.evals.report.summary_table``); KL, GE and PPL as they are."""
-    from edit.evals.harness import MARGINS, SHARES
+    from edit.evals.report import MARGINS, SHARES
 
     return {k: 100 * v if k in SHARES or k in MARGINS else v for k, v in scores.items()}
 
