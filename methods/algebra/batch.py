@@ -9,7 +9,6 @@ one per fact.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass
 
@@ -89,55 +88,6 @@ class Batch:
             kl_col=self.kl_col[facts],
         )
         return batch, cache
-
-
-@dataclass
-class Part:
-    """Rows of a :class:`Batch` of about one suffix length, run in a pass of their own: a
-    fact's chat rows are twice as long as its cloze rows, and one rectangular pass pads
-    every row to the longest."""
-
-    rows: torch.Tensor  # (r,) the batch rows it holds, increasing
-    ids: torch.Tensor  # (r, s) trimmed to these rows' longest suffix
-    mask: torch.Tensor  # (r, P + s)
-    pos: torch.Tensor  # (r, s)
-    fact: torch.Tensor  # (r,)
-    q_rows: torch.Tensor  # (q,) queried positions (targets, then essence rows) in the part
-    q_cols: torch.Tensor
-    cache: object  # these rows' prefix key/value cache (None without prefixes)
-
-
-def length_parts(batch: Batch, cache, min_saving: float = 0.25):
-    """The batch's rows in two :class:`Part` s by suffix length, and the permutation that
-    puts the parts' queried positions, concatenated, back in the batch's order (targets,
-    then essence rows); None where two passes would not save ``min_saving`` of the padded
-    suffix tokens (a pass has its own cost)."""
-    n, width = batch.ids.shape
-    lengths = batch.mask[:, -width:].sum(1)
-    ranked = torch.sort(lengths).values.tolist()
-    costs = [k * ranked[k - 1] + (n - k) * ranked[-1] for k in range(1, n)]
-    if not costs or min(costs) > (1 - min_saving) * n * ranked[-1]:
-        return None
-    cut = ranked[costs.index(min(costs))]  # rows up to this length go in the first part
-    q_rows = torch.cat([batch.tgt_row, batch.kl_row])
-    q_cols = torch.cat([batch.tgt_col, batch.kl_col])
-    n_prefix = batch.mask.shape[1] - width
-    parts, order = [], []
-    for rows in ((lengths <= cut).nonzero()[:, 0], (lengths > cut).nonzero()[:, 0]):
-        local = torch.full((n,), -1, dtype=torch.long, device=rows.device)
-        local[rows] = torch.arange(len(rows), device=rows.device)
-        picked = (local[q_rows] >= 0).nonzero()[:, 0]
-        s = int(lengths[rows].max())
-        part_cache = None
-        if cache is not None:
-            part_cache = copy.deepcopy(cache)
-            part_cache.batch_select_indices(rows)
-        mask = batch.mask[rows, : n_prefix + s]  # the suffix is right-padded: cut its end
-        parts.append(Part(rows, batch.ids[rows, :s], mask, batch.pos[rows, :s],
-                          batch.fact[rows], local[q_rows[picked]], q_cols[picked],
-                          part_cache))  # fmt: skip
-        order.append(picked)
-    return parts, torch.argsort(torch.cat(order))
 
 
 def build_batch(tok, facts: list[Fact], templates, device) -> Batch:

@@ -23,7 +23,7 @@ from edit.errors import InvalidRequest
 from edit.facts import Fact
 from edit.hooks import Trace
 from edit.lm import device_of, eager_attention_on_cpu, logits_at
-from edit.methods.algebra.batch import Batch, build_batch, length_parts, weighted_by_fact
+from edit.methods.algebra.batch import Batch, build_batch, weighted_by_fact
 from edit.methods.algebra.contexts import Contexts, check_forms
 from edit.methods.algebra.keys import MAX_ROWS, keys_and_hidden
 from edit.methods.algebra.objectives import (
@@ -289,41 +289,19 @@ class _ChunkRun:
         self.act = torch.arange(self.n_facts, device=self.device)  # running facts, increasing
         self.batch = batch  # the running facts' rows
         self.prefix = batch.prefix_cache(model)
-        self.parts = None  # the running rows by length, after the first pass
         self.losses: list[float] = []
 
-    def forward(self, first: bool) -> tuple[torch.Tensor, Trace | None]:
+    def forward(self, first: bool) -> tuple[torch.Tensor, Trace]:
         """One pass over the running rows with δ added at each row's lookup (column 0):
-        log-probabilities (targets, then essence rows) and, at the first pass, the trace of
-        ``module`` (its input and output). After the first pass, rows of very different
-        lengths run in two passes (:func:`length_parts`), each padded to its own longest."""
-        cb = self.batch
-        if first:
-            queries = (torch.cat([cb.tgt_row, cb.kl_row]), torch.cat([cb.tgt_col, cb.kl_col]))
-            logits, tr = self._pass(cb.ids, cb.mask, cb.pos, cb.fact, queries, self.prefix, True)
-            return torch.log_softmax(logits, -1), tr
-        if self.parts is None:
-            self.parts = length_parts(cb, self.prefix) or ()
-        if not self.parts:
-            queries = (torch.cat([cb.tgt_row, cb.kl_row]), torch.cat([cb.tgt_col, cb.kl_col]))
-            logits, _ = self._pass(cb.ids, cb.mask, cb.pos, cb.fact, queries, self.prefix, False)
-            return torch.log_softmax(logits, -1), None
-        parts, back = self.parts
-        logits = torch.cat([
-            self._pass(p.ids, p.mask, p.pos, p.fact, (p.q_rows, p.q_cols), p.cache, False)[0]
-            for p in parts
-        ])  # fmt: skip
-        return torch.log_softmax(logits[back], -1), None
-
-    def _pass(self, ids, mask, pos, fact, queries, cache, first: bool):
-        """Logits at ``queries`` (rows, columns) of one forward pass over ``ids``, δ added at
-        each row's column 0; the trace of ``module`` kept when ``first``."""
-        c_flat = torch.arange(len(ids), device=self.device) * ids.shape[1]  # lookups: column 0
-        row_fact = self.act[fact]
+        log-probabilities (targets, then essence rows) and the trace of ``module`` (its input
+        and output kept at the first pass)."""
+        cb, device = self.batch, self.device
+        c_flat = torch.arange(len(cb.ids), device=device) * cb.ids.shape[1]  # lookups: column 0
+        row_fact = self.act[cb.fact]
 
         def inject(out: torch.Tensor) -> torch.Tensor:
             if self.delta is None:  # on the input's device; the layer may live on another one
-                self.delta = torch.zeros((self.n_facts, out.shape[-1]), device=self.device)
+                self.delta = torch.zeros((self.n_facts, out.shape[-1]), device=device)
                 self.delta.requires_grad_(True)
             add = self.delta[row_fact].to(device=out.device, dtype=out.dtype)
             at = (c_flat.to(out.device),)
@@ -335,13 +313,14 @@ class _ChunkRun:
         ) as tr:
             logits = logits_at(
                 self.model,
-                ids,
-                mask,
-                *queries,
-                position_ids=pos,
-                cache=None if cache is None else copy.deepcopy(cache),
+                cb.ids,
+                cb.mask,
+                torch.cat([cb.tgt_row, cb.kl_row]),
+                torch.cat([cb.tgt_col, cb.kl_col]),
+                position_ids=cb.pos,
+                cache=None if self.prefix is None else copy.deepcopy(self.prefix),
             )
-        return logits, tr
+        return torch.log_softmax(logits, -1), tr
 
     def read_unedited(self, logp: torch.Tensor, tr: Trace) -> None:
         """From the first pass (δ = 0): the keys, v0, the essence rows' reference
@@ -391,7 +370,6 @@ class _ChunkRun:
         if bool(done.any()):
             self.act = self.act[~done]
             self.batch, self.prefix = self.batch.keep(~done, self.prefix)
-            self.parts = None  # the running rows changed: split them again
 
     def solution(self) -> ValueSolution:
         return ValueSolution(
