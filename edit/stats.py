@@ -144,17 +144,28 @@ def second_moment(
     return found[names[0]] if single else {n: found[n] for n in names}
 
 
-def corpus_id(
+# A statistic's identity, as it is keyed on disk: (model hash, module, corpus id, token count)
+StatsId = tuple[str, str, str, int]
+
+
+def statistic_ids(
     model: nn.Module,
     tok,
+    module_names: list[str],
     corpus: str | os.PathLike | TextSource = DEFAULT_CORPUS,
+    n_tokens: int = 100_000,
     seq_len: int = 256,
-) -> str:
-    """The name :func:`second_moment` keys the statistics of ``corpus`` under for this model
-    (with the same ``seq_len``): with the model hash, the module and the token count, it
-    identifies a statistic."""
+) -> dict[str, StatsId | None]:
+    """The identity of each module's statistic as :func:`second_moment` keys it (same
+    ``corpus``, ``n_tokens`` and ``seq_len``); None for a model not loaded by
+    :func:`edit.load` (no hash). Pass the :class:`TextSource` given to ``second_moment`` so
+    the corpus is not read and hashed again."""
+    model_hash = getattr(model, "edit_hash", None)
+    if not model_hash:
+        return dict.fromkeys(module_names)
     source = corpus if isinstance(corpus, TextSource) else text_source(corpus)
-    return _corpus_id(source, _fitted_seq_len(model, tok, seq_len))
+    cid = _corpus_id(source, _fitted_seq_len(model, tok, seq_len))
+    return {m: (model_hash, m, cid, n_tokens) for m in module_names}
 
 
 def _fitted_seq_len(model: nn.Module, tok, seq_len: int) -> int:

@@ -29,7 +29,7 @@ from edit.facts import Fact
 from edit.methods import MethodOutput, register
 from edit.methods.algebra import alphaedit_factors, null_space_projector
 from edit.methods.memit import MEMITConfig, batch_compute
-from edit.stats import corpus_id
+from edit.stats import StatsId
 
 log = logging.getLogger(__name__)
 
@@ -58,22 +58,7 @@ class AlphaEditConfig(MEMITConfig):
             raise InvalidRequest(f"null_cov_weight must be >= 0, got {self.null_cov_weight}")
 
 
-# A statistic's identity, as edit.stats keys it: (model hash, module, corpus id, token count)
-StatsId = tuple[str, str, str, int]
-
 _PROJECTORS: dict[tuple[StatsId, float], torch.Tensor] = {}  # (statistic, threshold) -> P
-
-
-def stats_ids(
-    model: nn.Module, tok, modules: list[str], config: AlphaEditConfig
-) -> dict[str, StatsId | None]:
-    """The identity of the key statistic of each module, as ``memit.batch_compute`` gets it
-    from ``config``; None for a model not loaded by :func:`edit.load` (no hash)."""
-    model_hash = getattr(model, "edit_hash", None)
-    if not model_hash:
-        return dict.fromkeys(modules)
-    corpus = corpus_id(model, tok, config.stats_corpus)
-    return {m: (model_hash, m, corpus, config.stats_tokens) for m in modules}
 
 
 def projector(
@@ -125,8 +110,7 @@ def compute(
     (m, d_in) of the earlier edits that wrote it."""
     history = history or {}
 
-    def make_solver(modules, covs):
-        ids = stats_ids(model, tok, modules, config)
+    def make_solver(modules, covs, ids):
         threshold = config.nullspace_threshold
         projectors = {m: projector(covs[m], threshold, m, ids[m]) for m in modules}
 

@@ -39,7 +39,8 @@ from edit.methods.algebra import (
     solve_values,
     spread_over_layers,
 )
-from edit.stats import second_moment
+from edit.readers.text import text_source
+from edit.stats import second_moment, statistic_ids
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +80,11 @@ def batch_compute(
     method: str,
     objective: str,
     progress: bool,
-    make_solver: Callable[[list[str], dict[str, torch.Tensor]], Callable],
+    make_solver: Callable[[list[str], dict[str, torch.Tensor], dict], Callable],
 ) -> MethodOutput:
-    """The MEMIT pipeline with a pluggable per-layer solve: ``make_solver(modules, covs)``
-    returns ``solve(module, keys, resid) -> (A, B)``."""
+    """The MEMIT pipeline with a pluggable per-layer solve: ``make_solver(modules, covs,
+    ids)`` (``ids``: each statistic's identity, :func:`edit.stats.statistic_ids`) returns
+    ``solve(module, keys, resid) -> (A, B)``."""
     if not facts:
         raise InvalidRequest("no facts to edit")
     arch = arch_table.lookup(model)
@@ -90,15 +92,12 @@ def batch_compute(
     modules = [arch.mlp_out_name(i) for i in layers]
 
     t0 = time.perf_counter()
+    source = text_source(config.stats_corpus)  # read and hashed once for both calls
     covs = second_moment(
-        model,
-        tok,
-        modules,
-        corpus=config.stats_corpus,
-        n_tokens=config.stats_tokens,
-        progress=progress,
+        model, tok, modules, corpus=source, n_tokens=config.stats_tokens, progress=progress
     )
-    solve = make_solver(modules, covs)
+    ids = statistic_ids(model, tok, modules, source, config.stats_tokens)
+    solve = make_solver(modules, covs, ids)
     t_stats = time.perf_counter() - t0
     templates = context_templates(model, tok, config.context_templates, config.seed)
     contexts = Contexts.of(templates, config)
@@ -157,7 +156,7 @@ def compute(
 ) -> MethodOutput:
     """One MEMIT update for a batch of facts."""
 
-    def make_solver(modules, covs):
+    def make_solver(modules, covs, ids):
         def solve(module, keys, resid):
             return memit_factors(covs[module], keys, resid, config.cov_weight)
 

@@ -137,3 +137,22 @@ def test_two_processes_give_the_one_process_second_moment(tmp_path, model_dir, m
     (name,) = one_files
     torch.testing.assert_close(two_files[name], one, rtol=1e-6, atol=1e-9)
     assert not torch.equal(two_files[name], torch.zeros_like(one))
+
+
+def test_a_statistic_is_named_by_the_identity_its_cache_file_is_keyed_on(
+    tmp_path, llama, tok, monkeypatch
+):
+    from edit import cache
+    from edit.stats import statistic_ids
+
+    monkeypatch.setenv("EDIT_STATS_CACHE", str(tmp_path / "stats"))
+    txt = tmp_path / "mine.txt"
+    txt.write_text("\n".join(LINES) + "\n", encoding="utf-8")
+    model = _hashed(llama)
+    source = text_source(str(txt))
+    second_moment(model, tok, MODULE, corpus=source, n_tokens=3000, progress=False)
+    (ident,) = statistic_ids(model, tok, [MODULE], source, 3000).values()
+    assert ident[0] == model.edit_hash and ident[1] == MODULE and ident[3] == 3000
+    _, module, corpus, n = ident
+    assert cache.path("stats", model.edit_hash, module, corpus, str(n), ext="safetensors").is_file()
+    assert statistic_ids(llama.__class__(llama.config), tok, [MODULE], source) == {MODULE: None}
