@@ -244,8 +244,10 @@ def _sets(data: Path, retain_eval: int) -> tuple:
 
 def _settings(args) -> tuple[dict, dict]:
     """The `learn` and the `forget` settings of the run."""
+    # the target and the reference learn the QA as given (plain NLL, as TOFU fine-tunes them),
+    # not with `edit learn`'s augmentation and KL
     learn = {"epochs": args.learn_epochs, "lr": args.learn_lr, "lora_rank": args.lora_rank,
-             "batch_size": args.batch_size}  # fmt: skip
+             "batch_size": args.batch_size, "augment": False, "kl_weight": 0.0}  # fmt: skip
     # the retain NLL reported before/after a forget run is measured on 32 retain examples
     forget = {"epochs": args.forget_epochs, "lr": args.forget_lr, "lora_rank": args.lora_rank,
               "batch_size": args.forget_batch_size, "kl_weight": args.forget_kl_weight,

@@ -228,18 +228,27 @@ class Workspace:
     def erase(self, request: str | Fact | dict, **kwargs) -> tuple[Entry, EditResult]:
         return self.add(request, erase=True, **kwargs)
 
-    def forget(self, corpus, retain=None, *, holdout=None, progress: bool = True, **settings):
+    def forget(self, corpus, retain=None, *, holdout=None, progress: bool = True, guard=None,
+               **settings):  # fmt: skip
         """Unlearn a corpus with a LoRA adapter (see ``edit.methods.unlearn``) and record it
         as one entry. ``corpus``/``retain``/``holdout``: a JSON Lines path or a list of
         ``edit.corpus.Example``; without ``retain``, slices of the shipped WikiText-2 text.
         ``holdout``: never-seen examples of the same kind; training stops once the corpus's
         NLL reaches theirs. ``settings`` override ``UnlearnConfig`` (method, epochs, lr,
-        lora_rank, ...). Returns (entry, LoraResult)."""
-        return self._train("forget", corpus, retain, progress, settings, holdout)
+        lora_rank, ...). ``guard``: called with the changed model before anything is recorded;
+        it refuses the change by raising, and what it returns (if not None) is recorded as the
+        entry's ``info["guard"]`` (``edit.evals.knowledge.Guard``: perplexity and a
+        general-knowledge probe within bounds). Returns (entry, LoraResult)."""
+        return self._train("forget", corpus, retain, progress, settings, holdout, guard)
 
-    def learn(self, corpus, *, progress: bool = True, **settings):
-        """Fine-tune a LoRA adapter on a corpus (plain NLL) and record it as one entry."""
-        return self._train("learn", corpus, None, progress, settings)
+    def learn(self, corpus, *, holdout=None, progress: bool = True, guard=None, **settings):
+        """Teach a corpus with a LoRA adapter and record it as one entry: plain NLL on the
+        corpus and, by default, on restatements and questions of its facts
+        (``edit.methods.unlearn.augment``), with KL to the base model on retained text.
+        ``holdout``: never-seen examples of the same kind, scored before and after (a corpus
+        that is learned, not only its form, moves them much less). ``guard``: as for
+        :meth:`forget`. Returns (entry, LoraResult)."""
+        return self._train("learn", corpus, None, progress, settings, holdout, guard)
 
     def revert(self, entry_id: str) -> Entry:
         """Remove an edit; the weights become the base plus the remaining edits, exactly."""
@@ -315,13 +324,23 @@ class Workspace:
 
     # ------------------------------------------------------------------ internals
 
-    def _train(self, objective, corpus, retain, progress: bool, settings: dict, holdout=None):
-        """Run the unlearning package's forget / learn policy, then record its adapter."""
+    def _train(self, objective, corpus, retain, progress: bool, settings: dict, holdout=None,
+               guard=None):  # fmt: skip
+        """Run the unlearning package's forget / learn policy, let ``guard`` see the changed
+        model, then record its adapter."""
         from edit.methods.unlearn import train_corpus
 
         run = train_corpus(self.model, self.tok, objective, corpus, retain, holdout,
                            settings=settings, progress=progress, entries=self.entries(),
                            without=self.without)  # fmt: skip
+        if guard is not None:
+            applied = run.update.apply(self.model)
+            try:
+                verdict = guard(self.model)
+            finally:
+                applied.undo()
+            if verdict is not None:
+                run.info["guard"] = verdict
         result = EditResult(objective, run.method, [], run.update, run.layers, run.config,
                             run.result.metrics, run.info)  # fmt: skip
         entry = self._record_once(result, run.update)

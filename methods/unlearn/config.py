@@ -50,7 +50,11 @@ class UnlearnConfig:
     # entry learned every example of the corpus, stop at the corpus's NLL without that entry
     # (the level of the same text never seen); False: no such stop
     stop_at_learned: bool = True
-    seed: int = 0  # LoRA initialization, batch order, dropout
+    # learn: also train on restatements of each plain-text document that name its subject,
+    # and on questions about its facts, plain and in the chat template (augment.py); None:
+    # OBJECTIVE_DEFAULTS. Forget runs train on the corpus as given.
+    augment: bool | None = None
+    seed: int = 0  # LoRA initialization, batch order, dropout, augmentation order
 
     def __post_init__(self) -> None:
         if self.method not in LOSSES:
@@ -106,8 +110,8 @@ class UnlearnConfig:
 # not overshoot; the KL to the reference on the retain set keeps perplexity near the base's on
 # the way to that level. With a stop level, epochs is a cap.
 OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "forget": {"lr": 2e-4, "epochs": 20, "kl_weight": 5.0},
-    "learn": {"lr": 3e-4, "epochs": 5, "kl_weight": 0.0},
+    "forget": {"lr": 2e-4, "epochs": 20, "kl_weight": 5.0, "augment": False},
+    "learn": {"lr": 3e-4, "epochs": 5, "kl_weight": 0.0, "augment": True},
 }
 
 

@@ -77,7 +77,7 @@ def train_corpus(
     if retain is not None:
         kept = _examples(retain)
     else:
-        kept = wikitext_retain(tok) if objective == "forget" else []
+        kept = wikitext_retain(tok)
     config = resolve("unlearn", UnlearnConfig, model, **settings)
     config = for_objective(config, objective, retain=bool(kept))
     config, stop_source, learner = _stop_level(model, tok, objective, config, data, unseen,
@@ -132,10 +132,12 @@ def _stop_level(
 ) -> tuple[UnlearnConfig, str | None, Recorded | None]:
     """(``config``, with the stop level of a corpus an earlier entry learned; what sets the
     stop level, None: nothing; the entry that learned the corpus, if that is it)."""
+    if objective != "forget":  # a learn run scores its never-seen set; it does not stop on it
+        return config, None, None
     stop_source = ("never-seen set" if unseen is not None and config.stop_nll is None
                    else "stop_nll" if config.stop_nll is not None else None)  # fmt: skip
     learner = None
-    if objective == "forget" and stop_source is None and config.stop_at_learned:
+    if stop_source is None and config.stop_at_learned:
         learner = learned_by(data, entries)
         if learner is not None:  # the corpus's level as text this model never saw
             with without(learner.id):

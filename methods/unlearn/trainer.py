@@ -24,6 +24,7 @@ from edit import arch as arch_table
 from edit import distributed, lm
 from edit.corpus import Example, collate, encode_example
 from edit.errors import EditFailed, InvalidRequest
+from edit.methods.unlearn.augment import augment
 from edit.methods.unlearn.config import OBJECTIVES, UnlearnConfig, for_objective
 from edit.methods.unlearn.lora import LoraResult, _json_safe, _lora_wrapped, _peft_config
 from edit.methods.unlearn.losses import (
@@ -80,6 +81,8 @@ def train_lora(
     method = config.method if objective == "forget" else "learn"
     _check_sets(objective, method, config, forget, retain, holdout or [])
     forget_enc = [encode_example(tok, ex, config.max_len) for ex in forget]
+    extra = augment(tok, forget, seed=config.seed) if config.augment else []
+    extra_enc = [encode_example(tok, ex, config.max_len) for ex in extra]
     holdout_enc = [encode_example(tok, ex, config.max_len) for ex in holdout or []]
     retain_enc = [encode_example(tok, ex, config.max_len) for ex in retain]
     lora_config, targets = _peft_config(model, config)
@@ -88,7 +91,7 @@ def train_lora(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)  # the LoRA initialization and the dropout draws
         run = _Run(model, tok, config, method, objective, progress)
-        result = run.train(forget_enc, retain_enc, lora_config, holdout_enc)
+        result = run.train(forget_enc, retain_enc, lora_config, holdout_enc, extra_enc)
     result.target_modules = targets
     result.transposed = arch_table.lookup(model).transposed
     log.info(
@@ -120,6 +123,8 @@ def _check_sets(
         raise InvalidRequest("graddiff needs a retain set: give one, or use method gradascent")
     if config.kl_weight > 0 and not retain:
         raise InvalidRequest("kl_weight > 0 needs a retain set: give one, or set kl_weight 0")
+    if objective == "forget" and config.augment:
+        raise InvalidRequest("augment adds examples to learn: leave it unset (or false) to forget")
     if objective != "forget" and config.stop_nll is not None:
         raise InvalidRequest("stop_nll stops a forget run: leave it unset for learn")
     forget_set = set(forget)
@@ -157,6 +162,7 @@ class _Sets:
     retain: Encoded
     holdout: Encoded
     eval_retain: Encoded  # the retain examples scored before and after
+    train: Encoded  # what the steps train on: ``forget``, then its augmented examples
 
 
 @dataclass
@@ -254,7 +260,7 @@ class _Run:
     def step_loss(self, loop: _Loop, idx: list[int], retain_idx: list[int]) -> _StepLoss:
         """The objective on one batch of forget (or learn) examples and one of retain."""
         c = self.config
-        ids, mask, labels = self.batch(loop.sets.forget, idx)
+        ids, mask, labels = self.batch(loop.sets.train, idx)
         batches = [(ids, mask, labels)]
         if retain_idx:
             batches.append(self.batch(loop.sets.retain, retain_idx))
@@ -283,9 +289,10 @@ class _Run:
             loss = loss + c.kl_weight * kl
         return _StepLoss(loss, float(token_nll(logp.detach(), n)), retain_nll, tokens)
 
-    def train(self, forget_enc, retain_enc, lora_config, holdout_enc) -> LoraResult:
+    def train(self, forget_enc, retain_enc, lora_config, holdout_enc, extra_enc) -> LoraResult:
         c, model = self.config, self.model
-        sets = _Sets(forget_enc, retain_enc, holdout_enc, retain_enc[: c.eval_retain])
+        sets = _Sets(forget_enc, retain_enc, holdout_enc, retain_enc[: c.eval_retain],
+                     forget_enc + extra_enc)  # fmt: skip
         with _lora_wrapped(model, lora_config) as peft_model:
             peft_model.eval()  # no dropout in the base model: at step 0, π_θ is exactly π_ref
             self.peft_model = peft_model
@@ -323,7 +330,7 @@ class _Run:
             layer.lora_dropout.train()  # dropout on the adapter's input only
         gen = torch.Generator().manual_seed(c.seed)
         retain_size = c.retain_batch_size or c.batch_size
-        steps = math.ceil(len(sets.forget) / c.batch_size)
+        steps = math.ceil(len(sets.train) / c.batch_size)
         bar = tqdm(
             total=c.epochs * steps,
             desc=f"{self.objective} ({self.method}, LoRA r={c.lora_rank})",
@@ -369,7 +376,7 @@ class _Run:
         """One pass over the forget set in a new order, its mean losses appended to
         ``loop.losses``; False: the run ends here (the stop level was reached)."""
         c = self.config
-        order = torch.randperm(len(loop.sets.forget), generator=loop.gen).tolist()
+        order = torch.randperm(len(loop.sets.train), generator=loop.gen).tolist()
         sums = {"loss": 0.0, "train_nll": 0.0, "retain_nll": 0.0}
         retain_nll = None
         done = 0  # steps taken this epoch

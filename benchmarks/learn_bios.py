@@ -1,0 +1,219 @@
+"""Learning a corpus of fictional biographies with `edit learn`: do the facts stick, and does
+the rest of what the model knew stay?
+
+    .venv/bin/python benchmarks/learn_bios.py                     # 40 bios, product defaults
+    .venv/bin/python benchmarks/learn_bios.py --set epochs=8 --out bench-out/learn_e8
+
+Builds its own corpus (``benchmarks/bios.py``: 40 people with a birth date and city, a job, a
+pet, an account and a phone number; seed ``--seed``) and 40 never-seen bios of the same kind,
+learns the corpus in a fresh workspace on the default model (``Workspace.learn``, what
+`edit learn --corpus` runs, with ``--set`` settings over the defaults) and prints, before and
+after:
+
+* the mean token NLL of the learned bios and of the never-seen bios;
+* continuation recall: greedy decoding from the bio up to each fact reproduces it (6 facts
+  per person: birth city, birth date, job, pet name, account, phone), overall and for the
+  city and the digits;
+* question recall: greedy answer to ``Question: Where was X born?\\nAnswer:`` (and five more
+  questions per person) contains the fact; the same questions in the chat template;
+* WikiText-2 perplexity (the first 4,096 tokens of the shared test split, which the product
+  never reads);
+* known facts: top-1 of the first 200 prompts of ROME's known_1000.json (shared data);
+* the cost in seconds per 1,000 training tokens.
+
+Writes ``<out>.json`` and ``<out>.md`` (default ``benchmarks/results/learn_bios``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+KNOWN = SHARED / "counterfact" / "known_1000.json"
+WIKITEXT_TEST = SHARED / "text" / "wikitext2_raw_test.txt"
+PPL_TOKENS = 4096
+N_KNOWN = 200
+GEN_TOKENS = 16
+
+
+def known_top1(model, tok, facts) -> float:
+    """Share of ``facts`` whose object's first token is the model's top next token."""
+    from edit import lm
+
+    hits = 0
+    for start in range(0, len(facts), 32):
+        chunk = facts[start : start + 32]
+        logp = lm.next_token_logprobs(model, tok, [f.text for f in chunk])
+        for row, f in zip(logp, chunk, strict=True):
+            hits += int(row.argmax()) == lm.encode_continuation(tok, f.target)[0]
+    return hits / len(facts)
+
+
+def recall(model, tok, probes, form: str) -> dict[str, float]:
+    """Share of probes whose greedy answer contains the fact, overall and per field."""
+    from edit import lm
+    from edit.questions import chat_prompt, question_prompt
+
+    if form == "continuation":
+        prompts = [p.cloze for p in probes]
+    elif form == "question":
+        prompts = [question_prompt(p.question) for p in probes]
+    else:
+        prompts = [chat_prompt(tok, p.question) for p in probes]
+    outs = lm.greedy(model, tok, prompts, GEN_TOKENS)
+    hit = [p.answer in o for p, o in zip(probes, outs, strict=True)]
+    fields = sorted({p.field for p in probes})
+    out = {"all": sum(hit) / len(hit)}
+    for f in fields:
+        sel = [h for h, p in zip(hit, probes, strict=True) if p.field == f]
+        out[f] = sum(sel) / len(sel)
+    return out
+
+
+def measure(model, tok, learned, unseen, known, wikitext: str) -> dict:
+    """Every figure of the table on ``model`` as it is now."""
+    from benchmarks.bios import bio, probes
+    from edit.corpus import Example
+    from edit.evals.fluency import perplexity
+    from edit.methods.unlearn.scoring import answer_nll
+
+    qs = [q for p in learned for q in probes(p)]
+    return {
+        "nll_learned": answer_nll(model, tok, [Example("", bio(p)) for p in learned]),
+        "nll_unseen": answer_nll(model, tok, [Example("", bio(p)) for p in unseen]),
+        "continuation": recall(model, tok, qs, "continuation"),
+        "question": recall(model, tok, qs, "question"),
+        "chat": recall(model, tok, qs, "chat"),
+        "wikitext_ppl": perplexity(model, tok, wikitext, PPL_TOKENS),
+        "known_top1": known_top1(model, tok, known),
+    }
+
+
+def table(before: dict, after: dict) -> list[str]:
+    def pct(d, k, f="all"):
+        return f"{100 * d[k][f]:.1f} %"
+
+    def pct1(x):
+        return f"{100 * x:.1f} %"
+
+    rows = [
+        ("NLL of the learned bios", f"{before['nll_learned']:.2f}", f"{after['nll_learned']:.2f}"),
+        ("NLL of never-seen bios", f"{before['nll_unseen']:.2f}", f"{after['nll_unseen']:.2f}"),
+    ]
+    for label, form in (("continuation", "continuation"), ("question", "question"),
+                        ("question, chat template", "chat")):  # fmt: skip
+        rows.append((f"facts recalled: {label}", pct(before, form), pct(after, form)))
+    for label, f in (("birth city", "city"), ("account", "account"), ("phone", "phone")):
+        rows.append((f"  {label}: continuation / question",
+                     f"{pct(before, 'continuation', f)} / {pct(before, 'question', f)}",
+                     f"{pct(after, 'continuation', f)} / {pct(after, 'question', f)}"))  # fmt: skip
+    rows += [
+        ("WikiText-2 perplexity", f"{before['wikitext_ppl']:.2f}", f"{after['wikitext_ppl']:.2f}"),
+        ("known facts top-1 (200)", pct1(before["known_top1"]), pct1(after["known_top1"])),
+    ]
+    lines = ["| | before | after `edit learn` |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--people", type=int, default=40)
+    p.add_argument("--seed", type=int, default=1, help="corpus seed (never-seen: seed + 1000)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="learn settings over the defaults (UnlearnConfig fields)")  # fmt: skip
+    p.add_argument("--model", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--keep", default=None, help="keep the workspace in this folder")
+    p.add_argument("--before", default=None, metavar="JSON",
+                   help="take the 'before' figures from an earlier results file of the same "
+                        "corpus and model instead of measuring them again")  # fmt: skip
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "learn_bios"))
+    args = p.parse_args(argv)
+
+    import torch
+
+    from benchmarks.bios import make_people, write_corpus
+    from benchmarks.recording import write_results
+    from edit.config import parse_settings
+    from edit.readers.known import load_known
+    from edit.workspace import Workspace
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for path in (KNOWN, WIKITEXT_TEST):
+        if not path.exists():
+            print(f"shared data missing: {path}", file=sys.stderr)
+            return 2
+    settings = parse_settings(args.set)
+    learned = make_people(args.people, args.seed)
+    unseen = make_people(args.people, args.seed + 1000, exclude={q.name for q in learned})
+    known = load_known(KNOWN)[:N_KNOWN]
+    wikitext = WIKITEXT_TEST.read_text(encoding="utf-8")
+
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="learn-bios-"))
+    corpus = work / "bios.jsonl"
+    write_corpus(learned, corpus)
+    write_corpus(unseen, work / "never-seen.jsonl")
+    ws = Workspace.open(work / "ws", model_name=args.model)
+    t0 = time.perf_counter()
+    if args.before:
+        earlier = json.loads(Path(args.before).read_text(encoding="utf-8"))["summary"]
+        if (earlier["people"], earlier["seed"]) != (args.people, args.seed):
+            print(f"{args.before} measured another corpus", file=sys.stderr)
+            return 2
+        before = earlier["before"]
+    else:
+        before = measure(ws.model, ws.tok, learned, unseen, known, wikitext)
+        print(f"measured before in {time.perf_counter() - t0:.0f}s", flush=True)
+    entry, res = ws.learn(str(corpus), **settings)
+    after = measure(ws.model, ws.tok, learned, unseen, known, wikitext)
+    ws.close()
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+    drop_learned = before["nll_learned"] - after["nll_learned"]
+    drop_unseen = before["nll_unseen"] - after["nll_unseen"]
+    summary = {
+        "people": args.people,
+        "seed": args.seed,
+        "settings": settings,
+        "config": {k: v for k, v in vars(res.config).items() if not k.startswith("_")},
+        "before": before,
+        "after": after,
+        "unseen_drop_over_learned_drop": drop_unseen / drop_learned if drop_learned else None,
+        "wikitext_ppl_change": after["wikitext_ppl"] / before["wikitext_ppl"] - 1,
+        "wikitext_ppl_change_percent": 100 * (after["wikitext_ppl"] / before["wikitext_ppl"] - 1),
+        **{
+            f"{form}_recall_percent": 100 * after[form]["all"]
+            for form in ("continuation", "question", "chat")
+        },  # fmt: skip
+        "known_top1_change_points": 100 * (after["known_top1"] - before["known_top1"]),
+        "train_seconds": res.seconds,
+        "train_tokens": res.tokens,
+        "seconds_per_1000_tokens": 1000 * res.seconds / res.tokens,
+        "entry": entry.id,
+    }
+    lines = table(before, after)
+    lines.append("")
+    lines.append(
+        f"never-seen NLL drop / learned NLL drop: {summary['unseen_drop_over_learned_drop']:.2f}; "
+        f"perplexity {100 * summary['wikitext_ppl_change']:+.1f} %; known facts "
+        f"{summary['known_top1_change_points']:+.1f} points; training {res.seconds:.0f}s for "
+        f"{res.tokens} tokens ({summary['seconds_per_1000_tokens']:.2f} s per 1,000 tokens)"
+    )
+    print("\n".join(lines))
+    write_results(Path(args.out), summary, "\n".join(lines), {})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Build the shipped general-knowledge probe, ``edit/data/general_facts.json``: true facts of
+CounterFact that the default model answers (greedy first token), for `edit learn` to check
+that learning a corpus keeps what the model knew.
+
+    .venv/bin/python benchmarks/make_general_facts.py             # 200 facts
+
+Reads ``../shared/data/counterfact/counterfact_flat.json`` (MIT) in file order and keeps the
+first ``--n`` records whose true object's first token is the model's top next token after the
+prompt, skipping subjects of ``known_1000.json`` and records of ``counterfact_dev200.json``
+(the benchmarks' checks stay apart from the probe). Writes ROME's known-facts layout
+(``subject, attribute, template, prompt, case_id``), which ``edit.readers.known`` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CF = ROOT.parent / "shared" / "data" / "counterfact"
+OUT = ROOT / "edit" / "data" / "general_facts.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--out", default=str(OUT))
+    args = p.parse_args(argv)
+
+    from edit import lm, models
+
+    flat = CF / "counterfact_flat.json"
+    if not flat.exists():
+        print(f"shared data missing: {flat}", file=sys.stderr)
+        return 2
+    records = json.loads(flat.read_text(encoding="utf-8"))
+    known = {r["subject"] for r in json.loads((CF / "known_1000.json").read_text())}
+    dev = {r["case_id"] for r in json.loads((CF / "counterfact_dev200.json").read_text())}
+    model, tok = models.load(None)[:2]
+    picked, seen = [], set()
+    candidates = [
+        r for r in records
+        if r["subject"] not in known and r["case_id"] not in dev
+        and r["prompt"].count(r["subject"]) == 1
+    ]  # fmt: skip
+    for start in range(0, len(candidates), 64):
+        chunk = candidates[start : start + 64]
+        logp = lm.next_token_logprobs(model, tok, [r["prompt"] for r in chunk])
+        for row, r in zip(logp, chunk, strict=True):
+            first = lm.encode_continuation(tok, r["ground_truth"])[0]
+            if int(row.argmax()) == first and r["subject"] not in seen:
+                seen.add(r["subject"])
+                picked.append({
+                    "case_id": r["case_id"],
+                    "subject": r["subject"],
+                    "attribute": r["ground_truth"],
+                    "template": r["prompt"].replace(r["subject"], "{}"),
+                    "prompt": r["prompt"],
+                })  # fmt: skip
+        if len(picked) >= args.n:
+            break
+    picked = picked[: args.n]
+    Path(args.out).write_text(json.dumps(picked, indent=1, ensure_ascii=False) + "\n")
+    print(f"{len(picked)} facts the model knows, from the first {start + len(chunk)} of "
+          f"{len(candidates)} candidates -> {args.out}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""``edit.evals.knowledge``: the health check that refuses a trained change which costs the
+model its perplexity or the facts it knew, on a tiny llama."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import changed_tensors, corpus, state_copy
+
+from edit import lm
+from edit.errors import EditFailed, InvalidRequest
+from edit.evals.knowledge import Guard, general_facts, health, top1
+from edit.facts import Fact
+from edit.workspace import Workspace
+
+TEXT = " ".join(corpus()[:60])  # held-out text the tiny tokenizer covers
+
+
+def known_facts(model, tok) -> list[Fact]:
+    """Facts the model 'knows': tiny-corpus prompts, each with its top next token as target
+    (where that token is a word that continues a prompt the way a target does)."""
+    prompts = [s.rsplit(" ", 1)[0] for s in corpus()[:200]]
+    logp = lm.next_token_logprobs(model, tok, prompts)
+    out = []
+    for prompt, row in zip(prompts, logp, strict=True):
+        top = int(row.argmax())
+        word = tok.decode([top])
+        subject = prompt.split(" ")[0]
+        if not word.startswith(" ") or not word.strip() or prompt.count(subject) != 1:
+            continue
+        if lm.encode_continuation(tok, word)[:1] == [top]:
+            out.append(Fact(prompt.replace(subject, "{}", 1), subject, word.strip()))
+    return out
+
+
+@pytest.fixture
+def facts(llama, tok):
+    found = known_facts(llama, tok)
+    assert len(found) >= 5
+    return found
+
+
+def _scramble(model) -> None:
+    """Damage the model: noise on every weight, and a sharpened unembedding, so that it is
+    confidently wrong (a random tiny model is near uniform: only confidence costs it
+    perplexity)."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(p.abs().mean() * torch.randn(p.shape, generator=gen))
+        model.get_output_embeddings().weight.mul_(20)
+
+
+def test_the_shipped_probe_loads_and_top1_counts_the_known_facts(llama, tok, facts):
+    shipped = general_facts()
+    assert len(shipped) == 200 and len({f.subject for f in shipped}) == 200
+    assert top1(llama, tok, facts, batch_size=3) == 1.0
+    wrong = [Fact(f.prompt, f.subject, "Zanzibar") for f in facts]
+    assert top1(llama, tok, facts + wrong) == pytest.approx(0.5)
+
+
+def test_an_unchanged_model_passes_and_a_damaged_one_is_refused(llama, tok, facts):
+    guard = Guard(llama, tok, facts=facts, text=TEXT)
+    assert guard.before.probe == 1.0 and guard.problems() == []
+    guard(llama)  # nothing changed: no refusal
+    assert guard.after == guard.before
+
+    _scramble(llama)
+    with pytest.raises(EditFailed) as e:
+        guard(llama)
+    msg = str(e.value)
+    assert "perplexity rose" in msg and "bound +5 %" in msg
+    assert "general facts top-1 fell" in msg and "bound 2 points" in msg
+    assert "kl_weight" in msg and "\n" not in msg
+    assert guard.after.perplexity > 1.05 * guard.before.perplexity
+
+
+def test_bounds_decide_and_refuse_false_only_reports(llama, tok, facts):
+    lenient = Guard(llama, tok, facts=facts, text=TEXT, max_ppl_rise=1e6, max_probe_drop=1.0)
+    report = Guard(llama, tok, facts=facts, text=TEXT, refuse=False, advice="try again")
+    _scramble(llama)
+    lenient(llama)  # within its (wide) bounds
+    report(llama)
+    assert lenient.problems() == [] and len(report.problems()) == 2
+    with pytest.raises(InvalidRequest, match="max_probe_drop must be >= 0"):
+        Guard(llama, tok, facts=facts, text=TEXT, max_probe_drop=-0.1)
+
+
+def test_health_measures_perplexity_and_probe(llama, tok, facts):
+    h = health(llama, tok, facts, TEXT)
+    assert h.probe == 1.0 and 1 < h.perplexity < 2 * len(tok)
+
+
+def test_a_refused_learn_run_records_nothing_and_leaves_the_model(tmp_path, llama, tok, facts):
+    ws = Workspace.open(tmp_path / "ws", model=llama, tok=tok)
+    before = state_copy(llama)
+    guard = Guard(llama, tok, facts=facts, text=TEXT, max_ppl_rise=0.0, max_probe_drop=0.0)
+    docs = [{"text": s} for s in corpus()[100:104]]
+    corpus_path = tmp_path / "docs.jsonl"
+    corpus_path.write_text("".join(f'{{"text": "{d["text"]}"}}\n' for d in docs))
+    with pytest.raises(EditFailed, match="not recorded: .*bound"):
+        ws.learn(str(corpus_path), guard=guard, lr=0.05, epochs=2, progress=False)
+    assert ws.entries() == [] and changed_tensors(llama, before) == []
+    # the same run within the guard's bounds is recorded
+    ok = Guard(llama, tok, facts=facts, text=TEXT, max_ppl_rise=1e6, max_probe_drop=1.0)
+    entry, _ = ws.learn(str(corpus_path), guard=ok, lr=0.05, epochs=2, progress=False)
+    assert [e.id for e in ws.entries()] == [entry.id] and ok.after is not None
