@@ -36,7 +36,7 @@ def test_forget_then_learn_are_ledger_entries_that_revert_exactly(tmp_path, mode
     assert float(nll[-1]) > float(nll[-2])  # the forget set became less likely
     assert "WikiText-2 perplexity" in out
 
-    assert main(["learn", *args]) == 0
+    assert main(["learn", *args, "--force"]) == 0  # no health to keep in a random model
     out = capsys.readouterr().out
     nll = next(line for line in out.splitlines() if line.startswith("learn set NLL")).split()
     assert float(nll[-1]) < float(nll[-2])  # learned
@@ -129,7 +129,7 @@ def test_forgetting_a_learned_corpus_stops_at_its_level_without_the_learn_entry(
     learned = _corpus(tmp_path, QA)
     part = _corpus(tmp_path, QA[:2], "part.jsonl")  # a subset of what was learned
     common = ["-w", ws, "-m", model_dir, "--lr", "0.01"]
-    assert main(["learn", "--corpus", learned, *common, "--epochs", "5"]) == 0
+    assert main(["learn", "--corpus", learned, *common, "--epochs", "5", "--force"]) == 0
     w = Workspace.open(ws)
     learn = w.entries()[-1]
     from edit.methods.unlearn import answer_nll
@@ -166,7 +166,8 @@ def test_unset_lr_and_epochs_take_the_objectives_defaults_and_the_ledger_records
 
     ws = str(tmp_path / "ws")
     corpus = _corpus(tmp_path, QA)
-    assert main(["learn", "--corpus", corpus, "-w", ws, "-m", model_dir, "--epochs", "1"]) == 0
+    assert main(["learn", "--corpus", corpus, "-w", ws, "-m", model_dir, "--epochs", "1",
+                 "--force"]) == 0  # fmt: skip
     assert main(["forget", "--corpus", corpus, "-w", ws, "-m", model_dir, "--lr", "0.01",
                  "--set", "stop_at_learned=false"]) == 0  # fmt: skip
     learn, forget = Workspace.open(ws).entries()

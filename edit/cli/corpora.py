@@ -20,6 +20,13 @@ def add_parsers(sub) -> None:
             p.add_argument("--holdout", help="never-seen examples of the same kind: reported "
                            "beside the corpus, and training stops once the corpus's NLL "
                            "reaches theirs")  # fmt: skip
+        else:
+            p.add_argument("--holdout", help="never-seen examples of the same kind, scored "
+                           "before and after: learning the facts, not only the form of the "
+                           "text, moves them much less than the corpus")  # fmt: skip
+            p.add_argument("--force", action="store_true", help="record the change even when "
+                           "WikiText-2 perplexity or the general-knowledge probe falls past "
+                           "its bound")  # fmt: skip
         # the defaults are methods.unlearn.OBJECTIVE_DEFAULTS (not imported here: no torch)
         epochs, lr = (
             ("20; a stop level may end it sooner", "2e-4") if name == "forget" else ("5", "3e-4")
@@ -56,7 +63,7 @@ def cmd_train(args) -> int:
     extra = parse_settings(args.set)
     data = read_corpus(args.corpus)  # input errors before loading
     retain = read_corpus(args.retain) if forget and args.retain else None
-    holdout = read_corpus(args.holdout) if forget and args.holdout else None
+    holdout = read_corpus(args.holdout) if args.holdout else None
     print(f"read {len(data)} examples from {args.corpus}"
           + (f", {len(retain)} to retain from {args.retain}" if retain else "")
           + (f", {len(holdout)} never-seen from {args.holdout}" if holdout else ""))  # fmt: skip
@@ -70,16 +77,13 @@ def cmd_train(args) -> int:
     check_settings("unlearn", UnlearnConfig, settings)  # bad values before loading
     ws = open_workspace(args, writer=True)
     print(base_model_line(ws))
-    heldout = heldout_text()
-
-    def ppl() -> float:
-        return perplexity(ws.model, ws.tok, heldout)
-
-    ppl_before = ppl()
     if forget:
+        heldout = heldout_text()
+        ppl_before = perplexity(ws.model, ws.tok, heldout)
         entry, res = ws.forget(args.corpus, args.retain, holdout=args.holdout, **settings)
+        health = [("WikiText-2 perplexity", ppl_before, perplexity(ws.model, ws.tok, heldout))]
     else:
-        entry, res = ws.learn(args.corpus, **settings)
+        entry, res, health = _learn(ws, args, settings)
     m = res.metrics
     part = "forget" if forget else "learn"
     rows = [
@@ -90,7 +94,7 @@ def cmd_train(args) -> int:
         rows.append(("never-seen set NLL", m["holdout_nll_before"], m["holdout_nll_after"]))
     if m.get("retain_nll_before") is not None:
         rows.append(("retain set NLL", m["retain_nll_before"], m["retain_nll_after"]))
-    rows.append(("WikiText-2 perplexity", ppl_before, ppl()))
+    rows += health
     print(f"{entry.method} LoRA (rank {res.config.lora_rank}, {len(res.target_modules)} "
           f"modules), {res.config.epochs} epochs: {res.seconds:.1f}s, "
           f"{res.tokens_per_second:.0f} tokens/s")  # fmt: skip
@@ -100,15 +104,47 @@ def cmd_train(args) -> int:
         print(f"stop at forget-set NLL {m['stop_nll']:.4f} ({what}): " + (
             f"reached after {taken} steps" if taken is not None
             else "not reached: more epochs or a larger lr would forget further"))  # fmt: skip
-    print(f"{'':24}{'before':>10}{'after':>10}")
-    for name, b, a in rows:
-        print(f"{name:24}{b:10.4f}{a:10.4f}")
+    _table(rows)
+    if problems := entry.info.get("guard", {}).get("past_bounds"):
+        print(f"recorded although (--force): {'; '.join(problems)}")
     print(f"recorded: {entry.path} (id {entry.id}); undo with 'edit revert {entry.id}'")
     if entry.info.get("learned_by"):
         by = entry.info["learned_by"]
         print(f"note: entry {by} learned these examples; 'edit revert {by}' removes exactly "
               "everything it learned")  # fmt: skip
     return 0
+
+
+def _learn(ws, args, settings: dict):
+    """``ws.learn`` under a :class:`~edit.evals.knowledge.Guard` (refusing, unless
+    ``--force``): (entry, result, the health rows before / after)."""
+    from edit.evals.knowledge import Guard
+
+    guard = Guard(ws.model, ws.tok, refuse=not args.force, advice=LEARN_ADVICE)
+    try:
+        entry, res = ws.learn(args.corpus, holdout=args.holdout, guard=guard, **settings)
+    except EditError:
+        if guard.after is not None:  # measured and refused: what it saw, then the one line
+            _table(_health_rows(guard))
+        raise
+    return entry, res, _health_rows(guard)
+
+
+# a learn run refused by the guard: the settings that trade learning for keeping
+LEARN_ADVICE = ("lower --lr or --epochs, or raise --set kl_weight=..., and run again; --force "
+                "records it anyway")  # fmt: skip
+
+
+def _health_rows(guard) -> list[tuple[str, float, float]]:
+    b, a = guard.before, guard.after
+    return [("WikiText-2 perplexity", b.perplexity, a.perplexity),
+            ("general facts top-1 %", 100 * b.probe, 100 * a.probe)]  # fmt: skip
+
+
+def _table(rows) -> None:
+    print(f"{'':24}{'before':>10}{'after':>10}")
+    for name, b, a in rows:
+        print(f"{name:24}{b:10.4f}{a:10.4f}")
 
 
 def cmd_audit(args) -> int:
