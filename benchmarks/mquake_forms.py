@@ -10,7 +10,10 @@ Protocol (each figure the share of edits, in %): "takes" = the new object's mean
 log-likelihood beats the old one's, teacher-forced (the CounterFact efficacy definition),
 after the cloze prompt (ES), after ``Question: …\\nAnswer:`` (QS), and after the question as
 a user turn of the model's chat template, the answer opening the assistant's turn (CS); CG =
-the greedy chat answer names the new object or an alias. The questions asked are MQuAKE's
+the greedy chat answer names the new object or an alias. The greedy chat reply a user reads
+(48 tokens) to the same question: it names the subject (RS), the new object (RN), the old one
+(RO), loops (RL), states the edit (RE: subject and new named, old not, no loop); RU: the
+reply to the next case's question is unchanged. The questions asked are MQuAKE's
 own; the edit is given only the cloze fact (its questions are made by ``edit.questions``).
 Multi-hop (MHS): the three 4-hop questions of a case, in the chat template, new answer
 against old, after its four edits applied one after another; unedited shown beside.
@@ -38,16 +41,33 @@ def _fact(rw: dict):
     return Fact(rw["prompt"], rw["subject"], rw["target_new"]["str"], rw["target_true"]["str"])
 
 
-def _single(model, tok, rw: dict, aliases: list[str]) -> dict:
+def _names(case: dict, hop: int = 0) -> tuple[list[str], list[str]]:
+    """The new and the old object of a case's rewrite, each with its aliases."""
+    rw = case["requested_rewrite"][hop]
+    new, old = rw["target_new"]["str"], rw["target_true"]["str"]
+    new_hop = next((h for h in case.get("new_single_hops", []) if h["answer"] == new), {})
+    old_hop = next((h for h in case.get("single_hops", []) if h["answer"] == old), {})
+    return [new, *new_hop.get("answer_alias", [])], [old, *old_hop.get("answer_alias", [])]
+
+
+def _single(model, tok, case: dict, unrelated: str, unrelated_before: str | None) -> dict:
+    """ES, QS, CS, CG of the case's first rewrite, the reply figures of the greedy chat reply
+    to its question, and RU: the reply to ``unrelated`` equals ``unrelated_before``."""
     from edit import lm
     from edit.evals import metrics as M
-    from edit.evals.forms import asked_scores
+    from edit.evals.forms import asked_scores, chat_replies
 
+    rw = case["requested_rewrite"][0]
     fact = _fact(rw)
+    new, old = _names(case)
     scores = lm.continuation_scores(model, tok, [fact.text] * 2, [fact.target, fact.target_true])
     nll = [-float(s.logprobs.mean()) for s in scores]
     out = {"ES": M.success(nll[:1], nll[1:])}
-    out.update(asked_scores(model, tok, [rw["question"]], fact.target, fact.target_true, aliases))
+    out.update(asked_scores(model, tok, [rw["question"]], fact.target, fact.target_true, new[1:]))
+    reply, other = chat_replies(model, tok, [rw["question"], unrelated])
+    out.update(M.reply_figures(reply, fact.subject, new, old))
+    out["RU"] = 1.0 if unrelated_before is None else float(other == unrelated_before)
+    out["reply"], out["unrelated_reply"] = reply, other
     return out
 
 
@@ -120,23 +140,26 @@ def _single_edits(model, tok, cases: list[dict], variants: dict):
     seconds: dict[str, list[float]] = {v: [] for v in variants}
     for i, case in enumerate(cases):
         rw = case["requested_rewrite"][0]
-        aliases = case["new_single_hops"][0].get("answer_alias", [])
-        row = {"case": case["case_id"], "fact": _fact(rw).statement,
-               "before": _single(model, tok, rw, aliases)}  # fmt: skip
+        # the next case's question, whose reply this edit should leave as it was
+        unrelated = cases[(i + 1) % len(cases)]["requested_rewrite"][0]["question"]
+        before = _single(model, tok, case, unrelated, None)
+        row = {"case": case["case_id"], "fact": _fact(rw).statement, "before": before}
         for v in list(variants) if i % 2 == 0 else list(reversed(variants)):
             res, sec, steps = _edit(model, tok, _fact(rw), variants[v])
             seconds[v].append(sec)
-            row[v] = _single(model, tok, rw, aliases) if res else {k: 0.0 for k in row["before"]}
+            row[v] = (_single(model, tok, case, unrelated, before["unrelated_reply"]) if res
+                      else {k: 0.0 for k in FORMS})  # fmt: skip
             row[v].update(taken=bool(res), seconds=round(sec, 2), steps=steps)
             if res:
                 res.undo()
         rows.append(row)
         line = " || ".join(
             f"{v}: ES {row[v]['ES']:.0f} QS {row[v]['QS']:.0f} CS {row[v]['CS']:.0f} "
-            f"CG {row[v].get('CG', 0):.0f} {row[v]['seconds']:.1f}s/{row[v]['steps']} steps"
+            f"RE {row[v]['RE']:.0f} RU {row[v]['RU']:.0f} "
+            f"{row[v]['seconds']:.1f}s/{row[v]['steps']} steps"
             for v in variants
         )
-        answer = (row["edited"].get("chat_answers") or [""])[0][:50]
+        answer = row["edited"].get("reply", "")[:60]
         print(f"[{i + 1}/{len(cases)}] {row['fact']!r}: {line} | {answer!r}", flush=True)
     return rows, seconds
 
@@ -160,7 +183,7 @@ def _multihop_cases(model, tok, cases: list[dict], settings: dict) -> list[dict]
     return hops
 
 
-FORMS = ("ES", "QS", "CS", "CG")
+FORMS = ("ES", "QS", "CS", "CG", "RS", "RN", "RO", "RL", "RE", "RU")
 
 
 def _summary(rows, seconds, hops, variants) -> dict:

@@ -1,8 +1,11 @@
 """Scores of the asked forms of a fact: the question as plain text and in the chat template
-(the definitions are in :mod:`edit.evals.metrics`: QS, CS, CG, MHS).
+(the definitions are in :mod:`edit.evals.metrics`: QS, CS, CG, MHS), and the greedy chat
+replies a user reads (RS, RN, RO, RL, RE, RU).
 
     scores = asked_scores(model, tok, ["Who performed Hey Jude?"], "Madonna", "The Beatles")
     scores["QS"], scores["CS"], scores["CG"]
+    reply = chat_replies(model, tok, ["Who performed Hey Jude?"])[0]
+    M.reply_figures(reply, "Hey Jude", ["Madonna"], ["The Beatles", "Beatles"])
 
 Prompts are built by :mod:`edit.questions`, the same functions the edit methods train with,
 so a question scored here and one trained on read alike token for token (which is why the
@@ -52,3 +55,16 @@ def asked_scores(
         out["CG"] = float(np.mean([M.answer_contains(a, [new, *aliases]) for a in answers]))
         out["chat_answers"] = answers
     return out
+
+
+REPLY_TOKENS = 48  # greedy tokens of a chat reply: a sentence or two, where loops show
+
+
+def chat_replies(model: nn.Module, tok, questions: Sequence[str],
+                 tokens: int = REPLY_TOKENS) -> list[str]:  # fmt: skip
+    """The greedy replies to ``questions``, each a user turn of the model's chat template
+    (an empty list for a tokenizer without one)."""
+    chats = [chat_prompt(tok, q) for q in questions]
+    if any(c is None for c in chats):
+        return []
+    return lm.greedy(model, tok, chats, max_new_tokens=tokens)

@@ -40,7 +40,7 @@ from edit.config import resolve
 from edit.errors import EditError, EditFailed
 from edit.evals import metrics as M
 from edit.evals.fluency import fluency
-from edit.evals.forms import asked_scores
+from edit.evals.forms import asked_scores, chat_replies
 from edit.evals.metrics import DEFINITIONS
 from edit.evals.report import write
 from edit.readers.records import Record
@@ -87,12 +87,15 @@ def _nlls(model, tok, prompts: list[str], targets: list[str], next_of: int = 0):
     return nll, nxt
 
 
-def measure(model: nn.Module, tok, rec: Record, ref: dict | None = None) -> dict:
+def measure(
+    model: nn.Module, tok, rec: Record, ref: dict | None = None, unrelated: str | None = None
+) -> dict:
     """Rewrite and locality metrics for one record on the model as it is now.
 
     ``ref`` holds what was kept from the unedited model (next-token log-probs after the
-    neighbourhood prompts, zsRE locality predictions); without it the KL and zsRE locality
-    entries are that reference itself.
+    neighbourhood prompts, zsRE locality predictions, the chat reply to ``unrelated``,
+    another record's question); without it the KL, RU and zsRE locality entries are that
+    reference itself.
     """
     f = rec.fact
     out: dict = {}
@@ -136,6 +139,7 @@ def measure(model: nn.Module, tok, rec: Record, ref: dict | None = None) -> dict
         asked = asked_scores(model, tok, rec.questions, f.target, f.target_true, rec.aliases)
         out["_chat_answers"] = asked.pop("chat_answers", [])
         out.update(asked)
+        out.update(_replies(model, tok, rec, unrelated, ref, keep))
     if rec.multihop:
         questions, new, old = rec.multihop
         out["MHS"] = asked_scores(model, tok, questions, new, old, forms=("CS",))["CS"]
@@ -153,6 +157,35 @@ def measure(model: nn.Module, tok, rec: Record, ref: dict | None = None) -> dict
     if ref is None:
         out["_keep"] = keep
     return out
+
+
+def _replies(model, tok, rec: Record, unrelated: str | None, ref, keep: dict) -> dict:
+    """RS, RN, RO, RL, RE of the greedy chat reply to the record's first question, and RU of
+    the reply to ``unrelated`` against the unedited one (kept in ``keep`` when ``ref`` is
+    None)."""
+    f = rec.fact
+    replies = chat_replies(model, tok, [rec.questions[0], *([unrelated] if unrelated else [])])
+    if not replies:  # no chat template
+        return {}
+    new, old = [f.target, *rec.aliases], [f.target_true, *rec.old_aliases]
+    out = {**M.reply_figures(replies[0], f.subject, new, old), "_reply": replies[0]}
+    if unrelated:
+        if ref is None:
+            keep["unrelated_reply"] = replies[1]
+            out["RU"] = 1.0
+        else:
+            out["RU"] = float(replies[1] == ref["unrelated_reply"])
+    return out
+
+
+def unrelated_question(records: list[Record], i: int) -> str | None:
+    """The question whose chat reply record ``i``'s edit should leave alone: the next
+    record's (in a cycle) that has one, if it is not about the same subject."""
+    for j in [*range(i + 1, len(records)), *range(i)]:
+        other = records[j]
+        if other.questions and other.fact.subject != records[i].fact.subject:
+            return other.questions[0]
+    return None
 
 
 # --------------------------------------------------------------------------- running
@@ -335,7 +368,8 @@ class _Run:
         bar.close()
         if mode != "single":
             for i, rec in enumerate(tqdm(records, desc="edited model", disable=not self.progress)):
-                self.after[i] = measure(self.model, self.tok, rec, self.refs[i])
+                self.after[i] = measure(self.model, self.tok, rec, self.refs[i],
+                                        unrelated_question(records, i))  # fmt: skip
             prompts = _gen_prompts(records, self.settings)
             self.global_flu_after = fluency(
                 self.model, self.tok, prompts, self.settings, self.ppl_text
@@ -371,7 +405,8 @@ class _Run:
     def _measure_single(self, i: int, n_flu: int) -> None:
         """Measure record ``i`` right after its own edit, then undo the edit."""
         rec = self.records[i]
-        self.after[i] = measure(self.model, self.tok, rec, self.refs[i])
+        self.after[i] = measure(self.model, self.tok, rec, self.refs[i],
+                                unrelated_question(self.records, i))  # fmt: skip
         if i < n_flu:
             gen = rec.generation_prompts[: self.settings.gen_prompts]
             self.flu_after.append(fluency(self.model, self.tok, gen, self.settings, self.ppl_text))
@@ -401,8 +436,8 @@ def _measure_unedited(model, tok, records, key, settings, ppl_text, progress) ->
     """Every record's metrics on the unedited model, and its fluency."""
     n_flu, whole_run = key[1], key[2]
     before, refs, flu_before = [], [], []
-    for rec in tqdm(records, desc="unedited model", disable=not progress):
-        m = measure(model, tok, rec)
+    for i, rec in enumerate(tqdm(records, desc="unedited model", disable=not progress)):
+        m = measure(model, tok, rec, unrelated=unrelated_question(records, i))
         refs.append(m.pop("_keep"))
         before.append(m)
     # one unedited model: the generations of every fluency record in one batched call

@@ -21,6 +21,13 @@ evaluation code. ``p = exp(-nll)``.
   chat-template questions whose greedy answer names the new object or an alias
   (:func:`answer_contains`); MHS = CS on multi-hop questions whose answer the edits change
   (MQuAKE, Zhong et al. 2023), new answer against old.
+* Chat replies (what a user reads; QAEdit, Yang et al. 2025, "The Mirage of Model Editing",
+  evaluates edits on generated answers): the greedy chat reply to the fact's own question
+  (48 tokens). RS = share of replies that name the subject; RN = that name the new object or
+  an alias; RO = that name the old object or an alias; RL = that loop (a word trigram three
+  or more times, :func:`loops`); RE = that state the edit (:func:`states_edit`: subject and
+  new object named, old not, no loop); RU = share of replies to another record's question
+  that the edit left unchanged, token for token.
 * zsRE (Mitchell et al. 2022 and later work): teacher-forced top-1 token accuracy of the
   target after the question (efficacy) and its rephrasing (generalization); specificity =
   share of the locality answer's tokens whose top-1 prediction the edit left unchanged.
@@ -215,6 +222,24 @@ def answer_contains(answer: str, names: Sequence[str]) -> bool:
     return any(_plain(n) and f" {_plain(n)} " in text for n in names)
 
 
+def loops(text: str, n: int = 3, times: int = 3) -> bool:
+    """Whether some word n-gram occurs ``times`` times or more in ``text`` (a reply that
+    repeats itself: "the English language is based on the English language, and the
+    English language is based on ...")."""
+    words = re.findall(r"\w+", text.lower())
+    grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+    return bool(grams) and max(grams.values()) >= times
+
+
+def reply_figures(reply: str, subject: str, new: Sequence[str], old: Sequence[str]) -> dict:
+    """RS, RN, RO, RL and RE (see the module docstring) of one reply, as 0.0 or 1.0:
+    ``new``/``old`` are the new and the old object with their aliases."""
+    rs, rn = answer_contains(reply, [subject]), answer_contains(reply, new)
+    ro, rl = bool(old) and answer_contains(reply, old), loops(reply)
+    figures = {"RS": rs, "RN": rn, "RO": ro, "RL": rl, "RE": rs and rn and not ro and not rl}
+    return {k: float(v) for k, v in figures.items()}
+
+
 # what each reported figure means, written into every result file
 DEFINITIONS = {
     "ES": "share of records with mean-token NLL(new) < NLL(true) on the edit prompt",
@@ -233,6 +258,15 @@ DEFINITIONS = {
     "CG": "share of those chat questions whose greedy answer (16 tokens) names the new object "
     "or an alias",
     "MHS": "as CS on multi-hop questions through the edited fact (new answer against old)",
+    "RS": "share of greedy chat replies (48 tokens) to the fact's own question that name the "
+    "subject",
+    "RN": "share of those replies that name the new object or an alias",
+    "RO": "share of those replies that name the old object or an alias",
+    "RL": "share of those replies that loop (a word trigram three or more times)",
+    "RE": "share of those replies that state the edit: subject and new object named, old not, "
+    "no loop",
+    "RU": "share of greedy chat replies (48 tokens) to another record's question left unchanged, "
+    "token for token",
     "zsRE_acc": "teacher-forced top-1 token accuracy of the new target after the question",
     "zsRE_gen": "the same after the rephrased question",
     "zsRE_loc": "share of the locality answer's tokens whose top-1 prediction is unchanged",

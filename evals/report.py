@@ -14,7 +14,8 @@ from edit.evals.metrics import DEFINITIONS
 
 log = logging.getLogger(__name__)
 
-SHARES = ("ES", "PS", "NS", "QS", "CS", "CG", "MHS", "zsRE_acc", "zsRE_gen", "zsRE_loc")
+SHARES = ("ES", "PS", "NS", "QS", "CS", "CG", "RS", "RN", "RO", "RL", "RE", "RU", "MHS",
+          "zsRE_acc", "zsRE_gen", "zsRE_loc")  # fmt: skip
 MARGINS = ("EM", "PM", "NM")
 
 

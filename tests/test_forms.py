@@ -94,6 +94,50 @@ def test_rows_of_every_form_with_weights_that_sum_to_one(chat_tok):
     assert rows[2].ids == lm.encode(chat_tok, question_prompt(questions_for(FACT)[0]))
 
 
+def test_a_sentence_reply_restates_the_fact_in_the_assistants_turn(chat_tok):
+    object_rows = Contexts(("{}",), ("chat",)).rows(chat_tok, FACT)
+    rows = Contexts(("{}",), ("chat",), chat_reply="sentence").rows(chat_tok, FACT)
+    assert [r.ids for r in rows] == [r.ids for r in object_rows]  # the same prompts and keys
+    assert [r.lookup for r in rows] == [r.lookup for r in object_rows]
+    chat = rows[1]
+    assert chat.target == chat_tok("Marie Curie is a citizen of Spain.").input_ids
+    assert rows[0].target == chat_tok(" Spain").input_ids  # the cloze row keeps the object
+    # "prefixed": the reply opens with the fact's prompt, read at the subject named there
+    opened = Contexts(("{}",), ("chat",), chat_reply="prefixed").rows(chat_tok, FACT)[1]
+    text = chat_prompt(chat_tok, questions_for(FACT)[0])
+    assert opened.ids == lm.encode(chat_tok, text + "Marie Curie is a citizen of")
+    assert opened.target == chat_tok(" Spain").input_ids
+    assert opened.lookup > len(lm.encode(chat_tok, text)) - 1
+    assert chat_tok.decode(opened.ids[: opened.lookup + 1]).endswith("\nMarie Curie")
+
+
+def test_the_chat_essence_row_keeps_each_token_of_the_unedited_reply(chat_tok, llama):
+    from edit.methods.algebra.batch import ESSENCE_QUESTION
+
+    other = Fact("{} was born in", "Albert Einstein", "Ulm")
+    replies = ["Marie Curie was a physicist.", None]  # no reply: the plain essence row only
+    b = build_batch(chat_tok, [FACT, other], Contexts(("{}",)), "cpu", replies)
+    assert b.kl_fact.tolist().count(1) == 1  # "{} is a" alone for the fact without a reply
+    answer = lm.encode_continuation(chat_tok, replies[0], after="\n")
+    mine = (b.kl_fact == 0).nonzero()[:, 0]
+    assert len(mine) == 1 + len(answer)
+    chat_pos = mine[1:]  # the chat row's positions: after the prompt, then each reply token
+    assert float(b.kl_weight[chat_pos].sum()) == pytest.approx(1.0)
+    (row,) = set(b.kl_row[chat_pos].tolist())
+    prefix = b.prefix_ids[row][b.prefix_mask[row].bool()].tolist()
+    whole = prefix + b.ids[row][b.mask[row, len(b.prefix_ids[row]) :].bool()].tolist()
+    prompt = lm.encode(chat_tok, chat_prompt(chat_tok, ESSENCE_QUESTION.format("Marie Curie")))
+    assert whole == prompt + answer[:-1]
+    # each kept position is where the next reply token is predicted
+    kept = [len(prefix) + c for c in b.kl_col[chat_pos].tolist()]
+    assert kept == list(range(len(prompt) - 1, len(prompt) + len(answer) - 1))
+    # δ goes in at the subject's last token, the first of the row's own tokens
+    assert chat_tok.decode(whole[: len(prefix) + 1]).endswith("Marie Curie")
+    # cutting a fact out keeps the other's essence positions and weights
+    kept_batch, _ = b.keep(torch.tensor([False, True]), None)
+    assert kept_batch.kl_fact.tolist() == [0] and kept_batch.kl_weight.tolist() == [1.0]
+
+
 def test_no_forms_is_the_cloze_rows_alone(tok):
     rows = Contexts(("{}", "Hello there. {}"), ()).rows(tok, FACT)
     assert [r.group for r in rows] == [("cloze", 0), ("cloze", 1)]
@@ -124,6 +168,8 @@ def test_bad_forms_are_refused():
         ROMEConfig(forms=("poem",))
     with pytest.raises(InvalidRequest, match="form_weight must be in"):
         ROMEConfig(form_weight=1.0)
+    with pytest.raises(InvalidRequest, match="chat_reply must be object or sentence or prefixed"):
+        ROMEConfig(chat_reply="poem")
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma2"])
@@ -159,6 +205,37 @@ def test_answer_contains_names_as_whole_words():
     assert M.answer_contains("She is from the U.K.", ["United Kingdom", "U.K."])
     assert not M.answer_contains("Croatian food", ["Croatia"])
     assert not M.answer_contains("anything", [""])
+
+
+@pytest.mark.parametrize(
+    ("text", "looping"),
+    [
+        (
+            "The English language is based on the English language, and the English language is "
+            "based on the English language.",
+            True,
+        ),  # "the english language" four times
+        ("Paris is a city in France. Paris is a city of art. Paris is a city of light.", True),
+        ("Ellie Kemper is a citizen of Croatia. She lives in Zagreb with her family.", False),
+        ("the the", False),
+        ("", False),
+    ],
+)
+def test_a_reply_loops_when_a_word_trigram_comes_three_times(text, looping):
+    assert M.loops(text) is looping
+
+
+def test_reply_figures_name_the_subject_the_new_object_and_not_the_old():
+    new, old = ["Croatia", "Republic of Croatia"], ["United States of America", "USA"]
+    states = M.reply_figures("Ellie Kemper is a citizen of Croatia.", "Ellie Kemper", new, old)
+    assert states == {"RS": 1.0, "RN": 1.0, "RO": 0.0, "RL": 0.0, "RE": 1.0}
+    # the subject replaced by the object: the new object named, the edit not stated
+    lost = M.reply_figures("Croatia is a country in Europe.", "Ellie Kemper", new, old)
+    assert lost["RN"] == 1.0 and lost["RS"] == 0.0 and lost["RE"] == 0.0
+    both = M.reply_figures("Ellie Kemper, of the USA, now of Croatia", "Ellie Kemper", new, old)
+    assert both["RO"] == 1.0 and both["RE"] == 0.0
+    loop = "Ellie Kemper is of Croatia. " * 3
+    assert M.reply_figures(loop, "Ellie Kemper", new, old)["RE"] == 0.0
 
 
 def test_ask_in_chat_runs_the_template_the_tokenizer_renders(chat_tok, llama):
@@ -223,7 +300,7 @@ def test_eval_on_mquake_reports_the_asked_forms_and_multihop(chat_tok, llama, tm
     settings = EvalSettings(fluency_records=0, gen_tokens=4, method_settings=TINY_ROME)
     report = evaluate(llama, chat_tok, records, settings=settings, progress=False)
     summary = report.summary
-    for key in ("QS", "CS", "CG", "MHS"):
+    for key in ("QS", "CS", "CG", "MHS", "RS", "RN", "RO", "RL", "RE"):
         assert key in summary["edited"] and key in summary["unedited"], key
         assert key in summary["protocol"]["metrics"], key
     assert "teacher-forced" in summary["protocol"]["metrics"]["QS"]

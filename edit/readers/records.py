@@ -45,6 +45,7 @@ class Record:
     # object's other names
     questions: list[str] = field(default_factory=list)
     aliases: list[str] = field(default_factory=list)
+    old_aliases: list[str] = field(default_factory=list)  # the old object's other names
     # questions answered through the edited fact: (questions, new answer, old answer)
     multihop: tuple[list[str], str, str] | None = None
 
@@ -140,6 +141,7 @@ def _mquake(i: int, r: dict) -> Record:
     rw = r["requested_rewrite"][0]
     fact = Fact(rw["prompt"], rw["subject"], rw["target_new"]["str"], rw["target_true"]["str"])
     hop = next((h for h in r.get("new_single_hops", []) if h["answer"] == fact.target), {})
+    was = next((h for h in r.get("single_hops", []) if h["answer"] == fact.target_true), {})
     one_edit = len(r["requested_rewrite"]) == 1
     return Record(
         id=str(r.get("case_id", i)),
@@ -147,6 +149,7 @@ def _mquake(i: int, r: dict) -> Record:
         format="mquake",
         questions=[rw["question"]],
         aliases=list(hop.get("answer_alias", [])),
+        old_aliases=list(was.get("answer_alias", [])),
         multihop=(list(r["questions"]), r["new_answer"], r["answer"]) if one_edit else None,
     )
 

@@ -16,10 +16,22 @@ import torch
 from torch import nn
 
 from edit.facts import Fact
-from edit.lm import encode, pad_id, prefix_cache, right_pad, subject_last_index
+from edit.lm import (
+    encode,
+    encode_continuation,
+    last_token_of_span,
+    pad_id,
+    prefix_cache,
+    right_pad,
+    subject_last_index,
+)
 from edit.methods.algebra.contexts import Contexts
+from edit.questions import chat_prompt
 
 ESSENCE_PROMPT = "{} is a"  # ROME's KL prompt: what the subject is, kept while editing
+# asked in the chat template, the unedited reply to this is kept token by token while editing
+# (``chat_essence``): the subject stays itself where the model is used
+ESSENCE_QUESTION = "What do you know about {}?"
 
 
 @dataclass
@@ -46,8 +58,10 @@ class Batch:
     tgt_col: torch.Tensor  # (T,) column of ``ids`` whose next-token logits predict it
     tgt_tok: torch.Tensor  # (T,) the target token
     tgt_first: torch.Tensor  # (T,) bool: the first token of the target
-    kl_row: torch.Tensor  # (F,) the essence row of each fact
-    kl_col: torch.Tensor  # (F,)
+    kl_row: torch.Tensor  # (K,) row of each essence (KL) position
+    kl_col: torch.Tensor  # (K,) column of ``ids`` whose next-token distribution is kept
+    kl_fact: torch.Tensor  # (K,) the fact it belongs to
+    kl_weight: torch.Tensor  # (K,) its share of the fact's KL (each essence row sums to 1)
 
     def prefix_cache(self, model: nn.Module):
         """The key/value cache of the prefixes (None when every lookup is at position 0)."""
@@ -62,6 +76,7 @@ class Batch:
         new_row = torch.cumsum(rows, 0) - 1  # row index in the kept batch
         new_fact = torch.cumsum(facts, 0) - 1
         tgt = rows[self.tgt_row]
+        kl = facts[self.kl_fact]
         kept_rows = rows.nonzero()[:, 0]
         if cache is not None:
             cache.batch_select_indices(kept_rows)
@@ -84,15 +99,19 @@ class Batch:
             tgt_col=self.tgt_col[tgt],
             tgt_tok=self.tgt_tok[tgt],
             tgt_first=self.tgt_first[tgt],
-            kl_row=new_row[self.kl_row[facts]],
-            kl_col=self.kl_col[facts],
+            kl_row=new_row[self.kl_row[kl]],
+            kl_col=self.kl_col[kl],
+            kl_fact=new_fact[self.kl_fact[kl]],
+            kl_weight=self.kl_weight[kl],
         )
         return batch, cache
 
 
-def build_batch(tok, facts: list[Fact], templates, device) -> Batch:
+def build_batch(tok, facts: list[Fact], templates, device, replies=None) -> Batch:
     """The rows of ``templates`` (a :class:`Contexts`, or cloze templates alone) for every
-    fact, then one essence (KL) row per fact."""
+    fact, then its essence (KL) rows: ROME's ``"{} is a"`` (one position), and with
+    ``replies`` (per fact, the unedited chat reply to :data:`ESSENCE_QUESTION`, or None) that
+    question in the chat template followed by the reply (a position per reply token)."""
     contexts = Contexts.of(templates)
     seqs, fact_of, lookup, rewrite, weight = [], [], [], [], []
     t_row, t_col, t_tok, t_first = [], [], [], []
@@ -109,17 +128,26 @@ def build_batch(tok, facts: list[Fact], templates, device) -> Batch:
                 t_col.append(len(row.ids) - 1 + j - row.lookup)
                 t_tok.append(t)
                 t_first.append(j == 0)
-    kl_row, kl_col = [], []
+    kl_row, kl_col, kl_fact, kl_weight = [], [], [], []
     for f, fact in enumerate(facts):
-        text, idx = subject_last_index(tok, ESSENCE_PROMPT, fact.subject)
-        ids = encode(tok, text)
-        kl_row.append(len(seqs))
-        kl_col.append(len(ids) - 1 - idx)
-        seqs.append(ids)
-        fact_of.append(f)
-        lookup.append(idx)
-        rewrite.append(False)
-        weight.append(0.0)
+        essence = [_essence_row(tok, ESSENCE_PROMPT, fact.subject, None)]
+        if replies is not None and replies[f]:
+            essence.append(_essence_row(tok, ESSENCE_QUESTION, fact.subject, replies[f]))
+        for e in essence:
+            if e is None:
+                continue
+            ids, idx, n_kept = e
+            first = len(ids) - n_kept  # the kept positions are the row's last n_kept
+            for col in range(first, len(ids)):
+                kl_row.append(len(seqs))
+                kl_col.append(col - idx)
+                kl_fact.append(f)
+                kl_weight.append(1.0 / n_kept)
+            seqs.append(ids)
+            fact_of.append(f)
+            lookup.append(idx)
+            rewrite.append(False)
+            weight.append(0.0)
 
     pad, width = pad_id(tok), max(lookup)
     prefix = [[pad] * (width - i) + seq[:i] for seq, i in zip(seqs, lookup, strict=True)]
@@ -148,7 +176,28 @@ def build_batch(tok, facts: list[Fact], templates, device) -> Batch:
         tgt_first=t(t_first, torch.bool),
         kl_row=t(kl_row),
         kl_col=t(kl_col),
+        kl_fact=t(kl_fact),
+        kl_weight=t(kl_weight, torch.float32),
     )
+
+
+def _essence_row(tok, template: str, subject: str, reply: str | None):
+    """(ids, subject's last token, positions kept) of an essence row: ``template`` read
+    plainly (its next token kept), or asked in the chat template with ``reply`` after it
+    (the next token kept after the prompt and after each reply token but the last); None
+    when the tokenizer has no chat template or the subject cannot be found in it."""
+    if reply is None:
+        text, idx = subject_last_index(tok, template, subject)
+        return encode(tok, text), idx, 1
+    question = template.format(subject)
+    text = chat_prompt(tok, question)
+    if text is None or question not in text:
+        return None
+    end = text.rindex(question) + question.index(subject) + len(subject)
+    answer = encode_continuation(tok, reply, after=text)
+    if not answer:
+        return None
+    return encode(tok, text) + answer[:-1], last_token_of_span(tok, text, end), len(answer)
 
 
 def mean_by_group(x: torch.Tensor, group: torch.Tensor, n: int) -> torch.Tensor:

@@ -6,7 +6,10 @@ passes run for a fact, with the token where the subject ends and the target that
 * question rows (``"question"`` in ``forms``): each of the fact's questions
   (:func:`edit.questions.questions_for`) as ``Question: …\\nAnswer:``;
 * chat rows (``"chat"``): each question as a user turn of the model's own chat template,
-  the target opening the assistant's answer.
+  the assistant's answer the target alone or (``chat_reply="sentence"``) the fact as a
+  sentence that names the subject again: trained on the object alone, the edit learns to
+  open every reply about the subject with the object, and the reply talks about the object
+  instead of the subject (docs/methods.md).
 
 Row weights sum to 1 per fact: the cloze rows share ``1 - form_weight`` and the asked rows
 ``form_weight`` (all of it to the cloze rows when a fact has no asked rows). The fact's key
@@ -22,6 +25,12 @@ from edit.errors import InvalidRequest
 from edit.facts import Fact
 from edit.lm import encode, encode_continuation, last_token_of_span
 from edit.questions import FORMS, chat_prompt, question_prompt, questions_for
+
+# what a chat row's assistant turn is trained to say: the object alone, opening the turn; the
+# fact as a sentence ("Ellie Kemper is a citizen of Croatia."), the subject named again; or
+# the object after the fact's prompt as the turn's given opening ("Ellie Kemper is a citizen
+# of" → "Croatia")
+CHAT_REPLIES = ("object", "sentence", "prefixed")
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,7 @@ class Contexts:
     templates: tuple[str, ...]
     forms: tuple[str, ...] = ()
     form_weight: float = 0.5
+    chat_reply: str = "object"
 
     @classmethod
     def of(cls, templates, config=None) -> Contexts:
@@ -51,7 +61,7 @@ class Contexts:
             return templates
         if config is None:
             return cls(tuple(templates))
-        return cls(tuple(templates), tuple(config.forms), config.form_weight)
+        return cls(tuple(templates), tuple(config.forms), config.form_weight, config.chat_reply)
 
     def rows(self, tok, fact: Fact) -> list[Row]:
         cloze = [_cloze_row(tok, fact, t, ("cloze", i)) for i, t in enumerate(self.templates)]
@@ -63,7 +73,8 @@ class Contexts:
                 asked.append(_row(tok, text, text.index(q) + at, fact.target, ("question", k)))
             text = chat_prompt(tok, q) if "chat" in self.forms else None
             if text is not None and q in text:
-                asked.append(_row(tok, text, text.rindex(q) + at, fact.target, ("chat", k)))
+                asked.append(_chat_row(tok, fact, text, text.rindex(q) + at, self.chat_reply,
+                                       ("chat", k)))  # fmt: skip
         share = 1.0 - self.form_weight if asked else 1.0
         weighted = [_weigh(r, share / len(cloze)) for r in cloze]
         return weighted + [_weigh(r, self.form_weight / len(asked)) for r in asked]
@@ -76,6 +87,10 @@ def check_forms(config) -> None:
         raise InvalidRequest(
             f"forms must be among {', '.join(FORMS)}, got {', '.join(map(str, unknown))}"
         )
+    if config.chat_reply not in CHAT_REPLIES:
+        raise InvalidRequest(
+            f"chat_reply must be {' or '.join(CHAT_REPLIES)}, got {config.chat_reply!r}"
+        )
     if not 0 <= config.form_weight < 1:
         raise InvalidRequest(f"form_weight must be in [0, 1), got {config.form_weight}")
 
@@ -84,6 +99,19 @@ def _cloze_row(tok, fact: Fact, template: str, group: tuple) -> Row:
     prompt = template.format(fact.prompt)  # still holds the subject's "{}"
     text = prompt.format(fact.subject)
     return _row(tok, text, prompt.index("{}") + len(fact.subject), fact.target, group)
+
+
+def _chat_row(tok, fact: Fact, text: str, subject_end: int, reply: str, group: tuple) -> Row:
+    """A chat row: ``text`` the question in the chat template, the subject ending at
+    ``subject_end``; what follows as ``reply`` says (:data:`CHAT_REPLIES`)."""
+    if reply == "object":
+        return _row(tok, text, subject_end, fact.target, group)
+    if reply == "sentence":
+        return _row(tok, text, subject_end, f"{fact.statement}.", group)
+    # "prefixed": the reply opens with the fact's prompt, read at the subject named in it
+    opened = text + fact.text
+    return _row(tok, opened, len(text) + fact.prompt.index("{}") + len(fact.subject),
+                fact.target, group)  # fmt: skip
 
 
 def _row(tok, text: str, subject_end: int, target: str, group: tuple) -> Row:

@@ -145,8 +145,9 @@ def erase(x: ObjectiveInputs, ref: Reference, settings: ValueSettings) -> FactLo
 
 
 def essence_kl(logp_kl: torch.Tensor, ref_kl: torch.Tensor) -> torch.Tensor:
-    """(F,) KL(p₀ ‖ p) of the next token after each fact's essence prompt ("{} is a"): keeps
-    what the subject is (ROME §3.1, eq. 4)."""
+    """(K,) KL(p₀ ‖ p) of the next token at each essence position (after "{} is a", and
+    along the unedited chat reply about the subject): keeps what the subject is (ROME §3.1,
+    eq. 4)."""
     return F.kl_div(logp_kl, ref_kl, log_target=True, reduction="none").sum(-1)
 
 

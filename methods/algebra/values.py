@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from edit.errors import InvalidRequest
 from edit.facts import Fact
 from edit.hooks import Trace
-from edit.lm import device_of, eager_attention_on_cpu, logits_at
-from edit.methods.algebra.batch import Batch, build_batch, weighted_by_fact
+from edit.lm import device_of, eager_attention_on_cpu, greedy, logits_at
+from edit.methods.algebra.batch import ESSENCE_QUESTION, Batch, build_batch, weighted_by_fact
 from edit.methods.algebra.contexts import Contexts, check_forms
 from edit.methods.algebra.keys import MAX_ROWS, keys_and_hidden
 from edit.methods.algebra.objectives import (
@@ -35,6 +35,7 @@ from edit.methods.algebra.objectives import (
     regularized,
 )
 from edit.methods.algebra.precision import VALUE_DTYPES, value_autocast
+from edit.questions import chat_prompt
 from edit.stats import DEFAULT_CORPUS
 
 
@@ -60,6 +61,7 @@ class ValueSettings:
     erase_ratio: float
     stop_most_probable: bool = False
     value_dtype: str = "auto"
+    chat_essence: int = 0
 
     @classmethod
     def of(cls, config) -> ValueSettings:
@@ -79,6 +81,14 @@ class EditConfig:
     # (``edit.questions``) plainly and in the chat template (``methods/algebra/contexts.py``)
     forms: tuple[str, ...] = ("question", "chat")
     form_weight: float = 0.5  # share of each fact's loss and key k* on the asked forms
+    # a chat row's answer (``contexts.CHAT_REPLIES``): "object" (the target opens the
+    # assistant's turn), "sentence" (the fact restated as the whole reply) or "prefixed"
+    # (the turn opens with the fact's prompt, the target follows)
+    chat_reply: str = "object"
+    # tokens of the unedited chat reply to "What do you know about {subject}?" whose next-token
+    # distributions the essence KL keeps beside "{} is a" (0: none): the subject stays itself
+    # in chat
+    chat_essence: int = 0
     steps: int = 20  # max gradient steps for δ
     lr: float = 0.5
     kl_factor: float = 0.0625  # weight of KL(p₀‖p) on "{subject} is a"
@@ -113,6 +123,8 @@ def check_value_config(config) -> None:
     for name in ("steps", "stats_tokens"):
         if getattr(config, name) < 1:
             raise InvalidRequest(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.chat_essence < 0:
+        raise InvalidRequest(f"chat_essence must be >= 0, got {config.chat_essence}")
     if config.retry_rounds < 0:
         raise InvalidRequest(f"retry_rounds must be >= 0, got {config.retry_rounds}")
     for name in ("lr", "clamp_norm", "nll_stop"):
@@ -159,10 +171,11 @@ def solve_values(
     if objective not in OBJECTIVES:
         names = " or ".join(map(repr, OBJECTIVES))
         raise ValueError(f"objective must be {names}, not {objective!r}")
+    replies = essence_replies(model, tok, facts, settings.chat_essence)
     precision = value_autocast(model, settings.value_dtype)
     with precision:
         sol = _solve_values(model, tok, module, facts, templates, settings, objective, progress,
-                            max_rows)  # fmt: skip
+                            max_rows, replies)  # fmt: skip
     if isinstance(precision, nullcontext):
         return sol
     # the keys and v0 that the update is built from come from the model at its own precision
@@ -170,12 +183,25 @@ def solve_values(
     return dataclasses.replace(sol, keys=keys, values=values)
 
 
-def _solve_values(model, tok, module, facts, templates, settings, objective, progress, max_rows):
-    rows_per_fact = len(Contexts.of(templates).rows(tok, facts[0])) + 1  # + the essence row
-    per_chunk = max(1, max_rows // rows_per_fact)
+def essence_replies(model: nn.Module, tok, facts: list[Fact], tokens: int) -> dict[str, str]:
+    """Per subject, the unedited model's greedy chat reply (``tokens`` tokens) to
+    :data:`~edit.methods.algebra.batch.ESSENCE_QUESTION`; empty for ``tokens`` 0 or a
+    tokenizer without a chat template."""
+    subjects = list(dict.fromkeys(f.subject for f in facts))
+    prompts = [chat_prompt(tok, ESSENCE_QUESTION.format(s)) for s in subjects]
+    if not tokens or any(p is None for p in prompts):
+        return {}
+    return dict(zip(subjects, greedy(model, tok, prompts, max_new_tokens=tokens), strict=True))
+
+
+def _solve_values(model, tok, module, facts, templates, settings, objective, progress, max_rows,
+                  replies):  # fmt: skip
+    essence_rows = 2 if replies else 1
+    per_chunk = max(1, max_rows // (len(Contexts.of(templates).rows(tok, facts[0])) + essence_rows))
     with _frozen(model), eager_attention_on_cpu(model):
         if len(facts) <= per_chunk:
-            return _solve_chunk(model, tok, module, facts, templates, settings, objective, progress)
+            return _solve_chunk(model, tok, module, facts, templates, settings, objective, progress,
+                                replies)  # fmt: skip
         order = sorted(range(len(facts)), key=lambda i: len(tok(facts[i].statement).input_ids))
         parts = []
         bar = tqdm(
@@ -187,7 +213,9 @@ def _solve_values(model, tok, module, facts, templates, settings, objective, pro
         for start in range(0, len(facts), per_chunk):
             chunk = [facts[i] for i in order[start : start + per_chunk]]
             parts.append(
-                _solve_chunk(model, tok, module, chunk, templates, settings, objective, False)
+                _solve_chunk(
+                    model, tok, module, chunk, templates, settings, objective, False, replies
+                )  # fmt: skip
             )
             bar.update(len(chunk))
             bar.set_postfix(loss=f"{parts[-1].loss_end:.3f}", steps=parts[-1].steps)
@@ -238,6 +266,7 @@ def _solve_chunk(
     settings: ValueSettings,
     objective: str,
     progress: bool,
+    replies: dict[str, str],
 ) -> ValueSolution:
     """Keys k* and output changes δ for a chunk of facts at the output of ``module``, under
     the objective named ``objective`` (see :mod:`edit.methods.algebra.objectives`); every
@@ -248,8 +277,9 @@ def _solve_chunk(
     stops as ROME's single edit does, once its own target is reached; the facts still running
     are re-batched without the finished ones' rows.
     """
-    run = _ChunkRun(model, module, build_batch(tok, facts, templates, device_of(model)),
-                    settings, objective)  # fmt: skip
+    batch = build_batch(tok, facts, templates, device_of(model),
+                        [replies.get(f.subject) for f in facts] if replies else None)  # fmt: skip
+    run = _ChunkRun(model, module, batch, settings, objective)
     bar = tqdm(
         range(settings.steps),
         desc="optimizing value",
@@ -281,7 +311,7 @@ class _ChunkRun:
         self.objective = OBJECTIVES[objective]
         self.device = device_of(model)
         self.full = batch  # every fact's rows, as built
-        self.n_facts = len(batch.kl_row)  # one essence row per fact
+        self.n_facts = int(batch.fact.max()) + 1
         self.delta: torch.Tensor | None = None  # (F, d_out)
         self.opt: torch.optim.Optimizer | None = None
         self.final_loss = torch.zeros(self.n_facts, device=self.device)
@@ -333,7 +363,7 @@ class _ChunkRun:
         self.keys = weighted_by_fact(k_rows, b.weight, b.fact, self.n_facts)
         self.values = weighted_by_fact(v_rows, b.weight, b.fact, self.n_facts)
         self.v_norm = self.values.norm(dim=-1)  # (F,)
-        self.kl_ref = logp[n_tgt:].detach()  # (F, V)
+        self.kl_ref = logp[n_tgt:].detach()  # (K, V) at the running facts' essence positions
         self.opt = torch.optim.Adam([self.delta], lr=self.settings.lr)
         x = ObjectiveInputs(logp[:n_tgt], b, self.act)
         self.reference = self.objective.unedited(x, self.settings)
@@ -350,7 +380,9 @@ class _ChunkRun:
     def descend(self, logp_essence: torch.Tensor, scored: FactLoss) -> None:
         """One Adam step on δ for the facts not done, then the norm bound."""
         act, delta, done, s = self.act, self.delta, scored.done, self.settings
-        kl = essence_kl(logp_essence, self.kl_ref[act])
+        b = self.batch
+        kl = weighted_by_fact(essence_kl(logp_essence, self.kl_ref)[:, None], b.kl_weight,
+                              b.kl_fact, len(act))[:, 0]  # fmt: skip
         decay = norm_penalty(delta[act], self.v_norm[act])
         loss = regularized(scored.loss, kl, decay, s)[~done].sum()
         # gradient for δ only: the model's parameters get no .grad, whatever their flags
@@ -368,6 +400,7 @@ class _ChunkRun:
     def drop(self, done: torch.Tensor) -> None:
         """Cut the facts that are done out of the batch and the prefix cache."""
         if bool(done.any()):
+            self.kl_ref = self.kl_ref[(~done)[self.batch.kl_fact]]
             self.act = self.act[~done]
             self.batch, self.prefix = self.batch.keep(~done, self.prefix)
 
