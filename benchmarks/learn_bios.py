@@ -190,11 +190,6 @@ def main(argv: list[str] | None = None) -> int:
         "after": after,
         "unseen_drop_over_learned_drop": drop_unseen / drop_learned if drop_learned else None,
         "wikitext_ppl_change": after["wikitext_ppl"] / before["wikitext_ppl"] - 1,
-        "wikitext_ppl_change_percent": 100 * (after["wikitext_ppl"] / before["wikitext_ppl"] - 1),
-        **{
-            f"{form}_recall_percent": 100 * after[form]["all"]
-            for form in ("continuation", "question", "chat")
-        },  # fmt: skip
         "known_top1_change_points": 100 * (after["known_top1"] - before["known_top1"]),
         "train_seconds": res.seconds,
         "train_tokens": res.tokens,

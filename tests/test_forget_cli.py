@@ -183,5 +183,9 @@ def test_unset_lr_and_epochs_take_the_objectives_defaults_and_the_ledger_records
         for field in ("epochs", "lr"):
             stated = re.search(r"default ([0-9.e-]+)", helps[field]).group(1)
             assert float(stated) == OBJECTIVE_DEFAULTS[command][field], (command, field)
-    # forget keeps close to the reference on its (shipped) retain set; learn has no retain set
-    assert (forget.config["kl_weight"], learn.config["kl_weight"]) == (5.0, 0.0)
+    # both keep close to the reference on their (shipped) retain set
+    assert (forget.config["kl_weight"], learn.config["kl_weight"]) == (
+        OBJECTIVE_DEFAULTS["forget"]["kl_weight"],
+        OBJECTIVE_DEFAULTS["learn"]["kl_weight"],
+    )
+    assert learn.config["kl_weight"] > 0 and learn.config["augment"] is True

@@ -88,6 +88,16 @@ FIGURES: dict[str, dict[str, str]] = {
         "forget quality": "runs.npo.models.changed.forget_quality",
     },
     "device_check": {"failures": "failures"},
+    "learn_bios": {
+        "question recall": "after.question.all",
+        "chat recall": "after.chat.all",
+        "continuation recall": "after.continuation.all",
+        "never-seen / learned NLL drop": "unseen_drop_over_learned_drop",
+        "PPL": "after.wikitext_ppl",
+        "unedited PPL": "before.wikitext_ppl",
+        "known facts top-1": "after.known_top1",
+        "unedited known facts top-1": "before.known_top1",
+    },
 }
 
 VALUE = re.compile(r"^(-?\d+(?:\.\d+)?)(?:x|%)?$")
