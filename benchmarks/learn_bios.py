@@ -19,6 +19,7 @@ after:
 * WikiText-2 perplexity (the first 4,096 tokens of the shared test split, which the product
   never reads);
 * known facts: top-1 of the first 200 prompts of ROME's known_1000.json (shared data);
+* the guard's probe: top-1 on the shipped general-knowledge probe (what `edit learn` checks);
 * the cost in seconds per 1,000 training tokens.
 
 Writes ``<out>.json`` and ``<out>.md`` (default ``benchmarks/results/learn_bios``).
@@ -82,6 +83,7 @@ def measure(model, tok, learned, unseen, known, wikitext: str) -> dict:
     from benchmarks.bios import bio, probes
     from edit.corpus import Example
     from edit.evals.fluency import perplexity
+    from edit.evals.knowledge import general_facts, top1
     from edit.methods.unlearn.scoring import answer_nll
 
     qs = [q for p in learned for q in probes(p)]
@@ -93,6 +95,8 @@ def measure(model, tok, learned, unseen, known, wikitext: str) -> dict:
         "chat": recall(model, tok, qs, "chat"),
         "wikitext_ppl": perplexity(model, tok, wikitext, PPL_TOKENS),
         "known_top1": known_top1(model, tok, known),
+        # what `edit learn`'s guard checks: the shipped probe, by the product's own code
+        "probe_top1": top1(model, tok, general_facts()),
     }
 
 
@@ -117,6 +121,11 @@ def table(before: dict, after: dict) -> list[str]:
     rows += [
         ("WikiText-2 perplexity", f"{before['wikitext_ppl']:.2f}", f"{after['wikitext_ppl']:.2f}"),
         ("known facts top-1 (200)", pct1(before["known_top1"]), pct1(after["known_top1"])),
+        (
+            "guard's probe top-1 (200)",
+            pct1(before.get("probe_top1", float("nan"))),
+            pct1(after["probe_top1"]),
+        ),
     ]
     lines = ["| | before | after `edit learn` |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
