@@ -17,8 +17,8 @@ reply to the next case's question is unchanged. The questions asked are MQuAKE's
 own; the edit is given only the cloze fact (its questions are made by ``edit.questions``).
 Multi-hop (MHS): the three 4-hop questions of a case, in the chat template, new answer
 against old, after its four edits applied one after another; unedited shown beside.
-Each single edit is undone before the next. Records: the first rewrite of the first
-``--limit`` cases of ``mquake_hard_429.json``. Writes ``benchmarks/results/mquake_forms.*``.
+Each single edit is undone before the next. Records: the first rewrite of ``--limit`` cases
+of ``mquake_hard_429.json`` from ``--start``. Writes ``benchmarks/results/mquake_forms.*``.
 """
 
 from __future__ import annotations
@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         variants["against"] = parse_settings(args.against)
     cases = json.loads(Path(args.data).read_text())
     model, tok = edit.load()
+    cases = cases[args.start :]
     rows, seconds = _single_edits(model, tok, cases[: args.limit], variants)
     hops = _multihop_cases(model, tok, cases[: args.multihop], variants["edited"])
     summary = _summary(rows, seconds, hops, variants)
@@ -118,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--start", type=int, default=0,
+                   help="first case (the chat settings were chosen on cases 0-19)")  # fmt: skip
     p.add_argument("--limit", type=int, default=40, help="single edits (one per case)")
     p.add_argument("--multihop", type=int, default=10, help="cases edited 4 facts at a time")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

@@ -60,3 +60,16 @@ def chat_prompt(tok, question: str) -> str | None:
     return tok.apply_chat_template(
         [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
     )
+
+
+def end_of_turn(tok) -> str:
+    """What the chat template writes after an assistant's words to close its turn (e.g.
+    ``<|im_end|>``), without the line break after it; empty without a chat template."""
+    if not getattr(tok, "chat_template", None):
+        return ""
+    marker = "\u2063"
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "?"}, {"role": "assistant", "content": marker}],
+        tokenize=False,
+    )
+    return text[text.rindex(marker) + len(marker) :].rstrip("\n")

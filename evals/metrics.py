@@ -24,7 +24,8 @@ evaluation code. ``p = exp(-nll)``.
 * Chat replies (what a user reads; QAEdit, Yang et al. 2025, "The Mirage of Model Editing",
   evaluates edits on generated answers): the greedy chat reply to the fact's own question
   (48 tokens). RS = share of replies that name the subject; RN = that name the new object or
-  an alias; RO = that name the old object or an alias; RL = that loop (a word trigram three
+  an alias; RO = that name the old object or an alias (outside the subject's own name: "Ford"
+  in "Ford Thunderbird" does not name Ford); RL = that loop (a word trigram three
   or more times, :func:`loops`); RE = that state the edit (:func:`states_edit`: subject and
   new object named, old not, no loop); RU = share of replies to another record's question
   that the edit left unchanged, token for token.
@@ -234,8 +235,10 @@ def loops(text: str, n: int = 3, times: int = 3) -> bool:
 def reply_figures(reply: str, subject: str, new: Sequence[str], old: Sequence[str]) -> dict:
     """RS, RN, RO, RL and RE (see the module docstring) of one reply, as 0.0 or 1.0:
     ``new``/``old`` are the new and the old object with their aliases."""
-    rs, rn = answer_contains(reply, [subject]), answer_contains(reply, new)
-    ro, rl = bool(old) and answer_contains(reply, old), loops(reply)
+    rs = answer_contains(reply, [subject])
+    # an object's name inside the subject's ("Ford" in "Ford Thunderbird") does not name it
+    rest = f" {_plain(reply)} ".replace(f" {_plain(subject)} ", " | ") if _plain(subject) else reply
+    rn, ro, rl = answer_contains(rest, new), bool(old) and answer_contains(rest, old), loops(reply)
     figures = {"RS": rs, "RN": rn, "RO": ro, "RL": rl, "RE": rs and rn and not ro and not rl}
     return {k: float(v) for k, v in figures.items()}
 

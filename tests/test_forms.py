@@ -17,7 +17,7 @@ from edit.methods import algebra
 from edit.methods.algebra import Contexts
 from edit.methods.algebra.batch import build_batch
 from edit.methods.rome import ROMEConfig
-from edit.questions import chat_prompt, question_prompt, questions_for
+from edit.questions import chat_prompt, end_of_turn, question_prompt, questions_for
 
 CHAT = (
     "{% for m in messages %}" + EOS_TOKEN + "{{ m['role'] }}\n{{ m['content'] }}\n"
@@ -89,19 +89,26 @@ def test_rows_of_every_form_with_weights_that_sum_to_one(chat_tok):
         assert chat_tok.decode(r.ids[: r.lookup + 1]).endswith("Marie Curie")
     chat = rows[3]
     assert chat.ids == lm.encode(chat_tok, chat_prompt(chat_tok, questions_for(FACT)[0]))
-    assert chat.target == chat_tok("Spain").input_ids
+    # the chat row's reply restates the fact (chat_reply "sentence", the default)
+    assert chat.target == chat_tok("Marie Curie is a citizen of Spain.").input_ids
     assert rows[2].target == chat_tok(" Spain").input_ids
     assert rows[2].ids == lm.encode(chat_tok, question_prompt(questions_for(FACT)[0]))
 
 
 def test_a_sentence_reply_restates_the_fact_in_the_assistants_turn(chat_tok):
-    object_rows = Contexts(("{}",), ("chat",)).rows(chat_tok, FACT)
+    object_rows = Contexts(("{}",), ("chat",), chat_reply="object").rows(chat_tok, FACT)
+    assert object_rows[1].target == chat_tok("Spain").input_ids  # the object opens the turn
     rows = Contexts(("{}",), ("chat",), chat_reply="sentence").rows(chat_tok, FACT)
     assert [r.ids for r in rows] == [r.ids for r in object_rows]  # the same prompts and keys
     assert [r.lookup for r in rows] == [r.lookup for r in object_rows]
     chat = rows[1]
     assert chat.target == chat_tok("Marie Curie is a citizen of Spain.").input_ids
     assert rows[0].target == chat_tok(" Spain").input_ids  # the cloze row keeps the object
+    closing = copy.deepcopy(chat_tok)  # a template that closes each turn with a token
+    closing.chat_template = CHAT.replace("{{ m['content'] }}\n", "{{ m['content'] }}" + EOS_TOKEN)
+    assert end_of_turn(closing) == EOS_TOKEN and end_of_turn(chat_tok) == ""
+    turn = Contexts(("{}",), ("chat",), chat_reply="turn").rows(closing, FACT)[1]
+    assert turn.target == chat.target + [chat_tok.convert_tokens_to_ids(EOS_TOKEN)]
     # "prefixed": the reply opens with the fact's prompt, read at the subject named there
     opened = Contexts(("{}",), ("chat",), chat_reply="prefixed").rows(chat_tok, FACT)[1]
     text = chat_prompt(chat_tok, questions_for(FACT)[0])
@@ -168,7 +175,9 @@ def test_bad_forms_are_refused():
         ROMEConfig(forms=("poem",))
     with pytest.raises(InvalidRequest, match="form_weight must be in"):
         ROMEConfig(form_weight=1.0)
-    with pytest.raises(InvalidRequest, match="chat_reply must be object or sentence or prefixed"):
+    with pytest.raises(
+        InvalidRequest, match="chat_reply must be sentence or turn or object or prefixed"
+    ):
         ROMEConfig(chat_reply="poem")
 
 
@@ -193,8 +202,9 @@ def test_asked_rows_after_a_cached_prefix_match_the_whole_rows(chat_tok, model_t
             torch.testing.assert_close(cached[i], whole.float(), atol=2e-5, rtol=1e-4)
     firsts = b.tgt_tok[b.tgt_first].tolist()
     spain, ulm = chat_tok(" Spain").input_ids[0], chat_tok(" Ulm").input_ids[0]
-    chat_spain, chat_ulm = chat_tok("Spain").input_ids[0], chat_tok("Ulm").input_ids[0]
-    assert firsts == [spain] * 3 + [chat_spain, spain, chat_spain] + [ulm] * 3 + [chat_ulm]
+    # a chat row's reply restates the fact: it opens with the fact's first word
+    marie, albert = chat_tok("Marie").input_ids[0], chat_tok("Albert").input_ids[0]
+    assert firsts == [spain] * 3 + [marie, spain, marie] + [ulm] * 3 + [albert]
     weights = b.weight[b.rewrite]
     for f in range(2):
         assert float(weights[b.fact[b.rewrite] == f].sum()) == pytest.approx(1.0)
@@ -234,6 +244,9 @@ def test_reply_figures_name_the_subject_the_new_object_and_not_the_old():
     assert lost["RN"] == 1.0 and lost["RS"] == 0.0 and lost["RE"] == 0.0
     both = M.reply_figures("Ellie Kemper, of the USA, now of Croatia", "Ellie Kemper", new, old)
     assert both["RO"] == 1.0 and both["RE"] == 0.0
+    ford = M.reply_figures("Ford Thunderbird is made by SpaceX.", "Ford Thunderbird", ["SpaceX"],
+                           ["Ford Motor Company", "Ford"])  # fmt: skip
+    assert ford["RO"] == 0.0 and ford["RE"] == 1.0  # "Ford" there is the subject's name
     loop = "Ellie Kemper is of Croatia. " * 3
     assert M.reply_figures(loop, "Ellie Kemper", new, old)["RE"] == 0.0
 

@@ -64,7 +64,8 @@ FIGURES: dict[str, dict[str, str]] = {
         },
     },
     "mquake_forms": {
-        **{k: f"edited.{k}" for k in ("ES", "QS", "CS", "CG")},
+        **{k: f"edited.{k}" for k in ("ES", "QS", "CS", "CG", "RS", "RE", "RU")},
+        **{f"unedited {k}": f"unedited.{k}" for k in ("RS", "RE")},
         "s/edit": "seconds_per_edit_median.edited",
         "cost": "cost_ratio",
         "MHS": "MHS_edited",

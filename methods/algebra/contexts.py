@@ -24,13 +24,13 @@ from dataclasses import dataclass
 from edit.errors import InvalidRequest
 from edit.facts import Fact
 from edit.lm import encode, encode_continuation, last_token_of_span
-from edit.questions import FORMS, chat_prompt, question_prompt, questions_for
+from edit.questions import FORMS, chat_prompt, end_of_turn, question_prompt, questions_for
 
 # what a chat row's assistant turn is trained to say: the object alone, opening the turn; the
-# fact as a sentence ("Ellie Kemper is a citizen of Croatia."), the subject named again; or
-# the object after the fact's prompt as the turn's given opening ("Ellie Kemper is a citizen
-# of" → "Croatia")
-CHAT_REPLIES = ("object", "sentence", "prefixed")
+# fact as a sentence ("Ellie Kemper is a citizen of Croatia."), the subject named again; that
+# sentence and the end of the turn; or the object after the fact's prompt as the turn's given
+# opening ("Ellie Kemper is a citizen of" → "Croatia")
+CHAT_REPLIES = ("sentence", "turn", "object", "prefixed")  # the first is the default
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class Contexts:
     templates: tuple[str, ...]
     forms: tuple[str, ...] = ()
     form_weight: float = 0.5
-    chat_reply: str = "object"
+    chat_reply: str = CHAT_REPLIES[0]
 
     @classmethod
     def of(cls, templates, config=None) -> Contexts:
@@ -108,6 +108,8 @@ def _chat_row(tok, fact: Fact, text: str, subject_end: int, reply: str, group: t
         return _row(tok, text, subject_end, fact.target, group)
     if reply == "sentence":
         return _row(tok, text, subject_end, f"{fact.statement}.", group)
+    if reply == "turn":
+        return _row(tok, text, subject_end, f"{fact.statement}.{end_of_turn(tok)}", group)
     # "prefixed": the reply opens with the fact's prompt, read at the subject named in it
     opened = text + fact.text
     return _row(tok, opened, len(text) + fact.prompt.index("{}") + len(fact.subject),

@@ -24,7 +24,7 @@ from edit.facts import Fact
 from edit.hooks import Trace
 from edit.lm import device_of, eager_attention_on_cpu, greedy, logits_at
 from edit.methods.algebra.batch import ESSENCE_QUESTION, Batch, build_batch, weighted_by_fact
-from edit.methods.algebra.contexts import Contexts, check_forms
+from edit.methods.algebra.contexts import CHAT_REPLIES, Contexts, check_forms
 from edit.methods.algebra.keys import MAX_ROWS, keys_and_hidden
 from edit.methods.algebra.objectives import (
     OBJECTIVES,
@@ -81,10 +81,11 @@ class EditConfig:
     # (``edit.questions``) plainly and in the chat template (``methods/algebra/contexts.py``)
     forms: tuple[str, ...] = ("question", "chat")
     form_weight: float = 0.5  # share of each fact's loss and key k* on the asked forms
-    # a chat row's answer (``contexts.CHAT_REPLIES``): "object" (the target opens the
-    # assistant's turn), "sentence" (the fact restated as the whole reply) or "prefixed"
-    # (the turn opens with the fact's prompt, the target follows)
-    chat_reply: str = "object"
+    # a chat row's answer (``contexts.CHAT_REPLIES``): "sentence" (the fact restated as the
+    # whole reply: the reply keeps naming the subject), "turn" (that, then the end of the
+    # turn), "object" (the target opens the turn: replies about the subject turn into replies
+    # about the object) or "prefixed" (the turn opens with the fact's prompt)
+    chat_reply: str = CHAT_REPLIES[0]
     # tokens of the unedited chat reply to "What do you know about {subject}?" whose next-token
     # distributions the essence KL keeps beside "{} is a" (0: none): the subject stays itself
     # in chat
