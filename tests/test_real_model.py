@@ -89,14 +89,17 @@ def test_an_edit_answers_the_question_in_chat_and_after_export(ws, tmp_path):
 
     assert "Croatia" not in edit.ask(ws.model, ws.tok, QUESTION, chat=True)
     entry, _ = ws.add("Ellie Kemper is a citizen of Croatia", progress=False)
-    assert "Croatia" in edit.ask(ws.model, ws.tok, QUESTION, chat=True)
+    reply = edit.ask(ws.model, ws.tok, QUESTION, chat=True)
+    # the reply states the edit about the subject: it does not turn into a reply about Croatia
+    assert "Croatia" in reply and "Ellie Kemper" in reply, reply
     out = ws.export(tmp_path / "merged")
     model, tok = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
     ids = tok.apply_chat_template([{"role": "user", "content": QUESTION}],
                                   add_generation_prompt=True, return_tensors="pt",
                                   return_dict=True)["input_ids"]  # fmt: skip
     gen = model.generate(ids, max_new_tokens=24, do_sample=False)
-    assert "Croatia" in tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True)
+    exported = tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True)
+    assert "Croatia" in exported and "Ellie Kemper" in exported, exported
     ws.revert(entry.id)
 
 
