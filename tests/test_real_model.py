@@ -87,6 +87,8 @@ def test_an_edit_answers_the_question_in_chat_and_after_export(ws, tmp_path):
     """The user's way of asking an Instruct model: the question in its chat template."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    for earlier in ws.entries():  # one edit on the base model (stacked edits: issue on lifelong
+        ws.revert(earlier.id)  # editing; after "Paris is capital of Italy" the subject is lost)
     assert "Croatia" not in edit.ask(ws.model, ws.tok, QUESTION, chat=True)
     entry, _ = ws.add("Ellie Kemper is a citizen of Croatia", progress=False)
     reply = edit.ask(ws.model, ws.tok, QUESTION, chat=True)
@@ -172,7 +174,8 @@ def test_batches_take_and_alphaedit_keeps_the_earlier_batch(tmp_path):
         # AlphaEdit's projected update is weaker on this model: on a fresh cache "Berlin is
         # capital of Spain" did not take (P 0.16 vs 0.36); the batch is kept for the other
         assert second.method == "alphaedit" and r2.metrics["took"] >= 1, r2.metrics["not_taken"]
-        assert r2.info["previous_keys"] == {m: 2 for m in r1.info["modules"]}
+        # AlphaEdit sees every key the first entry wrote (a fact retried writes its key again)
+        assert r2.info["previous_keys"] == {m: len(k) for m, k in r1.update.keys.items()}
         # the first batch still holds after the second
         prompts = ["Paris is capital of", "Tokyo is capital of"]
         new = lm.continuation_logprobs(model, tok, prompts, ["Italy", "Brazil"])
