@@ -21,14 +21,14 @@ evaluation code. ``p = exp(-nll)``.
   chat-template questions whose greedy answer names the new object or an alias
   (:func:`answer_contains`); MHS = CS on multi-hop questions whose answer the edits change
   (MQuAKE, Zhong et al. 2023), new answer against old.
-* Chat replies (what a user reads; QAEdit, Yang et al. 2025, "The Mirage of Model Editing",
+* Chat replies (what a user reads; QAEdit in "The Mirage of Model Editing", ACL 2025, also
   evaluates edits on generated answers): the greedy chat reply to the fact's own question
   (48 tokens). RS = share of replies that name the subject; RN = that name the new object or
   an alias; RO = that name the old object or an alias (outside the subject's own name: "Ford"
-  in "Ford Thunderbird" does not name Ford); RL = that loop (a word trigram three
-  or more times, :func:`loops`); RE = that state the edit (:func:`states_edit`: subject and
-  new object named, old not, no loop); RU = share of replies to another record's question
-  that the edit left unchanged, token for token.
+  in "Ford Thunderbird" does not name Ford); RL = that loop (a word trigram three or more
+  times, :func:`loops`); RE = that state the edit (subject and new object named, old not, no
+  loop; :func:`reply_figures`); RU = share of replies to another record's question that the
+  edit left unchanged, token for token.
 * zsRE (Mitchell et al. 2022 and later work): teacher-forced top-1 token accuracy of the
   target after the question (efficacy) and its rephrasing (generalization); specificity =
   share of the locality answer's tokens whose top-1 prediction the edit left unchanged.
@@ -264,7 +264,8 @@ DEFINITIONS = {
     "RS": "share of greedy chat replies (48 tokens) to the fact's own question that name the "
     "subject",
     "RN": "share of those replies that name the new object or an alias",
-    "RO": "share of those replies that name the old object or an alias",
+    "RO": "share of those replies that name the old object or an alias (outside the subject's "
+    "own name)",
     "RL": "share of those replies that loop (a word trigram three or more times)",
     "RE": "share of those replies that state the edit: subject and new object named, old not, "
     "no loop",

@@ -6,10 +6,10 @@ passes run for a fact, with the token where the subject ends and the target that
 * question rows (``"question"`` in ``forms``): each of the fact's questions
   (:func:`edit.questions.questions_for`) as ``Question: …\\nAnswer:``;
 * chat rows (``"chat"``): each question as a user turn of the model's own chat template,
-  the assistant's answer the target alone or (``chat_reply="sentence"``) the fact as a
-  sentence that names the subject again: trained on the object alone, the edit learns to
-  open every reply about the subject with the object, and the reply talks about the object
-  instead of the subject (docs/methods.md).
+  the assistant's answer the fact as a sentence that names the subject again
+  (``chat_reply="sentence"``, the default): trained on the object alone opening the turn,
+  the edit learns to open every reply about the subject with the object, and the reply
+  talks about the object instead of the subject (docs/methods.md).
 
 Row weights sum to 1 per fact: the cloze rows share ``1 - form_weight`` and the asked rows
 ``form_weight`` (all of it to the cloze rows when a fact has no asked rows). The fact's key
