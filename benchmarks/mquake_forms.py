@@ -41,25 +41,17 @@ def _fact(rw: dict):
     return Fact(rw["prompt"], rw["subject"], rw["target_new"]["str"], rw["target_true"]["str"])
 
 
-def _names(case: dict, hop: int = 0) -> tuple[list[str], list[str]]:
-    """The new and the old object of a case's rewrite, each with its aliases."""
-    rw = case["requested_rewrite"][hop]
-    new, old = rw["target_new"]["str"], rw["target_true"]["str"]
-    new_hop = next((h for h in case.get("new_single_hops", []) if h["answer"] == new), {})
-    old_hop = next((h for h in case.get("single_hops", []) if h["answer"] == old), {})
-    return [new, *new_hop.get("answer_alias", [])], [old, *old_hop.get("answer_alias", [])]
-
-
 def _single(model, tok, case: dict, unrelated: str, unrelated_before: str | None) -> dict:
     """ES, QS, CS, CG of the case's first rewrite, the reply figures of the greedy chat reply
     to its question, and RU: the reply to ``unrelated`` equals ``unrelated_before``."""
     from edit import lm
     from edit.evals import metrics as M
     from edit.evals.forms import asked_scores, chat_replies
+    from edit.readers.records import mquake_names
 
     rw = case["requested_rewrite"][0]
     fact = _fact(rw)
-    new, old = _names(case)
+    new, old = mquake_names(case)
     scores = lm.continuation_scores(model, tok, [fact.text] * 2, [fact.target, fact.target_true])
     nll = [-float(s.logprobs.mean()) for s in scores]
     out = {"ES": M.success(nll[:1], nll[1:])}

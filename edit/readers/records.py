@@ -137,19 +137,28 @@ def _zsre(i: int, r: dict) -> Record:
     )
 
 
+def mquake_names(r: dict, hop: int = 0) -> tuple[list[str], list[str]]:
+    """The new and the old object of an MQuAKE case's rewrite ``hop``, each followed by its
+    aliases (from the case's single hops that answer with it)."""
+    rw = r["requested_rewrite"][hop]
+    new, old = rw["target_new"]["str"], rw["target_true"]["str"]
+    new_hop = next((h for h in r.get("new_single_hops", []) if h["answer"] == new), {})
+    old_hop = next((h for h in r.get("single_hops", []) if h["answer"] == old), {})
+    return [new, *new_hop.get("answer_alias", [])], [old, *old_hop.get("answer_alias", [])]
+
+
 def _mquake(i: int, r: dict) -> Record:
     rw = r["requested_rewrite"][0]
     fact = Fact(rw["prompt"], rw["subject"], rw["target_new"]["str"], rw["target_true"]["str"])
-    hop = next((h for h in r.get("new_single_hops", []) if h["answer"] == fact.target), {})
-    was = next((h for h in r.get("single_hops", []) if h["answer"] == fact.target_true), {})
+    new, old = mquake_names(r)
     one_edit = len(r["requested_rewrite"]) == 1
     return Record(
         id=str(r.get("case_id", i)),
         fact=fact,
         format="mquake",
         questions=[rw["question"]],
-        aliases=list(hop.get("answer_alias", [])),
-        old_aliases=list(was.get("answer_alias", [])),
+        aliases=new[1:],
+        old_aliases=old[1:],
         multihop=(list(r["questions"]), r["new_answer"], r["answer"]) if one_edit else None,
     )
 
