@@ -251,6 +251,21 @@ def test_reply_figures_name_the_subject_the_new_object_and_not_the_old():
     assert M.reply_figures(loop, "Ellie Kemper", new, old)["RE"] == 0.0
 
 
+def test_the_unrelated_question_is_the_next_records_about_another_subject():
+    from edit.evals.harness import unrelated_question
+    from edit.readers.records import Record
+
+    def rec(subject, question=None):
+        fact = Fact("{} is a citizen of", subject, "Spain", "Poland")
+        return Record(id=subject, fact=fact, questions=[question] if question else [])
+
+    records = [rec("A", "Where is A from?"), rec("A", "Is A Polish?"), rec("B"),
+               rec("C", "Where is C from?")]  # fmt: skip
+    assert unrelated_question(records, 0) == "Where is C from?"  # not A's, B has none
+    assert unrelated_question(records, 3) == "Where is A from?"  # in a cycle
+    assert unrelated_question(records[:2], 0) is None  # every other record is about A
+
+
 def test_ask_in_chat_runs_the_template_the_tokenizer_renders(chat_tok, llama):
     q = "Where does Marie Curie live?"
     ids = chat_tok.apply_chat_template([{"role": "user", "content": q}],
