@@ -36,11 +36,11 @@ import torch
 from safetensors.torch import save as serialize
 from torch import nn
 
-from edit import distributed
+from edit import distributed, lm
 from edit.api import EditResult, apply
 from edit.atomic import check_new_folder, new_folder, write_bytes
 from edit.entry import Entry, header
-from edit.errors import EditError, EditFailed
+from edit.errors import EditError, EditFailed, InvalidRequest
 from edit.facts import Fact
 from edit.ledger import (
     FORMAT,
@@ -228,18 +228,26 @@ class Workspace:
     def erase(self, request: str | Fact | dict, **kwargs) -> tuple[Entry, EditResult]:
         return self.add(request, erase=True, **kwargs)
 
-    def forget(self, corpus, retain=None, *, holdout=None, progress: bool = True, guard=None,
-               **settings):  # fmt: skip
+    def forget(self, corpus, retain=None, *, holdout=None, reference=None, progress: bool = True,
+               guard=None, **settings):  # fmt: skip
         """Unlearn a corpus with a LoRA adapter (see ``edit.methods.unlearn``) and record it
         as one entry. ``corpus``/``retain``/``holdout``: a JSON Lines path or a list of
         ``edit.corpus.Example``; without ``retain``, slices of the shipped WikiText-2 text.
         ``holdout``: never-seen examples of the same kind; training stops once the corpus's
-        NLL reaches theirs. ``settings`` override ``UnlearnConfig`` (method, epochs, lr,
+        NLL reaches theirs. ``reference``: a model that never saw the corpus (a model, or a
+        path or id :func:`load_reference` opens), such as the base model this one was
+        fine-tuned from: training aims every token of the corpus at its distribution
+        (method ``distill`` unless another is set) and stops at its NLL on the corpus.
+        ``settings`` override ``UnlearnConfig`` (method, epochs, lr,
         lora_rank, ...). ``guard``: called with the changed model before anything is recorded;
         it refuses the change by raising, and what it returns (if not None) is recorded as the
         entry's ``info["guard"]`` (``edit.evals.knowledge.Guard``: perplexity and a
         general-knowledge probe within bounds). Returns (entry, LoraResult)."""
-        return self._train("forget", corpus, retain, progress, settings, holdout, guard)
+        if isinstance(reference, str | os.PathLike):
+            reference, ref_tok = load_reference(reference, device=str(lm.device_of(self.model)))
+            check_same_vocabulary(self.tok, ref_tok)
+        return self._train("forget", corpus, retain, progress, settings, holdout, guard,
+                           reference)  # fmt: skip
 
     def learn(self, corpus, *, holdout=None, progress: bool = True, guard=None, **settings):
         """Teach a corpus with a LoRA adapter and record it as one entry: plain NLL on the
@@ -325,14 +333,14 @@ class Workspace:
     # ------------------------------------------------------------------ internals
 
     def _train(self, objective, corpus, retain, progress: bool, settings: dict, holdout=None,
-               guard=None):  # fmt: skip
+               guard=None, reference=None):  # fmt: skip
         """Run the unlearning package's forget / learn policy, let ``guard`` see the changed
         model, then record its adapter."""
         from edit.methods.unlearn import train_corpus
 
         run = train_corpus(self.model, self.tok, objective, corpus, retain, holdout,
                            settings=settings, progress=progress, entries=self.entries(),
-                           without=self.without)  # fmt: skip
+                           without=self.without, reference=reference)  # fmt: skip
         if guard is not None:
             applied = run.update.apply(self.model)
             try:
@@ -460,6 +468,27 @@ class Workspace:
             os.replace(pending, self.path / "edits" / f"{meta['id']}.safetensors")
             self._reread()
         return self._active[-1]
+
+
+def load_reference(path: str | os.PathLike | None, device: str | None = None):
+    """(model, tokenizer) of a reference that never saw some data: a workspace folder (its
+    base plus its ledger) or anything :func:`edit.load` reads; (None, None) without one."""
+    if not path:
+        return None, None
+    if (Path(path) / META).is_file():
+        ws = Workspace.open(path, create=False, device=device)
+        return ws.model, ws.tok
+    return load(path, device=device)
+
+
+def check_same_vocabulary(tok, other) -> None:
+    """Refuse a reference whose tokenizer maps text to other ids than ``tok``."""
+    if tok is None or other is None or tok.get_vocab() == other.get_vocab():
+        return
+    raise InvalidRequest(
+        f"the reference's tokenizer ({len(other)} tokens) is not this model's ({len(tok)}): "
+        "give the model this one was fine-tuned from"
+    )
 
 
 def check_shapes(ledger: Ledger, source: str) -> bool:

@@ -127,21 +127,6 @@ def measure(model, tok, data: AuditData, gen_tokens: int = 32) -> dict[str, Any]
     return out
 
 
-def load_reference(path: str | None, device: str | None = None):
-    """(model, tokenizer) of a reference that never saw the forgotten data: a workspace
-    folder (its base plus its ledger) or anything :func:`edit.load` reads; (None, None)
-    without one."""
-    if not path:
-        return None, None
-    from edit.models import load
-    from edit.workspace import Workspace
-
-    if (Path(path) / "workspace.json").is_file():
-        ws = Workspace.open(path, create=False, device=device)
-        return ws.model, ws.tok
-    return load(path, device=device)
-
-
 def audit(
     ws,
     entry_id: str,
@@ -293,7 +278,6 @@ def markdown(report: Report) -> str:
 def write(report: Report, out) -> None:
     """report.json, report.md and (with matplotlib) report.png, written atomically."""
     import json
-    from pathlib import Path
 
     from edit.atomic import new_folder
 

@@ -117,7 +117,7 @@ def test_holdout_is_reported_and_a_retain_set_holding_the_corpus_is_refused(
     assert main([*args, "--holdout", holdout, "--set", "stop_nll=1e6"]) == 0
     out = capsys.readouterr().out
     assert "1 never-seen from" in out and "never-seen set NLL" in out
-    assert "stop at forget-set NLL 1000000.0000 (stop_nll): not reached" in out
+    assert "aimed at forget-set NLL 1000000.0000 (stop_nll): the level given; not reached" in out
     entry = Workspace.open(str(ws)).entries()[-1]
     assert entry.info["holdout"] == holdout and entry.metrics["stop_nll"] == 1e6
 
@@ -142,7 +142,7 @@ def test_forgetting_a_learned_corpus_stops_at_its_level_without_the_learn_entry(
 
     assert main(["forget", "--corpus", part, *common, "--epochs", "50"]) == 0
     out = capsys.readouterr().out
-    assert f"(its NLL without entry {learn.id}, which learned it): reached after" in out
+    assert f"(its NLL without entry {learn.id}, which learned it): the level of exactly" in out
     assert f"'edit revert {learn.id}' removes exactly everything it learned" in out
     entry = Workspace.open(ws).entries()[-1]
     assert entry.info["learned_by"] == learn.id
@@ -157,6 +157,50 @@ def test_forgetting_a_learned_corpus_stops_at_its_level_without_the_learn_entry(
     args = ["forget", "--corpus", part, *common, "--epochs", "1", "--set", "stop_at_learned=false"]
     assert main(args) == 0
     assert Workspace.open(ws).entries()[-1].metrics["stop_nll"] is None
+
+
+def test_forgetting_what_a_fine_tune_learned_aims_at_the_reference_it_started_from(
+    tmp_path, model_dir, capsys
+):
+    """The corpus was learned outside this workspace (an exported fine-tune): with the base
+    model as --reference, the run distills toward it, stops at its NLL on the corpus, and says
+    where that level came from."""
+    corpus = _corpus(tmp_path, QA)
+    common = ["--lr", "0.01", "--force"]
+    assert main(["learn", "--corpus", corpus, "-w", str(tmp_path / "a"), "-m", model_dir,
+                 "--epochs", "5", *common]) == 0  # fmt: skip
+    Workspace.open(str(tmp_path / "a")).export(tmp_path / "tuned")
+    from edit.models import load
+    from edit.readers.corpus import read_corpus
+
+    examples = read_corpus(corpus)
+    base, tok = load(model_dir)
+    from edit.methods.unlearn import answer_nll
+
+    level = answer_nll(base, tok, examples)
+    capsys.readouterr()
+    ws = str(tmp_path / "b")
+    args = ["forget", "--corpus", corpus, "-w", ws, "-m", str(tmp_path / "tuned"),
+            "--lr", "0.01", "--epochs", "30"]  # fmt: skip
+    assert main([*args, "--reference", model_dir]) == 0
+    out = capsys.readouterr().out
+    assert f"aimed at forget-set NLL {level:.4f} (the reference's NLL on the corpus" in out
+    assert "the level of a model that never saw the corpus" in out
+    entry = Workspace.open(ws).entries()[-1]
+    assert entry.method == "distill" and entry.info["stop_source"] == "reference"
+    assert entry.info["reference"] == model_dir
+    assert "distill aims each example at its own never-seen level (no stop)" in out
+    before, after = entry.metrics["forget_nll_before"], entry.metrics["forget_nll_after"]
+    assert before < level and abs(level - after) < 0.5 * (level - before), (before, after)
+
+    # a reference that reads text with other token ids is refused before any training
+    tok.add_tokens(["zzqx"])
+    tok.save_pretrained(tmp_path / "other")
+    base.save_pretrained(tmp_path / "other")
+    assert main([*args, "--reference", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert "the reference's tokenizer" in err and err.count("\n") == 1
+    assert len(Workspace.open(ws).entries()) == 1
 
 
 def test_unset_lr_and_epochs_take_the_objectives_defaults_and_the_ledger_records_them(

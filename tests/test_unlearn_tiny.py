@@ -26,16 +26,18 @@ from edit.corpus import (
 from edit.errors import EditError, EditFailed, InvalidRequest
 from edit.methods.unlearn import (
     LOSSES,
+    USES_RETAIN,
     LossInputs,
     UnlearnConfig,
     adapter_attached,
     answer_nll,
     lora_delta,
     lora_update,
-    retain_kl,
+    quantile_targets,
     sequence_logprob,
     sequence_nll,
     target_module_names,
+    token_kl,
     train_lora,
 )
 from edit.readers.corpus import read_corpus
@@ -62,6 +64,10 @@ LOGP = [-3.0, -5.0]  # log π_θ(y|x) of two forget sequences
 N_TOKENS = [2, 4]
 REF_LOGP = [-2.5, -6.0]
 RETAIN_NLL = 1.7
+# next-token logits of the trained model and of a never-seen teacher at 2 answer positions
+LOGITS = [[1.0, 0.0, -1.0], [0.5, 0.5, 2.0]]
+TEACHER_LOGITS = [[0.0, 2.0, 0.0], [0.5, 0.5, 2.0]]
+TARGETS = [2.0, 1.0]  # each forget sequence's never-seen mean token NLL
 
 
 def _inputs(**kw) -> LossInputs:
@@ -70,6 +76,9 @@ def _inputs(**kw) -> LossInputs:
         torch.tensor(N_TOKENS),
         torch.tensor(REF_LOGP, dtype=torch.float64),
         torch.tensor(RETAIN_NLL, dtype=torch.float64),
+        torch.tensor(LOGITS, dtype=torch.float64),
+        torch.tensor(TEACHER_LOGITS, dtype=torch.float64),
+        torch.tensor(TARGETS, dtype=torch.float64),
         **kw,
     )
 
@@ -94,10 +103,27 @@ def test_loss_table_matches_the_formulas():
         * sum(_log_sigmoid(-(beta / n) * lp - gamma) for lp, n in zip(LOGP, N_TOKENS, strict=True))
         / 2
         + alpha * RETAIN_NLL,
+        # KL(π_T ‖ π_θ) per position, averaged: the second position already agrees (KL 0)
+        "distill": sum(
+            sum(
+                math.exp(t[v])
+                / sum(map(math.exp, t))
+                * (
+                    (t[v] - math.log(sum(map(math.exp, t))))
+                    - (q[v] - math.log(sum(map(math.exp, q))))
+                )
+                for v in range(3)
+            )
+            for q, t in zip(LOGITS, TEACHER_LOGITS, strict=True)
+        )
+        / 2,
+        # per-sequence mean token NLLs 1.5 and 1.25 against targets 2 and 1
+        "match": ((1.5 - 2.0) ** 2 + (1.25 - 1.0) ** 2) / 2,
     }
     assert set(LOSSES) == set(expected)
     for name, value in expected.items():
-        assert float(LOSSES[name](x, c)) == pytest.approx(value, rel=1e-12), name
+        rel = 1e-6 if name == "distill" else 1e-12  # the KL is taken in float32
+        assert float(LOSSES[name](x, c)) == pytest.approx(value, rel=rel), name
     # NPO's other form: (2/β)·E[log(1 + (π_θ/π_ref)^β)]
     ratio_form = (2 / beta) * sum(
         math.log(1 + math.exp(lp - rp) ** beta) for lp, rp in zip(LOGP, REF_LOGP, strict=True)
@@ -114,6 +140,11 @@ def test_retain_term_is_off_with_alpha_zero_or_no_retain_batch():
         x_none = _inputs()
         x_none.retain_nll = None
         assert float(LOSSES[name](x_none, UnlearnConfig(alpha=1.0))) == pytest.approx(without)
+    for name in ("gradascent", "distill", "match"):  # no retain term at all
+        assert name not in USES_RETAIN
+        assert float(LOSSES[name](x, UnlearnConfig(alpha=1.0))) == float(
+            LOSSES[name](x, UnlearnConfig(alpha=0.0))
+        )
 
 
 def test_graddiff_descends_into_lower_forget_and_retain_likelihood_signs():
@@ -162,13 +193,22 @@ def test_npo_gradient_at_the_reference_is_scaled_gradient_ascent(tok, llama):
             torch.testing.assert_close(g_npo, scale * g_ga, rtol=1e-4, atol=1e-7)
 
 
+def test_quantile_targets_give_each_example_the_never_seen_quantile_at_its_rank():
+    nll = torch.tensor([3.0, 1.0, 2.0])
+    assert quantile_targets(nll, torch.tensor([30.0, 10.0, 20.0])).tolist() == [30, 10, 20]
+    # 5 never-seen values, 3 examples: quantiles 0, 0.5, 1 (the middle one interpolated)
+    got = quantile_targets(nll, torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0]))
+    assert got.tolist() == [16.0, 1.0, 4.0]
+    assert quantile_targets(torch.tensor([0.7]), torch.tensor([1.0, 3.0])).tolist() == [2.0]
+
+
 def test_retain_kl_matches_its_formula_and_vanishes_at_the_reference():
     torch.manual_seed(0)
     logits, ref = torch.randn(5, 7), torch.randn(5, 7)
     p_ref, p = torch.softmax(ref, -1), torch.softmax(logits, -1)
     by_hand = (p_ref * (p_ref.log() - p.log())).sum(-1).mean()
-    assert float(retain_kl(logits, ref)) == pytest.approx(float(by_hand), rel=1e-5)
-    assert float(retain_kl(ref, ref)) == pytest.approx(0.0, abs=1e-6)
+    assert float(token_kl(logits, ref)) == pytest.approx(float(by_hand), rel=1e-5)
+    assert float(token_kl(ref, ref)) == pytest.approx(0.0, abs=1e-6)
 
 
 # --------------------------------------------------------------------------------------------
@@ -507,3 +547,85 @@ def test_a_diverging_run_leaves_the_model_unchanged(tok, llama, monkeypatch):
     with pytest.raises(EditFailed, match="diverged"):
         train_lora(llama, tok, FORGET, None, UnlearnConfig(method="gradascent"), progress=False)
     _assert_unchanged(llama, before)
+
+
+# --------------------------------------------------------------------------------------------
+# Distilling toward a model that never saw the forget set
+# --------------------------------------------------------------------------------------------
+
+
+def _per_example_nll(model, tok, examples) -> torch.Tensor:
+    from edit.methods.unlearn import answer_scores
+
+    logp, n = answer_scores(model, tok, examples)
+    return -logp / n
+
+
+def _teacher_and_student(tok):
+    """A tiny llama (the teacher, which never saw FORGET) and a copy fine-tuned on FORGET, all
+    of its weights (a fine-tune made outside the product)."""
+    teacher = tiny_model("llama", len(tok), seed=1)
+    student = tiny_model("llama", len(tok), seed=1)
+    ids, mask, labels = tokenize_examples(tok, FORGET, max_len=64)
+    optimizer = torch.optim.Adam(student.parameters(), lr=3e-3)
+    for _ in range(15):
+        optimizer.zero_grad()
+        student(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        optimizer.step()
+    student.zero_grad(set_to_none=True)
+    return teacher, student.eval()
+
+
+def test_distill_brings_each_example_to_the_teachers_level_and_leaves_both_unchanged(tok):
+    """The student learned the forget set (its NLL far below the teacher's); distillation
+    brings every example's NLL near the teacher's own (not only their mean), from below, and
+    changes neither model."""
+    teacher, student = _teacher_and_student(tok)
+    start, target = (_per_example_nll(m, tok, FORGET) for m in (student, teacher))
+    assert (target - start).min() > 0.5, (start, target)  # every example far below
+    before, teacher_before = _snapshot(student), _snapshot(teacher)
+    config = UnlearnConfig(method="distill", kl_weight=0.0, **dict(FAST, epochs=12))
+    result = train_lora(student, tok, FORGET, RETAIN, config, progress=False, teacher=teacher)
+    _assert_unchanged(student, before)
+    _assert_unchanged(teacher, teacher_before)
+    with adapter_attached(student, result):
+        end = _per_example_nll(student, tok, FORGET)
+    gap_before, gap_after = (target - start).abs(), (target - end).abs()
+    assert (gap_after < 0.25 * gap_before).all(), (start, end, target)
+
+
+def test_distill_is_refused_without_a_teacher_or_with_another_vocabulary(tok, llama):
+    other = tiny_model("llama", len(tok) + 8, seed=1)
+    cases = [
+        (UnlearnConfig(method="distill"), None, "distill distills toward a model that never"),
+        (UnlearnConfig(method="distill"), other, r"vocabulary \(\d+ tokens\) is not this"),
+        (UnlearnConfig(method="npo"), llama, "npo does not use a teacher model"),
+    ]
+    before = _snapshot(llama)
+    for config, teacher, words in cases:
+        with pytest.raises(InvalidRequest, match=words) as info:
+            train_lora(llama, tok, FORGET, RETAIN, config, progress=False, teacher=teacher)
+        assert "\n" not in str(info.value)
+    _assert_unchanged(llama, before)
+
+
+def test_match_aims_each_example_at_its_target_from_the_teacher_or_the_holdout(tok):
+    """``match`` takes each example's target once: the teacher's NLL of it, else the
+    holdout's NLL at its rank. Training brings every example near its target."""
+    teacher, student = _teacher_and_student(tok)
+    start, target = (_per_example_nll(m, tok, FORGET) for m in (student, teacher))
+    config = UnlearnConfig(method="match", kl_weight=0.0, **dict(FAST, epochs=20, lr=3e-3))
+    result = train_lora(student, tok, FORGET, RETAIN, config, progress=False, teacher=teacher)
+    with adapter_attached(student, result):
+        end = _per_example_nll(student, tok, FORGET)
+    assert ((target - end).abs() < 0.25 * (target - start).abs()).all(), (start, end, target)
+
+    holdout = [Example("", "Lisbon is the capital of Portugal."), Example("Ice is", "cold."),
+               Example("", "The river flows north to the sea.")]  # fmt: skip
+    wanted = quantile_targets(start, _per_example_nll(student, tok, holdout))
+    result = train_lora(student, tok, FORGET, RETAIN, config, progress=False, holdout=holdout)
+    with adapter_attached(student, result):
+        end = _per_example_nll(student, tok, FORGET)
+    assert ((wanted - end).abs() < 0.25 * (wanted - start).abs()).all(), (start, end, wanted)
+    with pytest.raises(InvalidRequest, match="match aims each example at a never-seen level"):
+        train_lora(student, tok, FORGET, RETAIN, config, progress=False)

@@ -18,8 +18,12 @@ def add_parsers(sub) -> None:
             p.add_argument("--method", default=None, help="npo (default), graddiff, "
                            "gradascent or simnpo")  # fmt: skip
             p.add_argument("--holdout", help="never-seen examples of the same kind: reported "
-                           "beside the corpus, and training stops once the corpus's NLL "
-                           "reaches theirs")  # fmt: skip
+                           "beside the corpus, and (without --reference) training stops once "
+                           "the corpus's NLL reaches theirs")  # fmt: skip
+            p.add_argument("--reference", help="a model that never saw the corpus (the base "
+                           "model this one was fine-tuned from: id, folder or workspace): "
+                           "each token of the corpus is aimed at its distribution (method "
+                           "distill) and training stops at its NLL on the corpus")  # fmt: skip
         else:
             p.add_argument("--holdout", help="never-seen examples of the same kind, scored "
                            "before and after: learning the facts, not only the form of the "
@@ -80,7 +84,8 @@ def cmd_train(args) -> int:
     if forget:
         heldout = heldout_text()
         ppl_before = perplexity(ws.model, ws.tok, heldout)
-        entry, res = ws.forget(args.corpus, args.retain, holdout=args.holdout, **settings)
+        entry, res = ws.forget(args.corpus, args.retain, holdout=args.holdout,
+                               reference=args.reference, **settings)  # fmt: skip
         health = [("WikiText-2 perplexity", ppl_before, perplexity(ws.model, ws.tok, heldout))]
     else:
         entry, res, health = _learn(ws, args, settings)
@@ -98,12 +103,8 @@ def cmd_train(args) -> int:
     print(f"{entry.method} LoRA (rank {res.config.lora_rank}, {len(res.target_modules)} "
           f"modules), {res.config.epochs} epochs: {res.seconds:.1f}s, "
           f"{res.tokens_per_second:.0f} tokens/s")  # fmt: skip
-    if m.get("stop_nll") is not None:
-        taken = m.get("stopped_after")
-        what = entry.info.get("stop_source") or "stop_nll"
-        print(f"stop at forget-set NLL {m['stop_nll']:.4f} ({what}): " + (
-            f"reached after {taken} steps" if taken is not None
-            else "not reached: more epochs or a larger lr would forget further"))  # fmt: skip
+    if forget:
+        _say_level(m, entry.info, entry.method)
     _table(rows)
     if problems := entry.info.get("guard", {}).get("past_bounds"):
         print(f"recorded although (--force): {'; '.join(problems)}")
@@ -113,6 +114,32 @@ def cmd_train(args) -> int:
         print(f"note: entry {by} learned these examples; 'edit revert {by}' removes exactly "
               "everything it learned")  # fmt: skip
     return 0
+
+
+def _say_level(m: dict, info: dict, method: str) -> None:
+    """Print the level a forget run aimed at, where it came from and what it guarantees."""
+    from edit.methods.unlearn.losses import NEEDS_TARGETS, NEEDS_TEACHER
+    from edit.methods.unlearn.policy import STOP_MEANS
+
+    kind = info.get("stop_source")
+    if m.get("stop_nll") is None or kind is None:
+        print("no stop level (no --reference, --holdout or learn entry): every epoch ran, and "
+              "nothing shows the corpus is at the level of never-seen text")  # fmt: skip
+        return
+    source = {"reference": f"the reference's NLL on the corpus ({info.get('reference')})",
+              "holdout": "the never-seen set's NLL",
+              "learned": f"its NLL without entry {info.get('learned_by')}, which learned it",
+              "stop_nll": "stop_nll"}[kind]  # fmt: skip
+    taken = m.get("stopped_after")
+    if method in NEEDS_TEACHER | NEEDS_TARGETS:
+        outcome = (f"{method} aims each example at its own never-seen level (no stop): "
+                   f"forget-set NLL {m['forget_nll_after']:.4f} after every epoch")  # fmt: skip
+    elif taken is not None:
+        outcome = f"reached after {taken} steps"
+    else:
+        outcome = "not reached: more epochs or a larger lr would forget further"
+    print(f"aimed at forget-set NLL {m['stop_nll']:.4f} ({source}): {STOP_MEANS[kind]}; "
+          f"{outcome}")  # fmt: skip
 
 
 def _learn(ws, args, settings: dict):
@@ -156,6 +183,7 @@ def cmd_audit(args) -> int:
     from edit.readers.formats import is_tofu_qa
     from edit.readers.rows import read_rows
     from edit.readers.tofu import read_qa
+    from edit.workspace import load_reference
 
     attack_names = tuple(a for a in args.attacks.split(",") if a and a != "none")
     unknown = [a for a in attack_names if a not in ("quantize", "relearn")]
@@ -181,7 +209,7 @@ def cmd_audit(args) -> int:
         if not entry.facts:
             raise EditError(f"entry {entry.id} is a {entry.kind} run: give its data with --forget")
         forget = [Example(f.text, f.target) for f in entry.facts]
-    reference, ref_tok = audit.load_reference(args.reference, args.device)
+    reference, ref_tok = load_reference(args.reference, args.device)
     print(base_model_line(ws))
     print(f"auditing {entry.summary()} on {len(forget)} forget examples"
           + (f", {len(holdout)} holdout" if holdout else ""))  # fmt: skip

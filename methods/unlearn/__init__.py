@@ -14,7 +14,8 @@ The goal, for a forget set D_f of the training data, is a model that behaves as 
 never seen D_f, while it keeps what it knows elsewhere (a retain set D_r). ``learn`` trains
 NLL(examples) instead, to teach a corpus. The modules, in the order a run uses them:
 
-    losses    the objectives (gradascent, graddiff, npo, simnpo) as one table, LOSSES
+    losses    the objectives (gradascent, graddiff, npo, simnpo, distill,
+              match) as one table, LOSSES
     config    UnlearnConfig, and OBJECTIVE_DEFAULTS for the fields left None
     targets   which modules get an adapter
     scoring   log π(y|x) of the answers, batched; the NLL summaries
@@ -24,6 +25,7 @@ NLL(examples) instead, to teach a corpus. The modules, in the order a run uses t
 """
 
 from edit.methods.unlearn.config import (
+    METHOD_DEFAULTS,
     OBJECTIVE_DEFAULTS,
     OBJECTIVES,
     UnlearnConfig,
@@ -39,16 +41,21 @@ from edit.methods.unlearn.lora import (
 from edit.methods.unlearn.losses import (
     LOSSES,
     NEEDS_REFERENCE,
+    NEEDS_TARGETS,
+    NEEDS_TEACHER,
     USES_RETAIN,
     LossInputs,
+    distill,
     gradient_ascent,
     gradient_difference,
+    match,
     npo,
+    quantile_targets,
     register_loss,
-    retain_kl,
     sequence_logprob,
     sequence_nll,
     simnpo,
+    token_kl,
     token_logprobs,
     token_nll,
 )
@@ -60,14 +67,18 @@ from edit.methods.unlearn.trainer import train_lora
 __all__ = [
     "LOSSES",
     "NEEDS_REFERENCE",
+    "NEEDS_TARGETS",
+    "NEEDS_TEACHER",
     "OBJECTIVES",
     "OBJECTIVE_DEFAULTS",
     "USES_RETAIN",
     "LoraResult",
     "LossInputs",
+    "METHOD_DEFAULTS",
     "Trained",
     "UnlearnConfig",
     "adapter_attached",
+    "distill",
     "answer_nll",
     "answer_scores",
     "for_objective",
@@ -77,9 +88,11 @@ __all__ = [
     "lora_delta",
     "lora_factors",
     "lora_update",
+    "match",
     "npo",
+    "quantile_targets",
     "register_loss",
-    "retain_kl",
+    "token_kl",
     "sequence_logprob",
     "sequence_nll",
     "simnpo",

@@ -1,10 +1,16 @@
 """How a workspace forgets or learns a corpus: read the sets (corpus, retain, holdout), choose
 where a forget run stops, train, and describe the run for the ledger (:func:`train_corpus`).
 
-A forget run stops at the first of: ``stop_nll`` when given; else, with a holdout (never-seen
-examples of the same kind), at the holdout's NLL; else, when an earlier ``learn`` entry
-learned every example of the corpus (``stop_at_learned``), at the corpus's NLL without that
-entry, the level of the same text never seen. Without any of these it runs every epoch.
+A forget run aims at the level a model that never saw the corpus gives it. It stops at the
+first of: ``stop_nll`` when given; else, with a reference (a model that never saw the corpus,
+such as the base model a fine-tune started from), at the reference's NLL on the corpus; else,
+with a holdout (never-seen examples of the same kind), at the holdout's NLL; else, when an
+earlier ``learn`` entry learned every example of the corpus (``stop_at_learned``), at the
+corpus's NLL without that entry. Without any of these it runs every epoch.
+
+With a reference and no method chosen, the objective is ``distill``: every token of the
+corpus is aimed at the reference's next-token distribution, so each example, not only the
+mean, lands where a never-seen model puts it.
 """
 
 from __future__ import annotations
@@ -21,13 +27,26 @@ from torch import nn
 from edit import arch as arch_table
 from edit.config import resolve
 from edit.corpus import Example, wikitext_retain
-from edit.errors import EditFailed
+from edit.errors import EditFailed, InvalidRequest
 from edit.methods.unlearn.config import UnlearnConfig, for_objective
 from edit.methods.unlearn.lora import LoraResult, lora_update
+from edit.methods.unlearn.losses import NEEDS_TARGETS, NEEDS_TEACHER
 from edit.methods.unlearn.scoring import answer_nll
 from edit.methods.unlearn.trainer import train_lora
 from edit.readers.corpus import read_corpus
 from edit.update import Update
+
+DISTILL = "distill"  # the objective of a forget run given a reference and no method
+# where a forget run's stop level comes from (``info["stop_kind"]``), in the order chosen, and
+# what reaching it shows
+STOP_MEANS = {
+    "stop_nll": "the level given",
+    "reference": "the level of a model that never saw the corpus, measured on the corpus",
+    "learned": "the level of exactly this text without the entry that learned it",
+    "holdout": "never-seen text of the same kind, on this model, stands in: where this model "
+    "learned the form of such text, a model without the corpus puts the corpus higher; give "
+    "a reference (the model this one was fine-tuned from) for that level",
+}
 
 
 class Recorded(Protocol):
@@ -63,6 +82,7 @@ def train_corpus(
     progress: bool = True,
     entries: Sequence[Recorded] = (),
     without: Callable[[str], AbstractContextManager] | None = None,
+    reference: nn.Module | None = None,
 ) -> Trained:
     """Forget (or learn) ``corpus`` with a LoRA adapter on ``model`` (left unchanged).
 
@@ -71,7 +91,13 @@ def train_corpus(
     override ``UnlearnConfig`` (over the tuned file for this model). ``entries``: the ledger's
     active entries in order, and ``without(id)``: the model without one of them (a context
     manager), for the stop level of a corpus that an earlier ``learn`` entry learned.
+    ``reference``: a model that never saw the corpus, with ``tok``'s vocabulary (forget only):
+    the stop level, and the teacher of the default objective ``distill``.
     """
+    if reference is not None and objective != "forget":
+        raise InvalidRequest("a reference model sets where a forget run stops: leave it out")
+    if reference is not None and settings.get("method") is None:
+        settings = {**settings, "method": DISTILL}
     data = _examples(corpus)  # every line checked before anything is trained
     unseen = _examples(holdout) if holdout is not None else None
     if retain is not None:
@@ -80,10 +106,11 @@ def train_corpus(
         kept = wikitext_retain(tok)
     config = resolve("unlearn", UnlearnConfig, model, **settings)
     config = for_objective(config, objective, retain=bool(kept))
-    config, stop_source, learner = _stop_level(model, tok, objective, config, data, unseen,
-                                               entries, without)  # fmt: skip
+    config, stop_kind, learner = _stop_level(model, tok, objective, config, data, unseen,
+                                             entries, without, reference)  # fmt: skip
+    teacher = reference if config.method in NEEDS_TEACHER | NEEDS_TARGETS else None
     res = train_lora(model, tok, data, kept, config, objective=objective,
-                     progress=progress, holdout=unseen)  # fmt: skip
+                     progress=progress, holdout=unseen, teacher=teacher)  # fmt: skip
     update = lora_update(res)
     if not update.is_finite():
         raise EditFailed(f"{objective} produced a non-finite adapter; nothing was recorded")
@@ -95,13 +122,14 @@ def train_corpus(
         "retain": _source(retain) or "wikitext2 (shipped)",
         "retain_examples": len(kept),
         "holdout": _source(holdout),
+        "reference": _model_name(reference),
         "losses": res.losses,
         "seconds": res.seconds,
         "tokens": res.tokens,
         "tokens_per_second": res.tokens_per_second,
         "target_modules": res.target_modules,
         "lora_config": res.lora_config,
-        "stop_source": stop_source,
+        "stop_source": stop_kind,  # a key of STOP_MEANS, or None
         "learned_by": learner.id if learner is not None else None,
     }
     if objective == "learn":  # lets a later forget find the entry that learned its corpus
@@ -129,26 +157,37 @@ def _stop_level(
     unseen: list[Example] | None,
     entries: Sequence[Recorded],
     without: Callable[[str], AbstractContextManager] | None,
+    reference: nn.Module | None,
 ) -> tuple[UnlearnConfig, str | None, Recorded | None]:
-    """(``config``, with the stop level of a corpus an earlier entry learned; what sets the
-    stop level, None: nothing; the entry that learned the corpus, if that is it)."""
+    """(``config``, with the stop level of a corpus the reference scores or an earlier entry
+    learned; what sets the stop level (a key of :data:`STOP_MEANS`), None: nothing; the entry
+    that learned the corpus, if that is it). A holdout's level is the trainer's to measure."""
     if objective != "forget":  # a learn run scores its never-seen set; it does not stop on it
         return config, None, None
-    stop_source = ("never-seen set" if unseen is not None and config.stop_nll is None
-                   else "stop_nll" if config.stop_nll is not None else None)  # fmt: skip
-    learner = None
-    if stop_source is None and config.stop_at_learned:
-        learner = learned_by(data, entries)
-        if learner is not None:  # the corpus's level as text this model never saw
-            with without(learner.id):
-                level = answer_nll(model, tok, data, max_len=config.max_len)
-            config = dataclasses.replace(config, stop_nll=level)
-            stop_source = f"its NLL without entry {learner.id}, which learned it"
-    return config, stop_source, learner
+    if config.stop_nll is not None:
+        return config, "stop_nll", None
+    if reference is not None:  # the corpus's level on a model that never saw it
+        level = answer_nll(reference, tok, data, max_len=config.max_len)
+        return dataclasses.replace(config, stop_nll=level), "reference", None
+    if unseen is not None:
+        return config, "holdout", None
+    learner = learned_by(data, entries) if config.stop_at_learned else None
+    if learner is None:
+        return config, None, None
+    with without(learner.id):  # the corpus's level as text this model never saw
+        level = answer_nll(model, tok, data, max_len=config.max_len)
+    return dataclasses.replace(config, stop_nll=level), "learned", learner
 
 
 def _examples(x) -> list[Example]:
     return read_corpus(x) if isinstance(x, str | os.PathLike) else list(x)
+
+
+def _model_name(model: nn.Module | None) -> str | None:
+    """How the entry names a reference model: where it was loaded from, if known."""
+    if model is None:
+        return None
+    return getattr(model, "edit_source", None) or getattr(model, "name_or_path", "(in memory)")
 
 
 def _source(x) -> str | None:

@@ -4,7 +4,8 @@ examples, under accelerate (one process, DDP, FSDP or DeepSpeed), and stops at a
 Each step takes ``batch_size`` examples of the forget set (shuffled each epoch) and, when the
 objective has a retain term or the KL term is on, ``retain_batch_size`` retain examples
 (shuffled, cycled). The objective is a key of :data:`~edit.methods.unlearn.losses.LOSSES`
-(``learn``: plain NLL), plus ``kl_weight``·KL(π_ref ‖ π_θ) on the retain batch.
+(``learn``: plain NLL), plus ``kl_weight``·KL(π_ref ‖ π_θ) on the retain batch. An
+objective that distills (``distill``) also runs the never-seen teacher on each forget batch.
 """
 
 from __future__ import annotations
@@ -30,12 +31,15 @@ from edit.methods.unlearn.lora import LoraResult, _json_safe, _lora_wrapped, _pe
 from edit.methods.unlearn.losses import (
     LOSSES,
     NEEDS_REFERENCE,
+    NEEDS_TARGETS,
+    NEEDS_TEACHER,
     USES_RETAIN,
     LossInputs,
-    retain_kl,
+    quantile_targets,
+    token_kl,
     token_nll,
 )
-from edit.methods.unlearn.scoring import _Forward, _scores, _summary
+from edit.methods.unlearn.scoring import _Forward, _forward_scores, _scores, _summary
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,7 @@ def train_lora(
     objective: str = "forget",
     progress: bool = True,
     holdout: list[Example] | None = None,
+    teacher: nn.Module | None = None,
 ) -> LoraResult:
     """Train a LoRA adapter to forget ``forget`` (objective ``"forget"``, with
     ``config.method``) or to learn it (``"learn"``: NLL), and return it; ``model`` is left
@@ -73,6 +78,12 @@ def train_lora(
     further at the cost of everything else; ``config.stop_nll`` sets that level directly.
     Whenever a step's batch (scored before its update) is at the level, the whole forget set
     is scored to decide; ``metrics["stopped_after"]`` is the number of steps taken then.
+
+    ``teacher``: a model that never saw ``forget``, with the same vocabulary (the base model
+    a fine-tune started from), for the objectives that distill toward it (``distill``: run
+    without gradients on each forget batch) or take their targets from it (``match``:
+    scored once); it is left unchanged. ``match`` without a teacher takes its targets from
+    ``holdout``.
     """
     if objective not in OBJECTIVES:
         raise InvalidRequest(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
@@ -80,6 +91,7 @@ def train_lora(
     config = for_objective(config or UnlearnConfig(), objective, retain=bool(retain))
     method = config.method if objective == "forget" else "learn"
     _check_sets(objective, method, config, forget, retain, holdout or [])
+    _check_teacher(model, method, teacher, bool(holdout))
     forget_enc = [encode_example(tok, ex, config.max_len) for ex in forget]
     extra = augment(tok, forget, seed=config.seed) if config.augment else []
     extra_enc = [encode_example(tok, ex, config.max_len) for ex in extra]
@@ -90,7 +102,7 @@ def train_lora(
     device = lm.device_of(model)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)  # the LoRA initialization and the dropout draws
-        run = _Run(model, tok, config, method, objective, progress)
+        run = _Run(model, tok, config, method, objective, progress, teacher)
         result = run.train(forget_enc, retain_enc, lora_config, holdout_enc, extra_enc)
     result.target_modules = targets
     result.transposed = arch_table.lookup(model).transposed
@@ -138,6 +150,31 @@ def _check_sets(
             )
 
 
+def _check_teacher(model: nn.Module, method: str, teacher: nn.Module | None, holdout: bool) -> None:
+    """Refuse a distilling objective without a teacher, a per-example target without a
+    teacher or a holdout, and a teacher of another vocabulary."""
+    if method in NEEDS_TEACHER and teacher is None:
+        raise InvalidRequest(
+            f"{method} distills toward a model that never saw the corpus: give one as the "
+            "reference (--reference BASE), or choose another method"
+        )
+    if method in NEEDS_TARGETS and teacher is None and not holdout:
+        raise InvalidRequest(
+            f"{method} aims each example at a never-seen level: give a reference model "
+            "(--reference BASE) or never-seen examples of the same kind (--holdout)"
+        )
+    if teacher is None:
+        return
+    if method not in NEEDS_TEACHER | NEEDS_TARGETS:
+        raise InvalidRequest(f"{method} does not use a teacher model: leave it out")
+    ours, theirs = (m.get_output_embeddings().weight.shape[0] for m in (model, teacher))
+    if ours != theirs:
+        raise InvalidRequest(
+            f"the reference model's vocabulary ({theirs} tokens) is not this model's ({ours}): "
+            "give the model this one was fine-tuned from"
+        )
+
+
 def _retain_stream(n: int, batch_size: int, gen: torch.Generator) -> Iterator[list[int]]:
     """Endless batches of retain indices: shuffled passes, cycled (none if ``n`` is 0)."""
     while n:
@@ -171,6 +208,7 @@ class _Loop:
 
     sets: _Sets
     ref_logp: torch.Tensor  # (n,) log π_ref(y|x) of each forget example
+    targets: torch.Tensor | None  # (n,) each forget example's target NLL (NEEDS_TARGETS)
     stop_nll: float | None  # stop once the forget set's NLL reaches it; None: no stop
     use_retain_nll: bool  # the objective's α·NLL(D_r) term is on
     use_kl: bool  # the KL(π_ref ‖ π_θ) term is on
@@ -194,6 +232,7 @@ class _Run:
     method: str  # a key of LOSSES, or "learn"
     objective: str
     progress: bool
+    teacher: nn.Module | None = None  # the never-seen model a distilling objective aims at
     acc: Any = None  # the accelerate.Accelerator running the steps (set by train)
     forward: nn.Module | None = None  # _Forward, prepared by acc
     peft_model: Any = None  # the model with the adapter injected (set by train)
@@ -269,6 +308,11 @@ class _Run:
         tokens = int(mask.sum())
         ref = loop.ref_logp[idx].to(logp.device) if self.method in NEEDS_REFERENCE else None
         inputs = LossInputs(logp, n, ref)
+        if loop.targets is not None:
+            inputs.targets = loop.targets[idx].to(logp.device)
+        if self.method in NEEDS_TEACHER:
+            inputs.logits = scored[0][2]
+            inputs.teacher_logits = self.teacher_logits(ids, mask, labels).to(logp.device)
         kl, retain_nll = None, None
         if retain_idx:
             r_ids, r_mask, r_labels = batches[1]
@@ -279,7 +323,7 @@ class _Run:
             if c.kl_weight > 0:
                 with torch.no_grad(), self.peft_model.disable_adapter():
                     *_, ref_logits = self._score_batch(r_ids, r_mask, r_labels)
-                kl = retain_kl(r_logits, ref_logits)
+                kl = token_kl(r_logits, ref_logits)
             retain_nll = float(token_nll(r_logp.detach(), r_n))
         if self.objective == "forget":
             loss = LOSSES[self.method](inputs, c)
@@ -288,6 +332,14 @@ class _Run:
         if kl is not None:
             loss = loss + c.kl_weight * kl
         return _StepLoss(loss, float(token_nll(logp.detach(), n)), retain_nll, tokens)
+
+    @torch.no_grad()
+    def teacher_logits(self, ids, mask, labels) -> torch.Tensor:
+        """(N, V) the teacher's next-token logits at the batch's label positions."""
+        device = lm.device_of(self.teacher)
+        *_, logits = _forward_scores(self.teacher, ids.to(device), mask.to(device),
+                                     labels.to(device))  # fmt: skip
+        return logits
 
     def train(self, forget_enc, retain_enc, lora_config, holdout_enc, extra_enc) -> LoraResult:
         c, model = self.config, self.model
@@ -325,6 +377,7 @@ class _Run:
 
         c, acc = self.config, self.acc
         metrics, ref_logp, stop_nll = self._before(sets)
+        targets = self.targets(sets) if self.method in NEEDS_TARGETS else None
         lora_layers = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
         for layer in lora_layers:
             layer.lora_dropout.train()  # dropout on the adapter's input only
@@ -338,7 +391,9 @@ class _Run:
             disable=True if not self.progress or not acc.is_main_process else None,
         )
         use_retain_nll = self.method in USES_RETAIN and c.alpha > 0 and bool(sets.retain)
-        loop = _Loop(sets, ref_logp, stop_nll, use_retain_nll, c.kl_weight > 0, gen,
+        if self.method in NEEDS_TEACHER | NEEDS_TARGETS:
+            stop_nll = None  # the objective holds each example at its own level: no stop
+        loop = _Loop(sets, ref_logp, targets, stop_nll, use_retain_nll, c.kl_weight > 0, gen,
                      _retain_stream(len(sets.retain), retain_size, gen), steps, bar)  # fmt: skip
         t0 = time.perf_counter()
         for epoch in range(c.epochs):
@@ -371,6 +426,17 @@ class _Run:
                 f"stop level {stop_nll:.3f} (never-seen text): nothing to forget"
             )
         return metrics, ref_logp, stop_nll
+
+    def targets(self, sets: _Sets) -> torch.Tensor:
+        """(n,) each forget example's target mean token NLL: the teacher's NLL of it, else the
+        holdout's NLL at the example's rank among the forget set's (both before training)."""
+        if self.teacher is not None:
+            pad, size = lm.pad_id(self.tok), max(self.config.batch_size, 16)
+            logp, n = _scores(self.teacher, sets.forget, pad, size)
+            return -logp / n.clamp(min=1)
+        with self.peft_model.disable_adapter():
+            (f_logp, f_n), (h_logp, h_n) = self.scores(sets.forget), self.scores(sets.holdout)
+        return quantile_targets(-f_logp / f_n.clamp(min=1), -h_logp / h_n.clamp(min=1))
 
     def _epoch(self, loop: _Loop, epoch: int) -> bool:
         """One pass over the forget set in a new order, its mean losses appended to
