@@ -629,3 +629,16 @@ def test_match_aims_each_example_at_its_target_from_the_teacher_or_the_holdout(t
     assert ((wanted - end).abs() < 0.25 * (wanted - start).abs()).all(), (start, end, wanted)
     with pytest.raises(InvalidRequest, match="match aims each example at a never-seen level"):
         train_lora(student, tok, FORGET, RETAIN, config, progress=False)
+
+
+def test_sharpness_aware_steps_take_a_second_pass_and_change_the_run(tok, llama):
+    """sam_rho > 0 takes each step's gradient at a moved adapter: a second pass per step (twice
+    the tokens), another adapter; the model is left unchanged and the forget set forgotten."""
+    before = _snapshot(llama)
+    config = UnlearnConfig(method="graddiff", **dict(FAST, epochs=2))
+    plain = train_lora(llama, tok, FORGET, RETAIN, config, progress=False)
+    sam = train_lora(llama, tok, FORGET, RETAIN, dataclasses.replace(config, sam_rho=0.5))
+    _assert_unchanged(llama, before)
+    assert sam.tokens == 2 * plain.tokens
+    assert max(float((sam.adapter[k] - plain.adapter[k]).abs().max()) for k in plain.adapter) > 1e-3
+    assert sam.metrics["forget_nll_after"] > sam.metrics["forget_nll_before"]

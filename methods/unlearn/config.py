@@ -42,6 +42,9 @@ class UnlearnConfig:
     kl_weight: float | None = None  # weight of KL(π_ref ‖ π_θ) on the retain set; None: as above
     weight_decay: float = 0.0  # AdamW weight decay on the LoRA factors
     max_grad_norm: float | None = 1.0  # gradient clipping; None: off
+    # sharpness-aware steps (SAM): each step takes the gradient at the adapter moved this far
+    # (L2, over all factors) along its own gradient; 0: plain steps. Twice the cost per step.
+    sam_rho: float = 0.0
     eval_retain: int = 128  # retain examples scored before/after (the first ones)
     # forget: stop once the forget set's mean token NLL reaches this level (None: with a
     # holdout set, its NLL before training, i.e. the level of never-seen text; else no stop)
@@ -81,7 +84,7 @@ class UnlearnConfig:
                 continue
             if not getattr(self, name) > 0:
                 raise InvalidRequest(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("alpha", "gamma", "kl_weight", "weight_decay"):
+        for name in ("alpha", "gamma", "kl_weight", "weight_decay", "sam_rho"):
             if name == "kl_weight" and self.kl_weight is None:
                 continue
             if not getattr(self, name) >= 0:

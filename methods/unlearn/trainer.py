@@ -514,11 +514,39 @@ class _Run:
                     f"{value}): lower lr; the model was not changed"
                 )
             acc.backward(part.loss * share)
+            if c.sam_rho > 0 and acc.sync_gradients:
+                part.tokens += self.sharpness_aware(loop, idx, retain_idx, share)
             if c.max_grad_norm is not None and acc.sync_gradients:
                 acc.clip_grad_norm_(self.params, c.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return part, share
+
+    def sharpness_aware(self, loop: _Loop, idx, retain_idx, share: float) -> int:
+        """Replace the step's gradient by the gradient at the worst nearby adapter (SAM, Foret
+        et al. 2021): move the factors by ``sam_rho`` along the gradient, take the gradient
+        there, move back. Fan et al. 2025 show that unlearning in such a flat minimum resists
+        relearning. Costs a second forward and backward pass per step; returns its tokens."""
+        grads = [p.grad for p in self.params]
+        norm = math.sqrt(sum(float(g.float().square().sum()) for g in grads if g is not None))
+        scale = self.config.sam_rho / (norm + 1e-12)
+        moves = []
+        with torch.no_grad():
+            for p, g in zip(self.params, grads, strict=True):
+                move = g * scale if g is not None else None
+                if move is not None:
+                    p.add_(move)
+                moves.append(move)
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            again = self.step_loss(loop, idx, retain_idx)
+            self.acc.backward(again.loss * share)
+            return again.tokens
+        finally:
+            with torch.no_grad():
+                for p, move in zip(self.params, moves, strict=True):
+                    if move is not None:
+                        p.sub_(move)
 
     def _result(self, loop: _Loop, metrics: dict[str, Any], seconds: float) -> LoraResult:
         """The "after" metrics, the stop step, and the trained adapter (CPU float32)."""
