@@ -16,6 +16,7 @@ cannot split a sentence it says so and asks for brackets.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass, field
 
 from edit.errors import InvalidRequest
@@ -140,6 +141,14 @@ class Fact:
             raise InvalidRequest("the subject is empty: name who or what the fact is about")
         if not self.target.strip():
             raise InvalidRequest("the target is empty: give the object the model should say")
+        for what, text in self._texts():
+            check_plain(text, what)
+        for what, text in (("subject", self.subject), ("target", self.target)):
+            if not any(c.isalnum() for c in text):
+                raise InvalidRequest(
+                    f"the {what} {text!r} has no letter or digit: name a thing, e.g. "
+                    f"'[Paris] is capital of [Italy]'"
+                )
         if self.target_true is not None and not self.target_true.strip():
             object.__setattr__(self, "target_true", None)
         for q in self.questions:
@@ -153,6 +162,18 @@ class Fact:
                 f"the fact is {len(self.prompt) + len(self.subject) + len(self.target)} "
                 f"characters long, more than {MAX_CHARS}: edit one short statement at a time"
             )
+
+    def _texts(self) -> list[tuple[str, str]]:
+        """Every text the fact holds, with what it is called in a refusal."""
+        return [
+            ("the prompt", self.prompt),
+            ("the subject", self.subject),
+            ("the target", self.target),
+            ("the true target", self.target_true or ""),
+            *(("a paraphrase", t) for t in self.paraphrases),
+            *(("a neighbour prompt", t) for t in self.neighbours),
+            *(("a question", t) for t in self.questions),
+        ]
 
     @property
     def text(self) -> str:
@@ -200,6 +221,17 @@ class Fact:
         )
 
 
+def check_plain(text: str, what: str) -> None:
+    """Refuse a control character (NUL, ESC, ...) in ``text``: it is no part of a fact, and
+    an escape sequence stored in the ledger would reach the terminal of whoever reads it.
+    Tabs and line breaks are whitespace, and allowed."""
+    for i, c in enumerate(text):
+        if unicodedata.category(c) == "Cc" and c not in "\t\n\r":
+            raise InvalidRequest(
+                f"{what} has a control character {c!r} (at character {i + 1}): remove it"
+            )
+
+
 def _strings(value) -> tuple[str, ...]:
     """A list of prompts; a single string is one prompt, not a list of characters."""
     if not value:
@@ -215,6 +247,7 @@ def parse_statement(
     ``subject`` / ``target`` override the automatic split; ``[...]`` brackets mark them in
     the sentence itself. Raises :class:`InvalidRequest` with a one-line reason otherwise.
     """
+    check_plain(statement, "the statement")
     text = " ".join(statement.split())
     text = text.rstrip(" .!")
     if not text:

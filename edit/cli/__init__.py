@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from edit import distributed
 from edit.cli import corpora, edits, ledger, measure
-from edit.cli.options import Parser, UsageError
+from edit.cli.options import Parser, UsageError, printable
 from edit.errors import EditError
 
 _GROUPS = (edits, measure, corpora, ledger)  # in the order ``edit --help`` lists them
@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(str(e))}", file=sys.stderr)
         return 2
     _quiet_libraries(args.verbose)
     try:
@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.ExitStack() as args.cleanup:  # closes the workspaces opened
             return COMMANDS[args.command](args)
     except EditError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: nothing was recorded", file=sys.stderr)
@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             raise
         first = (str(e).strip().splitlines() or [""])[0][:200]
-        print(f"error: unexpected {type(e).__name__}: {first} (this is a bug in edit; "
+        print(f"error: unexpected {type(e).__name__}: {printable(first)} (this is a bug in edit; "
               f"run again with --verbose for the traceback)", file=sys.stderr)  # fmt: skip
         return 2
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from edit.atomic import check_new_folder
-from edit.cli.options import common, open_workspace
+from edit.cli.options import common, open_workspace, printable
 from edit.errors import EditError
 
 
@@ -61,14 +61,14 @@ def cmd_log(args) -> int:
 
     ws = Workspace.inspect(args.workspace)
     entries = ws.entries()
-    print(f"workspace {ws.path}: base {ws.base['source']} ({ws.base['hash'][:19]}…)")
+    print(printable(f"workspace {ws.path}: base {ws.base['source']} ({ws.base['hash'][:19]}…)"))
     if not entries:
         print("no edits")
     for e in entries:
-        print(e.summary())
+        print(printable(e.summary()))  # stored text: escaped, as the parsed: line shows it
     reverted = ws.entries("reverted")
     if reverted:
-        print(f"({len(reverted)} reverted: {', '.join(e.id for e in reverted)})")
+        print(printable(f"({len(reverted)} reverted: {', '.join(e.id for e in reverted)})"))
     return 0
 
 
@@ -81,7 +81,7 @@ def cmd_revert(args) -> int:
         print(f"the model is now the base plus {n} edit{'s' * (n != 1)}")
         return 0
     entry = ws.revert(args.id)
-    print(f"reverted {entry.id}: {entry.summary()}")
+    print(printable(f"reverted {entry.id}: {entry.summary()}"))
     left = ws.entries()
     print(
         f"the model is now the base plus {len(left)} edit{'s' * (len(left) != 1)}; "

@@ -14,6 +14,13 @@ from edit.errors import EditError
 MAX_PROMPT_CHARS = 4000
 
 
+def printable(text: str) -> str:
+    """``text`` with every character that is not printable escaped as ``repr`` writes it
+    (``\\x1b``, ``\\n``), as the ``parsed:`` line shows a fact: text from a file, a ledger or
+    an error never moves the reader's terminal, and a line stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class UsageError(EditError):
     """A command line that argparse cannot read."""
 

@@ -1,0 +1,105 @@
+"""Hostile inputs, round two (issue 36), through ``edit.cli.main`` on a tiny llama: text that
+is not a fact, exports into the workspace, a lock that is a link, pickle-only model folders,
+and corpora too large to read. Each is refused in one ``error:`` line, exit status 2, before
+the model is loaded, with nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from tiny import TINY_ROME
+
+from edit import Fact
+from edit.cli import main
+from edit.cli.options import printable
+from edit.workspace import Workspace
+
+
+def _files(folder) -> dict[str, bytes]:
+    """Every file under ``folder`` (links not followed) with its bytes."""
+    out = {}
+    for d, _, names in os.walk(folder):
+        for name in names:
+            p = os.path.join(d, name)
+            if not os.path.islink(p):
+                with open(p, "rb") as fh:
+                    out[os.path.relpath(p, folder)] = fh.read()
+    return out
+
+
+def _refused(capsys, folder, argv: list[str]) -> str:
+    """Run ``argv``; assert one ``error:`` line, exit 2, no control character, and nothing
+    written under ``folder``; return the line."""
+    before = _files(folder)
+    capsys.readouterr()
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert rc == 2, (argv, out, err)
+    assert len(lines) == 1 and lines[0].startswith("error: "), (argv, err)
+    assert lines[0].isprintable(), lines[0]  # no raw terminal codes
+    assert "unexpected" not in lines[0]
+    assert _files(folder) == before, argv
+    return lines[0]
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Opening a workspace (which loads the model) is a failure of the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(Workspace, "open", refuse)
+
+
+# 1. statements that are not facts
+
+NOT_FACTS = [
+    ("Paris\x00 is capital of Italy", "control character '\\x00'"),
+    ("Paris is capital of \x1bcItaly", "control character '\\x1b'"),
+    ("[Paris] is capital of [It\x07aly]", "control character '\\x07'"),
+    ("[] is capital of []", "has no letter or digit"),
+    ("[Paris] is capital of [!!]", "the target '!!' has no letter or digit"),
+    ("[--] is capital of [Italy]", "the subject '--' has no letter or digit"),
+]
+
+
+@pytest.mark.parametrize("statement, says", NOT_FACTS, ids=[printable(s) for s, _ in NOT_FACTS])
+def test_a_statement_that_is_not_a_fact_is_refused_before_loading(
+    capsys, tmp_path, model_dir, no_loading, statement, says
+):
+    ws = str(tmp_path / "ws")
+    assert says in _refused(capsys, tmp_path, ["add", statement, "-m", model_dir, "-w", ws])
+    assert not os.path.exists(ws)
+
+
+def test_a_facts_file_with_a_control_character_names_the_line(
+    capsys, tmp_path, model_dir, no_loading
+):
+    rows = [{"statement": "[Paris] is capital of [Italy]"}, {"statement": "Rome\u0000 is in Spain"}]
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["add", "--file", str(facts), "-m", model_dir, "-w", str(tmp_path / "ws")]
+    line = _refused(capsys, tmp_path, argv)
+    assert "line 2" in line and "control character" in line
+
+
+def test_fact_refuses_control_characters_in_every_text_but_allows_line_breaks():
+    with pytest.raises(ValueError, match="a paraphrase has a control character"):
+        Fact("{} is capital of", "Paris", "Italy", paraphrases=("Paris\x1b[2J is in",))
+    assert Fact("{} is\ncapital\tof", "Paris", "Italy").target == "Italy"
+
+
+def test_log_escapes_control_characters_in_stored_text(capsys, tmp_path, llama, tok):
+    ws = Workspace.open(tmp_path / "ws", model=llama, tok=tok)
+    ws.add(Fact("The capital\rof\n{}", "France", "Paris"), progress=False, **TINY_ROME)
+    capsys.readouterr()
+    assert main(["log", "-w", str(tmp_path / "ws")]) == 0
+    out = capsys.readouterr().out
+    entry = [line for line in out.splitlines() if line.startswith("0001")]
+    assert len(entry) == 1 and "The capital\\rof\\nFrance -> Paris" in entry[0], out
+    assert "\r" not in out
+    assert printable("a\x1bc\x00") == "a\\x1bc\\x00"
