@@ -304,6 +304,7 @@ class Workspace:
         at all; the partial folder of an interrupted export is removed by the next one."""
         out = Path(out_dir)
         check_new_folder(out)
+        check_outside(out, self.path)
         try:
             with new_folder(out) as tmp:
                 self.model.save_pretrained(tmp)
@@ -468,6 +469,14 @@ class Workspace:
             os.replace(pending, self.path / "edits" / f"{meta['id']}.safetensors")
             self._reread()
         return self._active[-1]
+
+
+def check_outside(out: str | os.PathLike, workspace: str | os.PathLike) -> None:
+    """Refuse a folder to write inside the workspace (links resolved): the ledger would
+    read the files as damage, and every later command would refuse the workspace."""
+    target, folder = Path(out).resolve(), Path(workspace).resolve()
+    if target == folder or folder in target.parents:
+        raise EditError(f"{out} is inside the workspace {workspace}: write to a folder outside it")
 
 
 def load_reference(path: str | os.PathLike | None, device: str | None = None):

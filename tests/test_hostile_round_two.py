@@ -103,3 +103,24 @@ def test_log_escapes_control_characters_in_stored_text(capsys, tmp_path, llama, 
     assert len(entry) == 1 and "The capital\\rof\\nFrance -> Paris" in entry[0], out
     assert "\r" not in out
     assert printable("a\x1bc\x00") == "a\\x1bc\\x00"
+
+
+# 2. exports into the workspace
+
+
+@pytest.fixture
+def recorded(tmp_path, llama, tok, model_dir):
+    """A workspace at ``tmp_path/ws`` with one edit, on the model folder ``model_dir``."""
+    ws = Workspace.open(tmp_path / "ws", model_name=model_dir)
+    ws.add(Fact("The capital of {}", "France", "Paris"), progress=False, **TINY_ROME)
+    ws.close()
+    return tmp_path / "ws"
+
+
+@pytest.mark.parametrize("inside", ["edits/out", "out", "edits/../new", "link/out"])
+def test_an_export_into_the_workspace_is_refused(capsys, tmp_path, recorded, inside):
+    os.symlink(recorded, tmp_path / "link")  # a link to the workspace leads inside it too
+    target = str(recorded / inside) if not inside.startswith("link") else str(tmp_path / inside)
+    line = _refused(capsys, tmp_path, ["export", target, "-w", str(recorded)])
+    assert "inside the workspace" in line
+    assert main(["verify", "-w", str(recorded)]) == 0

@@ -91,7 +91,10 @@ def cmd_revert(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from edit.workspace import check_outside
+
     check_new_folder(args.dir)  # before loading the model
+    check_outside(args.dir, args.workspace)
     ws = open_workspace(args, create=False)
     out = ws.export(args.dir)
     n = len(ws.entries())
