@@ -87,8 +87,8 @@ def membership(model, tok, forgotten, unseen) -> dict:
     f_stats = mia.token_stats(model, tok, forgotten)
     u_stats = mia.token_stats(model, tok, unseen)
     return {
-        "nll_forget": sum(-s.logp.mean() for s in f_stats) / len(f_stats),
-        "nll_unseen": sum(-s.logp.mean() for s in u_stats) / len(u_stats),
+        "nll_forget": float(sum(-s.logp.mean() for s in f_stats) / len(f_stats)),
+        "nll_unseen": float(sum(-s.logp.mean() for s in u_stats) / len(u_stats)),
         "auc": mia.aucs(f_stats, u_stats),
     }
 
