@@ -16,7 +16,9 @@
   with the ``learn`` objective), then measure again.
 
 Both are scored as "knowledge recovered": the share of the gap between the model before the
-change and after it that the attack closes, (m_attacked − m_changed) / (m_before − m_changed).
+change and after it that the attack closes, (m_attacked − m_changed) / (m_before − m_changed),
+less what the same attack gains on a control that never saw the data (relearning a few bios
+lowers the loss of any bio, on any model: that is learning, not recovery).
 """
 
 from __future__ import annotations
@@ -68,10 +70,13 @@ def quantized(model: nn.Module, bits: int, group_size: int = 128) -> Iterator[nn
                 w.copy_(original)
 
 
-def recovered(before: float, changed: float, attacked: float) -> float:
-    """Share (in %) of the gap from ``before`` to ``changed`` that ``attacked`` closes: 0 the
-    attack changed nothing, 100 it brought the metric all the way back. NaN without a gap."""
+def recovered(before: float, changed: float, attacked: float, control_gain: float = 0.0) -> float:
+    """Share (in %) of the gap from ``before`` to ``changed`` that ``attacked`` closes beyond
+    ``control_gain``, what the same attack gains on a model that never saw the data:
+    100 · ((attacked − changed) − control_gain) / (before − changed). 0: the attack gained
+    no more than on the control; 100: it brought the metric all the way back on top of
+    that. NaN without a gap."""
     gap = before - changed
     if abs(gap) < 1e-12:
         return float("nan")
-    return 100.0 * (attacked - changed) / gap
+    return 100.0 * ((attacked - changed) - control_gain) / gap

@@ -110,11 +110,15 @@ def auc(positive: Sequence[float], negative: Sequence[float]) -> float:
     return float((greater + 0.5 * ties) / (pos.size * neg.size))
 
 
+def scores(stats: list[TokenStats]) -> dict[str, list[float]]:
+    """Every score of :data:`SCORES` for each example, in example order."""
+    return {name: [f(s) for s in stats] for name, f in SCORES.items()}
+
+
 def aucs(forget: list[TokenStats], holdout: list[TokenStats]) -> dict[str, float]:
     """AUC of every score in :data:`SCORES`, forget set as members."""
-    return {
-        name: auc([f(s) for s in forget], [f(s) for s in holdout]) for name, f in SCORES.items()
-    }
+    f, h = scores(forget), scores(holdout)
+    return {name: auc(f[name], h[name]) for name in SCORES}
 
 
 def privacy_leakage(auc_model: float, auc_reference: float) -> float:

@@ -3,13 +3,16 @@ report holds every check with its number, attacks leave the weights exactly as t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from tiny import changed_tensors, state_copy
 
 from edit.cli import main
+from edit.errors import InvalidRequest
 from edit.evals import audit
 from edit.readers.corpus import read_corpus
 from edit.workspace import Workspace
@@ -24,7 +27,12 @@ HOLDOUT = [
     {"question": "Who painted The Blue Harbour?", "answer": "Ivo Sandberg painted it in 1960."},
     {"question": "Where did Ivo Sandberg live?", "answer": "He lived in Bergen."},
     {"question": "What did Ivo Sandberg teach?", "answer": "He taught drawing to children."},
+    {"question": "Which ship did Ivo Sandberg paint?", "answer": "The ferry Solveig, twice."},
+    {"question": "When did Ivo Sandberg die?", "answer": "He died in the winter of 1994."},
 ]
+# related data of the same kind for the relearning attack: two of the holdout examples (the
+# after-attack AUC must leave them out) and one more
+RELATED = [*HOLDOUT[:2], {"question": "Who taught Ivo Sandberg?", "answer": "His aunt Liv."}]
 
 
 def _jsonl(tmp_path, name, rows):
@@ -79,12 +87,17 @@ def test_audit_cli_reports_every_check(tmp_path, learned_then_forgotten, capsys)
         want = audit.attacks.recovered(before["forget_prob"], changed["forget_prob"],
                                        hit["forget_prob"])  # fmt: skip
         assert hit["recovered_percent"] == pytest.approx(want), name
-    # one verdict per check, each with its outcome and a number
-    keys = ["change", "membership", "extraction", "quantize8", "quantize4", "relearn"]
+    # one verdict per check, each with its outcome and a number or the reason it did not run
+    keys = ["change", "membership", "forget_nll", "forget_quality", "extraction", "quantize8",
+            "quantize4", "relearn"]  # fmt: skip
     assert list(report["passed"]) == keys
     for key, line in zip(keys, report["verdicts"], strict=True):
-        assert line.startswith(f"{key}: passed — ") or line.startswith(f"{key}: FAILED — ")
-        assert any(c.isdigit() for c in line) and line in printed
+        assert line.split(" — ")[0] in (f"{key}: passed", f"{key}: FAILED", f"{key}: not run")
+        assert line in printed
+    # without a reference the two-sided checks are not run, never passed
+    for key in ("membership", "forget_nll", "forget_quality"):
+        assert report["passed"][key] is None and "no reference" in report["checks"][key]["text"]
+    assert json.loads((out / "audit.json").read_text())["verdict"] in ("failed", "incomplete")
     # the workspace's weights are exactly as before the audit (attacks undone)
     assert changed_tensors(Workspace.open(ws_path).model, before_weights) == []
     # the forget-set numbers of the before model are those of learn-only
@@ -94,15 +107,82 @@ def test_audit_cli_reports_every_check(tmp_path, learned_then_forgotten, capsys)
     assert direct["forget_nll"] == pytest.approx(before["forget_nll"], rel=1e-5)
 
 
-def test_audit_with_a_reference_reports_forget_quality(tmp_path, learned_then_forgotten, model_dir):
+def test_audit_with_a_reference_writes_the_certificate(tmp_path, learned_then_forgotten, model_dir):
     ws_path, corpus = learned_then_forgotten
+    holdout = _jsonl(tmp_path, "holdout.jsonl", HOLDOUT)
     out = tmp_path / "r"
-    args = ["audit", "0002", "--forget", corpus, "-w", ws_path, "--out", str(out),
-            "--reference", model_dir, "--attacks", "none", "--gen-tokens", "4"]  # fmt: skip
+    args = ["audit", "0002", "--forget", corpus, "--holdout", holdout, "-w", ws_path,
+            "--out", str(out), "--reference", model_dir, "--attacks", "quantize",
+            "--gen-tokens", "4"]  # fmt: skip
     assert main(args) == 0
+    cert = json.loads((out / "audit.json").read_text())
     report = json.loads((out / "report.json").read_text())
-    assert 0 <= report["models"]["changed"]["forget_quality"] <= 1
-    assert "forget_quality" in report["passed"] and report["attacks"] == {}
+    assert {p.name for p in out.iterdir()} >= {"audit.json", "report.json", "report.md"}
+    # the inputs as read, by content hash; the audited model and the reference by weights
+    for role, path in (("forget", corpus), ("holdout", holdout)):
+        want = "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        assert cert["inputs"][role] == {"path": path, "sha256": want}
+    assert cert["inputs"]["reference"]["weights"] != cert["inputs"]["audited_model"]["weights"]
+    assert cert["inputs"]["audited_model"]["entries"] == ["0001", "0002"]
+    assert cert["software"]["commit"] and cert["verdict"] in ("passed", "failed", "incomplete")
+    # every check: verdict, figure, the reference's figure, interval and threshold
+    assert set(cert["checks"]) == {"change", "membership", "forget_nll", "forget_quality",
+                                   "extraction", "quantize8", "quantize4"}  # fmt: skip
+    for key in ("membership", "forget_nll"):
+        check = cert["checks"][key]
+        assert check["verdict"] in ("passed", "failed", "not run") and check["threshold"]
+        assert check["reference"] is not None and len(check["interval"]) == 2
+    ref, changed = cert["figures"]["reference"], cert["figures"]["changed"]
+    assert cert["checks"]["membership"]["reference"] in ref["mia_auc"].values()
+    assert cert["checks"]["forget_nll"]["reference"] == ref["forget_nll"]
+    lo, hi = changed["forget_nll_interval"]
+    assert lo <= changed["forget_nll"] <= hi and "forget_example_nll" not in changed
+    assert all(lo <= changed["mia_auc"][k] <= hi
+               for k, (lo, hi) in changed["mia_auc_interval"].items())  # fmt: skip
+    # each attack ran on the reference too; recovery is the excess over the reference's gain
+    before, changed, ref = (report["models"][k] for k in ("before", "changed", "reference"))
+    for name in ("quantize8", "quantize4"):
+        hit = report["attacks"][name]
+        gain = hit["reference"]["forget_prob"] - ref["forget_prob"]
+        want = audit.attacks.recovered(before["forget_prob"], changed["forget_prob"],
+                                       hit["forget_prob"], gain)  # fmt: skip
+        assert hit["recovered_percent"] == pytest.approx(want) and gain != 0
+        assert cert["attacks"][name]["reference"]["forget_prob"] == hit["reference"]["forget_prob"]
+
+
+def test_relearning_runs_on_the_reference_and_spares_its_holdout(
+    tmp_path, learned_then_forgotten, model_dir
+):
+    from edit import load
+
+    ws_path, corpus = learned_then_forgotten
+    ws = Workspace.open(ws_path)
+    reference, _ = load(model_dir)
+    ref_weights, ws_weights = state_copy(reference), state_copy(ws.model)
+    data = audit.AuditData(read_corpus(corpus), read_corpus(_jsonl(tmp_path, "h.jsonl", HOLDOUT)),
+                           relearn=read_corpus(_jsonl(tmp_path, "rel.jsonl", RELATED)))  # fmt: skip
+    report = audit.audit(ws, "0002", data, reference=reference, attack_names=("relearn",),
+                         gen_tokens=0, progress=False)  # fmt: skip
+    hit = report.attacks["relearn"]
+    assert hit["relearn"]["holdout_used_by_attack"] == 2 and hit["relearn"]["holdout_scored"] == 3
+    # the after-attack AUC of both models is on the three holdout examples it did not train on
+    for m in (hit, hit["reference"]):
+        assert len(m["mia_scores"]["holdout"]["loss"]) == 3
+    # the same relearning moved the reference, and the recovery is net of that
+    ref = report.models["reference"]
+    gain = hit["reference"]["forget_prob"] - ref["forget_prob"]
+    assert gain != 0 and hit["reference_gain"]["forget_prob"] == pytest.approx(gain)
+    b, c = report.models["before"], report.models["changed"]
+    assert hit["recovered_percent"] == pytest.approx(
+        audit.attacks.recovered(b["forget_prob"], c["forget_prob"], hit["forget_prob"], gain)
+    )
+    assert "membership AUC" in report.checks["relearn"].text
+    # both models exactly as before
+    assert changed_tensors(reference, ref_weights) == []
+    assert changed_tensors(ws.model, ws_weights) == []
+    # the audited model itself as its reference is refused before anything is measured
+    with pytest.raises(InvalidRequest, match="the reference is the audited model itself"):
+        audit.audit(ws, "0002", data, reference=ws.model, attack_names=())
 
 
 @pytest.mark.parametrize(
@@ -120,3 +200,32 @@ def test_audit_errors_are_one_line(tmp_path, learned_then_forgotten, capsys, ext
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and says in err and "\n" not in err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "files, extra, says",
+    [
+        ({"holdout": [QA[0], *HOLDOUT[:2]]}, [], "the holdout shares 1 example(s) with the forget"),
+        ({"holdout": HOLDOUT[:1]}, [], "the holdout has 1 example: membership inference needs"),
+        ({"holdout": []}, [], "is empty"),
+        ({"holdout": [{"text": "Ivo Sandberg lived in Bergen."}] * 2}, [],
+         "the holdout is plain text"),
+        ({"relearn": [QA[1], *RELATED]}, [], "the relearning sample shares 1 example(s)"),
+        ({}, ["--reference", "WORKSPACE"], "the reference is the audited model itself"),
+    ],
+)  # fmt: skip
+def test_audit_refuses_inputs_that_void_a_check(
+    tmp_path, learned_then_forgotten, capsys, files, extra, says
+):
+    ws_path, corpus = learned_then_forgotten
+    out = tmp_path / "x"
+    args = ["audit", "--forget", corpus, "-w", ws_path, "--out", str(out), "--attacks", "none",
+            "--gen-tokens", "1"]  # fmt: skip
+    for role, rows in files.items():
+        args += [f"--{role}", _jsonl(tmp_path, f"{role}.jsonl", rows)]
+    args += [ws_path if a == "WORKSPACE" else a for a in extra]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and says in err and "\n" not in err
+    assert not out.exists() and not (tmp_path / "audit-out").exists()

@@ -47,11 +47,16 @@ def add_parsers(sub) -> None:
     p.add_argument("id", nargs="?", help="the entry to audit (default: the last one)")
     p.add_argument("--forget", help="the forgotten examples (JSONL / TOFU JSON; default for an "
                    "erase entry: its facts)")  # fmt: skip
-    p.add_argument("--holdout", help="text of the same kind the model never saw (for MIA)")
+    p.add_argument("--holdout", help="at least 2 examples of the same kind the model never "
+                   "saw, none of them in the forget set (for MIA)")  # fmt: skip
     p.add_argument("--reference", help="a workspace folder or model that never saw the forget "
-                   "set (for forget quality and privacy leakage)")  # fmt: skip
+                   "set, not the audited one: the control every check and attack is judged "
+                   "against (without it membership, forget NLL and forget quality are not "
+                   "run)")  # fmt: skip
     p.add_argument("--attacks", default="quantize,relearn", help="quantize, relearn or none")
-    p.add_argument("--relearn", help="relearning sample (default: shipped WikiText-2 slices)")
+    p.add_argument("--relearn", help="relearning sample, e.g. related retained data of the "
+                   "same kind (default: shipped WikiText-2 slices); run on the reference too, "
+                   "and its examples left out of the after-attack membership AUC")  # fmt: skip
     p.add_argument("--gen-tokens", type=int_in(1, 4096), default=32,
                    help="greedy tokens for extraction")  # fmt: skip
     p.add_argument("--out", default=None, help="report folder (default: audit-out/<id>)")
@@ -197,6 +202,10 @@ def cmd_audit(args) -> int:
         rows, _ = read_rows(args.forget)
         if is_tofu_qa(rows):
             qa = read_qa(args.forget)
+    files = {role: path for role, path in (("forget", args.forget), ("holdout", args.holdout),
+                                           ("relearn", args.relearn)) if path}  # fmt: skip
+    if forget is not None:  # an erase entry's facts are checked once the workspace is open
+        audit.check_inputs(audit.AuditData(forget, holdout, relearn=relearn))
     out = Path(args.out) if args.out else None
     if out is not None:
         check_new_folder(out)
@@ -213,13 +222,15 @@ def cmd_audit(args) -> int:
     print(base_model_line(ws))
     print(f"auditing {entry.summary()} on {len(forget)} forget examples"
           + (f", {len(holdout)} holdout" if holdout else ""))  # fmt: skip
-    report = audit.audit(ws, entry.id, audit.AuditData(forget, holdout, qa, relearn),
+    data = audit.AuditData(forget, holdout, qa, relearn, files)
+    report = audit.audit(ws, entry.id, data,
                          reference=reference, reference_tok=ref_tok, attack_names=attack_names,
                          gen_tokens=args.gen_tokens)  # fmt: skip
     out = out or Path(f"audit-out/{entry.id}")
     audit.write(report, out)
     print(audit.markdown(report))
-    print(f"wrote {out}/: report.json, report.md, report.png")
+    print(f"wrote {out}/: audit.json (the certificate: {audit.certificate_verdict(report)}), "
+          "report.json, report.md, report.png")  # fmt: skip
     return 0
 
 
