@@ -235,9 +235,11 @@ def file_sha256(path: str | Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def _inputs(ws, data: AuditData, reference) -> dict[str, Any]:
-    """What the audit read, with hashes; refuses a reference that is the audited model."""
+def _inputs(ws, data: AuditData, reference, reference_tok) -> dict[str, Any]:
+    """What the audit read, with hashes; refuses a reference that is the audited model or
+    reads text as other token ids."""
     from edit.models import weights_hash
+    from edit.workspace import check_same_vocabulary
 
     audited = weights_hash(ws.model)
     out: dict[str, Any] = {
@@ -246,6 +248,7 @@ def _inputs(ws, data: AuditData, reference) -> dict[str, Any]:
     out["audited_model"] = {"base": ws.base, "weights": audited,
                             "entries": [e.id for e in ws.entries()]}  # fmt: skip
     if reference is not None:
+        check_same_vocabulary(ws.tok, reference_tok)
         ref_hash = weights_hash(reference)
         if ref_hash == audited:
             raise InvalidRequest(f"the reference is the audited model itself (weights "
@@ -329,7 +332,8 @@ def audit(
 ) -> Report:
     """Measure before / changed / reference and run the attacks on the changed model and the
     reference; see the module docstring. Refuses (:class:`InvalidRequest`) the inputs
-    :func:`check_inputs` refuses and a reference with the audited model's weights."""
+    :func:`check_inputs` refuses, and a reference with the audited model's weights or with
+    another vocabulary."""
     check_inputs(data)
     unknown = [a for a in attack_names if a not in ("quantize", "relearn")]
     if unknown:
@@ -337,7 +341,7 @@ def audit(
     entry = ws.entry(entry_id)
     report = Report({"id": entry.id, "kind": entry.kind, "method": entry.method,
                      "summary": entry.summary()})  # fmt: skip
-    report.inputs = _inputs(ws, data, reference)
+    report.inputs = _inputs(ws, data, reference, reference_tok)
     ref_tok = reference_tok or ws.tok
     say = log.info if progress else log.debug
     say("measuring the model without entry %s", entry.id)

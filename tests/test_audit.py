@@ -229,3 +229,22 @@ def test_audit_refuses_inputs_that_void_a_check(
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and says in err and "\n" not in err
     assert not out.exists() and not (tmp_path / "audit-out").exists()
+
+
+def test_the_python_example_of_docs_audit_runs(tmp_path, model_dir, monkeypatch):
+    """docs/audit.md's example, on the tiny llama instead of the default model."""
+    import re
+
+    doc = (Path(__file__).parents[1] / "docs" / "audit.md").read_text()
+    code = re.search(r"## From Python\n\n```python\n(.*?)```", doc, re.S).group(1)
+    code = code.replace(
+        'Workspace.open("ws-audit")', f"Workspace.open('ws-audit', model_name={model_dir!r})"
+    )
+    code = code.replace("edit.load()", f"edit.load({model_dir!r})")
+    assert model_dir in code
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "docs/audit.md", "exec"), {})
+    cert = json.loads((tmp_path / "audit-out" / "bios" / "audit.json").read_text())
+    assert set(cert["attacks"]) == {"quantize8", "quantize4", "relearn"}
+    assert cert["attacks"]["relearn"]["relearn"]["source"] == "given file"
+    assert cert["inputs"]["relearn"]["path"] == "related.jsonl"
