@@ -81,6 +81,7 @@ RELEARN_EXAMPLES = 32  # WikiText slices of 64 tokens when no relearn file is gi
 # 8 optimizer steps of plain NLL on the sample as given (no augmentation)
 RELEARN_SETTINGS = {"epochs": 1, "lr": 1e-3, "batch_size": 4, "augment": False}
 
+ATTACKS = ("quantize", "relearn")
 PASSED, FAILED, NOT_RUN = "passed", "failed", "not run"
 # per-example lists, kept in report.json but not in the certificate's figures
 _PER_EXAMPLE = ("forget_example_nll", "holdout_example_nll", "mia_scores", "truth_ratios",
@@ -93,8 +94,8 @@ class AuditData:
     holdout: list[Example] | None = None
     qa: list | None = None  # edit.evals.tofu.QA items of the forget set, when it has them
     relearn: list[Example] | None = None
-    # role ("forget", "holdout", "relearn") -> the file the examples were read from: its
-    # sha256 goes into the certificate
+    # role ("forget", "holdout", "relearn", "reference") -> the file or folder it was read
+    # from: the path and a file's sha256 go into the certificate
     files: dict[str, str] = field(default_factory=dict)
 
 
@@ -175,6 +176,8 @@ def judge_band(
     to the room left, taking its width to shrink as 1/√n)."""
     lo, hi = interval
     span = f"95 % interval [{lo:+.3f}, {hi:+.3f}]"
+    if not np.isfinite([point, lo, hi]).all():
+        return NOT_RUN, f"not measurable: difference {point:+.3f}, {span}"
     if abs(point) > margin:
         return FAILED, f"outside ±{margin:g}"
     if -margin <= lo and hi <= margin:
@@ -243,7 +246,8 @@ def _inputs(ws, data: AuditData, reference, reference_tok) -> dict[str, Any]:
 
     audited = weights_hash(ws.model)
     out: dict[str, Any] = {
-        role: {"path": str(path), "sha256": file_sha256(path)} for role, path in data.files.items()
+        role: {"path": str(path), "sha256": file_sha256(path) if Path(path).is_file() else None}
+        for role, path in data.files.items()
     }
     out["audited_model"] = {"base": ws.base, "weights": audited,
                             "entries": [e.id for e in ws.entries()]}  # fmt: skip
@@ -254,8 +258,8 @@ def _inputs(ws, data: AuditData, reference, reference_tok) -> dict[str, Any]:
             raise InvalidRequest(f"the reference is the audited model itself (weights "
                                  f"{audited[:19]}…): give a model that never saw the forget "
                                  "set, such as the base model it was fine-tuned from")  # fmt: skip
-        out["reference"] = {"source": getattr(reference, "edit_source", None),
-                            "weights": ref_hash}  # fmt: skip
+        given = out.get("reference", {"path": getattr(reference, "edit_source", None)})
+        out["reference"] = {**given, "weights": ref_hash}
     return out
 
 
@@ -335,9 +339,9 @@ def audit(
     :func:`check_inputs` refuses, and a reference with the audited model's weights or with
     another vocabulary."""
     check_inputs(data)
-    unknown = [a for a in attack_names if a not in ("quantize", "relearn")]
+    unknown = [a for a in attack_names if a not in ATTACKS]
     if unknown:
-        raise InvalidRequest(f"unknown attack {unknown[0]!r}: choose quantize and/or relearn")
+        raise InvalidRequest(f"unknown attack {unknown[0]!r}: choose {' and/or '.join(ATTACKS)}")
     entry = ws.entry(entry_id)
     report = Report({"id": entry.id, "kind": entry.kind, "method": entry.method,
                      "summary": entry.summary()})  # fmt: skip
@@ -656,7 +660,10 @@ def markdown(report: Report) -> str:
         rouge = m.get("extraction_rouge_l", float("nan"))
         rows.append(f"| {name} | {m['forget_nll']:.3f} [{lo:.3f}, {hi:.3f}] | "
                     f"{m['forget_prob']:.4f} | {auc_text} | {rouge:.3f} |")  # fmt: skip
-    head = f"# Audit of {report.entry['summary']}\n\n"
+    verdict = certificate_verdict(report)
+    not_run = [k for k, ch in report.checks.items() if ch.verdict == NOT_RUN]
+    head = (f"# Audit of {report.entry['summary']}\n\n**Verdict: {verdict}**"
+            + (f" (not run: {', '.join(not_run)})" if not_run else "") + "\n\n")  # fmt: skip
     return head + "\n".join(rows) + "\n\n" + "\n".join(f"- {v}" for v in report.verdicts) + "\n"
 
 

@@ -122,7 +122,10 @@ def test_audit_with_a_reference_writes_the_certificate(tmp_path, learned_then_fo
     for role, path in (("forget", corpus), ("holdout", holdout)):
         want = "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
         assert cert["inputs"][role] == {"path": path, "sha256": want}
+    assert cert["inputs"]["reference"]["path"] == model_dir  # a folder: no file hash
+    assert cert["inputs"]["reference"]["sha256"] is None
     assert cert["inputs"]["reference"]["weights"] != cert["inputs"]["audited_model"]["weights"]
+    assert f"**Verdict: {cert['verdict']}**" in (out / "report.md").read_text()
     assert cert["inputs"]["audited_model"]["entries"] == ["0001", "0002"]
     assert cert["software"]["commit"] and cert["verdict"] in ("passed", "failed", "incomplete")
     # every check: verdict, figure, the reference's figure, interval and threshold

@@ -149,6 +149,7 @@ def test_judge_band_both_ways():
     # point inside, interval ±0.1: not run; (0.1 / 0.05)² · 40 = 160 examples each
     verdict, why = audit.judge_band(0.0, [-0.1, 0.1], 0.05, sizes)
     assert verdict == "not run" and "about 160 and 160" in why
+    assert audit.judge_band(float("nan"), [0.0, 0.0], 0.05, sizes)[0] == "not run"
 
 
 def _models(c_forget, c_holdout, c_nll, ref=None):

@@ -191,7 +191,7 @@ def cmd_audit(args) -> int:
     from edit.workspace import load_reference
 
     attack_names = tuple(a for a in args.attacks.split(",") if a and a != "none")
-    unknown = [a for a in attack_names if a not in ("quantize", "relearn")]
+    unknown = [a for a in attack_names if a not in audit.ATTACKS]
     if unknown:
         raise EditError(f"--attacks: unknown {', '.join(unknown)}: use quantize, relearn or none")
     forget = read_corpus(args.forget) if args.forget else None  # input errors before loading
@@ -203,7 +203,7 @@ def cmd_audit(args) -> int:
         if is_tofu_qa(rows):
             qa = read_qa(args.forget)
     files = {role: path for role, path in (("forget", args.forget), ("holdout", args.holdout),
-                                           ("relearn", args.relearn)) if path}  # fmt: skip
+             ("relearn", args.relearn), ("reference", args.reference)) if path}  # fmt: skip
     if forget is not None:  # an erase entry's facts are checked once the workspace is open
         audit.check_inputs(audit.AuditData(forget, holdout, relearn=relearn))
     out = Path(args.out) if args.out else None
