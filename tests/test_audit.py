@@ -8,7 +8,9 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from tiny import changed_tensors, state_copy
 
 from edit.cli import main
@@ -251,3 +253,46 @@ def test_the_python_example_of_docs_audit_runs(tmp_path, model_dir, monkeypatch)
     assert set(cert["attacks"]) == {"quantize8", "quantize4", "relearn"}
     assert cert["attacks"]["relearn"]["relearn"]["source"] == "given file"
     assert cert["inputs"]["relearn"]["path"] == "related.jsonl"
+
+
+def test_a_learned_model_fails_membership_and_the_figures_agree_with_a_direct_measurement(
+    tmp_path, learned_then_forgotten, model_dir
+):
+    """The entry that learned the QA, audited against the base model that never saw it:
+    membership fails, and the certificate's NLLs and loss AUC are those of full logits."""
+    from edit import load
+    from edit.corpus import encode_example
+
+    ws_path, corpus = learned_then_forgotten
+    ws = Workspace.open(ws_path)
+    ws.revert("0002")  # the model as it was after learning
+    reference, _ = load(model_dir)
+    forget = read_corpus(corpus)
+    holdout = read_corpus(_jsonl(tmp_path, "h.jsonl", HOLDOUT))
+    report = audit.audit(ws, "0001", audit.AuditData(forget, holdout), reference=reference,
+                         attack_names=(), gen_tokens=0, progress=False)  # fmt: skip
+    assert report.passed["membership"] is False and report.passed["change"] is False
+    assert audit.certificate(report)["verdict"] == "failed"
+
+    def nlls(model, examples):  # mean NLL of each example's loss tokens, from the full logits
+        out = []
+        for ex in examples:
+            ids, n_prompt = encode_example(ws.tok, ex, 256)
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+            logp = torch.log_softmax(logits[n_prompt - 1 : len(ids) - 1], -1)
+            out.append(-logp.gather(1, torch.tensor(ids[n_prompt:])[:, None]).mean().item())
+        return np.array(out)
+
+    for name, model in (("changed", ws.model), ("reference", reference)):
+        m = report.models[name]
+        f, h = nlls(model, forget), nlls(model, holdout)
+        assert m["forget_example_nll"] == pytest.approx(f, abs=1e-4)
+        assert m["forget_nll"] == pytest.approx(f.mean(), abs=1e-4)
+        # loss AUC by counting pairs: a forget example scores above a holdout one when its
+        # NLL is lower
+        pairs = (f[:, None] < h[None, :]).mean() + 0.5 * (f[:, None] == h[None, :]).mean()
+        assert m["mia_auc"]["loss"] == pytest.approx(pairs)
+    check = report.checks["forget_nll"]
+    assert check.figure == pytest.approx(report.models["changed"]["forget_nll"])
+    assert check.reference == pytest.approx(report.models["reference"]["forget_nll"])
