@@ -27,22 +27,30 @@ from edit.errors import EditError
 
 
 @contextmanager
-def _temporary_file(path: Path) -> Iterator[str]:
+def _temporary_file(path: Path) -> Iterator[tuple[int, str]]:
+    """A new file beside ``path`` (its descriptor and name), renamed onto ``path`` at the
+    end. Neither step follows a link: ``mkstemp`` creates the file (O_EXCL), and the rename
+    replaces a link at ``path`` instead of writing where it points."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    os.close(fd)
     try:
-        yield tmp
+        yield fd, tmp
+        os.close(fd)
+        fd = -1
         os.replace(tmp, path)
     except BaseException:
+        if fd >= 0:
+            os.close(fd)
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
-    with _temporary_file(path) as tmp:
-        Path(tmp).write_bytes(data)
+    with _temporary_file(path) as (fd, _):  # written through the descriptor mkstemp made
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
     return path
 
 
@@ -56,7 +64,7 @@ def save_tensors(
     from safetensors.torch import save_file
 
     path = Path(path)
-    with _temporary_file(path) as tmp:
+    with _temporary_file(path) as (_, tmp):
         save_file(
             {k: v.contiguous() for k, v in tensors.items()},
             tmp,

@@ -10,7 +10,9 @@ The lock is ``flock(2)`` on ``<workspace>/.lock``. The kernel drops it when the 
 ends, however it ends (exit, Ctrl-C, ``kill -9``), so a lock left by a crash is never in
 force: the file stays, the lock does not. The holder writes its pid into the file, and a
 refused command names it. Locks nest: a holder may take it again (a shared request inside
-an exclusive hold is a no-op).
+an exclusive hold is a no-op). The lock file is never followed: a link, a folder, a device
+or a file with other names (hard links) in its place is refused, so that a neighbour who
+shares the folder cannot make the pid land in a file of theirs choosing.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,14 +74,7 @@ class WorkspaceLock:
             self._depth = 1
             return
         mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-        try:
-            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
-        except PermissionError:  # a read-only workspace: readers may still lock it
-            if exclusive:
-                raise EditError(f"workspace {self.folder} is read-only: cannot change it") from None
-            fd = os.open(self.file, os.O_RDONLY)
-        except OSError as e:
-            raise EditError(f"cannot lock workspace {self.folder}: {e.strerror}") from None
+        fd = self._open(exclusive)
         try:
             fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -93,6 +89,35 @@ class WorkspaceLock:
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd, self._mode = fd, mode
         self._depth += 1
+
+    def _open(self, exclusive: bool) -> int:
+        """The lock file's descriptor, opened without following a link (O_NOFOLLOW) nor
+        waiting on a FIFO (O_NONBLOCK); anything but a regular file of one name is refused."""
+        flags = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            try:
+                fd = os.open(self.file, flags | os.O_RDWR | os.O_CREAT, 0o644)
+            except PermissionError:  # a read-only workspace: readers may still lock it
+                if exclusive:
+                    raise EditError(
+                        f"workspace {self.folder} is read-only: cannot change it"
+                    ) from None
+                fd = os.open(self.file, flags | os.O_RDONLY)
+        except OSError as e:
+            if self.file.is_symlink() or (self.file.exists() and not self.file.is_file()):
+                raise self._not_a_file() from None
+            raise EditError(f"cannot lock workspace {self.folder}: {e.strerror}") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            raise self._not_a_file()
+        return fd
+
+    def _not_a_file(self) -> EditError:
+        return EditError(
+            f"workspace lock {self.file} is not a plain file (a link, a folder, a device or a "
+            f"file with another name): remove it, then run this again"
+        )
 
     def release(self) -> None:
         if self._depth == 0:

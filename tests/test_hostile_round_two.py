@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 import pytest
 from tiny import TINY_ROME
@@ -18,12 +19,12 @@ from edit.workspace import Workspace
 
 
 def _files(folder) -> dict[str, bytes]:
-    """Every file under ``folder`` (links not followed) with its bytes."""
+    """Every plain file under ``folder`` (links not followed) with its bytes."""
     out = {}
     for d, _, names in os.walk(folder):
         for name in names:
             p = os.path.join(d, name)
-            if not os.path.islink(p):
+            if stat.S_ISREG(os.lstat(p).st_mode):
                 with open(p, "rb") as fh:
                     out[os.path.relpath(p, folder)] = fh.read()
     return out
@@ -124,3 +125,45 @@ def test_an_export_into_the_workspace_is_refused(capsys, tmp_path, recorded, ins
     line = _refused(capsys, tmp_path, ["export", target, "-w", str(recorded)])
     assert "inside the workspace" in line
     assert main(["verify", "-w", str(recorded)]) == 0
+
+
+# 3. a lock that is not a plain file
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink", "folder", "fifo"])
+def test_a_lock_that_is_not_a_plain_file_is_refused_and_never_written(
+    capsys, tmp_path, recorded, kind
+):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("a neighbour's file\n")
+    lock = recorded / ".lock"
+    lock.unlink()
+    {
+        "symlink": lambda: os.symlink(victim, lock),
+        "hardlink": lambda: os.link(victim, lock),
+        "folder": lambda: lock.mkdir(),
+        "fifo": lambda: os.mkfifo(lock),
+    }[kind]()
+    for argv in (["revert", "0001"], ["log"], ["export", str(tmp_path / "out")]):
+        line = _refused(capsys, tmp_path, [*argv, "-w", str(recorded)])
+        assert "lock" in line and "not a plain file" in line, line
+    assert victim.read_text() == "a neighbour's file\n"
+
+
+def test_a_dangling_lock_link_creates_nothing_where_it_points(capsys, tmp_path, recorded):
+    (recorded / ".lock").unlink()
+    os.symlink(tmp_path / "created.txt", recorded / ".lock")
+    _refused(capsys, tmp_path, ["revert", "0001", "-w", str(recorded)])
+    assert not (tmp_path / "created.txt").exists()
+
+
+def test_an_atomic_write_replaces_a_link_instead_of_following_it(tmp_path):
+    from edit.atomic import write_bytes
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    os.symlink(victim, tmp_path / "manifest")
+    write_bytes(tmp_path / "manifest", b"new")
+    assert victim.read_text() == "keep"
+    assert not (tmp_path / "manifest").is_symlink()
+    assert (tmp_path / "manifest").read_bytes() == b"new"
