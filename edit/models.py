@@ -119,6 +119,8 @@ def load(
                 f"{source} is not a model folder (no config.json): give a folder written by "
                 f"save_pretrained, a .gguf file, or a Hugging Face id"
             )
+        if path.exists():
+            check_safetensors(path)
         folder = source
         kwargs = {"trust_remote_code": trust_remote_code}
         if not path.exists():
@@ -133,7 +135,9 @@ def load(
     t0 = time.perf_counter()
     try:
         tok = AutoTokenizer.from_pretrained(folder, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **placement, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, use_safetensors=True, **placement, **kwargs
+        )  # a Hub model with pickle weights only is refused too, never unpickled
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EditError(
@@ -148,6 +152,24 @@ def load(
     model.edit_hash = _cached_hash(model, _checkpoint_folder(folder))
     log.debug("loaded %s in %.1fs on %s/%s", source, time.perf_counter() - t0, device, dtype)
     return model, tok
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.save and pickle files
+
+
+def check_safetensors(folder: Path) -> None:
+    """Refuse, before anything is read, a model folder without safetensors weights: edit
+    reads no pickle (``pytorch_model.bin``), since reading one can run any code in it."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise EditError(
+            f"model folder {folder} has pickle weights only ({', '.join(pickles[:3])}), which "
+            f"can run code when read, and edit reads safetensors only: convert them to "
+            f"safetensors where you trust them (transformers' save_pretrained writes them)"
+        )
+    raise EditError(f"model folder {folder} has no weights: no *.safetensors file in it")
 
 
 def _hub_files_are_local(repo_id: str) -> bool:

@@ -12,7 +12,7 @@ import stat
 import pytest
 from tiny import TINY_ROME
 
-from edit import Fact
+from edit import EditError, Fact
 from edit.cli import main
 from edit.cli.options import printable
 from edit.workspace import Workspace
@@ -30,9 +30,9 @@ def _files(folder) -> dict[str, bytes]:
     return out
 
 
-def _refused(capsys, folder, argv: list[str]) -> str:
+def _refused(capsys, folder, argv: list[str], bug: bool = False) -> str:
     """Run ``argv``; assert one ``error:`` line, exit 2, no control character, and nothing
-    written under ``folder``; return the line."""
+    written under ``folder``; return the line. An "unexpected" line only with ``bug``."""
     before = _files(folder)
     capsys.readouterr()
     rc = main(argv)
@@ -41,7 +41,7 @@ def _refused(capsys, folder, argv: list[str]) -> str:
     assert rc == 2, (argv, out, err)
     assert len(lines) == 1 and lines[0].startswith("error: "), (argv, err)
     assert lines[0].isprintable(), lines[0]  # no raw terminal codes
-    assert "unexpected" not in lines[0]
+    assert ("unexpected" in lines[0]) == bug, lines[0]
     assert _files(folder) == before, argv
     return lines[0]
 
@@ -167,3 +167,64 @@ def test_an_atomic_write_replaces_a_link_instead_of_following_it(tmp_path):
     assert victim.read_text() == "keep"
     assert not (tmp_path / "manifest").is_symlink()
     assert (tmp_path / "manifest").read_bytes() == b"new"
+
+
+# 4. untrusted model folders, and terminal codes in error lines
+
+
+class _Opens:
+    """A pickle that creates a file when it is read: proof that nothing was unpickled."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.fixture
+def pickle_model(tmp_path, model_dir):
+    """A model folder whose weights are a pickle only, one that writes ``ran.txt`` if read."""
+    import pickle
+
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    for f in os.listdir(model_dir):
+        if not f.endswith(".safetensors"):
+            os.link(os.path.join(model_dir, f), folder / f)
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Opens(tmp_path / "ran.txt")))
+    return folder
+
+
+def test_a_model_folder_with_pickle_weights_only_is_refused_unread(
+    capsys, tmp_path, pickle_model, no_loading
+):
+    for argv in (
+        ["ask", "The capital of France", "-m", str(pickle_model), "-w", str(tmp_path / "no")],
+        ["trace", "The capital of France", "-m", str(pickle_model), "--out", str(tmp_path / "t")],
+    ):
+        line = _refused(capsys, tmp_path, argv)
+        assert "pickle weights only (pytorch_model.bin)" in line and "safetensors" in line
+    assert not (tmp_path / "ran.txt").exists()
+    (pickle_model / "pytorch_model.bin").unlink()
+    argv = ["ask", "The capital of France", "-m", str(pickle_model), "-w", str(tmp_path / "no")]
+    assert "has no weights" in _refused(capsys, tmp_path, argv)
+
+
+def test_a_new_workspace_on_a_pickle_model_is_not_made(capsys, tmp_path, pickle_model):
+    argv = ["add", "[Paris] is capital of [Italy]", "-m", str(pickle_model)]
+    _refused(capsys, tmp_path, [*argv, "-w", str(tmp_path / "ws")])
+    assert not (tmp_path / "ws").exists() and not (tmp_path / "ran.txt").exists()
+
+
+@pytest.mark.parametrize("error", [EditError, ValueError])
+def test_error_lines_carry_no_terminal_codes(capsys, tmp_path, monkeypatch, error):
+    import edit.cli
+
+    def fail(args):
+        raise error("cannot read \x1b[1mmodel\x1b[0m\nsecond line")
+
+    monkeypatch.setitem(edit.cli.COMMANDS, "log", fail)
+    line = _refused(capsys, tmp_path, ["log", "-w", str(tmp_path)], bug=error is ValueError)
+    assert "cannot read \\x1b[1mmodel\\x1b[0m" in line
+    assert "\x1b" not in line
