@@ -29,6 +29,19 @@ from edit.readers.text import shipped_text
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label of a token that carries no loss (prompt, start token, padding)
+# The most characters one example (prompt and answer) may hold: some 25,000 tokens, far past
+# the tokens an example is trained on (``max_len``, cut at the end); more is a file to split.
+MAX_EXAMPLE_CHARS = 100_000
+
+
+def check_example_size(where: str, prompt: str, answer: str) -> None:
+    """Refuse an example longer than :data:`MAX_EXAMPLE_CHARS`, naming where it is."""
+    n = len(prompt) + len(answer)
+    if n > MAX_EXAMPLE_CHARS:
+        raise InvalidRequest(
+            f"{where + ': ' if where else ''}the example is {n:,} characters long, more than "
+            f"{MAX_EXAMPLE_CHARS:,}: split it into shorter examples, one per line"
+        )
 
 
 @dataclass(frozen=True)
@@ -39,6 +52,9 @@ class Example:
     prompt: str
     answer: str
     where: str = field(default="", compare=False)  # "file:line", for error messages
+
+    def __post_init__(self) -> None:
+        check_example_size(self.where, self.prompt, self.answer)
 
     @property
     def is_text(self) -> bool:

@@ -228,3 +228,39 @@ def test_error_lines_carry_no_terminal_codes(capsys, tmp_path, monkeypatch, erro
     line = _refused(capsys, tmp_path, ["log", "-w", str(tmp_path)], bug=error is ValueError)
     assert "cannot read \\x1b[1mmodel\\x1b[0m" in line
     assert "\x1b" not in line
+
+
+# 5. corpus limits
+
+
+def test_an_example_longer_than_the_limit_is_refused_naming_its_line(
+    capsys, tmp_path, model_dir, no_loading
+):
+    from edit.corpus import MAX_EXAMPLE_CHARS
+
+    corpus = tmp_path / "big.jsonl"
+    rows = [{"text": "Mara Velden wrote it."}, {"text": "x" * (MAX_EXAMPLE_CHARS + 1)}]
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"question": "Who? " * 20_000, "answer": "Mara Velden."}) + "\n")
+    ws = ["-m", model_dir, "-w", str(tmp_path / "ws")]
+    for argv, where in (
+        (["forget", "--corpus", str(corpus), *ws], f"{corpus}:2"),
+        (["learn", "--corpus", str(corpus), *ws], f"{corpus}:2"),
+        (["learn", "--corpus", str(qa), *ws], f"{qa}:1"),
+    ):
+        line = _refused(capsys, tmp_path, argv)
+        assert line.startswith(f"error: {where}: the example is 100,0"), line
+        assert "more than 100,000" in line
+    assert not (tmp_path / "ws").exists()
+
+
+def test_a_ten_megabyte_line_is_refused_at_once(capsys, tmp_path, model_dir, no_loading):
+    import time
+
+    corpus = tmp_path / "huge.jsonl"
+    corpus.write_text(json.dumps({"text": "word " * 2_000_000}) + "\n")
+    t0 = time.perf_counter()
+    argv = ["forget", "--corpus", str(corpus), "-m", model_dir, "-w", str(tmp_path / "ws")]
+    line = _refused(capsys, tmp_path, argv)
+    assert "10,000,000 characters" in line and time.perf_counter() - t0 < 10

@@ -9,7 +9,8 @@ example, in one of three forms (:data:`edit.readers.formats.FORMS`):
     {"question": "...", "answer": "..."}               loss on the answer's tokens only
     {"prompt": "...", "completion": "..."}             loss on the completion's tokens only
 
-Other keys are ignored (TOFU records carry paraphrases and perturbed answers). Every problem
+Other keys are ignored (TOFU records carry paraphrases and perturbed answers). An example
+holds at most :data:`edit.corpus.MAX_EXAMPLE_CHARS` characters (100,000). Every problem
 raises :class:`~edit.errors.EditError` with one line naming the file, the line and the fix.
 The examples become tokens in :mod:`edit.corpus`.
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from edit.corpus import Example
+from edit.corpus import Example, check_example_size
 from edit.errors import EditError
 from edit.readers.formats import FORMS_HINT, example_form
 from edit.readers.rows import json_array_items, jsonl_items
@@ -83,4 +84,6 @@ def _example_fields(path: Path, line: int, obj: object) -> tuple[str, str]:
         if not value.strip():
             raise EditError(f'{where}: "{key}" is empty: give the {key} or remove the line')
         values.append(value)
-    return ("", values[0]) if prompt_key is None else (values[0], values[1])
+    prompt, answer = ("", values[0]) if prompt_key is None else (values[0], values[1])
+    check_example_size(where, prompt, answer)  # before the model loads, not in training
+    return prompt, answer
