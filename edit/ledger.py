@@ -80,6 +80,19 @@ class Ledger:
             return self.lines[-1]["_line_hash"]
         return self.meta["base"]["hash"] if self.meta else ""
 
+    def pinned_at(self, head: str) -> int | None:
+        """How many manifest lines the chain had when ``head`` (a full hash, or its first 12
+        hex digits or more) was its head; 0: the base alone. None: no point of the chain has
+        that hash, so the ledger was rewritten since it was pinned (or the hash is another
+        workspace's). A line's hash covers the lines and entry hashes before it."""
+        want = head.removeprefix("sha256:")
+        heads = [self.meta["base"]["hash"] if self.meta else ""]
+        heads += [line["_line_hash"] for line in self.lines]
+        for n, h in enumerate(heads):
+            if h.removeprefix("sha256:").startswith(want):
+                return n
+        return None
+
     def next_id(self) -> str:
         ids = [int(line["id"]) for line in self.lines if line.get("op") == "add"]
         return f"{max(ids, default=0) + 1:04d}"

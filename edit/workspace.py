@@ -295,6 +295,13 @@ class Workspace:
         return problem
 
     @property
+    def head(self) -> str:
+        """The ledger's head: the hash of the last manifest line, which covers every line and
+        entry before it (the base model's identity while there is none). A user who keeps it
+        can check later that nothing up to it was rewritten: ``edit verify --head HASH``."""
+        return self._ledger.head
+
+    @property
     def broken(self) -> dict[str, str]:
         """Active entries that cannot be applied (id -> problem): see :meth:`drop`."""
         return dict(self._ledger.broken)

@@ -264,3 +264,63 @@ def test_a_ten_megabyte_line_is_refused_at_once(capsys, tmp_path, model_dir, no_
     argv = ["forget", "--corpus", str(corpus), "-m", model_dir, "-w", str(tmp_path / "ws")]
     line = _refused(capsys, tmp_path, argv)
     assert "10,000,000 characters" in line and time.perf_counter() - t0 < 10
+
+
+# 6. a forger who recomputes every hash, against a pinned head
+
+
+def _head(capsys, ws) -> str:
+    capsys.readouterr()
+    assert main(["log", "-w", str(ws)]) == 0
+    out = capsys.readouterr().out
+    return next(line.split()[-1] for line in out.splitlines() if line.startswith("ledger head:"))
+
+
+def _forge(ws) -> None:
+    """Rewrite entry 0001's target, then recompute its hash and the whole manifest chain."""
+    import hashlib
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    entry = ws / "edits" / "0001.safetensors"
+    with safe_open(str(entry), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    meta["facts"] = meta["facts"].replace("Paris", "Rome")
+    save_file(tensors, str(entry), metadata=meta)
+    digest = "sha256:" + hashlib.sha256(entry.read_bytes()).hexdigest()
+    prev = json.loads((ws / "workspace.json").read_text())["base"]["hash"]
+    lines = []
+    for text in (ws / "manifest.jsonl").read_text().splitlines():
+        line = json.loads(text)
+        line["prev"] = prev
+        if line["id"] == "0001":
+            line["hash"] = digest
+        text = json.dumps(line, sort_keys=True)
+        prev = "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+        lines.append(text + "\n")
+    (ws / "manifest.jsonl").write_text("".join(lines))
+
+
+def test_a_pinned_head_catches_a_forger_who_recomputes_every_hash(capsys, tmp_path, recorded):
+    pinned = _head(capsys, recorded)
+    assert main(["verify", "-w", str(recorded), "--head", pinned]) == 0
+    assert main(["verify", "-w", str(recorded), "--head", pinned[:19]]) == 0  # a prefix
+    _forge(recorded)
+    assert main(["verify", "-w", str(recorded)]) == 0  # the chain alone cannot tell
+    line = _refused(capsys, tmp_path, ["verify", "-w", str(recorded), "--head", pinned])
+    assert "pinned head" in line and "nowhere in the ledger" in line
+    assert _head(capsys, recorded) != pinned
+
+
+def test_a_pinned_head_stays_valid_as_the_ledger_grows(capsys, tmp_path, recorded):
+    pinned = _head(capsys, recorded)
+    capsys.readouterr()
+    assert main(["revert", "0001", "-w", str(recorded)]) == 0
+    out = capsys.readouterr().out
+    assert "ledger head: sha256:" in out and pinned not in out
+    assert main(["verify", "-w", str(recorded), "--head", pinned]) == 0
+    assert "found at manifest line 1; 1 line recorded after it" in capsys.readouterr().out
+    line = _refused(capsys, tmp_path, ["verify", "-w", str(recorded), "--head", "sha256:xyz"])
+    assert "is not a ledger head" in line

@@ -9,6 +9,7 @@ from edit.cli.options import (
     base_model_line,
     common,
     edit_args,
+    head_line,
     int_in,
     layer_settings,
     open_workspace,
@@ -80,6 +81,7 @@ def cmd_add(args, erase: bool = False) -> int:
     else:
         _print_single(res, erase, time.perf_counter() - t0)
     print(f"recorded: {entry.path} (id {entry.id}); undo with 'edit revert {entry.id}'")
+    print(head_line(ws))
     return 0
 
 

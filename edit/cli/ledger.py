@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from edit.atomic import check_new_folder
-from edit.cli.options import common, open_workspace, printable
+from edit.cli.options import common, head_line, open_workspace, pinned_head, printable
 from edit.errors import EditError
 
 
@@ -17,6 +17,9 @@ def add_parsers(sub) -> None:
     p.add_argument("dir")
     common(p)
     p = sub.add_parser("verify", help="check the ledger: every entry, hash and manifest line")
+    p.add_argument(
+        "--head", type=pinned_head, help="a ledger head kept earlier: check it is still there"
+    )
     common(p)
 
 
@@ -42,6 +45,17 @@ def cmd_verify(args) -> int:
             f"workspace {path} has {n} problem{'s' * (n != 1)}"
             + (" (listed above)" if n > 1 else "") + f": {ledger.problems[0]}"
         )  # fmt: skip
+    if args.head is not None:
+        at = ledger.pinned_at(args.head)
+        if at is None:
+            raise EditError(
+                f"workspace {path}: the pinned head sha256:{args.head[:16]}… is nowhere in the "
+                f"ledger: it was rewritten since (or the head is another workspace's); restore "
+                f"it from a copy you trust"
+            )
+        later = len(ledger.lines) - at
+        print(f"pinned head: found at manifest line {at}; {later} line{'s' * (later != 1)} "
+              f"recorded after it")  # fmt: skip
     base = meta["base"]
     print(f"workspace {path}: ok: base {base['source']} ({base['hash'][:19]}…); "
           f"{len(ledger.lines)} manifest line{'s' * (len(ledger.lines) != 1)}, chained; "
@@ -62,6 +76,7 @@ def cmd_log(args) -> int:
     ws = Workspace.inspect(args.workspace)
     entries = ws.entries()
     print(printable(f"workspace {ws.path}: base {ws.base['source']} ({ws.base['hash'][:19]}…)"))
+    print(f"ledger head: {ws.head}")
     if not entries:
         print("no edits")
     for e in entries:
@@ -82,6 +97,7 @@ def cmd_revert(args) -> int:
         return 0
     entry = ws.revert(args.id)
     print(printable(f"reverted {entry.id}: {entry.summary()}"))
+    print(head_line(ws))
     left = ws.entries()
     print(
         f"the model is now the base plus {len(left)} edit{'s' * (len(left) != 1)}; "

@@ -21,6 +21,21 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def head_line(ws) -> str:
+    """The ledger's head after a change, to keep for ``edit verify --head``."""
+    return f"ledger head: {ws.head} (keep it: 'edit verify --head HASH' checks it later)"
+
+
+def pinned_head(text: str) -> str:
+    """An argparse type: a ledger head, ``sha256:`` and hex digits (at least 12)."""
+    digits = text.strip().lower().removeprefix("sha256:")
+    if not 12 <= len(digits) <= 64 or any(c not in "0123456789abcdef" for c in digits):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a ledger head: give the 'sha256:...' hash that 'edit log' prints"
+        )
+    return digits
+
+
 class UsageError(EditError):
     """A command line that argparse cannot read."""
 
