@@ -324,3 +324,11 @@ def test_a_pinned_head_stays_valid_as_the_ledger_grows(capsys, tmp_path, recorde
     assert "found at manifest line 1; 1 line recorded after it" in capsys.readouterr().out
     line = _refused(capsys, tmp_path, ["verify", "-w", str(recorded), "--head", "sha256:xyz"])
     assert "is not a ledger head" in line
+
+
+def test_verify_escapes_a_file_name_a_neighbour_chose(capsys, tmp_path, recorded):
+    (recorded / "edits" / "0009\x1b[2J.safetensors").write_bytes(b"x")
+    capsys.readouterr()
+    assert main(["verify", "-w", str(recorded)]) == 2
+    out, err = capsys.readouterr()
+    assert "\x1b" not in out + err and "0009\\x1b[2J.safetensors" in out

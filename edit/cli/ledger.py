@@ -38,7 +38,7 @@ def cmd_verify(args) -> int:
         ledger = read_ledger(path)
     shapes = check_shapes(ledger, meta["base"]["source"])
     for problem in ledger.problems:
-        print(f"problem: {problem}")
+        print(printable(f"problem: {problem}"))  # a name a neighbour chose: escaped
     if ledger.problems:
         n = len(ledger.problems)
         raise EditError(
@@ -57,12 +57,12 @@ def cmd_verify(args) -> int:
         print(f"pinned head: found at manifest line {at}; {later} line{'s' * (later != 1)} "
               f"recorded after it")  # fmt: skip
     base = meta["base"]
-    print(f"workspace {path}: ok: base {base['source']} ({base['hash'][:19]}…); "
+    print(printable(f"workspace {path}: ok: base {base['source']} ({base['hash'][:19]}…); "
           f"{len(ledger.lines)} manifest line{'s' * (len(ledger.lines) != 1)}, chained; "
           f"{len(ledger.active)} active and {len(ledger.reverted)} reverted entries, every "
           f"content hash as recorded, every factor finite"
           + ("" if shapes else "; shapes not checked (the base model's config is not at hand: "
-             "they are checked when it is loaded)"))  # fmt: skip
+             "they are checked when it is loaded)")))  # fmt: skip
     if ledger.repairs or ledger.leftovers:
         print(f"note: an interrupted write left {len(ledger.repairs)} rename(s) to finish and "
               f"{len(ledger.leftovers)} temporary file(s); the next change to the workspace "

@@ -214,4 +214,5 @@ def open_workspace(args, create: bool = True, writer: bool = False, dropping: st
 
 def base_model_line(ws) -> str:
     dtype = str(ws.model.dtype).removeprefix("torch.")
-    return f"model: {ws.base['source']} ({ws.base['hash'][:19]}…) on {ws.model.device}/{dtype}"
+    line = f"model: {ws.base['source']} ({ws.base['hash'][:19]}…) on {ws.model.device}/{dtype}"
+    return printable(line)  # the source as workspace.json spells it
