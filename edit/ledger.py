@@ -41,6 +41,7 @@ import torch
 from safetensors.torch import load as load_tensors
 
 from edit.errors import EditError
+from edit.lock import LOCK_FILE
 
 FORMAT = 2  # workspace.json's "format": what this version reads and writes
 MANIFEST = "manifest.jsonl"
@@ -126,12 +127,30 @@ def manifest_line(ledger: Ledger, op: str, entry_id: str, entry_hash: str) -> by
     return (json.dumps(line, sort_keys=True) + "\n").encode()
 
 
+def unborn(path: Path) -> bool:
+    """Whether ``path`` holds no ledger without its ``workspace.json``: nothing, or only what
+    a new workspace's writer makes before that file (the lock, an empty manifest, an empty
+    ``edits/``), as one killed there leaves it."""
+    if not path.is_dir():
+        return not path.exists()
+    try:
+        names = set(os.listdir(path))
+        if MANIFEST in names and (path / MANIFEST).stat().st_size:
+            return False
+        if "edits" in names and any((path / "edits").iterdir()):
+            return False
+    except OSError:
+        return False
+    return names <= {LOCK_FILE, MANIFEST, "edits"}
+
+
 def read_meta(path: Path) -> dict | None:
     """``workspace.json`` checked for its fields and format version; None: no workspace."""
     meta_file = path / META
     try:
         if not meta_file.is_file():
-            if (path / MANIFEST).is_file() or (path / "edits").is_dir():
+            ledger_parts = (path / MANIFEST).is_file() or (path / "edits").is_dir()
+            if ledger_parts and not unborn(path):
                 raise EditError(
                     f"{meta_file} is missing, but {path} holds a ledger: restore it from a backup"
                 )

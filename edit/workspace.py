@@ -24,6 +24,7 @@ writer at a time, and a writer commits only on top of the ledger it opened.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -51,6 +52,7 @@ from edit.ledger import (
     read_ledger,
     read_meta,
     sha256,
+    unborn,
 )
 from edit.lock import LOCK_FILE, WorkspaceLock
 from edit.models import load, skeleton, weights_hash
@@ -71,6 +73,7 @@ class Workspace:
         self.tok = tok
         self.base = base
         self.lock = WorkspaceLock(path)
+        self._made = False  # this process made the folder of a new workspace (see close)
         self._ledger = ledger if ledger is not None else Ledger(path, None)
         self._active = [Entry.from_data(e) for e in self._ledger.active]
         self._base_weights: dict[str, torch.Tensor] = {}  # pristine copies of touched weights
@@ -101,15 +104,30 @@ class Workspace:
         """
         path = Path(path)
         meta = read_meta(path)
+        made = False
         if meta is None:
-            if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            if path.exists() and not unborn(path):
                 raise EditError(f"{path} exists and is not an edit workspace (no {META})")
             if not create:
                 raise EditError(f"no workspace at {path}: make an edit first, or pass --workspace")
-            check_new_folder(path)  # it can be made: known before any work is done
+            check_new_folder(path, may_exist=path.is_dir())  # known before any work is done
+            if exclusive:  # its folder and lock now: a second writer is refused before loading
+                try:
+                    path.mkdir()
+                    made = True
+                except FileExistsError:
+                    pass
+                except OSError as e:
+                    raise EditError(f"cannot make {path}: {e.strerror}") from None
         lock = WorkspaceLock(path)
-        if exclusive:
-            lock.acquire(exclusive=True)
+        try:
+            if exclusive:
+                lock.acquire(exclusive=True)
+        except BaseException:
+            if made:  # another writer locked it first: the folder is theirs now
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+            raise
         try:
             with lock.shared():
                 ledger = read_ledger(path)
@@ -144,9 +162,11 @@ class Workspace:
                 ws._active.remove(entry)
         except BaseException:
             if exclusive:
+                if meta is None and lock.held_exclusive:
+                    _remove_unborn(path, made)
                 lock.release()
             raise
-        ws.lock = lock
+        ws.lock, ws._made = lock, made
         for entry in ws._active:
             ws._apply(entry.update)
         return ws
@@ -165,7 +185,10 @@ class Workspace:
         return cls(path, None, None, meta["base"], ledger)
 
     def close(self) -> None:
-        """Give up this process's writer lock (see ``open(exclusive=True)``)."""
+        """Give up this process's writer lock (see ``open(exclusive=True)``); a new
+        workspace in which nothing was recorded is removed again."""
+        if self._ledger.meta is None and self.lock.held_exclusive:
+            _remove_unborn(self.path, self._made)
         self.lock.release()
 
     def __enter__(self) -> Workspace:
@@ -434,8 +457,19 @@ class Workspace:
         self._active = [Entry.from_data(e) for e in self._ledger.active]
 
     def _create(self) -> None:
-        """Make the workspace folder whole: its files are written beside it, then renamed."""
+        """Make the workspace folder whole: its files are written beside it, then renamed;
+        in a folder that an exclusive open made and locked, in place, ``workspace.json``
+        last (the files before it are what :func:`edit.ledger.unborn` accepts)."""
         meta = {"format": FORMAT, "base": self.base, "created": _now()}
+        if self.lock.held_exclusive:
+            try:
+                (self.path / "edits").mkdir(exist_ok=True)
+                write_bytes(self.path / MANIFEST, b"")
+                write_bytes(self.path / META, json.dumps(meta, indent=2).encode())
+            except OSError as e:
+                raise EditError(f"cannot create workspace {self.path}: {e.strerror or e}") from None
+            self._ledger = read_ledger(self.path)
+            return
         try:
             with new_folder(self.path) as tmp:
                 (tmp / META).write_text(json.dumps(meta, indent=2))
@@ -476,6 +510,17 @@ class Workspace:
             os.replace(pending, self.path / "edits" / f"{meta['id']}.safetensors")
             self._reread()
         return self._active[-1]
+
+
+def _remove_unborn(path: Path, made: bool) -> None:
+    """Undo what a writer's open of a new workspace made, if nothing was recorded in it:
+    the lock (removed while still held) and the folder when this process made it."""
+    if (path / META).exists() or not unborn(path):
+        return
+    with contextlib.suppress(OSError):
+        (path / LOCK_FILE).unlink(missing_ok=True)
+        if made:
+            path.rmdir()
 
 
 def check_outside(out: str | os.PathLike, workspace: str | os.PathLike) -> None:

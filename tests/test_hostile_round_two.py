@@ -332,3 +332,30 @@ def test_verify_escapes_a_file_name_a_neighbour_chose(capsys, tmp_path, recorded
     assert main(["verify", "-w", str(recorded)]) == 2
     out, err = capsys.readouterr()
     assert "\x1b" not in out + err and "0009\\x1b[2J.safetensors" in out
+
+
+# 7. two writers on a workspace that does not exist yet
+
+
+def test_a_second_writer_on_a_new_workspace_is_refused_before_loading(
+    capsys, tmp_path, model_dir, monkeypatch
+):
+    import edit.workspace
+    from edit.lock import WorkspaceLock
+
+    ws = tmp_path / "new"
+    first = Workspace.open(ws, model_name=model_dir, exclusive=True)  # holds it, records nothing
+    assert ws.is_dir() and os.listdir(ws) == [".lock"]
+    monkeypatch.setattr(edit.workspace, "load", lambda *a, **k: pytest.fail("loaded"))
+    line = _refused(capsys, tmp_path, ["add", "[Paris] is capital of [Italy]", "-w", str(ws)])
+    assert "in use by another edit command" in line and f"pid {os.getpid()}" in line
+    monkeypatch.undo()
+    first.close()  # nothing was recorded: the folder it made is gone again
+    assert not ws.exists()
+    ws.mkdir()  # a folder left by a writer killed before recording is a new workspace
+    with WorkspaceLock(ws).exclusive():
+        pass
+    second = Workspace.open(ws, model_name=model_dir, exclusive=True)
+    second.add(Fact("The capital of {}", "France", "Paris"), progress=False, **TINY_ROME)
+    second.close()
+    assert main(["verify", "-w", str(ws)]) == 0
