@@ -129,8 +129,11 @@ class Workspace:
                     path.rmdir()
             raise
         try:
-            with lock.shared():
-                ledger = read_ledger(path)
+            if meta is None and not exclusive:  # new: nothing to read, and its writer (the
+                ledger = Ledger(path, None)  # main process of a parallel run) may hold the lock
+            else:
+                with lock.shared():
+                    ledger = read_ledger(path)
             dropping = dropping.zfill(4) if dropping else None
             ledger.check(dropping)  # a damaged ledger is refused before loading a model
             if model is None:

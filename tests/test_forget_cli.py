@@ -189,9 +189,18 @@ def test_forgetting_what_a_fine_tune_learned_aims_at_the_reference_it_started_fr
     entry = Workspace.open(ws).entries()[-1]
     assert entry.method == "distill" and entry.info["stop_source"] == "reference"
     assert entry.info["reference"] == model_dir
+    # no retain set given: distillation trains on the corpus alone (no KL to the model before)
+    assert entry.info["retain"] is None and entry.config["kl_weight"] == 0.0
     assert "distill aims each example at its own never-seen level (no stop)" in out
     before, after = entry.metrics["forget_nll_before"], entry.metrics["forget_nll_after"]
     assert before < level and abs(level - after) < 0.5 * (level - before), (before, after)
+
+    # a retain set given: KL 1 to the model before on it, as METHOD_DEFAULTS says
+    retain = _corpus(tmp_path, [{"text": "The river flows north to the sea."}], "keep.jsonl")
+    assert main([*args, "--epochs", "1", "--reference", model_dir, "--retain", retain]) == 0
+    kept = Workspace.open(ws).entries()[-1]
+    assert kept.info["retain"] == retain and kept.config["kl_weight"] == 1.0
+    capsys.readouterr()
 
     # a reference that reads text with other token ids is refused before any training
     tok.add_tokens(["zzqx"])
@@ -200,7 +209,7 @@ def test_forgetting_what_a_fine_tune_learned_aims_at_the_reference_it_started_fr
     assert main([*args, "--reference", str(tmp_path / "other")]) == 2
     err = capsys.readouterr().err
     assert "the reference's tokenizer" in err and err.count("\n") == 1
-    assert len(Workspace.open(ws).entries()) == 1
+    assert len(Workspace.open(ws).entries()) == 2
 
 
 def test_unset_lr_and_epochs_take_the_objectives_defaults_and_the_ledger_records_them(

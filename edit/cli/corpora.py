@@ -16,14 +16,16 @@ def add_parsers(sub) -> None:
         if name == "forget":
             p.add_argument("--retain", help="examples to keep (default: shipped WikiText-2 text)")
             p.add_argument("--method", default=None, help="npo (default), graddiff, "
-                           "gradascent or simnpo")  # fmt: skip
+                           "gradascent, simnpo; distill (the default with --reference) or "
+                           "match")  # fmt: skip
             p.add_argument("--holdout", help="never-seen examples of the same kind: reported "
                            "beside the corpus, and (without --reference) training stops once "
                            "the corpus's NLL reaches theirs")  # fmt: skip
             p.add_argument("--reference", help="a model that never saw the corpus (the base "
                            "model this one was fine-tuned from: id, folder or workspace): "
                            "each token of the corpus is aimed at its distribution (method "
-                           "distill) and training stops at its NLL on the corpus")  # fmt: skip
+                           "distill), and its NLL on the corpus is the level printed (other "
+                           "methods stop there)")  # fmt: skip
         else:
             p.add_argument("--holdout", help="never-seen examples of the same kind, scored "
                            "before and after: learning the facts, not only the form of the "
@@ -138,7 +140,7 @@ def _say_level(m: dict, info: dict, method: str) -> None:
     taken = m.get("stopped_after")
     if method in NEEDS_TEACHER | NEEDS_TARGETS:
         outcome = (f"{method} aims each example at its own never-seen level (no stop): "
-                   f"forget-set NLL {m['forget_nll_after']:.4f} after every epoch")  # fmt: skip
+                   f"forget-set NLL {m['forget_nll_after']:.4f} at the end")  # fmt: skip
     elif taken is not None:
         outcome = f"reached after {taken} steps"
     else:

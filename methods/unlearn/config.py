@@ -118,8 +118,9 @@ OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
     "learn": {"lr": 3e-4, "epochs": 5, "kl_weight": 1.0, "augment": True},
 }
 # ... and where a forget method differs. distill and match hold each example at a level, so a
-# large step does not overshoot: lr 3e-3 reaches the level within the 20 epochs, and KL 1 on the
-# retain set (benchmarks/forget_bios.py, docs/unlearning.md).
+# large step does not overshoot: lr 3e-3 nears the level within the 20 epochs; KL 1 on a retain
+# set the user gives (distill without one trains on the corpus alone: policy._retain_set;
+# benchmarks/forget_bios.py, docs/unlearning.md).
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "distill": {"lr": 3e-3, "kl_weight": 1.0},
     "match": {"lr": 3e-3, "kl_weight": 1.0},
