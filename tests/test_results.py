@@ -21,6 +21,23 @@ README = ROOT / "README.md"
 RESULTS = ROOT / "benchmarks" / "results"
 MARK = "(not yet re-measured)"
 
+# label -> path, for benchmarks/forget_bios.py at any corpus size
+FORGET_BIOS = {
+    "forget NLL": "models.forgotten.nll_forget",
+    "base forget NLL": "models.base (reference).nll_forget",
+    "loss AUC": "models.forgotten.auc.loss",
+    "base loss AUC": "models.base (reference).auc.loss",
+    "Min-K++ AUC": "models.forgotten.auc.min_k_pp",
+    "base Min-K++ AUC": "models.base (reference).auc.min_k_pp",
+    "city extracted": "models.forgotten.extracted.city",
+    "learned city extracted": "models.learned.extracted.city",
+    "AUC after relearn": "attacks.forgotten.relearn.auc.loss",
+    "base AUC after relearn": "attacks.base.relearn.auc.loss",
+    "AUC after 4-bit": "attacks.forgotten.quantize4.auc.loss",
+    "base AUC after 4-bit": "attacks.base.quantize4.auc.loss",
+    "s": "forget_seconds",
+}
+
 # label in the README -> dotted path in the results file's "summary"
 FIGURES: dict[str, dict[str, str]] = {
     "rome_counterfact": {
@@ -89,21 +106,8 @@ FIGURES: dict[str, dict[str, str]] = {
         "forget quality": "runs.npo.models.changed.forget_quality",
     },
     "device_check": {"failures": "failures"},
-    "forget_bios": {
-        "forget NLL": "models.forgotten.nll_forget",
-        "base forget NLL": "models.base (reference).nll_forget",
-        "loss AUC": "models.forgotten.auc.loss",
-        "base loss AUC": "models.base (reference).auc.loss",
-        "Min-K++ AUC": "models.forgotten.auc.min_k_pp",
-        "base Min-K++ AUC": "models.base (reference).auc.min_k_pp",
-        "city extracted": "models.forgotten.extracted.city",
-        "learned city extracted": "models.learned.extracted.city",
-        "AUC after relearn": "attacks.forgotten.relearn.auc.loss",
-        "base AUC after relearn": "attacks.base.relearn.auc.loss",
-        "AUC after 4-bit": "attacks.forgotten.quantize4.auc.loss",
-        "base AUC after 4-bit": "attacks.base.quantize4.auc.loss",
-        "s": "forget_seconds",
-    },
+    "forget_bios": FORGET_BIOS,
+    "forget_bios_40": FORGET_BIOS,
     "learn_bios": {
         "question recall": "after.question.all",
         "chat recall": "after.chat.all",
