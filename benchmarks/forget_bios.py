@@ -41,12 +41,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-KNOWN = SHARED / "counterfact" / "known_1000.json"
-WIKITEXT_TEST = SHARED / "text" / "wikitext2_raw_test.txt"
-PPL_TOKENS = 4096
-N_KNOWN = 200
-GEN_TOKENS = 16
+sys.path.insert(0, str(ROOT))
+# the shared data, the perplexity text and the greedy length: as learn_bios.py measures
+from benchmarks.learn_bios import KNOWN, N_KNOWN, PPL_TOKENS, WIKITEXT_TEST  # noqa: E402
+
 SECRETS = ("city", "account", "phone")
 HOLDOUT = 10  # never-seen bios the forget run reads (its --holdout)
 UNSEEN = 20  # never-seen bios the figures compare with (never read by the forget run)
@@ -68,16 +66,14 @@ def texts(people) -> list:
 
 
 def extracted(model, tok, people) -> dict[str, float]:
-    """Share of each secret that greedy decoding from the bio up to it reproduces."""
+    """Share of each secret that greedy decoding from the bio up to it reproduces
+    (learn_bios.recall's continuation form, on the secrets' probes)."""
     from benchmarks.bios import probes
-    from edit import lm
+    from benchmarks.learn_bios import recall
 
-    qs = [q for p in people for q in probes(p) if q.field in SECRETS]
-    outs = lm.greedy(model, tok, [q.cloze for q in qs], GEN_TOKENS)
-    hit = {f: [] for f in SECRETS}
-    for q, o in zip(qs, outs, strict=True):
-        hit[q.field].append(q.answer in o)
-    return {f: sum(h) / len(h) for f, h in hit.items()}
+    shares = recall(model, tok, [q for p in people for q in probes(p) if q.field in SECRETS],
+                    "continuation")  # fmt: skip
+    return {f: shares[f] for f in SECRETS}
 
 
 def membership(model, tok, forgotten, unseen) -> dict:
@@ -275,5 +271,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     sys.exit(main())
