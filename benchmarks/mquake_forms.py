@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mquake" / "mquake_hard_429.json"
 
 
-def _fact(rw: dict):
+def rewrite_fact(rw: dict):
+    """The fact of one MQuAKE rewrite (its cloze prompt, subject, new and old object)."""
     from edit.facts import Fact
 
     return Fact(rw["prompt"], rw["subject"], rw["target_new"]["str"], rw["target_true"]["str"])
@@ -50,7 +51,7 @@ def _single(model, tok, case: dict, unrelated: str, unrelated_before: str | None
     from edit.readers.records import mquake_names
 
     rw = case["requested_rewrite"][0]
-    fact = _fact(rw)
+    fact = rewrite_fact(rw)
     new, old = mquake_names(case)
     scores = lm.continuation_scores(model, tok, [fact.text] * 2, [fact.target, fact.target_true])
     nll = [-float(s.logprobs.mean()) for s in scores]
@@ -138,9 +139,9 @@ def _single_edits(model, tok, cases: list[dict], variants: dict):
         # the next case's question, whose reply this edit should leave as it was
         unrelated = cases[(i + 1) % len(cases)]["requested_rewrite"][0]["question"]
         before = _single(model, tok, case, unrelated, None)
-        row = {"case": case["case_id"], "fact": _fact(rw).statement, "before": before}
+        row = {"case": case["case_id"], "fact": rewrite_fact(rw).statement, "before": before}
         for v in list(variants) if i % 2 == 0 else list(reversed(variants)):
-            res, sec, steps = _edit(model, tok, _fact(rw), variants[v])
+            res, sec, steps = _edit(model, tok, rewrite_fact(rw), variants[v])
             seconds[v].append(sec)
             row[v] = (_single(model, tok, case, unrelated, before["unrelated_reply"]) if res
                       else {k: 0.0 for k in FORMS})  # fmt: skip
@@ -167,7 +168,7 @@ def _multihop_cases(model, tok, cases: list[dict], settings: dict) -> list[dict]
         unedited = _multihop(model, tok, case)
         handles = []
         for rw in case["requested_rewrite"]:
-            res, _, _ = _edit(model, tok, _fact(rw), settings)
+            res, _, _ = _edit(model, tok, rewrite_fact(rw), settings)
             if res:
                 handles.append(res)
         edited = _multihop(model, tok, case)
