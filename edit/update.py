@@ -6,6 +6,9 @@ per module, the keys (n, in) of the facts the update wrote: AlphaEdit keeps late
 from overwriting them. Methods compute an Update without touching the model;
 :meth:`Update.apply` adds it and returns a handle whose :meth:`Applied.undo` restores
 the exact previous weights (they are copied before the first write).
+
+``neurons`` holds, per gated MLP, neurons added beside its own (gate and up rows (m, d), down
+columns (d, m); :mod:`edit.neurons`): ROME's ``write: neuron``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import torch
 from torch import nn
 
 from edit import arch as arch_table
+from edit import neurons as added_neurons
+from edit.errors import EditError
 from edit.placement import add_to_weight, read_weight, write_weight
 
 
@@ -26,6 +31,7 @@ class Applied:
     model: nn.Module
     originals: dict[str, torch.Tensor]
     undone: bool = False
+    neurons_before: dict[str, int] = field(default_factory=dict)  # MLP -> neurons added before
 
     @torch.no_grad()
     def undo(self) -> None:
@@ -33,6 +39,8 @@ class Applied:
             return
         for name, w in self.originals.items():
             write_weight(self.model, name, w)
+        for name, n in self.neurons_before.items():
+            added_neurons.truncate(self.model, name, n)
         self.undone = True
 
 
@@ -40,12 +48,15 @@ class Applied:
 class Update:
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     keys: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> (n, in)
+    # MLP -> (gate rows (m, d), up rows (m, d), down columns (d, m)) added beside its own
+    neurons: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict
+    )
 
     def is_finite(self) -> bool:
-        return all(
-            bool(torch.isfinite(a).all() and torch.isfinite(b).all())
-            for a, b in self.factors.values()
-        )
+        tensors = [t for ab in self.factors.values() for t in ab]
+        tensors += [t for parts in self.neurons.values() for t in parts]
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
 
     def misfit(self, model: nn.Module) -> str | None:
         """Why this update cannot be added to ``model`` (a module it lacks, factors whose
@@ -67,8 +78,19 @@ class Update:
             inp = self.factors[name][1].shape[1] if name in self.factors else None
             if k.dim() != 2 or k.shape[1] != inp:
                 return f"the keys of {name} have shape {tuple(k.shape)}, not (n, {inp})"
+        for name, (gate, up, down) in self.neurons.items():
+            try:
+                d = added_neurons.width(model, name)
+            except EditError as err:
+                return str(err)
+            m = gate.shape[0] if gate.dim() == 2 else -1
+            if gate.shape != (m, d) or up.shape != (m, d) or down.shape != (d, m):
+                return (
+                    f"the neurons added to {name} have shapes {tuple(gate.shape)}, "
+                    f"{tuple(up.shape)} and {tuple(down.shape)}, not (m, {d}), (m, {d}), ({d}, m)"
+                )
         if not self.is_finite():
-            return "its factors hold non-finite values (inf or NaN)"
+            return "its tensors hold non-finite values (inf or NaN)"
         return None
 
     def delta(self, name: str, transposed: bool = False) -> torch.Tensor:
@@ -83,7 +105,11 @@ class Update:
         for name in self.factors:  # each weight where its layer lives (device map, offload)
             originals[name] = read_weight(model, name).detach().clone()
             add_to_weight(model, name, self.delta(name, transposed))
-        return Applied(model, originals)
+        before = {}
+        for name, (gate, up, down) in self.neurons.items():
+            before[name] = added_neurons.count(model, name)
+            added_neurons.attach(model, name, gate, up, down)
+        return Applied(model, originals, neurons_before=before)
 
     def merged(self, other: Update) -> Update:
         """One update that does what ``self`` then ``other`` do: per module the factors side
@@ -95,21 +121,40 @@ class Update:
                 factors[name] = (torch.cat([a0, a.to(a0)], 1), torch.cat([b0, b.to(b0)], 0))
             else:
                 factors[name] = (a, b)
-        return Update(factors, with_keys(self.keys, other))
+        neurons = dict(self.neurons)
+        for name, parts in other.neurons.items():
+            if name in neurons:
+                mine = neurons[name]
+                neurons[name] = (torch.cat([mine[0], parts[0]]), torch.cat([mine[1], parts[1]]),
+                                 torch.cat([mine[2], parts[2]], 1))  # fmt: skip
+            else:
+                neurons[name] = parts
+        return Update(factors, with_keys(self.keys, other), neurons)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Flat name → tensor dict for safetensors: ``<module>.A``, ``<module>.B`` and,
-        where recorded, ``<module>.keys``."""
+        where recorded, ``<module>.keys``; ``<mlp>.neurons.gate`` (``.up``, ``.down``)."""
         out = {}
         for name, (a, b) in self.factors.items():
             out[f"{name}.A"] = a.detach().float().cpu().contiguous()
             out[f"{name}.B"] = b.detach().float().cpu().contiguous()
         for name, k in self.keys.items():
             out[f"{name}.keys"] = k.detach().float().cpu().contiguous()
+        for name, parts in self.neurons.items():
+            for part, t in zip(added_neurons.PARTS, parts, strict=True):
+                out[f"{name}.neurons.{part}"] = t.detach().float().cpu().contiguous()
         return out
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> Update:
+        added = sorted({k.rsplit(".", 2)[0] for k in tensors if ".neurons." in k})
+        neurons = {}
+        for name in added:
+            keys = [f"{name}.neurons.{part}" for part in added_neurons.PARTS]
+            if any(k not in tensors for k in keys):
+                raise ValueError(f"added neurons incomplete for {name}")
+            neurons[name] = tuple(tensors[k] for k in keys)
+        tensors = {k: v for k, v in tensors.items() if ".neurons." not in k}
         names = sorted({k.rsplit(".", 1)[0] for k in tensors})
         missing = [n for n in names if f"{n}.A" not in tensors or f"{n}.B" not in tensors]
         if missing:
@@ -117,6 +162,7 @@ class Update:
         return cls(
             {n: (tensors[f"{n}.A"], tensors[f"{n}.B"]) for n in names},
             {n: tensors[f"{n}.keys"] for n in names if f"{n}.keys" in tensors},
+            neurons,
         )
 
 

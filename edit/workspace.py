@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import save as serialize
 from torch import nn
 
-from edit import distributed, lm
+from edit import distributed, lm, neurons
 from edit.api import EditResult, apply
 from edit.atomic import check_new_folder, new_folder, write_bytes
 from edit.entry import Entry, header
@@ -340,7 +340,7 @@ class Workspace:
         check_outside(out, self.path)
         try:
             with new_folder(out) as tmp:
-                self.model.save_pretrained(tmp)
+                neurons.save(self.model, tmp)
                 if self.tok is not None:
                     self.tok.save_pretrained(tmp)
                 ledger = {"base": self.base, "edits": [e.to_json() for e in self._active]}
@@ -422,6 +422,7 @@ class Workspace:
         """Base weights plus every entry (but ``skip``), applied in order."""
         for name, w in self._base_weights.items():
             write_weight(self.model, name, w)
+        neurons.clear(self.model)
         for entry in self.entries():
             if entry.id != skip:
                 self._apply(entry.update)

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from edit import arch as arch_table
+from edit import neurons
 from edit.errors import InvalidRequest
 from edit.facts import Fact
 from edit.layers import rome_layer
@@ -42,6 +43,7 @@ from edit.methods.algebra import (
     Contexts,
     EditConfig,
     context_templates,
+    gated_neuron,
     keys_and_hidden,
     rank_one_direction,
     solve_values,
@@ -50,6 +52,8 @@ from edit.stats import second_moment
 from edit.update import Update
 
 log = logging.getLogger(__name__)
+
+WRITES = ("rank_one", "neuron")  # how ROME writes δ into the model; the first is the default
 
 
 @dataclass(frozen=True)
@@ -63,10 +67,19 @@ class ROMEConfig(EditConfig):
     # right after the start token a subject's key can be far from the mean k*, and the
     # plain prompt would get a fraction of δ
     prompt_key: bool = True
+    # how δ is written: "rank_one" (ROME's W' = W + δbᵀ) or "neuron" (one neuron added
+    # beside the MLP's own, gated on the subject: the rest of the model's computations stay
+    # almost exactly as they were; gated MLPs only, ``edit.neurons``)
+    write: str = WRITES[0]
+    gate: float = 3.0  # "neuron": the gate row's scale s (act(s) at the subject)
 
     def __post_init__(self) -> None:
         if self.layer is not None and self.layer < 0:
             raise InvalidRequest(f"layer must be >= 0, got {self.layer}")
+        if self.write not in WRITES:
+            raise InvalidRequest(f"write must be {' or '.join(WRITES)}, got {self.write!r}")
+        if not self.gate > 0:
+            raise InvalidRequest(f"gate must be > 0, got {self.gate}")
         super().__post_init__()
 
 
@@ -94,37 +107,50 @@ def compute(
     arch = arch_table.lookup(model)
     layer = rome_layer(model, config.layer)
     module = arch.mlp_out_name(layer)
+    # the neuron is gated on the MLP's input x, the rank-one row reads the key k
+    read = arch.mlp_name(layer) if config.write == "neuron" else module
+    if config.write == "neuron":
+        neurons.check_gated(model, read)
 
     t0 = time.perf_counter()
     cov = second_moment(
         model,
         tok,
-        module,
+        read,
         corpus=config.stats_corpus,
         n_tokens=config.stats_tokens,
         progress=progress,
     )
     t_stats = time.perf_counter() - t0
     templates = context_templates(model, tok, config.context_templates, config.seed)
+    contexts = Contexts.of(templates, config)
     sol = solve_values(
         model,
         tok,
         module,
         facts,
-        Contexts.of(templates, config),
+        contexts,
         config.value_settings(),
         objective=objective,
         progress=progress,
     )
 
     key = sol.keys[0]  # (d_in,)
+    if read != module:  # the MLP's input at the subject, averaged over the same rows
+        key = keys_and_hidden(model, tok, facts, contexts, read, read)[0][0]
     mapped = [key]
     if config.prompt_key:  # the fact's own prompt, as `edit ask` reads it
-        mapped.append(keys_and_hidden(model, tok, facts, ["{}"], module, module)[0][0])
-    b = rank_one_direction(cov, torch.stack(mapped))[None, :]  # (1, d_in): bᵀk = 1 for each
-    a = sol.deltas[0].float()[:, None]  # (d_out, 1)
+        mapped.append(keys_and_hidden(model, tok, facts, ["{}"], read, read)[0][0])
+    if config.write == "neuron":
+        act = model.get_submodule(read).act_fn
+        added = gated_neuron(cov, torch.stack(mapped), sol.deltas[0], act, config.gate)
+        update = Update(neurons={read: added})
+    else:
+        b = rank_one_direction(cov, torch.stack(mapped))[None, :]  # (1, d_in): bᵀk = 1 each
+        a = sol.deltas[0].float()[:, None]  # (d_out, 1)
+        update = Update({module: (a, b)}, {module: key[None].float()})
     return MethodOutput(
-        update=Update({module: (a, b)}, {module: key[None].float()}),
+        update=update,
         layers=[layer],
         info={
             "module": module,

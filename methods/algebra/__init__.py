@@ -21,7 +21,8 @@ in how they turn (k*, δ) into weights.
     objectives  the value objectives by name (insert, erase) and their shared terms
     values      the optimization of δ (and k*, v0 from its first pass)
     keys        key passes: k* and a block's output without gradients
-    solves      the weight updates: rank-one, MEMIT over layers, AlphaEdit's projected solve
+    solves      the weight updates: rank-one, a gated neuron, MEMIT over layers, AlphaEdit's
+                projected solve
 """
 
 from edit.methods.algebra.contexts import Contexts
@@ -30,6 +31,7 @@ from edit.methods.algebra.objectives import OBJECTIVES, register_objective
 from edit.methods.algebra.prefixes import context_templates
 from edit.methods.algebra.solves import (
     alphaedit_factors,
+    gated_neuron,
     memit_factors,
     null_space_projector,
     rank_one_direction,
@@ -53,6 +55,7 @@ __all__ = [
     "alphaedit_factors",
     "check_value_config",
     "context_templates",
+    "gated_neuron",
     "keys_and_hidden",
     "memit_factors",
     "null_space_projector",

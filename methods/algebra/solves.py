@@ -28,6 +28,21 @@ def rank_one_direction(second_moment: torch.Tensor, keys: torch.Tensor) -> torch
     return (ci_k @ (torch.linalg.pinv(gram, rtol=1e-6, hermitian=True) @ ones)).float()
 
 
+def gated_neuron(
+    second_moment: torch.Tensor, keys: torch.Tensor, delta: torch.Tensor, act, gate: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One neuron for a gated MLP that adds ``delta`` (d,) at the subject and almost nothing
+    elsewhere: gate row s·r, up row r, down column δ/act(s), with r the row that reads 1 at
+    every row of ``keys`` (the MLP's inputs x at the subject, (n, d)) with the least rᵀΣr
+    over generic text (:func:`rank_one_direction`, Σ = ``second_moment`` of the MLP's
+    input). Its output act(s·r·x)·(r·x)·δ/act(s) is δ at the subject and, on a token with
+    r·x = ε, about ε²/2 of δ where a rank-one update gives ε (``edit.neurons``).
+    Returns (gate (1, d), up (1, d), down (d, 1))."""
+    r = rank_one_direction(second_moment, keys)
+    at_subject = float(act(torch.tensor(gate, dtype=torch.float64)))
+    return (gate * r)[None], r[None].clone(), (delta.float() / at_subject)[:, None]
+
+
 def spread_over_layers(
     model: nn.Module,
     tok,
