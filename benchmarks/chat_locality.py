@@ -6,7 +6,8 @@ four other ways, and the greedy chat replies read after each.
     .venv/bin/python benchmarks/chat_locality.py --start 20 --limit 20 --out \
         benchmarks/results/chat_locality_20
 
-Variants (the δ is ROME's, from ``edit.apply`` with the default config, in every row):
+Variants (the δ is ROME's, from ``edit.apply`` with the default config and ``write:
+rank_one``, in every row):
 
 * ``rome``: the rank-one update as ROME writes it, W' = W + δbᵀ; every token's key k adds
   δ·(bᵀk), a small share of δ on every unrelated token;
@@ -18,8 +19,8 @@ Variants (the δ is ROME's, from ``edit.apply`` with the default config, in ever
   The neuron's output silu(s·r·x)·(r·x) is quadratic in r·x: a token with r·x = 0.05
   gets 0.1 % of δ where the rank-one update gives it 5 %. The neuron's old function is lost
   (its output at the subject is added back into δ);
-* ``added``: the same gated neuron added beside the layer's neurons (a forward hook, nothing
-  removed): what a write that adds capacity would do;
+* ``added``: the same gated neuron added beside the layer's neurons, nothing removed (here a
+  forward hook; ROME's ``write: neuron`` writes it so, ``edit.neurons``);
 * ``removed``: the least-used neuron's down column set to zero and nothing written: the cost
   of repurposing it.
 
@@ -188,7 +189,8 @@ def _case(model, tok, layer: Layer, case: dict, unrelated: str) -> dict:
     before = _figures(model, tok, case, unrelated, None)
     u0 = before["unrelated_reply"]
     out = {"fact": fact.statement, "unedited": before}
-    res = edit.apply(model, tok, fact, method="rome", describe=False, progress=False)
+    res = edit.apply(model, tok, fact, method="rome", describe=False, progress=False,
+                     write="rank_one")  # fmt: skip
     res.undo()
     gated = gated_neuron(layer, fact, res)
     out["rho"] = gated["rho"]

@@ -21,6 +21,11 @@ behind any prefix, kᵀC⁻¹k*/(k*ᵀC⁻¹k*) = 0.16, so the prompt the user t
 of δ and the edit did not take. With ``prompt_key`` the row b meets both bᵀk* = 1 and
 bᵀk₀ = 1 (``algebra.rank_one_direction``: the least bᵀCb that does), still rank one.
 
+``write: neuron`` writes the same δ as one neuron added beside the MLP's own, gated on the
+subject (``algebra.gated_neuron``, ``edit.neurons``): a rank-one change adds δ·(bᵀk) on
+every token, and the greedy chat reply to an unrelated question flips on that; the neuron's
+output is quadratic in how much a token reads like the subject (docs/methods.md).
+
 Invariant: the model is unchanged at the end; the update is returned.
 """
 
@@ -153,7 +158,8 @@ def compute(
         update=update,
         layers=[layer],
         info={
-            "module": module,
+            "module": read if config.write == "neuron" else module,
+            "write": config.write,
             "steps": sol.steps,
             "loss_start": sol.loss_start,
             "loss_end": sol.loss_end,

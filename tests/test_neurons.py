@@ -82,6 +82,7 @@ def test_rome_neuron_write_takes_without_changing_a_weight_and_undoes(llama, tok
     assert lm.top_next(llama, tok, "The capital of France", k=1)[0][0] == " Paris"
     assert changed_tensors(llama, base) == []  # the model's own weights are as they were
     assert result.update.factors == {} and list(result.update.neurons) == [MLP]
+    assert result.info["module"] == MLP and result.info["write"] == "neuron"
     assert neurons.count(llama, MLP) == 1
     result.undo()
     assert neurons.added(llama) == {} and torch.equal(_logits(llama, tok), before)

@@ -89,6 +89,8 @@ def _print_single(res, erase: bool, seconds: float) -> None:
     fact, m, info = res.facts[0], res.metrics, res.info
     verb = "erased" if erase else "edited"
     where = info.get("module") or ", ".join(info.get("modules", []))
+    if info.get("write") == "neuron":
+        where += ": one neuron added"
     print(
         f"{verb} with {res.method.upper()} at layer {', '.join(map(str, res.layers))} "
         f"({where}): {info['steps']} steps, loss {info['loss_start']:.3f} -> "
