@@ -105,6 +105,34 @@ def test_an_edit_answers_the_question_in_chat_and_after_export(ws, tmp_path):
     ws.revert(entry.id)
 
 
+def test_the_neuron_write_leaves_an_unrelated_conversation_almost_as_it_was(ws):
+    """The default write (an added neuron gated on the subject) changes the logits of an
+    unrelated chat conversation far less than ROME's rank-one write of the same fact."""
+    from edit.questions import chat_prompt
+
+    for earlier in ws.entries():
+        ws.revert(earlier.id)
+    model, tok = ws.model, ws.tok
+    question = "Who is the developer of XPath?"
+    text = chat_prompt(tok, question) + edit.ask(model, tok, question, chat=True)
+    ids = torch.tensor([lm.encode(tok, text)])
+
+    def logits():
+        with torch.no_grad():
+            return model(input_ids=ids).logits[0].float()
+
+    before = logits()
+    change = {}
+    for write in ("neuron", "rank_one"):
+        res = edit.apply(model, tok, "Ellie Kemper is a citizen of Croatia", progress=False,
+                         describe=False, write=write)  # fmt: skip
+        assert res.metrics["p_new_after"] > res.metrics["p_old_after"], write
+        change[write] = float((logits() - before).abs().max())
+        res.undo()
+    assert torch.equal(logits(), before)
+    assert change["neuron"] < change["rank_one"] / 5, change
+
+
 def test_revert_restores_every_weight_and_answer(ws):
     for entry in ws.entries():
         ws.revert(entry.id)
