@@ -87,8 +87,8 @@ def test_an_edit_answers_the_question_in_chat_and_after_export(ws, tmp_path):
     """The user's way of asking an Instruct model: the question in its chat template."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    for earlier in ws.entries():  # one edit on the base model (stacked edits: issue on lifelong
-        ws.revert(earlier.id)  # editing; after "Paris is capital of Italy" the subject is lost)
+    # stacked on "Paris is capital of Italy" where the first test ran: with the rank-one
+    # write the reply lost its subject there ("The Croatia is a sovereign state …")
     assert "Croatia" not in edit.ask(ws.model, ws.tok, QUESTION, chat=True)
     entry, _ = ws.add("Ellie Kemper is a citizen of Croatia", progress=False)
     reply = edit.ask(ws.model, ws.tok, QUESTION, chat=True)
