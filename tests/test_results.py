@@ -88,6 +88,12 @@ FIGURES: dict[str, dict[str, str]] = {
         "cost": "cost_ratio",
         "MHS": "MHS_edited",
     },
+    "rome_sequential_50": {
+        **{f"neuron {k}": f"neuron.edited.{k}" for k in ("ES", "PS", "NS", "PPL")},
+        **{f"rank-one {k}": f"rank_one.edited.{k}" for k in ("PS", "NS", "PPL")},
+        "unedited NS": "neuron.unedited.NS",
+        "unedited PPL": "neuron.unedited.PPL",
+    },
     "trace_known": {
         "peak layer": "peak_layer",
         "range": "layer_range",
