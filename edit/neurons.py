@@ -5,7 +5,7 @@ A gated MLP (Llama, Qwen, Mistral, Gemma, …) computes ``down(act(gate(x)) * up
 neurons are m more rows of ``gate`` and ``up`` and m more columns of ``down``. A rank-one
 change of ``down`` adds a share of its value on every token (bᵀk is never 0), and the greedy
 chat reply to an unrelated question turns on that; a neuron whose gate and up rows both read
-r, with r·x = 1 at the subject, outputs act(s·r·x)·(r·x): quadratic in r·x, about 1000 times
+r, with r·x = 1 at the subject, outputs act(s·r·x)·(r·x): quadratic in r·x, about 700 times
 smaller than the subject's on a token with r·x = 0.05 (docs/methods.md, "Locality in chat").
 
 In memory the added neurons sit beside the module (a forward hook adds their output), so the
