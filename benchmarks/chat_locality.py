@@ -19,8 +19,8 @@ rank_one``, in every row):
   The neuron's output silu(s·r·x)·(r·x) is quadratic in r·x: a token with r·x = 0.05
   gets 0.1 % of δ where the rank-one update gives it 5 %. The neuron's old function is lost
   (its output at the subject is added back into δ);
-* ``added``: the same gated neuron added beside the layer's neurons, nothing removed (here a
-  forward hook; ROME's ``write: neuron`` writes it so, ``edit.neurons``);
+* ``added``: the same gated neuron added beside the layer's neurons, nothing removed
+  (``edit.neurons``, as ROME's ``write: neuron`` adds it);
 * ``removed``: the least-used neuron's down column set to zero and nothing written: the cost
   of repurposing it.
 
@@ -142,24 +142,13 @@ def removed(layer: Layer):
                                      .detach().clone(), e.T)})  # fmt: skip
 
 
-class Added:
-    """The gated neuron beside the layer's own (a forward hook on the MLP's output)."""
+def added(layer: Layer, r, down):
+    """The gated neuron added beside the layer's own (``edit.neurons``, as ROME's ``write:
+    neuron`` adds it), with the benchmark's own down column."""
+    from edit.update import Update
 
-    def __init__(self, layer: Layer, r, down):
-        self.layer, self.r, self.down = layer, r, down
-
-    def __enter__(self):
-        import torch.nn.functional as F
-
-        def hook(module, args, out):
-            rho = args[0] @ self.r.to(args[0])
-            return out + (F.silu(GATE * rho) * rho)[..., None] * self.down.to(out)
-
-        self.handle = self.layer.mlp.register_forward_hook(hook)
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
+    mlp = layer.gate_name.rsplit(".", 1)[0]
+    return Update(neurons={mlp: ((GATE * r)[None], r[None], down[:, None])})
 
 
 def _figures(model, tok, case: dict, unrelated: str, unrelated_before: str | None) -> dict:
@@ -200,16 +189,13 @@ def _case(model, tok, layer: Layer, case: dict, unrelated: str) -> dict:
             {n: (a * 0.5, b) for n, (a, b) in res.update.factors.items()}
         ).apply(model),
         "neuron": lambda: repurposed(layer, gated["r"], gated["neuron"]).apply(model),
+        "added": lambda: added(layer, gated["r"], gated["added"]).apply(model),
         "removed": lambda: removed(layer).apply(model),
     }
     for name in VARIANTS:
-        if name == "added":
-            with Added(layer, gated["r"], gated["added"]):
-                out[name] = _figures(model, tok, case, unrelated, u0)
-        else:
-            handle = writes[name]()
-            out[name] = _figures(model, tok, case, unrelated, u0)
-            handle.undo()
+        handle = writes[name]()
+        out[name] = _figures(model, tok, case, unrelated, u0)
+        handle.undo()
     return out
 
 

@@ -72,6 +72,12 @@ def count(model: nn.Module, name: str) -> int:
     return 0 if added is None else added.gate.shape[0]
 
 
+def joined(first: tuple, second: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two sets of neurons (gate, up, down) as one: ``first``'s, then ``second``'s."""
+    (g1, u1, d1), (g2, u2, d2) = first, second
+    return torch.cat([g1, g2.to(g1)]), torch.cat([u1, u2.to(u1)]), torch.cat([d1, d2.to(d1)], 1)
+
+
 def attach(model: nn.Module, name: str, gate: torch.Tensor, up: torch.Tensor,
            down: torch.Tensor) -> None:  # fmt: skip
     """Add neurons (gate and up rows (m, d), down columns (d, m)) beside the MLP ``name``."""
@@ -85,9 +91,7 @@ def attach(model: nn.Module, name: str, gate: torch.Tensor, up: torch.Tensor,
 
         setattr(mlp, _SLOT, _Added(gate, up, down, mlp.register_forward_hook(hook)))
         return
-    added.gate = torch.cat([added.gate, gate])
-    added.up = torch.cat([added.up, up])
-    added.down = torch.cat([added.down, down], 1)
+    added.gate, added.up, added.down = joined((added.gate, added.up, added.down), (gate, up, down))
 
 
 def truncate(model: nn.Module, name: str, keep: int) -> None:
@@ -130,18 +134,13 @@ def export_weights(model: nn.Module, mlps: list[str]) -> tuple[dict[str, torch.T
     for name in mlps:
         mlp = check_gated(model, name)
         n, d = mlp.gate_proj.out_features, mlp.gate_proj.in_features
-        gate, up, down = extra.get(name, (torch.zeros(0, d), torch.zeros(0, d),
-                                          torch.zeros(d, 0)))  # fmt: skip
-        pad = grow - gate.shape[0]
-        w = mlp.gate_proj.weight
-        rows = [gate, torch.zeros(pad, d)]
-        state[f"{name}.gate_proj.weight"] = torch.cat([w.detach(), *(t.to(w) for t in rows)])
-        rows = [up, torch.zeros(pad, d)]
-        w = mlp.up_proj.weight
-        state[f"{name}.up_proj.weight"] = torch.cat([w.detach(), *(t.to(w) for t in rows)])
-        w = mlp.down_proj.weight
-        cols = [down, torch.zeros(d, pad)]
-        state[f"{name}.down_proj.weight"] = torch.cat([w.detach(), *(t.to(w) for t in cols)], 1)
+        mine = extra.get(name, (torch.zeros(0, d), torch.zeros(0, d), torch.zeros(d, 0)))
+        pad = grow - mine[0].shape[0]
+        zeros = (torch.zeros(pad, d), torch.zeros(pad, d), torch.zeros(d, pad))
+        for proj, more, dim in zip(("gate_proj", "up_proj", "down_proj"), joined(mine, zeros),
+                                   (0, 0, 1), strict=True):  # fmt: skip
+            w = getattr(mlp, proj).weight.detach()
+            state[f"{name}.{proj}.weight"] = torch.cat([w, more.to(w)], dim)
         if new_width not in (None, n + grow):
             raise InvalidRequest("the model's MLPs differ in width: added neurons cannot be "
                                  "exported to one config width")  # fmt: skip

@@ -123,12 +123,7 @@ class Update:
                 factors[name] = (a, b)
         neurons = dict(self.neurons)
         for name, parts in other.neurons.items():
-            if name in neurons:
-                mine = neurons[name]
-                neurons[name] = (torch.cat([mine[0], parts[0]]), torch.cat([mine[1], parts[1]]),
-                                 torch.cat([mine[2], parts[2]], 1))  # fmt: skip
-            else:
-                neurons[name] = parts
+            neurons[name] = added_neurons.joined(neurons[name], parts) if name in neurons else parts
         return Update(factors, with_keys(self.keys, other), neurons)
 
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -158,7 +158,7 @@ def compute(
         update=update,
         layers=[layer],
         info={
-            "module": read if config.write == "neuron" else module,
+            "module": read,  # the down projection, or the MLP a neuron was added to
             "write": config.write,
             "steps": sol.steps,
             "loss_start": sol.loss_start,

@@ -47,7 +47,16 @@ def test_gated_neuron_meets_two_keys_with_the_least_generic_response():
     cov = torch.diag(torch.tensor([1.0, 4.0, 9.0]))
     keys = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
     gate, up, down = gated_neuron(cov, keys, torch.ones(3), F.silu, 2.0)
-    assert torch.allclose(keys @ up[0], torch.ones(2), atol=1e-5)
+    r = up[0]
+    assert torch.allclose(keys @ r, torch.ones(2), atol=1e-5)
+    assert torch.allclose(gate[0], 2.0 * r) and torch.allclose(down[:, 0], torch.ones(3) / F.silu(
+        torch.tensor(2.0)))  # fmt: skip
+    # every row that reads 1 at both keys is r + t·n (n ⊥ both keys): none has a smaller rᵀΣr
+    n = torch.linalg.cross(keys[0], keys[1])
+    for t in (-0.5, -0.1, 0.1, 0.5):
+        other = r + t * n
+        assert torch.allclose(keys @ other, torch.ones(2), atol=1e-5)
+        assert other @ cov @ other > r @ cov @ r
 
 
 def test_attach_truncate_and_clear_are_exact(llama, tok):
