@@ -1,18 +1,22 @@
-"""Audit the TOFU unlearning runs: `edit audit` on NPO and gradient difference.
+"""Audit the TOFU unlearning runs: `edit audit` on each forget method.
 
     .venv/bin/python benchmarks/tofu_audit.py --run bench-out/tofu     # after tofu_unlearn.py
 
 Uses the two workspaces a `tofu_unlearn.py` run saved (``ws-target``: the default model that
-learned forget10; ``ws-reference``: the one that learned only the 360 QA outside forget01).
-For each method: `forget` forget01 from the target with that run's settings (its
-summary.json), audit the entry against the reference, revert it. The audit is the library's
-(`edit.evals.audit.audit`, what `edit audit` runs) with:
+learned forget10; ``ws-reference``: the one that learned only the QA outside the run's split,
+forget01 or forget05). For each method: `forget` the split from the target with that run's
+settings, holdout and reference (its summary.json), audit the entry against the reference,
+revert it. The audit is the library's (`edit.evals.audit.audit`, what `edit audit` runs)
+with:
 
-* forget: forget01's 40 QA (with perturbed answers, so forget quality is TOFU's KS test on
+* forget: the split's QA (with perturbed answers, so forget quality is TOFU's KS test on
   truth ratios);
-* holdout: 40 QA of two fictitious authors from ``retain90.json`` that neither model ever
+* holdout: as many QA of fictitious authors from ``retain90.json`` that neither model ever
   learned (same kind of text, never seen), for the membership-inference AUCs;
-* attacks: 8- and 4-bit RTN quantization, relearning on shipped WikiText-2 (unrelated).
+* attacks: 8- and 4-bit RTN quantization, and relearning (``--relearn``) on 32 QA of the
+  retained authors (related data, Deeb & Roger 2024) or on shipped WikiText-2 (unrelated);
+  each also run on the reference, and only the excess over what it gives the reference
+  counts as recovery.
 
 Also a null check of the membership scores on the real model: the AUC between two halves of
 200 more never-seen QA from retain90 (alternate questions, so both halves cover the same ten
@@ -36,25 +40,12 @@ from edit.config import parse_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "tofu"
-HOLDOUT = 40  # forget01's size
+RELEARN = 32  # retained QA the related relearning attack trains on
 NULL = 200  # never-seen QA for the null check, split in alternate halves
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def unseen_qa(data: Path, learned: list, n: int) -> list:
-    """``n`` QA from retain90.json whose question no learned set holds, in file order (two
-    whole authors of 20 QA each for n=40)."""
-    from edit.readers.tofu import read_qa
-
-    seen = {q.question for q in learned}
-    items = [q for q in read_qa(data / "retain90.json", need_perturbed=False)
-             if q.question not in seen]  # fmt: skip
-    if len(items) < n:
-        raise SystemExit(f"retain90.json has only {len(items)} unseen QA, need {n}")
-    return items[:n]
 
 
 def null_auc(model, tok, a: list, b: list) -> dict[str, float]:
@@ -66,6 +57,7 @@ def null_auc(model, tok, a: list, b: list) -> dict[str, float]:
 
 def main() -> None:
     args = _parser().parse_args()
+    from benchmarks.tofu_unlearn import aim_for
     from edit.workspace import Workspace
 
     t_all = time.perf_counter()
@@ -74,21 +66,27 @@ def main() -> None:
         raise SystemExit(f"{run} has no ws-target workspace: run benchmarks/tofu_unlearn.py first")
     if not data.is_dir():
         raise SystemExit(f"TOFU data not found at {data}: pass --data")
-    settings = json.loads((run / "summary.json").read_text())["settings"]["forget"]
+    ran = json.loads((run / "summary.json").read_text())["settings"]
+    settings = ran["forget"]
     settings.update(parse_settings(args.set))  # KEY=VALUE as `edit forget --set` reads it
     out = Path(args.reports) if args.reports else run / "audit"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    forget01, kept, null, examples = _audit_sets(data, out)
+    split = ran.get("split", "forget01")
+    forget10, forget, kept, null, examples = _audit_sets(data, split, args.relearn, out)
 
     ref = Workspace.open(run / "ws-reference", create=False)
     ws = Workspace.open(run / "ws-target", create=False)
-    summary: dict = {"settings": settings, "command": " ".join(sys.argv), "runs": {}}
+    # the holdout and reference the run's forgets were given
+    aim = aim_for(data, forget10, ran.get("holdout", 0), ran.get("reference", "none"), ref.model)
+    summary: dict = {"settings": settings, "split": split, "aim": sorted(aim),
+                     "relearn": args.relearn, "command": " ".join(sys.argv),
+                     "runs": {}}  # fmt: skip
     summary["null_auc"] = _null_check(ws, null)
     log(f"null check (unseen vs unseen): {summary['null_auc']['auc']}")
     for method in args.methods.split(","):
         summary["runs"][method] = _forget_and_audit(
-            ws, ref, method, settings, forget01, kept, examples, args.attacks.split(","), out
+            ws, ref, method, settings, aim, forget, kept, examples, args.attacks.split(","), out
         )
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _finish(summary, out, args.out, t_all)
@@ -104,31 +102,38 @@ def _parser() -> argparse.ArgumentParser:
                    help="results file stem: <out>.json and <out>.md")  # fmt: skip
     p.add_argument("--methods", default="npo,graddiff")
     p.add_argument("--attacks", default="quantize,relearn")
+    p.add_argument("--relearn", choices=("related", "wikitext"), default="related",
+                   help="what the relearning attack trains on: QA of the retained authors "
+                   "(related, the harder attack) or shipped WikiText-2 (unrelated)")  # fmt: skip
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a forget setting of the run (JSON): kl_weight=1")  # fmt: skip
     return p
 
 
-def _audit_sets(data: Path, out: Path) -> tuple:
-    """forget01, the kept QA of forget10 (the retain set), the never-seen QA of the null
-    check, and the audit's data (forget01 against the never-seen holdout, written to
-    ``<out>/holdout.json``)."""
+def _audit_sets(data: Path, split: str, relearn: str, out: Path) -> tuple:
+    """forget10, the split, the kept QA of forget10 (the retain set), the never-seen QA of
+    the null check, and the audit's data: the split against as many never-seen QA (written
+    to ``<out>/holdout.json``), and for ``relearn="related"`` the relearning sample,
+    :data:`RELEARN` retained QA spread over the kept authors (every model learned them)."""
+    from benchmarks.tofu_unlearn import unseen_qa
     from edit.evals import audit
     from edit.readers.tofu import read_qa
 
     forget10 = read_qa(data / "forget10.json")
-    forget01 = read_qa(data / "forget01.json")
-    kept = forget10[: -len(forget01)]
-    unseen = unseen_qa(data, forget10, HOLDOUT + NULL)
-    holdout, null = unseen[:HOLDOUT], unseen[HOLDOUT:]
+    forget = read_qa(data / f"{split}.json")
+    kept = forget10[: -len(forget)]
+    unseen = unseen_qa(data, forget10, len(forget) + NULL)
+    holdout, null = unseen[: len(forget)], unseen[len(forget) :]
     (out / "holdout.json").write_text(json.dumps(
         [{"question": q.question, "answer": q.answer} for q in holdout], indent=1))  # fmt: skip
+    related = kept[:: max(1, len(kept) // RELEARN)][:RELEARN] if relearn == "related" else None
     examples = audit.AuditData(
-        forget=[q.example() for q in forget01],
+        forget=[q.example() for q in forget],
         holdout=[q.example() for q in holdout],
-        qa=forget01,
+        qa=forget,
+        relearn=[q.example() for q in related] if related else None,
     )
-    return forget01, kept, null, examples
+    return forget10, forget, kept, null, examples
 
 
 def _null_check(ws, null: list) -> dict:
@@ -143,16 +148,17 @@ def _null_check(ws, null: list) -> dict:
     }
 
 
-def _forget_and_audit(ws, ref, method: str, settings: dict, forget01: list, kept: list,
-                      examples, attacks: list[str], out: Path) -> dict:  # fmt: skip
-    """`forget` forget01 from the target with ``method``, audit the entry against the
-    reference (report written to ``<out>/<method>``), revert it: its times and figures."""
+def _forget_and_audit(ws, ref, method: str, settings: dict, aim: dict, forget: list,
+                      kept: list, examples, attacks: list[str], out: Path) -> dict:  # fmt: skip
+    """`forget` the split from the target with ``method`` (and ``aim``'s holdout and
+    reference), audit the entry against the reference (report written to
+    ``<out>/<method>``), revert it: its times and figures."""
     from edit.evals import audit
 
-    log(f"forget forget01 with {method} ({settings})")
+    log(f"forget {len(forget)} QA with {method} ({settings}; aim: {', '.join(aim) or 'none'})")
     t = time.perf_counter()
-    entry, _ = ws.forget([q.example() for q in forget01], [q.example() for q in kept],
-                         method=method, **settings)  # fmt: skip
+    entry, _ = ws.forget([q.example() for q in forget], [q.example() for q in kept],
+                         method=method, **aim, **settings)  # fmt: skip
     forget_s = time.perf_counter() - t
     log(f"  {forget_s:.0f} s; auditing entry {entry.id}")
     t = time.perf_counter()

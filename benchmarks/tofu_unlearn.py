@@ -2,16 +2,20 @@
 
     .venv/bin/python benchmarks/tofu_unlearn.py                    # the whole benchmark
     .venv/bin/python benchmarks/tofu_unlearn.py --methods npo      # one method
+    .venv/bin/python benchmarks/tofu_unlearn.py --split forget05 --holdout 40 --reuse
 
 Steps, each through the library's own workspace API (what `edit learn` / `edit forget` run):
 
 1. target: `learn` TOFU's forget10 (400 QA about 20 fictitious authors) into the default
    model;
-2. reference: `learn` only the 360 QA of the 18 authors outside forget01 into a fresh copy
-   of the default model (the model retrained without the forget set);
-3. for each method: `forget` forget01's 40 QA from the target, with the other 360 as the
-   retain set (NLL and, weighted by ``--forget-kl-weight``, KL to the target on retain
-   answers); evaluate; revert.
+2. reference: `learn` only the QA of forget10 outside the split (``--split``: forget01, 40
+   QA of 2 authors, or forget05, 200 QA of 10) into a fresh copy of the default model (the
+   model retrained without the forget set);
+3. for each method: `forget` the split from the target, with the other QA of forget10 as
+   the retain set (NLL and, weighted by ``--forget-kl-weight``, KL to the target on retain
+   answers), given never-seen TOFU QA as its holdout (``--holdout N``) and a reference
+   (``--reference``: the default model, as a user who fine-tuned it has, or the retrained
+   one); evaluate; revert.
 
 Reported per model: forget quality (KS p-value of forget-set truth ratios against the
 reference, TOFU's definition), model utility (TOFU's harmonic mean over the kept authors'
@@ -40,6 +44,7 @@ from edit.config import parse_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "tofu"
+SPLITS = ("forget01", "forget05")  # forget sets scored against a reference without them
 
 
 def log(msg: str) -> None:
@@ -171,20 +176,23 @@ def main() -> None:
         return probe(args.probe, args)
 
     t_all = time.perf_counter()
-    forget10, forget01, kept, sets = _sets(Path(args.data), args.retain_eval)
+    forget10, split, kept, sets = _sets(Path(args.data), args.split, args.retain_eval)
     out = Path(args.work)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
     learn, forget = _settings(args)
-    run = _Run(args, out, sets, learn, forget, t_all)
-
-    ref_ws = run.learned("reference", kept)  # the model retrained without forget01
+    learned = _reusable(out, args, learn)
+    if learned is None:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+    run = _Run(args, out, sets, learn, forget, t_all, learned or {})
+    ref_ws = run.learned("reference", kept)  # the model retrained without the split
     ref_scores = run.scored("reference", ref_ws, None)
+    # what each forget aims at besides its own loss
+    aim = aim_for(Path(args.data), forget10, args.holdout, args.reference, ref_ws.model)
     del ref_ws
     ws = run.learned("target", forget10)
     run.scored("target", ws, ref_scores)
     for method in args.methods.split(","):
-        run.forgotten(method, ws, forget01, kept, ref_scores)
+        run.forgotten(method, ws, split, kept, ref_scores, aim)
 
     if args.probe_steps > 0:
         log("throughput and memory: LoRA vs full fine-tuning (child processes)")
@@ -199,7 +207,22 @@ def _parser() -> argparse.ArgumentParser:
                    help="folder for the workspaces and the full summary")  # fmt: skip
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tofu_unlearn"),
                    help="results file stem: <out>.json and <out>.md")  # fmt: skip
+    p.add_argument("--split", choices=SPLITS, default=SPLITS[0],
+                   help="the forget set: a suffix of forget10")  # fmt: skip
     p.add_argument("--methods", default="npo,graddiff")
+    p.add_argument("--holdout", type=int, default=0,
+                   help="never-seen TOFU QA (retain90 authors no model learned) given to each "
+                   "forget as its holdout (0: none)")  # fmt: skip
+    p.add_argument("--reference", choices=("none", "base", "retrained"), default="none",
+                   help="the model each forget is given as reference: the default model "
+                   "(what a user who fine-tuned it has), the one retrained without the split "
+                   "(the evaluation's reference), or none")  # fmt: skip
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reopen the target and reference workspaces an earlier run in --work learned "
+        "with the same split and learn settings instead of learning them again",
+    )
     p.add_argument("--learn-epochs", type=int, default=5)
     p.add_argument("--learn-lr", type=float, default=1e-3)
     p.add_argument("--forget-epochs", type=int, default=1)
@@ -220,26 +243,72 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _sets(data: Path, retain_eval: int) -> tuple:
-    """forget10, forget01 (its suffix), the kept QA (forget10 less forget01) and the sets
-    scored for every model: forget01, ``retain_eval`` kept QA spread over the authors, real
-    authors and world facts."""
+def _sets(data: Path, split: str, retain_eval: int) -> tuple:
+    """forget10, the forget split (its suffix), the kept QA (forget10 less the split) and the
+    sets scored for every model: the split, ``retain_eval`` kept QA spread over the authors,
+    real authors and world facts."""
     from edit.readers.tofu import read_qa
 
     if not data.is_dir():
         raise SystemExit(f"TOFU data not found at {data}: pass --data")
-    forget10, forget01 = read_qa(data / "forget10.json"), read_qa(data / "forget01.json")
-    if forget10[-len(forget01) :] != forget01:
-        raise SystemExit("forget01 is not the suffix of forget10: not TOFU's split files")
-    kept = forget10[: -len(forget01)]
+    forget10, forget = read_qa(data / "forget10.json"), read_qa(data / f"{split}.json")
+    if forget10[-len(forget) :] != forget:
+        raise SystemExit(f"{split} is not the suffix of forget10: not TOFU's split files")
+    kept = forget10[: -len(forget)]
     step = max(1, len(kept) // retain_eval)
     sets = {
-        "forget": forget01,
+        "forget": forget,
         "retain": kept[::step][:retain_eval],
         "real_authors": read_qa(data / "real_authors_perturbed.json"),
         "world_facts": read_qa(data / "world_facts_perturbed.json"),
     }
-    return forget10, forget01, kept, sets
+    return forget10, forget, kept, sets
+
+
+def unseen_qa(data: Path, learned: list, n: int, *, last: bool = False) -> list:
+    """``n`` QA from retain90.json whose question no learned set holds, in file order (whole
+    authors of 20 QA each): the first ``n`` or (``last``) the last ``n``."""
+    from edit.readers.tofu import read_qa
+
+    seen = {q.question for q in learned}
+    items = [q for q in read_qa(data / "retain90.json", need_perturbed=False)
+             if q.question not in seen]  # fmt: skip
+    if len(items) < n:
+        raise SystemExit(f"retain90.json has only {len(items)} unseen QA, need {n}")
+    return items[-n:] if last else items[:n]
+
+
+def aim_for(data: Path, forget10: list, holdout: int, reference: str, retrained) -> dict:
+    """The holdout and the reference a forget is given: ``holdout`` never-seen QA (the
+    *last* ones of retain90, so they never overlap the audit's holdout and null check, the
+    first ones) and, by ``reference``, the default model, the ``retrained`` one, or none."""
+    aim: dict = {}
+    if holdout:
+        aim["holdout"] = [q.example() for q in unseen_qa(data, forget10, holdout, last=True)]
+    if reference == "base":
+        from edit.models import load
+
+        aim["reference"] = load(None)[0]
+    elif reference == "retrained":
+        aim["reference"] = retrained
+    return aim
+
+
+def _reusable(out: Path, args, learn: dict) -> dict | None:
+    """With ``--reuse``: the training rows of the workspaces (target, reference) that an
+    earlier run in ``out`` learned with the same split and settings (an interrupted run
+    keeps the one it finished); None where there is none."""
+    summary = out / "summary.json"
+    if not args.reuse or not summary.is_file():
+        return None
+    s = json.loads(summary.read_text())
+    same = s["settings"].get("learn") == learn and s["settings"].get("split") == args.split
+    rows = {k: row for k, row in s["training"].items() if k in ("target", "reference")
+            and (out / f"ws-{k}" / "workspace.json").is_file()}  # fmt: skip
+    if not (same and rows):
+        log("--reuse: no earlier run with the same split and learn settings; learning again")
+        return None
+    return rows
 
 
 def _settings(args) -> tuple[dict, dict]:
@@ -253,7 +322,7 @@ def _settings(args) -> tuple[dict, dict]:
               "batch_size": args.forget_batch_size, "kl_weight": args.forget_kl_weight,
               "eval_retain": 32,
               # the figures in the README were measured without the stop at the level the
-              # target had before it learned forget01 (stop_at_learned=true would add it)
+              # target had before it learned the split (stop_at_learned=true would add it)
               "stop_at_learned": False}  # fmt: skip
     forget.update(parse_settings(args.forget_set))  # KEY=VALUE as `edit forget --set` reads it
     return learn, forget
@@ -263,18 +332,24 @@ class _Run:
     """What one run has measured so far (training rows, evaluations, probes), written to
     ``<work>/summary.json`` after every stage."""
 
-    def __init__(self, args, out: Path, sets: dict, learn: dict, forget: dict, t_all: float):
+    def __init__(self, args, out: Path, sets: dict, learn: dict, forget: dict, t_all: float,
+                 learned: dict):  # fmt: skip
         self.args, self.out, self.sets = args, out, sets
         self.learn, self.forget, self.t_all = learn, forget, t_all
-        self.training: dict = {}
+        self.training: dict = dict(learned)  # rows of the workspaces an earlier run learned
         self.evals: dict = {}
         self.probes: list[dict] = []
 
     def learned(self, name: str, items: list):
-        """A fresh workspace on the default model that has learned ``items``."""
+        """A fresh workspace on the default model that has learned ``items`` (an earlier
+        run's, reopened, with ``--reuse``)."""
         from edit.workspace import Workspace
 
+        if name in self.training:
+            log(f"{name}: reopened (learned by an earlier run); scoring")
+            return Workspace.open(self.out / f"ws-{name}", create=False)
         log(f"{name}: learn {len(items)} QA")
+        shutil.rmtree(self.out / f"ws-{name}", ignore_errors=True)  # an interrupted learn
         ws = Workspace.open(self.out / f"ws-{name}")
         t = time.perf_counter()
         _, res = ws.learn([q.example() for q in items], **self.learn)
@@ -294,22 +369,23 @@ class _Run:
         self.save()
         return scores
 
-    def forgotten(self, method: str, ws, forget01: list, kept: list, ref_scores) -> None:
-        """`forget` forget01 from the target with ``method`` (the kept QA as retain set),
-        evaluate, revert; a method that fails is logged and skipped."""
+    def forgotten(self, method: str, ws, split: list, kept: list, ref_scores, aim: dict) -> None:
+        """`forget` the split from the target with ``method`` (the kept QA as retain set,
+        ``aim``'s holdout and reference), evaluate, revert; a method that fails is logged
+        and skipped."""
         from edit.errors import EditError
 
-        log(f"forget forget01 with {method}")
+        log(f"forget {self.args.split} with {method} (aim: {', '.join(aim) or 'none'})")
         t = time.perf_counter()
         try:
             entry, res = ws.forget(
-                [q.example() for q in forget01], [q.example() for q in kept],
-                method=method, **self.forget,
+                [q.example() for q in split], [q.example() for q in kept],
+                method=method, **aim, **self.forget,
             )  # fmt: skip
         except EditError as e:
             log(f"  {method} failed: {e}")
             return
-        row = train_row(f"forget {len(forget01)} QA", res, time.perf_counter() - t)
+        row = train_row(f"forget {len(split)} QA", res, time.perf_counter() - t)
         self.training[method] = row
         log(f"  {row['seconds']:.0f} s; scoring")
         self.scored(method, ws, ref_scores)
@@ -319,6 +395,9 @@ class _Run:
         """summary.json after every stage, so an interrupted run keeps what it measured."""
         summary = {
             "settings": {
+                "split": self.args.split,
+                "holdout": self.args.holdout,
+                "reference": self.args.reference,
                 "learn": self.learn,
                 "forget": self.forget,
                 "retain_eval": len(self.sets["retain"]),
@@ -414,7 +493,7 @@ def plot(evals: dict, path: Path) -> None:
     for key, e in evals.items():
         r = np.sort(np.log(e["truth_ratios"]))
         ax.step(r, np.arange(1, len(r) + 1) / len(r), where="post", label=key)
-    ax.set_xlabel("log truth ratio on forget01 (paraphrase vs perturbed answers)")
+    ax.set_xlabel("log truth ratio on the forget set (paraphrase vs perturbed answers)")
     ax.set_ylabel("cumulative share of questions")
     ax.legend()
     fig.tight_layout()

@@ -124,9 +124,10 @@ def apply(
 
     ``request`` is a statement ("Paris is capital of Italy"), a :class:`Fact`, a dict with
     ``prompt``/``subject``/``target``, or a list of these for a batch method (MEMIT,
-    AlphaEdit): one update for all. ``settings`` override the method's config (e.g.
-    ``layer=6``); ``history`` passes the keys of earlier edits (see ``Workspace.history``).
-    With ``describe``, greedy completions before and after are measured too (single facts).
+    AlphaEdit, ROME's neuron write): one update for all. ``settings`` override the method's
+    config (e.g. ``layer=6``); ``history`` passes the keys of earlier edits (see
+    ``Workspace.history``). With ``describe``, greedy completions before and after are
+    measured too (single facts).
 
     Facts that do not take are edited again on top, ``retry_rounds`` times at most (the
     method's config; ``metrics["retried"]``). A single edit that still does not take is undone
@@ -137,6 +138,7 @@ def apply(
     facts = [as_fact(r) for r in request] if batch else [as_fact(request, subject, target)]
     spec = _method_for(method, facts)
     config = resolve(spec.name, spec.config_class, model, **settings)
+    check_batch(spec, config, len(facts))
     kind = "erase" if erase else "insert"
     olds = [_old_of(model, tok, fact, erase) for fact in facts]
     news = [None if erase else f.target for f in facts]
@@ -164,19 +166,22 @@ def apply(
 
 
 def _method_for(method: str, facts: list[Fact]) -> method_registry.Method:
-    """The registered method, checked against the number of facts."""
+    """The registered method; an empty list of facts is refused."""
     if not facts:
         raise InvalidRequest("no facts to edit: the list is empty")
-    spec = method_registry.get(method)
-    if len(facts) > 1 and not spec.batch:
-        batch_methods = ", ".join(
-            n for n in method_registry.names() if method_registry.get(n).batch
-        )
-        raise InvalidRequest(
-            f"{spec.name} edits one fact at a time, got {len(facts)}: use a batch method "
-            f"({batch_methods})"
-        )
-    return spec
+    return method_registry.get(method)
+
+
+def check_batch(spec: method_registry.Method, config, n_facts: int) -> None:
+    """Refuse ``n_facts`` > 1 for a method that edits one fact at a time with ``config``
+    (ROME's rank-one write; its neuron write takes a batch: one neuron per fact)."""
+    if n_facts <= 1 or spec.batch or getattr(config, "takes_batches", False):
+        return
+    batch_methods = ", ".join(n for n in method_registry.names() if method_registry.get(n).batch)
+    raise InvalidRequest(
+        f"{spec.name} edits one fact at a time, got {n_facts}: use a batch method "
+        f"({batch_methods})" + (" or write=neuron" if hasattr(config, "write") else "")
+    )
 
 
 def _old_of(model, tok, fact: Fact, erase: bool) -> str:

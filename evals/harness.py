@@ -35,9 +35,9 @@ from tqdm.auto import tqdm
 
 from edit import arch, lm
 from edit import methods as method_registry
-from edit.api import apply
+from edit.api import apply, check_batch
 from edit.config import resolve
-from edit.errors import EditError, EditFailed
+from edit.errors import EditError, EditFailed, InvalidRequest
 from edit.evals import metrics as M
 from edit.evals.fluency import fluency
 from edit.evals.forms import asked_scores, chat_replies
@@ -291,11 +291,14 @@ def _check(model, method: str, mode: str, out_dir, settings: EvalSettings):
     if mode not in MODES:
         raise EditError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
     spec = method_registry.get(method)
-    if mode == "batch" and not spec.batch:
-        raise EditError(f"{spec.name} edits one fact at a time: use --mode single or sequential")
     if settings.batch_size < 1:
         raise EditError(f"--batch-size must be at least 1, got {settings.batch_size}")
     config = resolve(spec.name, spec.config_class, model, **settings.method_settings)
+    if mode == "batch":
+        try:
+            check_batch(spec, config, 2)
+        except InvalidRequest as e:
+            raise EditError(f"{e}; or use --mode single or sequential") from None
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and out.exists() and any(out.iterdir()):
         raise EditError(f"{out} already exists and is not empty: choose a new --out folder")

@@ -33,7 +33,9 @@ class Method:
     name: str
     config_class: type
     compute: Callable[..., MethodOutput]
-    batch: bool = False  # edits many facts in one call
+    # edits many facts in one call, spread over several layers (a config may also take a
+    # batch: ``takes_batches``, ROME's neuron write)
+    batch: bool = False
 
 
 _REGISTRY: dict[str, Method] = {}

@@ -48,7 +48,7 @@ from edit.methods.algebra import (
     Contexts,
     EditConfig,
     context_templates,
-    gated_neuron,
+    gated_neurons,
     keys_and_hidden,
     rank_one_direction,
     solve_values,
@@ -87,6 +87,11 @@ class ROMEConfig(EditConfig):
             raise InvalidRequest(f"gate must be > 0, got {self.gate}")
         super().__post_init__()
 
+    @property
+    def takes_batches(self) -> bool:
+        """Whether one call edits several facts: the neuron write gives each its own neuron."""
+        return self.write == "neuron"
+
 
 @register("rome", ROMEConfig)
 def compute(
@@ -99,15 +104,18 @@ def compute(
     progress: bool = True,
     history: dict | None = None,  # not used: ROME does not protect earlier edits
 ) -> MethodOutput:
-    """The rank-one update for one fact (ROME edits facts one at a time).
+    """The rank-one update for one fact, or one added neuron per fact (``write: neuron``:
+    the facts of a batch each get their own neuron, and no neuron reads another fact's
+    subject).
 
     The layer is ``config.layer``; without one (no tuned config, no override), the peak
     layer of this model's cached causal trace (``edit trace --data``), else n_layers // 6
     (``edit.layers.rome_layer``).
     """
-    if len(facts) != 1:
+    if len(facts) != 1 and config.write != "neuron":
         raise InvalidRequest(
-            f"ROME edits one fact at a time (got {len(facts)}): use a batch method for several"
+            f"ROME's rank-one write edits one fact at a time, got {len(facts)}: use "
+            "write=neuron (one neuron per fact) or a batch method"
         )
     arch = arch_table.lookup(model)
     layer = rome_layer(model, config.layer)
@@ -140,20 +148,21 @@ def compute(
         progress=progress,
     )
 
-    key = sol.keys[0]  # (d_in,)
+    keys = sol.keys  # (F, d_in)
     if read != module:  # the MLP's input at the subject, averaged over the same rows
-        key = keys_and_hidden(model, tok, facts, contexts, read, read)[0][0]
-    mapped = [key]
+        keys = keys_and_hidden(model, tok, facts, contexts, read, read)[0]
+    mapped = [keys]
     if config.prompt_key:  # the fact's own prompt, as `edit ask` reads it
-        mapped.append(keys_and_hidden(model, tok, facts, ["{}"], read, read)[0][0])
+        mapped.append(keys_and_hidden(model, tok, facts, ["{}"], read, read)[0])
     if config.write == "neuron":
         act = model.get_submodule(read).act_fn
-        added = gated_neuron(cov, torch.stack(mapped), sol.deltas[0], act, config.gate)
+        added = gated_neurons(cov, torch.cat(mapped), _reads(facts, len(mapped)), sol.deltas,
+                              act, config.gate)  # fmt: skip
         update = Update(neurons={read: added})
     else:
-        b = rank_one_direction(cov, torch.stack(mapped))[None, :]  # (1, d_in): bᵀk = 1 each
+        b = rank_one_direction(cov, torch.cat(mapped))[None, :]  # (1, d_in): bᵀk = 1 each
         a = sol.deltas[0].float()[:, None]  # (d_out, 1)
-        update = Update({module: (a, b)}, {module: key[None].float()})
+        update = Update({module: (a, b)}, {module: keys.float()})
     return MethodOutput(
         update=update,
         layers=[layer],
@@ -163,9 +172,18 @@ def compute(
             "steps": sol.steps,
             "loss_start": sol.loss_start,
             "loss_end": sol.loss_end,
-            "delta_norm_ratio": float(sol.deltas[0].norm() / sol.values[0].norm()),
+            "delta_norm_ratio": float((sol.deltas.norm(dim=-1) / sol.values.norm(dim=-1)).mean()),
             "stats_seconds": round(t_stats, 2),
             "seconds": round(time.perf_counter() - t0, 2),
             "context_templates": templates,
         },
     )
+
+
+def _reads(facts: list[Fact], copies: int) -> torch.Tensor:
+    """(copies·F, F): what neuron i reads at each key row (the facts' keys, ``copies`` sets
+    of them in fact order): 1 at a key of a fact with its own fact's subject, 0 at the
+    others' (facts of one subject share their keys: each neuron fires there)."""
+    subjects = [f.subject for f in facts]
+    same = torch.tensor([[a == b for b in subjects] for a in subjects], dtype=torch.float64)
+    return same.repeat(copies, 1)

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import TINY_FACT, TINY_ROME, changed_tensors, state_copy, tiny_model
+from tiny import TINY_FACT, TINY_FACT_2, TINY_ROME, changed_tensors, state_copy, tiny_model
 
 import edit
 from edit import InvalidRequest, lm, neurons
-from edit.methods.algebra import gated_neuron
+from edit.methods.algebra import gated_neurons
 from edit.methods.rome import ROMEConfig
 from edit.update import Update
 from edit.workspace import Workspace
@@ -28,7 +28,8 @@ def _logits(model, tok, text: str = "The capital of France is") -> torch.Tensor:
 def test_gated_neuron_gives_delta_at_the_subject_and_a_square_elsewhere():
     d, s = 4, 3.0
     delta = torch.tensor([1.0, -2.0, 0.5, 4.0])
-    gate, up, down = gated_neuron(torch.eye(d), torch.eye(d)[:1], delta, F.silu, s)
+    gate, up, down = gated_neurons(torch.eye(d), torch.eye(d)[:1], torch.ones(1, 1), delta[None],
+                                   F.silu, s)  # fmt: skip
     assert torch.allclose(gate, s * torch.eye(d)[:1]) and torch.allclose(up, torch.eye(d)[:1])
 
     def out(x):
@@ -46,7 +47,7 @@ def test_gated_neuron_gives_delta_at_the_subject_and_a_square_elsewhere():
 def test_gated_neuron_meets_two_keys_with_the_least_generic_response():
     cov = torch.diag(torch.tensor([1.0, 4.0, 9.0]))
     keys = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
-    gate, up, down = gated_neuron(cov, keys, torch.ones(3), F.silu, 2.0)
+    gate, up, down = gated_neurons(cov, keys, torch.ones(2, 1), torch.ones(1, 3), F.silu, 2.0)
     r = up[0]
     assert torch.allclose(keys @ r, torch.ones(2), atol=1e-5)
     assert torch.allclose(gate[0], 2.0 * r) and torch.allclose(down[:, 0], torch.ones(3) / F.silu(
@@ -57,6 +58,22 @@ def test_gated_neuron_meets_two_keys_with_the_least_generic_response():
         other = r + t * n
         assert torch.allclose(keys @ other, torch.ones(2), atol=1e-5)
         assert other @ cov @ other > r @ cov @ r
+
+
+def test_gated_neurons_of_a_batch_do_not_read_each_others_subjects():
+    cov = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    keys = torch.tensor([[1.0, 0.5, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.2, 0.0, 1.0, 1.0]])
+    reads = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])  # rows 0 and 2: the first fact's
+    deltas = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0]])
+    gate, up, down = gated_neurons(cov, keys, reads, deltas, F.silu, 3.0)
+    assert gate.shape == up.shape == (2, 4) and down.shape == (4, 2)
+    assert torch.allclose(keys @ up.T, reads, atol=1e-5)
+
+    def out(x):
+        return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
+
+    # each subject gets its own fact's δ and nothing of the other's
+    assert torch.allclose(out(keys), deltas[[0, 1, 0]], atol=1e-5)
 
 
 def test_attach_truncate_and_clear_are_exact(llama, tok):
@@ -95,6 +112,19 @@ def test_rome_neuron_write_takes_without_changing_a_weight_and_undoes(llama, tok
     assert neurons.count(llama, MLP) == 1
     result.undo()
     assert neurons.added(llama) == {} and torch.equal(_logits(llama, tok), before)
+
+
+def test_rome_neuron_write_edits_a_batch_one_neuron_per_fact(llama, tok):
+    before = _logits(llama, tok)
+    result = edit.apply(llama, tok, [TINY_FACT, TINY_FACT_2], progress=False, **NEURON_ROME)
+    assert neurons.count(llama, MLP) == 2 and result.metrics["took"] == 2
+    for fact in (TINY_FACT, TINY_FACT_2):
+        prompt = fact["prompt"].format(fact["subject"])
+        assert lm.top_next(llama, tok, prompt, k=1)[0][0] == " " + fact["target"]
+    result.undo()
+    assert neurons.added(llama) == {} and torch.equal(_logits(llama, tok), before)
+    with pytest.raises(InvalidRequest, match="one fact at a time, got 2.*or write=neuron"):
+        edit.apply(llama, tok, [TINY_FACT, TINY_FACT_2], progress=False, **TINY_ROME)
 
 
 def test_rome_config_checks_the_write():

@@ -31,7 +31,7 @@ from edit.methods.algebra.objectives import OBJECTIVES, register_objective
 from edit.methods.algebra.prefixes import context_templates
 from edit.methods.algebra.solves import (
     alphaedit_factors,
-    gated_neuron,
+    gated_neurons,
     memit_factors,
     null_space_projector,
     rank_one_direction,
@@ -55,7 +55,7 @@ __all__ = [
     "alphaedit_factors",
     "check_value_config",
     "context_templates",
-    "gated_neuron",
+    "gated_neurons",
     "keys_and_hidden",
     "memit_factors",
     "null_space_projector",

@@ -13,10 +13,12 @@ from edit.methods.algebra.keys import keys_and_hidden
 from edit.update import Update
 
 
-def rank_one_direction(second_moment: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """The row b (d,) of a rank-one update δbᵀ that maps each key exactly: bᵀk_j = 1 for
-    every row k_j of ``keys`` (n, d), with the least bᵀCb (the smallest change on generic
-    keys) among those that do. One key gives ROME's b = C⁻¹k/(kᵀC⁻¹k); keys that are
+def least_rows(
+    second_moment: torch.Tensor, keys: torch.Tensor, reads: torch.Tensor
+) -> torch.Tensor:
+    """Rows R (m, d) that read ``reads`` (n, m) at the rows k_j of ``keys`` (n, d),
+    R k_j = reads[j], each with the least rᵀCr (the smallest response on generic keys,
+    C = ``second_moment``) among those that do: R = (C⁻¹K (KᵀC⁻¹K)⁺ T)ᵀ. Keys that are
     almost parallel are met in the least-squares sense (a pseudo-inverse of their
     C⁻¹-Gram matrix), so a second key adds nothing where it adds no direction."""
     c = second_moment.to(device=keys.device, dtype=torch.float64)
@@ -24,23 +26,37 @@ def rank_one_direction(second_moment: torch.Tensor, keys: torch.Tensor) -> torch
     eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
     ci_k = torch.linalg.solve(c + 1e-6 * c.diagonal().mean() * eye, k)
     gram = k.T @ ci_k
-    ones = torch.ones(k.shape[1], dtype=c.dtype, device=c.device)
-    return (ci_k @ (torch.linalg.pinv(gram, rtol=1e-6, hermitian=True) @ ones)).float()
+    t = reads.to(device=c.device, dtype=c.dtype)
+    return (ci_k @ (torch.linalg.pinv(gram, rtol=1e-6, hermitian=True) @ t)).T.float()
 
 
-def gated_neuron(
-    second_moment: torch.Tensor, keys: torch.Tensor, delta: torch.Tensor, act, gate: float
+def rank_one_direction(second_moment: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The row b (d,) of a rank-one update δbᵀ that maps each key exactly: bᵀk_j = 1 for
+    every row k_j of ``keys`` (n, d), with the least bᵀCb (:func:`least_rows`). One key
+    gives ROME's b = C⁻¹k/(kᵀC⁻¹k)."""
+    return least_rows(second_moment, keys, torch.ones(len(keys), 1))[0]
+
+
+def gated_neurons(
+    second_moment: torch.Tensor,
+    keys: torch.Tensor,
+    reads: torch.Tensor,
+    deltas: torch.Tensor,
+    act,
+    gate: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One neuron for a gated MLP that adds ``delta`` (d,) at the subject and almost nothing
-    elsewhere: gate row s·r, up row r, down column δ/act(s), with r the row that reads 1 at
-    every row of ``keys`` (the MLP's inputs x at the subject, (n, d)) with the least rᵀΣr
-    over generic text (:func:`rank_one_direction`, Σ = ``second_moment`` of the MLP's
-    input). Its output act(s·r·x)·(r·x)·δ/act(s) is δ at the subject and, on a token with
-    r·x = ε, about ε²/2 of δ where a rank-one update gives ε (``edit.neurons``).
-    Returns (gate (1, d), up (1, d), down (d, 1))."""
-    r = rank_one_direction(second_moment, keys)
+    """Neurons for a gated MLP, one per fact, each adding its fact's δ (``deltas`` (m, d))
+    at that fact's subject and almost nothing elsewhere: gate row s·r, up row r, down column
+    δ/act(s). The rows r read ``reads`` (n, m) at the rows of ``keys`` (the MLP's inputs x
+    at the subjects, (n, d)): 1 where the key is the neuron's own subject, 0 at the other
+    facts' subjects (so the facts of a batch do not write into each other), each with the
+    least rᵀΣr over generic text (:func:`least_rows`, Σ = ``second_moment`` of the MLP's
+    input). A neuron's output act(s·r·x)·(r·x)·δ/act(s) is δ at its subject and, on a token
+    with r·x = ε, about ε²/2 of δ where a rank-one update gives ε (``edit.neurons``).
+    Returns (gate (m, d), up (m, d), down (d, m))."""
+    r = least_rows(second_moment, keys, reads)
     at_subject = float(act(torch.tensor(gate, dtype=torch.float64)))
-    return (gate * r)[None], r[None].clone(), (delta.float() / at_subject)[:, None]
+    return gate * r, r.clone(), (deltas.float() / at_subject).T.contiguous()
 
 
 def spread_over_layers(
