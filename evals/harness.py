@@ -370,9 +370,9 @@ class _Run:
             bar.update(len(group))
         bar.close()
         if mode != "single":
+            # no RU: every other record's question was edited too
             for i, rec in enumerate(tqdm(records, desc="edited model", disable=not self.progress)):
-                self.after[i] = measure(self.model, self.tok, rec, self.refs[i],
-                                        unrelated_question(records, i))  # fmt: skip
+                self.after[i] = measure(self.model, self.tok, rec, self.refs[i])
             prompts = _gen_prompts(records, self.settings)
             self.global_flu_after = fluency(
                 self.model, self.tok, prompts, self.settings, self.ppl_text

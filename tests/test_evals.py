@@ -14,7 +14,7 @@ import pytest
 import torch
 from tiny import TINY_FACT, TINY_ROME, state_copy
 
-from edit import EditError, lm
+from edit import EditError, lm, neurons
 from edit.cli import main
 from edit.evals import metrics as M
 from edit.evals.harness import EvalSettings, evaluate, measure
@@ -185,17 +185,20 @@ def facts_file(tmp_path):
     return write(tmp_path, "facts.jsonl", rows, jsonl=True)
 
 
-@pytest.mark.parametrize("mode", ["single", "sequential"])
-def test_harness_writes_every_artifact_and_restores_the_model(llama, tok, tmp_path, mode):
+# ROME's neuron write takes a batch: one neuron per fact
+@pytest.mark.parametrize("mode, write", [("single", "rank_one"), ("sequential", "rank_one"),
+                                         ("batch", "neuron")])  # fmt: skip
+def test_harness_writes_every_artifact_and_restores_the_model(llama, tok, tmp_path, mode, write):
     records = load_records(facts_file(tmp_path))
     text = tmp_path / "heldout.txt"
     text.write_text("The capital of France is Paris. The capital of Germany is Berlin. " * 20)
     base = state_copy(llama)
     settings = EvalSettings(fluency_records=1, gen_tokens=8, ppl_text=str(text), ppl_tokens=64,
-                            method_settings=TINY_ROME)  # fmt: skip
+                            method_settings={**TINY_ROME, "write": write})  # fmt: skip
     report = evaluate(llama, tok, records, mode=mode, out_dir=tmp_path / "out",
                       settings=settings, progress=False)  # fmt: skip
     assert all(torch.equal(v, base[k]) for k, v in llama.state_dict().items())
+    assert neurons.added(llama) == {}
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == [
         "margins.png", "records.jsonl", "scores.png", "summary.json", "summary.md"]  # fmt: skip

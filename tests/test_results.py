@@ -94,6 +94,14 @@ FIGURES: dict[str, dict[str, str]] = {
         "unedited NS": "neuron.unedited.NS",
         "unedited PPL": "neuron.unedited.PPL",
     },
+    "mquake_batch_50": {
+        **{f"neuron {k}": f"rome_neuron.edited.{k}" for k in ("ES", "CS", "RS", "RN", "RE", "PPL")},
+        **{f"MEMIT {k}": f"memit.edited.{k}" for k in ("ES", "CS", "RS", "RN", "RE", "PPL")},
+        "unedited RS": "rome_neuron.unedited.RS",
+        "unedited PPL": "rome_neuron.unedited.PPL",
+        "neuron s/fact": "rome_neuron.cost.seconds_per_edit.median",
+        "MEMIT s/fact": "memit.cost.seconds_per_edit.median",
+    },
     "trace_known": {
         "peak layer": "peak_layer",
         "range": "layer_range",
