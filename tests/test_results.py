@@ -102,6 +102,14 @@ FIGURES: dict[str, dict[str, str]] = {
         "neuron s/fact": "rome_neuron.cost.seconds_per_edit.median",
         "MEMIT s/fact": "memit.cost.seconds_per_edit.median",
     },
+    "counterfact_batch_50": {
+        **{f"neuron {k}": f"rome_neuron.edited.{k}" for k in ("ES", "PS", "NS", "KL", "PPL")},
+        **{f"MEMIT {k}": f"memit.edited.{k}" for k in ("ES", "PS", "NS", "KL", "PPL")},
+        "unedited NS": "rome_neuron.unedited.NS",
+        "unedited PPL": "rome_neuron.unedited.PPL",
+        "neuron s/fact": "rome_neuron.cost.seconds_per_edit.median",
+        "MEMIT s/fact": "memit.cost.seconds_per_edit.median",
+    },
     "trace_known": {
         "peak layer": "peak_layer",
         "range": "layer_range",
