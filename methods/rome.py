@@ -24,7 +24,8 @@ bᵀk₀ = 1 (``algebra.rank_one_direction``: the least bᵀCb that does), still
 ``write: neuron`` writes the same δ as one neuron added beside the MLP's own, gated on the
 subject (``algebra.gated_neuron``, ``edit.neurons``): a rank-one change adds δ·(bᵀk) on
 every token, and the greedy chat reply to an unrelated question flips on that; the neuron's
-output is quadratic in how much a token reads like the subject (docs/methods.md).
+output is quadratic in how much a token reads like the subject (docs/methods.md). It takes a
+batch: one neuron per fact, each reading 0 at the other facts' subjects.
 
 Invariant: the model is unchanged at the end; the update is returned.
 """
