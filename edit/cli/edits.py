@@ -117,8 +117,9 @@ def _print_batch(res, erase: bool, seconds: float) -> None:
     verb = "erased" if erase else "edited"
     neurons = " (one neuron added per fact)" if info.get("write") == "neuron" else ""
     print(
-        f"{verb} {n} facts in one {res.method.upper()} update of layers "
-        f"{', '.join(map(str, res.layers))}{neurons}: {m['took']}/{n} took; value loss "
+        f"{verb} {n} facts in one {res.method.upper()} update of layer"
+        f"{'s' if len(res.layers) > 1 else ''} {', '.join(map(str, res.layers))}{neurons}: "
+        f"{m['took']}/{n} took; value loss "
         f"{info['loss_start']:.3f} -> {info['loss_end']:.3f} (at most {info['steps']} steps); "
         f"{seconds:.1f}s ({60 * n / seconds:.1f} facts per minute)"
     )
