@@ -119,8 +119,9 @@ FIGURES: dict[str, dict[str, str]] = {
     "tofu_unlearn": {
         "forget quality": "models.npo.forget_quality",
         "utility vs reference": "models.npo.utility_vs_reference_percent",
-        "cheaper than retraining": "models.npo.cheaper_than_reference",
-        "graddiff forget quality": "models.graddiff.forget_quality",
+        "match forget quality": "models.match.forget_quality",
+        "target forget quality": "models.target.forget_quality",
+        "forget s": "models.npo.train_seconds",
     },
     "tofu_audit": {
         "zlib AUC": "runs.npo.models.changed.mia_auc.zlib",
