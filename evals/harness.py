@@ -440,7 +440,9 @@ def _measure_unedited(model, tok, records, key, settings, ppl_text, progress) ->
     n_flu, whole_run = key[1], key[2]
     before, refs, flu_before = [], [], []
     for i, rec in enumerate(tqdm(records, desc="unedited model", disable=not progress)):
-        m = measure(model, tok, rec, unrelated=unrelated_question(records, i))
+        # RU only where one record is edited at a time (the others' questions stay unedited)
+        unrelated = None if whole_run else unrelated_question(records, i)
+        m = measure(model, tok, rec, unrelated=unrelated)
         refs.append(m.pop("_keep"))
         before.append(m)
     # one unedited model: the generations of every fluency record in one batched call

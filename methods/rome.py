@@ -22,7 +22,7 @@ of δ and the edit did not take. With ``prompt_key`` the row b meets both bᵀk*
 bᵀk₀ = 1 (``algebra.rank_one_direction``: the least bᵀCb that does), still rank one.
 
 ``write: neuron`` writes the same δ as one neuron added beside the MLP's own, gated on the
-subject (``algebra.gated_neuron``, ``edit.neurons``): a rank-one change adds δ·(bᵀk) on
+subject (``algebra.gated_neurons``, ``edit.neurons``): a rank-one change adds δ·(bᵀk) on
 every token, and the greedy chat reply to an unrelated question flips on that; the neuron's
 output is quadratic in how much a token reads like the subject (docs/methods.md). It takes a
 batch: one neuron per fact, each reading 0 at the other facts' subjects.
@@ -113,7 +113,7 @@ def compute(
     layer of this model's cached causal trace (``edit trace --data``), else n_layers // 6
     (``edit.layers.rome_layer``).
     """
-    if len(facts) != 1 and config.write != "neuron":
+    if len(facts) != 1 and not config.takes_batches:
         raise InvalidRequest(
             f"ROME's rank-one write edits one fact at a time, got {len(facts)}: use "
             "write=neuron (one neuron per fact) or a batch method"
