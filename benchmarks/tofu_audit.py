@@ -115,13 +115,10 @@ def _audit_sets(data: Path, split: str, relearn: str, out: Path) -> tuple:
     the null check, and the audit's data: the split against as many never-seen QA (written
     to ``<out>/holdout.json``), and for ``relearn="related"`` the relearning sample,
     :data:`RELEARN` retained QA spread over the kept authors (every model learned them)."""
-    from benchmarks.tofu_unlearn import unseen_qa
+    from benchmarks.tofu_unlearn import read_split, unseen_qa
     from edit.evals import audit
-    from edit.readers.tofu import read_qa
 
-    forget10 = read_qa(data / "forget10.json")
-    forget = read_qa(data / f"{split}.json")
-    kept = forget10[: -len(forget)]
+    forget10, forget, kept = read_split(data, split)
     unseen = unseen_qa(data, forget10, len(forget) + NULL)
     holdout, null = unseen[: len(forget)], unseen[len(forget) :]
     (out / "holdout.json").write_text(json.dumps(

@@ -251,10 +251,7 @@ def _sets(data: Path, split: str, retain_eval: int) -> tuple:
 
     if not data.is_dir():
         raise SystemExit(f"TOFU data not found at {data}: pass --data")
-    forget10, forget = read_qa(data / "forget10.json"), read_qa(data / f"{split}.json")
-    if forget10[-len(forget) :] != forget:
-        raise SystemExit(f"{split} is not the suffix of forget10: not TOFU's split files")
-    kept = forget10[: -len(forget)]
+    forget10, forget, kept = read_split(data, split)
     step = max(1, len(kept) // retain_eval)
     sets = {
         "forget": forget,
@@ -263,6 +260,16 @@ def _sets(data: Path, split: str, retain_eval: int) -> tuple:
         "world_facts": read_qa(data / "world_facts_perturbed.json"),
     }
     return forget10, forget, kept, sets
+
+
+def read_split(data: Path, split: str) -> tuple[list, list, list]:
+    """forget10, the split (its suffix) and the kept QA (forget10 less the split)."""
+    from edit.readers.tofu import read_qa
+
+    forget10, forget = read_qa(data / "forget10.json"), read_qa(data / f"{split}.json")
+    if forget10[-len(forget) :] != forget:
+        raise SystemExit(f"{split} is not the suffix of forget10: not TOFU's split files")
+    return forget10, forget, forget10[: -len(forget)]
 
 
 def unseen_qa(data: Path, learned: list, n: int, *, last: bool = False) -> list:
