@@ -58,8 +58,26 @@ def encode_continuation(tok, text: str, after: str = "") -> list[int]:
     """Token ids of ``text`` as it continues the prompt ``after``: a leading space, unless the
     prompt ends a line (an answer opening a chat turn starts without one); no special
     tokens."""
-    space = "" if after.endswith("\n") else " "
-    return list(tok(space + text.strip(), add_special_tokens=False).input_ids)
+    return list(tok(_continuation(text, after), add_special_tokens=False).input_ids)
+
+
+def mentions_in_continuation(tok, text: str, span: str, after: str = "") -> list[int]:
+    """Indices, in ``encode_continuation(tok, text, after)``, of the last token of each
+    occurrence of ``span`` in ``text`` (a subject named again in a reply)."""
+    text = _continuation(text, after)
+    offsets = tok(text, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]
+    out, start = [], text.find(span) if span else -1
+    while start >= 0:
+        end = start + len(span)
+        covering = [i for i, (a, b) in enumerate(offsets) if b > a and a < end]
+        if covering:
+            out.append(covering[-1])
+        start = text.find(span, end)
+    return out
+
+
+def _continuation(text: str, after: str) -> str:
+    return ("" if after.endswith("\n") else " ") + text.strip()
 
 
 def pad_id(tok) -> int:

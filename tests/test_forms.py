@@ -145,6 +145,34 @@ def test_the_chat_essence_row_keeps_each_token_of_the_unedited_reply(chat_tok, l
     assert kept_batch.kl_fact.tolist() == [0] and kept_batch.kl_weight.tolist() == [1.0]
 
 
+def test_a_reply_that_names_the_subject_again_marks_where_the_edit_acts(chat_tok):
+    rows = Contexts(("{}",), ("chat",), chat_reply="sentence").rows(chat_tok, FACT)
+    cloze, *chats = rows
+    assert cloze.mentions == () and len(chats) == 2  # " Spain" does not name the subject
+    for chat in chats:
+        (j,) = chat.mentions  # "Marie Curie is a citizen of Spain.": its last subject token
+        assert chat_tok.decode(chat.target[: j + 1]).strip() == "Marie Curie"
+    other = Fact("{} was born in", "Albert Einstein", "Ulm")
+    replies = ["Marie Curie was a physicist. Marie Curie won.", None]
+    b = build_batch(chat_tok, [FACT, other], Contexts(("{}",), ("chat",)), "cpu", replies)
+
+    def read_to_mentions(b) -> list[tuple[int, str]]:  # (fact, the row up to the mention)
+        out = []
+        for r, c in zip(b.mention_row.tolist(), b.mention_col.tolist(), strict=True):
+            prefix = b.prefix_ids[r][b.prefix_mask[r].bool()].tolist()
+            out.append((int(b.fact[r]), chat_tok.decode(prefix + b.ids[r, : c + 1].tolist())))
+        return out
+
+    seen = read_to_mentions(b)
+    # each chat row's sentence names its subject once, the essence reply twice; "{} is a"
+    # never
+    assert [t.count("Marie Curie") for f, t in seen if f == 0] == [2, 2, 2, 3]
+    assert [t.count("Albert Einstein") for f, t in seen if f == 1] == [2, 2]
+    assert all(t.endswith(("Marie Curie", "Albert Einstein")[f]) for f, t in seen)
+    kept, _ = b.keep(torch.tensor([False, True]), None)  # cut out with their fact's rows
+    assert [t for _, t in read_to_mentions(kept)] == [t for f, t in seen if f == 1]
+
+
 def test_no_forms_is_the_cloze_rows_alone(tok):
     rows = Contexts(("{}", "Hello there. {}"), ()).rows(tok, FACT)
     assert [r.group for r in rows] == [("cloze", 0), ("cloze", 1)]

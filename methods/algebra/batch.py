@@ -20,6 +20,7 @@ from edit.lm import (
     encode,
     encode_continuation,
     last_token_of_span,
+    mentions_in_continuation,
     pad_id,
     prefix_cache,
     right_pad,
@@ -62,6 +63,10 @@ class Batch:
     kl_col: torch.Tensor  # (K,) column of ``ids`` whose next-token distribution is kept
     kl_fact: torch.Tensor  # (K,) the fact it belongs to
     kl_weight: torch.Tensor  # (K,) its share of the fact's KL (each essence row sums to 1)
+    # (M,) row and column of ``ids`` of each later mention of the subject in a row's reply
+    # (its last token): with ``remention`` δ is added there too, as the written edit acts
+    mention_row: torch.Tensor
+    mention_col: torch.Tensor
 
     def prefix_cache(self, model: nn.Module):
         """The key/value cache of the prefixes (None when every lookup is at position 0)."""
@@ -77,6 +82,7 @@ class Batch:
         new_fact = torch.cumsum(facts, 0) - 1
         tgt = rows[self.tgt_row]
         kl = facts[self.kl_fact]
+        mention = rows[self.mention_row]
         kept_rows = rows.nonzero()[:, 0]
         if cache is not None:
             cache.batch_select_indices(kept_rows)
@@ -103,6 +109,8 @@ class Batch:
             kl_col=self.kl_col[kl],
             kl_fact=new_fact[self.kl_fact[kl]],
             kl_weight=self.kl_weight[kl],
+            mention_row=new_row[self.mention_row[mention]],
+            mention_col=self.mention_col[mention],
         )
         return batch, cache
 
@@ -115,10 +123,15 @@ def build_batch(tok, facts: list[Fact], templates, device, replies=None) -> Batc
     contexts = Contexts.of(templates)
     seqs, fact_of, lookup, rewrite, weight = [], [], [], [], []
     t_row, t_col, t_tok, t_first = [], [], [], []
+    m_row, m_col = [], []
     for f, fact in enumerate(facts):
         for row in contexts.rows(tok, fact):
             r = len(seqs)
             seqs.append(row.ids + row.target[:-1])
+            for j in row.mentions:  # a mention at the target's last token is never read
+                if j < len(row.target) - 1:
+                    m_row.append(r)
+                    m_col.append(len(row.ids) + j - row.lookup)
             fact_of.append(f)
             lookup.append(row.lookup)
             rewrite.append(True)
@@ -136,8 +149,10 @@ def build_batch(tok, facts: list[Fact], templates, device, replies=None) -> Batc
         for e in essence:
             if e is None:
                 continue
-            ids, idx, n_kept = e
+            ids, idx, n_kept, mentions = e
             first = len(ids) - n_kept  # the kept positions are the row's last n_kept
+            m_row += [len(seqs)] * len(mentions)
+            m_col += [col - idx for col in mentions]
             for col in range(first, len(ids)):
                 kl_row.append(len(seqs))
                 kl_col.append(col - idx)
@@ -178,17 +193,20 @@ def build_batch(tok, facts: list[Fact], templates, device, replies=None) -> Batc
         kl_col=t(kl_col),
         kl_fact=t(kl_fact),
         kl_weight=t(kl_weight, torch.float32),
+        mention_row=t(m_row),
+        mention_col=t(m_col),
     )
 
 
 def _essence_row(tok, template: str, subject: str, reply: str | None):
-    """(ids, subject's last token, positions kept) of an essence row: ``template`` read
-    plainly (its next token kept), or asked in the chat template with ``reply`` after it
-    (the next token kept after the prompt and after each reply token but the last); None
+    """(ids, subject's last token, positions kept, the subject's later mentions) of an
+    essence row: ``template`` read plainly (its next token kept), or asked in the chat
+    template with ``reply`` after it (the next token kept after the prompt and after each
+    reply token but the last; the reply's mentions of the subject as indices in ids); None
     when the tokenizer has no chat template or the subject cannot be found in it."""
     if reply is None:
         text, idx = subject_last_index(tok, template, subject)
-        return encode(tok, text), idx, 1
+        return encode(tok, text), idx, 1, []
     question = template.format(subject)
     text = chat_prompt(tok, question)
     if text is None or question not in text:
@@ -197,7 +215,10 @@ def _essence_row(tok, template: str, subject: str, reply: str | None):
     answer = encode_continuation(tok, reply, after=text)
     if not answer:
         return None
-    return encode(tok, text) + answer[:-1], last_token_of_span(tok, text, end), len(answer)
+    ids = encode(tok, text)
+    mentions = [len(ids) + j for j in mentions_in_continuation(tok, reply, subject, after=text)
+                if j < len(answer) - 1]  # fmt: skip
+    return ids + answer[:-1], last_token_of_span(tok, text, end), len(answer), mentions
 
 
 def mean_by_group(x: torch.Tensor, group: torch.Tensor, n: int) -> torch.Tensor:

@@ -19,11 +19,12 @@ has.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from edit.errors import InvalidRequest
 from edit.facts import Fact
-from edit.lm import encode, encode_continuation, last_token_of_span
+from edit.lm import encode, encode_continuation, last_token_of_span, mentions_in_continuation
 from edit.questions import FORMS, chat_prompt, end_of_turn, question_prompt, questions_for
 
 # what a chat row's assistant turn is trained to say: the object alone, opening the turn; the
@@ -42,6 +43,9 @@ class Row:
     target: list[int]  # token ids of the target after the prompt
     weight: float  # share of the fact's loss and key
     group: tuple  # rows of one group (one template or form slot) share opening tokens
+    # indices in ``target`` of the last token of each later mention of the subject (a chat
+    # reply that names it again): the written edit acts there too
+    mentions: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,8 @@ class Contexts:
             at = q.index(fact.subject) + len(fact.subject)
             if "question" in self.forms:
                 text = question_prompt(q)
-                asked.append(_row(tok, text, text.index(q) + at, fact.target, ("question", k)))
+                asked.append(_row(tok, fact, text, text.index(q) + at, fact.target,
+                                  ("question", k)))  # fmt: skip
             text = chat_prompt(tok, q) if "chat" in self.forms else None
             if text is not None and q in text:
                 asked.append(_chat_row(tok, fact, text, text.rindex(q) + at, self.chat_reply,
@@ -98,29 +103,31 @@ def check_forms(config) -> None:
 def _cloze_row(tok, fact: Fact, template: str, group: tuple) -> Row:
     prompt = template.format(fact.prompt)  # still holds the subject's "{}"
     text = prompt.format(fact.subject)
-    return _row(tok, text, prompt.index("{}") + len(fact.subject), fact.target, group)
+    return _row(tok, fact, text, prompt.index("{}") + len(fact.subject), fact.target, group)
 
 
 def _chat_row(tok, fact: Fact, text: str, subject_end: int, reply: str, group: tuple) -> Row:
     """A chat row: ``text`` the question in the chat template, the subject ending at
     ``subject_end``; what follows as ``reply`` says (:data:`CHAT_REPLIES`)."""
     if reply == "object":
-        return _row(tok, text, subject_end, fact.target, group)
+        return _row(tok, fact, text, subject_end, fact.target, group)
     if reply == "sentence":
-        return _row(tok, text, subject_end, f"{fact.statement}.", group)
+        return _row(tok, fact, text, subject_end, f"{fact.statement}.", group)
     if reply == "turn":
-        return _row(tok, text, subject_end, f"{fact.statement}.{end_of_turn(tok)}", group)
+        return _row(tok, fact, text, subject_end, f"{fact.statement}.{end_of_turn(tok)}", group)
     # "prefixed": the reply opens with the fact's prompt, read at the subject named in it
     opened = text + fact.text
-    return _row(tok, opened, len(text) + fact.prompt.index("{}") + len(fact.subject),
+    return _row(tok, fact, opened, len(text) + fact.prompt.index("{}") + len(fact.subject),
                 fact.target, group)  # fmt: skip
 
 
-def _row(tok, text: str, subject_end: int, target: str, group: tuple) -> Row:
+def _row(tok, fact: Fact, text: str, subject_end: int, target: str, group: tuple) -> Row:
     ids = encode(tok, text)
     lookup = last_token_of_span(tok, text, subject_end)
-    return Row(ids, lookup, encode_continuation(tok, target, after=text), 0.0, group)
+    mentions = mentions_in_continuation(tok, target, fact.subject, after=text)
+    return Row(ids, lookup, encode_continuation(tok, target, after=text), 0.0, group,
+               tuple(mentions))  # fmt: skip
 
 
 def _weigh(row: Row, weight: float) -> Row:
-    return Row(row.ids, row.lookup, row.target, weight, row.group)
+    return dataclasses.replace(row, weight=weight)

@@ -62,6 +62,7 @@ class ValueSettings:
     stop_most_probable: bool = False
     value_dtype: str = "auto"
     chat_essence: int = 0
+    remention: bool = False
 
     @classmethod
     def of(cls, config) -> ValueSettings:
@@ -90,6 +91,10 @@ class EditConfig:
     # distributions the essence KL keeps beside "{} is a" (0: none): the subject stays itself
     # in chat
     chat_essence: int = 0
+    # δ also added where a row's reply names the subject again, as the written edit (a
+    # neuron gated on the subject, a rank-one row reading its key) acts in the reply a user
+    # gets; off: at the subject in the prompt only (ROME's optimization)
+    remention: bool = False
     steps: int = 20  # max gradient steps for δ
     lr: float = 0.5
     kl_factor: float = 0.0625  # weight of KL(p₀‖p) on "{subject} is a"
@@ -134,10 +139,9 @@ def check_value_config(config) -> None:
     for name in ("kl_factor", "weight_decay"):
         if getattr(config, name) < 0:
             raise InvalidRequest(f"{name} must be >= 0, got {getattr(config, name)}")
-    if not isinstance(config.stop_most_probable, bool):
-        raise InvalidRequest(
-            f"stop_most_probable must be true or false, got {config.stop_most_probable!r}"
-        )
+    for name in ("stop_most_probable", "remention"):
+        if not isinstance(getattr(config, name), bool):
+            raise InvalidRequest(f"{name} must be true or false, got {getattr(config, name)!r}")
     if config.value_dtype not in VALUE_DTYPES:
         raise InvalidRequest(
             f"value_dtype must be one of {', '.join(VALUE_DTYPES)}, got {config.value_dtype!r}"
@@ -329,14 +333,18 @@ class _ChunkRun:
         cb, device = self.batch, self.device
         c_flat = torch.arange(len(cb.ids), device=device) * cb.ids.shape[1]  # lookups: column 0
         row_fact = self.act[cb.fact]
+        at, who = c_flat, row_fact  # where δ is added, and whose
+        if self.settings.remention:
+            at = torch.cat([c_flat, cb.mention_row * cb.ids.shape[1] + cb.mention_col])
+            who = torch.cat([row_fact, row_fact[cb.mention_row]])
 
         def inject(out: torch.Tensor) -> torch.Tensor:
             if self.delta is None:  # on the input's device; the layer may live on another one
                 self.delta = torch.zeros((self.n_facts, out.shape[-1]), device=device)
                 self.delta.requires_grad_(True)
-            add = self.delta[row_fact].to(device=out.device, dtype=out.dtype)
-            at = (c_flat.to(out.device),)
-            edited = torch.index_put(out.flatten(0, -2), at, add, accumulate=True)
+            add = self.delta[who].to(device=out.device, dtype=out.dtype)
+            edited = torch.index_put(out.flatten(0, -2), (at.to(out.device),), add,
+                                     accumulate=True)  # fmt: skip
             return edited.view(out.shape)
 
         with Trace(
