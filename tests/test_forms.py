@@ -198,6 +198,31 @@ def test_keys_are_the_weighted_mean_of_each_row_run_alone(chat_tok, llama):
     torch.testing.assert_close(keys[0], want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("remention", [False, True])
+def test_remention_adds_delta_where_the_reply_names_the_subject_again(chat_tok, llama, remention):
+    """The pass of the value optimization adds δ at each row's subject in the prompt, and with
+    ``remention`` also where its reply names the subject again: the layer's output changes
+    there by δ exactly and nowhere else."""
+    from edit.methods.algebra.values import _ChunkRun
+
+    module = edit.arch.lookup(llama).mlp_out_name(1)
+    settings = ROMEConfig(forms=("chat",), remention=remention).value_settings()
+    b = build_batch(chat_tok, [FACT], Contexts(("{}",), ("chat",)), "cpu")
+    run = _ChunkRun(llama, module, b, settings, "insert")
+    with torch.no_grad():
+        _, before = run.forward(first=True)  # δ = 0
+        run.delta.normal_()
+        _, after = run.forward(first=True)
+    change = (after.output - before.output).norm(dim=-1)  # (R, S)
+    want = torch.zeros_like(change, dtype=torch.bool)
+    want[:, 0] = True  # the lookup: column 0 of every row
+    if remention:
+        assert b.mention_row.numel() == 2  # the two chat rows' sentences
+        want[b.mention_row, b.mention_col] = True
+    assert (change > 1e-3).equal(want)
+    torch.testing.assert_close(change[want], run.delta[0].norm().expand(int(want.sum())))
+
+
 def test_bad_forms_are_refused():
     with pytest.raises(InvalidRequest, match="forms must be among question, chat"):
         ROMEConfig(forms=("poem",))
