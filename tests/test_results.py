@@ -83,7 +83,7 @@ FIGURES: dict[str, dict[str, str]] = {
     "mquake_forms": {
         **{k: f"edited.{k}" for k in ("ES", "QS", "CS", "CG", "RS", "RE", "RU")},
         **{f"unedited {k}": f"unedited.{k}" for k in ("RS", "RE")},
-        **{f"rank-one {k}": f"against.{k}" for k in ("RE", "RU")},
+        **{f"remention off {k}": f"against.{k}" for k in ("RS", "RE", "RU")},
         "s/edit": "seconds_per_edit_median.edited",
         "cost": "cost_ratio",
         "MHS": "MHS_edited",
