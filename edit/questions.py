@@ -13,7 +13,8 @@ through the functions here, so that what is trained and what is measured are bui
 Questions come from the request (``Fact.questions``) or are made from the cloze template by
 grammar alone (no relation table): an echo question ("X is a citizen of what?") for every
 template, and a wh-question for the common shapes "The R of X is" → "What is the R of X?",
-"X is/was <words>" → "What is/was X <words>?", "X's R is" → "What is X's R?".
+"X is/was <words>" → "What is/was X <words>?" (and for a past passive with its agent, "X was
+developed by" → "Who developed X?"), "X's R is" → "What is X's R?".
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ FORMS = ("question", "chat")  # the asked forms besides the cloze prompt itself
 _AUX = re.compile(r"^\{\} (is|was|are|were|has|had) (.+)$")
 _OF = re.compile(r"^(The .+) \{\} (is|was)$", re.IGNORECASE)
 _POSSESSIVE = re.compile(r"^\{\}'s (.+) (is|was)$")
+# a past passive with its agent: "{} was developed by" → "Who developed X?" (regular verbs,
+# whose participle is their past tense)
+_PASSIVE_BY = re.compile(r"^\{\} (?:was|were) ([a-z]+ed) by$")
 
 
 def questions_for(fact: Fact) -> list[str]:
@@ -42,6 +46,8 @@ def questions_for(fact: Fact) -> list[str]:
         made.append(f"What {m[2]} {relation} {fact.subject}?")
     elif m := _AUX.match(prompt):
         made.append(f"What {m[1]} {fact.subject} {m[2]}?")
+        if by := _PASSIVE_BY.match(prompt):
+            made.append(f"Who {by[1]} {fact.subject}?")
     elif m := _POSSESSIVE.match(prompt):
         made.append(f"What {m[2]} {fact.subject}'s {m[1]}?")
     return list(dict.fromkeys(made))

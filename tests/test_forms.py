@@ -44,6 +44,9 @@ def chat_tok(tok):
           "What is the official language of Australia?"]),
         ("{}'s child is", "Ann", ["Ann's child is what?", "What is Ann's child?"]),
         ("{} plays the position of", "Bo", ["Bo plays the position of what?"]),
+        ("{} was developed by", "Aqua",
+         ["Aqua was developed by what?", "What was Aqua developed by?", "Who developed Aqua?"]),
+        ("{} was written by", "Bo", ["Bo was written by what?", "What was Bo written by?"]),
         ("Everyone knows {}", "Bo", []),
     ],
 )  # fmt: skip
