@@ -111,6 +111,10 @@ def train_row(what: str, res, seconds: float) -> dict:
         "epochs": res.config.epochs,
         "lr": res.config.lr,
         "lora_rank": res.config.lora_rank,
+        # the level a forget aimed at and whether it got there (None: the epochs ran out)
+        "stop_nll": res.metrics.get("stop_nll"),
+        "stopped_after": res.metrics.get("stopped_after"),
+        "forget_nll": [res.metrics.get("forget_nll_before"), res.metrics.get("forget_nll_after")],
     }
 
 
@@ -272,26 +276,32 @@ def read_split(data: Path, split: str) -> tuple[list, list, list]:
     return forget10, forget, forget10[: -len(forget)]
 
 
-def unseen_qa(data: Path, learned: list, n: int, *, last: bool = False) -> list:
-    """``n`` QA from retain90.json whose question no learned set holds, in file order (whole
-    authors of 20 QA each): the first ``n`` or (``last``) the last ``n``."""
+def unseen_qa(data: Path, learned: list, n: int, *, spread: bool = False) -> list:
+    """``n`` QA from retain90.json whose question no learned set holds: the first ``n`` in
+    file order (whole authors of 20 QA each), or (``spread``) ``n`` spaced evenly over the
+    file's second half, one author's QA apart (a level read from many authors, never
+    overlapping the first ones)."""
     from edit.readers.tofu import read_qa
 
     seen = {q.question for q in learned}
     items = [q for q in read_qa(data / "retain90.json", need_perturbed=False)
              if q.question not in seen]  # fmt: skip
+    if spread:
+        items = items[len(items) // 2 :]
+        items = items[:: max(1, len(items) // n)]
     if len(items) < n:
         raise SystemExit(f"retain90.json has only {len(items)} unseen QA, need {n}")
-    return items[-n:] if last else items[:n]
+    return items[:n]
 
 
 def aim_for(data: Path, forget10: list, holdout: int, reference: str, retrained) -> dict:
-    """The holdout and the reference a forget is given: ``holdout`` never-seen QA (the
-    *last* ones of retain90, so they never overlap the audit's holdout and null check, the
-    first ones) and, by ``reference``, the default model, the ``retrained`` one, or none."""
+    """The holdout and the reference a forget is given: ``holdout`` never-seen QA (spread
+    over the second half of retain90, one per author where they allow, so they never overlap
+    the audit's holdout and null check, the first ones) and, by ``reference``, the default
+    model, the ``retrained`` one, or none."""
     aim: dict = {}
     if holdout:
-        aim["holdout"] = [q.example() for q in unseen_qa(data, forget10, holdout, last=True)]
+        aim["holdout"] = [q.example() for q in unseen_qa(data, forget10, holdout, spread=True)]
     if reference == "base":
         from edit.models import load
 
