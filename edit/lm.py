@@ -69,9 +69,8 @@ def mentions_in_continuation(tok, text: str, span: str, after: str = "") -> list
     out, start = [], text.find(span) if span else -1
     while start >= 0:
         end = start + len(span)
-        covering = [i for i, (a, b) in enumerate(offsets) if b > a and a < end]
-        if covering:
-            out.append(covering[-1])
+        if (index := _last_token_before(offsets, end)) is not None:
+            out.append(index)
         start = text.find(span, end)
     return out
 
@@ -109,13 +108,20 @@ def last_token_of_span(tok, text: str, end_char: int) -> int:
     else:
         enc = tok(text, return_offsets_mapping=True)
         opening = len(start_ids(tok))
-    index = None
-    for i, (start, stop) in enumerate(enc["offset_mapping"]):
-        if stop > start and start < end_char:
-            index = i
+    index = _last_token_before(enc["offset_mapping"], end_char)
     if index is None:
         raise ValueError(f"no token covers the span ending at {end_char} in {text!r}")
     return index + opening
+
+
+def _last_token_before(offsets, end_char: int) -> int | None:
+    """Index of the last non-empty token (by character ``offsets``) that starts before
+    ``end_char``: the one holding character ``end_char - 1``; None if there is none."""
+    index = None
+    for i, (start, stop) in enumerate(offsets):
+        if stop > start and start < end_char:
+            index = i
+    return index
 
 
 def subject_last_index(tok, prompt_template: str, subject: str) -> tuple[str, int]:

@@ -128,10 +128,9 @@ def build_batch(tok, facts: list[Fact], templates, device, replies=None) -> Batc
         for row in contexts.rows(tok, fact):
             r = len(seqs)
             seqs.append(row.ids + row.target[:-1])
-            for j in row.mentions:  # a mention at the target's last token is never read
-                if j < len(row.target) - 1:
-                    m_row.append(r)
-                    m_col.append(len(row.ids) + j - row.lookup)
+            cols = _mention_cols(row.mentions, len(row.ids), len(row.target), row.lookup)
+            m_row += [r] * len(cols)
+            m_col += cols
             fact_of.append(f)
             lookup.append(row.lookup)
             rewrite.append(True)
@@ -151,8 +150,9 @@ def build_batch(tok, facts: list[Fact], templates, device, replies=None) -> Batc
                 continue
             ids, idx, n_kept, mentions = e
             first = len(ids) - n_kept  # the kept positions are the row's last n_kept
-            m_row += [len(seqs)] * len(mentions)
-            m_col += [col - idx for col in mentions]
+            cols = _mention_cols(mentions, first + 1, n_kept, idx)  # the reply is the target
+            m_row += [len(seqs)] * len(cols)
+            m_col += cols
             for col in range(first, len(ids)):
                 kl_row.append(len(seqs))
                 kl_col.append(col - idx)
@@ -198,12 +198,20 @@ def build_batch(tok, facts: list[Fact], templates, device, replies=None) -> Batc
     )
 
 
+def _mention_cols(mentions, n_prompt: int, n_target: int, lookup: int) -> list[int]:
+    """Columns of a row's ``ids`` (which start at its lookup) of the subject's later
+    mentions, given as indices in its target (``n_target`` tokens after ``n_prompt``); a
+    mention at the target's last token is never an input, so it has none."""
+    return [n_prompt + j - lookup for j in mentions if j < n_target - 1]
+
+
 def _essence_row(tok, template: str, subject: str, reply: str | None):
     """(ids, subject's last token, positions kept, the subject's later mentions) of an
     essence row: ``template`` read plainly (its next token kept), or asked in the chat
     template with ``reply`` after it (the next token kept after the prompt and after each
-    reply token but the last; the reply's mentions of the subject as indices in ids); None
-    when the tokenizer has no chat template or the subject cannot be found in it."""
+    reply token but the last; the reply's mentions of the subject as indices in the reply's
+    tokens); None when the tokenizer has no chat template or the subject cannot be found in
+    it."""
     if reply is None:
         text, idx = subject_last_index(tok, template, subject)
         return encode(tok, text), idx, 1, []
@@ -215,10 +223,13 @@ def _essence_row(tok, template: str, subject: str, reply: str | None):
     answer = encode_continuation(tok, reply, after=text)
     if not answer:
         return None
-    ids = encode(tok, text)
-    mentions = [len(ids) + j for j in mentions_in_continuation(tok, reply, subject, after=text)
-                if j < len(answer) - 1]  # fmt: skip
-    return ids + answer[:-1], last_token_of_span(tok, text, end), len(answer), mentions
+    mentions = mentions_in_continuation(tok, reply, subject, after=text)
+    return (
+        encode(tok, text) + answer[:-1],
+        last_token_of_span(tok, text, end),
+        len(answer),
+        mentions,
+    )
 
 
 def mean_by_group(x: torch.Tensor, group: torch.Tensor, n: int) -> torch.Tensor:
