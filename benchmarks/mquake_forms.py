@@ -14,7 +14,9 @@ the greedy chat answer names the new object or an alias. The greedy chat reply a
 (48 tokens) to the same question: it names the subject (RS), the new object (RN), the old one
 (RO), loops (RL), states the edit (RE: subject and new named, old not, no loop); RU: the
 reply to the next case's question is unchanged. The questions asked are MQuAKE's
-own; the edit is given only the cloze fact (its questions are made by ``edit.questions``).
+own; the edit is given only the cloze fact (its questions are made by ``edit.questions``,
+which for most relations makes MQuAKE's wording too; ``--unseen-question`` leaves that one
+out of the edit's rows, so that the question asked is one it never trained on).
 Multi-hop (MHS): the three 4-hop questions of a case, in the chat template, new answer
 against old, after its four edits applied one after another; unedited shown beside.
 Each single edit is undone before the next. Records: the first rewrite of ``--limit`` cases
@@ -24,6 +26,7 @@ of ``mquake_hard_429.json`` from ``--start``. Writes ``benchmarks/results/mquake
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -35,11 +38,18 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "mquake" / "mquake_hard_429.json"
 
 
-def rewrite_fact(rw: dict):
-    """The fact of one MQuAKE rewrite (its cloze prompt, subject, new and old object)."""
+def rewrite_fact(rw: dict, unseen_question: bool = False):
+    """The fact of one MQuAKE rewrite (its cloze prompt, subject, new and old object); with
+    ``unseen_question``, given the questions made from its prompt other than MQuAKE's own,
+    so that the question asked is one the edit never trained on."""
     from edit.facts import Fact
+    from edit.questions import questions_for
 
-    return Fact(rw["prompt"], rw["subject"], rw["target_new"]["str"], rw["target_true"]["str"])
+    fact = Fact(rw["prompt"], rw["subject"], rw["target_new"]["str"], rw["target_true"]["str"])
+    if not unseen_question:
+        return fact
+    made = tuple(q for q in questions_for(fact) if q != rw["question"])
+    return dataclasses.replace(fact, questions=made)
 
 
 def _single(model, tok, case: dict, unrelated: str, unrelated_before: str | None) -> dict:
@@ -98,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     cases = json.loads(Path(args.data).read_text())
     model, tok = edit.load()
     cases = cases[args.start :]
-    rows, seconds = _single_edits(model, tok, cases[: args.limit], variants)
+    rows, seconds = _single_edits(model, tok, cases[: args.limit], variants,
+                                  args.unseen_question)  # fmt: skip
     hops = _multihop_cases(model, tok, cases[: args.multihop], variants["edited"])
     summary = _summary(rows, seconds, hops, variants)
     table = _table(summary, variants, args.against, hops)
@@ -125,11 +136,14 @@ def _parser() -> argparse.ArgumentParser:
         help="also edit each record with these settings (alternating, in this run): "
         "scores and seconds side by side, the cost as a ratio of medians",
     )
+    p.add_argument("--unseen-question", action="store_true",
+                   help="single edits not given MQuAKE's question: the chat rows use the other "
+                   "questions made from the prompt")  # fmt: skip
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mquake_forms"))
     return p
 
 
-def _single_edits(model, tok, cases: list[dict], variants: dict):
+def _single_edits(model, tok, cases: list[dict], variants: dict, unseen_question: bool):
     """Each case's first rewrite edited alone with every variant (alternating which goes
     first, no order bias), scored before and after, undone after: rows and seconds."""
     rows = []
@@ -141,7 +155,7 @@ def _single_edits(model, tok, cases: list[dict], variants: dict):
         before = _single(model, tok, case, unrelated, None)
         row = {"case": case["case_id"], "fact": rewrite_fact(rw).statement, "before": before}
         for v in list(variants) if i % 2 == 0 else list(reversed(variants)):
-            res, sec, steps = _edit(model, tok, rewrite_fact(rw), variants[v])
+            res, sec, steps = _edit(model, tok, rewrite_fact(rw, unseen_question), variants[v])
             seconds[v].append(sec)
             row[v] = (_single(model, tok, case, unrelated, before["unrelated_reply"]) if res
                       else {k: 0.0 for k in FORMS})  # fmt: skip

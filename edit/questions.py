@@ -12,9 +12,20 @@ through the functions here, so that what is trained and what is measured are bui
 
 Questions come from the request (``Fact.questions``) or are made from the cloze template by
 grammar alone (no relation table): an echo question ("X is a citizen of what?") for every
-template, and a wh-question for the common shapes "The R of X is" → "What is the R of X?",
-"X is/was <words>" → "What is/was X <words>?" (and for a past passive with its agent, "X was
-developed by" → "Who developed X?"), "X's R is" → "What is X's R?".
+template, and a wh-question for the common shapes, asked as a person would ask it:
+
+* "The R of X is" → "What is the R of X?", "Who is …" when R names a person's role
+  ("director", "author", "head coach": an agent noun);
+* "X is/was <words> <prep> the N of" → "Which N is/was X <words> <prep>?" ("X is located in
+  the continent of" → "Which continent is X located in?");
+* "X <verb>s [<prep>] the N of" → "What N does X <verb> [<prep>]?" ("X plays the position
+  of" → "What position does X play?");
+* "X is/was <words>" → "What is/was X <words>?", "Who …" when the words end with "by" or are
+  "married to"; for a past passive with its agent also the active ("X was developed by" →
+  "Who developed X?");
+* "X's R is" → "What is X's R?" ("Who …" for an agent noun);
+* "The N that X <verb>s is" → "What N does X <verb>?"; "The N that <verb>ed X is" → "Which N
+  <verb>ed X?".
 """
 
 from __future__ import annotations
@@ -30,6 +41,24 @@ _POSSESSIVE = re.compile(r"^\{\}'s (.+) (is|was)$")
 # a past passive with its agent: "{} was developed by" → "Who developed X?" (regular verbs,
 # whose participle is their past tense)
 _PASSIVE_BY = re.compile(r"^\{\} (?:was|were) ([a-z]+ed) by$")
+_PREP = r"in|at|on|to|with|from|for|of"
+# "{} is located in the continent of" → "Which continent is X located in?"
+_WHICH = re.compile(rf"^\{{\}} (is|was|are|were) ([a-z ]+?) ({_PREP}) the ([a-z]+) of$")
+# "{} plays the position of" → "What position does X play?"
+_DOES = re.compile(rf"^\{{\}} ([a-z]+?)s (?:({_PREP}) )?the ([a-z]+) of$")
+# "The type of music that {} plays is", "The company that produced {} is"
+_THAT_DOES = re.compile(r"^The (.+) that \{\} ([a-z]+?)s (?:is|was)$")
+_THAT_DID = re.compile(r"^The (.+) that ([a-z]+ed) \{\} (?:is|was)$")
+# nouns that name a person's role: asked with "Who" ("the director", "the head coach")
+_AGENT = re.compile(
+    r"(?:er|or|ist|president|student|agent|person|coach|child|children|wife|husband|spouse"
+    r"|man|woman|son|daughter|mother|father|parent|sibling|brother|sister|partner|head)$"
+)
+# words with those endings that do not name a person
+_THING = {"center", "centre", "number", "water", "river", "border", "letter", "power", "paper",
+          "quarter", "headquarter", "order", "cover", "chapter", "color", "colour", "floor",
+          "door", "flavor", "flavour", "error", "motor", "sector", "corridor", "season",
+          "reason", "prison", "poison", "lesson", "comparison"}  # fmt: skip
 
 
 def questions_for(fact: Fact) -> list[str]:
@@ -41,16 +70,40 @@ def questions_for(fact: Fact) -> list[str]:
     if prompt.endswith("{}"):  # the subject closes the prompt: nothing to ask about
         return []
     made = [prompt.format(fact.subject) + " what?"]
+    if asked := _wh_question(prompt, fact.subject):
+        made.append(asked)
+    if by := _PASSIVE_BY.match(prompt):
+        made.append(f"Who {by[1]} {fact.subject}?")
+    return list(dict.fromkeys(made))
+
+
+def _wh_question(prompt: str, subject: str) -> str | None:
+    """The wh-question for the prompt's shape (module docstring), None for other shapes."""
+    if m := _THAT_DOES.match(prompt):
+        return f"What {m[1]} does {subject} {m[2]}?"
+    if m := _THAT_DID.match(prompt):
+        return f"Which {m[1]} {m[2]} {subject}?"
     if m := _OF.match(prompt):
         relation = m[1][0].lower() + m[1][1:]  # "the official language of"
-        made.append(f"What {m[2]} {relation} {fact.subject}?")
-    elif m := _AUX.match(prompt):
-        made.append(f"What {m[1]} {fact.subject} {m[2]}?")
-        if by := _PASSIVE_BY.match(prompt):
-            made.append(f"Who {by[1]} {fact.subject}?")
-    elif m := _POSSESSIVE.match(prompt):
-        made.append(f"What {m[2]} {fact.subject}'s {m[1]}?")
-    return list(dict.fromkeys(made))
+        return f"{_wh(relation.removesuffix(' of'))} {m[2]} {relation} {subject}?"
+    if m := _WHICH.match(prompt):
+        return f"Which {m[4]} {m[1]} {subject} {m[2]} {m[3]}?"
+    if m := _DOES.match(prompt):
+        verb = "have" if m[1] == "ha" else m[1]  # "has" is the one irregular third person
+        return f"What {m[3]} does {subject} {verb}{' ' + m[2] if m[2] else ''}?"
+    if m := _AUX.match(prompt):
+        who = m[2].endswith(" by") or m[2] == "married to"
+        return f"{'Who' if who else 'What'} {m[1]} {subject} {m[2]}?"
+    if m := _POSSESSIVE.match(prompt):
+        return f"{_wh(m[1])} {m[2]} {subject}'s {m[1]}?"
+    return None
+
+
+def _wh(noun_phrase: str) -> str:
+    """Who for a noun phrase that names a person's role (its last word an agent noun), else
+    What."""
+    noun = noun_phrase.split()[-1]
+    return "Who" if _AGENT.search(noun) and noun not in _THING else "What"
 
 
 def question_prompt(question: str) -> str:

@@ -34,6 +34,7 @@ from edit.methods.unlearn import (
     lora_delta,
     lora_update,
     quantile_targets,
+    sampled_answers,
     sequence_logprob,
     sequence_nll,
     target_module_names,
@@ -359,6 +360,7 @@ def test_missing_and_empty_corpus_files(tmp_path):
         ("retain_batch_size", 0, "retain_batch_size must be an integer >= 1 or None"),
         ("lora_dropout", 1.0, "lora_dropout must be in [0, 1)"),
         ("target_modules", ("",), "target_modules must be module names"),
+        ("samples", -1, "samples must be an integer >= 0"),
     ],
 )
 def test_config_validates_itself_in_one_line(field, value, words):
@@ -452,6 +454,36 @@ def test_learn_lowers_the_nll_of_new_examples(tok, llama):
     assert m["retain_nll_before"] is None
 
 
+def test_sampled_answers_are_the_models_own_replies_to_the_asked_examples(tok, llama):
+    """Each question/answer example asked k times: replies as the model samples them (same
+    seed, same replies; as many tokens as the longest answer, cut at a line break), none for
+    plain text, none that is the written answer, none repeated."""
+    samples = sampled_answers(llama, tok, FORGET, 3, seed=0)
+    assert samples == sampled_answers(llama, tok, FORGET, 3, seed=0)
+    assert samples and {ex.prompt for ex in samples} <= {ex.prompt for ex in FORGET[:2]}
+    assert len(samples) == len(set(samples)) <= 3 * 2
+    n = max(len(lm.encode_continuation(tok, ex.answer)) for ex in FORGET[:2])
+    drawn = [lm.sample(llama, tok, [ex.prompt for ex in FORGET[:2]], max_new_tokens=n,
+                       seed=1000 * draw) for draw in range(3)]  # fmt: skip
+    replies = {(ex.prompt, text.lstrip("\n").split("\n")[0].rstrip())
+               for texts in drawn for ex, text in zip(FORGET[:2], texts, strict=True)}  # fmt: skip
+    assert {(ex.prompt, ex.answer) for ex in samples} <= replies
+    for ex in samples:
+        assert ex.answer.strip() not in ("Paris.", "Rome.") and ex.where == "(sampled)"
+
+
+def test_forget_with_samples_trains_on_them_and_stops_on_the_corpus(tok, llama):
+    """The sampled replies are trained on (more tokens per epoch), scored against π_ref like
+    the corpus, and the run's figures stay those of the corpus."""
+    config = UnlearnConfig(method="npo", **dict(FAST, epochs=1, batch_size=8))
+    plain = train_lora(llama, tok, FORGET, RETAIN, config, progress=False)
+    more = train_lora(llama, tok, FORGET, RETAIN, dataclasses.replace(config, samples=2),
+                      progress=False)  # fmt: skip
+    assert more.tokens > plain.tokens
+    assert more.metrics["forget_nll_before"] == plain.metrics["forget_nll_before"]
+    assert more.metrics["forget_nll_after"] != plain.metrics["forget_nll_after"]
+
+
 def test_training_is_reproducible_from_its_seed(tok, llama):
     config = UnlearnConfig(method="simnpo", **dict(FAST, epochs=1))
     a = train_lora(llama, tok, FORGET, RETAIN, config, progress=False)
@@ -497,6 +529,7 @@ def test_train_lora_refuses_bad_requests_in_one_line(tok, llama):
         (FORGET, None, UnlearnConfig(), "unlearn", "objective must be one of forget, learn"),
         (FORGET, RETAIN + FORGET[:1], UnlearnConfig(), "forget", "1 of the 5 retain examples"),
         (FORGET, None, UnlearnConfig(stop_nll=2.0), "learn", "stop_nll stops a forget run"),
+        (FORGET, None, UnlearnConfig(samples=1), "learn", "samples adds the model's own"),
     ]
     before = _snapshot(llama)
     for forget, retain, config, objective, words in cases:

@@ -60,6 +60,7 @@ from edit.methods.unlearn.losses import (
     token_nll,
 )
 from edit.methods.unlearn.policy import Trained, learned_by, train_corpus
+from edit.methods.unlearn.samples import sampled_answers
 from edit.methods.unlearn.scoring import answer_nll, answer_scores
 from edit.methods.unlearn.targets import target_module_names
 from edit.methods.unlearn.trainer import train_lora
@@ -92,6 +93,7 @@ __all__ = [
     "npo",
     "quantile_targets",
     "register_loss",
+    "sampled_answers",
     "token_kl",
     "sequence_logprob",
     "sequence_nll",

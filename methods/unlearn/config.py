@@ -57,6 +57,9 @@ class UnlearnConfig:
     # and on questions about its facts, plain and in the chat template (augment.py); None:
     # OBJECTIVE_DEFAULTS. Forget runs train on the corpus as given.
     augment: bool | None = None
+    # forget: also forget this many replies the model itself gives, sampled, to each
+    # question/answer example's prompt (samples.py): the facts in its own wordings; 0: off
+    samples: int = 0
     seed: int = 0  # LoRA initialization, batch order, dropout, augmentation order
 
     def __post_init__(self) -> None:
@@ -77,6 +80,8 @@ class UnlearnConfig:
             )
         if self.stop_nll is not None and not self.stop_nll > 0:
             raise InvalidRequest(f"stop_nll must be > 0 or None, got {self.stop_nll}")
+        if not isinstance(self.samples, int) or self.samples < 0:
+            raise InvalidRequest(f"samples must be an integer >= 0, got {self.samples!r}")
         if self.eval_retain < 0:
             raise InvalidRequest(f"eval_retain must be >= 0, got {self.eval_retain}")
         for name in ("lr", "lora_alpha", "beta"):

@@ -39,6 +39,7 @@ from edit.methods.unlearn.losses import (
     token_kl,
     token_nll,
 )
+from edit.methods.unlearn.samples import sampled_answers
 from edit.methods.unlearn.scoring import _Forward, _forward_scores, _scores, _summary
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,8 @@ def train_lora(
     _check_teacher(model, method, teacher, bool(holdout))
     forget_enc = [encode_example(tok, ex, config.max_len) for ex in forget]
     extra = augment(tok, forget, seed=config.seed) if config.augment else []
+    if config.samples:
+        extra = sampled_answers(model, tok, forget, config.samples, seed=config.seed)
     extra_enc = [encode_example(tok, ex, config.max_len) for ex in extra]
     holdout_enc = [encode_example(tok, ex, config.max_len) for ex in holdout or []]
     retain_enc = [encode_example(tok, ex, config.max_len) for ex in retain]
@@ -137,6 +140,8 @@ def _check_sets(
         raise InvalidRequest("kl_weight > 0 needs a retain set: give one, or set kl_weight 0")
     if objective == "forget" and config.augment:
         raise InvalidRequest("augment adds examples to learn: leave it unset (or false) to forget")
+    if objective != "forget" and config.samples:
+        raise InvalidRequest("samples adds the model's own wordings to forget: leave it 0 to learn")
     if objective != "forget" and config.stop_nll is not None:
         raise InvalidRequest("stop_nll stops a forget run: leave it unset for learn")
     forget_set = set(forget)
@@ -199,7 +204,7 @@ class _Sets:
     retain: Encoded
     holdout: Encoded
     eval_retain: Encoded  # the retain examples scored before and after
-    train: Encoded  # what the steps train on: ``forget``, then its augmented examples
+    train: Encoded  # what the steps train on: ``forget``, then its augmented or sampled ones
 
 
 @dataclass
@@ -207,8 +212,8 @@ class _Loop:
     """What the steps of a run share: set up once, counted by every step."""
 
     sets: _Sets
-    ref_logp: torch.Tensor  # (n,) log π_ref(y|x) of each forget example
-    targets: torch.Tensor | None  # (n,) each forget example's target NLL (NEEDS_TARGETS)
+    ref_logp: torch.Tensor  # (n,) log π_ref(y|x) of each example trained on (``sets.train``)
+    targets: torch.Tensor | None  # (n,) each such example's target NLL (NEEDS_TARGETS)
     stop_nll: float | None  # stop once the forget set's NLL reaches it; None: no stop
     use_retain_nll: bool  # the objective's α·NLL(D_r) term is on
     use_kl: bool  # the KL(π_ref ‖ π_θ) term is on
@@ -416,6 +421,9 @@ class _Run:
         c = self.config
         with self.peft_model.disable_adapter():  # π_ref; also the "before" metrics
             metrics, ref_logp = self.measure("before", sets)
+            if len(sets.train) > len(sets.forget):  # the extra examples' π_ref
+                extra_logp, _ = self.scores(sets.train[len(sets.forget) :])
+                ref_logp = torch.cat([ref_logp, extra_logp.to(ref_logp.dtype)])
         stop_nll = c.stop_nll
         if stop_nll is None and sets.holdout and self.objective == "forget":
             stop_nll = metrics["holdout_nll_before"]
@@ -428,14 +436,15 @@ class _Run:
         return metrics, ref_logp, stop_nll
 
     def targets(self, sets: _Sets) -> torch.Tensor:
-        """(n,) each forget example's target mean token NLL: the teacher's NLL of it, else the
-        holdout's NLL at the example's rank among the forget set's (both before training)."""
+        """(n,) each trained example's target mean token NLL: the teacher's NLL of it, else
+        the holdout's NLL at the example's rank among the trained set's (both before
+        training)."""
         if self.teacher is not None:
             pad, size = lm.pad_id(self.tok), max(self.config.batch_size, 16)
-            logp, n = _scores(self.teacher, sets.forget, pad, size)
+            logp, n = _scores(self.teacher, sets.train, pad, size)
             return -logp / n.clamp(min=1)
         with self.peft_model.disable_adapter():
-            (f_logp, f_n), (h_logp, h_n) = self.scores(sets.forget), self.scores(sets.holdout)
+            (f_logp, f_n), (h_logp, h_n) = self.scores(sets.train), self.scores(sets.holdout)
         return quantile_targets(-f_logp / f_n.clamp(min=1), -h_logp / h_n.clamp(min=1))
 
     def _epoch(self, loop: _Loop, epoch: int) -> bool:
