@@ -75,6 +75,19 @@ def mentions_in_continuation(tok, text: str, span: str, after: str = "") -> list
     return out
 
 
+def span_in_continuation(tok, text: str, span: str, after: str = "") -> list[int]:
+    """Indices, in ``encode_continuation(tok, text, after)``, of the tokens that hold the
+    last occurrence of ``span`` in ``text`` (the object a target sentence ends on); empty
+    where ``text`` does not contain it."""
+    text = _continuation(text, after)
+    start = text.rfind(span) if span else -1
+    if start < 0:
+        return []
+    end = start + len(span)
+    offsets = tok(text, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]
+    return [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+
+
 def _continuation(text: str, after: str) -> str:
     return ("" if after.endswith("\n") else " ") + text.strip()
 

@@ -196,6 +196,21 @@ def test_a_reply_that_names_the_subject_again_marks_where_the_edit_acts(chat_tok
     assert [t for _, t in read_to_mentions(kept)] == [t for f, t in seen if f == 1]
 
 
+def test_rows_mark_the_objects_tokens_for_the_stop(chat_tok):
+    """A cloze row's target is the object alone; a chat row's sentence marks the tokens of the
+    object it ends on, and the batch flags them (every token of a row that marks none)."""
+    rows = Contexts(("{}",), ("chat",)).rows(chat_tok, FACT)
+    cloze, chats = rows[0], rows[1:]
+    assert cloze.objects == tuple(range(len(cloze.target)))
+    for row in chats:
+        assert 0 < len(row.objects) < len(row.target)
+        assert chat_tok.decode([row.target[j] for j in row.objects]).strip() == "Spain"
+    b = build_batch(chat_tok, [FACT], Contexts(("{}",), ("chat",)), "cpu")
+    marked = [chat_tok.decode(b.tgt_tok[(b.tgt_row == r) & b.tgt_object].tolist()).strip()
+              for r in range(len(rows))]  # fmt: skip
+    assert marked == ["Spain"] * len(rows)
+
+
 def test_no_forms_is_the_cloze_rows_alone(tok):
     rows = Contexts(("{}", "Hello there. {}"), ()).rows(tok, FACT)
     assert [r.group for r in rows] == [("cloze", 0), ("cloze", 1)]

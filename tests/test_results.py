@@ -123,9 +123,16 @@ FIGURES: dict[str, dict[str, str]] = {
         "target forget quality": "models.target.forget_quality",
         "forget s": "models.npo.train_seconds",
     },
+    "tofu_unlearn_npo_samples": {
+        "forget quality": "models.npo.forget_quality",
+        "utility vs reference": "models.npo.utility_vs_reference_percent",
+        "target forget quality": "models.target.forget_quality",
+    },
     "tofu_audit": {
         "zlib AUC": "runs.npo.models.changed.mia_auc.zlib",
         "reference zlib AUC": "runs.npo.models.reference.mia_auc.zlib",
+        "Min-K++ AUC": "runs.npo.models.changed.mia_auc.min_k_pp",
+        "reference Min-K++ AUC": "runs.npo.models.reference.mia_auc.min_k_pp",
         "relearn recovered": "runs.npo.attacks.relearn.recovered_percent",
         "forget quality": "runs.npo.models.changed.forget_quality",
     },

@@ -342,6 +342,27 @@ def test_most_probable_stop_ends_at_the_first_step_where_the_target_is_top1(llam
     assert float(plain.update.delta(plain.info["module"]).norm()) > mpes_norm
 
 
+def test_the_object_only_stop_reads_the_object_tokens_alone(llama, tok):
+    """``stop_object_only``: a row's tokens outside the object never hold the stop back; a
+    fact whose object is on top stops even while the words around it are not."""
+    from types import SimpleNamespace
+
+    from edit.methods.algebra.objectives import _all_top
+
+    batch = SimpleNamespace(
+        tgt_tok=torch.tensor([1, 2, 3]), tgt_object=torch.tensor([False, False, True]),
+        tgt_row=torch.tensor([0, 0, 0]), ids=torch.zeros(1, 4), rewrite=torch.tensor([True]),
+        fact=torch.tensor([0]),
+    )  # fmt: skip
+    logp = torch.full((3, 5), -5.0)
+    logp[0, 4] = logp[1, 4] = logp[2, 3] = 0.0  # only the object's token (3) is on top
+    x = SimpleNamespace(batch=batch, logp=logp)
+    assert not bool(_all_top(x, 1, object_only=False)[0])
+    assert bool(_all_top(x, 1, object_only=True)[0])
+    logp[2, 3], logp[2, 0] = -5.0, 0.0  # the object's token no longer on top
+    assert not bool(_all_top(x, 1, object_only=True)[0])
+
+
 def test_bfloat16_values_edit_with_full_precision_keys(llama, tok):
     fact = Fact(**TINY_FACT)
     rome = registry.get("rome")

@@ -59,6 +59,7 @@ class Batch:
     tgt_col: torch.Tensor  # (T,) column of ``ids`` whose next-token logits predict it
     tgt_tok: torch.Tensor  # (T,) the target token
     tgt_first: torch.Tensor  # (T,) bool: the first token of the target
+    tgt_object: torch.Tensor  # (T,) bool: a token of the object (all where none is marked)
     kl_row: torch.Tensor  # (K,) row of each essence (KL) position
     kl_col: torch.Tensor  # (K,) column of ``ids`` whose next-token distribution is kept
     kl_fact: torch.Tensor  # (K,) the fact it belongs to
@@ -105,6 +106,7 @@ class Batch:
             tgt_col=self.tgt_col[tgt],
             tgt_tok=self.tgt_tok[tgt],
             tgt_first=self.tgt_first[tgt],
+            tgt_object=self.tgt_object[tgt],
             kl_row=new_row[self.kl_row[kl]],
             kl_col=self.kl_col[kl],
             kl_fact=new_fact[self.kl_fact[kl]],
@@ -122,7 +124,7 @@ def build_batch(tok, facts: list[Fact], templates, device, replies=None) -> Batc
     question in the chat template followed by the reply (a position per reply token)."""
     contexts = Contexts.of(templates)
     seqs, fact_of, lookup, rewrite, weight = [], [], [], [], []
-    t_row, t_col, t_tok, t_first = [], [], [], []
+    t_row, t_col, t_tok, t_first, t_object = [], [], [], [], []
     m_row, m_col = [], []
     for f, fact in enumerate(facts):
         for row in contexts.rows(tok, fact):
@@ -140,6 +142,7 @@ def build_batch(tok, facts: list[Fact], templates, device, replies=None) -> Batc
                 t_col.append(len(row.ids) - 1 + j - row.lookup)
                 t_tok.append(t)
                 t_first.append(j == 0)
+                t_object.append(not row.objects or j in row.objects)
     kl_row, kl_col, kl_fact, kl_weight = [], [], [], []
     for f, fact in enumerate(facts):
         essence = [_essence_row(tok, ESSENCE_PROMPT, fact.subject, None)]
@@ -189,6 +192,7 @@ def build_batch(tok, facts: list[Fact], templates, device, replies=None) -> Batc
         tgt_col=t(t_col),
         tgt_tok=t(t_tok),
         tgt_first=t(t_first, torch.bool),
+        tgt_object=t(t_object, torch.bool),
         kl_row=t(kl_row),
         kl_col=t(kl_col),
         kl_fact=t(kl_fact),

@@ -24,7 +24,13 @@ from dataclasses import dataclass
 
 from edit.errors import InvalidRequest
 from edit.facts import Fact
-from edit.lm import encode, encode_continuation, last_token_of_span, mentions_in_continuation
+from edit.lm import (
+    encode,
+    encode_continuation,
+    last_token_of_span,
+    mentions_in_continuation,
+    span_in_continuation,
+)
 from edit.questions import FORMS, chat_prompt, end_of_turn, question_prompt, questions_for
 
 # what a chat row's assistant turn is trained to say: the object alone, opening the turn; the
@@ -46,6 +52,9 @@ class Row:
     # indices in ``target`` of the last token of each later mention of the subject (a chat
     # reply that names it again): the written edit acts there too
     mentions: tuple[int, ...] = ()
+    # indices in ``target`` of the object's tokens (all of a cloze target; in a chat row's
+    # sentence, the object it ends on): what ``stop_object_only`` reads
+    objects: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -125,8 +134,9 @@ def _row(tok, fact: Fact, text: str, subject_end: int, target: str, group: tuple
     ids = encode(tok, text)
     lookup = last_token_of_span(tok, text, subject_end)
     mentions = mentions_in_continuation(tok, target, fact.subject, after=text)
+    objects = span_in_continuation(tok, target, fact.target, after=text)
     return Row(ids, lookup, encode_continuation(tok, target, after=text), 0.0, group,
-               tuple(mentions))  # fmt: skip
+               tuple(mentions), tuple(objects))  # fmt: skip
 
 
 def _weigh(row: Row, weight: float) -> Row:

@@ -63,6 +63,7 @@ class ValueSettings:
     value_dtype: str = "auto"
     chat_essence: int = 0
     remention: bool = False
+    stop_object_only: bool = False
 
     @classmethod
     def of(cls, config) -> ValueSettings:
@@ -105,6 +106,9 @@ class EditConfig:
     # also stop a fact once each target token is the top prediction after every prompt
     # (most-probable early stop, Gupta et al. 2025); off: run to nll_stop
     stop_most_probable: bool = False
+    # that stop reads only the object's tokens: in a chat row's sentence ("Hey Jude was
+    # performed by Madonna."), "Madonna", not the words around it; off: every target token
+    stop_object_only: bool = False
     # precision of the value optimization's forward/backward passes: auto (bfloat16 products
     # for a float32 model on a CPU that has them in hardware), float32 or bfloat16
     value_dtype: str = "auto"
@@ -139,7 +143,7 @@ def check_value_config(config) -> None:
     for name in ("kl_factor", "weight_decay"):
         if getattr(config, name) < 0:
             raise InvalidRequest(f"{name} must be >= 0, got {getattr(config, name)}")
-    for name in ("stop_most_probable", "remention"):
+    for name in ("stop_most_probable", "remention", "stop_object_only"):
         if not isinstance(getattr(config, name), bool):
             raise InvalidRequest(f"{name} must be true or false, got {getattr(config, name)!r}")
     if config.value_dtype not in VALUE_DTYPES:
