@@ -6,7 +6,7 @@ preferring the forgotten authors' paraphrased answers to their perturbed ones mo
 model that never saw them (truth ratio, upper quartile 2.01 against 1.47;
 benchmarks/results/tofu_unlearn_npo_stopped.md). Asking the model itself, before the
 forget, gives the wordings it would use for the same facts: each question/answer example is
-asked ``k`` times, sampled (top-k, as :func:`edit.lm.sample`), and each reply that differs
+asked ``k`` times, sampled (top-5, as :func:`edit.lm.sample`), and each reply that differs
 from the written answer becomes one more example to forget, on the same prompt. Plain-text
 examples have no question to ask and get none.
 
@@ -22,9 +22,10 @@ from edit.corpus import Example
 def sampled_answers(
     model, tok, examples: list[Example], k: int, *, seed: int = 0, batch_size: int = 16
 ) -> list[Example]:
-    """Up to ``k`` sampled replies per question/answer example, as long as its answer (in
-    tokens), cut at a line break where the answer has none; empty replies and the written
-    answer itself are left out, as are repeats."""
+    """Up to ``k`` sampled replies per question/answer example, each at most as many tokens
+    as the longest answer of its batch of ``batch_size`` examples, cut at a line break where
+    the answer has none; empty replies and the written answer itself are left out, as are
+    repeats."""
     asked = [ex for ex in examples if not ex.is_text]
     seen = {(ex.prompt, ex.answer.strip()) for ex in asked}
     out: list[Example] = []
