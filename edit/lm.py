@@ -64,8 +64,7 @@ def encode_continuation(tok, text: str, after: str = "") -> list[int]:
 def mentions_in_continuation(tok, text: str, span: str, after: str = "") -> list[int]:
     """Indices, in ``encode_continuation(tok, text, after)``, of the last token of each
     occurrence of ``span`` in ``text`` (a subject named again in a reply)."""
-    text = _continuation(text, after)
-    offsets = tok(text, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]
+    text, offsets = _continuation_offsets(tok, text, after)
     out, start = [], text.find(span) if span else -1
     while start >= 0:
         end = start + len(span)
@@ -79,17 +78,24 @@ def span_in_continuation(tok, text: str, span: str, after: str = "") -> list[int
     """Indices, in ``encode_continuation(tok, text, after)``, of the tokens that hold the
     last occurrence of ``span`` in ``text`` (the object a target sentence ends on); empty
     where ``text`` does not contain it."""
-    text = _continuation(text, after)
+    text, offsets = _continuation_offsets(tok, text, after)
     start = text.rfind(span) if span else -1
     if start < 0:
         return []
     end = start + len(span)
-    offsets = tok(text, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]
     return [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
 
 
 def _continuation(text: str, after: str) -> str:
     return ("" if after.endswith("\n") else " ") + text.strip()
+
+
+def _continuation_offsets(tok, text: str, after: str) -> tuple[str, list]:
+    """``text`` as it continues ``after`` (:func:`encode_continuation`), and the character
+    offsets of its tokens."""
+    text = _continuation(text, after)
+    enc = tok(text, return_offsets_mapping=True, add_special_tokens=False)
+    return text, enc["offset_mapping"]
 
 
 def pad_id(tok) -> int:

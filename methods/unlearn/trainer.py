@@ -212,7 +212,9 @@ class _Loop:
     """What the steps of a run share: set up once, counted by every step."""
 
     sets: _Sets
-    ref_logp: torch.Tensor  # (n,) log π_ref(y|x) of each example trained on (``sets.train``)
+    # (n,) log π_ref(y|x) of each forget example, and, for an objective that reads it
+    # (NEEDS_REFERENCE), of each extra example trained on too (all of ``sets.train``)
+    ref_logp: torch.Tensor
     targets: torch.Tensor | None  # (n,) each such example's target NLL (NEEDS_TARGETS)
     stop_nll: float | None  # stop once the forget set's NLL reaches it; None: no stop
     use_retain_nll: bool  # the objective's α·NLL(D_r) term is on
@@ -421,7 +423,8 @@ class _Run:
         c = self.config
         with self.peft_model.disable_adapter():  # π_ref; also the "before" metrics
             metrics, ref_logp = self.measure("before", sets)
-            if len(sets.train) > len(sets.forget):  # the extra examples' π_ref
+            extra = len(sets.train) > len(sets.forget)
+            if extra and self.method in NEEDS_REFERENCE:  # the extra examples' π_ref
                 extra_logp, _ = self.scores(sets.train[len(sets.forget) :])
                 ref_logp = torch.cat([ref_logp, extra_logp.to(ref_logp.dtype)])
         stop_nll = c.stop_nll
