@@ -147,8 +147,9 @@ def apply(
 
     t0 = time.perf_counter()
     out = spec.compute(
-        model, tok, facts, config, objective=kind, progress=progress, history=history
-    )
+        model, tok, _with_old(facts, olds, kind), config, objective=kind, progress=progress,
+        history=history,
+    )  # fmt: skip
     seconds = time.perf_counter() - t0
     _check_finite(spec.name, out.update, facts)
     edit = _Applied(out, out.update.apply(model), probe(), seconds)
@@ -192,6 +193,17 @@ def _old_of(model, tok, fact: Fact, erase: bool) -> str:
     return "" if old.strip().lower() == fact.target.strip().lower() else old
 
 
+def _with_old(facts: list[Fact], olds: list[str], kind: str) -> list[Fact]:
+    """The facts as the method gets them: for an insertion, each with the object the model
+    asserts now as ``target_true`` where the request names none, a leading article dropped
+    (the ranked pairs of the asked forms read it); the request itself is recorded as given."""
+    if kind != "insert":
+        return facts
+    bare = [re.sub(r"^(the|a|an)\s+", "", old, flags=re.IGNORECASE) for old in olds]
+    return [f if f.target_true or not old else dataclasses.replace(f, target_true=old)
+            for f, old in zip(facts, bare, strict=True)]  # fmt: skip
+
+
 @dataclass
 class _Applied:
     """The update on the model now, what the probe measured after it, and why facts missed."""
@@ -207,7 +219,7 @@ class _Applied:
 def _retry(edit: _Applied, spec, config, kind, before, probe, history, progress) -> bool:
     """Edit again, on top, the facts that did not take, with the keys of those that took as
     history (AlphaEdit keeps them); keep the round only if more facts take. Whether to go on."""
-    facts = probe.facts
+    facts = _with_old(probe.facts, probe.olds, kind)
     redo = [i for i, p in enumerate(edit.problems) if p]
     took = [i for i, p in enumerate(edit.problems) if not p]
     first_keys = edit.out.update.keys  # one row per fact

@@ -211,6 +211,79 @@ def test_rows_mark_the_objects_tokens_for_the_stop(chat_tok):
     assert marked == ["Spain"] * len(rows)
 
 
+def test_ranked_pairs_put_each_object_where_each_questions_answer_opens(chat_tok):
+    """With ``rank_weight`` and the old object known, each question gets a pair plainly and
+    in the chat template: the new object's row, then the old one's, after the same prompt.
+    They have no share of the rows' loss or key and take no part in the stop; the batch
+    pairs them and splits ``rank_weight`` between a fact's pairs."""
+    contexts = Contexts(("{}",), ("question", "chat"), rank_weight=0.3)
+    rows = contexts.rows(chat_tok, FACT)
+    ranked = [r for r in rows if r.rank]
+    chat_only = Contexts(("{}",), ("chat",), rank_weight=0.3).rows(chat_tok, FACT)
+    assert [r.ids for r in chat_only if r.rank] == [r.ids for r in ranked]  # whatever forms
+    questions = questions_for(FACT)
+    assert len(ranked) == 2 * 2 * len(questions)  # (plain, chat) x (new, old) per question
+    assert sum(r.weight for r in rows) == pytest.approx(1.0)  # the loss rows' shares, as before
+    assert all(r.weight == 0 for r in ranked)
+    for new, old in zip(ranked[::2], ranked[1::2], strict=True):
+        assert (new.rank, old.rank) == (1, -1) and new.ids == old.ids
+        assert chat_tok.decode(new.target).strip() == "Spain"
+        assert chat_tok.decode(old.target).strip() == "Poland"
+    prompts = {chat_tok.decode(r.ids) for r in ranked}
+    want = {chat_tok.decode(lm.encode(chat_tok, f(q))) for q in questions
+            for f in (question_prompt, lambda q: chat_prompt(chat_tok, q))}  # fmt: skip
+    assert prompts == want
+
+    other = Fact("{} was born in", "Ada", "Rome", "London")
+    b = build_batch(chat_tok, [FACT, other], contexts, "cpu")
+    assert len(b.pair_new) == len(ranked) // 2 + 4  # "Ada was born in": 2 questions, 2 forms
+    assert not b.rewrite[b.pair_new].any() and not b.rewrite[b.pair_old].any()
+    assert (b.weight[b.pair_new] == 0).all()
+    per_fact = torch.zeros(2).index_add(0, b.pair_fact, b.pair_weight)
+    torch.testing.assert_close(per_fact, torch.tensor([0.3, 0.3]))
+    kept, _ = b.keep(torch.tensor([False, True]), None)
+    assert len(kept.pair_new) == 4 and (kept.pair_fact == 0).all()
+    old_tokens = [kept.tgt_tok[kept.tgt_row == r].tolist() for r in kept.pair_old.tolist()]
+    assert {chat_tok.decode(t).strip() for t in old_tokens} == {"London"}
+
+
+def test_no_ranked_pairs_without_the_old_object_or_a_weight(chat_tok):
+    unknown = Fact("{} is a citizen of", "Marie Curie", "Spain")
+    ranked = Contexts(("{}",), ("chat",), rank_weight=0.3)
+    assert not any(r.rank for r in ranked.rows(chat_tok, unknown))
+    assert not any(r.rank for r in Contexts(("{}",), ("chat",)).rows(chat_tok, FACT))
+
+
+def test_the_ranking_hinge_is_added_per_pair_and_the_fact_stops_once_each_is_ahead(chat_tok):
+    """The insert objective adds max(0, NLL(new) − NLL(old) + 1) per pair, weighted, to the
+    rows' NLL; with the most-probable stop a fact is done only once every pair has the new
+    object ahead."""
+    import math
+
+    from edit.methods.algebra.objectives import OBJECTIVES, ObjectiveInputs
+
+    b = build_batch(chat_tok, [FACT], Contexts(("{}",), ("chat",), rank_weight=0.5), "cpu")
+    settings = ROMEConfig(stop_most_probable=True).value_settings()
+    v = len(chat_tok)
+
+    def nll(a: float) -> float:  # a target token with logit a, every other token 0
+        return -(a - math.log(math.exp(a) + v - 1))
+
+    def run(a_new: float, a_old: float):
+        a = torch.full((len(b.tgt_tok),), 12.0)  # the loss rows: every target token on top
+        a[torch.isin(b.tgt_row, b.pair_new)] = a_new
+        a[torch.isin(b.tgt_row, b.pair_old)] = a_old
+        logits = torch.zeros(len(b.tgt_tok), v).scatter(1, b.tgt_tok[:, None], a[:, None])
+        x = ObjectiveInputs(torch.log_softmax(logits, -1), b, torch.tensor([0]))
+        return OBJECTIVES["insert"].loss(x, {}, settings)
+
+    for a_new, a_old in ((6.0, 2.0), (6.0, 5.5), (2.0, 6.0)):  # ahead, barely ahead, behind
+        got = run(a_new, a_old)
+        want = nll(12.0) + 0.5 * max(0.0, nll(a_new) - nll(a_old) + 1)
+        assert float(got.loss[0]) == pytest.approx(want, rel=1e-4, abs=1e-5)  # float32
+        assert bool(got.done[0]) == (a_new > a_old)
+
+
 def test_no_forms_is_the_cloze_rows_alone(tok):
     rows = Contexts(("{}", "Hello there. {}"), ()).rows(tok, FACT)
     assert [r.group for r in rows] == [("cloze", 0), ("cloze", 1)]
@@ -259,6 +332,30 @@ def test_remention_adds_delta_where_the_reply_names_the_subject_again(chat_tok, 
         want[b.mention_row, b.mention_col] = True
     assert (change > 1e-3).equal(want)
     torch.testing.assert_close(change[want], run.delta[0].norm().expand(int(want.sum())))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_short_and_long_rows_run_apart_with_the_logits_of_one_pass(chat_tok, model_type):
+    """After the first pass the value optimization runs the short rows (cloze, ranked pairs)
+    and the long ones (chat replies) as two passes, each padded to its own longest row: the
+    log-probabilities, δ added at every lookup and mention, are those of one pass over all."""
+    from edit.methods.algebra.values import _buckets, _ChunkRun
+
+    model = tiny_model(model_type, len(chat_tok))
+    module = edit.arch.lookup(model).mlp_out_name(1)
+    settings = ROMEConfig(forms=("chat",), remention=True).value_settings()
+    contexts = Contexts(("{}", "Hello there. {}"), ("chat",), rank_weight=0.5)
+    facts = [FACT, Fact("{} was born in", "Ada", "Rome", "London")]
+    b = build_batch(chat_tok, facts, contexts, "cpu")
+    assert len(_buckets(b.mask[:, -b.ids.shape[1] :].sum(1))) == 2
+    run = _ChunkRun(model, module, b, settings, "insert")
+    with torch.no_grad():
+        run.forward(first=True)
+        run.delta.normal_()
+        split, _ = run.forward(first=False)
+        rows, cols = torch.cat([b.tgt_row, b.kl_row]), torch.cat([b.tgt_col, b.kl_col])
+        whole, _ = run._pass(None, rows, cols)
+    torch.testing.assert_close(split, whole, atol=1e-5, rtol=1e-5)
 
 
 def test_bad_forms_are_refused():

@@ -163,6 +163,31 @@ def test_an_edit_that_did_not_take_is_edited_again_on_top(llama, tok, monkeypatc
         edit.apply(llama, tok, TINY_FACT, progress=False, **TINY_ROME | {"retry_rounds": -1})
 
 
+def test_an_insertion_gives_the_method_the_object_the_model_asserts_now(llama, tok, monkeypatch):
+    """Where the request names no old object, the method gets the model's own answer (its
+    greedy completion's opening, an article dropped) as ``target_true``, for the ranked
+    pairs; a request that names one keeps it, and the recorded fact is the request."""
+    seen: list = []
+    real = registry.get("rome")
+
+    def compute(model, tok, facts, config, **kw):
+        seen.extend(facts)
+        return real.compute(model, tok, facts, config, **kw)
+
+    monkeypatch.setitem(registry._REGISTRY, "rome",
+                        registry.Method("rome", real.config_class, compute))  # fmt: skip
+    monkeypatch.setattr("edit.api.old_object", lambda model, tok, fact: fact.target_true
+                        or "The Old Object")  # fmt: skip
+    fact = Fact(TINY_FACT["prompt"], TINY_FACT["subject"], TINY_FACT["target"])
+    result = edit.apply(llama, tok, fact, progress=False, **TINY_ROME)
+    assert seen[-1].target_true == "Old Object"
+    assert result.facts[0].target_true is None
+    result.undo()
+    named = Fact(fact.prompt, fact.subject, fact.target, "Known")
+    edit.apply(llama, tok, named, progress=False, **TINY_ROME).undo()
+    assert seen[-1].target_true == "Known"
+
+
 def test_did_not_take_rules():
     from edit.api import _did_not_take
 

@@ -69,6 +69,9 @@ RETAIN_NLL = 1.7
 LOGITS = [[1.0, 0.0, -1.0], [0.5, 0.5, 2.0]]
 TEACHER_LOGITS = [[0.0, 2.0, 0.0], [0.5, 0.5, 2.0]]
 TARGETS = [2.0, 1.0]  # each forget sequence's never-seen mean token NLL
+# the logits there before the run, and the answer token at each position (undial)
+BEFORE_LOGITS = [[2.0, 0.0, 1.0], [0.0, 3.0, 0.0]]
+LABELS = [0, 1]
 
 
 def _inputs(**kw) -> LossInputs:
@@ -80,8 +83,16 @@ def _inputs(**kw) -> LossInputs:
         torch.tensor(LOGITS, dtype=torch.float64),
         torch.tensor(TEACHER_LOGITS, dtype=torch.float64),
         torch.tensor(TARGETS, dtype=torch.float64),
+        torch.tensor(BEFORE_LOGITS, dtype=torch.float64),
+        torch.tensor(LABELS),
         **kw,
     )
+
+
+def _kl(t: list[float], q: list[float]) -> float:
+    """KL(softmax(t) ‖ softmax(q)), written out."""
+    zt, zq = math.log(sum(map(math.exp, t))), math.log(sum(map(math.exp, q)))
+    return sum(math.exp(t[v] - zt) * ((t[v] - zt) - (q[v] - zq)) for v in range(len(t)))
 
 
 def _log_sigmoid(z: float) -> float:
@@ -90,7 +101,7 @@ def _log_sigmoid(z: float) -> float:
 
 def test_loss_table_matches_the_formulas():
     beta, alpha, gamma = 0.5, 2.0, 0.3
-    c = UnlearnConfig(beta=beta, alpha=alpha, gamma=gamma)
+    c = UnlearnConfig(beta=beta, alpha=alpha, gamma=gamma, penalty=2.0)
     x = _inputs()
     nll_forget = -(LOGP[0] + LOGP[1]) / (N_TOKENS[0] + N_TOKENS[1])  # mean token NLL
     expected = {
@@ -105,25 +116,15 @@ def test_loss_table_matches_the_formulas():
         / 2
         + alpha * RETAIN_NLL,
         # KL(π_T ‖ π_θ) per position, averaged: the second position already agrees (KL 0)
-        "distill": sum(
-            sum(
-                math.exp(t[v])
-                / sum(map(math.exp, t))
-                * (
-                    (t[v] - math.log(sum(map(math.exp, t))))
-                    - (q[v] - math.log(sum(map(math.exp, q))))
-                )
-                for v in range(3)
-            )
-            for q, t in zip(LOGITS, TEACHER_LOGITS, strict=True)
-        )
-        / 2,
+        "distill": sum(_kl(t, q) for q, t in zip(LOGITS, TEACHER_LOGITS, strict=True)) / 2,
+        # the logits before with the answer token's lowered by the penalty (2), as the target
+        "undial": (_kl([0.0, 0.0, 1.0], LOGITS[0]) + _kl([0.0, 1.0, 0.0], LOGITS[1])) / 2,
         # per-sequence mean token NLLs 1.5 and 1.25 against targets 2 and 1
         "match": ((1.5 - 2.0) ** 2 + (1.25 - 1.0) ** 2) / 2,
     }
     assert set(LOSSES) == set(expected)
     for name, value in expected.items():
-        rel = 1e-6 if name == "distill" else 1e-12  # the KL is taken in float32
+        rel = 1e-6 if name in ("distill", "undial") else 1e-12  # the KL is taken in float32
         assert float(LOSSES[name](x, c)) == pytest.approx(value, rel=rel), name
     # NPO's other form: (2/β)·E[log(1 + (π_θ/π_ref)^β)]
     ratio_form = (2 / beta) * sum(
@@ -662,6 +663,39 @@ def test_match_aims_each_example_at_its_target_from_the_teacher_or_the_holdout(t
     assert ((wanted - end).abs() < 0.25 * (wanted - start).abs()).all(), (start, end, wanted)
     with pytest.raises(InvalidRequest, match="match aims each example at a never-seen level"):
         train_lora(student, tok, FORGET, RETAIN, config, progress=False)
+
+
+def _answer_logits(model, tok) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, V) next-token logits at every answer position of FORGET, and the (N,) answers."""
+    ids, mask, labels = tokenize_examples(tok, FORGET, max_len=64)
+    answer = labels[:, 1:] != IGNORE_INDEX
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1][answer]
+    return logits.float(), labels[:, 1:][answer]
+
+
+def test_undial_aims_each_token_at_its_own_lowered_distribution(tok):
+    """undial trains a model that learned the forget set toward its own logits before the
+    run with each answer token's lowered by the penalty: the forget NLL rises, the answer
+    positions move toward that target (the mean KL to it falls by a third), and the model is
+    left unchanged."""
+    _, student = _teacher_and_student(tok)
+    before_logits, answers = _answer_logits(student, tok)
+    lowered = torch.full((len(answers), 1), -3.0)
+    target = torch.log_softmax(before_logits.scatter_add(1, answers[:, None], lowered), -1)
+    before = _snapshot(student)
+    config = UnlearnConfig(method="undial", penalty=3.0, kl_weight=0.0, **dict(FAST, epochs=10))
+    result = train_lora(student, tok, FORGET, RETAIN, config, progress=False)
+    _assert_unchanged(student, before)
+    with adapter_attached(student, result):
+        after_logits, _ = _answer_logits(student, tok)
+    m = result.metrics
+    assert m["forget_nll_after"] > m["forget_nll_before"] + 0.5, m
+
+    def kl(logits: torch.Tensor) -> float:
+        return float((target.exp() * (target - torch.log_softmax(logits, -1))).sum(-1).mean())
+
+    assert kl(after_logits) < 0.67 * kl(before_logits), (kl(before_logits), kl(after_logits))
 
 
 def test_sharpness_aware_steps_take_a_second_pass_and_change_the_run(tok, llama):

@@ -9,6 +9,7 @@ one per fact.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from dataclasses import dataclass
 
@@ -68,6 +69,12 @@ class Batch:
     # (its last token): with ``remention`` δ is added there too, as the written edit acts
     mention_row: torch.Tensor
     mention_col: torch.Tensor
+    # (Q,) the ranked pairs (``Contexts.rank_weight``): the rows of the new and of the old
+    # object after one asked form, the pair's share of its fact's loss, and that fact
+    pair_new: torch.Tensor
+    pair_old: torch.Tensor
+    pair_weight: torch.Tensor
+    pair_fact: torch.Tensor
 
     def prefix_cache(self, model: nn.Module):
         """The key/value cache of the prefixes (None when every lookup is at position 0)."""
@@ -84,6 +91,7 @@ class Batch:
         tgt = rows[self.tgt_row]
         kl = facts[self.kl_fact]
         mention = rows[self.mention_row]
+        pair = rows[self.pair_new]
         kept_rows = rows.nonzero()[:, 0]
         if cache is not None:
             cache.batch_select_indices(kept_rows)
@@ -113,6 +121,10 @@ class Batch:
             kl_weight=self.kl_weight[kl],
             mention_row=new_row[self.mention_row[mention]],
             mention_col=self.mention_col[mention],
+            pair_new=new_row[self.pair_new[pair]],
+            pair_old=new_row[self.pair_old[pair]],
+            pair_weight=self.pair_weight[pair],
+            pair_fact=new_fact[self.pair_fact[pair]],
         )
         return batch, cache
 
@@ -126,16 +138,19 @@ def build_batch(tok, facts: list[Fact], templates, device, replies=None) -> Batc
     seqs, fact_of, lookup, rewrite, weight = [], [], [], [], []
     t_row, t_col, t_tok, t_first, t_object = [], [], [], [], []
     m_row, m_col = [], []
+    pairs: list[tuple[int, int, int]] = []  # (new object's row, old object's row, fact)
     for f, fact in enumerate(facts):
         for row in contexts.rows(tok, fact):
             r = len(seqs)
+            if row.rank < 0:  # the old object's row follows its pair's new one
+                pairs.append((r - 1, r, f))
             seqs.append(row.ids + row.target[:-1])
             cols = _mention_cols(row.mentions, len(row.ids), len(row.target), row.lookup)
             m_row += [r] * len(cols)
             m_col += cols
             fact_of.append(f)
             lookup.append(row.lookup)
-            rewrite.append(True)
+            rewrite.append(not row.rank)
             weight.append(row.weight)
             for j, t in enumerate(row.target):
                 t_row.append(r)
@@ -167,6 +182,7 @@ def build_batch(tok, facts: list[Fact], templates, device, replies=None) -> Batc
             rewrite.append(False)
             weight.append(0.0)
 
+    per_fact = collections.Counter(p[2] for p in pairs)  # a fact's pairs share rank_weight
     pad, width = pad_id(tok), max(lookup)
     prefix = [[pad] * (width - i) + seq[:i] for seq, i in zip(seqs, lookup, strict=True)]
     p_mask = [[0] * (width - i) + [1] * i for i in lookup]
@@ -199,6 +215,10 @@ def build_batch(tok, facts: list[Fact], templates, device, replies=None) -> Batc
         kl_weight=t(kl_weight, torch.float32),
         mention_row=t(m_row),
         mention_col=t(m_col),
+        pair_new=t([p[0] for p in pairs]),
+        pair_old=t([p[1] for p in pairs]),
+        pair_weight=t([contexts.rank_weight / per_fact[p[2]] for p in pairs], torch.float32),
+        pair_fact=t([p[2] for p in pairs]),
     )
 
 

@@ -15,6 +15,13 @@ Row weights sum to 1 per fact: the cloze rows share ``1 - form_weight`` and the 
 ``form_weight`` (all of it to the cloze rows when a fact has no asked rows). The fact's key
 k* and its loss are these weighted means, so a form counts the same however many prompts it
 has.
+
+* ranked rows (``rank_weight`` > 0, the old object known): each question plainly and in the
+  chat template (whatever ``forms`` lists), once followed by the new object and once by the
+  old one (``Row.rank`` +1, −1, in that order). They take no part in the rows' NLL, the key
+  or the most-probable stop; the objective asks that the new object be more likely than the
+  old one right where the answer opens (what the teacher-forced question and chat scores
+  read), without training the reply to open with it.
 """
 
 from __future__ import annotations
@@ -55,6 +62,9 @@ class Row:
     # indices in ``target`` of the object's tokens (all of a cloze target; in a chat row's
     # sentence, the object it ends on): what ``stop_object_only`` reads
     objects: tuple[int, ...] = ()
+    # +1: the new object opening an asked form's answer, ranked above the next row's old
+    # object there (-1); 0: a row of the loss, the key and the stop (``rank_weight``)
+    rank: int = 0
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,7 @@ class Contexts:
     forms: tuple[str, ...] = ()
     form_weight: float = 0.5
     chat_reply: str = CHAT_REPLIES[0]
+    rank_weight: float = 0.0  # the ranked pairs' share of the loss, on top of the rows'
 
     @classmethod
     def of(cls, templates, config=None) -> Contexts:
@@ -74,7 +85,8 @@ class Contexts:
             return templates
         if config is None:
             return cls(tuple(templates))
-        return cls(tuple(templates), tuple(config.forms), config.form_weight, config.chat_reply)
+        return cls(tuple(templates), tuple(config.forms), config.form_weight, config.chat_reply,
+                   config.rank_weight)  # fmt: skip
 
     def rows(self, tok, fact: Fact) -> list[Row]:
         cloze = [_cloze_row(tok, fact, t, ("cloze", i)) for i, t in enumerate(self.templates)]
@@ -91,7 +103,27 @@ class Contexts:
                                        ("chat", k)))  # fmt: skip
         share = 1.0 - self.form_weight if asked else 1.0
         weighted = [_weigh(r, share / len(cloze)) for r in cloze]
-        return weighted + [_weigh(r, self.form_weight / len(asked)) for r in asked]
+        asked = [_weigh(r, self.form_weight / len(asked)) for r in asked]
+        return weighted + asked + self._ranked(tok, fact)
+
+    def _ranked(self, tok, fact: Fact) -> list[Row]:
+        """The ranked pairs (the new object's row, then the old object's) of each question,
+        plainly and in the chat template; weight 0: a pair's share of the loss is
+        ``rank_weight`` over the fact's pairs."""
+        if not self.rank_weight or not fact.target_true:
+            return []
+        ranked = []
+        for k, q in enumerate(questions_for(fact)):
+            at = q.index(fact.subject) + len(fact.subject)
+            for text in (question_prompt(q), chat_prompt(tok, q)):
+                if text is None or q not in text:
+                    continue
+                end = text.rindex(q) + at
+                ranked += [
+                    dataclasses.replace(_row(tok, fact, text, end, obj, ("rank", k)), rank=sign)
+                    for obj, sign in ((fact.target, 1), (fact.target_true, -1))
+                ]
+        return ranked
 
 
 def check_forms(config) -> None:
@@ -107,6 +139,8 @@ def check_forms(config) -> None:
         )
     if not 0 <= config.form_weight < 1:
         raise InvalidRequest(f"form_weight must be in [0, 1), got {config.form_weight}")
+    if not config.rank_weight >= 0:
+        raise InvalidRequest(f"rank_weight must be >= 0, got {config.rank_weight}")
 
 
 def _cloze_row(tok, fact: Fact, template: str, group: tuple) -> Row:

@@ -56,7 +56,8 @@ def keys_and_hidden(
     groups: dict[tuple, list] = {}  # group -> [(fact, row up to its lookup, weight)]
     for f, fact in enumerate(facts):
         for row in contexts.rows(tok, fact):
-            groups.setdefault(row.group, []).append((f, row.ids[: row.lookup + 1], row.weight))
+            if not row.rank:  # a ranked row has no share of the key
+                groups.setdefault(row.group, []).append((f, row.ids[: row.lookup + 1], row.weight))
     keys = hidden = None
     captured: dict[str, torch.Tensor] = {}
 

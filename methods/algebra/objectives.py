@@ -6,7 +6,9 @@ is done (:class:`FactLoss`). An objective that compares with the unedited model 
 ``reference``, computed once from the first pass (δ = 0). Every objective shares the essence
 KL and the norm penalty (:func:`regularized`).
 
-* ``insert`` makes ``fact.target`` likely after the prompts (mean token NLL);
+* ``insert`` makes ``fact.target`` likely after the prompts (mean token NLL) and, with
+  ranked pairs (``rank_weight``), more likely than the old object where an asked form's
+  answer opens: max(0, NLL(new) − NLL(old) + margin) per pair;
 * ``erase`` makes ``fact.target`` unlikely without naming a replacement: the next-token
   distribution at the end of each prompt is pulled toward the unedited one conditioned on
   *not* starting the object, q(x) ∝ p₀(x)·[x ≠ object], by KL(q ‖ p), plus the unlikelihood
@@ -89,22 +91,43 @@ def _all_top(x: ObjectiveInputs, n_act: int, object_only: bool) -> torch.Tensor:
     return fact_top[:, 0] == 1
 
 
+RANK_MARGIN = 1.0  # nats by which a ranked pair's new object should beat the old one
+
+
+def _ranking(row_nll: torch.Tensor, b: Batch, n_act: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F,) the ranked pairs' loss, max(0, NLL(new) − NLL(old) + margin) weighted per
+    fact, and (F,) bool: every pair of the fact has the new object ahead (facts without
+    pairs: 0 and True)."""
+    gap = row_nll[b.pair_new] - row_nll[b.pair_old]  # (Q,) < 0: the new object ahead
+    loss = weighted_by_fact(F.relu(gap + RANK_MARGIN)[:, None], b.pair_weight, b.pair_fact,
+                            n_act)[:, 0]  # fmt: skip
+    behind = (gap.detach() >= 0).float()
+    behind_per_fact = torch.zeros(n_act, device=gap.device).index_add(0, b.pair_fact, behind)
+    return loss, behind_per_fact == 0
+
+
 @register_objective("insert")
 def target_nll(x: ObjectiveInputs, ref: Reference, settings: ValueSettings) -> FactLoss:
     """Mean token NLL of the target per row, then the rows' weighted mean per fact (ROME's
-    loss when every row weighs the same); done below ``nll_stop``."""
+    loss when every row weighs the same), plus the ranked pairs' term; done below
+    ``nll_stop`` (with every pair ranked right)."""
     b, n_act = x.batch, len(x.act)
     tok_lp = x.logp.gather(1, b.tgt_tok[:, None])[:, 0]  # (P,)
     row_nll = mean_by_group(-tok_lp, b.tgt_row, len(b.ids))
     fact_loss = weighted_by_fact(row_nll[:, None], b.weight, b.fact, n_act)[:, 0]
     measure = torch.exp(-fact_loss.detach())
     done = fact_loss.detach() < settings.nll_stop
+    if len(b.pair_new):
+        rank_loss, ranked = _ranking(row_nll, b, n_act)
+        fact_loss = fact_loss + rank_loss
+        done = done & ranked
     if settings.stop_most_probable:
         # most-probable early stop (Gupta et al. 2025, "Lifelong Sequential Knowledge
         # Editing without Model Degradation", MPES): done once every target token is
         # the top prediction after every rewriting prompt; pushing further only
         # grows the update
-        done = done | _all_top(x, n_act, settings.stop_object_only)
+        top = _all_top(x, n_act, settings.stop_object_only)
+        done = done | (top & ranked if len(b.pair_new) else top)
     return FactLoss(fact_loss, measure, done)
 
 

@@ -58,6 +58,7 @@ from edit.methods.unlearn.losses import (
     token_kl,
     token_logprobs,
     token_nll,
+    undial,
 )
 from edit.methods.unlearn.policy import Trained, learned_by, train_corpus
 from edit.methods.unlearn.samples import sampled_answers
@@ -101,6 +102,7 @@ __all__ = [
     "target_module_names",
     "token_logprobs",
     "token_nll",
+    "undial",
     "train_corpus",
     "train_lora",
 ]

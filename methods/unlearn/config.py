@@ -39,6 +39,7 @@ class UnlearnConfig:
     beta: float = 0.1  # NPO / SimNPO inverse temperature β
     alpha: float = 1.0  # weight of NLL(D_r) in graddiff, npo, simnpo
     gamma: float = 0.0  # SimNPO reward margin γ
+    penalty: float = 10.0  # undial: logit taken off each forget token in the target (UNDIAL: 3-30)
     kl_weight: float | None = None  # weight of KL(π_ref ‖ π_θ) on the retain set; None: as above
     weight_decay: float = 0.0  # AdamW weight decay on the LoRA factors
     max_grad_norm: float | None = 1.0  # gradient clipping; None: off
@@ -84,7 +85,7 @@ class UnlearnConfig:
             raise InvalidRequest(f"samples must be an integer >= 0, got {self.samples!r}")
         if self.eval_retain < 0:
             raise InvalidRequest(f"eval_retain must be >= 0, got {self.eval_retain}")
-        for name in ("lr", "lora_alpha", "beta"):
+        for name in ("lr", "lora_alpha", "beta", "penalty"):
             if name == "lr" and self.lr is None:
                 continue
             if not getattr(self, name) > 0:

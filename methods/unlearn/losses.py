@@ -26,6 +26,12 @@ answer token of a batch, as Hugging Face's ``labels`` loss computes it:
                 distribution a never-seen model gives it, instead of pushed down as far as it
                 goes, so each example lands at its own never-seen level (knowledge
                 distillation, Hinton et al. 2015, with the never-seen model as teacher).
+    undial      E_t[KL(q_t ‖ π_θ(·|x,y_<t))],  q_t = softmax(z_ref,t − s·1[y_t])
+                self-distillation with adjusted logits (UNDIAL, Dong et al. 2024): each answer
+                token aimed at the model's own distribution before the run with that token's
+                logit lowered by s (``penalty``). The rest of the distribution keeps its shape,
+                so the model says something else as confidently as before instead of growing
+                unsure at the forgotten tokens, and no token is pushed below a bounded target.
     match       E_f[(NLL(y|x) − t)²],   NLL(y|x) = −log π_θ(y|x) / |y|
                 each example's mean token NLL aimed at its own target t, set once before
                 training: the never-seen teacher's NLL of that example; without a teacher,
@@ -122,6 +128,8 @@ class LossInputs:
     logits: torch.Tensor | None = None  # (N, V) π_θ's logits at the forget answer positions
     teacher_logits: torch.Tensor | None = None  # (N, V) π_T's there; objectives that need it
     targets: torch.Tensor | None = None  # (B,) each forget example's target mean token NLL
+    before_logits: torch.Tensor | None = None  # (N, V) π_ref's there (NEEDS_BEFORE_LOGITS)
+    labels: torch.Tensor | None = None  # (N,) the answer token at each of those positions
 
 
 LossFn = Callable[[LossInputs, "UnlearnConfig"], torch.Tensor]
@@ -130,6 +138,7 @@ LOSSES: dict[str, LossFn] = {}  # name -> loss(inputs, config): the forget objec
 NEEDS_REFERENCE: set[str] = set()  # objectives that read LossInputs.ref_logp
 NEEDS_TEACHER: set[str] = set()  # objectives that read LossInputs.teacher_logits
 NEEDS_TARGETS: set[str] = set()  # objectives that read LossInputs.targets
+NEEDS_BEFORE_LOGITS: set[str] = set()  # objectives that read before_logits and labels
 USES_RETAIN: set[str] = set()  # objectives with an α·NLL(D_r) term
 
 
@@ -139,6 +148,7 @@ def register_loss(
     reference: bool = False,
     teacher: bool = False,
     targets: bool = False,
+    before_logits: bool = False,
     retain: bool = True,
 ):
     """Add a forget objective to :data:`LOSSES` under ``name``."""
@@ -151,6 +161,8 @@ def register_loss(
             NEEDS_TEACHER.add(name)
         if targets:
             NEEDS_TARGETS.add(name)
+        if before_logits:
+            NEEDS_BEFORE_LOGITS.add(name)
         if retain:
             USES_RETAIN.add(name)
         return fn
@@ -203,6 +215,17 @@ def distill(x: LossInputs, config: UnlearnConfig) -> torch.Tensor:
     if x.logits is None or x.teacher_logits is None:
         raise ValueError("distill needs the logits of the model and of the never-seen teacher")
     return token_kl(x.logits, x.teacher_logits)
+
+
+@register_loss("undial", before_logits=True, retain=False)
+def undial(x: LossInputs, config: UnlearnConfig) -> torch.Tensor:
+    """mean over forget answer tokens of KL(q ‖ π_θ), q the distribution before the run with
+    the answer token's logit lowered by ``config.penalty`` (UNDIAL, Dong et al. 2024)."""
+    if x.logits is None or x.before_logits is None or x.labels is None:
+        raise ValueError("undial needs the logits before the run and the answer tokens")
+    lowered = torch.full_like(x.labels, -config.penalty, dtype=x.before_logits.dtype)
+    adjusted = x.before_logits.scatter_add(1, x.labels[:, None], lowered[:, None])
+    return token_kl(x.logits, adjusted)
 
 
 @register_loss("match", targets=True, retain=False)

@@ -23,13 +23,14 @@ from tqdm.auto import tqdm
 
 from edit import arch as arch_table
 from edit import distributed, lm
-from edit.corpus import Example, collate, encode_example
+from edit.corpus import IGNORE_INDEX, Example, collate, encode_example
 from edit.errors import EditFailed, InvalidRequest
 from edit.methods.unlearn.augment import augment
 from edit.methods.unlearn.config import OBJECTIVES, UnlearnConfig, for_objective
 from edit.methods.unlearn.lora import LoraResult, _json_safe, _lora_wrapped, _peft_config
 from edit.methods.unlearn.losses import (
     LOSSES,
+    NEEDS_BEFORE_LOGITS,
     NEEDS_REFERENCE,
     NEEDS_TARGETS,
     NEEDS_TEACHER,
@@ -320,6 +321,13 @@ class _Run:
         if self.method in NEEDS_TEACHER:
             inputs.logits = scored[0][2]
             inputs.teacher_logits = self.teacher_logits(ids, mask, labels).to(logp.device)
+        if self.method in NEEDS_BEFORE_LOGITS:
+            inputs.logits = scored[0][2]
+            with torch.no_grad(), self.peft_model.disable_adapter():
+                *_, before = self._score_batch(ids, mask, labels)
+            inputs.before_logits = before.to(logp.device)
+            answer = labels[:, 1:]
+            inputs.labels = answer[answer != IGNORE_INDEX].to(logp.device)
         kl, retain_nll = None, None
         if retain_idx:
             r_ids, r_mask, r_labels = batches[1]
