@@ -199,9 +199,19 @@ def _with_old(facts: list[Fact], olds: list[str], kind: str) -> list[Fact]:
     (the ranked pairs of the asked forms read it); the request itself is recorded as given."""
     if kind != "insert":
         return facts
-    bare = [re.sub(r"^(the|a|an)\s+", "", old, flags=re.IGNORECASE) for old in olds]
-    return [f if f.target_true or not old else dataclasses.replace(f, target_true=old)
-            for f, old in zip(facts, bare, strict=True)]  # fmt: skip
+    return [_given_old(f, re.sub(r"^(the|a|an)\s+", "", old, flags=re.IGNORECASE))
+            for f, old in zip(facts, olds, strict=True)]  # fmt: skip
+
+
+def _given_old(fact: Fact, old: str) -> Fact:
+    """``fact`` with ``old`` as its ``target_true`` where it names none and ``old`` is one
+    (a completion that is no object, control characters and all, is left out)."""
+    if fact.target_true or not old:
+        return fact
+    try:
+        return dataclasses.replace(fact, target_true=old)
+    except InvalidRequest:
+        return fact
 
 
 @dataclass

@@ -334,30 +334,6 @@ def test_remention_adds_delta_where_the_reply_names_the_subject_again(chat_tok, 
     torch.testing.assert_close(change[want], run.delta[0].norm().expand(int(want.sum())))
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
-def test_short_and_long_rows_run_apart_with_the_logits_of_one_pass(chat_tok, model_type):
-    """After the first pass the value optimization runs the short rows (cloze, ranked pairs)
-    and the long ones (chat replies) as two passes, each padded to its own longest row: the
-    log-probabilities, δ added at every lookup and mention, are those of one pass over all."""
-    from edit.methods.algebra.values import _buckets, _ChunkRun
-
-    model = tiny_model(model_type, len(chat_tok))
-    module = edit.arch.lookup(model).mlp_out_name(1)
-    settings = ROMEConfig(forms=("chat",), remention=True).value_settings()
-    contexts = Contexts(("{}", "Hello there. {}"), ("chat",), rank_weight=0.5)
-    facts = [FACT, Fact("{} was born in", "Ada", "Rome", "London")]
-    b = build_batch(chat_tok, facts, contexts, "cpu")
-    assert len(_buckets(b.mask[:, -b.ids.shape[1] :].sum(1))) == 2
-    run = _ChunkRun(model, module, b, settings, "insert")
-    with torch.no_grad():
-        run.forward(first=True)
-        run.delta.normal_()
-        split, _ = run.forward(first=False)
-        rows, cols = torch.cat([b.tgt_row, b.kl_row]), torch.cat([b.tgt_col, b.kl_col])
-        whole, _ = run._pass(None, rows, cols)
-    torch.testing.assert_close(split, whole, atol=1e-5, rtol=1e-5)
-
-
 def test_bad_forms_are_refused():
     with pytest.raises(InvalidRequest, match="forms must be among question, chat"):
         ROMEConfig(forms=("poem",))

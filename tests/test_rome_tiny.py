@@ -186,6 +186,9 @@ def test_an_insertion_gives_the_method_the_object_the_model_asserts_now(llama, t
     named = Fact(fact.prompt, fact.subject, fact.target, "Known")
     edit.apply(llama, tok, named, progress=False, **TINY_ROME).undo()
     assert seen[-1].target_true == "Known"
+    monkeypatch.setattr("edit.api.old_object", lambda model, tok, fact: "x\x13y")  # no object
+    edit.apply(llama, tok, fact, progress=False, **TINY_ROME).undo()
+    assert seen[-1].target_true is None
 
 
 def test_did_not_take_rules():

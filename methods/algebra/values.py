@@ -258,21 +258,6 @@ def _joined(parts: list[ValueSolution], order: list[int]) -> ValueSolution:
     )
 
 
-def _buckets(lengths: torch.Tensor) -> list:
-    """The running rows as passes, [(row indices, width)]: all in one, or the rows up to
-    some length and the longer ones, where that split saves at least a quarter of the
-    padded tokens (the second pass has its own fixed cost)."""
-    n, longest = len(lengths), int(lengths.max())
-    cost, cut = n * longest, None
-    for width in sorted(set(lengths.tolist()))[:-1]:
-        short = int((lengths <= width).sum())
-        if short * width + (n - short) * longest < cost:
-            cost, cut = short * width + (n - short) * longest, width
-    if cut is None or cost > 0.75 * n * longest:
-        return [(torch.arange(n, device=lengths.device), longest)]
-    return [((lengths <= cut).nonzero()[:, 0], cut), ((lengths > cut).nonzero()[:, 0], longest)]
-
-
 @contextmanager
 def _frozen(model: nn.Module):
     """No gradients for the model's parameters while inside: only δ is optimized, and the
@@ -354,47 +339,14 @@ class _ChunkRun:
     def forward(self, first: bool) -> tuple[torch.Tensor, Trace]:
         """One pass over the running rows with δ added at each row's lookup (column 0):
         log-probabilities (targets, then essence rows) and the trace of ``module`` (its input
-        and output kept at the first pass). After the first pass, short rows and long rows
-        run as two passes where that saves a quarter of the padded tokens (:func:`_buckets`):
-        a cloze row is not padded to the length of a chat reply."""
-        cb = self.batch
-        rows, cols = torch.cat([cb.tgt_row, cb.kl_row]), torch.cat([cb.tgt_col, cb.kl_col])
-        parts = [None] if first else _buckets(cb.mask[:, -cb.ids.shape[1] :].sum(1))
-        if len(parts) == 1:
-            return self._pass(None, rows, cols, record=first)
-        local = torch.empty(len(cb.ids), dtype=torch.long, device=self.device)
-        outs, order = [], []
-        for members, width in parts:
-            local[members] = torch.arange(len(members), device=self.device)
-            pick = torch.isin(rows, members).nonzero()[:, 0]
-            logp, tr = self._pass((members, width, local), local[rows[pick]], cols[pick])
-            outs.append(logp)
-            order.append(pick)
-        return torch.cat(outs)[torch.argsort(torch.cat(order))], tr
-
-    def _pass(self, part, rows: torch.Tensor, cols: torch.Tensor, record: bool = False):
-        """The pass over the rows of ``part`` ((row indices, width, their local index), or
-        None: every row), log-probabilities at (``rows``, ``cols``), local to the part."""
+        and output kept at the first pass)."""
         cb, device = self.batch, self.device
-        ids, mask, pos = cb.ids, cb.mask, cb.pos
+        c_flat = torch.arange(len(cb.ids), device=device) * cb.ids.shape[1]  # lookups: column 0
         row_fact = self.act[cb.fact]
-        m_row, m_col = cb.mention_row, cb.mention_col
-        cache = None if self.prefix is None else copy.deepcopy(self.prefix)
-        if part is not None:
-            members, width, local = part
-            prefix = mask.shape[1] - ids.shape[1]
-            ids, pos = ids[members, :width], pos[members, :width]
-            mask = mask[members, : prefix + width]
-            row_fact = row_fact[members]
-            mentioned = torch.isin(m_row, members)
-            m_row, m_col = local[m_row[mentioned]], m_col[mentioned]
-            if cache is not None:
-                cache.batch_select_indices(members)
-        at = torch.arange(len(ids), device=device) * ids.shape[1]  # lookups: column 0
-        who = row_fact  # whose δ is added there
+        at, who = c_flat, row_fact  # where δ is added, and whose
         if self.settings.remention:
-            at = torch.cat([at, m_row * ids.shape[1] + m_col])
-            who = torch.cat([row_fact, row_fact[m_row]])
+            at = torch.cat([c_flat, cb.mention_row * cb.ids.shape[1] + cb.mention_col])
+            who = torch.cat([row_fact, row_fact[cb.mention_row]])
 
         def inject(out: torch.Tensor) -> torch.Tensor:
             if self.delta is None:  # on the input's device; the layer may live on another one
@@ -406,9 +358,17 @@ class _ChunkRun:
             return edited.view(out.shape)
 
         with Trace(
-            self.model, self.module, edit_output=inject, retain_input=record, retain_output=record
+            self.model, self.module, edit_output=inject, retain_input=first, retain_output=first
         ) as tr:
-            logits = logits_at(self.model, ids, mask, rows, cols, position_ids=pos, cache=cache)
+            logits = logits_at(
+                self.model,
+                cb.ids,
+                cb.mask,
+                torch.cat([cb.tgt_row, cb.kl_row]),
+                torch.cat([cb.tgt_col, cb.kl_col]),
+                position_ids=cb.pos,
+                cache=None if self.prefix is None else copy.deepcopy(self.prefix),
+            )
         return torch.log_softmax(logits, -1), tr
 
     def read_unedited(self, logp: torch.Tensor, tr: Trace) -> None:
