@@ -41,6 +41,7 @@ from edit.methods.unlearn import (
     token_kl,
     train_lora,
 )
+from edit.methods.unlearn.losses import token_entropy
 from edit.readers.corpus import read_corpus
 
 FORGET = [
@@ -696,6 +697,51 @@ def test_undial_aims_each_token_at_its_own_lowered_distribution(tok):
         return float((target.exp() * (target - torch.log_softmax(logits, -1))).sum(-1).mean())
 
     assert kl(after_logits) < 0.67 * kl(before_logits), (kl(before_logits), kl(after_logits))
+
+
+def test_entropy_cap_by_hand():
+    """max(0, H − level) per position, averaged: a uniform row over 3 tokens has H = log 3."""
+    from edit.methods.unlearn.losses import entropy_cap, token_entropy
+
+    logits = torch.tensor([[0.0, 0.0, 0.0], [10.0, 0.0, 0.0]])
+    h = token_entropy(logits)
+    assert float(h[0]) == pytest.approx(math.log(3), rel=1e-6)
+    p = torch.softmax(logits[1], -1)
+    assert float(h[1]) == pytest.approx(float(-(p * p.log()).sum()), rel=1e-5)
+    want = (max(0.0, math.log(3) - 0.5) + max(0.0, float(h[1]) - 0.5)) / 2
+    assert float(entropy_cap(logits, 0.5)) == pytest.approx(want, rel=1e-6)
+
+
+def test_entropy_weight_keeps_the_forgotten_answers_sharp_and_needs_a_holdout(tok):
+    """Gradient ascent flattens the distribution at the forgotten tokens; with the entropy cap
+    (level: the holdout's entropy before the run) the answer positions end sharper, and the
+    level is reported. Without a holdout the setting is refused in one line."""
+    holdout = [Example("", "Lisbon is the capital of Portugal."), Example("Ice is", "cold.")]
+    model = tiny_model("llama", len(tok), seed=1)
+    ids, mask, labels = tokenize_examples(tok, FORGET + holdout, max_len=64)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(30):  # sharp on both sets, so that the holdout's level binds
+        optimizer.zero_grad()
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    runs = {}
+    for weight in (0.0, 5.0):
+        config = UnlearnConfig(method="gradascent", kl_weight=0.0, entropy_weight=weight,
+                               stop_nll=50.0, **dict(FAST, epochs=6))  # fmt: skip
+        result = train_lora(model, tok, FORGET, RETAIN, config, progress=False,
+                            holdout=holdout)  # fmt: skip
+        with adapter_attached(model, result):
+            logits, _ = _answer_logits(model, tok)
+        runs[weight] = (float(token_entropy(logits).mean()), result.metrics)
+    assert runs[5.0][0] < runs[0.0][0] - 0.1, runs
+    assert runs[5.0][1]["entropy_level"] < runs[0.0][0], runs
+    assert "entropy_level" not in runs[0.0][1]
+    with pytest.raises(InvalidRequest, match="entropy_weight caps .* give never-seen") as info:
+        train_lora(model, tok, FORGET, RETAIN, UnlearnConfig(entropy_weight=1.0, **FAST),
+                   progress=False)  # fmt: skip
+    assert "\n" not in str(info.value)
 
 
 def test_sharpness_aware_steps_take_a_second_pass_and_change_the_run(tok, llama):

@@ -42,7 +42,8 @@ answer token of a batch, as Hugging Face's ``labels`` loss computes it:
                 steps) instead of keeping the model; the KL term keeps it.
 
 plus, for any objective, ``kl_weight``·KL(π_ref ‖ π_θ) over the retain set's answer tokens
-(:func:`token_kl`), which the trainer adds.
+(:func:`token_kl`), and for a forget with a holdout ``entropy_weight``·:func:`entropy_cap`
+over the forget answer tokens, which the trainer adds.
 """
 
 from __future__ import annotations
@@ -110,6 +111,19 @@ def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
     logp = torch.log_softmax(logits.float(), -1)
     ref_logp = torch.log_softmax(ref_logits.float(), -1)
     return F.kl_div(logp, ref_logp, log_target=True, reduction="batchmean")
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """(N,) entropy in nats of the next-token distribution at each of N positions."""
+    logp = torch.log_softmax(logits.float(), -1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def entropy_cap(logits: torch.Tensor, level: float) -> torch.Tensor:
+    """() mean over the N forget positions of max(0, H(π_θ) − level): where forgetting made
+    the model unsure past ``level`` (a never-seen model's entropy on such text), the
+    distribution is pulled back to that sharpness; below it, nothing."""
+    return torch.relu(token_entropy(logits) - level).mean()
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,7 +36,9 @@ from edit.methods.unlearn.losses import (
     NEEDS_TEACHER,
     USES_RETAIN,
     LossInputs,
+    entropy_cap,
     quantile_targets,
+    token_entropy,
     token_kl,
     token_nll,
 )
@@ -218,6 +220,7 @@ class _Loop:
     ref_logp: torch.Tensor
     targets: torch.Tensor | None  # (n,) each such example's target NLL (NEEDS_TARGETS)
     stop_nll: float | None  # stop once the forget set's NLL reaches it; None: no stop
+    entropy_level: float | None  # the entropy cap's level (entropy_weight); None: no cap
     use_retain_nll: bool  # the objective's α·NLL(D_r) term is on
     use_kl: bool  # the KL(π_ref ‖ π_θ) term is on
     gen: torch.Generator  # the batch order
@@ -279,6 +282,17 @@ class _Run:
         ids, mask, labels = collate([encoded[i] for i in idx], lm.pad_id(self.tok))
         device = lm.device_of(self.model)
         return ids.to(device), mask.to(device), labels.to(device)
+
+    @torch.no_grad()
+    def entropy(self, encoded: Encoded) -> float:
+        """Mean next-token entropy (nats) over the answer tokens of ``encoded``."""
+        size, total, count = max(self.config.batch_size, 16), 0.0, 0
+        for start in range(0, len(encoded), size):
+            batch = self.batch(encoded, list(range(start, min(start + size, len(encoded)))))
+            *_, logits = self._score_batch(*batch)
+            total += float(token_entropy(logits).sum())
+            count += len(logits)
+        return total / max(count, 1)
 
     def measure(self, when: str, sets: _Sets):
         """(metrics named ``*_{when}``, the training examples' log π(y|x) (n,))."""
@@ -346,6 +360,8 @@ class _Run:
             loss = token_nll(logp, n)
         if kl is not None:
             loss = loss + c.kl_weight * kl
+        if loop.entropy_level is not None:
+            loss = loss + c.entropy_weight * entropy_cap(scored[0][2], loop.entropy_level)
         return _StepLoss(loss, float(token_nll(logp.detach(), n)), retain_nll, tokens)
 
     @torch.no_grad()
@@ -408,7 +424,8 @@ class _Run:
         use_retain_nll = self.method in USES_RETAIN and c.alpha > 0 and bool(sets.retain)
         if self.method in NEEDS_TEACHER | NEEDS_TARGETS:
             stop_nll = None  # the objective holds each example at its own level: no stop
-        loop = _Loop(sets, ref_logp, targets, stop_nll, use_retain_nll, c.kl_weight > 0, gen,
+        loop = _Loop(sets, ref_logp, targets, stop_nll, metrics.get("entropy_level"),
+                     use_retain_nll, c.kl_weight > 0, gen,
                      _retain_stream(len(sets.retain), retain_size, gen), steps, bar)  # fmt: skip
         t0 = time.perf_counter()
         for epoch in range(c.epochs):
@@ -435,6 +452,14 @@ class _Run:
             if extra and self.method in NEEDS_REFERENCE:  # the extra examples' π_ref
                 extra_logp, _ = self.scores(sets.train[len(sets.forget) :])
                 ref_logp = torch.cat([ref_logp, extra_logp.to(ref_logp.dtype)])
+        if c.entropy_weight and self.objective == "forget":
+            if not sets.holdout:
+                raise InvalidRequest(
+                    "entropy_weight caps the forget set's entropy at a holdout's level: give "
+                    "never-seen examples (--holdout)"
+                )
+            with self.peft_model.disable_adapter():
+                metrics["entropy_level"] = self.entropy(sets.holdout)
         stop_nll = c.stop_nll
         if stop_nll is None and sets.holdout and self.objective == "forget":
             stop_nll = metrics["holdout_nll_before"]
