@@ -742,6 +742,9 @@ def test_entropy_weight_keeps_the_forgotten_answers_sharp_and_needs_a_holdout(to
         train_lora(model, tok, FORGET, RETAIN, UnlearnConfig(entropy_weight=1.0, **FAST),
                    progress=False)  # fmt: skip
     assert "\n" not in str(info.value)
+    with pytest.raises(InvalidRequest, match="entropy_weight is a forget setting"):
+        train_lora(model, tok, FORGET, RETAIN, UnlearnConfig(entropy_weight=1.0, **FAST),
+                   objective="learn", progress=False, holdout=holdout)  # fmt: skip
 
 
 def test_sharpness_aware_steps_take_a_second_pass_and_change_the_run(tok, llama):

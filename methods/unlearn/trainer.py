@@ -452,7 +452,9 @@ class _Run:
             if extra and self.method in NEEDS_REFERENCE:  # the extra examples' π_ref
                 extra_logp, _ = self.scores(sets.train[len(sets.forget) :])
                 ref_logp = torch.cat([ref_logp, extra_logp.to(ref_logp.dtype)])
-        if c.entropy_weight and self.objective == "forget":
+        if c.entropy_weight and self.objective != "forget":
+            raise InvalidRequest("entropy_weight is a forget setting: leave it out of learn")
+        if c.entropy_weight:
             if not sets.holdout:
                 raise InvalidRequest(
                     "entropy_weight caps the forget set's entropy at a holdout's level: give "
