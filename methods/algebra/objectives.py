@@ -116,18 +116,15 @@ def target_nll(x: ObjectiveInputs, ref: Reference, settings: ValueSettings) -> F
     row_nll = mean_by_group(-tok_lp, b.tgt_row, len(b.ids))
     fact_loss = weighted_by_fact(row_nll[:, None], b.weight, b.fact, n_act)[:, 0]
     measure = torch.exp(-fact_loss.detach())
-    done = fact_loss.detach() < settings.nll_stop
-    if len(b.pair_new):
-        rank_loss, ranked = _ranking(row_nll, b, n_act)
-        fact_loss = fact_loss + rank_loss
-        done = done & ranked
+    rank_loss, ranked = _ranking(row_nll, b, n_act)
+    done = (fact_loss.detach() < settings.nll_stop) & ranked
+    fact_loss = fact_loss + rank_loss
     if settings.stop_most_probable:
         # most-probable early stop (Gupta et al. 2025, "Lifelong Sequential Knowledge
         # Editing without Model Degradation", MPES): done once every target token is
         # the top prediction after every rewriting prompt; pushing further only
         # grows the update
-        top = _all_top(x, n_act, settings.stop_object_only)
-        done = done | (top & ranked if len(b.pair_new) else top)
+        done = done | (_all_top(x, n_act, settings.stop_object_only) & ranked)
     return FactLoss(fact_loss, measure, done)
 
 

@@ -134,7 +134,8 @@ def _check_sets(
     holdout: list[Example],
 ) -> None:
     """Refuse a run its sets cannot serve: none to train on, a retain term or KL term without
-    a retain set, a stop level for learn, or examples shared with the set to train on."""
+    a retain set, a stop level or an entropy cap for learn, an entropy cap without a holdout,
+    or examples shared with the set to train on."""
     if not forget:
         raise InvalidRequest(f"no examples to {objective}")
     if method == "graddiff" and config.alpha > 0 and not retain:
@@ -147,6 +148,13 @@ def _check_sets(
         raise InvalidRequest("samples adds the model's own wordings to forget: leave it 0 to learn")
     if objective != "forget" and config.stop_nll is not None:
         raise InvalidRequest("stop_nll stops a forget run: leave it unset for learn")
+    if objective != "forget" and config.entropy_weight:
+        raise InvalidRequest("entropy_weight is a forget setting: leave it out of learn")
+    if config.entropy_weight and not holdout:
+        raise InvalidRequest(
+            "entropy_weight caps the forget set's entropy at a holdout's level: give "
+            "never-seen examples (--holdout)"
+        )
     forget_set = set(forget)
     for name, other in (("retain", retain), ("holdout", holdout)):
         shared = [ex for ex in other if ex in forget_set]
@@ -452,15 +460,7 @@ class _Run:
             if extra and self.method in NEEDS_REFERENCE:  # the extra examples' π_ref
                 extra_logp, _ = self.scores(sets.train[len(sets.forget) :])
                 ref_logp = torch.cat([ref_logp, extra_logp.to(ref_logp.dtype)])
-        if c.entropy_weight and self.objective != "forget":
-            raise InvalidRequest("entropy_weight is a forget setting: leave it out of learn")
-        if c.entropy_weight:
-            if not sets.holdout:
-                raise InvalidRequest(
-                    "entropy_weight caps the forget set's entropy at a holdout's level: give "
-                    "never-seen examples (--holdout)"
-                )
-            with self.peft_model.disable_adapter():
+            if c.entropy_weight:  # the entropy cap's level (_check_sets: a forget, a holdout)
                 metrics["entropy_level"] = self.entropy(sets.holdout)
         stop_nll = c.stop_nll
         if stop_nll is None and sets.holdout and self.objective == "forget":
