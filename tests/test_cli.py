@@ -207,7 +207,9 @@ def test_unknown_method(capsys, tmp_path, model_dir):
 @pytest.mark.parametrize(
     "argv, says",
     [
-        (["--layer", "5"], "layer must be in 0..1 for this model, got 5"),
+        # from the model's config, before its weights load (the method's own check says
+        # "layer must be in 0..1 for this model")
+        (["--layer", "5"], "--layer 5: this model has 2 layers: give indices in 0..1"),
         (["--steps", "0"], "--steps: must be an integer 1..100000, got 0"),
         (["--set", "stop_most_probable=3"], "stop_most_probable=3: expected true or false"),
         (["--set", "learning_rate=0.1"], "unknown rome setting(s) learning_rate"),

@@ -101,7 +101,9 @@ CASES = [
     (["add", STATEMENT, *W, "--steps", "abc"], "argument --steps: 'abc' is not an integer"),
     (["add", STATEMENT, *W, "--steps", "0"], "--steps: must be an integer 1..100000"),
     (["add", STATEMENT, *W, "--steps"], "--steps: expected one argument"),
-    (["add", STATEMENT, *W, "--layer", "99"], "layer must be in 0..1 for this model, got 99"),
+    (["add", STATEMENT, *W, "--layer", "99"], "--layer 99: this model has 2 layers"),
+    (["add", "--file", "facts.jsonl", *W, "--layer", "1-3"], "--layer 3: this model has 2"),
+    (["eval", "--data", "facts.jsonl", "-m", "model", "--layer", "2"], "this model has 2"),
     (["add", STATEMENT, *W, "--layer", "-1"], "--layer '-1': give a block index"),
     (["add", STATEMENT, *W, "--layer", "0-999999999"], "give a block index"),
     (["add", STATEMENT, *W, "--method", "nope"], "unknown method 'nope'"),
@@ -163,6 +165,23 @@ CASES = [
 def test_bad_input_is_one_line_and_writes_nothing(capsys, place, argv, says):
     line = _refused(capsys, place, argv)
     assert says in line, line
+
+
+def test_a_layer_past_the_models_depth_is_refused_before_its_weights_load(
+    capsys, place, monkeypatch
+):
+    """The depth comes from the model's config (a weightless skeleton), not the model."""
+    import edit.models
+    import edit.workspace
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(edit.workspace, "load", no_loading)
+    monkeypatch.setattr(edit.models, "load", no_loading)
+    for argv in (["add", STATEMENT, *W, "--layer", "2"],
+                 ["eval", "--data", "facts.jsonl", "-m", "model", "--layer", "7"]):  # fmt: skip
+        assert "this model has 2 layers" in _refused(capsys, place, argv)
 
 
 def test_the_tuned_config_line_comes_only_after_validation(capsys, place):

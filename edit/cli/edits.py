@@ -7,6 +7,7 @@ import time
 from edit.cli.options import (
     MAX_PROMPT_CHARS,
     base_model_line,
+    check_layers_fit,
     common,
     edit_args,
     head_line,
@@ -64,6 +65,7 @@ def cmd_add(args, erase: bool = False) -> int:
         settings["steps"] = args.steps
     spec = methods.get(args.method or ("memit" if batch else "rome"))
     check_settings(spec.name, spec.config_class, settings)  # bad values before loading
+    check_layers_fit(layers, args.model or _recorded_source(args.workspace))
     ws = open_workspace(args, writer=True)
     print(base_model_line(ws))
     n = len(ws.entries())
@@ -83,6 +85,16 @@ def cmd_add(args, erase: bool = False) -> int:
     print(f"recorded: {entry.path} (id {entry.id}); undo with 'edit revert {entry.id}'")
     print(head_line(ws))
     return 0
+
+
+def _recorded_source(workspace: str) -> str | None:
+    """The base model a workspace records (None: no workspace there yet)."""
+    from pathlib import Path
+
+    from edit.ledger import read_meta
+
+    meta = read_meta(Path(workspace))
+    return meta["base"]["source"] if meta else None
 
 
 def _print_single(res, erase: bool, seconds: float) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from edit.atomic import check_new_folder
 from edit.cli.options import (
+    check_layers_fit,
     common,
     int_in,
     layer_settings,
@@ -83,6 +84,7 @@ def cmd_eval(args) -> int:
     name = Path(args.data).stem
     out = Path(args.out or f"eval-out/{name}-{args.method}-{args.mode}")
     check_new_folder(out)
+    check_layers_fit(method_settings, args.model)
     model, tok = load(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
     print(
         f"model: {model.edit_source}; {len(records)} {records[0].format} records from {args.data}"

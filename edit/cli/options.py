@@ -199,6 +199,28 @@ def layer_settings(text: str | None, batch: bool) -> dict:
     return {"layers": layers}
 
 
+def check_layers_fit(layers: dict, source: str | None) -> None:
+    """``--layer`` (as :func:`layer_settings` gave it) against the depth of the model
+    ``source`` names (None: the default model), read from its config alone, before any
+    weights load; where the config is not at hand without a download or a dequantization,
+    the method checks it once the model is loaded."""
+    wanted = layers.get("layers") or ([layers["layer"]] if "layer" in layers else [])
+    if not wanted or not all(isinstance(i, int) for i in wanted):
+        return  # nothing asked, or a value the method's settings check refuses
+    from edit import arch
+    from edit.models import DEFAULT_MODEL, skeleton
+
+    model = skeleton(source or DEFAULT_MODEL)
+    try:
+        n = arch.num_layers(model) if model is not None else None
+    except Exception:  # an architecture the table does not know: refused at loading
+        n = None
+    if n is not None and max(wanted) >= n:
+        raise EditError(
+            f"--layer {max(wanted)}: this model has {n} layers: give indices in 0..{n - 1}"
+        )
+
+
 def open_workspace(args, create: bool = True, writer: bool = False, dropping: str | None = None):
     """The workspace with its model; a writer holds the workspace's lock until it exits (in
     data-parallel runs the main process, which alone writes)."""
