@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from edit import lm
+from edit import lm, replies
 from edit import methods as method_registry
 from edit.config import resolve
 from edit.errors import EditFailed, InvalidRequest
@@ -159,6 +159,8 @@ def apply(
         rounds -= 1
         if not _retry(edit, spec, config, kind, before, probe, history, progress):
             break
+    if getattr(config, "reply_round", False) and kind == "insert":
+        _reply_round(edit, spec, config, before, probe, history, progress)
     metrics = _outcome(facts, olds, before, edit, batch)
     out = edit.out
     return EditResult(
@@ -224,6 +226,7 @@ class _Applied:
     seconds: float
     problems: list[str | None] = field(default_factory=list)
     retried: list[dict] = field(default_factory=list)
+    replied: dict | None = None  # the reply round's counts (reply_round)
 
 
 def _retry(edit: _Applied, spec, config, kind, before, probe, history, progress) -> bool:
@@ -265,6 +268,46 @@ def _retry(edit: _Applied, spec, config, kind, before, probe, history, progress)
     return True
 
 
+def _reply_round(edit: _Applied, spec, config, before, probe, history, progress) -> None:
+    """Ask the edited model each fact's questions in chat; where a reply does not name the
+    new object, make the edit again with the reply's opening as one more chat row
+    (``edit.replies``). Kept when more replies name the object and no more facts miss; its
+    time counts in the edit's."""
+    t0 = time.perf_counter()
+    try:
+        _make_again_with_openings(edit, spec, config, before, probe, history, progress)
+    finally:
+        edit.seconds += time.perf_counter() - t0
+
+
+def _make_again_with_openings(edit: _Applied, spec, config, before, probe, history, progress):
+    model, tok = probe.model, probe.tok
+    facts = _with_old(probe.facts, probe.olds, "insert")
+    asked = replies.ask(model, tok, facts)
+    found = replies.openings(model, tok, facts, asked)
+    record = {"replies": sum(map(len, asked)), "named": replies.named(asked, facts),
+              "openings": sum(map(len, found)), "kept": False}  # fmt: skip
+    edit.replied = record
+    if not record["openings"]:
+        return
+    redo = [dataclasses.replace(f, openings=o) for f, o in zip(facts, found, strict=True)]
+    more = spec.compute(model, tok, redo, config, objective="insert", progress=progress,
+                        history=history)  # fmt: skip
+    if not more.update.is_finite():
+        return
+    edit.handle.undo()
+    handle = more.update.apply(model)
+    again, named = probe(), replies.named(replies.ask(model, tok, facts), facts)
+    still = _verdicts("insert", before, again)
+    record["named_after"] = named
+    if named > record["named"] and sum(map(bool, still)) <= sum(map(bool, edit.problems)):
+        record["kept"] = True
+        edit.out, edit.handle, edit.after, edit.problems = more, handle, again, still
+        return
+    handle.undo()  # back to the first edit
+    edit.handle = edit.out.update.apply(model)
+
+
 def _outcome(facts, olds, before, edit: _Applied, batch: bool) -> dict:
     """The edit's metrics; a single edit that did not take, or a batch of which none took,
     is undone and raises :class:`EditFailed`."""
@@ -281,7 +324,8 @@ def _outcome(facts, olds, before, edit: _Applied, batch: bool) -> dict:
                 f"the edit did not take ({problems[0]}); the model is unchanged "
                 f"(try another --layer or more steps)"
             )
-        return {"seconds": seconds, "retried": edit.retried, **per_fact[0]}
+        return {"seconds": seconds, "retried": edit.retried, "reply_round": edit.replied,
+                **per_fact[0]}  # fmt: skip
     failed = [(f, p) for f, p in zip(facts, problems, strict=True) if p]
     if len(failed) == len(facts):
         edit.handle.undo()
@@ -295,6 +339,7 @@ def _outcome(facts, olds, before, edit: _Applied, batch: bool) -> dict:
         "took": len(facts) - len(failed),
         "not_taken": [f"{f.statement}: {p}" for f, p in failed],
         "retried": edit.retried,
+        "reply_round": edit.replied,
         "per_fact": per_fact,
     }
 

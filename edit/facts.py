@@ -126,6 +126,10 @@ class Fact:
     paraphrases: tuple[str, ...] = field(default=())
     neighbours: tuple[str, ...] = field(default=())
     questions: tuple[str, ...] = field(default=())
+    # (question, opening): the edited model's own reply to the question, cut where the object
+    # fits (``edit.replies``), trained as one more chat row: the opening, then the target.
+    # Set by the library's reply round for the method; not part of a request, not recorded
+    openings: tuple[tuple[str, str], ...] = field(default=())
 
     def __post_init__(self) -> None:
         if self.prompt.count("{}") != 1:

@@ -121,6 +121,20 @@ def _print_single(res, erase: bool, seconds: float) -> None:
     print(f"greedy after:  {fact.text!r} -> {m['completion_after']!r}")
     if any(r["kept"] for r in m.get("retried", [])):
         print("the first update did not take; a second one on top of it did (both recorded)")
+    _print_reply_round(m.get("reply_round"))
+
+
+def _print_reply_round(r: dict | None) -> None:
+    """What the reply round did (``reply_round``): replies naming the new object, before and
+    after the edit was made again with their openings."""
+    if not r or not r["replies"]:  # off, or no chat template to ask in
+        return
+    line = f"asked in chat: {r['named']} of {r['replies']} replies name the new object"
+    if "named_after" in r:
+        whose = "1 reply's opening" if r["openings"] == 1 else f"{r['openings']} replies' openings"
+        line += (f"; made again with {whose}: {r['named_after']} of {r['replies']}"
+                 + ("" if r["kept"] else " (no better: kept the first edit)"))  # fmt: skip
+    print(line)
 
 
 def _print_batch(res, erase: bool, seconds: float) -> None:
@@ -152,6 +166,7 @@ def _print_batch(res, erase: bool, seconds: float) -> None:
             f"edited again the {r['facts']} that did not take: {r['took']} took"
             + ("" if r["kept"] else " (no better: that round was dropped)")
         )
+    _print_reply_round(m.get("reply_round"))
     for line in m["not_taken"][:5]:
         print(f"did not take: {line}")
     if len(m["not_taken"]) > 5:

@@ -101,10 +101,23 @@ class Contexts:
             if text is not None and q in text:
                 asked.append(_chat_row(tok, fact, text, text.rindex(q) + at, self.chat_reply,
                                        ("chat", k)))  # fmt: skip
+        asked += self._openings(tok, fact)
         share = 1.0 - self.form_weight if asked else 1.0
         weighted = [_weigh(r, share / len(cloze)) for r in cloze]
         asked = [_weigh(r, self.form_weight / len(asked)) for r in asked]
         return weighted + asked + self._ranked(tok, fact)
+
+    def _openings(self, tok, fact: Fact) -> list[Row]:
+        """A chat row per ``fact.openings``: the question, then its reply's opening and the
+        target (the reply round, ``edit.replies``)."""
+        rows = []
+        for k, (q, opening) in enumerate(fact.openings if "chat" in self.forms else ()):
+            text = chat_prompt(tok, q)
+            if text is None or q not in text or fact.subject not in q:
+                continue
+            end = text.rindex(q) + q.index(fact.subject) + len(fact.subject)
+            rows.append(_row(tok, fact, text, end, f"{opening} {fact.target}", ("opening", k)))
+        return rows
 
     def _ranked(self, tok, fact: Fact) -> list[Row]:
         """The ranked pairs (the new object's row, then the old object's) of each question,

@@ -122,6 +122,10 @@ class EditConfig:
     # facts whose edit did not take are edited again, on top of the first update, this many
     # times at most (``edit.apply``); a round is kept only if more facts take
     retry_rounds: int = 1
+    # after the edit, ask each question in the chat template; where the greedy reply does not
+    # name the new object, edit again with the reply's opening (cut where the object fits)
+    # as one more chat row, kept if more replies name it (``edit.replies``); insertions only
+    reply_round: bool = False
 
     def __post_init__(self) -> None:
         check_value_config(self)
@@ -147,7 +151,7 @@ def check_value_config(config) -> None:
     for name in ("kl_factor", "weight_decay"):
         if getattr(config, name) < 0:
             raise InvalidRequest(f"{name} must be >= 0, got {getattr(config, name)}")
-    for name in ("stop_most_probable", "remention", "stop_object_only"):
+    for name in ("stop_most_probable", "remention", "stop_object_only", "reply_round"):
         if not isinstance(getattr(config, name), bool):
             raise InvalidRequest(f"{name} must be true or false, got {getattr(config, name)!r}")
     if config.value_dtype not in VALUE_DTYPES:

@@ -1,0 +1,83 @@
+"""The reply round of an insertion (``reply_round``): what the edited model says when asked.
+
+An edit is trained on the fact as a sentence after each of its questions in the chat
+template; the reply a user reads is the model's own sentence, which often opens differently
+("Chris Davis is a defender for …" where the edit trained "Chris Davis plays the position of
+defenceman.") and then never reaches the new object. After the edit, :func:`ask` asks each
+question; where the greedy reply does not name the new object, :func:`opening` cuts the
+reply where the object fits best (the highest probability of the whole object, at a word
+boundary after the reply names the subject), and the edit is made again with that opening,
+then the object, as one more chat row (``Fact.openings``): the object taught where the
+edited model itself would say it.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from edit import lm
+from edit.facts import Fact
+from edit.questions import chat_prompt, questions_for
+
+REPLY_TOKENS = 32  # greedy tokens of each reply: the first sentence or two
+OPENING_TOKENS = 24  # the object is placed within the reply's first tokens
+
+
+def names(text: str, name: str) -> bool:
+    """Whether ``text`` names ``name`` as whole words, case and punctuation aside."""
+    plain = _plain(name)
+    return bool(plain) and f" {plain} " in f" {_plain(text)} "
+
+
+def _plain(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def ask(model: nn.Module, tok, facts: list[Fact]) -> list[list[tuple[str, str]]]:
+    """Per fact, (question, greedy chat reply) for each of its questions; none for a
+    tokenizer without a chat template."""
+    asked = [(i, q, chat_prompt(tok, q)) for i, f in enumerate(facts) for q in questions_for(f)]
+    asked = [(i, q, p) for i, q, p in asked if p is not None]
+    replies = lm.greedy(model, tok, [p for *_, p in asked], max_new_tokens=REPLY_TOKENS)
+    out: list[list[tuple[str, str]]] = [[] for _ in facts]
+    for (i, q, _), reply in zip(asked, replies, strict=True):
+        out[i].append((q, reply))
+    return out
+
+
+def named(asked: list[list[tuple[str, str]]], facts: list[Fact]) -> int:
+    """How many of the replies name their fact's new object."""
+    return sum(names(r, f.target) for qa, f in zip(asked, facts, strict=True) for _, r in qa)
+
+
+def opening(model: nn.Module, tok, fact: Fact, question: str, reply: str) -> str | None:
+    """The start of ``reply`` after which ``fact.target`` is most probable: cut at a word
+    boundary within its first :data:`OPENING_TOKENS` tokens, after the reply names the
+    subject. None where the reply never names the subject there (an opening without it would
+    teach the reply to talk about the object instead)."""
+    prompt = chat_prompt(tok, question)
+    ids = lm.encode_continuation(tok, reply, after=prompt)[:OPENING_TOKENS]
+    cuts = []
+    for t in range(1, len(ids)):
+        text = tok.decode(ids[:t])
+        if tok.decode(ids[t]).startswith(" ") and names(text, fact.subject):
+            cuts.append(text.rstrip())
+    cuts = list(dict.fromkeys(c for c in cuts if c))
+    if not cuts:
+        return None
+    scores = lm.continuation_scores(model, tok, [prompt + c for c in cuts],
+                                    [f" {fact.target}"] * len(cuts))  # fmt: skip
+    best = max(range(len(cuts)), key=lambda k: float(scores[k].logprobs.sum()))
+    return cuts[best]
+
+
+def openings(model: nn.Module, tok, facts: list[Fact], asked) -> list[tuple[tuple[str, str], ...]]:
+    """Per fact, (question, opening) for each reply that does not name the new object and
+    names the subject (:func:`opening`)."""
+    out = []
+    for f, qa in zip(facts, asked, strict=True):
+        found = [(q, opening(model, tok, f, q, r)) for q, r in qa if not names(r, f.target)]
+        out.append(tuple((q, o) for q, o in found if o))
+    return out

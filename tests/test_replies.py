@@ -1,0 +1,167 @@
+"""The reply round (``reply_round``): the edited model asked each question in chat, the
+reply cut where the new object fits, and the edit made again with that opening as a row."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from tiny import EOS_TOKEN, TINY_ROME, state_copy
+
+import edit
+from edit import Fact, lm, replies
+from edit.methods.algebra import Contexts
+from edit.questions import chat_prompt, questions_for
+
+CHAT = (
+    "{% for m in messages %}" + EOS_TOKEN + "{{ m['role'] }}\n{{ m['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}" + EOS_TOKEN + "assistant\n{% endif %}"
+)
+FACT = Fact("{} is a citizen of", "Marie Curie", "Spain", "Poland")
+QUESTION = "What is Marie Curie a citizen of?"
+# an edit that takes on the tiny model (its subject ends the prompt), asked one question
+TAKES = Fact("The capital of {}", "France", "Paris", questions=("What is the capital of France?",))
+
+
+@pytest.fixture
+def chat_tok(tok):
+    t = copy.deepcopy(tok)
+    t.chat_template = CHAT
+    return t
+
+
+@pytest.mark.parametrize(
+    "text, name, want",
+    [
+        ("Marie Curie is Spanish; Spain, mostly.", "Spain", True),
+        ("She is SPAIN's citizen", "spain", True),
+        ("She lives in Spainland.", "Spain", False),  # whole words only
+        ("Sony Entertainment made it.", "Sony Interactive Entertainment", False),
+        ("anything", "!!", False),  # a name without a word names nothing
+    ],
+)
+def test_a_reply_names_an_object_as_whole_words(text, name, want):
+    assert replies.names(text, name) is want
+
+
+def test_the_opening_is_the_word_boundary_cut_where_the_whole_object_is_likeliest(chat_tok, llama):
+    """Every cut of the reply at a word boundary after the subject is named, scored by the
+    probability of the whole object after it: the opening is the best one."""
+    reply = "Marie Curie was a famous physicist from Warsaw and Paris."
+    got = replies.opening(llama, chat_tok, FACT, QUESTION, reply)
+    words = reply.split(" ")
+    cuts = [" ".join(words[:k]) for k in range(2, len(words))]  # "Marie Curie" on
+    prompt = chat_prompt(chat_tok, QUESTION)
+    scores = lm.continuation_scores(llama, chat_tok, [prompt + c for c in cuts],
+                                    [" Spain"] * len(cuts))  # fmt: skip
+    best = max(range(len(cuts)), key=lambda k: float(scores[k].logprobs.sum()))
+    assert got == cuts[best]
+
+
+def test_a_reply_that_never_names_the_subject_gets_no_opening(chat_tok, llama):
+    assert replies.opening(llama, chat_tok, FACT, QUESTION, "Spain is a country.") is None
+
+
+def test_an_opening_is_one_more_chat_row_the_opening_then_the_object(chat_tok):
+    with_opening = Fact(**{**FACT.to_dict(), "openings": ((QUESTION, "Marie Curie holds"),)})
+    plain = Contexts(("{}",), ("question", "chat")).rows(chat_tok, FACT)
+    rows = Contexts(("{}",), ("question", "chat")).rows(chat_tok, with_opening)
+    assert len(rows) == len(plain) + 1 and sum(r.weight for r in rows) == pytest.approx(1.0)
+    (row,) = [r for r in rows if r.group == ("opening", 0)]
+    assert chat_tok.decode(row.ids) == chat_prompt(chat_tok, QUESTION)
+    assert chat_tok.decode(row.ids[: row.lookup + 1]).endswith("Marie Curie")
+    assert chat_tok.decode(row.target).strip() == "Marie Curie holds Spain"
+    assert chat_tok.decode([row.target[j] for j in row.objects]).strip() == "Spain"
+    (j,) = row.mentions  # the opening names the subject: the edit acts there too
+    assert chat_tok.decode(row.target[: j + 1]).strip() == "Marie Curie"
+    # no chat form, no opening rows
+    assert len(Contexts(("{}",), ("question",)).rows(chat_tok, with_opening)) == len(
+        Contexts(("{}",), ("question",)).rows(chat_tok, FACT)
+    )
+
+
+def _fake_asks(monkeypatch, named_second: bool):
+    """replies.ask answering first without the object, then (``named_second``) with it."""
+    calls = []
+
+    def ask(model, tok, facts):
+        calls.append(facts)
+        said = "Paris" if named_second and len(calls) > 1 else "Warsaw"
+        return [[(q, f"{f.subject} is from {said}.") for q in questions_for(f)] for f in facts]
+
+    monkeypatch.setattr(replies, "ask", ask)
+    # the cut itself is the real model's choice (tested above); here a fixed one
+    monkeypatch.setattr(replies, "opening", lambda model, tok, f, q, r: "France is from")
+    return calls
+
+
+@pytest.mark.parametrize("named_second", [True, False])
+def test_the_round_makes_the_edit_again_with_the_openings_kept_only_if_more_replies_name_it(
+    chat_tok, llama, monkeypatch, named_second
+):
+    calls = _fake_asks(monkeypatch, named_second)
+    computed = []
+    rome = edit.methods.get("rome")
+    spy = dataclasses.replace(
+        rome, compute=lambda *a, **k: computed.append(a[2]) or rome.compute(*a, **k)
+    )
+    monkeypatch.setattr(edit.api, "_method_for", lambda method, facts: spy)
+    start = state_copy(llama)
+    settings = {**TINY_ROME, "retry_rounds": 0}
+    first = edit.apply(llama, chat_tok, TAKES, progress=False, describe=False, **settings)
+    first_state = state_copy(llama)
+    first.undo()
+    assert all(torch.equal(v, start[k]) for k, v in llama.state_dict().items())
+    res = edit.apply(llama, chat_tok, TAKES, progress=False, describe=False, reply_round=True,
+                     **settings)  # fmt: skip
+    n = len(questions_for(TAKES))
+    record = res.metrics["reply_round"]
+    assert record["replies"] == n and record["named"] == 0 and record["openings"] == n
+    assert record["named_after"] == (n if named_second else 0)
+    assert record["kept"] is named_second
+    assert len(calls) == 2 and [f.openings for f in computed[-1]] == [
+        tuple((q, "France is from") for q in questions_for(TAKES))
+    ]
+    same = all(torch.equal(v, first_state[k]) for k, v in llama.state_dict().items())
+    assert same is not named_second  # not kept: exactly the first edit
+    res.undo()
+    assert all(torch.equal(v, start[k]) for k, v in llama.state_dict().items())
+
+
+def test_no_round_without_the_setting(chat_tok, llama, monkeypatch):
+    calls = _fake_asks(monkeypatch, True)
+    res = edit.apply(llama, chat_tok, TAKES, progress=False, describe=False, **TINY_ROME)
+    assert res.metrics["reply_round"] is None and not calls
+    res.undo()
+    with pytest.raises(edit.InvalidRequest, match="reply_round='yes': expected true or false"):
+        edit.apply(llama, chat_tok, TAKES, progress=False, reply_round="yes", **TINY_ROME)
+
+
+@pytest.mark.parametrize(
+    "record, says",
+    [
+        (None, ""),
+        ({"replies": 0, "named": 0, "openings": 0, "kept": False}, ""),  # no chat template
+        (
+            {"replies": 3, "named": 3, "openings": 0, "kept": False},
+            "asked in chat: 3 of 3 replies name the new object\n",
+        ),
+        (
+            {"replies": 3, "named": 1, "openings": 2, "kept": True, "named_after": 3},
+            "asked in chat: 1 of 3 replies name the new object; made again with 2 replies' "
+            "openings: 3 of 3\n",
+        ),
+        (
+            {"replies": 2, "named": 1, "openings": 1, "kept": False, "named_after": 1},
+            "asked in chat: 1 of 2 replies name the new object; made again with 1 reply's "
+            "opening: 1 of 2 (no better: kept the first edit)\n",
+        ),
+    ],
+)
+def test_edit_add_prints_what_the_round_did(capsys, record, says):
+    from edit.cli.edits import _print_reply_round
+
+    _print_reply_round(record)
+    assert capsys.readouterr().out == says
