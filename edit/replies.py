@@ -5,8 +5,9 @@ template; the reply a user reads is the model's own sentence, which often opens 
 ("Chris Davis is a defender for …" where the edit trained "Chris Davis plays the position of
 defenceman.") and then never reaches the new object. After the edit, :func:`ask` asks each
 question; where the greedy reply does not name the new object, :func:`opening` cuts the
-reply where the object fits best (the highest probability of the whole object, at a word
-boundary after the reply names the subject), and the edit is made again with that opening,
+reply at its first answer slot for the object (a word boundary after the reply names the
+subject where the object's first token is among the likeliest next tokens), and the edit is
+made again with that opening,
 then the object, as one more chat row (``Fact.openings``): the object taught where the
 edited model itself would say it.
 """
@@ -23,6 +24,7 @@ from edit.questions import chat_prompt, questions_for
 
 REPLY_TOKENS = 32  # greedy tokens of each reply: the first sentence or two
 OPENING_TOKENS = 24  # the object is placed within the reply's first tokens
+OPENING_RANK = 3  # ... where its first token is among the likeliest next tokens
 
 
 def names(text: str, name: str) -> bool:
@@ -53,10 +55,12 @@ def named(asked: list[list[tuple[str, str]]], facts: list[Fact]) -> int:
 
 
 def opening(model: nn.Module, tok, fact: Fact, question: str, reply: str) -> str | None:
-    """The start of ``reply`` after which ``fact.target`` is most probable: cut at a word
-    boundary within its first :data:`OPENING_TOKENS` tokens, after the reply names the
-    subject. None where the reply never names the subject there (an opening without it would
-    teach the reply to talk about the object instead)."""
+    """The start of ``reply`` where the edited model is readiest to say ``fact.target``: the
+    first cut, at a word boundary within its first :data:`OPENING_TOKENS` tokens and after
+    the reply names the subject, where the object's first token is among the
+    :data:`OPENING_RANK` likeliest next tokens (an answer slot, not any noun slot later in
+    the sentence). None where there is no such cut, or the reply never names the subject
+    there (an opening without it would teach the reply to talk about the object instead)."""
     prompt = chat_prompt(tok, question)
     ids = lm.encode_continuation(tok, reply, after=prompt)[:OPENING_TOKENS]
     cuts = []
@@ -68,9 +72,13 @@ def opening(model: nn.Module, tok, fact: Fact, question: str, reply: str) -> str
     if not cuts:
         return None
     scores = lm.continuation_scores(model, tok, [prompt + c for c in cuts],
-                                    [f" {fact.target}"] * len(cuts))  # fmt: skip
-    best = max(range(len(cuts)), key=lambda k: float(scores[k].logprobs.sum()))
-    return cuts[best]
+                                    [f" {fact.target}"] * len(cuts),
+                                    next_distribution=True)  # fmt: skip
+    for cut, score in zip(cuts, scores, strict=True):
+        first = score.next_logprobs[int(score.targets[0])]
+        if int((score.next_logprobs > first).sum()) < OPENING_RANK:
+            return cut
+    return None
 
 
 def openings(model: nn.Module, tok, facts: list[Fact], asked) -> list[tuple[tuple[str, str], ...]]:

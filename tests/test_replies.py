@@ -46,18 +46,26 @@ def test_a_reply_names_an_object_as_whole_words(text, name, want):
     assert replies.names(text, name) is want
 
 
-def test_the_opening_is_the_word_boundary_cut_where_the_whole_object_is_likeliest(chat_tok, llama):
-    """Every cut of the reply at a word boundary after the subject is named, scored by the
-    probability of the whole object after it: the opening is the best one."""
+@pytest.mark.parametrize("rank", [3, 50, 10**6])
+def test_the_opening_is_the_first_cut_after_the_subject_where_the_object_is_likely_next(
+    chat_tok, llama, monkeypatch, rank
+):
+    """Every cut of the reply at a word boundary after the subject is named, in order: the
+    opening is the first where the object's first token is among the ``rank`` likeliest
+    next tokens (any rank: the first cut, right after the subject)."""
+    monkeypatch.setattr(replies, "OPENING_RANK", rank)
     reply = "Marie Curie was a famous physicist from Warsaw and Paris."
     got = replies.opening(llama, chat_tok, FACT, QUESTION, reply)
     words = reply.split(" ")
     cuts = [" ".join(words[:k]) for k in range(2, len(words))]  # "Marie Curie" on
     prompt = chat_prompt(chat_tok, QUESTION)
-    scores = lm.continuation_scores(llama, chat_tok, [prompt + c for c in cuts],
-                                    [" Spain"] * len(cuts))  # fmt: skip
-    best = max(range(len(cuts)), key=lambda k: float(scores[k].logprobs.sum()))
-    assert got == cuts[best]
+    first = lm.encode_continuation(chat_tok, " Spain", after=prompt + cuts[0])[0]
+    nexts = lm.next_token_logprobs(llama, chat_tok, [prompt + c for c in cuts])
+    ranks = [int((row > row[first]).sum()) for row in nexts]
+    want = next((c for c, r in zip(cuts, ranks, strict=True) if r < rank), None)
+    assert got == want
+    if rank == 10**6:
+        assert got == "Marie Curie"
 
 
 def test_a_reply_that_never_names_the_subject_gets_no_opening(chat_tok, llama):

@@ -699,51 +699,75 @@ def test_undial_aims_each_token_at_its_own_lowered_distribution(tok):
     assert kl(after_logits) < 0.67 * kl(before_logits), (kl(before_logits), kl(after_logits))
 
 
-def test_entropy_cap_by_hand():
-    """max(0, H − level) per position, averaged: a uniform row over 3 tokens has H = log 3."""
-    from edit.methods.unlearn.losses import entropy_cap, token_entropy
+def test_quantile_match_by_hand():
+    """The 1-Wasserstein distance between the positions' entropies and the levels: a uniform
+    row over 3 tokens has H = log 3; sorted, the two positions sit at the levels' quantiles
+    0.25 and 0.75 (0.35 and 0.65 between levels 0.2 and 0.8). Token NLLs by hand too."""
+    from edit.methods.unlearn.losses import quantile_match, token_entropy, token_nlls
 
     logits = torch.tensor([[0.0, 0.0, 0.0], [10.0, 0.0, 0.0]])
     h = token_entropy(logits)
     assert float(h[0]) == pytest.approx(math.log(3), rel=1e-6)
     p = torch.softmax(logits[1], -1)
     assert float(h[1]) == pytest.approx(float(-(p * p.log()).sum()), rel=1e-5)
-    want = (max(0.0, math.log(3) - 0.5) + max(0.0, float(h[1]) - 0.5)) / 2
-    assert float(entropy_cap(logits, 0.5)) == pytest.approx(want, rel=1e-6)
+    want = (abs(float(h[1]) - 0.35) + abs(math.log(3) - 0.65)) / 2
+    levels = torch.tensor([0.2, 0.8])
+    assert float(quantile_match(h, levels)) == pytest.approx(want, rel=1e-6)
+    nll = token_nlls(logits, torch.tensor([2, 0]))
+    assert nll.tolist() == pytest.approx([math.log(3), -math.log(float(p[0]))], abs=1e-6)
+    # the gradient raises the sharp row's entropy and lowers the flatter one's
+    flatter = torch.tensor([[1.0, 0.0, 0.0], [10.0, 0.0, 0.0]], requires_grad=True)
+    quantile_match(token_entropy(flatter), levels).backward()
+    h = token_entropy(flatter.detach())
+    step = token_entropy(flatter.detach() - 0.1 * flatter.grad)
+    assert float(step[0]) < float(h[0]) and float(step[1]) > float(h[1])
 
 
-def test_entropy_weight_keeps_the_forgotten_answers_sharp_and_needs_a_holdout(tok):
-    """Gradient ascent flattens the distribution at the forgotten tokens; with the entropy cap
-    (level: the holdout's entropy before the run) the answer positions end sharper, and the
-    level is reported. Without a holdout the setting is refused in one line."""
+@pytest.mark.parametrize("setting", ["entropy_weight", "token_nll_weight"])
+def test_matching_brings_the_forgotten_answer_tokens_to_the_holdouts_spread(tok, setting):
+    """Gradient ascent flattens the distribution at the forgotten tokens and drives their NLL
+    up without bound; matched to the holdout's tokens (levels: its entropies or its NLLs
+    before the run) the answer tokens end nearer the holdout's spread, and the holdout's
+    mean entropy is reported. Without a holdout, or for learn, the setting is refused in
+    one line."""
+    from edit.methods.unlearn.losses import quantile_match, token_nlls
+
+    measure = {"entropy_weight": lambda logits, answers: token_entropy(logits),
+               "token_nll_weight": token_nlls}[setting]  # fmt: skip
     holdout = [Example("", "Lisbon is the capital of Portugal."), Example("Ice is", "cold.")]
     model = tiny_model("llama", len(tok), seed=1)
     ids, mask, labels = tokenize_examples(tok, FORGET + holdout, max_len=64)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(30):  # sharp on both sets, so that the holdout's level binds
+    for _ in range(30):  # sharp on both sets, so that the holdout's levels bind
         optimizer.zero_grad()
         model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
         optimizer.step()
     model.zero_grad(set_to_none=True)
     model.eval()
+    h_ids, h_mask, h_labels = tokenize_examples(tok, holdout, max_len=64)
+    answer = h_labels[:, 1:] != IGNORE_INDEX
+    with torch.no_grad():
+        h_logits = model(input_ids=h_ids, attention_mask=h_mask).logits[:, :-1][answer]
+    levels = measure(h_logits, h_labels[:, 1:][answer]).sort().values
     runs = {}
     for weight in (0.0, 5.0):
-        config = UnlearnConfig(method="gradascent", kl_weight=0.0, entropy_weight=weight,
-                               stop_nll=50.0, **dict(FAST, epochs=6))  # fmt: skip
+        config = UnlearnConfig(method="gradascent", kl_weight=0.0, stop_nll=50.0,
+                               **{setting: weight}, **dict(FAST, epochs=6))  # fmt: skip
         result = train_lora(model, tok, FORGET, RETAIN, config, progress=False,
                             holdout=holdout)  # fmt: skip
         with adapter_attached(model, result):
-            logits, _ = _answer_logits(model, tok)
-        runs[weight] = (float(token_entropy(logits).mean()), result.metrics)
-    assert runs[5.0][0] < runs[0.0][0] - 0.1, runs
-    assert runs[5.0][1]["entropy_level"] < runs[0.0][0], runs
+            logits, answers = _answer_logits(model, tok)
+        runs[weight] = (float(quantile_match(measure(logits, answers), levels)), result.metrics)
+    assert runs[5.0][0] < runs[0.0][0] / 2, runs
+    h_mean = float(token_entropy(h_logits).mean())
+    assert runs[5.0][1]["entropy_level"] == pytest.approx(h_mean, rel=1e-3)
     assert "entropy_level" not in runs[0.0][1]
-    with pytest.raises(InvalidRequest, match="entropy_weight caps .* give never-seen") as info:
-        train_lora(model, tok, FORGET, RETAIN, UnlearnConfig(entropy_weight=1.0, **FAST),
+    with pytest.raises(InvalidRequest, match=f"{setting} matches .* give never-seen") as info:
+        train_lora(model, tok, FORGET, RETAIN, UnlearnConfig(**{setting: 1.0}, **FAST),
                    progress=False)  # fmt: skip
     assert "\n" not in str(info.value)
-    with pytest.raises(InvalidRequest, match="entropy_weight is a forget setting"):
-        train_lora(model, tok, FORGET, RETAIN, UnlearnConfig(entropy_weight=1.0, **FAST),
+    with pytest.raises(InvalidRequest, match=f"{setting} is a forget setting"):
+        train_lora(model, tok, FORGET, RETAIN, UnlearnConfig(**{setting: 1.0}, **FAST),
                    objective="learn", progress=False, holdout=holdout)  # fmt: skip
 
 

@@ -41,10 +41,13 @@ class UnlearnConfig:
     gamma: float = 0.0  # SimNPO reward margin γ
     penalty: float = 10.0  # undial: logit taken off each forget token in the target (UNDIAL: 3-30)
     kl_weight: float | None = None  # weight of KL(π_ref ‖ π_θ) on the retain set; None: as above
-    # forget with a holdout: weight of max(0, H − level) on the forget answer tokens, level the
-    # holdout's mean next-token entropy before the run (a never-seen model is confidently
-    # wrong on such text, not unsure: Min-K%++ reads the difference); 0: off
+    # forget with a holdout: weight of the distance between the forget answer tokens' next-token
+    # entropies and the holdout's before the run (losses.entropy_match: a never-seen model is
+    # confidently wrong at some tokens, unsure at others; Min-K%++ reads the spread); 0: off
     entropy_weight: float = 0.0
+    # the same for the answer tokens' NLLs (losses.quantile_match: the hardest tokens no further
+    # below the never-seen level than never-seen text's are; Min-K% reads them); 0: off
+    token_nll_weight: float = 0.0
     weight_decay: float = 0.0  # AdamW weight decay on the LoRA factors
     max_grad_norm: float | None = 1.0  # gradient clipping; None: off
     # sharpness-aware steps (SAM): each step takes the gradient at the adapter moved this far
@@ -94,7 +97,15 @@ class UnlearnConfig:
                 continue
             if not getattr(self, name) > 0:
                 raise InvalidRequest(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("alpha", "gamma", "kl_weight", "weight_decay", "sam_rho", "entropy_weight"):
+        for name in (
+            "alpha",
+            "gamma",
+            "kl_weight",
+            "weight_decay",
+            "sam_rho",
+            "entropy_weight",
+            "token_nll_weight",
+        ):
             if name == "kl_weight" and self.kl_weight is None:
                 continue
             if not getattr(self, name) >= 0:

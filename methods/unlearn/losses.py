@@ -42,8 +42,9 @@ answer token of a batch, as Hugging Face's ``labels`` loss computes it:
                 steps) instead of keeping the model; the KL term keeps it.
 
 plus, for any objective, ``kl_weight``·KL(π_ref ‖ π_θ) over the retain set's answer tokens
-(:func:`token_kl`), and for a forget with a holdout ``entropy_weight``·:func:`entropy_cap`
-over the forget answer tokens, which the trainer adds.
+(:func:`token_kl`), and for a forget with a holdout ``entropy_weight``·:func:`quantile_match`
+of the forget answer tokens' entropies and ``token_nll_weight``· that of their NLLs, each to
+the holdout's before the run, which the trainer adds.
 """
 
 from __future__ import annotations
@@ -119,11 +120,26 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def entropy_cap(logits: torch.Tensor, level: float) -> torch.Tensor:
-    """() mean over the N forget positions of max(0, H(π_θ) − level): where forgetting made
-    the model unsure past ``level`` (a never-seen model's entropy on such text), the
-    distribution is pulled back to that sharpness; below it, nothing."""
-    return torch.relu(token_entropy(logits) - level).mean()
+def quantile_match(values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """() the 1-Wasserstein distance between N per-token ``values`` (say the forget answer
+    tokens' entropies or NLLs) and ``levels`` (the same measure on never-seen text, sorted):
+    the values sorted, each aimed at the never-seen value at the same quantile, mean
+    absolute gap. A never-seen model is confidently wrong at some tokens and unsure at
+    others; forgetting moves every token it touches, and this pulls the spread back to the
+    never-seen one, in both directions."""
+    v = values.float().sort().values
+    n, m = len(v), len(levels)
+    at = (torch.arange(n, device=v.device, dtype=torch.float32) + 0.5) / n * (m - 1)
+    lo = at.floor().long()
+    frac = at - lo
+    levels = levels.to(v.device, torch.float32)
+    want = levels[lo] * (1 - frac) + levels[(lo + 1).clamp(max=m - 1)] * frac
+    return (v - want).abs().mean()
+
+
+def token_nlls(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(N,) −log π(y_t) of each of N answer tokens from its next-token logits (N, V)."""
+    return -torch.log_softmax(logits.float(), -1).gather(1, labels[:, None])[:, 0]
 
 
 # --------------------------------------------------------------------------------------------

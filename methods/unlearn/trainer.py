@@ -36,11 +36,12 @@ from edit.methods.unlearn.losses import (
     NEEDS_TEACHER,
     USES_RETAIN,
     LossInputs,
-    entropy_cap,
+    quantile_match,
     quantile_targets,
     token_entropy,
     token_kl,
     token_nll,
+    token_nlls,
 )
 from edit.methods.unlearn.samples import sampled_answers
 from edit.methods.unlearn.scoring import _Forward, _forward_scores, _scores, _summary
@@ -134,7 +135,7 @@ def _check_sets(
     holdout: list[Example],
 ) -> None:
     """Refuse a run its sets cannot serve: none to train on, a retain term or KL term without
-    a retain set, a stop level or an entropy cap for learn, an entropy cap without a holdout,
+    a retain set, a stop level or an entropy match for learn, one without a holdout,
     or examples shared with the set to train on."""
     if not forget:
         raise InvalidRequest(f"no examples to {objective}")
@@ -148,13 +149,14 @@ def _check_sets(
         raise InvalidRequest("samples adds the model's own wordings to forget: leave it 0 to learn")
     if objective != "forget" and config.stop_nll is not None:
         raise InvalidRequest("stop_nll stops a forget run: leave it unset for learn")
-    if objective != "forget" and config.entropy_weight:
-        raise InvalidRequest("entropy_weight is a forget setting: leave it out of learn")
-    if config.entropy_weight and not holdout:
-        raise InvalidRequest(
-            "entropy_weight caps the forget set's entropy at a holdout's level: give "
-            "never-seen examples (--holdout)"
-        )
+    for name in ("entropy_weight", "token_nll_weight"):
+        if objective != "forget" and getattr(config, name):
+            raise InvalidRequest(f"{name} is a forget setting: leave it out of learn")
+        if getattr(config, name) and not holdout:
+            raise InvalidRequest(
+                f"{name} matches the forget set's tokens to a holdout's: give never-seen "
+                "examples (--holdout)"
+            )
     forget_set = set(forget)
     for name, other in (("retain", retain), ("holdout", holdout)):
         shared = [ex for ex in other if ex in forget_set]
@@ -218,6 +220,13 @@ class _Sets:
     train: Encoded  # what the steps train on: ``forget``, then its augmented or sampled ones
 
 
+def _answer_labels(labels: torch.Tensor) -> torch.Tensor:
+    """(N,) the answer tokens of a batch's (B, T) labels, in the order of the logits
+    :func:`_forward_scores` gives (row by row, position by position)."""
+    answer = labels[:, 1:]
+    return answer[answer != IGNORE_INDEX]
+
+
 @dataclass
 class _Loop:
     """What the steps of a run share: set up once, counted by every step."""
@@ -228,7 +237,9 @@ class _Loop:
     ref_logp: torch.Tensor
     targets: torch.Tensor | None  # (n,) each such example's target NLL (NEEDS_TARGETS)
     stop_nll: float | None  # stop once the forget set's NLL reaches it; None: no stop
-    entropy_level: float | None  # the entropy cap's level (entropy_weight); None: no cap
+    # the holdout's answer tokens before the run, sorted: next-token entropies and NLLs, the
+    # levels of entropy_weight and token_nll_weight; None: neither is on
+    token_levels: tuple[torch.Tensor, torch.Tensor] | None
     use_retain_nll: bool  # the objective's α·NLL(D_r) term is on
     use_kl: bool  # the KL(π_ref ‖ π_θ) term is on
     gen: torch.Generator  # the batch order
@@ -292,15 +303,17 @@ class _Run:
         return ids.to(device), mask.to(device), labels.to(device)
 
     @torch.no_grad()
-    def entropy(self, encoded: Encoded) -> float:
-        """Mean next-token entropy (nats) over the answer tokens of ``encoded``."""
-        size, total, count = max(self.config.batch_size, 16), 0.0, 0
+    def token_levels(self, encoded: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N,) the next-token entropies (nats) and (N,) the NLLs at the answer tokens of
+        ``encoded``, each sorted."""
+        size, entropies, nlls = max(self.config.batch_size, 16), [], []
         for start in range(0, len(encoded), size):
-            batch = self.batch(encoded, list(range(start, min(start + size, len(encoded)))))
-            *_, logits = self._score_batch(*batch)
-            total += float(token_entropy(logits).sum())
-            count += len(logits)
-        return total / max(count, 1)
+            idx = list(range(start, min(start + size, len(encoded))))
+            ids, mask, labels = self.batch(encoded, idx)
+            *_, logits = self._score_batch(ids, mask, labels)
+            entropies.append(token_entropy(logits).cpu())
+            nlls.append(token_nlls(logits, _answer_labels(labels).to(logits.device)).cpu())
+        return torch.cat(entropies).sort().values, torch.cat(nlls).sort().values
 
     def measure(self, when: str, sets: _Sets):
         """(metrics named ``*_{when}``, the training examples' log π(y|x) (n,))."""
@@ -348,8 +361,7 @@ class _Run:
             with torch.no_grad(), self.peft_model.disable_adapter():
                 *_, before = self._score_batch(ids, mask, labels)
             inputs.before_logits = before.to(logp.device)
-            answer = labels[:, 1:]
-            inputs.labels = answer[answer != IGNORE_INDEX].to(logp.device)
+            inputs.labels = _answer_labels(labels).to(logp.device)
         kl, retain_nll = None, None
         if retain_idx:
             r_ids, r_mask, r_labels = batches[1]
@@ -368,8 +380,13 @@ class _Run:
             loss = token_nll(logp, n)
         if kl is not None:
             loss = loss + c.kl_weight * kl
-        if loop.entropy_level is not None:
-            loss = loss + c.entropy_weight * entropy_cap(scored[0][2], loop.entropy_level)
+        if loop.token_levels is not None:  # the answer tokens aimed at the holdout's spread
+            logits, (h_levels, nll_levels) = scored[0][2], loop.token_levels
+            if c.entropy_weight:
+                loss = loss + c.entropy_weight * quantile_match(token_entropy(logits), h_levels)
+            if c.token_nll_weight:
+                nlls = token_nlls(logits, _answer_labels(labels).to(logits.device))
+                loss = loss + c.token_nll_weight * quantile_match(nlls, nll_levels)
         return _StepLoss(loss, float(token_nll(logp.detach(), n)), retain_nll, tokens)
 
     @torch.no_grad()
@@ -415,7 +432,7 @@ class _Run:
         from peft.tuners.lora import LoraLayer
 
         c, acc = self.config, self.acc
-        metrics, ref_logp, stop_nll = self._before(sets)
+        metrics, ref_logp, stop_nll, token_levels = self._before(sets)
         targets = self.targets(sets) if self.method in NEEDS_TARGETS else None
         lora_layers = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
         for layer in lora_layers:
@@ -432,7 +449,7 @@ class _Run:
         use_retain_nll = self.method in USES_RETAIN and c.alpha > 0 and bool(sets.retain)
         if self.method in NEEDS_TEACHER | NEEDS_TARGETS:
             stop_nll = None  # the objective holds each example at its own level: no stop
-        loop = _Loop(sets, ref_logp, targets, stop_nll, metrics.get("entropy_level"),
+        loop = _Loop(sets, ref_logp, targets, stop_nll, token_levels,
                      use_retain_nll, c.kl_weight > 0, gen,
                      _retain_stream(len(sets.retain), retain_size, gen), steps, bar)  # fmt: skip
         t0 = time.perf_counter()
@@ -450,9 +467,11 @@ class _Run:
             layer.lora_dropout.eval()
         return self._result(loop, metrics, seconds)
 
-    def _before(self, sets: _Sets) -> tuple[dict[str, Any], torch.Tensor, float | None]:
-        """The "before" metrics, π_ref's log π(y|x) of the forget set, and the stop level
-        (``stop_nll``, else for forget the holdout's NLL); a set already there is refused."""
+    def _before(self, sets: _Sets):
+        """The "before" metrics, π_ref's log π(y|x) of the forget set, the stop level
+        (``stop_nll``, else for forget the holdout's NLL; a set already there is refused) and
+        the holdout's sorted token entropies and NLLs for ``entropy_weight`` and
+        ``token_nll_weight`` (else None)."""
         c = self.config
         with self.peft_model.disable_adapter():  # π_ref; also the "before" metrics
             metrics, ref_logp = self.measure("before", sets)
@@ -460,8 +479,10 @@ class _Run:
             if extra and self.method in NEEDS_REFERENCE:  # the extra examples' π_ref
                 extra_logp, _ = self.scores(sets.train[len(sets.forget) :])
                 ref_logp = torch.cat([ref_logp, extra_logp.to(ref_logp.dtype)])
-            if c.entropy_weight:  # the entropy cap's level (_check_sets: a forget, a holdout)
-                metrics["entropy_level"] = self.entropy(sets.holdout)
+            levels = None
+            if c.entropy_weight or c.token_nll_weight:  # never-seen levels (_check_sets)
+                levels = self.token_levels(sets.holdout)
+                metrics["entropy_level"] = float(levels[0].mean())
         stop_nll = c.stop_nll
         if stop_nll is None and sets.holdout and self.objective == "forget":
             stop_nll = metrics["holdout_nll_before"]
@@ -471,7 +492,7 @@ class _Run:
                 f"the corpus's NLL {metrics['forget_nll_before']:.3f} is already at the "
                 f"stop level {stop_nll:.3f} (never-seen text): nothing to forget"
             )
-        return metrics, ref_logp, stop_nll
+        return metrics, ref_logp, stop_nll, levels
 
     def targets(self, sets: _Sets) -> torch.Tensor:
         """(n,) each trained example's target mean token NLL: the teacher's NLL of it, else
