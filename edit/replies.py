@@ -7,9 +7,9 @@ defenceman.") and then never reaches the new object. After the edit, :func:`ask`
 question; where the greedy reply does not name the new object, :func:`opening` cuts the
 reply at its first answer slot for the object (a word boundary after the reply names the
 subject where the object's first token is among the likeliest next tokens), and the edit is
-made again with that opening,
-then the object, as one more chat row (``Fact.openings``): the object taught where the
-edited model itself would say it.
+made again with that opening, then the object, as one more chat row (``Fact.openings``): the
+object taught where the edited model itself would say it. Measured on the MQuAKE-hard dev
+cases it changed no figure (docs/methods.md), so it stays off.
 """
 
 from __future__ import annotations
