@@ -132,3 +132,14 @@ def end_of_turn(tok) -> str:
         tokenize=False,
     )
     return text[text.rindex(marker) + len(marker) :].rstrip("\n")
+
+
+def plain(text: str) -> str:
+    """``text`` as its lower-cased words, one space apart (case and punctuation aside)."""
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def names(text: str, name: str) -> bool:
+    """Whether ``text`` names ``name`` as whole words, case and punctuation aside."""
+    words = plain(name)
+    return bool(words) and f" {words} " in f" {plain(text)} "

@@ -14,27 +14,15 @@ cases it changed no figure (docs/methods.md), so it stays off.
 
 from __future__ import annotations
 
-import re
-
 from torch import nn
 
 from edit import lm
 from edit.facts import Fact
-from edit.questions import chat_prompt, questions_for
+from edit.questions import chat_prompt, names, questions_for
 
 REPLY_TOKENS = 32  # greedy tokens of each reply: the first sentence or two
 OPENING_TOKENS = 24  # the object is placed within the reply's first tokens
 OPENING_RANK = 3  # ... where its first token is among the likeliest next tokens
-
-
-def names(text: str, name: str) -> bool:
-    """Whether ``text`` names ``name`` as whole words, case and punctuation aside."""
-    plain = _plain(name)
-    return bool(plain) and f" {plain} " in f" {_plain(text)} "
-
-
-def _plain(text: str) -> str:
-    return " ".join(re.findall(r"\w+", text.lower()))
 
 
 def ask(model: nn.Module, tok, facts: list[Fact]) -> list[list[tuple[str, str]]]:

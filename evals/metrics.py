@@ -53,6 +53,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from edit import questions
+
 
 def success(nll_wanted: Sequence[float], nll_other: Sequence[float]) -> float:
     """Share of pairs where the wanted target is more likely (lower mean NLL) than the other."""
@@ -212,15 +214,10 @@ def harmonic_mean(values: Sequence[float]) -> float:
     return float(len(v) / (1.0 / v).sum())
 
 
-def _plain(text: str) -> str:
-    return " ".join(re.findall(r"\w+", text.lower()))
-
-
 def answer_contains(answer: str, names: Sequence[str]) -> bool:
     """Whether a generated answer names one of ``names`` (the object or its aliases), as
     whole words, case and punctuation aside (MQuAKE's accuracy on generated answers)."""
-    text = f" {_plain(answer)} "
-    return any(_plain(n) and f" {_plain(n)} " in text for n in names)
+    return any(questions.names(answer, n) for n in names)
 
 
 def loops(text: str, n: int = 3, times: int = 3) -> bool:
@@ -237,7 +234,8 @@ def reply_figures(reply: str, subject: str, new: Sequence[str], old: Sequence[st
     ``new``/``old`` are the new and the old object with their aliases."""
     rs = answer_contains(reply, [subject])
     # an object's name inside the subject's ("Ford" in "Ford Thunderbird") does not name it
-    rest = f" {_plain(reply)} ".replace(f" {_plain(subject)} ", " | ") if _plain(subject) else reply
+    plain = questions.plain
+    rest = f" {plain(reply)} ".replace(f" {plain(subject)} ", " | ") if plain(subject) else reply
     rn, ro, rl = answer_contains(rest, new), bool(old) and answer_contains(rest, old), loops(reply)
     figures = {"RS": rs, "RN": rn, "RO": ro, "RL": rl, "RE": rs and rn and not ro and not rl}
     return {k: float(v) for k, v in figures.items()}

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from contextlib import contextmanager
 
 import pytest
 import torch
-from tiny import tiny_model, tiny_tokenizer
+from tiny import CHAT_TEMPLATE, tiny_model, tiny_tokenizer
 
 import edit.config
 
@@ -73,6 +74,14 @@ def real_environment():
 @pytest.fixture(scope="session")
 def tok():
     return tiny_tokenizer()
+
+
+@pytest.fixture
+def chat_tok(tok):
+    """The tiny tokenizer with a chat template whose turns open with a special token."""
+    t = copy.deepcopy(tok)
+    t.chat_template = CHAT_TEMPLATE
+    return t
 
 
 @pytest.fixture

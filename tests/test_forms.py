@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from tiny import EOS_TOKEN, tiny_model
+from tiny import CHAT_TEMPLATE, EOS_TOKEN, tiny_model
 
 import edit
 from edit import Fact, InvalidRequest, lm
@@ -19,19 +19,7 @@ from edit.methods.algebra.batch import build_batch
 from edit.methods.rome import ROMEConfig
 from edit.questions import chat_prompt, end_of_turn, question_prompt, questions_for
 
-CHAT = (
-    "{% for m in messages %}" + EOS_TOKEN + "{{ m['role'] }}\n{{ m['content'] }}\n"
-    "{% endfor %}{% if add_generation_prompt %}" + EOS_TOKEN + "assistant\n{% endif %}"
-)
 FACT = Fact("{} is a citizen of", "Marie Curie", "Spain", "Poland")
-
-
-@pytest.fixture
-def chat_tok(tok):
-    """The tiny tokenizer with a chat template whose turns open with a special token."""
-    t = copy.deepcopy(tok)
-    t.chat_template = CHAT
-    return t
 
 
 @pytest.mark.parametrize(
@@ -128,7 +116,9 @@ def test_a_sentence_reply_restates_the_fact_in_the_assistants_turn(chat_tok):
     assert chat.target == chat_tok("Marie Curie is a citizen of Spain.").input_ids
     assert rows[0].target == chat_tok(" Spain").input_ids  # the cloze row keeps the object
     closing = copy.deepcopy(chat_tok)  # a template that closes each turn with a token
-    closing.chat_template = CHAT.replace("{{ m['content'] }}\n", "{{ m['content'] }}" + EOS_TOKEN)
+    closing.chat_template = CHAT_TEMPLATE.replace(
+        "{{ m['content'] }}\n", "{{ m['content'] }}" + EOS_TOKEN
+    )
     assert end_of_turn(closing) == EOS_TOKEN and end_of_turn(chat_tok) == ""
     turn = Contexts(("{}",), ("chat",), chat_reply="turn").rows(closing, FACT)[1]
     assert turn.target == chat.target + [chat_tok.convert_tokens_to_ids(EOS_TOKEN)]

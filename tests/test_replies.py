@@ -3,33 +3,21 @@ reply cut where the new object fits, and the edit made again with that opening a
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import pytest
 import torch
-from tiny import EOS_TOKEN, TINY_ROME, state_copy
+from tiny import TINY_ROME, state_copy
 
 import edit
 from edit import Fact, lm, replies
 from edit.methods.algebra import Contexts
-from edit.questions import chat_prompt, questions_for
+from edit.questions import chat_prompt, names, questions_for
 
-CHAT = (
-    "{% for m in messages %}" + EOS_TOKEN + "{{ m['role'] }}\n{{ m['content'] }}\n"
-    "{% endfor %}{% if add_generation_prompt %}" + EOS_TOKEN + "assistant\n{% endif %}"
-)
 FACT = Fact("{} is a citizen of", "Marie Curie", "Spain", "Poland")
 QUESTION = "What is Marie Curie a citizen of?"
 # an edit that takes on the tiny model (its subject ends the prompt), asked one question
 TAKES = Fact("The capital of {}", "France", "Paris", questions=("What is the capital of France?",))
-
-
-@pytest.fixture
-def chat_tok(tok):
-    t = copy.deepcopy(tok)
-    t.chat_template = CHAT
-    return t
 
 
 @pytest.mark.parametrize(
@@ -43,7 +31,7 @@ def chat_tok(tok):
     ],
 )
 def test_a_reply_names_an_object_as_whole_words(text, name, want):
-    assert replies.names(text, name) is want
+    assert names(text, name) is want
 
 
 @pytest.mark.parametrize("rank", [3, 50, 10**6])

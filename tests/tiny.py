@@ -20,6 +20,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 __all__ = [
+    "CHAT_TEMPLATE",
     "EOS_TOKEN",
     "HEAD_DIM",
     "HEADS",
@@ -43,6 +44,11 @@ __all__ = [
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
+# a chat template for the tiny tokenizer whose turns open with a special token
+CHAT_TEMPLATE = (
+    "{% for m in messages %}" + EOS_TOKEN + "{{ m['role'] }}\n{{ m['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}" + EOS_TOKEN + "assistant\n{% endif %}"
+)
 
 # Model types that tests cover. Every one of them is in edit.arch.ARCHITECTURES.
 TINY_TYPES: list[str] = [
