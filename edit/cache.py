@@ -11,6 +11,12 @@ elsewhere (``$EDIT_STATS_CACHE``, a folder to share between machines). ``<model>
 first 16 hex digits of the model's content hash (``model.edit_hash``). A model that was not
 loaded by :func:`edit.load` has no hash: nothing safe to key on, so ``path`` answers ``None``
 and the caller computes without caching.
+
+The package ships a few entries for the embedded default model (``edit/data/cache/<kind>/
+<model>/``: the key statistics and prefixes of its tuned ROME edit), so that the first edit
+on a fresh machine does not wait for them; :func:`find` reads them where the user's cache has
+none. They are keyed exactly as the user's cache would key them: another corpus, token count
+or model misses them and is computed as before.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import os
 from pathlib import Path
 
 _OVERRIDES = {"stats": "EDIT_STATS_CACHE"}  # kinds whose folder an environment variable moves
+SHIPPED = Path(__file__).resolve().parent / "data" / "cache"  # entries the package ships
 
 
 def cache_dir() -> Path:
@@ -44,6 +51,16 @@ def path(kind: str, model_hash: str | None, *key: str, ext: str) -> Path | None:
     if not model_hash:
         return None
     return root(kind) / model_key(model_hash) / (".".join([*key, ext]))
+
+
+def find(kind: str, model_hash: str | None, *key: str, ext: str) -> Path | None:
+    """The file of ``key`` to read: the user's cache entry, else the one the package ships;
+    ``None`` where neither exists (or the model has no hash)."""
+    mine = path(kind, model_hash, *key, ext=ext)
+    if mine is None or mine.is_file():
+        return mine
+    shipped = SHIPPED / kind / model_key(model_hash) / mine.name
+    return shipped if shipped.is_file() else None
 
 
 def digest(value: object, n: int = 24) -> str:

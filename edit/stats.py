@@ -114,9 +114,11 @@ def second_moment(
     paths = {n: _cache_path(model_hash, n, corpus_id, n_tokens) for n in names}
 
     found: dict[str, torch.Tensor] = {}
-    for n, p in paths.items():
-        if p is not None and p.is_file():
-            found[n] = load_file(p)["second_moment"]
+    for n in names:
+        stored = cache.find("stats", model_hash, *_cache_key(n, corpus_id, n_tokens),
+                            ext="safetensors")  # fmt: skip
+        if stored is not None and stored.is_file():
+            found[n] = load_file(stored)["second_moment"]
     missing = [n for n in names if n not in found]
     if not missing:
         log.info("key statistics of %d module(s) from the cache (%s)", len(names), corpus_id)
@@ -178,8 +180,12 @@ def _corpus_id(source: TextSource, seq_len: int) -> str:
     return f"{source.name}-{source.fingerprint}-s{seq_len}"
 
 
+def _cache_key(module: str, corpus_id: str, n: int) -> tuple[str, str, str]:
+    return module, corpus_id, str(n)
+
+
 def _cache_path(model_hash: str | None, module: str, corpus_id: str, n: int) -> Path | None:
-    return cache.path("stats", model_hash, module, corpus_id, str(n), ext="safetensors")
+    return cache.path("stats", model_hash, *_cache_key(module, corpus_id, n), ext="safetensors")
 
 
 class _Collection:

@@ -24,3 +24,31 @@ def test_statistics_can_live_elsewhere(monkeypatch, tmp_path):
 def test_digest_is_stable_and_order_free():
     assert cache.digest({"a": 1, "b": [2, 3]}) == cache.digest({"b": [2, 3], "a": 1})
     assert cache.digest([1]) != cache.digest([2])
+
+
+def test_find_reads_the_users_entry_then_the_shipped_one(monkeypatch, tmp_path):
+    monkeypatch.setenv("EDIT_CACHE", str(tmp_path / "user"))
+    monkeypatch.delenv("EDIT_STATS_CACHE", raising=False)
+    monkeypatch.setattr(cache, "SHIPPED", tmp_path / "shipped")
+    model = "sha256:" + "cd" * 32
+    assert cache.find("prefixes", model, "k", ext="json") is None  # neither has it
+    shipped = tmp_path / "shipped" / "prefixes" / ("cd" * 8) / "k.json"
+    shipped.parent.mkdir(parents=True)
+    shipped.write_text("[]")
+    assert cache.find("prefixes", model, "k", ext="json") == shipped
+    assert cache.find("prefixes", "sha256:" + "ef" * 32, "k", ext="json") is None  # other model
+    mine = cache.path("prefixes", model, "k", ext="json")
+    mine.parent.mkdir(parents=True)
+    mine.write_text("[]")
+    assert cache.find("prefixes", model, "k", ext="json") == mine  # the user's own first
+    assert cache.find("prefixes", None, "k", ext="json") is None
+
+
+def test_the_shipped_entries_are_named_as_the_cache_names_them():
+    """Each shipped file sits where ``find`` looks: <kind>/<16 hex digits of a model>/<key>."""
+    files = [p for p in cache.SHIPPED.rglob("*") if p.is_file()]
+    assert files, "the package ships the default model's ROME statistics and prefixes"
+    for p in files:
+        kind, model, _ = p.relative_to(cache.SHIPPED).parts
+        assert kind in ("stats", "prefixes") and len(model) == 16
+        assert cache.find(kind, "sha256:" + model + "0" * 48, p.stem, ext=p.suffix[1:]) == p

@@ -68,6 +68,35 @@ def test_add_takes_generalizes_and_stays_local(ws):
     assert after["The Eiffel Tower is in"] == ws.before["The Eiffel Tower is in"]
 
 
+def test_the_first_edit_on_a_fresh_machine_reads_the_shipped_statistics(ws, tmp_path,
+                                                                        monkeypatch):  # fmt: skip
+    """With an empty cache, the tuned ROME edit's key statistics and prefixes come from the
+    package: nothing is collected or sampled (a stale shipped file, say after a new release
+    of the model package, would be keyed by another model hash and miss)."""
+    from edit import arch, stats
+    from edit.config import resolve
+    from edit.layers import rome_layer
+    from edit.methods.algebra import prefixes
+    from edit.methods.rome import ROMEConfig
+
+    monkeypatch.setenv("EDIT_CACHE", str(tmp_path / "empty"))
+    monkeypatch.delenv("EDIT_STATS_CACHE", raising=False)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("computed again: the shipped entry was not found")
+
+    monkeypatch.setattr(stats._Collection, "collect", refuse)
+    monkeypatch.setattr(prefixes, "_sample", refuse)
+    model, tok = ws.model, ws.tok
+    config = resolve("rome", ROMEConfig, model)
+    mlp = arch.lookup(model).mlp_name(rome_layer(model, config.layer))
+    cov = stats.second_moment(model, tok, mlp, n_tokens=config.stats_tokens, progress=False)
+    assert cov.shape == (model.config.hidden_size, model.config.hidden_size)
+    templates = prefixes.context_templates(model, tok, config.context_templates, config.seed)
+    assert len(templates) == 1 + sum(n for _, n in config.context_templates)
+    assert not (tmp_path / "empty").exists()  # read in place, nothing written
+
+
 def test_export_is_read_by_plain_transformers(ws, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -418,14 +418,70 @@ def test_bfloat16_values_edit_with_full_precision_keys(llama, tok):
     assert lp1 > lp0 + 0.1, (lp0, lp1)
 
 
-def test_auto_value_dtype_uses_bfloat16_only_where_the_cpu_has_it(llama, monkeypatch):
+def test_weights_cast_once_give_the_same_edit_bit_for_bit_and_are_put_back(llama, tok,
+                                                                         monkeypatch):  # fmt: skip
+    """The linear layers' weights are cast to bfloat16 once for the whole optimization
+    instead of by autocast at every call: the same δ to the last bit, and afterwards the
+    model holds its own float32 parameters again (the output embedding still tied)."""
+    from contextlib import nullcontext
+
     from edit.methods.algebra import precision
+
+    llama.get_output_embeddings().weight = llama.get_input_embeddings().weight  # as SmolLM2's
+    params = dict(llama.named_parameters(remove_duplicate=False))
+    fact = Fact(**TINY_FACT)
+    config = ROMEConfig(**TINY_ROME | {"value_dtype": "bfloat16"})
+    rome = registry.get("rome")
+    seen = []
+    down = llama.get_submodule(edit.arch.lookup(llama).mlp_out_name(1))
+    hook = down.register_forward_pre_hook(lambda m, args: seen.append(m.weight.dtype))
+    try:
+        once = rome.compute(llama, tok, [fact], config, progress=False)
+        assert torch.bfloat16 in seen and torch.float32 in seen  # optimization, then keys
+        monkeypatch.setattr(precision, "bf16_linear_weights", lambda model: nullcontext())
+        seen.clear()
+        each_call = rome.compute(llama, tok, [fact], config, progress=False)
+        assert set(seen) == {torch.float32}  # autocast cast them at every call
+    finally:
+        hook.remove()
+    assert once.info["steps"] == each_call.info["steps"]
+    assert torch.equal(once.update.delta(once.info["module"]),
+                       each_call.update.delta(each_call.info["module"]))  # fmt: skip
+    after = dict(llama.named_parameters(remove_duplicate=False))
+    assert after.keys() == params.keys()
+    assert all(after[n] is p and p.dtype == torch.float32 for n, p in params.items())
+    emb, out = llama.get_input_embeddings(), llama.get_output_embeddings()
+    assert out.weight is emb.weight
+
+
+def test_weight_copies_go_back_on_error_and_are_skipped_without_memory(llama, monkeypatch):
+    from types import SimpleNamespace
+
+    from edit.methods.algebra import precision
+
+    weights = list(llama.parameters())
+    down = llama.get_submodule(edit.arch.lookup(llama).mlp_out_name(0))
+    with pytest.raises(RuntimeError, match="stopped"), precision.bf16_linear_weights(llama):
+        assert down.weight.dtype == torch.bfloat16
+        raise RuntimeError("stopped")
+    assert all(a is b for a, b in zip(llama.parameters(), weights, strict=True))
+    monkeypatch.setattr(precision.psutil, "virtual_memory", lambda: SimpleNamespace(available=1))
+    with precision.bf16_linear_weights(llama):
+        assert down.weight.dtype == torch.float32  # autocast casts at each call instead
+
+
+def test_auto_value_dtype_uses_bfloat16_only_where_the_cpu_has_it(llama, monkeypatch):
+    from contextlib import nullcontext
+
+    from edit.methods.algebra import precision
+
+    def in_bf16(ctx) -> bool:
+        return not isinstance(ctx, nullcontext)
 
     for native in (True, False):
         monkeypatch.setattr(precision, "native_bf16_cpu", lambda native=native: native)
-        ctx = precision.value_autocast(llama, "auto")
-        assert isinstance(ctx, torch.autocast) is native
-        assert isinstance(precision.value_autocast(llama, "float32"), torch.autocast) is False
-        assert isinstance(precision.value_autocast(llama, "bfloat16"), torch.autocast)
+        assert in_bf16(precision.value_autocast(llama, "auto")) is native
+        assert not in_bf16(precision.value_autocast(llama, "float32"))
+        assert in_bf16(precision.value_autocast(llama, "bfloat16"))
     with pytest.raises(InvalidRequest, match="value_dtype must be one of auto, float32"):
         ROMEConfig(value_dtype="fp8")

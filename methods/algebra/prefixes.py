@@ -28,9 +28,11 @@ def context_templates(
     are sampled from the model itself (top-5, fixed seed) and cached on disk per model.
     """
     key = cache.digest([[list(s) for s in spec], seed])
-    path = cache.path("prefixes", getattr(model, "edit_hash", None), key, ext="json")
-    if path is not None and path.is_file():
-        return json.loads(path.read_text())
+    model_hash = getattr(model, "edit_hash", None)
+    stored = cache.find("prefixes", model_hash, key, ext="json")
+    if stored is not None and stored.is_file():
+        return json.loads(stored.read_text())
+    path = cache.path("prefixes", model_hash, key, ext="json")
     templates = ["{}", *_sample(model, tok, spec, seed)]
     if path is not None:
         write_json(path, templates)
