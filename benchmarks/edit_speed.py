@@ -8,8 +8,8 @@ split an edit's time into its phases; those runs are not in the timings.
 
     .venv/bin/python benchmarks/edit_speed.py --limit 10
     .venv/bin/python benchmarks/edit_speed.py --limit 10 --variant steps10:steps=10
-    .venv/bin/python benchmarks/edit_speed.py --limit 10 --variant percall   # weights cast
-        # by autocast at every call, as before they were cast once per optimization
+    .venv/bin/python benchmarks/edit_speed.py --limit 10 --variant before   # the code paths
+        # before this benchmark's changes (see variant_context)
     .venv/bin/python benchmarks/edit_speed.py --limit 0 --fresh   # the demo's first edit on
         # a fresh machine: `edit ask` then `edit add` with an empty cache
 
@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,8 +43,10 @@ PHASES = {
     "value steps: forward": [("algebra/values.py", "forward")],
     "value steps: backward and Adam": [("algebra/values.py", "descend")],
     "keys at model precision": [("algebra/keys.py", "keys_and_hidden")],
-    "the write (solve)": [("algebra/solves.py", "gated_neurons"),
-                          ("algebra/solves.py", "rank_one_direction")],  # fmt: skip
+    "the write (solve)": [
+        ("algebra/solves.py", "gated_neurons"),
+        ("algebra/solves.py", "rank_one_direction"),
+    ],  # fmt: skip
 }
 
 
@@ -57,15 +59,24 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 
 def variant_context(name: str):
-    """``percall``: the value optimization's weights cast by autocast at each call (the path
-    before they were cast once); any other name: as the code is."""
-    if name != "percall":
-        return nullcontext()
+    """The code paths before a change, for timing against it: ``percall``, the value
+    optimization's weights cast by autocast at each call (before they were cast once);
+    ``padded``, its rows right-padded each in its own sequence (before they were packed);
+    ``before``, both. Any other name: as the code is."""
     from unittest import mock
 
-    from edit.methods.algebra import precision
+    from edit.methods.algebra import packing, precision
 
-    return mock.patch.object(precision, "bf16_linear_weights", lambda model: nullcontext())
+    patches = []
+    if name in ("percall", "before"):
+        patches.append(mock.patch.object(precision, "bf16_linear_weights",
+                                         lambda model: nullcontext()))  # fmt: skip
+    if name in ("padded", "before"):
+        patches.append(mock.patch.object(packing, "packs", lambda model: False))
+    stack = ExitStack()
+    for p in patches:
+        stack.enter_context(p)
+    return stack
 
 
 def edit_once(model, tok, fact, method: str, settings: dict):

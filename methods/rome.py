@@ -147,11 +147,10 @@ def compute(
         config.value_settings(),
         objective=objective,
         progress=progress,
+        key_module=read,  # the neuron reads the MLP's input at the subject, the row k
     )
 
     keys = sol.keys  # (F, d_in)
-    if read != module:  # the MLP's input at the subject, averaged over the same rows
-        keys = keys_and_hidden(model, tok, facts, contexts, read, read)[0]
     mapped = [keys]
     if config.prompt_key:  # the fact's own prompt, as `edit ask` reads it
         mapped.append(keys_and_hidden(model, tok, facts, ["{}"], read, read)[0])

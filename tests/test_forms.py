@@ -314,12 +314,12 @@ def test_remention_adds_delta_where_the_reply_names_the_subject_again(chat_tok, 
         _, before = run.forward(first=True)  # δ = 0
         run.delta.normal_()
         _, after = run.forward(first=True)
-    change = (after.output - before.output).norm(dim=-1)  # (R, S)
+    change = (after.output - before.output).norm(dim=-1).flatten()  # the packed tokens
     want = torch.zeros_like(change, dtype=torch.bool)
-    want[:, 0] = True  # the lookup: column 0 of every row
+    want[run.packed.slot[:, 0]] = True  # the lookup: column 0 of every row
     if remention:
         assert b.mention_row.numel() == 2  # the two chat rows' sentences
-        want[b.mention_row, b.mention_col] = True
+        want[run.packed.flat(b.mention_row, b.mention_col)] = True
     assert (change > 1e-3).equal(want)
     torch.testing.assert_close(change[want], run.delta[0].norm().expand(int(want.sum())))
 

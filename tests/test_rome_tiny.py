@@ -309,6 +309,39 @@ def test_value_rows_after_a_cached_prefix_match_the_whole_rows(tok, model_type):
 
 
 @pytest.mark.parametrize("model_type", TYPES)
+def test_packed_rows_give_each_row_the_logits_it_has_alone(tok, model_type):
+    """Rows packed side by side in fewer sequences (their prefixes side by side in the cache,
+    a block-diagonal causal mask): every position's logits must be those of its whole row
+    run alone, on every architecture and with either attention; and the packing must save
+    token slots where it packs at all."""
+    from contextlib import nullcontext
+
+    from edit.methods.algebra.batch import build_batch
+    from edit.methods.algebra.packing import pack, packs
+
+    model = tiny_model(model_type, len(tok))
+    facts = [Fact(**TINY_FACT), Fact("{} was born in", "Marie Curie", "Warsaw, Poland, in 1867")]
+    templates = ["{}", "A short text. {}", "Here is a much longer piece of text first. {}"]
+    b = build_batch(tok, facts, templates, "cpu")
+    rows, cols = torch.cat([b.tgt_row, b.kl_row]), torch.cat([b.tgt_col, b.kl_col])
+    for attention in (nullcontext, lm.eager_attention_on_cpu):
+        with attention(model), torch.no_grad():
+            pk = pack(b, model)
+            seq, col = pk.split(pk.flat(rows, cols))
+            packed = lm.logits_at(model, pk.ids, pk.mask, seq, col, position_ids=pk.pos,
+                                  cache=pk.prefix_cache(model))  # fmt: skip
+            for i, (r, c) in enumerate(zip(rows.tolist(), cols.tolist(), strict=True)):
+                prefix = b.prefix_ids[r][b.prefix_mask[r].bool()]
+                seq_r = torch.cat([prefix, b.ids[r, : c + 1]])[None]
+                whole = model(input_ids=seq_r, attention_mask=torch.ones_like(seq_r)).logits
+                torch.testing.assert_close(packed[i], whole[0, -1].float(), atol=2e-5, rtol=1e-4)
+        if packs(model):
+            assert pk.ids.numel() < b.ids.numel() and pk.ids.shape[0] < b.ids.shape[0]
+    if model_type in ("llama", "qwen2", "gpt2"):
+        assert packs(model)  # so the checks above ran packed
+
+
+@pytest.mark.parametrize("model_type", TYPES)
 def test_finished_facts_leave_the_batch_and_the_cache_without_running_it_again(tok, model_type):
     """When facts finish, the rows of the others are cut out of the batch and of the prefix
     cache: their logits must be those of a batch built for the remaining facts alone."""

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from edit.facts import Fact
-from edit.hooks import StopForward, Trace
+from edit.hooks import StopForward
 from edit.lm import cache_kwarg, device_of, empty_cache, pad_id, right_pad
 from edit.methods.algebra.contexts import Contexts
 
@@ -47,7 +47,7 @@ def keys_and_hidden(
     The rows are run group by group (one context template, or one asked form): the tokens
     that all rows of a group share (the start token and the sampled prefix text, or the chat
     template's opening) run once into a key/value cache, and each row continues it only up to
-    its lookup token and only up to ``block`` (``module`` must lie in or before it;
+    its lookup token and only up to ``block`` (``module`` must hold it or run before it;
     ``block == module`` gives the keys and the module's own output): nothing later can
     change either. No gradients."""
     device = device_of(model)
@@ -61,12 +61,16 @@ def keys_and_hidden(
     keys = hidden = None
     captured: dict[str, torch.Tensor] = {}
 
+    def key(_m, inputs):
+        captured["k"] = inputs[0]
+
     def grab(_m, _inputs, output):
         captured["h"] = output[0] if isinstance(output, tuple) else output
         raise StopForward  # the rest of the model cannot change k or h
 
-    # the key hook first: on the same module it must see the input before the stop
-    tr = Trace(model, module, retain_input=True)
+    # the key is read as ``module`` starts: it may hold ``block`` (an MLP and its output
+    # projection), whose hook ends the pass before ``module`` returns
+    key_handle = model.get_submodule(module).register_forward_pre_hook(key)
     handle = model.get_submodule(block).register_forward_hook(grab)
     try:
         for members in groups.values():
@@ -88,7 +92,7 @@ def keys_and_hidden(
                 at = _run_to_lookup(model, chunk, shared, cache, pad, device)
                 if "h" not in captured:
                     raise RuntimeError(f"{block} did not run in the forward pass")
-                x, y = tr.input, captured["h"]  # on the devices their layers live on
+                x, y = captured["k"], captured["h"]  # on the devices their layers live on
                 k = x.reshape(-1, x.shape[-1])[at.to(x.device)].float().to(device)
                 h = y.reshape(-1, y.shape[-1])[at.to(y.device)].float().to(device)
                 if keys is None:
@@ -99,7 +103,7 @@ def keys_and_hidden(
                 hidden.index_add_(0, fact_of[start : start + len(chunk)], h * w)
     finally:
         handle.remove()
-        tr.close()
+        key_handle.remove()
     return keys, hidden
 
 

@@ -34,6 +34,7 @@ from edit.methods.algebra.objectives import (
     norm_penalty,
     regularized,
 )
+from edit.methods.algebra.packing import pack
 from edit.methods.algebra.precision import VALUE_DTYPES, value_autocast
 from edit.questions import chat_prompt
 from edit.stats import DEFAULT_CORPUS
@@ -177,8 +178,11 @@ def solve_values(
     objective: str = "insert",
     progress: bool = True,
     max_rows: int = MAX_ROWS,
+    key_module: str | None = None,
 ) -> ValueSolution:
-    """Keys k* and output changes δ for a batch of facts at the output of ``module``.
+    """Keys k* and output changes δ for a batch of facts at the output of ``module``; the
+    keys are the input of ``key_module`` (default ``module``; ROME's neuron write reads the
+    MLP's input), from the same pass as v0 where one is run at the model's own precision.
 
     Facts are independent (each has its own δ and its own loss terms), so a large batch is
     solved in chunks of about ``max_rows`` prompt rows, each chunk in one forward/backward
@@ -195,10 +199,14 @@ def solve_values(
     with precision:
         sol = _solve_values(model, tok, module, facts, templates, settings, objective, progress,
                             max_rows, replies)  # fmt: skip
+    key_module = key_module or module
     if isinstance(precision, nullcontext):
-        return sol
+        if key_module == module:  # the first step's pass read both
+            return sol
+        keys = keys_and_hidden(model, tok, facts, templates, key_module, key_module, max_rows)[0]
+        return dataclasses.replace(sol, keys=keys)
     # the keys and v0 that the update is built from come from the model at its own precision
-    keys, values = keys_and_hidden(model, tok, facts, templates, module, module, max_rows)
+    keys, values = keys_and_hidden(model, tok, facts, templates, key_module, module, max_rows)
     return dataclasses.replace(sol, keys=keys, values=values)
 
 
@@ -337,24 +345,31 @@ class _ChunkRun:
         self.final_measure = torch.zeros(self.n_facts, device=self.device)
         self.act = torch.arange(self.n_facts, device=self.device)  # running facts, increasing
         self.batch = batch  # the running facts' rows
-        self.prefix = batch.prefix_cache(model)
+        self._pack()
         self.losses: list[float] = []
+
+    def _pack(self) -> None:
+        """The running rows packed into full sequences, and their prefixes' cache."""
+        self.packed = pack(self.batch, self.model)
+        self.prefix = self.packed.prefix_cache(self.model)
 
     def forward(self, first: bool) -> tuple[torch.Tensor, Trace]:
         """One pass over the running rows with δ added at each row's lookup (column 0):
         log-probabilities (targets, then essence rows) and the trace of ``module`` (its input
         and output kept at the first pass)."""
-        cb, device = self.batch, self.device
-        c_flat = torch.arange(len(cb.ids), device=device) * cb.ids.shape[1]  # lookups: column 0
+        cb, pk = self.batch, self.packed
+        lookups = pk.slot[:, 0]  # each row's lookup is its column 0
         row_fact = self.act[cb.fact]
-        at, who = c_flat, row_fact  # where δ is added, and whose
+        at, who = lookups, row_fact  # where δ is added (flat packed index), and whose
         if self.settings.remention:
-            at = torch.cat([c_flat, cb.mention_row * cb.ids.shape[1] + cb.mention_col])
+            at = torch.cat([lookups, pk.flat(cb.mention_row, cb.mention_col)])
             who = torch.cat([row_fact, row_fact[cb.mention_row]])
+        seq, col = pk.split(pk.flat(torch.cat([cb.tgt_row, cb.kl_row]),
+                                    torch.cat([cb.tgt_col, cb.kl_col])))  # fmt: skip
 
         def inject(out: torch.Tensor) -> torch.Tensor:
             if self.delta is None:  # on the input's device; the layer may live on another one
-                self.delta = torch.zeros((self.n_facts, out.shape[-1]), device=device)
+                self.delta = torch.zeros((self.n_facts, out.shape[-1]), device=self.device)
                 self.delta.requires_grad_(True)
             add = self.delta[who].to(device=out.device, dtype=out.dtype)
             edited = torch.index_put(out.flatten(0, -2), (at.to(out.device),), add,
@@ -366,11 +381,11 @@ class _ChunkRun:
         ) as tr:
             logits = logits_at(
                 self.model,
-                cb.ids,
-                cb.mask,
-                torch.cat([cb.tgt_row, cb.kl_row]),
-                torch.cat([cb.tgt_col, cb.kl_col]),
-                position_ids=cb.pos,
+                pk.ids,
+                pk.mask,
+                seq,
+                col,
+                position_ids=pk.pos,
                 cache=None if self.prefix is None else copy.deepcopy(self.prefix),
             )
         return torch.log_softmax(logits, -1), tr
@@ -379,7 +394,7 @@ class _ChunkRun:
         """From the first pass (δ = 0): the keys, v0, the essence rows' reference
         distributions and the objective's reference; Adam is set up on δ."""
         b, device, n_tgt = self.full, self.device, len(self.full.tgt_row)
-        flat = torch.arange(len(b.ids), device=device) * b.ids.shape[1]
+        flat = self.packed.slot[:, 0]  # the lookups (the first pass runs every row)
         # (R, d_in), (R, d_out); OPT blocks flatten; from the layer's device
         k_rows = tr.input.flatten(0, -2)[flat.to(tr.input.device)].float().to(device)
         v_rows = tr.output.flatten(0, -2)[flat.to(tr.output.device)].float().to(device)
@@ -425,7 +440,8 @@ class _ChunkRun:
         if bool(done.any()):
             self.kl_ref = self.kl_ref[(~done)[self.batch.kl_fact]]
             self.act = self.act[~done]
-            self.batch, self.prefix = self.batch.keep(~done, self.prefix)
+            self.batch, _ = self.batch.keep(~done, None)
+            self._pack()
 
     def solution(self) -> ValueSolution:
         return ValueSolution(
