@@ -46,7 +46,7 @@ PHASES = {
     "the write (solve)": [
         ("algebra/solves.py", "gated_neurons"),
         ("algebra/solves.py", "rank_one_direction"),
-    ],  # fmt: skip
+    ],
 }
 
 
@@ -79,18 +79,21 @@ def variant_context(name: str):
     return stack
 
 
-def edit_once(model, tok, fact, method: str, settings: dict):
+def edit_once(model, tok, request, method: str, settings: dict):
+    """One edit (a fact, or a list of facts as one batch), timed and undone: seconds per
+    fact, the value steps, the share of facts that took, and the update's tensors."""
     import edit
 
     t = time.perf_counter()
-    res = edit.apply(model, tok, fact, method=method, describe=False, progress=False, **settings)
+    res = edit.apply(model, tok, request, method=method, describe=False, progress=False,
+                     **settings)  # fmt: skip
     seconds = time.perf_counter() - t
     m = res.metrics
+    n = len(request) if isinstance(request, list) else 1
     row = {
-        "seconds": seconds,
+        "seconds": seconds / n,
         "steps": res.info.get("steps"),
-        "took": m["p_new_after"] > m["p_old_after"],
-        "p_new_after": m["p_new_after"],
+        "took": m["took"] / n if isinstance(request, list) else m["p_new_after"] > m["p_old_after"],
         "retried": bool(m.get("retried")),
     }
     tensors = res.update.tensors()
@@ -148,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--limit", type=int, default=10)
     p.add_argument("--method", default="rome")
+    p.add_argument("--batch", type=int, default=1, help="facts per edit (MEMIT, AlphaEdit)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME[:KEY=VALUE,...]",
                    help="settings timed against the defaults in the same run")  # fmt: skip
     p.add_argument("--profile", type=int, default=3, help="records profiled (default settings)")
@@ -164,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = [("default", {}), *map(parse_variant, args.variant)]
     model, tok = edit.load()
     facts = [r.fact for r in load_records(args.data, limit=args.limit)]
+    if args.batch > 1:  # each "fact" below is then a batch of them
+        facts = [facts[i : i + args.batch] for i in range(0, len(facts), args.batch)]
     if facts:  # statistics and prefixes into the cache first: every timed edit finds them
         edit_once(model, tok, facts[0], args.method, {})
     rows: dict[str, list[dict]] = {name: [] for name, _ in variants}
@@ -186,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     phases = profile_phases(model, tok, facts[: args.profile], args.method) if facts else {}
     fresh = fresh_first_edit() if args.fresh else {}
 
-    summary = {"method": args.method, "records": len(facts), "variants": {}}
+    summary = {"method": args.method, "batch": args.batch, "edits": len(facts), "variants": {}}
     for name, settings in variants:
         rs = rows[name]
         if not rs:
@@ -197,11 +203,11 @@ def main(argv: list[str] | None = None) -> int:
             "median_seconds": round(statistics.median(secs), 2),
             "p90_seconds": round(secs[min(len(secs) - 1, int(0.9 * len(secs)))], 2),
             "mean_steps": round(statistics.mean(r["steps"] or 0 for r in rs), 1),
-            "took_percent": round(100 * statistics.mean(r["took"] for r in rs), 1),
+            "took_percent": round(100 * statistics.mean(float(r["took"]) for r in rs), 1),
             "same_update_as_default": sum(r["same_update"] for r in rs),
         }
     if phases:
-        summary["profile_records"] = min(args.profile, len(facts))
+        summary["profile_edits"] = min(args.profile, len(facts))
         summary["profile_seconds"] = {k: round(v, 2) for k, v in phases.items()}
     if fresh:
         summary["fresh_machine_seconds"] = fresh
@@ -212,20 +218,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _table(s: dict) -> str:
+    what = "one fact" if s["batch"] == 1 else f"batches of {s['batch']} facts"
     lines = [
-        f"{s['method']}, {s['records']} CounterFact dev records, each edited once per variant "
-        "(alternating), undone after",
+        f"{s['method']}, {s['edits']} edits of {what} (CounterFact dev records), each made once "
+        "per variant (alternating) and undone after; seconds per fact",
         "",
-        "| variant | median s/edit | p90 | mean steps | took % | same update as default |",
+        "| variant | median s/fact | p90 | mean steps | took % | same update as default |",
         "|---|---|---|---|---|---|",
     ]
     for name, v in s["variants"].items():
         lines.append(f"| {name} {v['settings'] or ''} | {v['median_seconds']} | "
                      f"{v['p90_seconds']} | {v['mean_steps']} | {v['took_percent']} | "
-                     f"{v['same_update_as_default']} of {s['records']} |")  # fmt: skip
+                     f"{v['same_update_as_default']} of {s['edits']} |")  # fmt: skip
     if "profile_seconds" in s:
         prof = s["profile_seconds"]
-        lines += ["", f"Where the time goes (cProfile, {s['profile_records']} edits, default "
+        lines += ["", f"Where the time goes (cProfile, {s['profile_edits']} edits, default "
                   "settings; seconds summed over them):", "",
                   "| phase | seconds | share |", "|---|---|---|"]  # fmt: skip
         for k, v in prof.items():

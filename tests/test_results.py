@@ -80,6 +80,15 @@ FIGURES: dict[str, dict[str, str]] = {
             )
         },
     },
+    "edit_speed": {
+        "s/edit": "variants.default.median_seconds",
+        "before s/edit": "variants.before.median_seconds",
+        "first edit add on an empty cache s": "fresh_machine_seconds.edit add",
+    },
+    "edit_speed_memit": {
+        "s/fact": "variants.default.median_seconds",
+        "before s/fact": "variants.before.median_seconds",
+    },
     "mquake_forms": {
         **{k: f"edited.{k}" for k in ("ES", "QS", "CS", "CG", "RS", "RE", "RU")},
         **{f"unedited {k}": f"unedited.{k}" for k in ("RS", "RE")},
