@@ -199,6 +199,9 @@ def test_rows_mark_the_objects_tokens_for_the_stop(chat_tok):
     marked = [chat_tok.decode(b.tgt_tok[(b.tgt_row == r) & b.tgt_object].tolist()).strip()
               for r in range(len(rows))]  # fmt: skip
     assert marked == ["Spain"] * len(rows)
+    after = [chat_tok.decode(b.tgt_tok[(b.tgt_row == r) & b.tgt_after_object].tolist())
+             for r in range(len(rows))]  # fmt: skip
+    assert after == [""] + ["."] * len(chats)  # a sentence's end: what stop_at_object_end skips
 
 
 def test_ranked_pairs_put_each_object_where_each_questions_answer_opens(chat_tok):

@@ -424,6 +424,27 @@ def test_the_object_only_stop_reads_the_object_tokens_alone(llama, tok):
     assert not bool(_all_top(x, 1, object_only=True)[0])
 
 
+def test_the_stop_at_the_objects_end_does_not_wait_for_the_full_stop():
+    """``stop_at_object_end``: a sentence "X is in Y." is on top once every token up to Y
+    is; the full stop after Y never holds the stop back, the words before Y still do."""
+    from types import SimpleNamespace
+
+    from edit.methods.algebra.objectives import _all_top
+
+    batch = SimpleNamespace(
+        tgt_tok=torch.tensor([1, 2, 3]), tgt_object=torch.tensor([False, True, False]),
+        tgt_after_object=torch.tensor([False, False, True]), tgt_row=torch.tensor([0, 0, 0]),
+        ids=torch.zeros(1, 4), rewrite=torch.tensor([True]), fact=torch.tensor([0]),
+    )  # fmt: skip
+    logp = torch.full((3, 5), -5.0)
+    logp[0, 1] = logp[1, 2] = logp[2, 4] = 0.0  # all on top but the full stop (3)
+    x = SimpleNamespace(batch=batch, logp=logp)
+    assert not bool(_all_top(x, 1, object_only=False)[0])
+    assert bool(_all_top(x, 1, object_only=False, to_object_end=True)[0])
+    logp[0, 1], logp[0, 0] = -5.0, 0.0  # a word before the object no longer on top
+    assert not bool(_all_top(x, 1, object_only=False, to_object_end=True)[0])
+
+
 def test_bfloat16_values_edit_with_full_precision_keys(llama, tok):
     fact = Fact(**TINY_FACT)
     rome = registry.get("rome")

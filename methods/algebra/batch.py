@@ -61,6 +61,7 @@ class Batch:
     tgt_tok: torch.Tensor  # (T,) the target token
     tgt_first: torch.Tensor  # (T,) bool: the first token of the target
     tgt_object: torch.Tensor  # (T,) bool: a token of the object (all where none is marked)
+    tgt_after_object: torch.Tensor  # (T,) bool: after the object's last token (a sentence's end)
     kl_row: torch.Tensor  # (K,) row of each essence (KL) position
     kl_col: torch.Tensor  # (K,) column of ``ids`` whose next-token distribution is kept
     kl_fact: torch.Tensor  # (K,) the fact it belongs to
@@ -115,6 +116,7 @@ class Batch:
             tgt_tok=self.tgt_tok[tgt],
             tgt_first=self.tgt_first[tgt],
             tgt_object=self.tgt_object[tgt],
+            tgt_after_object=self.tgt_after_object[tgt],
             kl_row=new_row[self.kl_row[kl]],
             kl_col=self.kl_col[kl],
             kl_fact=new_fact[self.kl_fact[kl]],
@@ -136,7 +138,7 @@ def build_batch(tok, facts: list[Fact], templates, device, replies=None) -> Batc
     question in the chat template followed by the reply (a position per reply token)."""
     contexts = Contexts.of(templates)
     seqs, fact_of, lookup, rewrite, weight = [], [], [], [], []
-    t_row, t_col, t_tok, t_first, t_object = [], [], [], [], []
+    t_row, t_col, t_tok, t_first, t_object, t_after = [], [], [], [], [], []
     m_row, m_col = [], []
     pairs: list[tuple[int, int, int]] = []  # (new object's row, old object's row, fact)
     for f, fact in enumerate(facts):
@@ -158,6 +160,7 @@ def build_batch(tok, facts: list[Fact], templates, device, replies=None) -> Batc
                 t_tok.append(t)
                 t_first.append(j == 0)
                 t_object.append(not row.objects or j in row.objects)
+                t_after.append(bool(row.objects) and j > max(row.objects))
     kl_row, kl_col, kl_fact, kl_weight = [], [], [], []
     for f, fact in enumerate(facts):
         essence = [_essence_row(tok, ESSENCE_PROMPT, fact.subject, None)]
@@ -209,6 +212,7 @@ def build_batch(tok, facts: list[Fact], templates, device, replies=None) -> Batc
         tgt_tok=t(t_tok),
         tgt_first=t(t_first, torch.bool),
         tgt_object=t(t_object, torch.bool),
+        tgt_after_object=t(t_after, torch.bool),
         kl_row=t(kl_row),
         kl_col=t(kl_col),
         kl_fact=t(kl_fact),

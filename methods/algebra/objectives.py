@@ -79,13 +79,17 @@ def register_objective(name: str, *, reference: ReferenceFn | None = None):
 # --------------------------------------------------------------------------- insert
 
 
-def _all_top(x: ObjectiveInputs, n_act: int, object_only: bool) -> torch.Tensor:
-    """(F,) bool: every target token (``object_only``: every object token) is the top
-    prediction after every rewriting prompt."""
+def _all_top(x: ObjectiveInputs, n_act: int, object_only: bool,
+             to_object_end: bool = False) -> torch.Tensor:  # fmt: skip
+    """(F,) bool: every target token (``object_only``: every object token;
+    ``to_object_end``: every token up to the object's end) is the top prediction after
+    every rewriting prompt."""
     b = x.batch
     top = x.logp.detach().argmax(-1) == b.tgt_tok  # (P,)
     if object_only:
         top = top | ~b.tgt_object
+    if to_object_end:
+        top = top | b.tgt_after_object
     row_top = mean_by_group(top.float(), b.tgt_row, len(b.ids)) == 1
     fact_top = mean_by_fact(row_top[b.rewrite].float()[:, None], b.fact[b.rewrite], n_act)
     return fact_top[:, 0] == 1
@@ -124,7 +128,8 @@ def target_nll(x: ObjectiveInputs, ref: Reference, settings: ValueSettings) -> F
         # Editing without Model Degradation", MPES): done once every target token is
         # the top prediction after every rewriting prompt; pushing further only
         # grows the update
-        done = done | (_all_top(x, n_act, settings.stop_object_only) & ranked)
+        done = done | (_all_top(x, n_act, settings.stop_object_only,
+                                settings.stop_at_object_end) & ranked)  # fmt: skip
     return FactLoss(fact_loss, measure, done)
 
 

@@ -65,6 +65,7 @@ class ValueSettings:
     chat_essence: int = 0
     remention: bool = False
     stop_object_only: bool = False
+    stop_at_object_end: bool = False
 
     @classmethod
     def of(cls, config) -> ValueSettings:
@@ -114,6 +115,10 @@ class EditConfig:
     # that stop reads only the object's tokens: in a chat row's sentence ("Hey Jude was
     # performed by Madonna."), "Madonna", not the words around it; off: every target token
     stop_object_only: bool = False
+    # that stop reads each target up to its object's end: a chat row's sentence is on top
+    # without waiting for the full stop after the object (the model would go on with a
+    # comma); off: up to the sentence's last token
+    stop_at_object_end: bool = False
     # precision of the value optimization's forward/backward passes: auto (bfloat16 products
     # for a float32 model on a CPU that has them in hardware), float32 or bfloat16
     value_dtype: str = "auto"
@@ -152,7 +157,8 @@ def check_value_config(config) -> None:
     for name in ("kl_factor", "weight_decay"):
         if getattr(config, name) < 0:
             raise InvalidRequest(f"{name} must be >= 0, got {getattr(config, name)}")
-    for name in ("stop_most_probable", "remention", "stop_object_only", "reply_round"):
+    for name in ("stop_most_probable", "remention", "stop_object_only", "stop_at_object_end",
+                 "reply_round"):  # fmt: skip
         if not isinstance(getattr(config, name), bool):
             raise InvalidRequest(f"{name} must be true or false, got {getattr(config, name)!r}")
     if config.value_dtype not in VALUE_DTYPES:
