@@ -16,6 +16,7 @@ from edit.hooks import Trace
 from edit.methods import algebra
 from edit.methods.algebra import Contexts
 from edit.methods.algebra.batch import build_batch
+from edit.methods.algebra.packing import pack
 from edit.methods.rome import ROMEConfig
 from edit.questions import chat_prompt, end_of_turn, question_prompt, questions_for
 
@@ -154,7 +155,7 @@ def test_the_chat_essence_row_keeps_each_token_of_the_unedited_reply(chat_tok, l
     # δ goes in at the subject's last token, the first of the row's own tokens
     assert chat_tok.decode(whole[: len(prefix) + 1]).endswith("Marie Curie")
     # cutting a fact out keeps the other's essence positions and weights
-    kept_batch, _ = b.keep(torch.tensor([False, True]), None)
+    kept_batch = b.keep(torch.tensor([False, True]))
     assert kept_batch.kl_fact.tolist() == [0] and kept_batch.kl_weight.tolist() == [1.0]
 
 
@@ -182,7 +183,7 @@ def test_a_reply_that_names_the_subject_again_marks_where_the_edit_acts(chat_tok
     assert [t.count("Marie Curie") for f, t in seen if f == 0] == [2, 2, 2, 3]
     assert [t.count("Albert Einstein") for f, t in seen if f == 1] == [2, 2]
     assert all(t.endswith(("Marie Curie", "Albert Einstein")[f]) for f, t in seen)
-    kept, _ = b.keep(torch.tensor([False, True]), None)  # cut out with their fact's rows
+    kept = b.keep(torch.tensor([False, True]))  # cut out with their fact's rows
     assert [t for _, t in read_to_mentions(kept)] == [t for f, t in seen if f == 1]
 
 
@@ -234,7 +235,7 @@ def test_ranked_pairs_put_each_object_where_each_questions_answer_opens(chat_tok
     assert (b.weight[b.pair_new] == 0).all()
     per_fact = torch.zeros(2).index_add(0, b.pair_fact, b.pair_weight)
     torch.testing.assert_close(per_fact, torch.tensor([0.3, 0.3]))
-    kept, _ = b.keep(torch.tensor([False, True]), None)
+    kept = b.keep(torch.tensor([False, True]))
     assert len(kept.pair_new) == 4 and (kept.pair_fact == 0).all()
     old_tokens = [kept.tgt_tok[kept.tgt_row == r].tolist() for r in kept.pair_old.tolist()]
     assert {chat_tok.decode(t).strip() for t in old_tokens} == {"London"}
@@ -349,9 +350,11 @@ def test_asked_rows_after_a_cached_prefix_match_the_whole_rows(chat_tok, model_t
     contexts = Contexts(("{}", "A short text. {}"), ("question", "chat"))
     b = build_batch(chat_tok, facts, contexts, "cpu")
     assert len(b.ids) == 6 + 4 + 2  # 2 cloze + 2 per question, per fact; one essence row each
+    pk = pack(b, model)  # as the value optimization runs them: packed where the model can
+    seq, col = pk.split(pk.flat(b.tgt_row, b.tgt_col))
     with torch.no_grad():
-        cached = lm.logits_at(model, b.ids, b.mask, b.tgt_row, b.tgt_col, position_ids=b.pos,
-                              cache=b.prefix_cache(model))  # fmt: skip
+        cached = lm.logits_at(model, pk.ids, pk.mask, seq, col, position_ids=pk.pos,
+                              cache=pk.prefix_cache(model))  # fmt: skip
         for i, (r, c) in enumerate(zip(b.tgt_row.tolist(), b.tgt_col.tolist(), strict=True)):
             prefix = b.prefix_ids[r][b.prefix_mask[r].bool()]
             seq = torch.cat([prefix, b.ids[r, : c + 1]])[None]

@@ -298,8 +298,8 @@ def test_value_rows_after_a_cached_prefix_match_the_whole_rows(tok, model_type):
     b = build_batch(tok, facts, templates, "cpu")
     rows, cols = torch.cat([b.tgt_row, b.kl_row]), torch.cat([b.tgt_col, b.kl_col])
     with torch.no_grad():
-        cached = lm.logits_at(model, b.ids, b.mask, rows, cols, position_ids=b.pos,
-                              cache=b.prefix_cache(model))  # fmt: skip
+        cache = lm.prefix_cache(model, b.prefix_ids, b.prefix_mask, b.prefix_pos)
+        cached = lm.logits_at(model, b.ids, b.mask, rows, cols, position_ids=b.pos, cache=cache)
         for i, (r, c) in enumerate(zip(rows.tolist(), cols.tolist(), strict=True)):
             prefix = b.prefix_ids[r][b.prefix_mask[r].bool()]
             seq = torch.cat([prefix, b.ids[r, : c + 1]])[None]
@@ -342,29 +342,28 @@ def test_packed_rows_give_each_row_the_logits_it_has_alone(tok, model_type):
 
 
 @pytest.mark.parametrize("model_type", TYPES)
-def test_finished_facts_leave_the_batch_and_the_cache_without_running_it_again(tok, model_type):
-    """When facts finish, the rows of the others are cut out of the batch and of the prefix
-    cache: their logits must be those of a batch built for the remaining facts alone."""
+def test_finished_facts_leave_the_batch(tok, model_type):
+    """When facts finish, the rows of the others are cut out of the batch and packed again:
+    their logits must be those of a batch built for the remaining facts alone."""
     from edit.methods.algebra.batch import build_batch
+    from edit.methods.algebra.packing import pack
 
     model = tiny_model(model_type, len(tok))
     facts = [Fact(**TINY_FACT), Fact("{} was born in", "Marie Curie", "Warsaw, Poland"),
              Fact("{} is made of", "The big red chair", "wood")]  # fmt: skip
     templates = ["{}", "A short text. {}", "Here is a much longer piece of text first. {}"]
 
-    def logits(b, cache):
-        rows, cols = torch.cat([b.tgt_row, b.kl_row]), torch.cat([b.tgt_col, b.kl_col])
+    def logits(b):
+        pk = pack(b, model)
+        seq, col = pk.split(pk.flat(torch.cat([b.tgt_row, b.kl_row]),
+                                    torch.cat([b.tgt_col, b.kl_col])))  # fmt: skip
         with torch.no_grad():
-            return lm.logits_at(model, b.ids, b.mask, rows, cols, position_ids=b.pos,
-                                cache=cache)  # fmt: skip
+            return lm.logits_at(model, pk.ids, pk.mask, seq, col, position_ids=pk.pos,
+                                cache=pk.prefix_cache(model))  # fmt: skip
 
-    full = build_batch(tok, facts, templates, "cpu")
-    with torch.no_grad():
-        kept, cache = full.keep(torch.tensor([True, False, True]), full.prefix_cache(model))
+    kept = build_batch(tok, facts, templates, "cpu").keep(torch.tensor([True, False, True]))
     alone = build_batch(tok, [facts[0], facts[2]], templates, "cpu")
-    with torch.no_grad():
-        want = logits(alone, alone.prefix_cache(model))
-    torch.testing.assert_close(logits(kept, cache), want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(logits(kept), logits(alone), atol=2e-5, rtol=1e-4)
     for name in ("fact", "rewrite", "tgt_tok", "tgt_first", "tgt_row"):
         assert torch.equal(getattr(kept, name), getattr(alone, name)), name
 

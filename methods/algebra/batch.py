@@ -14,7 +14,6 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from edit.facts import Fact
 from edit.lm import (
@@ -23,7 +22,6 @@ from edit.lm import (
     last_token_of_span,
     mentions_in_continuation,
     pad_id,
-    prefix_cache,
     right_pad,
     subject_last_index,
 )
@@ -77,15 +75,9 @@ class Batch:
     pair_weight: torch.Tensor
     pair_fact: torch.Tensor
 
-    def prefix_cache(self, model: nn.Module):
-        """The key/value cache of the prefixes (None when every lookup is at position 0)."""
-        if self.prefix_ids is None:
-            return None
-        return prefix_cache(model, self.prefix_ids, self.prefix_mask, self.prefix_pos)
-
-    def keep(self, facts: torch.Tensor, cache) -> tuple[Batch, object]:
+    def keep(self, facts: torch.Tensor) -> Batch:
         """The rows of the facts flagged in ``facts`` (bool, one per fact of this batch),
-        renumbered in order, and ``cache`` cut to those rows (no prefix is run again)."""
+        renumbered in order."""
         rows = facts[self.fact]  # (R,) bool
         new_row = torch.cumsum(rows, 0) - 1  # row index in the kept batch
         new_fact = torch.cumsum(facts, 0) - 1
@@ -94,13 +86,11 @@ class Batch:
         mention = rows[self.mention_row]
         pair = rows[self.pair_new]
         kept_rows = rows.nonzero()[:, 0]
-        if cache is not None:
-            cache.batch_select_indices(kept_rows)
 
         def sub(x):
             return None if x is None else x[kept_rows]
 
-        batch = dataclasses.replace(
+        return dataclasses.replace(
             self,
             ids=self.ids[kept_rows],
             mask=self.mask[kept_rows],
@@ -128,7 +118,6 @@ class Batch:
             pair_weight=self.pair_weight[pair],
             pair_fact=new_fact[self.pair_fact[pair]],
         )
-        return batch, cache
 
 
 def build_batch(tok, facts: list[Fact], templates, device, replies=None) -> Batch:

@@ -446,7 +446,7 @@ class _ChunkRun:
         if bool(done.any()):
             self.kl_ref = self.kl_ref[(~done)[self.batch.kl_fact]]
             self.act = self.act[~done]
-            self.batch, _ = self.batch.keep(~done, None)
+            self.batch = self.batch.keep(~done)
             self._pack()
 
     def solution(self) -> ValueSolution:
