@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                 torch.equal(u[k], first[k]) for k in u
             )
         print(i, {n: round(r[-1]["seconds"], 2) for n, r in rows.items()}, flush=True)
-    phases = profile_phases(model, tok, facts[: args.profile], args.method) if facts else {}
+    profile = facts[: args.profile]
+    phases = profile_phases(model, tok, profile, args.method) if profile else {}
     fresh = fresh_first_edit() if args.fresh else {}
 
     summary = {"method": args.method, "batch": args.batch, "edits": len(facts), "variants": {}}

@@ -20,6 +20,7 @@ import edit.arch
 from edit import EditError, EditFailed, Fact, InvalidRequest, lm
 from edit import methods as registry
 from edit.methods import MethodOutput
+from edit.methods.algebra.objectives import OBJECTIVES
 from edit.methods.rome import ROMEConfig
 from edit.update import Update
 
@@ -538,3 +539,38 @@ def test_auto_value_dtype_uses_bfloat16_only_where_the_cpu_has_it(llama, monkeyp
         assert in_bf16(precision.value_autocast(llama, "bfloat16"))
     with pytest.raises(InvalidRequest, match="value_dtype must be one of auto, float32"):
         ROMEConfig(value_dtype="fp8")
+
+
+def test_the_patience_stop_ends_a_fact_whose_object_is_on_top_and_the_rest_stalled():
+    """``stop_patience``: a fact stops once its object tokens are all on top and its count
+    of target tokens off the top has not fallen for that many steps; while the object is
+    not on top, a stalled count never stops it."""
+    import dataclasses
+
+    from edit.methods.algebra.objectives import FactLoss
+    from edit.methods.algebra.values import _ChunkRun
+
+    settings = ROMEConfig(stop_most_probable=True, stop_patience=2).value_settings()
+    steps = iter([  # (off the top, object on top) per fact, step by step
+        ([5, 5], [False, False]), ([3, 5], [True, False]), ([2, 5], [True, False]),
+        ([2, 5], [True, False]), ([2, 5], [True, False]), ([2, 5], [True, False]),
+    ])  # fmt: skip
+
+    def loss(x, ref, s):
+        off, on = next(steps)
+        return FactLoss(torch.zeros(2), torch.zeros(2), torch.zeros(2, dtype=torch.bool),
+                        torch.tensor(off, dtype=torch.float), torch.tensor(on))  # fmt: skip
+
+    run = object.__new__(_ChunkRun)
+    run.settings, run.device, run.n_facts = settings, torch.device("cpu"), 2
+    run.objective = dataclasses.replace(OBJECTIVES["insert"], loss=loss)
+    run.batch, run.reference, run.act, run.losses = None, None, torch.arange(2), []
+    run.final_loss, run.final_measure = torch.zeros(2), torch.zeros(2)
+    run.best_off = torch.full((2,), float("inf"))
+    run.stalled = torch.zeros(2, dtype=torch.long)
+    done = [run.score(torch.zeros(1, 1)).done.tolist() for _ in range(6)]
+    # fact 0: the object on top at step 1, the count falls to 2 at step 2, stalls at 3 and 4
+    assert [d[0] for d in done] == [False, False, False, False, True, True]
+    assert not any(d[1] for d in done)  # its object never on top
+    with pytest.raises(InvalidRequest, match="stop_patience must be >= 0"):
+        ROMEConfig(stop_patience=-1)

@@ -46,6 +46,10 @@ class FactLoss:
     loss: torch.Tensor  # (F,) the objective's own loss (with gradient)
     measure: torch.Tensor  # (F,) P(target) (insert) or P(object) (erase), reported
     done: torch.Tensor  # (F,) bool: the fact reached its stop criterion
+    # (F,) target tokens of its rewriting rows not yet the top prediction, and (F,) bool:
+    # every object token is (the most-probable stop's; None where it is off)
+    off_top: torch.Tensor | None = None
+    object_top: torch.Tensor | None = None
 
 
 Reference = dict[str, torch.Tensor]
@@ -79,20 +83,28 @@ def register_objective(name: str, *, reference: ReferenceFn | None = None):
 # --------------------------------------------------------------------------- insert
 
 
+def _off_top(x: ObjectiveInputs, n_act: int, object_only: bool,
+             to_object_end: bool = False) -> torch.Tensor:  # fmt: skip
+    """(F,) how many target tokens of each fact's rewriting rows are not the top prediction
+    (``object_only``: of its object tokens; ``to_object_end``: of the tokens up to the
+    object's end)."""
+    b = x.batch
+    off = x.logp.detach().argmax(-1) != b.tgt_tok  # (P,)
+    if object_only:
+        off = off & b.tgt_object
+    if to_object_end:
+        off = off & ~b.tgt_after_object
+    off = off & b.rewrite[b.tgt_row]
+    count = torch.zeros(n_act, device=off.device)
+    return count.index_add(0, b.fact[b.tgt_row], off.float())
+
+
 def _all_top(x: ObjectiveInputs, n_act: int, object_only: bool,
              to_object_end: bool = False) -> torch.Tensor:  # fmt: skip
     """(F,) bool: every target token (``object_only``: every object token;
     ``to_object_end``: every token up to the object's end) is the top prediction after
     every rewriting prompt."""
-    b = x.batch
-    top = x.logp.detach().argmax(-1) == b.tgt_tok  # (P,)
-    if object_only:
-        top = top | ~b.tgt_object
-    if to_object_end:
-        top = top | b.tgt_after_object
-    row_top = mean_by_group(top.float(), b.tgt_row, len(b.ids)) == 1
-    fact_top = mean_by_fact(row_top[b.rewrite].float()[:, None], b.fact[b.rewrite], n_act)
-    return fact_top[:, 0] == 1
+    return _off_top(x, n_act, object_only, to_object_end) == 0
 
 
 RANK_MARGIN = 1.0  # nats by which a ranked pair's new object should beat the old one
@@ -123,14 +135,16 @@ def target_nll(x: ObjectiveInputs, ref: Reference, settings: ValueSettings) -> F
     rank_loss, ranked = _ranking(row_nll, b, n_act)
     done = (fact_loss.detach() < settings.nll_stop) & ranked
     fact_loss = fact_loss + rank_loss
+    off_top = object_top = None
     if settings.stop_most_probable:
         # most-probable early stop (Gupta et al. 2025, "Lifelong Sequential Knowledge
         # Editing without Model Degradation", MPES): done once every target token is
         # the top prediction after every rewriting prompt; pushing further only
         # grows the update
-        done = done | (_all_top(x, n_act, settings.stop_object_only,
-                                settings.stop_at_object_end) & ranked)  # fmt: skip
-    return FactLoss(fact_loss, measure, done)
+        off_top = _off_top(x, n_act, settings.stop_object_only, settings.stop_at_object_end)
+        done = done | ((off_top == 0) & ranked)
+        object_top = _off_top(x, n_act, object_only=True) == 0
+    return FactLoss(fact_loss, measure, done, off_top, object_top)
 
 
 # --------------------------------------------------------------------------- erase

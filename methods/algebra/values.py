@@ -66,6 +66,7 @@ class ValueSettings:
     remention: bool = False
     stop_object_only: bool = False
     stop_at_object_end: bool = False
+    stop_patience: int = 0
 
     @classmethod
     def of(cls, config) -> ValueSettings:
@@ -119,6 +120,11 @@ class EditConfig:
     # without waiting for the full stop after the object (the model would go on with a
     # comma); off: up to the sentence's last token
     stop_at_object_end: bool = False
+    # that stop also ends a fact whose object tokens are all on top and whose count of
+    # target tokens off the top has not fallen for this many steps (δ sits at its norm
+    # bound, and some tokens of a chat row's sentence never reach the top within it); 0:
+    # wait for every token or the step cap
+    stop_patience: int = 0
     # precision of the value optimization's forward/backward passes: auto (bfloat16 products
     # for a float32 model on a CPU that has them in hardware), float32 or bfloat16
     value_dtype: str = "auto"
@@ -147,6 +153,8 @@ def check_value_config(config) -> None:
     for name in ("steps", "stats_tokens"):
         if getattr(config, name) < 1:
             raise InvalidRequest(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.stop_patience < 0:
+        raise InvalidRequest(f"stop_patience must be >= 0, got {config.stop_patience}")
     if config.chat_essence < 0:
         raise InvalidRequest(f"chat_essence must be >= 0, got {config.chat_essence}")
     if config.retry_rounds < 0:
@@ -353,6 +361,9 @@ class _ChunkRun:
         self.batch = batch  # the running facts' rows
         self._pack()
         self.losses: list[float] = []
+        # per fact: the fewest target tokens off the top so far, and steps since it fell
+        self.best_off = torch.full((self.n_facts,), float("inf"), device=self.device)
+        self.stalled = torch.zeros(self.n_facts, dtype=torch.long, device=self.device)
 
     def _pack(self) -> None:
         """The running rows packed into full sequences, and their prefixes' cache."""
@@ -416,6 +427,13 @@ class _ChunkRun:
         """The objective on this pass; each running fact's loss and measure are recorded."""
         x = ObjectiveInputs(logp_targets, self.batch, self.act)
         scored = self.objective.loss(x, self.reference, self.settings)
+        patience = self.settings.stop_patience
+        if patience and scored.off_top is not None:  # the object on top, the rest stalled
+            act, off, on = self.act, scored.off_top, scored.object_top
+            fell = off < self.best_off[act]
+            self.best_off[act] = torch.minimum(self.best_off[act], off)
+            self.stalled[act] = torch.where(fell | ~on, 0, self.stalled[act] + 1)
+            scored.done = scored.done | (on & (self.stalled[act] >= patience))
         self.final_loss[self.act] = scored.loss.detach()
         self.final_measure[self.act] = scored.measure
         self.losses.append(float(self.final_loss.mean()))
