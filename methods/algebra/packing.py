@@ -34,7 +34,7 @@ class Packed:
 
     ids: torch.Tensor  # (B, S) the rows' suffixes side by side
     pos: torch.Tensor  # (B, S) each token's position in its own row
-    mask: torch.Tensor  # (B, 1, S, P + S) additive, or (B, P + S) as the batch's own
+    mask: torch.Tensor  # (B, 1, S, P + S) 4-D, or (B, P + S) as the batch's own
     prefix_ids: torch.Tensor | None  # (B, P) the rows' prefixes side by side
     prefix_pos: torch.Tensor | None
     prefix_mask: torch.Tensor | None  # (B, 1, P, P), or (B, P)
@@ -116,16 +116,17 @@ def pack(batch, model: nn.Module) -> Packed:
     prefix_sees = (seg[:, :, None] == p_seg[:, None, :]) & (seg[:, :, None] >= 0)
     sees = torch.cat([prefix_sees, suffix_sees | _padding_sees_itself(seg)], 2)
     with_prefix = p_width > 0
+    as_mask = _as_4d(model)
     p_order = torch.arange(p_width, device=device)
     p_sees = ((p_seg[:, :, None] == p_seg[:, None, :]) & (p_seg[:, :, None] >= 0)
               & (p_order[None, :, None] >= p_order[None, None, :]))  # fmt: skip
     return Packed(
         ids=ids,
         pos=pos,
-        mask=_additive(sees),
+        mask=as_mask(sees),
         prefix_ids=p_ids if with_prefix else None,
         prefix_pos=p_pos if with_prefix else None,
-        prefix_mask=_additive(p_sees | _padding_sees_itself(p_seg)) if with_prefix else None,
+        prefix_mask=as_mask(p_sees | _padding_sees_itself(p_seg)) if with_prefix else None,
         slot=slot,
     )
 
@@ -137,11 +138,18 @@ def _padding_sees_itself(seg: torch.Tensor) -> torch.Tensor:
     return eye & (seg < 0)[:, :, None]
 
 
-def _additive(sees: torch.Tensor) -> torch.Tensor:
-    """(B, Q, K) bool -> (B, 1, Q, K) float32: 0 where a query sees a key, else the least
-    float (as the models' own masks)."""
-    out = torch.zeros(sees.shape, dtype=torch.float32, device=sees.device)
-    return out.masked_fill_(~sees, torch.finfo(torch.float32).min)[:, None]
+def _as_4d(model: nn.Module):
+    """How ``model``'s attention reads a ready 4-D mask, as its own masks are made: boolean
+    for PyTorch's fused attention (True where a query sees a key), additive float32 for the
+    plain one (0 there, else the least float)."""
+    if model.config._attn_implementation == "sdpa":
+        return lambda sees: sees[:, None]
+
+    def additive(sees: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(sees.shape, dtype=torch.float32, device=sees.device)
+        return out.masked_fill_(~sees, torch.finfo(torch.float32).min)[:, None]
+
+    return additive
 
 
 def _unpacked(batch) -> Packed:
