@@ -17,7 +17,8 @@ in how they turn (k*, δ) into weights.
     contexts    the prompt rows of a fact (cloze templates, questions, chat turns)
     prefixes    the sampled prefix texts, cached per model
     batch       the rows of a chunk of facts as one batch, and per-fact means over them
-    precision   the precision the value optimization runs the model in
+    packing     those rows packed side by side into a few full sequences for each step
+    precision   the precision the value optimization runs the model in (weights cast once)
     objectives  the value objectives by name (insert, erase) and their shared terms
     values      the optimization of δ (and k*, v0 from its first pass)
     keys        key passes: k* and a block's output without gradients
