@@ -174,17 +174,14 @@ def main(argv: list[str] | None = None) -> int:
         edit_once(model, tok, facts[0], args.method, {})
     rows: dict[str, list[dict]] = {name: [] for name, _ in variants}
     for i, fact in enumerate(facts):
-        first = None
+        updates = {}
         for k in range(len(variants)):
             name, settings = variants[(i + k) % len(variants)]
             with variant_context(name):
-                row, tensors = edit_once(model, tok, fact, args.method, settings)
-            if name == "default":
-                first = tensors
-            row["update"] = tensors
+                row, updates[name] = edit_once(model, tok, fact, args.method, settings)
             rows[name].append(row)
-        for name in rows:  # whether each variant wrote the defaults' update, bit for bit
-            u = rows[name][-1].pop("update")
+        first = updates["default"]
+        for name, u in updates.items():  # whether each wrote the defaults' update, bit for bit
             rows[name][-1]["same_update"] = u.keys() == first.keys() and all(
                 torch.equal(u[k], first[k]) for k in u
             )

@@ -54,8 +54,8 @@ def path(kind: str, model_hash: str | None, *key: str, ext: str) -> Path | None:
 
 
 def find(kind: str, model_hash: str | None, *key: str, ext: str) -> Path | None:
-    """The file of ``key`` to read: the user's cache entry, else the one the package ships;
-    ``None`` where neither exists (or the model has no hash)."""
+    """The existing file of ``key`` to read: the user's cache entry, else the one the
+    package ships; ``None`` where neither exists (or the model has no hash)."""
     mine = path(kind, model_hash, *key, ext=ext)
     if mine is None or mine.is_file():
         return mine

@@ -117,7 +117,7 @@ def second_moment(
     for n in names:
         stored = cache.find("stats", model_hash, *_cache_key(n, corpus_id, n_tokens),
                             ext="safetensors")  # fmt: skip
-        if stored is not None and stored.is_file():
+        if stored is not None:
             found[n] = load_file(stored)["second_moment"]
     missing = [n for n in names if n not in found]
     if not missing:

@@ -413,7 +413,7 @@ def test_the_object_only_stop_reads_the_object_tokens_alone(llama, tok):
     fact whose object is on top stops even while the words around it are not."""
     from types import SimpleNamespace
 
-    from edit.methods.algebra.objectives import _all_top
+    from edit.methods.algebra.objectives import _off_top
 
     batch = SimpleNamespace(
         tgt_tok=torch.tensor([1, 2, 3]), tgt_object=torch.tensor([False, False, True]),
@@ -423,10 +423,10 @@ def test_the_object_only_stop_reads_the_object_tokens_alone(llama, tok):
     logp = torch.full((3, 5), -5.0)
     logp[0, 4] = logp[1, 4] = logp[2, 3] = 0.0  # only the object's token (3) is on top
     x = SimpleNamespace(batch=batch, logp=logp)
-    assert not bool(_all_top(x, 1, object_only=False)[0])
-    assert bool(_all_top(x, 1, object_only=True)[0])
+    assert not bool(_off_top(x, 1, object_only=False)[0] == 0)
+    assert bool(_off_top(x, 1, object_only=True)[0] == 0)
     logp[2, 3], logp[2, 0] = -5.0, 0.0  # the object's token no longer on top
-    assert not bool(_all_top(x, 1, object_only=True)[0])
+    assert not bool(_off_top(x, 1, object_only=True)[0] == 0)
 
 
 def test_the_stop_at_the_objects_end_does_not_wait_for_the_full_stop():
@@ -434,7 +434,7 @@ def test_the_stop_at_the_objects_end_does_not_wait_for_the_full_stop():
     is; the full stop after Y never holds the stop back, the words before Y still do."""
     from types import SimpleNamespace
 
-    from edit.methods.algebra.objectives import _all_top
+    from edit.methods.algebra.objectives import _off_top
 
     batch = SimpleNamespace(
         tgt_tok=torch.tensor([1, 2, 3]), tgt_object=torch.tensor([False, True, False]),
@@ -444,10 +444,10 @@ def test_the_stop_at_the_objects_end_does_not_wait_for_the_full_stop():
     logp = torch.full((3, 5), -5.0)
     logp[0, 1] = logp[1, 2] = logp[2, 4] = 0.0  # all on top but the full stop (3)
     x = SimpleNamespace(batch=batch, logp=logp)
-    assert not bool(_all_top(x, 1, object_only=False)[0])
-    assert bool(_all_top(x, 1, object_only=False, to_object_end=True)[0])
+    assert not bool(_off_top(x, 1, object_only=False)[0] == 0)
+    assert bool(_off_top(x, 1, object_only=False, to_object_end=True)[0] == 0)
     logp[0, 1], logp[0, 0] = -5.0, 0.0  # a word before the object no longer on top
-    assert not bool(_all_top(x, 1, object_only=False, to_object_end=True)[0])
+    assert not bool(_off_top(x, 1, object_only=False, to_object_end=True)[0] == 0)
 
 
 def test_bfloat16_values_edit_with_full_precision_keys(llama, tok):

@@ -46,8 +46,8 @@ class FactLoss:
     loss: torch.Tensor  # (F,) the objective's own loss (with gradient)
     measure: torch.Tensor  # (F,) P(target) (insert) or P(object) (erase), reported
     done: torch.Tensor  # (F,) bool: the fact reached its stop criterion
-    # (F,) target tokens of its rewriting rows not yet the top prediction, and (F,) bool:
-    # every object token is (the most-probable stop's; None where it is off)
+    # (F,) target tokens of its rewriting rows not yet the top prediction (the most-probable
+    # stop's), and (F,) bool: every object token is (for ``stop_patience``); None where off
     off_top: torch.Tensor | None = None
     object_top: torch.Tensor | None = None
 
@@ -99,14 +99,6 @@ def _off_top(x: ObjectiveInputs, n_act: int, object_only: bool,
     return count.index_add(0, b.fact[b.tgt_row], off.float())
 
 
-def _all_top(x: ObjectiveInputs, n_act: int, object_only: bool,
-             to_object_end: bool = False) -> torch.Tensor:  # fmt: skip
-    """(F,) bool: every target token (``object_only``: every object token;
-    ``to_object_end``: every token up to the object's end) is the top prediction after
-    every rewriting prompt."""
-    return _off_top(x, n_act, object_only, to_object_end) == 0
-
-
 RANK_MARGIN = 1.0  # nats by which a ranked pair's new object should beat the old one
 
 
@@ -143,7 +135,8 @@ def target_nll(x: ObjectiveInputs, ref: Reference, settings: ValueSettings) -> F
         # grows the update
         off_top = _off_top(x, n_act, settings.stop_object_only, settings.stop_at_object_end)
         done = done | ((off_top == 0) & ranked)
-        object_top = _off_top(x, n_act, object_only=True) == 0
+        if settings.stop_patience:
+            object_top = _off_top(x, n_act, object_only=True) == 0
     return FactLoss(fact_loss, measure, done, off_top, object_top)
 
 

@@ -6,7 +6,7 @@ thirds of every step's products ran on padding (ROME on SmolLM2: 10 rows of 18 c
 67 tokens). Packed, several rows share one sequence: their prefixes side by side in the
 key/value cache, their suffixes side by side after it, each token at its own position and
 seeing only its own row's earlier tokens (a block-diagonal causal mask, passed to the model
-as a ready 4-D additive mask). Sequences are filled first-fit, longest rows first, up to the
+as a ready 4-D mask). Sequences are filled first-fit, longest rows first, up to the
 longest row's length.
 
 Attention that takes no 4-D mask (flash attention), or layers that keep a sliding window of
@@ -23,7 +23,7 @@ from torch import nn
 
 from edit.lm import prefix_cache
 
-# attention implementations that read a ready 4-D additive mask
+# attention implementations that read a ready 4-D mask
 _MASKABLE = ("eager", "sdpa")
 
 
@@ -109,33 +109,29 @@ def pack(batch, model: nn.Module) -> Packed:
                 p_pos[b, p_at : p_at + m] = batch.prefix_pos[r, n_prefix - m :]
                 p_seg[b, p_at : p_at + m] = r
             s_at, p_at = s_at + n, p_at + m
-    order = torch.arange(s_width, device=device)
-    causal = order[None, :, None] >= order[None, None, :]  # (1, S, S) key not after query
-    own = seg[:, :, None] == seg[:, None, :]
-    suffix_sees = own & causal & (seg[:, :, None] >= 0)
     prefix_sees = (seg[:, :, None] == p_seg[:, None, :]) & (seg[:, :, None] >= 0)
-    sees = torch.cat([prefix_sees, suffix_sees | _padding_sees_itself(seg)], 2)
     with_prefix = p_width > 0
     as_mask = _as_4d(model)
-    p_order = torch.arange(p_width, device=device)
-    p_sees = ((p_seg[:, :, None] == p_seg[:, None, :]) & (p_seg[:, :, None] >= 0)
-              & (p_order[None, :, None] >= p_order[None, None, :]))  # fmt: skip
     return Packed(
         ids=ids,
         pos=pos,
-        mask=as_mask(sees),
+        mask=as_mask(torch.cat([prefix_sees, _own_row_causal(seg)], 2)),
         prefix_ids=p_ids if with_prefix else None,
         prefix_pos=p_pos if with_prefix else None,
-        prefix_mask=as_mask(p_sees | _padding_sees_itself(p_seg)) if with_prefix else None,
+        prefix_mask=as_mask(_own_row_causal(p_seg)) if with_prefix else None,
         slot=slot,
     )
 
 
-def _padding_sees_itself(seg: torch.Tensor) -> torch.Tensor:
-    """(B, N, N): a padding token attends to itself alone (a row of the mask with no key
-    would give NaN, and NaN times a zero gradient is still NaN)."""
-    eye = torch.eye(seg.shape[1], dtype=torch.bool, device=seg.device)[None]
-    return eye & (seg < 0)[:, :, None]
+def _own_row_causal(seg: torch.Tensor) -> torch.Tensor:
+    """(B, N, N) bool from (B, N) rows of tokens (-1: padding): each token sees its own
+    row's tokens up to itself; a padding token sees itself alone (a row of the mask with no
+    key would give NaN, and NaN times a zero gradient is still NaN)."""
+    order = torch.arange(seg.shape[1], device=seg.device)
+    causal = order[None, :, None] >= order[None, None, :]  # key not after query
+    own = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)
+    eye = order[None, :, None] == order[None, None, :]
+    return (own & causal) | (eye & (seg < 0)[:, :, None])
 
 
 def _as_4d(model: nn.Module):

@@ -30,7 +30,7 @@ def context_templates(
     key = cache.digest([[list(s) for s in spec], seed])
     model_hash = getattr(model, "edit_hash", None)
     stored = cache.find("prefixes", model_hash, key, ext="json")
-    if stored is not None and stored.is_file():
+    if stored is not None:
         return json.loads(stored.read_text())
     path = cache.path("prefixes", model_hash, key, ext="json")
     templates = ["{}", *_sample(model, tok, spec, seed)]

@@ -428,7 +428,7 @@ class _ChunkRun:
         x = ObjectiveInputs(logp_targets, self.batch, self.act)
         scored = self.objective.loss(x, self.reference, self.settings)
         patience = self.settings.stop_patience
-        if patience and scored.off_top is not None:  # the object on top, the rest stalled
+        if patience and scored.object_top is not None:  # the object on top, the rest stalled
             act, off, on = self.act, scored.off_top, scored.object_top
             fell = off < self.best_off[act]
             self.best_off[act] = torch.minimum(self.best_off[act], off)
