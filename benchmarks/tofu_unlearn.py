@@ -195,7 +195,7 @@ def main() -> None:
     del ref_ws
     ws = run.learned("target", forget10)
     run.scored("target", ws, ref_scores)
-    for method in args.methods.split(","):
+    for method in filter(None, args.methods.split(",")):
         run.forgotten(method, ws, split, kept, ref_scores, aim)
 
     if args.probe_steps > 0:
@@ -213,7 +213,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="results file stem: <out>.json and <out>.md")  # fmt: skip
     p.add_argument("--split", choices=SPLITS, default=SPLITS[0],
                    help="the forget set: a suffix of forget10")  # fmt: skip
-    p.add_argument("--methods", default="npo,graddiff")
+    p.add_argument("--methods", default="npo,graddiff",
+                   help="forget methods, comma-separated; empty: only learn and score the "
+                   "two models (for tofu_audit.py)")  # fmt: skip
     p.add_argument("--holdout", type=int, default=0,
                    help="never-seen TOFU QA (retain90 authors no model learned) given to each "
                    "forget as its holdout (0: none)")  # fmt: skip

@@ -2,11 +2,11 @@
 
 * Quantization (Zhang et al. 2024, "Does your LLM truly unlearn?"): an unlearning run moves
   the weights only a little, so rounding them to a coarse grid can land the unlearned model
-  and the original one on the same grid points. :func:`quantize_rtn` is round-to-nearest with
-  an asymmetric (min/max) grid per group of ``group_size`` consecutive input weights, the
-  usual RTN baseline; :func:`quantized` applies it to every Linear projection in the
-  attention and MLP blocks (embeddings and norms stay in full precision) and restores the
-  exact weights on exit.
+  and the original one on the same grid points. :func:`edit.quantize.quantize_rtn` is
+  round-to-nearest with an asymmetric (min/max) grid per group of ``group_size`` consecutive
+  input weights, the usual RTN baseline; :func:`quantized` applies it to every Linear
+  projection in the attention and MLP blocks (embeddings and norms stay in full precision)
+  and restores the exact weights on exit.
 
     with quantized(model, bits=4):
         measure(model)          # the 4-bit model
@@ -30,22 +30,7 @@ import torch
 from torch import nn
 
 from edit import arch as arch_table
-from edit.errors import InvalidRequest
-
-
-def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int = 128) -> torch.Tensor:
-    """``weight`` (out, in) rounded to ``2**bits`` levels per group of ``group_size`` inputs,
-    each group's grid spanning its own [min, max]; returned dequantized, same dtype."""
-    if not 2 <= bits <= 16:
-        raise InvalidRequest(f"bits must be between 2 and 16, got {bits}")
-    out_dim, in_dim = weight.shape
-    g = group_size if group_size > 0 and in_dim % group_size == 0 else in_dim
-    w = weight.detach().float().reshape(out_dim, in_dim // g, g)
-    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-    levels = 2**bits - 1
-    scale = ((hi - lo) / levels).clamp_min(1e-12)
-    q = torch.round((w - lo) / scale).clamp(0, levels)
-    return (q * scale + lo).reshape(out_dim, in_dim).to(weight.dtype)
+from edit.quantize import quantize_rtn
 
 
 @contextmanager

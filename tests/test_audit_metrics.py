@@ -12,6 +12,7 @@ from tiny import changed_tensors, state_copy
 
 from edit.corpus import Example
 from edit.evals import attacks, audit, mia
+from edit.quantize import quantize_rtn
 
 
 def test_auc_by_hand_and_against_rank_sum():
@@ -78,19 +79,19 @@ def test_token_stats_agree_with_full_logits(llama, tok):
 
 def test_rtn_grid_by_hand():
     w = torch.tensor([[0.0, 1.0, 2.0, 3.0, 10.0, 10.5, 11.0, 11.6]])
-    q = attacks.quantize_rtn(w, bits=2, group_size=4)
+    q = quantize_rtn(w, bits=2, group_size=4)
     # group 1 is already on its 4-level grid; group 2's grid is 10, 10.533, 11.067, 11.6
     assert q[0, :4].tolist() == [0.0, 1.0, 2.0, 3.0]
     assert q[0, 4:].tolist() == pytest.approx([10.0, 10.5333, 11.0667, 11.6], abs=1e-4)
     big = torch.randn(64, 256)
     for bits in (4, 8):
-        qb = attacks.quantize_rtn(big, bits, 128).reshape(64, 2, 128)
+        qb = quantize_rtn(big, bits, 128).reshape(64, 2, 128)
         g = big.reshape(64, 2, 128)
         step = (g.amax(-1) - g.amin(-1)) / (2**bits - 1)
         assert ((qb - g).abs().amax(-1) <= step / 2 + 1e-6).all()
         assert max(len(torch.unique(row)) for row in qb.reshape(-1, 128)) <= 2**bits
     with pytest.raises(Exception, match="bits"):
-        attacks.quantize_rtn(big, 1)
+        quantize_rtn(big, 1)
 
 
 def test_quantized_model_is_restored_exactly(llama, tok):

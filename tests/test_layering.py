@@ -15,8 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ["arch", "atomic", "cache", "config", "corpus", "distributed", "entry", "errors", "facts",
-        "hooks", "layers", "ledger", "lm", "lock", "models", "placement", "questions", "readers",
-        "stats", "update"]  # fmt: skip
+        "hooks", "layers", "ledger", "lm", "lock", "models", "placement", "quantize", "questions",
+        "readers", "stats", "update"]  # fmt: skip
 CLI = ("edit.cli",)
 EVALS = ("edit.evals", *CLI)
 API = ("edit.api", "edit.workspace", *EVALS)

@@ -41,7 +41,9 @@ from edit.methods.unlearn import (
     token_kl,
     train_lora,
 )
+from edit.methods.unlearn.lora import rounded
 from edit.methods.unlearn.losses import token_entropy
+from edit.quantize import quantize_rtn
 from edit.readers.corpus import read_corpus
 
 FORGET = [
@@ -363,6 +365,7 @@ def test_missing_and_empty_corpus_files(tmp_path):
         ("lora_dropout", 1.0, "lora_dropout must be in [0, 1)"),
         ("target_modules", ("",), "target_modules must be module names"),
         ("samples", -1, "samples must be an integer >= 0"),
+        ("quant_bits", 1, "quant_bits must be 0 (off) or 2 to 8"),
     ],
 )
 def test_config_validates_itself_in_one_line(field, value, words):
@@ -532,6 +535,7 @@ def test_train_lora_refuses_bad_requests_in_one_line(tok, llama):
         (FORGET, RETAIN + FORGET[:1], UnlearnConfig(), "forget", "1 of the 5 retain examples"),
         (FORGET, None, UnlearnConfig(stop_nll=2.0), "learn", "stop_nll stops a forget run"),
         (FORGET, None, UnlearnConfig(samples=1), "learn", "samples adds the model's own"),
+        (FORGET, None, UnlearnConfig(quant_bits=4), "learn", "quant_bits is a forget setting"),
     ]
     before = _snapshot(llama)
     for forget, retain, config, objective, words in cases:
@@ -782,3 +786,55 @@ def test_sharpness_aware_steps_take_a_second_pass_and_change_the_run(tok, llama)
     assert sam.tokens == 2 * plain.tokens
     assert max(float((sam.adapter[k] - plain.adapter[k]).abs().max()) for k in plain.adapter) > 1e-3
     assert sam.metrics["forget_nll_after"] > sam.metrics["forget_nll_before"]
+
+
+@pytest.mark.parametrize("model_type", TINY_TYPES)
+def test_rounded_runs_the_adapted_model_with_its_merged_weights_rounded(tok, model_type):
+    """Under ``rounded`` the adapted model's logits are those of the model whose adapted
+    weights W + ΔW are RTN-rounded, as the audit's quantization attack makes it; with the
+    adapter off it is the model before; the gradient reaches the adapter; nothing stays."""
+    model = tiny_model(model_type, len(tok))
+    config = UnlearnConfig(method="gradascent", **dict(FAST, epochs=2))
+    result = train_lora(model, tok, FORGET, None, config, progress=False)
+    ids, mask, _ = tokenize_examples(tok, FORGET + RETAIN, max_len=64)
+    dense = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, delta in lora_delta(result).items():  # (out, in)
+            weight = dense.get_submodule(name).weight
+            out_in = (weight.T if result.transposed else weight) + delta
+            q = quantize_rtn(out_in, 3)
+            weight.copy_(q.T if result.transposed else q)
+        expected = dense(input_ids=ids, attention_mask=mask).logits
+        base = model(input_ids=ids, attention_mask=mask).logits
+    with adapter_attached(model, result) as peft_model:
+        plain = peft_model(input_ids=ids, attention_mask=mask).logits.detach()
+        lora = [p for n, p in peft_model.named_parameters() if "lora_" in n]
+        for p in lora:
+            p.requires_grad_(True)
+        with rounded(peft_model, 3):
+            got = peft_model(input_ids=ids, attention_mask=mask).logits
+            with torch.no_grad(), peft_model.disable_adapter():
+                off = peft_model(input_ids=ids, attention_mask=mask).logits
+            got.logsumexp(-1).sum().backward()
+        after = peft_model(input_ids=ids, attention_mask=mask).logits.detach()
+    torch.testing.assert_close(got.detach(), expected, atol=1e-4, rtol=0)
+    assert (got.detach() - plain).abs().max() > 1e-3  # the rounding does change the model
+    torch.testing.assert_close(off, base, atol=1e-5, rtol=0)
+    torch.testing.assert_close(after, plain, atol=0, rtol=0)  # hooks gone on exit
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in lora)
+
+
+def test_quant_bits_adds_a_rounded_pass_and_changes_the_run(tok, llama):
+    """quant_bits takes each step's loss on the rounded model too: a second pass per step
+    (twice the tokens), another adapter; the model is left unchanged. (What it buys, the
+    forgetting kept in a 4-bit copy, needs a model that learned something: TOFU, in
+    docs/unlearning.md.)"""
+    before = _snapshot(llama)
+    config = UnlearnConfig(method="gradascent", **dict(FAST, epochs=2))
+    plain = train_lora(llama, tok, FORGET, None, config, progress=False)
+    quant = train_lora(llama, tok, FORGET, None, dataclasses.replace(config, quant_bits=2),
+                       progress=False)  # fmt: skip
+    _assert_unchanged(llama, before)
+    assert quant.tokens == 2 * plain.tokens
+    gap = max(float((quant.adapter[k] - plain.adapter[k]).abs().max()) for k in plain.adapter)
+    assert gap > 1e-3

@@ -53,6 +53,11 @@ class UnlearnConfig:
     # sharpness-aware steps (SAM): each step takes the gradient at the adapter moved this far
     # (L2, over all factors) along its own gradient; 0: plain steps. Twice the cost per step.
     sam_rho: float = 0.0
+    # forget: each step also takes the step's loss on the model with its adapted weights
+    # (W + ΔW) RTN-rounded to this many bits (groups of 128; lora.rounded), straight through
+    # the rounding, so that the forgetting holds in a quantized copy; 0: off. One more
+    # forward and backward pass per step.
+    quant_bits: int = 0
     eval_retain: int = 128  # retain examples scored before/after (the first ones)
     # forget: stop once the forget set's mean token NLL reaches this level (None: with a
     # holdout set, its NLL before training, i.e. the level of never-seen text; else no stop)
@@ -90,6 +95,10 @@ class UnlearnConfig:
             raise InvalidRequest(f"stop_nll must be > 0 or None, got {self.stop_nll}")
         if not isinstance(self.samples, int) or self.samples < 0:
             raise InvalidRequest(f"samples must be an integer >= 0, got {self.samples!r}")
+        if self.quant_bits != 0 and (
+            not isinstance(self.quant_bits, int) or not 2 <= self.quant_bits <= 8
+        ):
+            raise InvalidRequest(f"quant_bits must be 0 (off) or 2 to 8, got {self.quant_bits!r}")
         if self.eval_retain < 0:
             raise InvalidRequest(f"eval_retain must be >= 0, got {self.eval_retain}")
         for name in ("lr", "lora_alpha", "beta", "penalty"):

@@ -24,6 +24,7 @@ from torch import nn
 from edit import arch as arch_table
 from edit.methods.unlearn.config import UnlearnConfig
 from edit.methods.unlearn.targets import target_module_names
+from edit.quantize import quantize_rtn
 from edit.update import Update
 
 # --------------------------------------------------------------------------------------------
@@ -119,6 +120,43 @@ def adapter_attached(model: nn.Module, result: LoraResult) -> Iterator[nn.Module
         set_peft_model_state_dict(peft_model, result.adapter)
         peft_model.eval()
         yield peft_model
+
+
+@contextmanager
+def rounded(peft_model: nn.Module, bits: int, group_size: int = 128) -> Iterator[None]:
+    """The adapted model as if its merged weights W + ΔW were RTN-rounded to ``bits``
+    (:func:`~edit.quantize.quantize_rtn`, what the audit's quantization attack does), for the
+    duration of the block: each adapted layer's output gets (Q(W + ΔW) − (W + ΔW))·x, with the
+    rounding error taken at entry and held fixed. The forward is then the rounded model's, and
+    the gradient reaches the adapter straight through the rounding (as quantization-aware
+    training takes it). With the adapter off (``disable_adapter``) nothing is added: the model
+    before the run stays what it is."""
+    from peft.tuners.lora import LoraLayer
+
+    def add_error(error: torch.Tensor):
+        def hook(module, args, output):
+            if module.disable_adapters or module.merged:
+                return None
+            return output + nn.functional.linear(args[0].to(error.dtype), error).to(output.dtype)
+
+        return hook
+
+    handles = []
+    try:
+        with torch.no_grad():
+            for module in peft_model.modules():
+                if not isinstance(module, LoraLayer) or "default" not in module.lora_A:
+                    continue
+                w = module.get_base_layer().weight
+                merged = w.float() + module.get_delta_weight("default").float()
+                if module.fan_in_fan_out:  # stored (in, out): round each output's inputs
+                    merged = merged.T
+                error = quantize_rtn(merged, bits, group_size) - merged  # (out, in)
+                handles.append(module.register_forward_hook(add_error(error)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # --------------------------------------------------------------------------------------------

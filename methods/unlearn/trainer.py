@@ -27,7 +27,13 @@ from edit.corpus import IGNORE_INDEX, Example, collate, encode_example
 from edit.errors import EditFailed, InvalidRequest
 from edit.methods.unlearn.augment import augment
 from edit.methods.unlearn.config import OBJECTIVES, UnlearnConfig, for_objective
-from edit.methods.unlearn.lora import LoraResult, _json_safe, _lora_wrapped, _peft_config
+from edit.methods.unlearn.lora import (
+    LoraResult,
+    _json_safe,
+    _lora_wrapped,
+    _peft_config,
+    rounded,
+)
 from edit.methods.unlearn.losses import (
     LOSSES,
     NEEDS_BEFORE_LOGITS,
@@ -149,6 +155,8 @@ def _check_sets(
         raise InvalidRequest("samples adds the model's own wordings to forget: leave it 0 to learn")
     if objective != "forget" and config.stop_nll is not None:
         raise InvalidRequest("stop_nll stops a forget run: leave it unset for learn")
+    if objective != "forget" and config.quant_bits:
+        raise InvalidRequest("quant_bits is a forget setting: leave it out of learn")
     for name in ("entropy_weight", "token_nll_weight"):
         if objective != "forget" and getattr(config, name):
             raise InvalidRequest(f"{name} is a forget setting: leave it out of learn")
@@ -425,6 +433,11 @@ class _Run:
             # DeepSpeed reads it from a prepared dataloader; this loop batches itself
             per_process = math.ceil(c.batch_size / acc.num_processes)
             plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = per_process
+        if c.quant_bits and acc.distributed_type in ("FSDP", "DEEPSPEED"):
+            raise InvalidRequest(
+                "quant_bits rounds whole weights, which a sharded run (FSDP, DeepSpeed) does not "
+                "hold: run it in one process or with DDP, or leave quant_bits 0"
+            )
         self.forward, self.optimizer = acc.prepare(_Forward(self.model), optimizer)
 
     def _steps(self, sets: _Sets) -> LoraResult:
@@ -584,6 +597,8 @@ class _Run:
             acc.backward(part.loss * share)
             if c.sam_rho > 0 and acc.sync_gradients:
                 part.tokens += self.sharpness_aware(loop, idx, retain_idx, share)
+            if c.quant_bits:
+                part.tokens += self.rounded_pass(loop, idx, retain_idx, share)
             if c.max_grad_norm is not None and acc.sync_gradients:
                 acc.clip_grad_norm_(self.params, c.max_grad_norm)
             self.optimizer.step()
@@ -615,6 +630,17 @@ class _Run:
                 for p, move in zip(self.params, moves, strict=True):
                     if move is not None:
                         p.sub_(move)
+
+    def rounded_pass(self, loop: _Loop, idx, retain_idx, share: float) -> int:
+        """Add the gradient of the step's loss on the model with its adapted weights rounded
+        to ``quant_bits`` (:func:`~edit.methods.unlearn.lora.rounded`): an unlearning run moves
+        the weights so little that rounding can undo it (Zhang et al. 2024, "Does your LLM
+        truly unlearn?"); trained on both, the forgetting holds in the rounded copy too. One
+        more forward and backward pass per step; returns its tokens."""
+        with rounded(self.peft_model, self.config.quant_bits):
+            again = self.step_loss(loop, idx, retain_idx)
+            self.acc.backward(again.loss * share)
+        return again.tokens
 
     def _result(self, loop: _Loop, metrics: dict[str, Any], seconds: float) -> LoraResult:
         """The "after" metrics, the stop step, and the trained adapter (CPU float32)."""
