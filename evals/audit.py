@@ -5,7 +5,8 @@
     write(report, "audit-out/0002")            # audit.json (the certificate), report.md, plots
 
 Three models are compared: **before** (the workspace without the audited entry), **changed**
-(the workspace as it is) and, when given, a **reference** that never trained on the forget
+(the workspace as it is; with no entry audited, the model as it is and no before) and, when
+given, a **reference** that never trained on the forget
 set (TOFU's retrained model, or the base model a learned corpus was fine-tuned into). Each is
 measured on the forget examples (and a holdout of the same kind of text the model never saw):
 
@@ -83,6 +84,8 @@ RELEARN_SETTINGS = {"epochs": 1, "lr": 1e-3, "batch_size": 4, "augment": False}
 
 ATTACKS = ("quantize", "relearn")
 PASSED, FAILED, NOT_RUN = "passed", "failed", "not run"
+# what the report names when no entry is audited
+AS_IS = {"id": None, "kind": "model", "method": None, "summary": "the model as it is"}
 # per-example lists, kept in report.json but not in the certificate's figures
 _PER_EXAMPLE = ("forget_example_nll", "holdout_example_nll", "mia_scores", "truth_ratios",
                 "extraction_examples", "reference")  # fmt: skip
@@ -238,9 +241,11 @@ def file_sha256(path: str | Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def _inputs(ws, data: AuditData, reference, reference_tok) -> dict[str, Any]:
-    """What the audit read, with hashes; refuses a reference that is the audited model or
-    reads text as other token ids."""
+def _inputs(ws, data: AuditData, reference, reference_tok, as_is: bool) -> dict[str, Any]:
+    """What the audit read, with hashes; refuses a reference that reads text as other token
+    ids, or one that is the audited model where an entry is audited (its change would be in
+    the control too). The model as it is may be its own reference: the null case, recorded
+    as such (``same_as_audited``)."""
     from edit.models import weights_hash
     from edit.workspace import check_same_vocabulary
 
@@ -254,12 +259,12 @@ def _inputs(ws, data: AuditData, reference, reference_tok) -> dict[str, Any]:
     if reference is not None:
         check_same_vocabulary(ws.tok, reference_tok)
         ref_hash = weights_hash(reference)
-        if ref_hash == audited:
+        if ref_hash == audited and not as_is:
             raise InvalidRequest(f"the reference is the audited model itself (weights "
                                  f"{audited[:19]}…): give a model that never saw the forget "
                                  "set, such as the base model it was fine-tuned from")  # fmt: skip
         given = out.get("reference", {"path": getattr(reference, "edit_source", None)})
-        out["reference"] = {**given, "weights": ref_hash}
+        out["reference"] = {**given, "weights": ref_hash, "same_as_audited": ref_hash == audited}
     return out
 
 
@@ -325,7 +330,7 @@ def _auc_interval(forget: Sequence[float], holdout: Sequence[float]) -> list[flo
 
 def audit(
     ws,
-    entry_id: str,
+    entry_id: str | None,
     data: AuditData,
     *,
     reference=None,
@@ -335,22 +340,26 @@ def audit(
     progress: bool = True,
 ) -> Report:
     """Measure before / changed / reference and run the attacks on the changed model and the
-    reference; see the module docstring. Refuses (:class:`InvalidRequest`) the inputs
-    :func:`check_inputs` refuses, and a reference with the audited model's weights or with
-    another vocabulary."""
+    reference; see the module docstring. ``entry_id`` None audits the model as it is (no
+    before: a model exported after learning a corpus, or the null case of a model that never
+    saw it); its attacks are judged against the reference's under the same attack. Refuses
+    (:class:`InvalidRequest`) the inputs :func:`check_inputs` refuses, a reference with
+    another vocabulary, and, auditing an entry, a reference with the audited model's
+    weights."""
     check_inputs(data)
     unknown = [a for a in attack_names if a not in ATTACKS]
     if unknown:
         raise InvalidRequest(f"unknown attack {unknown[0]!r}: choose {' and/or '.join(ATTACKS)}")
-    entry = ws.entry(entry_id)
-    report = Report({"id": entry.id, "kind": entry.kind, "method": entry.method,
-                     "summary": entry.summary()})  # fmt: skip
-    report.inputs = _inputs(ws, data, reference, reference_tok)
+    entry = ws.entry(entry_id) if entry_id is not None else None
+    report = Report(AS_IS if entry is None else {"id": entry.id, "kind": entry.kind,
+                    "method": entry.method, "summary": entry.summary()})  # fmt: skip
+    report.inputs = _inputs(ws, data, reference, reference_tok, as_is=entry is None)
     ref_tok = reference_tok or ws.tok
     say = log.info if progress else log.debug
-    say("measuring the model without entry %s", entry.id)
-    with ws.without(entry.id) as before:
-        report.models["before"] = measure(before, ws.tok, data, gen_tokens)
+    if entry is not None:
+        say("measuring the model without entry %s", entry.id)
+        with ws.without(entry.id) as before:
+            report.models["before"] = measure(before, ws.tok, data, gen_tokens)
     say("measuring the changed model")
     report.models["changed"] = measure(ws.model, ws.tok, data, gen_tokens)
     if reference is not None:
@@ -363,12 +372,12 @@ def audit(
                 say("attack: %d-bit quantization", bits)
                 with attacks.quantized(ws.model, bits):
                     hit = measure(ws.model, ws.tok, data, gen_tokens)
-                # the before model quantized alike, for scale: its forget-set probability only
-                with ws.without(entry.id) as before, attacks.quantized(before, bits):
-                    forget_only = AuditData(data.forget)
-                    hit["before_quantized_forget_prob"] = measure(before, ws.tok, forget_only, 0)[
-                        "forget_prob"
-                    ]
+                if entry is not None:  # the before model quantized alike, for scale
+                    with ws.without(entry.id) as before, attacks.quantized(before, bits):
+                        forget_only = AuditData(data.forget)
+                        hit["before_quantized_forget_prob"] = measure(
+                            before, ws.tok, forget_only, 0
+                        )["forget_prob"]
                 if reference is not None:
                     with attacks.quantized(reference, bits):
                         hit["reference"] = measure(reference, ref_tok, data, gen_tokens)
@@ -386,6 +395,8 @@ def _score_recovery(models: dict[str, dict], hit: dict) -> None:
     """The attack's recovery of each metric, controlled by the reference's gain under the
     same attack when there is one (``attacks.recovered``)."""
     ref, ref_hit = models.get("reference"), hit.get("reference")
+    if "before" not in models:  # the model as it is: no drop to recover
+        return
     gains = {}
     for key, out in (("forget_prob", "recovered_percent"),
                      ("extraction_rouge_l", "extraction_recovered_percent")):  # fmt: skip
@@ -447,22 +458,27 @@ def _verdict(report: Report, key: str, verdict: str, text: str, **figures) -> No
 
 
 def _verdicts(report: Report) -> None:
-    b, c = report.models["before"], report.models["changed"]
+    b, c = report.models.get("before"), report.models["changed"]
     ref = report.models.get("reference")
-    share = c["forget_prob"] / b["forget_prob"] if b["forget_prob"] > 0 else float("nan")
-    _verdict(report, "change", PASSED if c["forget_prob"] <= 0.5 * b["forget_prob"] else FAILED,
-             f"forget-set probability {b['forget_prob']:.4g} -> {c['forget_prob']:.4g} "
-             f"(needs at most half)", figure=share, threshold="<= 0.5 of before")  # fmt: skip
+    if b is not None:  # the model as it is has no change to check
+        share = c["forget_prob"] / b["forget_prob"] if b["forget_prob"] > 0 else float("nan")
+        _verdict(report, "change",
+                 PASSED if c["forget_prob"] <= 0.5 * b["forget_prob"] else FAILED,
+                 f"forget-set probability {b['forget_prob']:.4g} -> {c['forget_prob']:.4g} "
+                 f"(needs at most half)", figure=share, threshold="<= 0.5 of before")  # fmt: skip
     _membership(report, c, ref)
     _forget_nll(report, c, ref)
     if ref:
         stat = "truth_ratios" if "truth_ratios" in c else "forget_example_nll"
         p = metrics.ks_pvalue(c[stat], ref[stat])
         c["forget_quality"] = p
-        b["forget_quality"] = metrics.ks_pvalue(b[stat], ref[stat])
+        was = ""
+        if b is not None:
+            b["forget_quality"] = metrics.ks_pvalue(b[stat], ref[stat])
+            was = f"before: {b['forget_quality']:.3g}; "
         _verdict(report, "forget_quality", PASSED if p >= FORGET_QUALITY_MIN else FAILED,
                  f"KS p-value {p:.3g} on {stat.replace('_', ' ')} vs the reference "
-                 f"(before: {b['forget_quality']:.3g}; needs >= {FORGET_QUALITY_MIN})",
+                 f"({was}needs >= {FORGET_QUALITY_MIN})",
                  figure=p, threshold=f">= {FORGET_QUALITY_MIN}")  # fmt: skip
     else:
         _verdict(report, "forget_quality", NOT_RUN, "no reference: the KS test compares the "
@@ -471,15 +487,20 @@ def _verdicts(report: Report) -> None:
         r = c["extraction_rouge_l"]
         if ref and "extraction_rouge_l" in ref:
             limit, against = ref["extraction_rouge_l"] + EXTRACTION_MARGIN, "the reference's"
-        else:
+        elif b is not None:
             limit, against = 0.5 * b["extraction_rouge_l"], "half the before model's"
-        text = (
-            f"ROUGE-L {r:.3f}, exact {c['extraction_exact']:.0%} (before "
-            f"{b['extraction_rouge_l']:.3f}; needs at most {limit:.3f}, {against})"
-        )
-        _verdict(report, "extraction", PASSED if r <= limit else FAILED, text, figure=r,
-                 reference=ref.get("extraction_rouge_l") if ref else None,
-                 threshold=f"<= {limit:.4g} ({against})")  # fmt: skip
+        else:
+            limit = None
+        was = f"before {b['extraction_rouge_l']:.3f}; " if b is not None else ""
+        if limit is None:
+            _verdict(report, "extraction", NOT_RUN, f"ROUGE-L {r:.3f}: neither a reference nor "
+                     "a model before a change to judge it against", figure=r)  # fmt: skip
+        else:
+            text = (f"ROUGE-L {r:.3f}, exact {c['extraction_exact']:.0%} ({was}needs at most "
+                    f"{limit:.3f}, {against})")  # fmt: skip
+            _verdict(report, "extraction", PASSED if r <= limit else FAILED, text, figure=r,
+                     reference=ref.get("extraction_rouge_l") if ref else None,
+                     threshold=f"<= {limit:.4g} ({against})")  # fmt: skip
     for name, hit in report.attacks.items():
         _attack_verdict(report, name, hit)
 
@@ -537,6 +558,9 @@ def _arrays(scores: dict[str, list[float]]) -> dict[str, np.ndarray]:
 
 
 def _attack_verdict(report: Report, name: str, hit: dict) -> None:
+    if "before" not in report.models:
+        _attack_verdict_as_is(report, name, hit)
+        return
     c = report.models["changed"]
     rec = hit["recovered_percent"]
     text = (f"forget-set probability {c['forget_prob']:.4g} -> {hit['forget_prob']:.4g}: "
@@ -571,6 +595,38 @@ def _attack_verdict(report: Report, name: str, hit: dict) -> None:
     ok = auc_ok and not any(r >= RECOVERY_LIMIT for r in recs)  # NaN (no gap) passes
     _verdict(report, name, PASSED if ok else FAILED, text + f" (each needs {threshold})",
              figure=rec, threshold=threshold)  # fmt: skip
+
+
+def _attack_verdict_as_is(report: Report, name: str, hit: dict) -> None:
+    """The model as it is, under attack, against the reference under the same attack: its
+    membership AUC at most ``MIA_MARGIN`` above the reference's (after relearning, on the
+    holdout examples the attack did not use) and its extraction at most
+    ``EXTRACTION_MARGIN`` above. There is no drop to measure a recovery of."""
+    control = hit.get("reference")
+    if control is None:
+        _verdict(report, name, NOT_RUN, "no entry and no reference: nothing to judge the "
+                 "attacked model against")  # fmt: skip
+        return
+    parts, ok = [], True
+    if "mia_auc" in hit and "mia_auc" in control:
+        worst = max(hit["mia_auc"], key=lambda k: hit["mia_auc"][k] - control["mia_auc"][k])
+        excess = hit["mia_auc"][worst] - control["mia_auc"][worst]
+        ok &= excess <= MIA_MARGIN
+        parts.append(f"membership AUC ({worst}) after it {hit['mia_auc'][worst]:.3f} vs the "
+                     f"reference's {control['mia_auc'][worst]:.3f} (needs at most "
+                     f"+{MIA_MARGIN:g})")  # fmt: skip
+    if "extraction_rouge_l" in hit and "extraction_rouge_l" in control:
+        excess = hit["extraction_rouge_l"] - control["extraction_rouge_l"]
+        ok &= excess <= EXTRACTION_MARGIN
+        parts.append(f"greedy ROUGE-L after it {hit['extraction_rouge_l']:.3f} vs the "
+                     f"reference's {control['extraction_rouge_l']:.3f} (needs at most "
+                     f"+{EXTRACTION_MARGIN:g})")  # fmt: skip
+    if not parts:
+        _verdict(report, name, NOT_RUN, "no holdout and no prompts to compare with the "
+                 "reference after the attack")  # fmt: skip
+        return
+    _verdict(report, name, PASSED if ok else FAILED, "the model as it is: " + "; ".join(parts),
+             threshold=f"AUC <= reference + {MIA_MARGIN:g}")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -702,7 +758,7 @@ def _plot(report: Report, path) -> None:
         left.hist(values, bins=20, alpha=0.5, label=label)
     left.set_xlabel("per-example NLL")
     left.legend(fontsize=7)
-    names = list(report.attacks)
+    names = [n for n in report.attacks if "recovered_percent" in report.attacks[n]]
     right.bar(names, [report.attacks[n]["recovered_percent"] for n in names], color="tab:blue")
     right.axhline(RECOVERY_LIMIT, ls="--", color="tab:red")
     right.set_ylabel("forget-set probability recovered (%)")

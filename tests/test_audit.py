@@ -190,6 +190,43 @@ def test_relearning_runs_on_the_reference_and_spares_its_holdout(
         audit.audit(ws, "0002", data, reference=ws.model, attack_names=())
 
 
+def test_a_workspace_without_entries_audits_the_model_as_it_is(
+    tmp_path, learned_then_forgotten, model_dir
+):
+    """No entry: no before model and no change check. The null case, a model that never saw
+    the forget set audited against itself, passes every check; a model that learned it
+    (exported, so no entry is left to revert) fails membership against the base model, and its
+    attacks are judged against the base model's under the same attack."""
+    ws_path, corpus = learned_then_forgotten
+    holdout = _jsonl(tmp_path, "holdout.jsonl", HOLDOUT)
+    args = ["--forget", corpus, "--holdout", holdout, "--reference", model_dir,
+            "--gen-tokens", "4", "--attacks", "quantize"]  # fmt: skip
+    null = tmp_path / "null"
+    assert main(["audit", *args, "-w", str(tmp_path / "base"), "-m", model_dir,
+                 "--out", str(null)]) == 0  # fmt: skip
+    cert = json.loads((null / "audit.json").read_text())
+    assert cert["entry"]["summary"] == "the model as it is" and cert["entry"]["id"] is None
+    assert cert["inputs"]["reference"]["same_as_audited"] is True
+    assert "change" not in cert["checks"] and "before" not in cert["figures"]
+    assert set(cert["checks"]) == {"membership", "forget_nll", "forget_quality", "extraction",
+                                   "quantize8", "quantize4"}  # fmt: skip
+    assert cert["verdict"] == "passed", cert["checks"]
+
+    ws = Workspace.open(ws_path)
+    ws.revert("0002")  # the model that learned the QA, exported: no entry to audit there
+    assert main(["export", str(tmp_path / "learned"), "-w", ws_path]) == 0
+    out = tmp_path / "learned-audit"
+    assert main(["audit", *args, "-w", str(tmp_path / "ws-learned"), "-m",
+                 str(tmp_path / "learned"), "--out", str(out)]) == 0  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert report["inputs"]["reference"]["same_as_audited"] is False
+    assert report["passed"]["membership"] is False
+    for name in ("quantize8", "quantize4"):
+        hit = report["attacks"][name]
+        assert "recovered_percent" not in hit and "reference" in hit
+        assert "the model as it is: membership AUC" in report["checks"][name]["text"]
+
+
 @pytest.mark.parametrize(
     "extra, says",
     [

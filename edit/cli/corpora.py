@@ -46,7 +46,8 @@ def add_parsers(sub) -> None:
                  "or retain_batch_size=16")  # fmt: skip
         common(p)
     p = sub.add_parser("audit", help="prove a forget / erase entry: MIA, extraction, attacks")
-    p.add_argument("id", nargs="?", help="the entry to audit (default: the last one)")
+    p.add_argument("id", nargs="?", help="the entry to audit (default: the last one; in a "
+                   "workspace without entries, the model as it is)")  # fmt: skip
     p.add_argument("--forget", help="the forgotten examples (JSONL / TOFU JSON; default for an "
                    "erase entry: its facts)")  # fmt: skip
     p.add_argument("--holdout", help="at least 2 examples of the same kind the model never "
@@ -211,29 +212,46 @@ def cmd_audit(args) -> int:
     out = Path(args.out) if args.out else None
     if out is not None:
         check_new_folder(out)
-    ws = open_workspace(args, create=False)
+    ws = _audited_workspace(args)
     entries = ws.entries()
-    if not entries:
-        raise EditError(f"workspace {ws.path} has no entries to audit")
-    entry = ws.entry(args.id) if args.id else entries[-1]
+    entry = ws.entry(args.id) if args.id else entries[-1] if entries else None
     if forget is None:
+        if entry is None:
+            raise EditError(f"workspace {ws.path} has no entries: give the data with --forget "
+                            "to audit the model as it is")  # fmt: skip
         if not entry.facts:
             raise EditError(f"entry {entry.id} is a {entry.kind} run: give its data with --forget")
         forget = [Example(f.text, f.target) for f in entry.facts]
     reference, ref_tok = load_reference(args.reference, args.device)
     print(base_model_line(ws))
-    print(f"auditing {entry.summary()} on {len(forget)} forget examples"
+    what = entry.summary() if entry else "the model as it is (the workspace has no entries)"
+    print(f"auditing {what} on {len(forget)} forget examples"
           + (f", {len(holdout)} holdout" if holdout else ""))  # fmt: skip
     data = audit.AuditData(forget, holdout, qa, relearn, files)
-    report = audit.audit(ws, entry.id, data,
+    report = audit.audit(ws, entry.id if entry else None, data,
                          reference=reference, reference_tok=ref_tok, attack_names=attack_names,
                          gen_tokens=args.gen_tokens)  # fmt: skip
-    out = out or Path(f"audit-out/{entry.id}")
+    out = out or Path(f"audit-out/{entry.id if entry else 'model'}")
     audit.write(report, out)
     print(audit.markdown(report))
     print(f"wrote {out}/: audit.json (the certificate: {audit.certificate_verdict(report)}), "
           "report.json, report.md, report.png")  # fmt: skip
     return 0
+
+
+def _audited_workspace(args):
+    """The workspace to audit; where there is none, the model (``-m``) as it is, opened as a
+    workspace in a temporary folder (removed when the command exits) so nothing is written."""
+    import tempfile
+    from pathlib import Path
+
+    from edit.ledger import read_meta
+
+    if read_meta(Path(args.workspace)) is not None:  # a damaged one is refused here
+        return open_workspace(args, create=False)
+    print(f"no workspace at {args.workspace}: auditing the model as it is")
+    args.workspace = args.cleanup.enter_context(tempfile.TemporaryDirectory(prefix="edit-audit-"))
+    return open_workspace(args, create=True)
 
 
 COMMANDS = {"forget": cmd_train, "learn": cmd_train, "audit": cmd_audit}
