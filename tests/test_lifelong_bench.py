@@ -1,0 +1,43 @@
+"""The lifelong benchmark's measuring helpers (benchmarks/lifelong.py): which records it
+probes, and how far each edited weight moved, against hand computations on a tiny llama."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.lifelong import FIRST, probe_indices, weight_changes  # noqa: E402
+from edit import neurons  # noqa: E402
+
+
+def test_probe_is_every_record_up_to_its_size_else_the_first_and_a_fixed_sample():
+    assert probe_indices(50, 100) == list(range(50))
+    probe = probe_indices(5000, 300)
+    assert len(probe) == len(set(probe)) == 300 and probe == sorted(probe)
+    assert probe[:FIRST] == list(range(FIRST)) and max(probe) < 5000
+    assert probe_indices(5000, 300) == probe  # the same sample when the run resumes
+
+
+def test_weight_changes_are_relative_norms_of_changed_weights_and_added_neurons(llama):
+    base = copy.deepcopy(llama)
+    name = "model.layers.1.mlp.down_proj.weight"
+    w = dict(llama.named_parameters())[name]
+    delta = torch.randn_like(w) * 0.01
+    with torch.no_grad():
+        w.add_(delta)
+    d = llama.config.hidden_size
+    down = torch.randn(d, 2)
+    neurons.attach(llama, "model.layers.0.mlp", torch.randn(2, d), torch.randn(2, d), down)
+    got = weight_changes(llama, base)
+    base_w = dict(base.named_parameters())[name]
+    assert got.keys() == {name, "model.layers.0.mlp (added neurons)"}
+    assert got[name] == pytest.approx(float(delta.norm() / base_w.detach().norm()), rel=1e-4)
+    w0 = base.model.layers[0].mlp.down_proj.weight
+    assert got["model.layers.0.mlp (added neurons)"] == pytest.approx(
+        float(down.norm() / w0.detach().norm()), rel=1e-5
+    )
