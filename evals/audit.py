@@ -6,9 +6,9 @@
 
 Three models are compared: **before** (the workspace without the audited entry), **changed**
 (the workspace as it is; with no entry audited, the model as it is and no before) and, when
-given, a **reference** that never trained on the forget
-set (TOFU's retrained model, or the base model a learned corpus was fine-tuned into). Each is
-measured on the forget examples (and a holdout of the same kind of text the model never saw):
+given, a **reference** that never trained on the forget set (TOFU's retrained model, or the
+base model a learned corpus was fine-tuned into). Each is measured on the forget examples
+(and a holdout of the same kind of text the model never saw):
 
 * forget-set NLL and probability (per-token, exp(−mean NLL), averaged over examples);
 * membership inference: ROC AUC of forget vs holdout for the scores of :mod:`edit.evals.mia`,
