@@ -766,7 +766,7 @@ def test_matching_brings_the_forgotten_answer_tokens_to_the_holdouts_spread(tok,
     h_mean = float(token_entropy(h_logits).mean())
     assert runs[5.0][1]["entropy_level"] == pytest.approx(h_mean, rel=1e-3)
     assert "entropy_level" not in runs[0.0][1]
-    with pytest.raises(InvalidRequest, match=f"{setting} matches .* give never-seen") as info:
+    with pytest.raises(InvalidRequest, match=f"{setting} reads never-seen examples") as info:
         train_lora(model, tok, FORGET, RETAIN, UnlearnConfig(**{setting: 1.0}, **FAST),
                    progress=False)  # fmt: skip
     assert "\n" not in str(info.value)
@@ -838,3 +838,30 @@ def test_quant_bits_adds_a_rounded_pass_and_changes_the_run(tok, llama):
     assert quant.tokens == 2 * plain.tokens
     gap = max(float((quant.adapter[k] - plain.adapter[k]).abs().max()) for k in plain.adapter)
     assert gap > 1e-3
+
+
+def test_holdout_kl_keeps_never_seen_text_where_it_was(tok, llama):
+    """holdout_kl holds the holdout's next-token distributions to the model before the run:
+    a forget that drifts the holdout's NLL without it moves it less with it; the holdout's
+    tokens go through the step's pass (more tokens); learn and a run without a holdout are
+    refused in one line."""
+    holdout = [Example("", "Lisbon is the capital of Portugal."), Example("Ice is", "cold."),
+               Example("", "Rome is a city in Italy.")]  # fmt: skip
+    config = UnlearnConfig(method="gradascent", **dict(FAST, epochs=6), stop_nll=1e6)
+    plain = train_lora(llama, tok, FORGET, None, config, progress=False, holdout=holdout)
+    kept = train_lora(llama, tok, FORGET, None, dataclasses.replace(config, holdout_kl=20.0),
+                      progress=False, holdout=holdout)  # fmt: skip
+
+    def drift(result) -> float:
+        m = result.metrics
+        return abs(m["holdout_nll_after"] - m["holdout_nll_before"])
+
+    assert drift(plain) > 0.05
+    assert drift(kept) < 0.5 * drift(plain)
+    assert kept.metrics["forget_nll_after"] > kept.metrics["forget_nll_before"]
+    assert kept.tokens > plain.tokens
+    with pytest.raises(InvalidRequest, match="holdout_kl is a forget setting"):
+        train_lora(llama, tok, FORGET, None, UnlearnConfig(holdout_kl=1.0), objective="learn",
+                   progress=False, holdout=holdout)  # fmt: skip
+    with pytest.raises(InvalidRequest, match="holdout_kl reads never-seen examples"):
+        train_lora(llama, tok, FORGET, None, UnlearnConfig(holdout_kl=1.0), progress=False)

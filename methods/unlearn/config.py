@@ -48,6 +48,10 @@ class UnlearnConfig:
     # the same for the answer tokens' NLLs (losses.quantile_match: the hardest tokens no further
     # below the never-seen level than never-seen text's are; Min-K% reads them); 0: off
     token_nll_weight: float = 0.0
+    # forget with a holdout: weight of KL(π_before ‖ π_θ) on a batch of the holdout's
+    # examples at each step, so that never-seen text of the corpus's kind keeps its level
+    # and the forget stays specific to the corpus (its stop level is read there); 0: off
+    holdout_kl: float = 0.0
     weight_decay: float = 0.0  # AdamW weight decay on the LoRA factors
     max_grad_norm: float | None = 1.0  # gradient clipping; None: off
     # sharpness-aware steps (SAM): each step takes the gradient at the adapter moved this far
@@ -114,6 +118,7 @@ class UnlearnConfig:
             "sam_rho",
             "entropy_weight",
             "token_nll_weight",
+            "holdout_kl",
         ):
             if name == "kl_weight" and self.kl_weight is None:
                 continue

@@ -157,13 +157,12 @@ def _check_sets(
         raise InvalidRequest("stop_nll stops a forget run: leave it unset for learn")
     if objective != "forget" and config.quant_bits:
         raise InvalidRequest("quant_bits is a forget setting: leave it out of learn")
-    for name in ("entropy_weight", "token_nll_weight"):
+    for name in ("entropy_weight", "token_nll_weight", "holdout_kl"):
         if objective != "forget" and getattr(config, name):
             raise InvalidRequest(f"{name} is a forget setting: leave it out of learn")
         if getattr(config, name) and not holdout:
             raise InvalidRequest(
-                f"{name} matches the forget set's tokens to a holdout's: give never-seen "
-                "examples (--holdout)"
+                f"{name} reads never-seen examples of the corpus's kind: give them (--holdout)"
             )
     forget_set = set(forget)
     for name, other in (("retain", retain), ("holdout", holdout)):
@@ -252,6 +251,7 @@ class _Loop:
     use_kl: bool  # the KL(π_ref ‖ π_θ) term is on
     gen: torch.Generator  # the batch order
     retain_batches: Iterator[list[int]]
+    holdout_batches: Iterator[list[int]]  # for holdout_kl (none where it is off)
     steps: int  # steps per epoch
     bar: Any  # the tqdm progress bar
     taken: int = 0  # steps (batches; with gradient accumulation, several make one update)
@@ -354,6 +354,8 @@ class _Run:
         batches = [(ids, mask, labels)]
         if retain_idx:
             batches.append(self.batch(loop.sets.retain, retain_idx))
+        if c.holdout_kl:  # never-seen examples of the corpus's kind, kept where they were
+            batches.append(self.batch(loop.sets.holdout, next(loop.holdout_batches)))
         scored = self.forward(*batches)  # one pass through the prepared model per step
         logp, n, _ = scored[0]
         tokens = int(mask.sum())
@@ -388,6 +390,12 @@ class _Run:
             loss = token_nll(logp, n)
         if kl is not None:
             loss = loss + c.kl_weight * kl
+        if c.holdout_kl:
+            h_ids, h_mask, h_labels = batches[-1]
+            tokens += int(h_mask.sum())
+            with torch.no_grad(), self.peft_model.disable_adapter():
+                *_, before = self._score_batch(h_ids, h_mask, h_labels)
+            loss = loss + c.holdout_kl * token_kl(scored[-1][2], before)
         if loop.token_levels is not None:  # the answer tokens aimed at the holdout's spread
             logits, (h_levels, nll_levels) = scored[0][2], loop.token_levels
             if c.entropy_weight:
@@ -462,9 +470,11 @@ class _Run:
         use_retain_nll = self.method in USES_RETAIN and c.alpha > 0 and bool(sets.retain)
         if self.method in NEEDS_TEACHER | NEEDS_TARGETS:
             stop_nll = None  # the objective holds each example at its own level: no stop
+        holdout_n = len(sets.holdout) if c.holdout_kl else 0
         loop = _Loop(sets, ref_logp, targets, stop_nll, token_levels,
                      use_retain_nll, c.kl_weight > 0, gen,
-                     _retain_stream(len(sets.retain), retain_size, gen), steps, bar)  # fmt: skip
+                     _retain_stream(len(sets.retain), retain_size, gen),
+                     _retain_stream(holdout_n, retain_size, gen), steps, bar)  # fmt: skip
         t0 = time.perf_counter()
         for epoch in range(c.epochs):
             if not self._epoch(loop, epoch):
