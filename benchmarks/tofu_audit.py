@@ -86,7 +86,16 @@ def main() -> None:
     log(f"null check (unseen vs unseen): {summary['null_auc']['auc']}")
     for method in args.methods.split(","):
         summary["runs"][method] = _forget_and_audit(
-            ws, ref, method, settings, aim, forget, kept, examples, args.attacks.split(","), out
+            ws,
+            ref,
+            method,
+            settings,
+            aim,
+            forget,
+            kept,
+            examples,
+            [a for a in args.attacks.split(",") if a not in ("", "none")],
+            out,
         )
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _finish(summary, out, args.out, t_all)
@@ -101,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tofu_audit"),
                    help="results file stem: <out>.json and <out>.md")  # fmt: skip
     p.add_argument("--methods", default="npo,graddiff")
-    p.add_argument("--attacks", default="quantize,relearn")
+    p.add_argument("--attacks", default="quantize,relearn", help="quantize, relearn or none")
     p.add_argument("--relearn", choices=("related", "wikitext"), default="related",
                    help="what the relearning attack trains on: QA of the retained authors "
                    "(related, the harder attack) or shipped WikiText-2 (unrelated)")  # fmt: skip
