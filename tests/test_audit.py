@@ -191,13 +191,16 @@ def test_relearning_runs_on_the_reference_and_spares_its_holdout(
 
 
 def test_a_workspace_without_entries_audits_the_model_as_it_is(
-    tmp_path, learned_then_forgotten, model_dir
+    tmp_path, learned_then_forgotten, model_dir, capsys
 ):
     """No entry: no before model and no change check. The null case, a model that never saw
     the forget set audited against itself, passes every check; a model that learned it
     (exported, so no entry is left to revert) fails membership against the base model, and its
     attacks are judged against the base model's under the same attack."""
     ws_path, corpus = learned_then_forgotten
+    nowhere = str(tmp_path / "nowhere")
+    assert main(["audit", "-w", nowhere, "-m", model_dir]) == 2  # no data: refused up front
+    assert f"no workspace at {nowhere}: give the data with --forget" in capsys.readouterr().err
     holdout = _jsonl(tmp_path, "holdout.jsonl", HOLDOUT)
     args = ["--forget", corpus, "--holdout", holdout, "--reference", model_dir,
             "--gen-tokens", "4", "--attacks", "quantize"]  # fmt: skip

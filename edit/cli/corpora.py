@@ -212,7 +212,7 @@ def cmd_audit(args) -> int:
     out = Path(args.out) if args.out else None
     if out is not None:
         check_new_folder(out)
-    ws = _audited_workspace(args)
+    ws = _audited_workspace(args, with_data=forget is not None)
     entries = ws.entries()
     entry = ws.entry(args.id) if args.id else entries[-1] if entries else None
     if forget is None:
@@ -239,9 +239,10 @@ def cmd_audit(args) -> int:
     return 0
 
 
-def _audited_workspace(args):
+def _audited_workspace(args, with_data: bool):
     """The workspace to audit; where there is none, the model (``-m``) as it is, opened as a
-    workspace in a temporary folder (removed when the command exits) so nothing is written."""
+    workspace in a temporary folder (removed when the command exits) so nothing is written.
+    Without the data (``with_data`` False) that is refused before the model loads."""
     import tempfile
     from pathlib import Path
 
@@ -249,6 +250,9 @@ def _audited_workspace(args):
 
     if read_meta(Path(args.workspace)) is not None:  # a damaged one is refused here
         return open_workspace(args, create=False)
+    if not with_data:
+        raise EditError(f"no workspace at {args.workspace}: give the data with --forget to "
+                        "audit the model as it is")  # fmt: skip
     print(f"no workspace at {args.workspace}: auditing the model as it is")
     args.workspace = args.cleanup.enter_context(tempfile.TemporaryDirectory(prefix="edit-audit-"))
     return open_workspace(args, create=True)
