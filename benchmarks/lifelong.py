@@ -93,6 +93,7 @@ class Run:
     def __init__(self, args) -> None:
         self.args = args
         self.work = Path(args.work)
+        self.work.mkdir(parents=True, exist_ok=True)
         self.path = self.work / "state.json"
         self.settings = {k: getattr(args, k) for k in
                          ("data", "limit", "batch", "method", "every", "probe", "set")}  # fmt: skip
@@ -126,7 +127,10 @@ def main() -> None:
     settings = parse_settings(args.set)
     records = load_records(args.data, limit=args.limit)
     probe = [(i, records[i]) for i in probe_indices(args.limit, args.probe)]
-    ppl_text = default_ppl_text()
+    ppl_path = default_ppl_text()  # WikiText-2 test, from the shared data
+    if ppl_path is None:
+        sys.exit("error: no WikiText-2 test text in ../shared/data/text: needed for perplexity")
+    ppl_text = Path(ppl_path).read_text(encoding="utf-8")
     ws = Workspace.open(run.work / "ws", model_name=args.model)
     if len(ws.entries()) == state["entries"] + 1:  # the last add landed, its state did not
         n = min(args.batch, args.limit - state["next"])
