@@ -97,6 +97,15 @@ FIGURES: dict[str, dict[str, str]] = {
         "cost": "cost_ratio",
         "MHS": "MHS_edited",
     },
+    "lifelong_1000": {
+        **{k: k for k in ("edits", "ES", "PS", "NS")},
+        "unedited NS": "unedited_NS",
+        "first-100 ES": "first_ES",
+        "first-100 PS": "first_PS",
+        "PPL": "ppl",
+        "unedited PPL": "unedited_ppl",
+        "s/fact": "s_per_fact",
+    },
     "rome_sequential_50": {
         **{f"neuron {k}": f"neuron.edited.{k}" for k in ("ES", "PS", "NS", "PPL")},
         **{f"rank-one {k}": f"rank_one.edited.{k}" for k in ("PS", "NS", "PPL")},
