@@ -167,7 +167,7 @@ def main() -> None:
         if done % args.every < len(group) or done == args.limit:
             point(run, ws, base, probe, ppl_text, done)
         run.save()
-    finish(run)
+    log("done")
 
 
 def point(run: Run, ws, base, probe: list, ppl_text: str, done: int) -> None:
@@ -206,11 +206,6 @@ def point(run: Run, ws, base, probe: list, ppl_text: str, done: int) -> None:
         f"{row['first_PS']:.1f}; PPL {row['ppl']:.2f} (unedited {row['unedited_ppl']:.2f}); "
         f"largest change {row['max_change']:.3f}; {row['s_per_fact']:.2f} s/fact")  # fmt: skip
     write(run)
-
-
-def finish(run: Run) -> None:
-    write(run)
-    log("done")
 
 
 def write(run: Run) -> None:
