@@ -577,16 +577,9 @@ def _attack_verdict(report: Report, name: str, hit: dict) -> None:
     else:
         gain = hit["reference_gain"]["forget_prob"]
         text += f" (beyond the reference's own gain {gain:+.4g})"
-    auc_ok = True
-    if control is not None and "mia_auc" in hit and "mia_auc" in control:
-        worst = max(hit["mia_auc"], key=lambda k: hit["mia_auc"][k] - control["mia_auc"][k])
-        excess = hit["mia_auc"][worst] - control["mia_auc"][worst]
-        auc_ok = excess <= MIA_MARGIN
-        scored = len(next(iter(hit["mia_scores"]["holdout"].values())))
-        unused = " it did not use" if "relearn" in hit else ""
-        text += (f"; membership AUC ({worst}) after it {hit['mia_auc'][worst]:.3f} vs the "
-                 f"reference's {control['mia_auc'][worst]:.3f} on {scored} holdout examples"
-                 f"{unused} (needs at most +{MIA_MARGIN:g})")  # fmt: skip
+    auc_ok, auc_text = _membership_after(hit, control)
+    if auc_text:
+        text += "; " + auc_text
     threshold = f"< {RECOVERY_LIMIT:g} % of each drop"
     if not report.passed["change"]:  # recovery of a drop that never happened says nothing
         _verdict(report, name, FAILED, "nothing to defend: the change check failed; " + text,
@@ -595,6 +588,22 @@ def _attack_verdict(report: Report, name: str, hit: dict) -> None:
     ok = auc_ok and not any(r >= RECOVERY_LIMIT for r in recs)  # NaN (no gap) passes
     _verdict(report, name, PASSED if ok else FAILED, text + f" (each needs {threshold})",
              figure=rec, threshold=threshold)  # fmt: skip
+
+
+def _membership_after(hit: dict, control: dict | None) -> tuple[bool, str]:
+    """The attacked model's membership AUC against the reference's under the same attack:
+    the attack whose AUC exceeds the reference's the most decides, and passes at most
+    ``MIA_MARGIN`` above. ``(True, "")`` when either side was not scored."""
+    if control is None or "mia_auc" not in hit or "mia_auc" not in control:
+        return True, ""
+    worst = max(hit["mia_auc"], key=lambda k: hit["mia_auc"][k] - control["mia_auc"][k])
+    excess = hit["mia_auc"][worst] - control["mia_auc"][worst]
+    scored = len(next(iter(hit["mia_scores"]["holdout"].values())))
+    unused = " it did not use" if "relearn" in hit else ""
+    return excess <= MIA_MARGIN, (
+        f"membership AUC ({worst}) after it {hit['mia_auc'][worst]:.3f} vs the reference's "
+        f"{control['mia_auc'][worst]:.3f} on {scored} holdout examples{unused} "
+        f"(needs at most +{MIA_MARGIN:g})")  # fmt: skip
 
 
 def _attack_verdict_as_is(report: Report, name: str, hit: dict) -> None:
@@ -607,14 +616,8 @@ def _attack_verdict_as_is(report: Report, name: str, hit: dict) -> None:
         _verdict(report, name, NOT_RUN, "no entry and no reference: nothing to judge the "
                  "attacked model against")  # fmt: skip
         return
-    parts, ok = [], True
-    if "mia_auc" in hit and "mia_auc" in control:
-        worst = max(hit["mia_auc"], key=lambda k: hit["mia_auc"][k] - control["mia_auc"][k])
-        excess = hit["mia_auc"][worst] - control["mia_auc"][worst]
-        ok &= excess <= MIA_MARGIN
-        parts.append(f"membership AUC ({worst}) after it {hit['mia_auc'][worst]:.3f} vs the "
-                     f"reference's {control['mia_auc'][worst]:.3f} (needs at most "
-                     f"+{MIA_MARGIN:g})")  # fmt: skip
+    ok, auc_text = _membership_after(hit, control)
+    parts = [auc_text] if auc_text else []
     if "extraction_rouge_l" in hit and "extraction_rouge_l" in control:
         excess = hit["extraction_rouge_l"] - control["extraction_rouge_l"]
         ok &= excess <= EXTRACTION_MARGIN
