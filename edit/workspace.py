@@ -246,9 +246,15 @@ class Workspace:
         result = apply(
             self.model, self.tok, request, method=method, history=self.history(), **kwargs
         )
-        result.handle.undo()  # re-applied below through the ledger path, from pristine copies
-        entry = self._record_once(result, result.update)
-        self._apply(entry.update)
+        try:
+            entry = self._record_once(result, result.update)
+        except BaseException:
+            result.handle.undo()
+            raise
+        # the update on the model is the one recorded; a weight it is the first to change
+        # keeps its pristine copy for revert and rebuild
+        for name, weight in result.handle.originals.items():
+            self._base_weights.setdefault(name, weight)
         return entry, result
 
     def erase(self, request: str | Fact | dict, **kwargs) -> tuple[Entry, EditResult]:
