@@ -13,12 +13,49 @@ ws.revert(entry.id); ws.export("merged-model/")
 
 from __future__ import annotations
 
-from edit import arch
-from edit.api import EditResult, apply, ask
-from edit.errors import EditError, EditFailed, InvalidRequest
-from edit.facts import Fact, parse_statement
-from edit.models import DEFAULT_MODEL, load
-from edit.workspace import Workspace
+import importlib
+from typing import TYPE_CHECKING
+
+# The names below load on first use, so that ``from edit import lm`` inside the core does
+# not import the API (and every method) with it.
+_LAZY = {
+    "arch": None,  # the submodule itself
+    "DEFAULT_MODEL": "edit.models",
+    "EditError": "edit.errors",
+    "EditFailed": "edit.errors",
+    "EditResult": "edit.api",
+    "Fact": "edit.facts",
+    "InvalidRequest": "edit.errors",
+    "Workspace": "edit.workspace",
+    "apply": "edit.api",
+    "ask": "edit.api",
+    "load": "edit.models",
+    "parse_statement": "edit.facts",
+}
+
+if TYPE_CHECKING:
+    from edit import arch
+    from edit.api import EditResult, apply, ask
+    from edit.errors import EditError, EditFailed, InvalidRequest
+    from edit.facts import Fact, parse_statement
+    from edit.models import DEFAULT_MODEL, load
+    from edit.workspace import Workspace
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'edit' has no attribute {name!r}")
+    module = _LAZY[name]
+    if module is None:
+        return importlib.import_module(f"edit.{name}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "DEFAULT_MODEL",

@@ -9,6 +9,8 @@ import fails it.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,18 @@ def test_the_check_fails_on_a_forbidden_import(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from edit.evals.harness import evaluate\n")
     assert _forbidden(bad, METHODS) == ["edit.evals.harness", "edit.evals.harness.evaluate"]
+
+
+def test_importing_the_core_loads_no_api_or_method():
+    """``edit/__init__.py`` is lazy: a core module imports without the API above it, and
+    the package's names still resolve on first use."""
+    code = (
+        "import sys, edit.lm, edit.facts\n"
+        "above = sorted(m for m in sys.modules if m.startswith(('edit.api', 'edit.workspace',"
+        " 'edit.methods', 'edit.evals', 'edit.cli')))\n"
+        "assert above == [], above\n"
+        "import edit\n"
+        "assert edit.apply.__module__ == 'edit.api' and edit.arch.__name__ == 'edit.arch'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
