@@ -1,4 +1,5 @@
-"""The edit ledger: a folder that records a base model and every change made to it.
+"""A workspace: a model kept in step with its ledger (``edit.ledger``), the folder that
+records a base model and every change made to it.
 
     ws = Workspace.open("edit-workspace")          # loads the recorded base model + edits
     entry = ws.add("Paris is capital of Italy")    # edit, check, record (atomically)
@@ -18,14 +19,14 @@ The model is the base plus the active entries of the manifest, applied in order.
 checks everything first: the base model's identity (a hash of its weights as stored, so the
 dtype and device it is loaded in do not matter), the manifest's chain, every entry's
 content hash, and that every factor is finite and fits the model's weights; any problem is
-refused in one line before anything is applied. Writes are atomic and serialized: one
-writer at a time, and a writer commits only on top of the ledger it opened.
+refused in one line before anything is applied. Writes are atomic and serialized
+(``edit.ledger.write``): one writer at a time, and a writer commits only on top of the
+ledger it opened.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import json
 import logging
 import os
@@ -34,27 +35,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import save as serialize
 from torch import nn
 
 from edit import distributed, lm, neurons
 from edit.api import EditResult, apply
-from edit.atomic import check_new_folder, new_folder, write_bytes
-from edit.entry import Entry, header
+from edit.atomic import check_new_folder, new_folder
 from edit.errors import EditError, EditFailed, InvalidRequest
 from edit.facts import Fact
-from edit.ledger import (
-    FORMAT,
-    MANIFEST,
-    META,
-    Ledger,
-    manifest_line,
-    read_ledger,
-    read_meta,
-    sha256,
-    unborn,
-)
-from edit.lock import LOCK_FILE, WorkspaceLock
+from edit.ledger import META, Entry, Ledger, header, read_ledger, read_meta, unborn
+from edit.ledger import write as writer
+from edit.lock import WorkspaceLock
 from edit.models import load, skeleton, weights_hash
 from edit.placement import read_weight, write_weight
 from edit.update import Update
@@ -166,7 +156,7 @@ class Workspace:
         except BaseException:
             if exclusive:
                 if meta is None and lock.held_exclusive:
-                    _remove_unborn(path, made)
+                    writer.remove_unborn(path, made)
                 lock.release()
             raise
         ws.lock, ws._made = lock, made
@@ -191,7 +181,7 @@ class Workspace:
         """Give up this process's writer lock (see ``open(exclusive=True)``); a new
         workspace in which nothing was recorded is removed again."""
         if self._ledger.meta is None and self.lock.held_exclusive:
-            _remove_unborn(self.path, self._made)
+            writer.remove_unborn(self.path, self._made)
         self.lock.release()
 
     def __enter__(self) -> Workspace:
@@ -293,15 +283,9 @@ class Workspace:
     def revert(self, entry_id: str) -> Entry:
         """Remove an edit; the weights become the base plus the remaining edits, exactly."""
         entry = self.entry(entry_id)
-        with self._committing():
-            entry = self.entry(entry.id)  # where it is now that interrupted moves are done
-            line = manifest_line(self._ledger, "revert", entry.id, entry.hash)
-            write_bytes(self.path / MANIFEST, self._ledger.manifest + line)  # the commit
-            (self.path / "reverted").mkdir(exist_ok=True)
-            os.replace(entry.path, self.path / "reverted" / f"{entry.id}.safetensors")
-            self._reread()
+        self._set_ledger(writer.revert(self._ledger, self.lock, entry.id))
         self._rebuild()
-        return entry
+        return Entry.from_data(next(e for e in self._ledger.reverted if e.id == entry.id))
 
     def drop(self, entry_id: str) -> str:
         """Give up an entry whose file was lost or damaged (open the workspace with
@@ -311,18 +295,7 @@ class Workspace:
         problem = self._ledger.broken.get(entry_id)
         if problem is None:
             raise EditError(f"entry {entry_id} is not broken: revert it instead")
-        line = next(x for x in self._ledger.lines if x["op"] == "add" and x["id"] == entry_id)
-        with self._committing():
-            write_bytes(
-                self.path / MANIFEST,
-                self._ledger.manifest + manifest_line(self._ledger, "drop", entry_id, line["hash"]),
-            )  # the commit
-            names = (f"{entry_id}.safetensors", f".{entry_id}.pending")
-            left = [p for n in names if (p := self.path / "edits" / n).is_file()]
-            if left:
-                (self.path / "reverted").mkdir(exist_ok=True)
-                os.replace(left[0], self.path / "reverted" / f"{entry_id}.damaged")
-            self._reread()
+        self._set_ledger(writer.drop(self._ledger, self.lock, entry_id))
         self._rebuild()
         return problem
 
@@ -404,7 +377,7 @@ class Workspace:
         distributed.wait_for_everyone()
         if distributed.is_main():
             return entry
-        self._reread()  # the entry the main process wrote
+        self._set_ledger(writer.reread(self.path))  # the entry the main process wrote
         entry = self._active[-1]
         mine = update.tensors()
         theirs = entry.update.tensors()
@@ -433,70 +406,11 @@ class Workspace:
             if entry.id != skip:
                 self._apply(entry.update)
 
-    @contextmanager
-    def _committing(self) -> Iterator[None]:
-        """The writer's lock, on a ledger that is still the one this object read: a change
-        that another process committed meanwhile refuses this one (nothing is written)."""
-        with self.lock.exclusive():
-            try:
-                now = (self.path / MANIFEST).read_bytes()
-            except FileNotFoundError:
-                now = None
-            if self._ledger.meta is None or now != self._ledger.manifest:
-                raise EditError(
-                    f"workspace {self.path} was changed by another process since it was "
-                    f"opened: nothing was recorded; run the command again"
-                )
-            self._finish_interrupted()
-            yield
-
-    def _finish_interrupted(self) -> None:
-        """Complete the renames of an interrupted add or revert; drop stale temporaries."""
-        for src, dst in self._ledger.repairs:
-            if src.is_file():
-                dst.parent.mkdir(exist_ok=True)
-                os.replace(src, dst)
-        for p in self._ledger.leftovers:
-            p.unlink(missing_ok=True)
-        if self._ledger.repairs or self._ledger.leftovers:
-            self._reread()
-
-    def _reread(self) -> None:
-        self._ledger = read_ledger(self.path)
-        self._ledger.check()
-        self._active = [Entry.from_data(e) for e in self._ledger.active]
-
-    def _create(self) -> None:
-        """Make the workspace folder whole: its files are written beside it, then renamed;
-        in a folder that an exclusive open made and locked, in place, ``workspace.json``
-        last (the files before it are what :func:`edit.ledger.unborn` accepts)."""
-        meta = {"format": FORMAT, "base": self.base, "created": _now()}
-        if self.lock.held_exclusive:
-            try:
-                (self.path / "edits").mkdir(exist_ok=True)
-                write_bytes(self.path / MANIFEST, b"")
-                write_bytes(self.path / META, json.dumps(meta, indent=2).encode())
-            except OSError as e:
-                raise EditError(f"cannot create workspace {self.path}: {e.strerror or e}") from None
-            self._ledger = read_ledger(self.path)
-            return
-        try:
-            with new_folder(self.path) as tmp:
-                (tmp / META).write_text(json.dumps(meta, indent=2))
-                (tmp / MANIFEST).write_bytes(b"")
-                (tmp / LOCK_FILE).write_bytes(b"")
-                (tmp / "edits").mkdir()
-        except OSError as e:
-            if self.path.is_dir() and any(self.path.iterdir()):
-                raise EditError(
-                    f"workspace {self.path} was created by another process since it was "
-                    f"opened: nothing was recorded; run the command again"
-                ) from None
-            raise EditError(f"cannot create workspace {self.path}: {e.strerror or e}") from None
-        self._ledger = read_ledger(self.path)
+    def _set_ledger(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+        self._active = [Entry.from_data(e) for e in ledger.active]
 
     def _record(self, result: EditResult) -> Entry:
-        tensors = result.update.tensors()
         meta = header(
             result.kind,
             result.method,
@@ -505,32 +419,13 @@ class Workspace:
             result.config_dict(),
             result.metrics,
             result.info,
-            created=_now(),
+            created=writer.timestamp(),
             base_hash=self.base["hash"],
         )
         if self._ledger.meta is None:
-            self._create()
-        with self._committing():
-            meta["id"] = self._ledger.next_id()
-            data = serialize(tensors, metadata=meta)
-            pending = self.path / "edits" / f".{meta['id']}.pending"
-            write_bytes(pending, data)
-            line = manifest_line(self._ledger, "add", meta["id"], sha256(data))
-            write_bytes(self.path / MANIFEST, self._ledger.manifest + line)  # the commit
-            os.replace(pending, self.path / "edits" / f"{meta['id']}.safetensors")
-            self._reread()
+            self._ledger = writer.create(self.path, self.base, self.lock)
+        self._set_ledger(writer.add(self._ledger, self.lock, result.update.tensors(), meta))
         return self._active[-1]
-
-
-def _remove_unborn(path: Path, made: bool) -> None:
-    """Undo what a writer's open of a new workspace made, if nothing was recorded in it:
-    the lock (removed while still held) and the folder when this process made it."""
-    if (path / META).exists() or not unborn(path):
-        return
-    with contextlib.suppress(OSError):
-        (path / LOCK_FILE).unlink(missing_ok=True)
-        if made:
-            path.rmdir()
 
 
 def check_outside(out: str | os.PathLike, workspace: str | os.PathLike) -> None:
@@ -581,7 +476,3 @@ def check_shapes(ledger: Ledger, source: str) -> bool:
                 e.id,
             )
     return True
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

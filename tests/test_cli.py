@@ -13,7 +13,7 @@ from tiny import TINY_ROME, changed_tensors, state_copy, tiny_model
 import edit.config
 from edit import lm
 from edit.cli import main
-from edit.entry import read_entry
+from edit.ledger import read_entry
 
 MODULE = "model.layers.1.mlp.down_proj"  # what TINY_ROME edits in a llama
 STATEMENT = "The capital of [France] [Paris]"  # the subject ends the prompt: see tiny.TINY_FACT

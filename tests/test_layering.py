@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE = ["arch", "atomic", "cache", "config", "corpus", "distributed", "entry", "errors", "facts",
+CORE = ["arch", "atomic", "cache", "config", "corpus", "distributed", "errors", "facts",
         "hooks", "layers", "ledger", "lm", "lock", "models", "placement", "quantize", "questions",
         "readers", "stats", "update"]  # fmt: skip
 CLI = ("edit.cli",)

@@ -28,7 +28,7 @@ import edit.hooks
 from edit import EditError, Fact, InvalidRequest, lm
 from edit import methods as registry
 from edit.cli import main
-from edit.entry import read_entry
+from edit.ledger import read_entry
 from edit.methods import algebra
 from edit.methods.algebra.keys import _shared_length
 from edit.methods.alphaedit import AlphaEditConfig

@@ -326,7 +326,7 @@ def test_a_failed_write_undoes_the_edit(edited, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError("no space left on device")
 
-    monkeypatch.setattr("edit.workspace.write_bytes", disk_full)
+    monkeypatch.setattr("edit.ledger.write.write_bytes", disk_full)
     with pytest.raises(OSError, match="no space left"):
         ws.add(TINY_FACT_2, progress=False, **TINY_ROME)
     assert _files(ws.path) == files

@@ -52,7 +52,7 @@ STOP_MEANS = {
 
 
 class Recorded(Protocol):
-    """A ledger entry as the policy reads it (an ``edit.workspace.Entry``)."""
+    """A ledger entry as the policy reads it (an ``edit.ledger.Entry``)."""
 
     id: str
     kind: str

@@ -1,31 +1,5 @@
-"""The ledger's integrity, kept as git keeps a repository's: content-addressed entries and a
-hash-chained manifest, checked in full on every read.
-
-    ledger = read_ledger(Path("edit-workspace"))   # reads and checks; changes nothing
-    ledger.problems                                  # [] or one line per problem found
-    ledger.active                                    # the entries to apply, in order
-
-An entry's identity is the sha256 of its file's bytes: the safetensors header (id, request,
-method, config, layers, metrics) and the tensors, so any change to either changes it.
-``manifest.jsonl`` lists every change to the workspace, one JSON line each::
-
-    {"seq": 1, "op": "add", "id": "0001", "hash": "sha256:...", "prev": "sha256:..."}
-    {"seq": 2, "op": "revert", "id": "0001", "hash": "sha256:...", "prev": "sha256:..."}
-
-(``"drop"``: an active entry whose file was lost or damaged is given up; what is left of
-the file is kept as ``reverted/<id>.damaged``.)
-
-where ``prev`` is the sha256 of the previous line (for the first line, the base model's
-hash). A missing, reordered or edited line breaks the chain; a deleted, altered, truncated
-or copied entry file disagrees with the manifest. Each problem is named with what to do.
-
-A write goes in three steps, each atomic (``edit.atomic``): the entry is written to a hidden
-``edits/.<id>.pending`` file, the manifest gains its line (the commit), the file is renamed
-into place (a revert: the line, then the move to ``reverted/``). A crash between two steps
-leaves a state this reader understands: a pending file the manifest does not name is
-ignored (and deleted by the next writer); one it names is used, and the next writer finishes
-the rename.
-"""
+"""Reading a workspace's ledger: ``workspace.json``, the manifest and every entry file,
+checked in full (see :mod:`edit.ledger` for the format); reading changes nothing."""
 
 from __future__ import annotations
 

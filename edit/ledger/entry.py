@@ -14,7 +14,7 @@ from typing import Any
 
 from edit.errors import EditError
 from edit.facts import Fact
-from edit.ledger import EntryData, parse_entry, sha256
+from edit.ledger.read import EntryData, parse_entry, sha256
 from edit.update import Update
 
 
