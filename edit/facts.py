@@ -291,27 +291,57 @@ def parse_statement(
             f"target {target!r} must be the end of the statement {text!r}, after a prompt"
         )
     prompt_text = text[: -len(target)].rstrip()
-
-    if subject is None:
-        subject = _guess_subject(prompt_text)
-        if subject is None:
-            raise InvalidRequest(
-                f"cannot tell the subject in {statement!r}: mark it with brackets, "
-                f"e.g. '[Paris] is capital of [Italy]', or pass --subject"
-            )
-    subject = subject.strip()
-    if not subject:
-        raise InvalidRequest("the subject is empty: name who or what the fact is about")
-    at = subject_at if subject_at is not None else prompt_text.find(subject)
-    if at < 0 or prompt_text[at : at + len(subject)] != subject:
-        raise InvalidRequest(f"subject {subject!r} does not occur in the prompt {prompt_text!r}")
-    prompt = prompt_text[:at] + "{}" + prompt_text[at + len(subject) :]
+    prompt, subject = _template(
+        prompt_text, subject, subject_at, statement, "[Paris] is capital of [Italy]"
+    )
     if prompt.strip() == "{}":
         raise InvalidRequest(
             f"no relation between subject {subject!r} and target {target!r}: "
             f"write a sentence such as 'Paris is capital of Italy'"
         )
     return Fact(prompt=prompt, subject=subject, target=target)
+
+
+def parse_prompt(prompt: str, subject: str | None = None) -> tuple[str, str]:
+    """(template with ``{}``, subject) from a prompt without a target, such as "The Eiffel
+    Tower is located in" or "[The Eiffel Tower] is located in" (what causal tracing runs
+    on: the model's own answer is traced); ``subject`` overrides the guess, which follows
+    :func:`parse_statement`'s rule. Raises :class:`InvalidRequest` with a one-line reason."""
+    text = " ".join(prompt.split())
+    if not text:
+        raise InvalidRequest("the prompt is empty: give one, e.g. 'The Eiffel Tower is located in'")
+    if "[" in text or "]" in text:
+        start, end = text.find("["), text.find("]")
+        if not 0 <= start < end or text.count("[") != 1 or text.count("]") != 1:
+            raise InvalidRequest(
+                f"mark the subject with one pair of brackets, e.g. "
+                f"'[The Eiffel Tower] is located in' (got {prompt!r})"
+            )
+        subject = subject or text[start + 1 : end].strip()
+        text = text[:start] + text[start + 1 : end] + text[end + 1 :]
+    return _template(text, subject, None, prompt, "[The Eiffel Tower] is located in")
+
+
+def _template(
+    text: str, subject: str | None, at: int | None, asked: str, example: str
+) -> tuple[str, str]:
+    """(``text`` with ``{}`` in place of the subject, the subject): the one given (found at
+    character ``at``, or its first occurrence) or guessed; ``asked`` and ``example`` word
+    the refusal."""
+    if subject is None:
+        subject = _guess_subject(text)
+        if subject is None:
+            raise InvalidRequest(
+                f"cannot tell the subject in {asked!r}: mark it with brackets, e.g. "
+                f"'{example}', or pass --subject"
+            )
+    subject = subject.strip()
+    if not subject:
+        raise InvalidRequest("the subject is empty: name who or what the fact is about")
+    at = at if at is not None else text.find(subject)
+    if at < 0 or text[at : at + len(subject)] != subject:
+        raise InvalidRequest(f"subject {subject!r} does not occur in the prompt {text!r}")
+    return text[:at] + "{}" + text[at + len(subject) :], subject
 
 
 def _check_brackets(text: str) -> None:

@@ -45,6 +45,7 @@ forward passes), ``single`` (one prompt), ``average`` (many facts, the suggested
 ``edit.layers`` reads).
 """
 
+from edit.facts import parse_prompt
 from edit.locate.average import (
     AVERAGE_CATEGORIES,
     AVERAGE_SAMPLES,
@@ -63,7 +64,6 @@ from edit.locate.inputs import (
     WINDOW,
     noise_level,
     parse_kinds,
-    parse_prompt,
     subject_range,
     window_layers,
 )

@@ -11,7 +11,6 @@ from torch import nn
 from edit import arch as arch_table
 from edit import lm
 from edit.errors import EditError
-from edit.facts import _guess_subject
 
 KINDS = ("resid", "mlp", "attn")
 NOISE_MULTIPLIER = 3.0  # ν = 3 σ (ROME, §2)
@@ -29,39 +28,6 @@ def parse_kinds(kind: str | Sequence[str]) -> tuple[str, ...]:
     if unknown or not parts:
         raise EditError(f"unknown --kind {kind!r}: use all, mlp, attn or resid")
     return tuple(k for k in KINDS if k in parts)
-
-
-def parse_prompt(prompt: str, subject: str | None = None) -> tuple[str, str]:
-    """(template with ``{}``, subject) from a prompt such as "The Eiffel Tower is located in"
-    or "[The Eiffel Tower] is located in"; ``subject`` overrides the guess.
-
-    Not ``edit.facts.parse_statement``: a traced prompt has no target (the model's answer is
-    traced), so only the subject may be bracketed; the subject is guessed by the same rule
-    (``edit.facts._guess_subject``)."""
-    text = " ".join(prompt.split())
-    if not text:
-        raise EditError("the prompt is empty: give one, e.g. 'The Eiffel Tower is located in'")
-    if "[" in text or "]" in text:
-        start, end = text.find("["), text.find("]")
-        if not 0 <= start < end or text.count("[") != 1 or text.count("]") != 1:
-            raise EditError(
-                f"mark the subject with one pair of brackets, e.g. "
-                f"'[The Eiffel Tower] is located in' (got {prompt!r})"
-            )
-        subject = subject or text[start + 1 : end].strip()
-        text = text[:start] + text[start + 1 : end] + text[end + 1 :]
-    if subject is None:
-        subject = _guess_subject(text)
-        if subject is None:
-            raise EditError(
-                f"cannot tell the subject in {prompt!r}: mark it with brackets, e.g. "
-                f"'[The Eiffel Tower] is located in', or pass --subject"
-            )
-    subject = subject.strip()
-    if not subject or subject not in text:
-        raise EditError(f"subject {subject!r} does not occur in the prompt {text!r}")
-    at = text.index(subject)
-    return text[:at] + "{}" + text[at + len(subject) :], subject
 
 
 def check_settings(samples: int, window: int, noise: float) -> None:
