@@ -17,6 +17,9 @@ The package ships a few entries for the embedded default model (``edit/data/cach
 on a fresh machine does not wait for them; :func:`find` reads them where the user's cache has
 none. They are keyed exactly as the user's cache would key them: another corpus, token count
 or model misses them and is computed as before.
+
+:func:`tensors` keeps a safetensors entry in this process's memory as well (the null-space
+projectors, reused by every AlphaEdit batch): one lookup, memory then disk then computed.
 """
 
 from __future__ import annotations
@@ -24,8 +27,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+_MEMORY: dict[Path, dict[str, Any]] = {}  # path -> tensors, for this process (see tensors)
 _OVERRIDES = {"stats": "EDIT_STATS_CACHE"}  # kinds whose folder an environment variable moves
 SHIPPED = Path(__file__).resolve().parent / "data" / "cache"  # entries the package ships
 
@@ -67,3 +73,26 @@ def digest(value: object, n: int = 24) -> str:
     """A short stable name for a JSON-able key (settings, lists of numbers)."""
     text = json.dumps(value, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def tensors(kind: str, model_hash: str | None, *key: str, compute: Callable[[], dict]) -> dict:
+    """The safetensors entry of ``key`` (name -> tensor): from this process's memory, the
+    disk (the user's cache or the shipped one), or ``compute()`` saved to the user's cache.
+    A model with no hash: computed each time, kept nowhere."""
+    mine = path(kind, model_hash, *key, ext="safetensors")
+    if mine is None:
+        return compute()
+    if mine in _MEMORY:
+        return _MEMORY[mine]
+    stored = find(kind, model_hash, *key, ext="safetensors")
+    if stored is not None:
+        from safetensors.torch import load_file
+
+        found = load_file(stored)
+    else:
+        from edit.atomic import save_tensors
+
+        found = compute()
+        save_tensors(mine, found)
+    _MEMORY[mine] = found
+    return found

@@ -19,11 +19,9 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from edit import cache
-from edit.atomic import save_tensors
 from edit.errors import InvalidRequest
 from edit.facts import Fact
 from edit.methods import MethodOutput, register
@@ -58,29 +56,18 @@ class AlphaEditConfig(MEMITConfig):
             raise InvalidRequest(f"null_cov_weight must be >= 0, got {self.null_cov_weight}")
 
 
-_PROJECTORS: dict[tuple[StatsId, float], torch.Tensor] = {}  # (statistic, threshold) -> P
-
-
 def projector(
     cov: torch.Tensor, threshold: float, module: str, identity: StatsId | None
 ) -> torch.Tensor:
-    """The null-space projector of ``cov`` (the statistic ``identity`` names), from memory,
-    the disk cache, or computed; without an identity, computed and not cached."""
-    if identity is None:
-        return _computed(cov, threshold, module)
-    key = (identity, threshold)
-    if key in _PROJECTORS:
-        return _PROJECTORS[key]
-    model_hash, _, corpus, n = identity
-    path = cache.path("stats", model_hash, module, corpus, str(n), f"{threshold:g}",
-                      "projector", ext="safetensors")  # fmt: skip
-    if path.is_file():
-        p = load_file(path)["projector"]
-    else:
-        p = _computed(cov, threshold, module)
-        save_tensors(path, {"projector": p})
-    _PROJECTORS[key] = p
-    return p
+    """The null-space projector of ``cov`` (the statistic ``identity`` names), through
+    ``edit.cache`` (memory, disk, or computed); without an identity, computed each time."""
+
+    def compute() -> dict[str, torch.Tensor]:
+        return {"projector": _computed(cov, threshold, module)}
+
+    model_hash, _, corpus, n = identity or (None, None, None, None)
+    key = (module, corpus, str(n), f"{threshold:g}", "projector")
+    return cache.tensors("stats", model_hash, *key, compute=compute)["projector"]
 
 
 def _computed(cov: torch.Tensor, threshold: float, module: str) -> torch.Tensor:

@@ -43,7 +43,7 @@ def _cov(seed: int = 0, d: int = 8) -> torch.Tensor:
 def test_projectors_are_keyed_by_the_statistic_not_its_bytes(monkeypatch, tmp_path):
     monkeypatch.setenv("EDIT_CACHE", str(tmp_path))
     monkeypatch.delenv("EDIT_STATS_CACHE", raising=False)
-    monkeypatch.setattr(alphaedit, "_PROJECTORS", {})
+    monkeypatch.setattr(cache, "_MEMORY", {})
     identity = ("sha256:" + "cd" * 32, "m.down_proj", "wiki-0123-s256", 1000)
     p = alphaedit.projector(_cov(), 1.0, "m.down_proj", identity)
     torch.testing.assert_close(p, algebra.null_space_projector(_cov(), 1.0), rtol=0, atol=0)
@@ -52,9 +52,9 @@ def test_projectors_are_keyed_by_the_statistic_not_its_bytes(monkeypatch, tmp_pa
     assert path.is_file()
     # the same statistic again: from memory, whatever tensor comes with it
     assert alphaedit.projector(_cov(seed=1), 1.0, "m.down_proj", identity) is p
-    monkeypatch.setattr(alphaedit, "_PROJECTORS", {})  # a new process: from the disk cache
+    monkeypatch.setattr(cache, "_MEMORY", {})  # a new process: from the disk cache
     torch.testing.assert_close(alphaedit.projector(_cov(seed=1), 1.0, "m.down_proj", identity), p)
     # no identity (a model not loaded by edit.load): computed, never cached
     alone = alphaedit.projector(_cov(seed=1), 1.0, "m.down_proj", None)
     torch.testing.assert_close(alone, algebra.null_space_projector(_cov(seed=1), 1.0))
-    assert alphaedit._PROJECTORS == {(identity, 1.0): alphaedit._PROJECTORS[(identity, 1.0)]}
+    assert list(cache._MEMORY) == [path]
