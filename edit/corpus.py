@@ -98,6 +98,19 @@ def encode_example(tok, example: Example, max_len: int) -> tuple[list[int], int]
     return ids, len(prefix)
 
 
+def labelled_logits(
+    model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(batch row (N,), next-token logits (N, V), the labelled next token (N,)) at the N
+    positions whose next token carries a label (not ``IGNORE_INDEX``): one pass of the
+    model's body, the unembedding only there (:func:`edit.lm.unembed`); the logits and
+    tokens where the head lives (it may sit on another GPU)."""
+    rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)  # predicting col + 1
+    hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    logits = lm.unembed(model, hidden[rows.to(hidden.device), cols.to(hidden.device)])
+    return rows, logits, labels[rows, cols + 1].to(logits.device)
+
+
 def collate(
     encoded: list[tuple[list[int], int]], pad: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

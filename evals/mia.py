@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from edit import lm
-from edit.corpus import IGNORE_INDEX, Example, collate, encode_example
+from edit.corpus import Example, collate, encode_example, labelled_logits
 
 MIN_K = 0.2  # share of tokens Min-K% and Min-K%++ average over
 
@@ -56,10 +56,10 @@ def token_stats(
     for start in range(0, len(encoded), batch_size):
         ids, mask, labels = (t.to(device) for t in collate(encoded[start : start + batch_size],
                                                            lm.pad_id(tok)))  # fmt: skip
-        rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
-        hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-        logp_all = torch.log_softmax(lm.unembed(model, hidden[rows, cols]), -1)  # (N, V)
-        picked = logp_all.gather(1, labels[rows, cols + 1][:, None])[:, 0]
+        rows, logits, targets = labelled_logits(model, ids, mask, labels)
+        logp_all = torch.log_softmax(logits, -1)  # (N, V)
+        picked = logp_all.gather(1, targets[:, None])[:, 0]
+        rows = rows.to(picked.device)
         p = logp_all.exp()
         mu = (p * logp_all).sum(-1)
         sigma = ((p * logp_all.square()).sum(-1) - mu.square()).clamp_min(1e-12).sqrt()

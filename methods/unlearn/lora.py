@@ -54,20 +54,20 @@ class LoraResult:
         return dataclasses.asdict(self.config)
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (set, frozenset)):
-        return sorted(_json_safe(v) for v in value)
+        return sorted(json_safe(v) for v in value)
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
 @contextmanager
-def _lora_wrapped(model: nn.Module, lora_config) -> Iterator[nn.Module]:
+def lora_wrapped(model: nn.Module, lora_config) -> Iterator[nn.Module]:
     """The model with a peft LoRA adapter injected (``get_peft_model``); on exit the adapter
     is unloaded without merging and every module's train/eval mode and every parameter's
     ``requires_grad`` are restored, so the model is exactly what it was."""
@@ -90,7 +90,7 @@ def _lora_wrapped(model: nn.Module, lora_config) -> Iterator[nn.Module]:
             p.requires_grad_(grads[name])
 
 
-def _peft_config(model: nn.Module, config: UnlearnConfig):
+def peft_config(model: nn.Module, config: UnlearnConfig):
     from peft import LoraConfig
 
     targets = target_module_names(model, config.target_modules)
@@ -116,7 +116,7 @@ def adapter_attached(model: nn.Module, result: LoraResult) -> Iterator[nn.Module
 
     init = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
     lora_config = LoraConfig(**{k: v for k, v in result.lora_config.items() if k in init})
-    with _lora_wrapped(model, lora_config) as peft_model:
+    with lora_wrapped(model, lora_config) as peft_model:
         set_peft_model_state_dict(peft_model, result.adapter)
         peft_model.eval()
         yield peft_model

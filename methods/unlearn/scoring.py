@@ -9,21 +9,17 @@ import torch
 from torch import nn
 
 from edit import lm
-from edit.corpus import IGNORE_INDEX, Example, collate, encode_example
+from edit.corpus import Example, collate, encode_example, labelled_logits
 
 
-def _forward_scores(
+def forward_scores(
     model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log π(y|x) (B,), |y| (B,), next-token logits at the label positions (N, V)).
 
     The unembedding runs only at the N label positions (:func:`edit.lm.unembed`).
     """
-    rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)  # predicting t = col+1
-    out = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
-    hidden = out.last_hidden_state  # (B, T, d)
-    logits = lm.unembed(model, hidden[rows.to(hidden.device), cols.to(hidden.device)])  # (N, V)
-    targets = labels[rows, cols + 1].to(logits.device)  # (the head may sit on another GPU)
+    rows, logits, targets = labelled_logits(model, ids, mask, labels)
     tok_logp = torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0].to(ids.device)
     batch = ids.shape[0]
     logp = torch.zeros(batch, device=ids.device, dtype=tok_logp.dtype).index_add(0, rows, tok_logp)
@@ -31,10 +27,10 @@ def _forward_scores(
     return logp, n_tokens, logits
 
 
-class _Forward(nn.Module):
+class Forward(nn.Module):
     """Every forward pass of a training run as one module, so that accelerate can wrap it
     (DDP, FSDP, DeepSpeed) and each pass goes through the wrapper: a call scores a list of
-    (ids, mask, labels) batches with :func:`_forward_scores`. A step is one call, so that DDP
+    (ids, mask, labels) batches with :func:`forward_scores`. A step is one call, so that DDP
     sees one forward pass per backward pass."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -42,11 +38,11 @@ class _Forward(nn.Module):
         self.lm = model  # the model with the adapter injected (peft works in place)
 
     def forward(self, *batches: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
-        return [_forward_scores(self.lm, *batch) for batch in batches]
+        return [forward_scores(self.lm, *batch) for batch in batches]
 
 
 @torch.no_grad()
-def _scores(
+def batched_scores(
     model: nn.Module,
     encoded: list[tuple[list[int], int]],
     pad: int,
@@ -54,9 +50,9 @@ def _scores(
     forward: Callable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log π(y|x) (n,), |y| (n,)) on the CPU, in batches; ``forward(ids, mask, labels)``
-    gives (log π(y|x), |y|, logits) of a batch (default: :func:`_forward_scores`)."""
+    gives (log π(y|x), |y|, logits) of a batch (default: :func:`forward_scores`)."""
     device = lm.device_of(model)
-    forward = forward or (lambda *batch: _forward_scores(model, *batch))
+    forward = forward or (lambda *batch: forward_scores(model, *batch))
     logps, counts = [], []
     for start in range(0, len(encoded), batch_size):
         batch = collate(encoded[start : start + batch_size], pad)
@@ -73,7 +69,7 @@ def answer_scores(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log π(y|x) (n,), |y| (n,)) of each example's answer (or text), batched, no grad."""
     encoded = [encode_example(tok, ex, max_len) for ex in examples]
-    return _scores(model, encoded, lm.pad_id(tok), batch_size)
+    return batched_scores(model, encoded, lm.pad_id(tok), batch_size)
 
 
 def answer_nll(
@@ -84,7 +80,7 @@ def answer_nll(
     return float((-logp / n.clamp(min=1)).mean())
 
 
-def _summary(prefix: str, logp: torch.Tensor, n: torch.Tensor) -> dict[str, float | None]:
+def score_summary(prefix: str, logp: torch.Tensor, n: torch.Tensor) -> dict[str, float | None]:
     if len(logp) == 0:
         return {f"{prefix}_nll": None}
     nll = -logp / n.clamp(min=1)

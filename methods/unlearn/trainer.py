@@ -29,9 +29,9 @@ from edit.methods.unlearn.augment import augment
 from edit.methods.unlearn.config import OBJECTIVES, UnlearnConfig, for_objective
 from edit.methods.unlearn.lora import (
     LoraResult,
-    _json_safe,
-    _lora_wrapped,
-    _peft_config,
+    json_safe,
+    lora_wrapped,
+    peft_config,
     rounded,
 )
 from edit.methods.unlearn.losses import (
@@ -50,7 +50,7 @@ from edit.methods.unlearn.losses import (
     token_nlls,
 )
 from edit.methods.unlearn.samples import sampled_answers
-from edit.methods.unlearn.scoring import _Forward, _forward_scores, _scores, _summary
+from edit.methods.unlearn.scoring import Forward, batched_scores, forward_scores, score_summary
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def train_lora(
     extra_enc = [encode_example(tok, ex, config.max_len) for ex in extra]
     holdout_enc = [encode_example(tok, ex, config.max_len) for ex in holdout or []]
     retain_enc = [encode_example(tok, ex, config.max_len) for ex in retain]
-    lora_config, targets = _peft_config(model, config)
+    lora_config, targets = peft_config(model, config)
 
     device = lm.device_of(model)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -229,7 +229,7 @@ class _Sets:
 
 def _answer_labels(labels: torch.Tensor) -> torch.Tensor:
     """(N,) the answer tokens of a batch's (B, T) labels, in the order of the logits
-    :func:`_forward_scores` gives (row by row, position by position)."""
+    :func:`forward_scores` gives (row by row, position by position)."""
     answer = labels[:, 1:]
     return answer[answer != IGNORE_INDEX]
 
@@ -272,7 +272,7 @@ class _Run:
     progress: bool
     teacher: nn.Module | None = None  # the never-seen model a distilling objective aims at
     acc: Any = None  # the accelerate.Accelerator running the steps (set by train)
-    forward: nn.Module | None = None  # _Forward, prepared by acc
+    forward: nn.Module | None = None  # Forward, prepared by acc
     peft_model: Any = None  # the model with the adapter injected (set by train)
     optimizer: Any = None  # AdamW on the adapter's factors, prepared by acc
     params: list[torch.Tensor] = field(default_factory=list)  # the adapter's factors
@@ -281,17 +281,17 @@ class _Run:
         return self.forward((ids, mask, labels))[0]
 
     def scores(self, encoded: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
-        """:func:`_scores` of ``encoded`` through the prepared model; with several processes
+        """:func:`batched_scores` of ``encoded`` through the prepared model; with several processes
         each scores a share (padded to equal counts: FSDP needs every process in every pass)
         and all get every score."""
         from accelerate.utils import gather_object
 
         pad, size = lm.pad_id(self.tok), max(self.config.batch_size, 16)
         if self.acc.num_processes == 1 or not encoded:
-            return _scores(self.model, encoded, pad, size, self._score_batch)
+            return batched_scores(self.model, encoded, pad, size, self._score_batch)
         everything = list(range(len(encoded)))
         with self.acc.split_between_processes(everything, apply_padding=True) as mine:
-            logp, n = _scores(self.model, [encoded[i] for i in mine], pad, size,
+            logp, n = batched_scores(self.model, [encoded[i] for i in mine], pad, size,
                               self._score_batch)  # fmt: skip
             rows = gather_object(list(zip(mine, logp.tolist(), n.tolist(), strict=True)))
         by_index = {i: (lp, k) for i, lp, k in rows}
@@ -327,11 +327,11 @@ class _Run:
         """(metrics named ``*_{when}``, the training examples' log π(y|x) (n,))."""
         train = self.scores(sets.forget)
         summary = {
-            **_summary(self.objective, *train),
-            **_summary("retain", *self.scores(sets.eval_retain)),
+            **score_summary(self.objective, *train),
+            **score_summary("retain", *self.scores(sets.eval_retain)),
         }
         if sets.holdout:
-            summary.update(_summary("holdout", *self.scores(sets.holdout)))
+            summary.update(score_summary("holdout", *self.scores(sets.holdout)))
         return {f"{k}_{when}": v for k, v in summary.items()}, train[0]
 
     def reached(self, forget_enc: Encoded, level: float) -> bool:
@@ -341,7 +341,7 @@ class _Run:
         for m in dropouts:
             m.eval()
         try:
-            nll = _summary("forget", *self.scores(forget_enc))["forget_nll"]
+            nll = score_summary("forget", *self.scores(forget_enc))["forget_nll"]
         finally:
             for m in dropouts:
                 m.train()
@@ -409,7 +409,7 @@ class _Run:
     def teacher_logits(self, ids, mask, labels) -> torch.Tensor:
         """(N, V) the teacher's next-token logits at the batch's label positions."""
         device = lm.device_of(self.teacher)
-        *_, logits = _forward_scores(self.teacher, ids.to(device), mask.to(device),
+        *_, logits = forward_scores(self.teacher, ids.to(device), mask.to(device),
                                      labels.to(device))  # fmt: skip
         return logits
 
@@ -417,7 +417,7 @@ class _Run:
         c, model = self.config, self.model
         sets = _Sets(forget_enc, retain_enc, holdout_enc, retain_enc[: c.eval_retain],
                      forget_enc + extra_enc)  # fmt: skip
-        with _lora_wrapped(model, lora_config) as peft_model:
+        with lora_wrapped(model, lora_config) as peft_model:
             peft_model.eval()  # no dropout in the base model: at step 0, π_θ is exactly π_ref
             self.peft_model = peft_model
             self.params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -446,7 +446,7 @@ class _Run:
                 "quant_bits rounds whole weights, which a sharded run (FSDP, DeepSpeed) does not "
                 "hold: run it in one process or with DDP, or leave quant_bits 0"
             )
-        self.forward, self.optimizer = acc.prepare(_Forward(self.model), optimizer)
+        self.forward, self.optimizer = acc.prepare(Forward(self.model), optimizer)
 
     def _steps(self, sets: _Sets) -> LoraResult:
         """Measure, train epoch by epoch until the stop level or the last epoch, measure."""
@@ -523,7 +523,7 @@ class _Run:
         training)."""
         if self.teacher is not None:
             pad, size = lm.pad_id(self.tok), max(self.config.batch_size, 16)
-            logp, n = _scores(self.teacher, sets.train, pad, size)
+            logp, n = batched_scores(self.teacher, sets.train, pad, size)
             return -logp / n.clamp(min=1)
         with self.peft_model.disable_adapter():
             (f_logp, f_n), (h_logp, h_n) = self.scores(sets.train), self.scores(sets.holdout)
@@ -664,7 +664,7 @@ class _Run:
             k: v.detach().to("cpu", torch.float32).clone().contiguous()
             for k, v in self.adapter_state(self.peft_model).items()
         }
-        peft_dict = _json_safe(self.peft_model.peft_config["default"].to_dict())
+        peft_dict = json_safe(self.peft_model.peft_config["default"].to_dict())
         return LoraResult(
             objective=self.objective,
             config=c,
@@ -687,7 +687,7 @@ class _Run:
 
         if self.acc.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             return get_peft_model_state_dict(peft_model)
-        full = self.acc.get_state_dict(self.forward)  # _Forward's names: "lm.<module>..."
+        full = self.acc.get_state_dict(self.forward)  # Forward's names: "lm.<module>..."
         state = None
         if self.acc.is_main_process:
             renamed = {f"base_model.model.{k.removeprefix('lm.')}": v for k, v in full.items()}
