@@ -64,7 +64,7 @@ def _single(model, tok, case: dict, unrelated: str, unrelated_before: str | None
     fact = rewrite_fact(rw)
     new, old = mquake_names(case)
     scores = lm.continuation_scores(model, tok, [fact.text] * 2, [fact.target, fact.target_true])
-    nll = [-float(s.logprobs.mean()) for s in scores]
+    nll = [s.mean_nll for s in scores]
     out = {"ES": M.success(nll[:1], nll[1:])}
     out.update(asked_scores(model, tok, [rw["question"]], fact.target, fact.target_true, new[1:]))
     reply, other = chat_replies(model, tok, [rw["question"], unrelated])

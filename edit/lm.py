@@ -264,6 +264,11 @@ class ContinuationScore:
     top1: torch.Tensor  # (L,) argmax predictions at the same positions
     next_logprobs: torch.Tensor | None = None  # (V,) the distribution after the prompt
 
+    @property
+    def mean_nll(self) -> float:
+        """The continuation's mean token negative log-likelihood."""
+        return -float(self.logprobs.mean())
+
 
 @torch.no_grad()
 def continuation_scores(

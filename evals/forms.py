@@ -26,7 +26,7 @@ from edit.questions import chat_prompt, question_prompt
 
 def _mean_nlls(model, tok, prompts: list[str], answers: list[str]) -> np.ndarray:
     scores = lm.continuation_scores(model, tok, prompts, answers, 64)
-    return np.array([-float(s.logprobs.mean()) for s in scores])
+    return np.array([s.mean_nll for s in scores])
 
 
 def asked_scores(

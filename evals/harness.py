@@ -82,7 +82,7 @@ def _nlls(model, tok, prompts: list[str], targets: list[str], next_of: int = 0):
     """Mean token NLL of each target after its prompt, and the next-token log-probabilities
     after the last ``next_of`` prompts (from the same forward passes)."""
     scores = lm.continuation_scores(model, tok, prompts, targets, 64, next_distribution=True)
-    nll = np.array([-float(s.logprobs.mean()) for s in scores])
+    nll = np.array([s.mean_nll for s in scores])
     nxt = [s.next_logprobs for s in scores[len(scores) - next_of :]] if next_of else []
     return nll, nxt
 

@@ -74,7 +74,7 @@ def score_set(
             prompts.append(it.question)
             conts.append(c)
     scores = lm.continuation_scores(model, tok, prompts, conts, batch_size=batch_size)
-    nll = np.array([-float(s.logprobs.mean()) for s in scores]).reshape(len(items), 2 + k)
+    nll = np.array([s.mean_nll for s in scores]).reshape(len(items), 2 + k)
     out = SetScores(
         name,
         answer_nll=nll[:, 0],
