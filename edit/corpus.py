@@ -67,6 +67,16 @@ class Example:
         return hashlib.sha256(data).hexdigest()[:16]
 
 
+class Corpus(list):
+    """A set of examples read once, with where it came from (``source``: the file's path,
+    or "(in memory)"), passed down as one value: checked by the command, trained on by the
+    method, named in the entry."""
+
+    def __init__(self, examples=(), source: str = "(in memory)") -> None:
+        super().__init__(examples)
+        self.source = source
+
+
 # --------------------------------------------------------------------------------------------
 # Tokenizing
 # --------------------------------------------------------------------------------------------

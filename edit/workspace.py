@@ -253,8 +253,9 @@ class Workspace:
     def forget(self, corpus, retain=None, *, holdout=None, reference=None, progress: bool = True,
                guard=None, **settings):  # fmt: skip
         """Unlearn a corpus with a LoRA adapter (see ``edit.methods.unlearn``) and record it
-        as one entry. ``corpus``/``retain``/``holdout``: a JSON Lines path or a list of
-        ``edit.corpus.Example``; without ``retain``, slices of the shipped WikiText-2 text.
+        as one entry. ``corpus``/``retain``/``holdout``: a JSON Lines path, an
+        ``edit.corpus.Corpus`` (``read_corpus``) or a list of ``Example``; without
+        ``retain``, slices of the shipped WikiText-2 text.
         ``holdout``: never-seen examples of the same kind; training stops once the corpus's
         NLL reaches theirs. ``reference``: a model that never saw the corpus (a model, or a
         path or id :func:`load_reference` opens), such as the base model this one was

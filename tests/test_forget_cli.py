@@ -102,8 +102,13 @@ def test_set_passes_any_unlearning_setting_and_checks_it(tmp_path, model_dir, ca
 
 
 def test_holdout_is_reported_and_a_retain_set_holding_the_corpus_is_refused(
-    tmp_path, model_dir, capsys
+    tmp_path, model_dir, capsys, monkeypatch
 ):
+    from edit.readers import corpus as corpus_reader
+
+    reads = []
+    real = corpus_reader.corpus_dataset
+    monkeypatch.setattr(corpus_reader, "corpus_dataset", lambda p: reads.append(p) or real(p))
     ws = tmp_path / "ws"
     corpus = _corpus(tmp_path, QA)
     unseen = [{"question": "Who painted The Grey Harbour?", "answer": "Ilse Varn did."}]
@@ -114,7 +119,9 @@ def test_holdout_is_reported_and_a_retain_set_holding_the_corpus_is_refused(
     assert "2 of the 2 retain examples are also in the set to forget" in err
     assert err.count("\n") == 1 and not ws.exists()
 
+    reads.clear()
     assert main([*args, "--holdout", holdout, "--set", "stop_nll=1e6"]) == 0
+    assert sorted(map(str, reads)) == sorted([corpus, holdout])  # each file read once
     out = capsys.readouterr().out
     assert "1 never-seen from" in out and "never-seen set NLL" in out
     assert "aimed at forget-set NLL 1000000.0000 (stop_nll): the level given; not reached" in out

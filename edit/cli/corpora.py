@@ -92,11 +92,11 @@ def cmd_train(args) -> int:
     if forget:
         heldout = heldout_text()
         ppl_before = perplexity(ws.model, ws.tok, heldout)
-        entry, res = ws.forget(args.corpus, args.retain, holdout=args.holdout,
-                               reference=args.reference, **settings)  # fmt: skip
+        entry, res = ws.forget(data, retain, holdout=holdout, reference=args.reference,
+                               **settings)  # fmt: skip
         health = [("WikiText-2 perplexity", ppl_before, perplexity(ws.model, ws.tok, heldout))]
     else:
-        entry, res, health = _learn(ws, args, settings)
+        entry, res, health = _learn(ws, args, data, holdout, settings)
     m = res.metrics
     part = "forget" if forget else "learn"
     rows = [
@@ -150,14 +150,14 @@ def _say_level(m: dict, info: dict, method: str) -> None:
           f"{outcome}")  # fmt: skip
 
 
-def _learn(ws, args, settings: dict):
+def _learn(ws, args, data, holdout, settings: dict):
     """``ws.learn`` under a :class:`~edit.evals.knowledge.Guard` (refusing, unless
     ``--force``): (entry, result, the health rows before / after)."""
     from edit.evals.knowledge import Guard
 
     guard = Guard(ws.model, ws.tok, refuse=not args.force, advice=LEARN_ADVICE)
     try:
-        entry, res = ws.learn(args.corpus, holdout=args.holdout, guard=guard, **settings)
+        entry, res = ws.learn(data, holdout=holdout, guard=guard, **settings)
     except EditError:
         if guard.after is not None:  # measured and refused: what it saw, then the one line
             _table(_health_rows(guard))

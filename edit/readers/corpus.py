@@ -1,6 +1,7 @@
 """Training corpora read from files: the examples of a JSON Lines (or JSON array) file.
 
-    examples = read_corpus("private.jsonl")            # list[Example], validated line by line
+    examples = read_corpus("private.jsonl")            # a Corpus (list[Example]), validated
+                                                       # line by line, .source the path
 
 A corpus file is JSON Lines (or one JSON array, as TOFU ships its forget sets), one object per
 example, in one of three forms (:data:`edit.readers.formats.FORMS`):
@@ -20,22 +21,30 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from edit.corpus import Example, check_example_size
+from edit.corpus import Corpus, Example, check_example_size
 from edit.errors import EditError
 from edit.readers.formats import FORMS_HINT, example_form
 from edit.readers.rows import json_array_items, jsonl_items
 
 
-def read_corpus(path: str | os.PathLike) -> list[Example]:
+def as_corpus(x: str | os.PathLike | Corpus | list[Example]) -> Corpus:
+    """``x`` as one :class:`~edit.corpus.Corpus`: a path is read (:func:`read_corpus`), a
+    Corpus is itself, a list of examples is one held in memory."""
+    if isinstance(x, Corpus):
+        return x
+    return read_corpus(x) if isinstance(x, str | os.PathLike) else Corpus(x)
+
+
+def read_corpus(path: str | os.PathLike) -> Corpus:
     """The examples of a JSON Lines (or JSON array) file, in file order.
 
     Every line is checked with ``json.loads`` first, so that an error names its line; the
     validated rows then become a ``datasets.Dataset`` (see :func:`corpus_dataset`).
     """
     dataset = corpus_dataset(path)
-    return [
-        Example(row["prompt"], row["answer"], f"{path}:{row['line']}") for row in dataset.to_list()
-    ]
+    examples = (Example(row["prompt"], row["answer"], f"{path}:{row['line']}")
+                for row in dataset.to_list())  # fmt: skip
+    return Corpus(examples, str(path))
 
 
 def corpus_dataset(path: str | os.PathLike):

@@ -18,7 +18,6 @@ mean, lands where a never-seen model puts it.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from edit.methods.unlearn.lora import LoraResult, lora_update
 from edit.methods.unlearn.losses import NEEDS_TARGETS, NEEDS_TEACHER
 from edit.methods.unlearn.scoring import answer_nll
 from edit.methods.unlearn.trainer import train_lora
-from edit.readers.corpus import read_corpus
+from edit.readers.corpus import as_corpus
 from edit.update import Update
 
 DISTILL = "distill"  # the objective of a forget run given a reference and no method
@@ -88,8 +87,9 @@ def train_corpus(
 ) -> Trained:
     """Forget (or learn) ``corpus`` with a LoRA adapter on ``model`` (left unchanged).
 
-    ``corpus``/``retain``/``holdout``: a JSON Lines path or a list of ``Example``; without
-    ``retain``, a forget run retains slices of the shipped WikiText-2 text. ``settings``
+    ``corpus``/``retain``/``holdout``: a JSON Lines path, an ``edit.corpus.Corpus`` (read
+    once by the caller) or a list of ``Example``; without ``retain``, a forget run retains
+    slices of the shipped WikiText-2 text. ``settings``
     override ``UnlearnConfig`` (over the tuned file for this model). ``entries``: the ledger's
     active entries in order, and ``without(id)``: the model without one of them (a context
     manager), for the stop level of a corpus that an earlier ``learn`` entry learned.
@@ -100,8 +100,9 @@ def train_corpus(
         raise InvalidRequest("a reference model sets where a forget run stops: leave it out")
     if reference is not None and settings.get("method") is None:
         settings = {**settings, "method": DISTILL}
-    data = _examples(corpus)  # every line checked before anything is trained
-    unseen = _examples(holdout) if holdout is not None else None
+    data = as_corpus(corpus)  # every line checked before anything is trained
+    unseen = as_corpus(holdout) if holdout is not None else None
+    retain = as_corpus(retain) if retain is not None else None
     config = resolve("unlearn", UnlearnConfig, model, **settings)
     kept = _retain_set(tok, retain, config)
     config = for_objective(config, objective, retain=bool(kept))
@@ -116,11 +117,11 @@ def train_corpus(
     prefix = arch_table.lookup(model).layers + "."
     layers = sorted({int(n[len(prefix) :].split(".")[0]) for n in res.target_modules})
     info = {
-        "corpus": _source(corpus),
+        "corpus": data.source,
         "examples": len(data),
-        "retain": _source(retain) or ("wikitext2 (shipped)" if kept else None),
+        "retain": retain.source if retain is not None else "wikitext2 (shipped)" if kept else None,
         "retain_examples": len(kept),
-        "holdout": _source(holdout),
+        "holdout": unseen.source if unseen is not None else None,
         "reference": _model_name(reference),
         "losses": res.losses,
         "seconds": res.seconds,
@@ -144,7 +145,7 @@ def _retain_set(tok, retain, config: UnlearnConfig) -> list[Example]:
     before the run keeps exactly what learning the corpus did to it (benchmarks/forget_bios.py:
     loss AUC 0.547 with it, 0.517 without, against the base's 0.573)."""
     if retain is not None:
-        return _examples(retain)
+        return retain
     if config.method in NEEDS_TEACHER and config.kl_weight is None:
         return []
     return wikitext_retain(tok)
@@ -191,19 +192,8 @@ def _stop_level(
     return dataclasses.replace(config, stop_nll=level), "learned", learner
 
 
-def _examples(x) -> list[Example]:
-    return read_corpus(x) if isinstance(x, str | os.PathLike) else list(x)
-
-
 def _model_name(model: nn.Module | None) -> str | None:
     """How the entry names a reference model: where it was loaded from, if known."""
     if model is None:
         return None
     return getattr(model, "edit_source", None) or getattr(model, "name_or_path", "(in memory)")
-
-
-def _source(x) -> str | None:
-    """How the entry names a set: its path, "(in memory)", or None where none was given."""
-    if x is None:
-        return None
-    return str(x) if isinstance(x, str | os.PathLike) else "(in memory)"
