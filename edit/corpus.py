@@ -70,11 +70,13 @@ class Example:
 class Corpus(list):
     """A set of examples read once, with where it came from (``source``: the file's path,
     or "(in memory)"), passed down as one value: checked by the command, trained on by the
-    method, named in the entry."""
+    method, named in the entry. ``records``: (where, parsed object) of each line as read,
+    for a reader of a richer form of the same file (``edit.readers.tofu.qa_records``)."""
 
-    def __init__(self, examples=(), source: str = "(in memory)") -> None:
+    def __init__(self, examples=(), source: str = "(in memory)", records=()) -> None:
         super().__init__(examples)
         self.source = source
+        self.records: list[tuple[str, object]] = list(records)
 
 
 # --------------------------------------------------------------------------------------------

@@ -107,8 +107,8 @@ def test_holdout_is_reported_and_a_retain_set_holding_the_corpus_is_refused(
     from edit.readers import corpus as corpus_reader
 
     reads = []
-    real = corpus_reader.corpus_dataset
-    monkeypatch.setattr(corpus_reader, "corpus_dataset", lambda p: reads.append(p) or real(p))
+    real = corpus_reader._parsed_items
+    monkeypatch.setattr(corpus_reader, "_parsed_items", lambda p: reads.append(p) or real(p))
     ws = tmp_path / "ws"
     corpus = _corpus(tmp_path, QA)
     unseen = [{"question": "Who painted The Grey Harbour?", "answer": "Ilse Varn did."}]

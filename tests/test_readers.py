@@ -45,3 +45,22 @@ def test_tofu_qa_rows_are_those_with_perturbed_answers():
     assert is_tofu_qa([{"question": "q", "answer": "a", "perturbed_answer": ["b"]}])
     assert not is_tofu_qa([{"question": "q", "answer": "a"}])
     assert not is_tofu_qa([{"question": "q", "answer": "a", "perturbed_answer": ["b"]}, 3])
+
+
+def test_a_corpus_keeps_its_records_for_the_qa_reader(tmp_path):
+    """``edit audit --forget`` reads the file once: the TOFU QA records come from the
+    corpus's own parsed records, equal to reading them from the file."""
+    import json
+
+    from edit.readers.corpus import read_corpus
+    from edit.readers.tofu import qa_records, read_qa
+
+    rows = [{"question": f"Q{i}?", "answer": f"A{i}.", "paraphrased_answer": f"P{i}.",
+             "perturbed_answer": [f"X{i}.", f"Y{i}."]} for i in range(3)]  # fmt: skip
+    for text in (json.dumps(rows), "".join(json.dumps(r) + "\n" for r in rows)):
+        path = tmp_path / "forget.json"
+        path.write_text(text)
+        corpus = read_corpus(path)
+        assert corpus.source == str(path) and [ex.answer for ex in corpus] == ["A0.", "A1.", "A2."]
+        assert is_tofu_qa([row for _, row in corpus.records])
+        assert qa_records(path, corpus.records) == read_qa(path)

@@ -189,8 +189,7 @@ def cmd_audit(args) -> int:
     from edit.evals import audit
     from edit.readers.corpus import read_corpus
     from edit.readers.formats import is_tofu_qa
-    from edit.readers.rows import read_rows
-    from edit.readers.tofu import read_qa
+    from edit.readers.tofu import qa_records
     from edit.workspace import load_reference
 
     attack_names = tuple(a for a in args.attacks.split(",") if a and a != "none")
@@ -201,10 +200,8 @@ def cmd_audit(args) -> int:
     holdout = read_corpus(args.holdout) if args.holdout else None
     relearn = read_corpus(args.relearn) if args.relearn else None
     qa = None
-    if args.forget:
-        rows, _ = read_rows(args.forget)
-        if is_tofu_qa(rows):
-            qa = read_qa(args.forget)
+    if forget is not None and is_tofu_qa([row for _, row in forget.records]):
+        qa = qa_records(args.forget, forget.records)
     files = {role: path for role, path in (("forget", args.forget), ("holdout", args.holdout),
              ("relearn", args.relearn), ("reference", args.reference)) if path}  # fmt: skip
     if forget is not None:  # an erase entry's facts are checked once the workspace is open

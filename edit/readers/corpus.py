@@ -36,30 +36,29 @@ def as_corpus(x: str | os.PathLike | Corpus | list[Example]) -> Corpus:
 
 
 def read_corpus(path: str | os.PathLike) -> Corpus:
-    """The examples of a JSON Lines (or JSON array) file, in file order.
+    """The examples of a JSON Lines (or JSON array) file, in file order, as one
+    :class:`~edit.corpus.Corpus`: its ``source`` the path, its ``records`` each parsed
+    object with where it is ("line 7"), for readers of richer forms (TOFU's QA records)
+    that need not read the file again.
 
     Every line is checked with ``json.loads`` first, so that an error names its line; the
-    validated rows then become a ``datasets.Dataset`` (see :func:`corpus_dataset`).
+    validated rows then pass through a ``datasets.Dataset``.
     """
-    dataset = corpus_dataset(path)
-    examples = (Example(row["prompt"], row["answer"], f"{path}:{row['line']}")
-                for row in dataset.to_list())  # fmt: skip
-    return Corpus(examples, str(path))
-
-
-def corpus_dataset(path: str | os.PathLike):
-    """The validated corpus as a ``datasets.Dataset`` with columns ``prompt``, ``answer``
-    (``prompt`` empty for plain text) and ``line`` (1-based line number in the file)."""
     import datasets
 
-    rows = [
-        {"prompt": prompt, "answer": answer, "line": line}
-        for line, prompt, answer in _validated_rows(Path(path))
-    ]
-    return datasets.Dataset.from_list(rows)
+    items = _parsed_items(Path(path))
+    rows = []
+    for line, obj in items:
+        prompt, answer = _example_fields(path, line, obj)
+        rows.append({"prompt": prompt, "answer": answer, "line": line})
+    examples = (Example(row["prompt"], row["answer"], f"{path}:{row['line']}")
+                for row in datasets.Dataset.from_list(rows).to_list())  # fmt: skip
+    return Corpus(examples, str(path), [(f"line {line}", obj) for line, obj in items])
 
 
-def _validated_rows(path: Path) -> list[tuple[int, str, str]]:
+def _parsed_items(path: Path) -> list[tuple[int, object]]:
+    """(line, parsed object) of every record, with one-line errors for a missing,
+    non-UTF-8, empty or unparsable file."""
     if not path.is_file():
         raise EditError(
             f"corpus file not found: {path} (give a JSON Lines file, one example per line: "
@@ -77,7 +76,7 @@ def _validated_rows(path: Path) -> list[tuple[int, str, str]]:
     items = json_array_items(path, text) if array else jsonl_items(path, text)
     if not items:
         raise EditError(f"{path} has no examples: give at least one JSON object")
-    return [(line, *_example_fields(path, line, obj)) for line, obj in items]
+    return items
 
 
 def _example_fields(path: Path, line: int, obj: object) -> tuple[str, str]:

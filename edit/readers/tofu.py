@@ -37,10 +37,16 @@ def read_qa(path: str | Path, *, need_perturbed: bool = True) -> list[QA]:
     ``answer`` strings, optional ``paraphrased_answer``, and a non-empty list
     ``perturbed_answer`` (unless ``need_perturbed`` is false)."""
     rows, places = read_rows(path)
-    if not rows:
+    return qa_records(path, list(zip(places, rows, strict=True)), need_perturbed=need_perturbed)
+
+
+def qa_records(path, records: list[tuple[str, object]], *, need_perturbed: bool = True) -> list[QA]:
+    """The checked QA records of ``path`` from its (where, parsed object) pairs, as
+    :func:`read_qa` reads them (``edit.corpus.Corpus.records`` holds these already)."""
+    if not records:
         raise EditError(f"{path} holds no records")
     items = []
-    for row, place in zip(rows, places, strict=True):
+    for place, row in records:
         where = f"{path}, {place}"
         if not isinstance(row, dict):
             raise EditError(f"{where}: expected an object with question and answer")
