@@ -41,3 +41,16 @@ def test_weight_changes_are_relative_norms_of_changed_weights_and_added_neurons(
     assert got["model.layers.0.mlp (added neurons)"] == pytest.approx(
         float(down.norm() / w0.detach().norm()), rel=1e-5
     )
+
+
+def test_a_middle_revert_takes_consecutive_entries_from_the_middle():
+    from benchmarks.middle_revert import split
+
+    entries = list(range(1000))
+    gone, after, before = split(entries, 10, 200)
+    assert gone == list(range(495, 505))
+    assert after == list(range(505, 705)) and before == list(range(200))
+    gone, after, before = split(list(range(5)), 2, 200)
+    assert gone == [1, 2] and after == [3, 4] and before == [0]
+    with pytest.raises(SystemExit, match="the ledger holds 5 entries"):
+        split(list(range(5)), 5, 10)
