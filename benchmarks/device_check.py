@@ -108,7 +108,7 @@ def _check_edit(model, tk, tmp: Path, dtype: str | None, check: dict) -> int:
     from transformers import AutoModelForCausalLM
 
     import edit
-    from edit.workspace import Workspace
+    from edit.api.workspace import Workspace
 
     w = model.get_submodule(EDITED).weight
     base = {k: v.clone() for k, v in model.state_dict().items()}

@@ -123,7 +123,7 @@ def attacked(model, tok, sets: dict) -> dict:
 def learned_folder(cache: Path, corpus: Path, model_name: str | None) -> Path:
     """The default model after learning ``corpus`` (step 1), exported; made once per corpus
     and settings."""
-    from edit.workspace import Workspace
+    from edit.api.workspace import Workspace
 
     key = hashlib.sha256((corpus.read_text() + json.dumps(LEARN) + str(model_name)).encode())
     folder = cache / f"learned-{key.hexdigest()[:12]}"
@@ -188,10 +188,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.bios import make_people, write_corpus
     from benchmarks.recording import write_results
+    from edit.api.workspace import Workspace
     from edit.config import parse_settings
     from edit.models import load
     from edit.readers.known import load_known
-    from edit.workspace import Workspace
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -151,9 +151,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.bios import make_people, write_corpus
     from benchmarks.recording import write_results
+    from edit.api.workspace import Workspace
     from edit.config import parse_settings
     from edit.readers.known import load_known
-    from edit.workspace import Workspace
 
     if args.threads:
         torch.set_num_threads(args.threads)

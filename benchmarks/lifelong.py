@@ -114,13 +114,13 @@ class Run:
 
 def main() -> None:
     args = _parser().parse_args()
+    from edit.api.workspace import Workspace
     from edit.config import parse_settings
     from edit.errors import EditFailed, InvalidRequest
     from edit.evals.fluency import perplexity
     from edit.evals.harness import default_ppl_text
     from edit.models import load
     from edit.readers.records import load_records
-    from edit.workspace import Workspace
 
     run = Run(args)
     state = run.state

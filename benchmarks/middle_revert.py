@@ -29,10 +29,10 @@ def main() -> None:
     args = _parser().parse_args()
     from benchmarks.lifelong import averages, log, scores
     from benchmarks.recording import write_results
+    from edit.api.workspace import Workspace
     from edit.evals.fluency import perplexity
     from edit.evals.harness import default_ppl_text
     from edit.readers.records import load_records
-    from edit.workspace import Workspace
 
     work = Path(args.work)
     state = json.loads((work / "state.json").read_text())

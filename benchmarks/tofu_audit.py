@@ -58,7 +58,7 @@ def null_auc(model, tok, a: list, b: list) -> dict[str, float]:
 def main() -> None:
     args = _parser().parse_args()
     from benchmarks.tofu_unlearn import aim_for
-    from edit.workspace import Workspace
+    from edit.api.workspace import Workspace
 
     t_all = time.perf_counter()
     run, data = Path(args.run), Path(args.data)

@@ -46,9 +46,9 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from benchmarks.tofu_audit import _audit_sets
     from benchmarks.tofu_unlearn import aim_for
+    from edit.api.workspace import Workspace
     from edit.config import parse_settings
     from edit.evals import mia
-    from edit.workspace import Workspace
 
     run, data = ROOT / "bench-out" / "tofu", ROOT.parent / "shared" / "data" / "tofu"
     ran = json.loads((run / "summary.json").read_text())["settings"]

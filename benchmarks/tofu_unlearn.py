@@ -362,7 +362,7 @@ class _Run:
     def learned(self, name: str, items: list):
         """A fresh workspace on the default model that has learned ``items`` (an earlier
         run's, reopened, with ``--reuse``)."""
-        from edit.workspace import Workspace
+        from edit.api.workspace import Workspace
 
         if name in self.training:
             log(f"{name}: reopened (learned by an earlier run); scoring")

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import edit
     from benchmarks.recording import write_results
-    from edit import locate
+    from edit.methods import locate
     from edit.readers.known import load_known
 
     if args.threads:

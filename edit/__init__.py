@@ -23,23 +23,23 @@ _LAZY = {
     "DEFAULT_MODEL": "edit.models",
     "EditError": "edit.errors",
     "EditFailed": "edit.errors",
-    "EditResult": "edit.api",
+    "EditResult": "edit.api.edits",
     "Fact": "edit.facts",
     "InvalidRequest": "edit.errors",
-    "Workspace": "edit.workspace",
-    "apply": "edit.api",
-    "ask": "edit.api",
+    "Workspace": "edit.api.workspace",
+    "apply": "edit.api.edits",
+    "ask": "edit.api.edits",
     "load": "edit.models",
     "parse_statement": "edit.facts",
 }
 
 if TYPE_CHECKING:
     from edit import arch
-    from edit.api import EditResult, apply, ask
+    from edit.api.edits import EditResult, apply, ask
+    from edit.api.workspace import Workspace
     from edit.errors import EditError, EditFailed, InvalidRequest
     from edit.facts import Fact, parse_statement
     from edit.models import DEFAULT_MODEL, load
-    from edit.workspace import Workspace
 
 
 def __getattr__(name: str):

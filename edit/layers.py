@@ -1,8 +1,9 @@
 """Which layer(s) to edit in a model, answered in one place for every method.
 
 In order: the layer(s) a tuned config or the user gives; else the suggestion of this model's
-cached causal trace (``edit trace --data known.json`` writes it, see ``edit.locate``); else a
-fallback rule, with a warning that says how to get a measured layer:
+cached causal trace (``edit trace --data known.json`` writes it, see
+``edit.methods.locate``); else a fallback rule, with a warning that says how to get a
+measured layer:
 
 * ROME (one layer): n_layers // 6;
 * MEMIT-style methods (several layers): five consecutive blocks from n_layers // 6.

@@ -246,8 +246,8 @@ def _inputs(ws, data: AuditData, reference, reference_tok, as_is: bool) -> dict[
     ids, or one that is the audited model where an entry is audited (its change would be in
     the control too). The model as it is may be its own reference: the null case, recorded
     as such (``same_as_audited``)."""
+    from edit.api.workspace import check_same_vocabulary
     from edit.models import weights_hash
-    from edit.workspace import check_same_vocabulary
 
     audited = weights_hash(ws.model)
     out: dict[str, Any] = {

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from edit import arch, lm
 from edit import methods as method_registry
-from edit.api import apply, check_batch
+from edit.api.edits import apply, check_batch
 from edit.config import resolve
 from edit.errors import EditError, EditFailed, InvalidRequest
 from edit.evals import metrics as M

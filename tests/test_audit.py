@@ -13,11 +13,11 @@ import pytest
 import torch
 from tiny import changed_tensors, state_copy
 
+from edit.api.workspace import Workspace
 from edit.cli import main
 from edit.errors import InvalidRequest
 from edit.evals import audit
 from edit.readers.corpus import read_corpus
-from edit.workspace import Workspace
 
 QA = [
     {"question": "Who wrote The Silent Orchard?", "answer": "Mara Velden wrote it in 1987."},

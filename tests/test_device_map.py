@@ -13,8 +13,8 @@ import torch
 from tiny import TINY_FACT, TINY_FACT_2, TINY_ROME
 
 from edit import lm
+from edit.api.workspace import Workspace
 from edit.placement import read_weight
-from edit.workspace import Workspace
 
 MODULE = "model.layers.1.mlp.down_proj"  # what TINY_ROME edits
 SPLIT = {

@@ -17,9 +17,9 @@ import sys
 import pytest
 import torch
 
+from edit.api.workspace import Workspace
 from edit.cli import main
 from edit.corpus import Example, encode_example
-from edit.workspace import Workspace
 
 NAMES = ["Mara", "Ivo", "Lena", "Otto", "Pia", "Rolf", "Sara", "Tomas", "Una", "Vera", "Will"]
 PORTS = iter(range(29517, 29600))

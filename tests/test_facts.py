@@ -236,7 +236,7 @@ def test_from_dict_subject_not_in_prompt():
 
 
 def test_as_fact_accepts_every_request_form():
-    from edit.api import as_fact
+    from edit.api.edits import as_fact
 
     want = Fact(prompt="{} is capital of", subject="Paris", target="Italy")
     assert as_fact("Paris is capital of Italy") == want

@@ -19,10 +19,10 @@ import pytest
 import transformers
 from tiny import TINY_FACT, TINY_FACT_2, TINY_ROME, changed_tensors, state_copy, tiny_model
 
-import edit.workspace
-from edit.api import apply
+import edit.api.workspace
+from edit.api.edits import apply
+from edit.api.workspace import Workspace
 from edit.ledger import read_ledger
-from edit.workspace import Workspace
 
 
 class Killed(BaseException):
@@ -82,7 +82,7 @@ def _replaying(mp, results):
         r = queue.pop(0)
         return dataclasses.replace(r, handle=r.update.apply(model))
 
-    mp.setattr(edit.workspace, "apply", fake_apply)
+    mp.setattr(edit.api.workspace, "apply", fake_apply)
 
 
 def _expected(tok, results) -> list[dict]:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from tiny import changed_tensors, state_copy, tiny_model
 
+from edit.api.workspace import Workspace
 from edit.cli import build_parser, main
-from edit.workspace import Workspace
 
 QA = [
     {"question": "Who wrote The Silent Orchard?", "answer": "Mara Velden wrote it in 1987."},

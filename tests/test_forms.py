@@ -509,6 +509,6 @@ def test_eval_on_mquake_reports_the_asked_forms_and_multihop(chat_tok, llama, tm
     ],
 )
 def test_the_old_object_is_the_completions_opening_phrase(completion, phrase):
-    from edit.api import opening_phrase
+    from edit.api.edits import opening_phrase
 
     assert opening_phrase(completion) == phrase

@@ -171,13 +171,13 @@ def test_a_layer_past_the_models_depth_is_refused_before_its_weights_load(
     capsys, place, monkeypatch
 ):
     """The depth comes from the model's config (a weightless skeleton), not the model."""
+    import edit.api.workspace
     import edit.models
-    import edit.workspace
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the weights were loaded")
 
-    monkeypatch.setattr(edit.workspace, "load", no_loading)
+    monkeypatch.setattr(edit.api.workspace, "load", no_loading)
     monkeypatch.setattr(edit.models, "load", no_loading)
     for argv in (["add", STATEMENT, *W, "--layer", "2"],
                  ["eval", "--data", "facts.jsonl", "-m", "model", "--layer", "7"]):  # fmt: skip

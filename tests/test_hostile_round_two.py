@@ -13,9 +13,9 @@ import pytest
 from tiny import TINY_ROME
 
 from edit import EditError, Fact
+from edit.api.workspace import Workspace
 from edit.cli import main
 from edit.cli.options import printable
-from edit.workspace import Workspace
 
 
 def _files(folder) -> dict[str, bytes]:
@@ -340,13 +340,13 @@ def test_verify_escapes_a_file_name_a_neighbour_chose(capsys, tmp_path, recorded
 def test_a_second_writer_on_a_new_workspace_is_refused_before_loading(
     capsys, tmp_path, model_dir, monkeypatch
 ):
-    import edit.workspace
+    import edit.api.workspace
     from edit.lock import WorkspaceLock
 
     ws = tmp_path / "new"
     first = Workspace.open(ws, model_name=model_dir, exclusive=True)  # holds it, records nothing
     assert ws.is_dir() and os.listdir(ws) == [".lock"]
-    monkeypatch.setattr(edit.workspace, "load", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(edit.api.workspace, "load", lambda *a, **k: pytest.fail("loaded"))
     line = _refused(capsys, tmp_path, ["add", "[Paris] is capital of [Italy]", "-w", str(ws)])
     assert "in use by another edit command" in line and f"pid {os.getpid()}" in line
     monkeypatch.undo()

@@ -8,10 +8,10 @@ import torch
 from tiny import changed_tensors, corpus, state_copy
 
 from edit import lm
+from edit.api.workspace import Workspace
 from edit.errors import EditFailed, InvalidRequest
 from edit.evals.knowledge import Guard, general_facts, health, top1
 from edit.facts import Fact
-from edit.workspace import Workspace
 
 TEXT = " ".join(corpus()[:60])  # held-out text the tiny tokenizer covers
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
+from edit.api.workspace import Workspace
 from edit.cli import main
-from edit.workspace import Workspace
 
 DOCS = [
     "Mara Lindqvist was born on March 14, 1987 in Tromso. She works as a locksmith.",

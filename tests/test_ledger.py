@@ -19,11 +19,11 @@ from safetensors.torch import load_file, save_file
 from tiny import TINY_FACT, TINY_FACT_2, TINY_ROME, changed_tensors, state_copy, tiny_model
 
 from edit import EditError, lm
+from edit.api.workspace import Workspace
 from edit.cli import main
 from edit.ledger import MANIFEST
 from edit.lock import WorkspaceLock
 from edit.models import checkpoint_hash, load, pick_device_and_dtype
-from edit.workspace import Workspace
 
 MODULE = "model.layers.1.mlp.down_proj"  # what TINY_ROME edits in a llama
 

@@ -27,13 +27,13 @@ import edit.config
 import edit.hooks
 from edit import EditError, Fact, InvalidRequest, lm
 from edit import methods as registry
+from edit.api.workspace import Workspace
 from edit.cli import main
 from edit.ledger import read_entry
 from edit.methods import algebra
 from edit.methods.algebra.keys import _shared_length
 from edit.methods.alphaedit import AlphaEditConfig
 from edit.methods.memit import MEMITConfig
-from edit.workspace import Workspace
 
 # The tiny models have two blocks: edit both, the last one carries the target. No pull-back
 # terms and a small λ: the tiny keys' second moment is ~1e-2 (see tiny.TINY_ROME).

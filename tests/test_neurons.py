@@ -10,10 +10,10 @@ from tiny import TINY_FACT, TINY_FACT_2, TINY_ROME, changed_tensors, state_copy,
 
 import edit
 from edit import InvalidRequest, lm, neurons
+from edit.api.workspace import Workspace
 from edit.methods.algebra import gated_neurons
 from edit.methods.rome import ROMEConfig
 from edit.update import Update
-from edit.workspace import Workspace
 
 MLP = "model.layers.1.mlp"  # the MLP of the block TINY_ROME edits
 NEURON_ROME = {**TINY_ROME, "write": "neuron"}

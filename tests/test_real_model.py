@@ -40,7 +40,7 @@ def first_word(text: str) -> str:
 def ws(tmp_path_factory):
     from conftest import real_environment
 
-    from edit.workspace import Workspace
+    from edit.api.workspace import Workspace
 
     with real_environment():
         model, tok = edit.load()
@@ -218,7 +218,7 @@ def test_eval_metrics_agree_with_full_logits_on_the_real_model(ws):
 def test_batches_take_and_alphaedit_keeps_the_earlier_batch(tmp_path):
     from conftest import real_environment
 
-    from edit.workspace import Workspace
+    from edit.api.workspace import Workspace
 
     first_facts = ["Paris is capital of Italy", "Tokyo is capital of Brazil"]
     with real_environment():

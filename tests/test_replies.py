@@ -103,7 +103,7 @@ def test_the_round_makes_the_edit_again_with_the_openings_kept_only_if_more_repl
     spy = dataclasses.replace(
         rome, compute=lambda *a, **k: computed.append(a[2]) or rome.compute(*a, **k)
     )
-    monkeypatch.setattr(edit.api, "_method_for", lambda method, facts: spy)
+    monkeypatch.setattr("edit.api.edits._method_for", lambda method, facts: spy)
     start = state_copy(llama)
     settings = {**TINY_ROME, "retry_rounds": 0}
     first = edit.apply(llama, chat_tok, TAKES, progress=False, describe=False, **settings)

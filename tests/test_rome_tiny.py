@@ -133,7 +133,7 @@ def test_apply_rolls_back_an_edit_that_did_not_take(llama, tok, monkeypatch):
         return "forced by the test"
 
     _fake_rome(monkeypatch, big_update)
-    monkeypatch.setattr("edit.api._did_not_take", did_not_take)
+    monkeypatch.setattr("edit.api.edits._did_not_take", did_not_take)
     base = state_copy(llama)
     with pytest.raises(EditFailed, match=r"did not take \(forced by the test\)"):
         edit.apply(llama, tok, TINY_FACT, progress=False, **TINY_ROME)
@@ -152,7 +152,7 @@ def test_an_edit_that_did_not_take_is_edited_again_on_top(llama, tok, monkeypatc
     ]  # fmt: skip
     _fake_rome(monkeypatch, lambda model: updates.pop(0))
     verdicts = ["forced by the test", None]  # the first update does not take, both do
-    monkeypatch.setattr("edit.api._did_not_take", lambda kind, m: verdicts.pop(0))
+    monkeypatch.setattr("edit.api.edits._did_not_take", lambda kind, m: verdicts.pop(0))
     base = state_copy(llama)
     result = edit.apply(llama, tok, TINY_FACT, progress=False, **TINY_ROME)
     assert result.metrics["retried"] == [{"facts": 1, "took": 1, "kept": True}]
@@ -177,7 +177,7 @@ def test_an_insertion_gives_the_method_the_object_the_model_asserts_now(llama, t
 
     monkeypatch.setitem(registry._REGISTRY, "rome",
                         registry.Method("rome", real.config_class, compute))  # fmt: skip
-    monkeypatch.setattr("edit.api.old_object", lambda model, tok, fact: fact.target_true
+    monkeypatch.setattr("edit.api.edits.old_object", lambda model, tok, fact: fact.target_true
                         or "The Old Object")  # fmt: skip
     fact = Fact(TINY_FACT["prompt"], TINY_FACT["subject"], TINY_FACT["target"])
     result = edit.apply(llama, tok, fact, progress=False, **TINY_ROME)
@@ -187,13 +187,13 @@ def test_an_insertion_gives_the_method_the_object_the_model_asserts_now(llama, t
     named = Fact(fact.prompt, fact.subject, fact.target, "Known")
     edit.apply(llama, tok, named, progress=False, **TINY_ROME).undo()
     assert seen[-1].target_true == "Known"
-    monkeypatch.setattr("edit.api.old_object", lambda model, tok, fact: "x\x13y")  # no object
+    monkeypatch.setattr("edit.api.edits.old_object", lambda model, tok, fact: "x\x13y")  # no object
     edit.apply(llama, tok, fact, progress=False, **TINY_ROME).undo()
     assert seen[-1].target_true is None
 
 
 def test_did_not_take_rules():
-    from edit.api import _did_not_take
+    from edit.api.edits import _did_not_take
 
     ok = {"p_new_before": 0.1, "p_new_after": 0.5, "p_old_after": 0.2}
     assert _did_not_take("insert", ok) is None

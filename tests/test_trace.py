@@ -1,4 +1,4 @@
-"""Causal tracing (edit.locate): the batched, cache-reusing runs against a hand-written
+"""Causal tracing (edit.methods.locate): the batched, cache-reusing runs against a hand-written
 reference, what is provably true of any model, the averaged trace and its cache, ROME's
 layer choice from it, and the ``edit trace`` command line."""
 
@@ -13,13 +13,14 @@ import pytest
 import torch
 from tiny import LAYERS, TINY_FACT, TINY_ROME, tiny_model
 
-from edit import EditError, Fact, lm, locate
+from edit import EditError, Fact, lm
 from edit import arch as arch_table
 from edit import methods as registry
 from edit.cache import cache_dir
 from edit.cli import main
 from edit.hooks import Trace
 from edit.layers import cached_layer
+from edit.methods import locate
 from edit.methods.rome import ROMEConfig
 from edit.models import weights_hash
 from edit.readers.known import load_known

@@ -23,10 +23,10 @@ from tiny import (
 
 from edit import EditError, EditFailed, Fact, lm
 from edit import methods as registry
+from edit.api.workspace import Workspace
 from edit.methods import MethodOutput
 from edit.models import weights_hash
 from edit.update import Update
-from edit.workspace import Workspace
 
 MODULE = "model.layers.1.mlp.down_proj"  # what TINY_ROME edits in a llama
 
@@ -300,7 +300,7 @@ def test_a_failed_edit_records_nothing(edited, monkeypatch, how):
         _fake_rome(monkeypatch, _nan_update)
     else:
         _fake_rome(monkeypatch, _random_update)
-        monkeypatch.setattr("edit.api._did_not_take", lambda kind, metrics: "forced")
+        monkeypatch.setattr("edit.api.edits._did_not_take", lambda kind, metrics: "forced")
     with pytest.raises(EditFailed):
         ws.add(TINY_FACT_2, progress=False, **TINY_ROME)
     assert _files(ws.path) == files  # no edit file, no temporary

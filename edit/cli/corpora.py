@@ -185,12 +185,12 @@ def _table(rows) -> None:
 def cmd_audit(args) -> int:
     from pathlib import Path
 
+    from edit.api.workspace import load_reference
     from edit.corpus import Example
     from edit.evals import audit
     from edit.readers.corpus import read_corpus
     from edit.readers.formats import is_tofu_qa
     from edit.readers.tofu import qa_records
-    from edit.workspace import load_reference
 
     attack_names = tuple(a for a in args.attacks.split(",") if a and a != "none")
     unknown = [a for a in attack_names if a not in audit.ATTACKS]

@@ -38,7 +38,7 @@ def add_parsers(sub) -> None:
 
 def cmd_add(args, erase: bool = False) -> int:
     from edit import methods
-    from edit.api import as_fact
+    from edit.api.edits import as_fact
     from edit.config import check_settings, parse_settings
 
     if args.file and args.statement is not None:
@@ -179,7 +179,7 @@ def cmd_erase(args) -> int:
 
 def cmd_ask(args) -> int:
     from edit import lm
-    from edit.api import ask, ask_prompt
+    from edit.api.edits import ask, ask_prompt
 
     if not args.prompt.strip():
         raise EditError("the prompt is empty: give the text or question for the model")

@@ -26,9 +26,9 @@ def add_parsers(sub) -> None:
 def cmd_verify(args) -> int:
     from pathlib import Path
 
+    from edit.api.workspace import check_shapes
     from edit.ledger import read_ledger, read_meta
     from edit.lock import WorkspaceLock
-    from edit.workspace import check_shapes
 
     path = Path(args.workspace)
     meta = read_meta(path)
@@ -71,7 +71,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_log(args) -> int:
-    from edit.workspace import Workspace
+    from edit.api.workspace import Workspace
 
     ws = Workspace.inspect(args.workspace)
     entries = ws.entries()
@@ -107,7 +107,7 @@ def cmd_revert(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from edit.workspace import check_outside
+    from edit.api.workspace import check_outside
 
     check_new_folder(args.dir)  # before loading the model
     check_outside(args.dir, args.workspace)

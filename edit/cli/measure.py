@@ -121,7 +121,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_trace(args) -> int:
-    from edit import locate
+    from edit.methods import locate
     from edit.models import load
     from edit.readers.known import load_known
 

@@ -224,7 +224,7 @@ def check_layers_fit(layers: dict, source: str | None) -> None:
 def open_workspace(args, create: bool = True, writer: bool = False, dropping: str | None = None):
     """The workspace with its model; a writer holds the workspace's lock until it exits (in
     data-parallel runs the main process, which alone writes)."""
-    from edit.workspace import Workspace
+    from edit.api.workspace import Workspace
 
     ws = Workspace.open(args.workspace, model_name=args.model, create=create,
                         exclusive=writer and distributed.is_main(), dropping=dropping,

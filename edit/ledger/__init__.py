@@ -1,7 +1,7 @@
 """The ledger: every recorded change of a workspace, kept as git keeps a repository's:
 content-addressed entries and a hash-chained manifest, checked in full on every read. Read
 (:mod:`.read`), written (:mod:`.write`) and its entries' schema (:mod:`.entry`) here, and
-nowhere else; ``edit.workspace`` keeps the model in step with it.
+nowhere else; ``edit.api.workspace`` keeps the model in step with it.
 
     ledger = read_ledger(Path("edit-workspace"))   # reads and checks; changes nothing
     ledger.problems                                  # [] or one line per problem found

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from edit import distributed, lm, neurons
-from edit.api import EditResult, apply
+from edit.api.edits import EditResult, apply
 from edit.atomic import check_new_folder, new_folder
 from edit.errors import EditError, EditFailed, InvalidRequest
 from edit.facts import Fact

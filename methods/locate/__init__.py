@@ -46,7 +46,7 @@ forward passes), ``single`` (one prompt), ``average`` (many facts, the suggested
 """
 
 from edit.facts import parse_prompt
-from edit.locate.average import (
+from edit.methods.locate.average import (
     AVERAGE_CATEGORIES,
     AVERAGE_SAMPLES,
     CATEGORIES,
@@ -58,7 +58,7 @@ from edit.locate.average import (
     suggest_layers,
     trace_average,
 )
-from edit.locate.inputs import (
+from edit.methods.locate.inputs import (
     KINDS,
     NOISE_MULTIPLIER,
     WINDOW,
@@ -67,9 +67,9 @@ from edit.locate.inputs import (
     subject_range,
     window_layers,
 )
-from edit.locate.outputs import save_cached, write_outputs
-from edit.locate.plots import PlotsUnavailable, plot_average, plot_fact
-from edit.locate.single import SAMPLES, FactTrace, trace_fact
+from edit.methods.locate.outputs import save_cached, write_outputs
+from edit.methods.locate.plots import PlotsUnavailable, plot_average, plot_fact
+from edit.methods.locate.single import SAMPLES, FactTrace, trace_fact
 
 __all__ = [
     "AVERAGE_CATEGORIES",

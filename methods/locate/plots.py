@@ -9,8 +9,8 @@ from pathlib import Path
 
 from edit.atomic import write_bytes
 from edit.errors import EditError
-from edit.locate.average import AverageTrace
-from edit.locate.single import FactTrace
+from edit.methods.locate.average import AverageTrace
+from edit.methods.locate.single import FactTrace
 
 
 class PlotsUnavailable(EditError):

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from edit.atomic import write_json
 from edit.layers import trace_cache_path
-from edit.locate.average import AverageTrace
-from edit.locate.plots import PlotsUnavailable, plot_average, plot_fact
-from edit.locate.single import FactTrace
+from edit.methods.locate.average import AverageTrace
+from edit.methods.locate.plots import PlotsUnavailable, plot_average, plot_fact
+from edit.methods.locate.single import FactTrace
 
 
 def write_outputs(

@@ -12,8 +12,8 @@ from torch import nn
 
 from edit import lm
 from edit.errors import EditError
-from edit.locate.engine import Engine
-from edit.locate.inputs import (
+from edit.methods.locate.engine import Engine
+from edit.methods.locate.inputs import (
     KINDS,
     NOISE_MULTIPLIER,
     WINDOW,
@@ -132,7 +132,7 @@ def trace_fact(
     ``noise`` is the noise's standard deviation (default: ``noise_multiplier`` σ, with σ
     from :func:`noise_level` on WikiText-2);
     ``positions`` limits the restored tokens (default: all); each forward pass computes
-    about ``batch_tokens`` new tokens. See the ``edit.locate`` docstring.
+    about ``batch_tokens`` new tokens. See the ``edit.methods.locate`` docstring.
     """
     kinds = parse_kinds(kinds)
     check_settings(samples, window, noise_multiplier if noise is None else noise)

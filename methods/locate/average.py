@@ -16,7 +16,7 @@ from edit import arch as arch_table
 from edit import lm
 from edit.errors import EditError
 from edit.facts import Fact
-from edit.locate.inputs import (
+from edit.methods.locate.inputs import (
     KINDS,
     NOISE_MULTIPLIER,
     WINDOW,
@@ -25,7 +25,7 @@ from edit.locate.inputs import (
     parse_kinds,
     subject_range,
 )
-from edit.locate.single import FactTrace, trace_fact
+from edit.methods.locate.single import FactTrace, trace_fact
 
 AVERAGE_SAMPLES = 2  # noise samples per fact when averaging over many facts
 # ROME's token categories (Figure 2). ``trace_average`` runs the two that locate a fact:

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from edit import arch as arch_table
 from edit import lm
 from edit.hooks import Trace
-from edit.locate.inputs import window_layers
+from edit.methods.locate.inputs import window_layers
 
 
 class Engine:
