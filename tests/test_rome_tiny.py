@@ -579,3 +579,21 @@ def test_the_patience_stop_ends_a_fact_whose_object_is_on_top_and_the_rest_stall
     assert not any(d[1] for d in done)  # its object never on top
     with pytest.raises(InvalidRequest, match="stop_patience must be >= 0"):
         ROMEConfig(stop_patience=-1)
+
+
+def test_object_weight_counts_the_object_tokens_that_many_times():
+    """``object_weight``: a row's mean NLL weighs its object's tokens W times; W = 1 is the
+    plain mean; a row without targets stays 0."""
+    from types import SimpleNamespace
+
+    from edit.methods.algebra.objectives import _row_nll
+
+    # row 0: "X is in Y ." (object Y, NLLs 1, 2, 4); row 1: all object (a cloze target, 3, 5);
+    # row 2: no targets
+    b = SimpleNamespace(
+        tgt_object=torch.tensor([False, True, False, True, True]),
+        tgt_row=torch.tensor([0, 0, 0, 1, 1]), ids=torch.zeros(3, 4),
+    )  # fmt: skip
+    lp = -torch.tensor([1.0, 2.0, 4.0, 3.0, 5.0])
+    assert _row_nll(lp, b, 1.0).tolist() == pytest.approx([7 / 3, 4.0, 0.0])
+    assert _row_nll(lp, b, 3.0).tolist() == pytest.approx([(1 + 3 * 2 + 4) / 5, 4.0, 0.0])

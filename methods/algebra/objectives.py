@@ -114,6 +114,18 @@ def _ranking(row_nll: torch.Tensor, b: Batch, n_act: int) -> tuple[torch.Tensor,
     return loss, behind_per_fact == 0
 
 
+def _row_nll(tok_lp: torch.Tensor, b: Batch, object_weight: float) -> torch.Tensor:
+    """(rows,) each row's mean target NLL, the object's tokens counting ``object_weight``
+    times (``b.tgt_object``), the others once."""
+    n = len(b.ids)
+    if object_weight == 1.0:
+        return mean_by_group(-tok_lp, b.tgt_row, n)
+    w = 1.0 + (object_weight - 1.0) * b.tgt_object.to(tok_lp.dtype)
+    total = torch.zeros(n, dtype=w.dtype, device=w.device).index_add(0, b.tgt_row, -tok_lp * w)
+    weight = torch.zeros(n, dtype=w.dtype, device=w.device).index_add(0, b.tgt_row, w)
+    return total / weight.clamp_min(1e-12)  # a row without targets: 0, as mean_by_group
+
+
 @register_objective("insert")
 def target_nll(x: ObjectiveInputs, ref: Reference, settings: ValueSettings) -> FactLoss:
     """Mean token NLL of the target per row, then the rows' weighted mean per fact (ROME's
@@ -121,7 +133,7 @@ def target_nll(x: ObjectiveInputs, ref: Reference, settings: ValueSettings) -> F
     ``nll_stop`` (with every pair ranked right)."""
     b, n_act = x.batch, len(x.act)
     tok_lp = x.logp.gather(1, b.tgt_tok[:, None])[:, 0]  # (P,)
-    row_nll = mean_by_group(-tok_lp, b.tgt_row, len(b.ids))
+    row_nll = _row_nll(tok_lp, b, settings.object_weight)
     fact_loss = weighted_by_fact(row_nll[:, None], b.weight, b.fact, n_act)[:, 0]
     measure = torch.exp(-fact_loss.detach())
     rank_loss, ranked = _ranking(row_nll, b, n_act)

@@ -67,6 +67,7 @@ class ValueSettings:
     stop_object_only: bool = False
     stop_at_object_end: bool = False
     stop_patience: int = 0
+    object_weight: float = 1.0
 
     @classmethod
     def of(cls, config) -> ValueSettings:
@@ -125,6 +126,10 @@ class EditConfig:
     # bound, and some tokens of a chat row's sentence never reach the top within it); 0:
     # wait for every token or the step cap
     stop_patience: int = 0
+    # weight of the object's tokens in a target's mean NLL, against 1 for the other tokens: in
+    # a chat row's sentence ("Hey Jude was performed by Madonna."), "Madonna" counts this many
+    # times; a cloze target is all object (unchanged); 1: every token the same
+    object_weight: float = 1.0
     # precision of the value optimization's forward/backward passes: auto (bfloat16 products
     # for a float32 model on a CPU that has them in hardware), float32 or bfloat16
     value_dtype: str = "auto"
@@ -159,7 +164,7 @@ def check_value_config(config) -> None:
         raise InvalidRequest(f"chat_essence must be >= 0, got {config.chat_essence}")
     if config.retry_rounds < 0:
         raise InvalidRequest(f"retry_rounds must be >= 0, got {config.retry_rounds}")
-    for name in ("lr", "clamp_norm", "nll_stop"):
+    for name in ("lr", "clamp_norm", "nll_stop", "object_weight"):
         if not getattr(config, name) > 0:
             raise InvalidRequest(f"{name} must be > 0, got {getattr(config, name)}")
     for name in ("kl_factor", "weight_decay"):
