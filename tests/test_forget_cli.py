@@ -34,7 +34,7 @@ def test_forget_then_learn_are_ledger_entries_that_revert_exactly(tmp_path, mode
     assert "read 3 examples" in out and "graddiff LoRA" in out
     nll = next(line for line in out.splitlines() if line.startswith("forget set NLL")).split()
     assert float(nll[-1]) > float(nll[-2])  # the forget set became less likely
-    assert "WikiText-2 perplexity" in out
+    assert "WikiText-2 perplexity" in out and "general facts top-1 %" in out
 
     assert main(["learn", *args, "--force"]) == 0  # no health to keep in a random model
     out = capsys.readouterr().out
@@ -48,6 +48,9 @@ def test_forget_then_learn_are_ledger_entries_that_revert_exactly(tmp_path, mode
     w = Workspace.open(ws)
     first, second = w.entries()
     assert first.kind == "forget" and first.info["retain"] == "wikitext2 (shipped)"
+    health = first.info["guard"]  # measured before and after, recorded, never refused
+    assert health["before"]["perplexity"] > 0 and health["after"]["perplexity"] > 0
+    assert {"probe"} <= health["after"].keys()
     assert second.kind == "learn" and first.facts == [] and first.layers == [0, 1]
     w.revert(second.id)
     w.revert(first.id)

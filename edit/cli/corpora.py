@@ -68,7 +68,6 @@ def add_parsers(sub) -> None:
 
 def cmd_train(args) -> int:
     from edit.config import parse_settings
-    from edit.evals.fluency import heldout_text, perplexity
     from edit.readers.corpus import read_corpus
 
     forget = args.command == "forget"
@@ -89,12 +88,13 @@ def cmd_train(args) -> int:
     check_settings("unlearn", UnlearnConfig, settings)  # bad values before loading
     ws = open_workspace(args, writer=True)
     print(base_model_line(ws))
-    if forget:
-        heldout = heldout_text()
-        ppl_before = perplexity(ws.model, ws.tok, heldout)
+    if forget:  # measured and recorded, never refused: forgetting is asked for
+        from edit.evals.knowledge import Guard
+
+        guard = Guard(ws.model, ws.tok, refuse=False)
         entry, res = ws.forget(data, retain, holdout=holdout, reference=args.reference,
-                               **settings)  # fmt: skip
-        health = [("WikiText-2 perplexity", ppl_before, perplexity(ws.model, ws.tok, heldout))]
+                               guard=guard, **settings)  # fmt: skip
+        health = _health_rows(guard)
     else:
         entry, res, health = _learn(ws, args, data, holdout, settings)
     m = res.metrics
@@ -115,7 +115,8 @@ def cmd_train(args) -> int:
         _say_level(m, entry.info, entry.method)
     _table(rows)
     if problems := entry.info.get("guard", {}).get("past_bounds"):
-        print(f"recorded although (--force): {'; '.join(problems)}")
+        why = "(--force)" if not forget else "(a forget run is recorded whatever its health)"
+        print(f"recorded although {why}: {'; '.join(problems)}")
     print(f"recorded: {entry.path} (id {entry.id}); undo with 'edit revert {entry.id}'")
     if entry.info.get("learned_by"):
         by = entry.info["learned_by"]
