@@ -78,6 +78,9 @@ class ROMEConfig(EditConfig):
     # almost exactly as they were; gated MLPs only, ``edit.neurons``)
     write: str = WRITES[0]
     gate: float = 3.0  # "neuron": the gate row's scale s (act(s) at the subject)
+    # "neuron": 0, one neuron per fact; t > 0, a pair whose second neuron's gate is t·r, so
+    # that their small outputs on other tokens cancel to third order (``neuron_write``)
+    pair_gate: float = 0.0
 
     def __post_init__(self) -> None:
         if self.layer is not None and self.layer < 0:
@@ -86,6 +89,10 @@ class ROMEConfig(EditConfig):
             raise InvalidRequest(f"write must be {' or '.join(WRITES)}, got {self.write!r}")
         if not self.gate > 0:
             raise InvalidRequest(f"gate must be > 0, got {self.gate}")
+        if not 0 <= self.pair_gate < self.gate:
+            raise InvalidRequest(
+                f"pair_gate must be >= 0 and below gate ({self.gate:g}), got {self.pair_gate}"
+            )
         super().__post_init__()
 
     @property
@@ -157,7 +164,7 @@ def compute(
     if config.write == "neuron":
         act = model.get_submodule(read).act_fn
         added = gated_neurons(cov, torch.cat(mapped), _reads(facts, len(mapped)), sol.deltas,
-                              act, config.gate)  # fmt: skip
+                              act, config.gate, config.pair_gate)  # fmt: skip
         update = Update(neurons={read: added})
     else:
         b = rank_one_direction(cov, torch.cat(mapped))[None, :]  # (1, d_in): bᵀk = 1 each

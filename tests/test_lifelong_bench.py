@@ -54,3 +54,30 @@ def test_a_middle_revert_takes_consecutive_entries_from_the_middle():
     assert gone == [1, 2] and after == [3, 4] and before == [0]
     with pytest.raises(SystemExit, match="the ledger holds 5 entries"):
         split(list(range(5)), 5, 10)
+
+
+def test_the_pair_write_gives_delta_at_the_subject_and_cancels_the_square_near_zero():
+    import torch.nn.functional as F
+
+    from benchmarks.neuron_leak import pair_of
+
+    d, s = 6, 3.0
+    r = torch.randn(2, d, dtype=torch.float64)
+    delta = torch.randn(d, 2, dtype=torch.float64)
+    gate, up, down = s * r, r, delta / F.silu(torch.tensor(s, dtype=torch.float64))
+
+    def out(parts, x):
+        g, u, w = parts
+        return (F.silu(x @ g.T) * (x @ u.T)) @ w.T
+
+    pair = pair_of(gate, up, down, F.silu, 1.0)
+    assert pair[0].shape == (4, d) and pair[2].shape == (d, 4)
+    at = torch.linalg.pinv(r)[:, 0]  # r·x = (1, 0): the first neuron's subject
+    torch.testing.assert_close(out(pair, at), delta[:, 0])
+    torch.testing.assert_close(out((gate, up, down), at), delta[:, 0])
+    # near r·x = 0 the single write leaks a square (same sign either side), the pair a cube
+    small = torch.linalg.pinv(r) @ torch.tensor([0.01, 0.0], dtype=torch.float64)
+    single_leak = out((gate, up, down), small).norm() / delta[:, 0].norm()
+    pair_leak = out(pair, small).norm() / delta[:, 0].norm()
+    assert pair_leak < single_leak / 20
+    torch.testing.assert_close(out(pair, -small), -out(pair, small), rtol=0.05, atol=1e-12)

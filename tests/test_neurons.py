@@ -132,6 +132,32 @@ def test_rome_config_checks_the_write():
         ROMEConfig(write="sparse")
     with pytest.raises(InvalidRequest, match="gate must be > 0"):
         ROMEConfig(gate=0)
+    with pytest.raises(InvalidRequest, match="pair_gate must be >= 0 and below gate"):
+        ROMEConfig(pair_gate=3.0)
+
+
+def test_the_pair_write_adds_two_neurons_per_fact_with_the_same_delta_at_the_subject(llama, tok):
+    """``pair_gate``: each fact gets a pair whose output at the subject is the single
+    neuron's δ (the same edit takes), and which undoes exactly."""
+    before = _logits(llama, tok)
+    facts = [TINY_FACT, TINY_FACT_2]
+    single = edit.apply(llama, tok, facts, progress=False, **NEURON_ROME)
+    single.undo()
+    paired = edit.apply(llama, tok, facts, progress=False, **NEURON_ROME, pair_gate=0.5)
+    assert neurons.count(llama, MLP) == 4 and paired.metrics["took"] == 2
+    for fact in facts:
+        prompt = fact["prompt"].format(fact["subject"])
+        assert lm.top_next(llama, tok, prompt, k=1)[0][0] == " " + fact["target"]
+    gate, up, down = paired.update.neurons[MLP]
+    s_gate, s_up, s_down = single.update.neurons[MLP]
+    torch.testing.assert_close(up, torch.cat([s_up, s_up]))  # the same rows r
+    act = llama.get_submodule(MLP).act_fn
+    one = torch.ones(1)
+    # at r·x = 1: act(s)·down_1 + act(t)·down_2 = δ = act(s)·(the single neuron's down)
+    at_subject = act(3.0 * one) * down[:, :2] + act(0.5 * one) * down[:, 2:]
+    torch.testing.assert_close(at_subject, act(3.0 * one) * s_down, rtol=1e-4, atol=1e-6)
+    paired.undo()
+    assert neurons.added(llama) == {} and torch.equal(_logits(llama, tok), before)
 
 
 def test_update_tensors_round_trip_and_misfit(llama):

@@ -44,6 +44,7 @@ def gated_neurons(
     deltas: torch.Tensor,
     act,
     gate: float,
+    pair: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Neurons for a gated MLP, one per fact, each adding its fact's δ (``deltas`` (m, d))
     at that fact's subject and almost nothing elsewhere: gate row s·r, up row r, down column
@@ -52,11 +53,31 @@ def gated_neurons(
     facts' subjects (so the facts of a batch do not write into each other), each with the
     least rᵀΣr over generic text (:func:`least_rows`, Σ = ``second_moment`` of the MLP's
     input). A neuron's output act(s·r·x)·(r·x)·δ/act(s) is δ at its subject and, on a token
-    with r·x = ε, about ε²/2 of δ where a rank-one update gives ε (``edit.neurons``).
-    Returns (gate (m, d), up (m, d), down (d, m))."""
+    with r·x = ε, about ε²/2 of δ where a rank-one update gives ε (``edit.neurons``); with
+    ``pair`` > 0, a pair per fact whose squares cancel (:func:`neuron_write`).
+    Returns (gate, up (m or 2m, d), down (d, m or 2m))."""
     r = least_rows(second_moment, keys, reads)
-    at_subject = float(act(torch.tensor(gate, dtype=torch.float64)))
-    return gate * r, r.clone(), (deltas.float() / at_subject).T.contiguous()
+    return neuron_write(r, deltas.float(), act, gate, pair)
+
+
+def neuron_write(
+    r: torch.Tensor, deltas: torch.Tensor, act, s: float, t: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gate, up, down) of neurons adding ``deltas`` (m, d) where rᵢ·x = 1 (``r`` (m, d)).
+
+    ``t`` = 0: one neuron each, gate s·r, up r, down δ/act(s): act(s·a)·a·δ/act(s), which
+    near a = 0 is about s·a²/2·δ/act(s), of one sign whatever a's, so that many neurons add
+    a coherent shift to every token. ``t`` > 0: a pair each, the second with gate t·r and
+    down −(s/t)·δ/c (the first's down δ/c, c = act(s) − (s/t)·act(t)): at a = 1 still δ; the
+    quadratic terms of act(z) ≈ z/2 + z²/4 cancel, leaving about s(s − t)·a³/4·δ/c, whose
+    sign follows a's (benchmarks/results/neuron_leak_1000.md)."""
+    one = torch.tensor(s, dtype=torch.float64)
+    if not t:
+        return s * r, r.clone(), (deltas / float(act(one))).T.contiguous()
+    c = float(act(one)) - (s / t) * float(act(torch.tensor(t, dtype=torch.float64)))
+    down = (deltas / c).T
+    return (torch.cat([s * r, t * r]), torch.cat([r, r]),
+            torch.cat([down, -(s / t) * down], 1).contiguous())  # fmt: skip
 
 
 def spread_over_layers(
