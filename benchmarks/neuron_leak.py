@@ -38,9 +38,10 @@ def pair_of(gate, up, down, act, t: float):
 
 
 def key(name: str) -> str:
-    """A write's name as a summary key: "pair, t = 0.5" -> "pair_t0.5", "single (…)" ->
+    """A write's name as a summary key: "pair, t = 0.5" -> "pair_t0p5", "single (…)" ->
     "single"."""
-    return f"pair_t{name.split()[-1]}" if name.startswith("pair") else name.split(" ")[0]
+    t = name.split()[-1].replace(".", "p")  # no dots: results keys are dotted paths
+    return f"pair_t{t}" if name.startswith("pair") else name.split(" ")[0]
 
 
 def main() -> None:

@@ -121,9 +121,9 @@ FIGURES: dict[str, dict[str, str]] = {
         "single ES": "single_ES",
         "single PS": "single_PS",
         "single PPL": "single_ppl",
-        "pair ES": "pair_t0.5_ES",
-        "pair PS": "pair_t0.5_PS",
-        "pair PPL": "pair_t0.5_ppl",
+        "pair ES": "pair_t0p5_ES",
+        "pair PS": "pair_t0p5_PS",
+        "pair PPL": "pair_t0p5_ppl",
         "unedited PPL": "none_ppl",
     },
     "rome_sequential_50": {
