@@ -106,6 +106,15 @@ FIGURES: dict[str, dict[str, str]] = {
         "unedited PPL": "unedited_ppl",
         "s/fact": "s_per_fact",
     },
+    "lifelong_1000_pair": {
+        **{k: k for k in ("edits", "ES", "PS", "NS")},
+        "unedited NS": "unedited_NS",
+        "first-100 ES": "first_ES",
+        "first-100 PS": "first_PS",
+        "PPL": "ppl",
+        "unedited PPL": "unedited_ppl",
+        "s/fact": "s_per_fact",
+    },
     "middle_revert_1000": {
         "reverted ES before": "before_reverted_ES",
         "reverted ES after": "after_reverted_ES",
