@@ -39,6 +39,16 @@ FORGET_BIOS = {
 }
 
 # label in the README -> dotted path in the results file's "summary"
+# the figures of a lifelong run's summary (benchmarks/lifelong.py), for every such row
+LIFELONG = {
+    **{k: k for k in ("edits", "ES", "PS", "NS")},
+    "unedited NS": "unedited_NS",
+    "first-100 ES": "first_ES",
+    "first-100 PS": "first_PS",
+    "PPL": "ppl",
+    "unedited PPL": "unedited_ppl",
+    "s/fact": "s_per_fact",
+}
 FIGURES: dict[str, dict[str, str]] = {
     "rome_counterfact": {
         "ES": "edited.ES",
@@ -97,24 +107,8 @@ FIGURES: dict[str, dict[str, str]] = {
         "cost": "cost_ratio",
         "MHS": "MHS_edited",
     },
-    "lifelong_1000": {
-        **{k: k for k in ("edits", "ES", "PS", "NS")},
-        "unedited NS": "unedited_NS",
-        "first-100 ES": "first_ES",
-        "first-100 PS": "first_PS",
-        "PPL": "ppl",
-        "unedited PPL": "unedited_ppl",
-        "s/fact": "s_per_fact",
-    },
-    "lifelong_1000_pair": {
-        **{k: k for k in ("edits", "ES", "PS", "NS")},
-        "unedited NS": "unedited_NS",
-        "first-100 ES": "first_ES",
-        "first-100 PS": "first_PS",
-        "PPL": "ppl",
-        "unedited PPL": "unedited_ppl",
-        "s/fact": "s_per_fact",
-    },
+    "lifelong_1000": LIFELONG,
+    "lifelong_1000_pair": LIFELONG,
     "middle_revert_1000": {
         "reverted ES before": "before_reverted_ES",
         "reverted ES after": "after_reverted_ES",
