@@ -41,18 +41,11 @@ def read_corpus(path: str | os.PathLike) -> Corpus:
     object with where it is ("line 7"), for readers of richer forms (TOFU's QA records)
     that need not read the file again.
 
-    Every line is checked with ``json.loads`` first, so that an error names its line; the
-    validated rows then pass through a ``datasets.Dataset``.
+    Every line is checked with ``json.loads`` first, so that an error names its line.
     """
-    import datasets
-
     items = _parsed_items(Path(path))
-    rows = []
-    for line, obj in items:
-        prompt, answer = _example_fields(path, line, obj)
-        rows.append({"prompt": prompt, "answer": answer, "line": line})
-    examples = (Example(row["prompt"], row["answer"], f"{path}:{row['line']}")
-                for row in datasets.Dataset.from_list(rows).to_list())  # fmt: skip
+    examples = (Example(*_example_fields(path, line, obj), f"{path}:{line}")
+                for line, obj in items)  # fmt: skip
     return Corpus(examples, str(path), [(f"line {line}", obj) for line, obj in items])
 
 
