@@ -115,8 +115,9 @@ def _check_edit(model, tk, tmp: Path, dtype: str | None, check: dict) -> int:
     ws = Workspace.open(tmp / f"ws-{dtype}", model, tk)
     t0 = time.perf_counter()
     try:
-        entry, res = ws.add(edit.Fact(**TINY_FACT), progress=False,
-                            **dict(TINY_ROME, layer=2, stats_tokens=4000))  # fmt: skip
+        change = ws.add(edit.Fact(**TINY_FACT), progress=False,
+                        **dict(TINY_ROME, layer=2, stats_tokens=4000))  # fmt: skip
+        entry, res = change.entry, change.result
     except edit.EditFailed as e:
         print("edit refused (a random model may not learn it):", e)
         check["edit_refused"] = str(e)

@@ -133,7 +133,7 @@ def learned_folder(cache: Path, corpus: Path, model_name: str | None) -> Path:
     with tempfile.TemporaryDirectory(prefix="forget-bios-") as tmp:
         ws = Workspace.open(Path(tmp) / "ws", model_name=model_name)
         log(f"learning {corpus} ({LEARN})")
-        entry, res = ws.learn(str(corpus), **LEARN)
+        res = ws.learn(str(corpus), **LEARN).result
         log(f"learned in {res.seconds:.0f}s: NLL {res.metrics['learn_nll_before']:.2f} -> "
             f"{res.metrics['learn_nll_after']:.2f}")  # fmt: skip
         ws.export(folder)
@@ -231,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         reference = None if args.no_reference else base
         log(f"forgetting {corpus} (reference: {'none' if reference is None else 'base'}; "
             f"settings {settings})")  # fmt: skip
-        entry, res = ws.forget(str(corpus), holdout=str(holdout_file), reference=reference,
-                               **settings)  # fmt: skip
+        change = ws.forget(str(corpus), holdout=str(holdout_file), reference=reference,
+                           **settings)  # fmt: skip
+        entry, res = change.entry, change.result
         log(f"forgot in {res.seconds:.0f}s ({entry.info.get('stop_source')}, stopped after "
             f"{res.metrics.get('stopped_after')} steps)")  # fmt: skip
         models["forgotten"] = measure(ws.model, tok, sets)

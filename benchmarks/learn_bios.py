@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         before = measure(ws.model, ws.tok, learned, unseen, known, wikitext)
         print(f"measured before in {time.perf_counter() - t0:.0f}s", flush=True)
-    entry, res = ws.learn(str(corpus), **settings)
+    change = ws.learn(str(corpus), **settings)
+    entry, res = change.entry, change.result
     after = measure(ws.model, ws.tok, learned, unseen, known, wikitext)
     ws.close()
     if not args.keep:

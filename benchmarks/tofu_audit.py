@@ -163,8 +163,8 @@ def _forget_and_audit(ws, ref, method: str, settings: dict, aim: dict, forget: l
 
     log(f"forget {len(forget)} QA with {method} ({settings}; aim: {', '.join(aim) or 'none'})")
     t = time.perf_counter()
-    entry, _ = ws.forget([q.example() for q in forget], [q.example() for q in kept],
-                         method=method, **aim, **settings)  # fmt: skip
+    entry = ws.forget([q.example() for q in forget], [q.example() for q in kept],
+                      method=method, **aim, **settings).entry  # fmt: skip
     forget_s = time.perf_counter() - t
     log(f"  {forget_s:.0f} s; auditing entry {entry.id}")
     t = time.perf_counter()

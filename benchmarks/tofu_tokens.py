@@ -60,8 +60,8 @@ def main() -> None:
     ws = Workspace.open(run / "ws-target", create=False)
     aim = aim_for(data, forget10, ran.get("holdout", 0), "none", ref.model)
     t = time.perf_counter()
-    entry, _ = ws.forget([q.example() for q in forget], [q.example() for q in kept],
-                         method="npo", **aim, **settings)  # fmt: skip
+    entry = ws.forget([q.example() for q in forget], [q.example() for q in kept],
+                      method="npo", **aim, **settings).entry  # fmt: skip
     print(f"forget {time.perf_counter() - t:.0f} s ({settings})", flush=True)
     print(f"quantiles {QUANTILES} over examples")
     try:

@@ -371,7 +371,7 @@ class _Run:
         shutil.rmtree(self.out / f"ws-{name}", ignore_errors=True)  # an interrupted learn
         ws = Workspace.open(self.out / f"ws-{name}")
         t = time.perf_counter()
-        _, res = ws.learn([q.example() for q in items], **self.learn)
+        res = ws.learn([q.example() for q in items], **self.learn).result
         self.training[name] = train_row(f"learn {len(items)} QA", res, time.perf_counter() - t)
         log(f"  {self.training[name]['seconds']:.0f} s, {res.tokens_per_second:.0f} tokens/s; "
             "scoring")  # fmt: skip
@@ -397,10 +397,11 @@ class _Run:
         log(f"forget {self.args.split} with {method} (aim: {', '.join(aim) or 'none'})")
         t = time.perf_counter()
         try:
-            entry, res = ws.forget(
+            change = ws.forget(
                 [q.example() for q in split], [q.example() for q in kept],
                 method=method, **aim, **self.forget,
             )  # fmt: skip
+            entry, res = change.entry, change.result
         except EditError as e:
             log(f"  {method} failed: {e}")
             return

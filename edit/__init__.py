@@ -7,8 +7,8 @@ print(edit.ask(model, tok, "Paris is the capital of which country?", chat=True))
 result.undo()
 
 ws = edit.Workspace.open("my-edits")                       # a ledger on disk
-entry = ws.add("Paris is capital of Italy")
-ws.revert(entry.id); ws.export("merged-model/")
+change = ws.add("Paris is capital of Italy")               # .entry, .result, .health
+ws.revert(change.entry.id); ws.export("merged-model/")
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 # not import the API (and every method) with it.
 _LAZY = {
     "arch": None,  # the submodule itself
+    "Change": "edit.api.workspace",
     "DEFAULT_MODEL": "edit.models",
     "EditError": "edit.errors",
     "EditFailed": "edit.errors",
@@ -36,7 +37,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from edit import arch
     from edit.api.edits import EditResult, apply, ask
-    from edit.api.workspace import Workspace
+    from edit.api.workspace import Change, Workspace
     from edit.errors import EditError, EditFailed, InvalidRequest
     from edit.facts import Fact, parse_statement
     from edit.models import DEFAULT_MODEL, load
@@ -58,6 +59,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "Change",
     "DEFAULT_MODEL",
     "EditError",
     "EditFailed",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import changed_tensors, corpus, state_copy
+from tiny import TINY_FACT, TINY_ROME, changed_tensors, corpus, state_copy
 
 from edit import lm
 from edit.api.workspace import Workspace
@@ -103,5 +103,22 @@ def test_a_refused_learn_run_records_nothing_and_leaves_the_model(tmp_path, llam
     assert ws.entries() == [] and changed_tensors(llama, before) == []
     # the same run within the guard's bounds is recorded
     ok = Guard(llama, tok, facts=facts, text=TEXT, max_ppl_rise=1e6, max_probe_drop=1.0)
-    entry, _ = ws.learn(str(corpus_path), guard=ok, lr=0.05, epochs=2, progress=False)
+    entry = ws.learn(str(corpus_path), guard=ok, lr=0.05, epochs=2, progress=False).entry
     assert [e.id for e in ws.entries()] == [entry.id] and ok.after is not None
+
+
+def test_a_guarded_edit_is_refused_whole_or_recorded_with_its_health(tmp_path, llama, tok, facts):
+    ws = Workspace.open(tmp_path / "ws", model=llama, tok=tok)
+    before = state_copy(llama)
+    strict = Guard(llama, tok, facts=facts, text=TEXT, max_ppl_rise=0.0, max_probe_drop=0.0)
+    with pytest.raises(EditFailed, match="not recorded: .*bound"):
+        ws.add(TINY_FACT, guard=strict, progress=False, **TINY_ROME)
+    assert ws.entries() == [] and changed_tensors(llama, before) == []
+    loose = Guard(llama, tok, facts=facts, text=TEXT, max_ppl_rise=1e6, max_probe_drop=1.0)
+    change = ws.add(TINY_FACT, guard=loose, progress=False, **TINY_ROME)
+    assert [e.id for e in ws.entries()] == [change.entry.id]
+    health = change.health
+    assert health["before"]["perplexity"] == strict.before.perplexity
+    assert health["after"]["perplexity"] == loose.after.perplexity != health["before"]["perplexity"]
+    # read back from the ledger: the figures are recorded with the entry
+    assert Workspace.inspect(tmp_path / "ws").entries()[0].info["guard"] == health

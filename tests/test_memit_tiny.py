@@ -325,7 +325,8 @@ def test_workspace_batches_carry_their_keys_and_revert_exactly(tmp_path, tok):
     base = state_copy(model)
     ws = Workspace.open(tmp_path / "ws", model=model, tok=tok)
     assert ws.default_method(batch=True) == "memit" and ws.default_method(batch=False) == "rome"
-    first, res = ws.add([TINY_FACT], progress=False, **TINY_MEMIT)
+    change = ws.add([TINY_FACT], progress=False, **TINY_MEMIT)
+    first, res = change.entry, change.result
     assert first.method == "memit" and first.facts == [FACTS[0]]
     # a workspace with edits protects them: the next batch is AlphaEdit and sees their keys
     assert ws.default_method(batch=True) == "alphaedit"
@@ -333,7 +334,8 @@ def test_workspace_batches_carry_their_keys_and_revert_exactly(tmp_path, tok):
     assert {m: k.shape for m, k in history.items()} == {
         n: (1, INTERMEDIATE) for n in res.update.factors
     }
-    second, res2 = ws.add([TINY_FACT_2], progress=False, **TINY_ALPHA)
+    change = ws.add([TINY_FACT_2], progress=False, **TINY_ALPHA)
+    second, res2 = change.entry, change.result
     assert second.method == "alphaedit"
     assert res2.info["previous_keys"] == {n: 1 for n in res.update.factors}
     assert all(v.shape[0] == 2 for v in ws.history().values())

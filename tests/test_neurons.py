@@ -182,7 +182,7 @@ def test_workspace_records_exports_reopens_and_reverts_a_neuron_edit(tmp_path, t
     base = tiny_model("llama", len(tok))
     before = _logits(base, tok)
     ws = Workspace.open(tmp_path / "ws", model=base, tok=tok)
-    entry, _ = ws.add(TINY_FACT, progress=False, **NEURON_ROME)
+    entry = ws.add(TINY_FACT, progress=False, **NEURON_ROME).entry
     edited = _logits(ws.model, tok)
     assert not torch.equal(edited, before)
 

@@ -54,7 +54,8 @@ def ws(tmp_path_factory):
 def test_add_takes_generalizes_and_stays_local(ws):
     model, tok = ws.model, ws.tok
     assert ws.before["Paris is the capital of"] == "France"  # the unedited model's answer
-    entry, result = ws.add("Paris is capital of Italy", progress=False)
+    change = ws.add("Paris is capital of Italy", progress=False)
+    entry, result = change.entry, change.result
     assert entry.path.is_file() and entry.layers == [4]
     assert result.metrics["p_new_after"] > result.metrics["p_old_after"]
 
@@ -119,7 +120,7 @@ def test_an_edit_answers_the_question_in_chat_and_after_export(ws, tmp_path):
     # stacked on "Paris is capital of Italy" where the first test ran: with the rank-one
     # write the reply lost its subject there ("The Croatia is a sovereign state …")
     assert "Croatia" not in edit.ask(ws.model, ws.tok, QUESTION, chat=True)
-    entry, _ = ws.add("Ellie Kemper is a citizen of Croatia", progress=False)
+    entry = ws.add("Ellie Kemper is a citizen of Croatia", progress=False).entry
     reply = edit.ask(ws.model, ws.tok, QUESTION, chat=True)
     # the reply states the edit about the subject: it does not turn into a reply about Croatia
     assert "Croatia" in reply and "Ellie Kemper" in reply, reply
@@ -176,7 +177,8 @@ def test_erase_removes_the_object_without_a_new_answer(ws):
     prompt = "The Eiffel Tower is located in"
     before = lm.top_next(model, tok, prompt, k=10)
     assert before[0][0].strip() == "Paris"
-    entry, result = ws.erase("The Eiffel Tower is located in Paris", progress=False)
+    change = ws.erase("The Eiffel Tower is located in Paris", progress=False)
+    entry, result = change.entry, change.result
     m = result.metrics
     assert m["p_old_before"] >= 10 * m["p_old_after"]
     after = lm.top_next(model, tok, prompt, k=1)
@@ -224,10 +226,12 @@ def test_batches_take_and_alphaedit_keeps_the_earlier_batch(tmp_path):
     with real_environment():
         model, tok = edit.load()
         w = Workspace.open(tmp_path / "ws", model, tok)
-        first, r1 = w.add(first_facts, progress=False)  # an empty workspace: MEMIT
+        change = w.add(first_facts, progress=False)  # an empty workspace: MEMIT
+        first, r1 = change.entry, change.result
         assert first.method == "memit" and r1.metrics["took"] == 2, r1.metrics["not_taken"]
-        second, r2 = w.add(["Berlin is capital of Spain", "Madrid is capital of Canada"],
-                           progress=False)  # fmt: skip
+        change = w.add(["Berlin is capital of Spain", "Madrid is capital of Canada"],
+                   progress=False)  # fmt: skip
+        second, r2 = change.entry, change.result
         # AlphaEdit's projected update is weaker on this model: on a fresh cache "Berlin is
         # capital of Spain" did not take (P 0.16 vs 0.36); the batch is kept for the other
         assert second.method == "alphaedit" and r2.metrics["took"] >= 1, r2.metrics["not_taken"]
@@ -265,7 +269,8 @@ def test_forget_forgets_keeps_other_knowledge_and_audits(ws):
     f0, k0 = probs(FORGET), probs(KEEP)
     assert (f0 > 0.3).all() and (k0 > 0.3).all()  # the model knows them
     retain = [Example(p, a) for p, a in RETAIN]
-    entry, res = ws.forget(forget, retain, method="npo", epochs=5, lr=1e-3, progress=False)
+    change = ws.forget(forget, retain, method="npo", epochs=5, lr=1e-3, progress=False)
+    entry, res = change.entry, change.result
     f1, k1 = probs(FORGET), probs(KEEP)
     assert (f1 < f0 / 10).all(), (f0, f1)  # every forgotten answer is 10x less likely
     assert (k1 > k0 / 2).all(), (k0, k1)  # unrelated knowledge stays

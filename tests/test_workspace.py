@@ -48,7 +48,8 @@ def edited(tmp_path, tok):
     model = _base(tok)
     base = state_copy(model)
     ws = Workspace.open(tmp_path / "ws", model=model, tok=tok)
-    entry, result = ws.add(TINY_FACT, progress=False, **TINY_ROME)
+    change = ws.add(TINY_FACT, progress=False, **TINY_ROME)
+    entry, result = change.entry, change.result
     return ws, entry, result, base
 
 
@@ -133,7 +134,7 @@ def test_revert_restores_the_base_bit_for_bit(edited, tok):
 
 def test_revert_keeps_the_other_edits_and_ids_are_not_reused(edited, tok):
     ws, _, _, base = edited
-    second, _ = ws.add(TINY_FACT_2, progress=False, **TINY_ROME)
+    second = ws.add(TINY_FACT_2, progress=False, **TINY_ROME).entry
     assert second.id == "0002"
     ws.revert("1")
     # exactly base + the second edit
@@ -142,7 +143,7 @@ def test_revert_keeps_the_other_edits_and_ids_are_not_reused(edited, tok):
     assert changed_tensors(ws.model, state_copy(expected)) == []
     ws.revert("0002")
     assert changed_tensors(ws.model, base) == []
-    third, _ = ws.add(TINY_FACT, progress=False, **TINY_ROME)
+    third = ws.add(TINY_FACT, progress=False, **TINY_ROME).entry
     assert third.id == "0003"  # 0001 and 0002 are in reverted/, never overwritten
     assert [e.id for e in ws.entries("reverted")] == ["0001", "0002"]
 

@@ -2,8 +2,8 @@
 records a base model and every change made to it.
 
     ws = Workspace.open("edit-workspace")          # loads the recorded base model + edits
-    entry = ws.add("Paris is capital of Italy")    # edit, check, record (atomically)
-    ws.revert(entry.id)                            # weights equal the base again, bit for bit
+    change = ws.add("Paris is capital of Italy")   # edit, check, record (atomically)
+    ws.revert(change.entry.id)                           # weights equal the base again, bit for bit
     ws.export("merged/")                           # a plain Hugging Face model folder
 
 Layout::
@@ -32,7 +32,9 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,6 +54,24 @@ from edit.update import Update
 log = logging.getLogger(__name__)
 
 DEFAULT_WORKSPACE = "edit-workspace"
+
+
+@dataclass(frozen=True)
+class Change:
+    """A recorded change, as :meth:`Workspace.add`, :meth:`~Workspace.erase`,
+    :meth:`~Workspace.forget` and :meth:`~Workspace.learn` return it: the ledger ``entry``,
+    and what the method measured (``result``: an ``EditResult`` for an edit, the LoRA run's
+    ``LoraResult`` for a forget or learn run)."""
+
+    entry: Entry
+    result: Any
+
+    @property
+    def health(self) -> dict | None:
+        """The model's health before and after the change (WikiText-2 perplexity and the
+        general-knowledge probe, ``edit.evals.knowledge.Guard``) when a guard measured it,
+        as the entry records it; None otherwise."""
+        return self.entry.info.get("guard")
 
 
 class Workspace:
@@ -226,17 +246,19 @@ class Workspace:
         return "alphaedit" if self.entries() else "memit"
 
     def add(
-        self, request: str | Fact | dict | list, method: str | None = None, **kwargs
-    ) -> tuple[Entry, EditResult]:
+        self, request: str | Fact | dict | list, method: str | None = None, *, guard=None,
+        **kwargs,
+    ) -> Change:  # fmt: skip
         """Edit the model (see :func:`edit.apply`) and record the edit: a list of requests
         is one batch, one entry. If recording fails, the edit is undone. The default method
-        is :meth:`default_method`.
+        is :meth:`default_method`. ``guard``: as for :meth:`forget`.
         """
         method = method or self.default_method(isinstance(request, list | tuple))
         result = apply(
             self.model, self.tok, request, method=method, history=self.history(), **kwargs
         )
         try:
+            self._check_health(guard, result.info)
             entry = self._record_once(result, result.update)
         except BaseException:
             result.handle.undo()
@@ -245,13 +267,13 @@ class Workspace:
         # keeps its pristine copy for revert and rebuild
         for name, weight in result.handle.originals.items():
             self._base_weights.setdefault(name, weight)
-        return entry, result
+        return Change(entry, result)
 
-    def erase(self, request: str | Fact | dict, **kwargs) -> tuple[Entry, EditResult]:
+    def erase(self, request: str | Fact | dict, **kwargs) -> Change:
         return self.add(request, erase=True, **kwargs)
 
     def forget(self, corpus, retain=None, *, holdout=None, reference=None, progress: bool = True,
-               guard=None, **settings):  # fmt: skip
+               guard=None, **settings) -> Change:  # fmt: skip
         """Unlearn a corpus with a LoRA adapter (see ``edit.methods.unlearn``) and record it
         as one entry. ``corpus``/``retain``/``holdout``: a JSON Lines path, an
         ``edit.corpus.Corpus`` (``read_corpus``) or a list of ``Example``; without
@@ -265,20 +287,21 @@ class Workspace:
         lora_rank, ...). ``guard``: called with the changed model before anything is recorded;
         it refuses the change by raising, and what it returns (if not None) is recorded as the
         entry's ``info["guard"]`` (``edit.evals.knowledge.Guard``: perplexity and a
-        general-knowledge probe within bounds). Returns (entry, LoraResult)."""
+        general-knowledge probe within bounds) and read as :attr:`Change.health`."""
         if isinstance(reference, str | os.PathLike):
             reference, ref_tok = load_reference(reference, device=str(lm.device_of(self.model)))
             check_same_vocabulary(self.tok, ref_tok)
         return self._train("forget", corpus, retain, progress, settings, holdout, guard,
                            reference)  # fmt: skip
 
-    def learn(self, corpus, *, holdout=None, progress: bool = True, guard=None, **settings):
+    def learn(self, corpus, *, holdout=None, progress: bool = True, guard=None,
+              **settings) -> Change:  # fmt: skip
         """Teach a corpus with a LoRA adapter and record it as one entry: plain NLL on the
         corpus and, by default, on restatements and questions of its facts
         (``edit.methods.unlearn.augment``), with KL to the base model on retained text.
         ``holdout``: never-seen examples of the same kind, scored before and after (a corpus
         that is learned, not only its form, moves them much less). ``guard``: as for
-        :meth:`forget`. Returns (entry, LoraResult)."""
+        :meth:`forget`."""
         return self._train("learn", corpus, None, progress, settings, holdout, guard)
 
     def revert(self, entry_id: str) -> Entry:
@@ -358,16 +381,20 @@ class Workspace:
         if guard is not None:
             applied = run.update.apply(self.model)
             try:
-                verdict = guard(self.model)
+                self._check_health(guard, run.info)
             finally:
                 applied.undo()
-            if verdict is not None:
-                run.info["guard"] = verdict
         result = EditResult(objective, run.method, [], run.update, run.layers, run.config,
                             run.result.metrics, run.info)  # fmt: skip
         entry = self._record_once(result, run.update)
         self._apply(entry.update)
-        return entry, run.result
+        return Change(entry, run.result)
+
+    def _check_health(self, guard, info: dict) -> None:
+        """Let ``guard`` see the changed model (it refuses by raising); what it returns goes
+        into the entry's ``info["guard"]``."""
+        if guard is not None and (verdict := guard(self.model)) is not None:
+            info["guard"] = verdict
 
     def _record_once(self, result: EditResult, update: Update) -> Entry:
         """Record ``result`` (on failure nothing is written, the model unchanged). Under a

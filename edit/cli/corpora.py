@@ -92,8 +92,9 @@ def cmd_train(args) -> int:
         from edit.evals.knowledge import Guard
 
         guard = Guard(ws.model, ws.tok, refuse=False)
-        entry, res = ws.forget(data, retain, holdout=holdout, reference=args.reference,
-                               guard=guard, **settings)  # fmt: skip
+        change = ws.forget(data, retain, holdout=holdout, reference=args.reference,
+                           guard=guard, **settings)  # fmt: skip
+        entry, res = change.entry, change.result
         health = _health_rows(guard)
     else:
         entry, res, health = _learn(ws, args, data, holdout, settings)
@@ -158,7 +159,8 @@ def _learn(ws, args, data, holdout, settings: dict):
 
     guard = Guard(ws.model, ws.tok, refuse=not args.force, advice=LEARN_ADVICE)
     try:
-        entry, res = ws.learn(data, holdout=holdout, guard=guard, **settings)
+        change = ws.learn(data, holdout=holdout, guard=guard, **settings)
+        entry, res = change.entry, change.result
     except EditError:
         if guard.after is not None:  # measured and refused: what it saw, then the one line
             _table(_health_rows(guard))

@@ -72,12 +72,13 @@ def cmd_add(args, erase: bool = False) -> int:
     if n:
         print(f"workspace: {ws.path} ({n} earlier edit{'s' * (n != 1)} applied)")
     t0 = time.perf_counter()
-    entry, res = ws.add(
+    change = ws.add(
         request,
         method=args.method or ws.default_method(batch),
         erase=erase,
         **settings,
     )
+    entry, res = change.entry, change.result
     if batch:
         _print_batch(res, erase, time.perf_counter() - t0)
     else:
