@@ -265,11 +265,17 @@ def _checkpoint_folder(folder: str | Path) -> Path | None:
 
 
 def _cached_hash(model: nn.Module, folder: Path | None) -> str:
-    """The checkpoint's hash, memoized under the cache keyed by the files' size and mtime;
-    without safetensors files, the loaded weights' hash."""
+    """The checkpoint's hash (:func:`_folder_hash`); without safetensors files, the loaded
+    weights' hash."""
+    return _folder_hash(folder) or weights_hash(model)
+
+
+def _folder_hash(folder: Path | None) -> str | None:
+    """The hash of a folder's safetensors files, memoized under the cache keyed by the files'
+    size and mtime; None without such files."""
     files = sorted(folder.glob("*.safetensors")) if folder is not None else []
     if not files:
-        return weights_hash(model)
+        return None
     stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
     key = hashlib.sha256(json.dumps(["checkpoint-v2", str(folder.resolve()), stamp]).encode())
     memo = cache.root("hashes") / f"{key.hexdigest()[:32]}.txt"
@@ -278,6 +284,22 @@ def _cached_hash(model: nn.Module, folder: Path | None) -> str:
     digest = checkpoint_hash(folder)
     write_bytes(memo, digest.encode())
     return digest
+
+
+def source_hash(source: str) -> str | None:
+    """The identity :func:`load` would give ``source``'s model, found without loading it
+    where its safetensors files are at hand (a local folder, a Hub snapshot already
+    downloaded, the default model or a GGUF file once dequantized); None elsewhere. Lets a
+    caller refuse a source whose weights are not the ones it expects before loading them."""
+    if source == DEFAULT_MODEL:
+        gguf = _default_gguf()
+        folder = _dequantized_folder(gguf, create=False) if gguf else None
+    elif source.lower().endswith(".gguf"):
+        path = Path(source)
+        folder = _dequantized_folder(path, create=False) if path.is_file() else None
+    else:
+        folder = _checkpoint_folder(source)
+    return _folder_hash(folder)
 
 
 def skeleton(source: str) -> nn.Module | None:

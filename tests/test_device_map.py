@@ -47,8 +47,10 @@ def test_rome_edits_a_block_offloaded_to_disk(tmp_path, model_dir):
     before = lm.next_token_logprobs(split.model, split.tok, [PROMPT])
     torch.testing.assert_close(before, lm.next_token_logprobs(whole.model, whole.tok, [PROMPT]))
 
-    e_whole, r_whole = whole.add(TINY_FACT, progress=False, **TINY_ROME)
-    e_split, r_split = split.add(TINY_FACT, progress=False, **TINY_ROME)
+    whole_change = whole.add(TINY_FACT, progress=False, **TINY_ROME)
+    split_change = split.add(TINY_FACT, progress=False, **TINY_ROME)
+    e_whole, r_whole = whole_change.entry, whole_change.result
+    e_split, r_split = split_change.entry, split_change.result
     m_split, m_whole = r_split.metrics, r_whole.metrics
     assert m_split["p_new_after"] > 1.5 * m_split["p_new_before"]  # it took
     assert abs(m_split["p_new_after"] - m_whole["p_new_after"]) < 1e-5 * m_whole["p_new_after"]
@@ -71,8 +73,8 @@ def test_batch_edits_span_blocks_in_memory_and_on_disk(tmp_path, model_dir, meth
     whole = Workspace.open(tmp_path / "whole", model_name=model_dir)
     split = Workspace.open(tmp_path / "split", model_name=model_dir, device_map=SPLIT)
     facts = [TINY_FACT, TINY_FACT_2]
-    e_whole, _ = whole.add(facts, method=method, progress=False, **BATCH[method])
-    e_split, _ = split.add(facts, method=method, progress=False, **BATCH[method])
+    e_whole = whole.add(facts, method=method, progress=False, **BATCH[method]).entry
+    e_split = split.add(facts, method=method, progress=False, **BATCH[method]).entry
     t_whole, t_split = e_whole.update.tensors(), e_split.update.tensors()
     assert set(t_split) == set(t_whole) and any(MODULE in k for k in t_split)
     for k, v in t_whole.items():

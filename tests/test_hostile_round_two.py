@@ -217,6 +217,30 @@ def test_a_new_workspace_on_a_pickle_model_is_not_made(capsys, tmp_path, pickle_
     assert not (tmp_path / "ws").exists() and not (tmp_path / "ran.txt").exists()
 
 
+def test_a_recorded_source_that_names_other_weights_is_refused_before_loading(
+    capsys, tmp_path, recorded, tok, monkeypatch
+):
+    """``workspace.json``'s ``source`` edited to name another model folder: its weights'
+    hash is compared with the recorded base's from the files, before anything is loaded."""
+    from tiny import tiny_model
+
+    import edit.api.workspace as workspace
+
+    other = tmp_path / "other"
+    tiny_model("llama", len(tok), seed=1).save_pretrained(other)
+    tok.save_pretrained(other)
+    meta = json.loads((recorded / "workspace.json").read_text())
+    meta["base"]["source"] = str(other)
+    (recorded / "workspace.json").write_text(json.dumps(meta))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the named model was loaded before its hash was compared")
+
+    monkeypatch.setattr(workspace, "load", refuse)
+    line = _refused(capsys, tmp_path, ["ask", "The capital of France", "-w", str(recorded)])
+    assert "was made for base model" in line and "weights hash" in line
+
+
 @pytest.mark.parametrize("error", [EditError, ValueError])
 def test_error_lines_carry_no_terminal_codes(capsys, tmp_path, monkeypatch, error):
     import edit.cli

@@ -47,7 +47,7 @@ from edit.facts import Fact
 from edit.ledger import META, Entry, Ledger, header, read_ledger, read_meta, unborn
 from edit.ledger import write as writer
 from edit.lock import WorkspaceLock
-from edit.models import load, skeleton, weights_hash
+from edit.models import DEFAULT_MODEL, load, skeleton, source_hash, weights_hash
 from edit.placement import read_weight, write_weight
 from edit.update import Update
 
@@ -148,14 +148,12 @@ class Workspace:
             ledger.check(dropping)  # a damaged ledger is refused before loading a model
             if model is None:
                 source = model_name or (meta["base"]["source"] if meta else None)
+                if meta is not None:
+                    check_base(path, meta["base"], source_hash(source or DEFAULT_MODEL))
                 model, tok = load(source, **load_kwargs)
             model_hash = getattr(model, "edit_hash", None) or weights_hash(model)
-            if meta is not None and meta["base"]["hash"] != model_hash:
-                raise EditError(
-                    f"workspace {path} was made for base model {meta['base']['source']!r} "
-                    f"({meta['base']['hash'][:19]}…), but this model's weights hash is "
-                    f"{model_hash[:19]}…: use that base model or another --workspace"
-                )
+            if meta is not None:
+                check_base(path, meta["base"], model_hash)
             source = getattr(model, "edit_source", None) or getattr(model, "name_or_path", "?")
             base = meta["base"] if meta else {"source": source, "hash": model_hash}
             ws = cls(path, model, tok, base, ledger)
@@ -454,6 +452,16 @@ class Workspace:
             self._ledger = writer.create(self.path, self.base, self.lock)
         self._set_ledger(writer.add(self._ledger, self.lock, result.update.tensors(), meta))
         return self._active[-1]
+
+
+def check_base(path: Path, base: dict, model_hash: str | None) -> None:
+    """Refuse a model whose weights hash is not the recorded base's (None: not known yet)."""
+    if model_hash is not None and model_hash != base["hash"]:
+        raise EditError(
+            f"workspace {path} was made for base model {base['source']!r} "
+            f"({base['hash'][:19]}…), but this model's weights hash is "
+            f"{model_hash[:19]}…: use that base model or another --workspace"
+        )
 
 
 def check_outside(out: str | os.PathLike, workspace: str | os.PathLike) -> None:

@@ -103,7 +103,7 @@ def _print_single(res, erase: bool, seconds: float) -> None:
     verb = "erased" if erase else "edited"
     where = info.get("module") or ", ".join(info.get("modules", []))
     if info.get("write") == "neuron":
-        where += ": one neuron added"
+        where += f": {_neurons(res.config)} added"
     print(
         f"{verb} with {res.method.upper()} at layer {', '.join(map(str, res.layers))} "
         f"({where}): {info['steps']} steps, loss {info['loss_start']:.3f} -> "
@@ -138,11 +138,16 @@ def _print_reply_round(r: dict | None) -> None:
     print(line)
 
 
+def _neurons(config) -> str:
+    """What the neuron write adds for one fact: a neuron, or a pair (``pair_gate``)."""
+    return "a neuron pair" if getattr(config, "pair_gate", 0) else "one neuron"
+
+
 def _print_batch(res, erase: bool, seconds: float) -> None:
     m, info = res.metrics, res.info
     n = m["facts"]
     verb = "erased" if erase else "edited"
-    neurons = " (one neuron added per fact)" if info.get("write") == "neuron" else ""
+    neurons = f" ({_neurons(res.config)} added per fact)" if info.get("write") == "neuron" else ""
     print(
         f"{verb} {n} facts in one {res.method.upper()} update of layer"
         f"{'s' if len(res.layers) > 1 else ''} {', '.join(map(str, res.layers))}{neurons}: "
