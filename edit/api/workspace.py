@@ -371,11 +371,15 @@ class Workspace:
                guard=None, reference=None):  # fmt: skip
         """Run the unlearning package's forget / learn policy, let ``guard`` see the changed
         model, then record its adapter."""
-        from edit.methods.unlearn import train_corpus
+        from edit.methods.unlearn import corpus_level, learned_by, plan_corpus, train_plan
 
-        run = train_corpus(self.model, self.tok, objective, corpus, retain, holdout,
-                           settings=settings, progress=progress, entries=self.entries(),
-                           without=self.without, reference=reference)  # fmt: skip
+        plan = plan_corpus(self.model, self.tok, objective, corpus, retain, holdout,
+                           settings=settings, reference=reference)  # fmt: skip
+        # the ledger's own level: the corpus without the entry that learned all of it
+        if plan.wants_learned_level and (learner := learned_by(plan.data, self.entries())):
+            with self.without(learner.id) as unseen:
+                plan = plan.at_learned_level(corpus_level(unseen, self.tok, plan), learner.id)
+        run = train_plan(self.model, self.tok, plan, progress=progress)
         if guard is not None:
             applied = run.update.apply(self.model)
             try:

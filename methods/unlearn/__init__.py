@@ -21,7 +21,8 @@ NLL(examples) instead, to teach a corpus. The modules, in the order a run uses t
     scoring   log π(y|x) of the answers, batched; the NLL summaries
     trainer   train_lora: the steps under accelerate, the stop rule
     lora      the adapter: attach and detach (peft), LoraResult, and exact weight deltas
-    policy    train_corpus: a workspace's forget / learn run (sets, stop level, what to record)
+    policy    plan_corpus, train_plan: a workspace's forget / learn run (sets, stop level, what
+              to record)
 """
 
 from edit.methods.unlearn.config import (
@@ -60,7 +61,14 @@ from edit.methods.unlearn.losses import (
     token_nll,
     undial,
 )
-from edit.methods.unlearn.policy import Trained, learned_by, train_corpus
+from edit.methods.unlearn.policy import (
+    Plan,
+    Trained,
+    corpus_level,
+    learned_by,
+    plan_corpus,
+    train_plan,
+)
 from edit.methods.unlearn.samples import sampled_answers
 from edit.methods.unlearn.scoring import answer_nll, answer_scores
 from edit.methods.unlearn.targets import target_module_names
@@ -77,11 +85,13 @@ __all__ = [
     "LoraResult",
     "LossInputs",
     "METHOD_DEFAULTS",
+    "Plan",
     "Trained",
     "UnlearnConfig",
     "adapter_attached",
     "distill",
     "answer_nll",
+    "corpus_level",
     "answer_scores",
     "for_objective",
     "gradient_ascent",
@@ -103,6 +113,7 @@ __all__ = [
     "token_logprobs",
     "token_nll",
     "undial",
-    "train_corpus",
+    "plan_corpus",
+    "train_plan",
     "train_lora",
 ]

@@ -1,5 +1,7 @@
-"""How a workspace forgets or learns a corpus: read the sets (corpus, retain, holdout), choose
-where a forget run stops, train, and describe the run for the ledger (:func:`train_corpus`).
+"""How a workspace forgets or learns a corpus: read the sets (corpus, retain, holdout) and
+choose where a forget run stops (:func:`plan_corpus`), train, and describe the run for the
+ledger (:func:`train_plan`). A level that only the ledger knows (the corpus without the entry
+that learned it) is the caller's to measure: :attr:`Plan.wants_learned_level`.
 
 A forget run aims at the level a model that never saw the corpus gives it, the first of:
 ``stop_nll`` when given; else, with a reference (a model that never saw the corpus, such as
@@ -18,8 +20,7 @@ mean, lands where a never-seen model puts it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,7 +28,7 @@ from torch import nn
 
 from edit import arch as arch_table
 from edit.config import resolve
-from edit.corpus import Example, wikitext_retain
+from edit.corpus import Corpus, Example, wikitext_retain
 from edit.errors import EditFailed, InvalidRequest
 from edit.methods.unlearn.config import UnlearnConfig, for_objective
 from edit.methods.unlearn.lora import LoraResult, lora_update
@@ -71,7 +72,35 @@ class Trained:
     result: LoraResult
 
 
-def train_corpus(
+@dataclass(frozen=True)
+class Plan:
+    """A forget / learn run before training: the sets as read, the resolved config and where
+    the stop level comes from (:func:`plan_corpus`)."""
+
+    objective: str
+    data: Corpus  # the corpus, every line checked
+    unseen: Corpus | None  # the holdout
+    retain: Corpus | None  # as given (None: the shipped WikiText-2 slices, or nothing)
+    kept: list[Example]  # the examples the run holds
+    config: UnlearnConfig
+    stop_kind: str | None  # a key of STOP_MEANS; None: no level (yet)
+    reference: nn.Module | None = None
+    learned_by: str | None = None  # the entry whose absence gave the level
+
+    @property
+    def wants_learned_level(self) -> bool:
+        """A forget run with no level of its own, which may take the level of the corpus
+        without the ledger entry that learned it (``stop_at_learned``): the caller, who knows
+        the ledger, measures it (:func:`learned_by`, :func:`corpus_level`) and passes it to
+        :meth:`at_learned_level`."""
+        return self.objective == "forget" and self.stop_kind is None and self.config.stop_at_learned
+
+    def at_learned_level(self, level: float, entry_id: str) -> Plan:
+        config = dataclasses.replace(self.config, stop_nll=level)
+        return dataclasses.replace(self, config=config, stop_kind="learned", learned_by=entry_id)
+
+
+def plan_corpus(
     model: nn.Module,
     tok,
     objective: str,
@@ -80,22 +109,14 @@ def train_corpus(
     holdout=None,
     *,
     settings: dict[str, Any],
-    progress: bool = True,
-    entries: Sequence[Recorded] = (),
-    without: Callable[[str], AbstractContextManager] | None = None,
     reference: nn.Module | None = None,
-) -> Trained:
-    """Forget (or learn) ``corpus`` with a LoRA adapter on ``model`` (left unchanged).
-
-    ``corpus``/``retain``/``holdout``: a JSON Lines path, an ``edit.corpus.Corpus`` (read
-    once by the caller) or a list of ``Example``; without ``retain``, a forget run retains
-    slices of the shipped WikiText-2 text. ``settings``
-    override ``UnlearnConfig`` (over the tuned file for this model). ``entries``: the ledger's
-    active entries in order, and ``without(id)``: the model without one of them (a context
-    manager), for the stop level of a corpus that an earlier ``learn`` entry learned.
+) -> Plan:
+    """Read the sets and resolve the run: ``corpus``/``retain``/``holdout``: a JSON Lines
+    path, an ``edit.corpus.Corpus`` (read once by the caller) or a list of ``Example``;
+    without ``retain``, a forget run retains slices of the shipped WikiText-2 text.
+    ``settings`` override ``UnlearnConfig`` (over the tuned file for this model).
     ``reference``: a model that never saw the corpus, with ``tok``'s vocabulary (forget only):
-    the stop level, and the teacher of the default objective ``distill``.
-    """
+    the stop level (scored here), and the teacher of the default objective ``distill``."""
     if reference is not None and objective != "forget":
         raise InvalidRequest("a reference model sets where a forget run stops: leave it out")
     if reference is not None and settings.get("method") is None:
@@ -106,31 +127,43 @@ def train_corpus(
     config = resolve("unlearn", UnlearnConfig, model, **settings)
     kept = _retain_set(tok, retain, config)
     config = for_objective(config, objective, retain=bool(kept))
-    config, stop_kind, learner = _stop_level(model, tok, objective, config, data, unseen,
-                                             entries, without, reference)  # fmt: skip
-    teacher = reference if config.method in NEEDS_TEACHER | NEEDS_TARGETS else None
-    res = train_lora(model, tok, data, kept, config, objective=objective,
+    config, stop_kind = _stop_level(tok, objective, config, data, unseen, reference)
+    return Plan(objective, data, unseen, retain, kept, config, stop_kind, reference)
+
+
+def corpus_level(model: nn.Module, tok, plan: Plan) -> float:
+    """The corpus's NLL on ``model`` (the never-seen level where ``model`` never saw it)."""
+    return answer_nll(model, tok, plan.data, max_len=plan.config.max_len)
+
+
+def train_plan(model: nn.Module, tok, plan: Plan, *, progress: bool = True) -> Trained:
+    """Forget (or learn) the plan's corpus with a LoRA adapter on ``model`` (left unchanged)
+    and describe the run for the ledger."""
+    config, data, unseen, objective = plan.config, plan.data, plan.unseen, plan.objective
+    teacher = plan.reference if config.method in NEEDS_TEACHER | NEEDS_TARGETS else None
+    res = train_lora(model, tok, data, plan.kept, config, objective=objective,
                      progress=progress, holdout=unseen, teacher=teacher)  # fmt: skip
     update = lora_update(res)
     if not update.is_finite():
         raise EditFailed(f"{objective} produced a non-finite adapter; nothing was recorded")
     prefix = arch_table.lookup(model).layers + "."
     layers = sorted({int(n[len(prefix) :].split(".")[0]) for n in res.target_modules})
+    retain = plan.retain.source if plan.retain is not None else None
     info = {
         "corpus": data.source,
         "examples": len(data),
-        "retain": retain.source if retain is not None else "wikitext2 (shipped)" if kept else None,
-        "retain_examples": len(kept),
+        "retain": retain or ("wikitext2 (shipped)" if plan.kept else None),
+        "retain_examples": len(plan.kept),
         "holdout": unseen.source if unseen is not None else None,
-        "reference": _model_name(reference),
+        "reference": _model_name(plan.reference),
         "losses": res.losses,
         "seconds": res.seconds,
         "tokens": res.tokens,
         "tokens_per_second": res.tokens_per_second,
         "target_modules": res.target_modules,
         "lora_config": res.lora_config,
-        "stop_source": stop_kind,  # a key of STOP_MEANS, or None
-        "learned_by": learner.id if learner is not None else None,
+        "stop_source": plan.stop_kind,  # a key of STOP_MEANS, or None
+        "learned_by": plan.learned_by,
     }
     if objective == "learn":  # lets a later forget find the entry that learned its corpus
         info["example_hashes"] = [ex.fingerprint() for ex in data]
@@ -162,34 +195,27 @@ def learned_by(examples: Iterable[Example], entries: Sequence[Recorded]) -> Reco
 
 
 def _stop_level(
-    model: nn.Module,
     tok,
     objective: str,
     config: UnlearnConfig,
     data: list[Example],
     unseen: list[Example] | None,
-    entries: Sequence[Recorded],
-    without: Callable[[str], AbstractContextManager] | None,
     reference: nn.Module | None,
-) -> tuple[UnlearnConfig, str | None, Recorded | None]:
-    """(``config``, with the stop level of a corpus the reference scores or an earlier entry
-    learned; what sets the stop level (a key of :data:`STOP_MEANS`), None: nothing; the entry
-    that learned the corpus, if that is it). A holdout's level is the trainer's to measure."""
+) -> tuple[UnlearnConfig, str | None]:
+    """(``config``, with the stop level of a corpus the reference scores; what sets the stop
+    level (a key of :data:`STOP_MEANS`), None: nothing yet). A holdout's level is the
+    trainer's to measure; the level of a corpus an earlier entry learned is the caller's
+    (:attr:`Plan.wants_learned_level`)."""
     if objective != "forget":  # a learn run scores its never-seen set; it does not stop on it
-        return config, None, None
+        return config, None
     if config.stop_nll is not None:
-        return config, "stop_nll", None
+        return config, "stop_nll"
     if reference is not None:  # the corpus's level on a model that never saw it
         level = answer_nll(reference, tok, data, max_len=config.max_len)
-        return dataclasses.replace(config, stop_nll=level), "reference", None
+        return dataclasses.replace(config, stop_nll=level), "reference"
     if unseen is not None:
-        return config, "holdout", None
-    learner = learned_by(data, entries) if config.stop_at_learned else None
-    if learner is None:
-        return config, None, None
-    with without(learner.id):  # the corpus's level as text this model never saw
-        level = answer_nll(model, tok, data, max_len=config.max_len)
-    return dataclasses.replace(config, stop_nll=level), "learned", learner
+        return config, "holdout"
+    return config, None
 
 
 def _model_name(model: nn.Module | None) -> str | None:
