@@ -177,7 +177,6 @@ FIGURES: dict[str, dict[str, str]] = {
         "relearn recovered": "runs.npo.attacks.relearn.recovered_percent",
         "forget quality": "runs.npo.models.changed.forget_quality",
     },
-    "device_check": {"failures": "failures"},
     "forget_bios": FORGET_BIOS,
     "forget_bios_40": FORGET_BIOS,
     "learn_bios": {
