@@ -81,6 +81,9 @@ class ROMEConfig(EditConfig):
     # "neuron": 0, one neuron per fact; t > 0, a pair whose second neuron's gate is t·r, so
     # that their small outputs on other tokens cancel to third order (``neuron_write``)
     pair_gate: float = 0.0
+    # "neuron", a batch: each row also reads 0 at the batch's other subjects (exact, however
+    # far that takes it from generic text); false: each meets its own subject's keys alone
+    isolate: bool = True
 
     def __post_init__(self) -> None:
         if self.layer is not None and self.layer < 0:
@@ -164,7 +167,7 @@ def compute(
     if config.write == "neuron":
         act = model.get_submodule(read).act_fn
         added = gated_neurons(cov, torch.cat(mapped), _reads(facts, len(mapped)), sol.deltas,
-                              act, config.gate, config.pair_gate)  # fmt: skip
+                              act, config.gate, config.pair_gate, config.isolate)  # fmt: skip
         update = Update(neurons={read: added})
     else:
         b = rank_one_direction(cov, torch.cat(mapped))[None, :]  # (1, d_in): bᵀk = 1 each

@@ -76,6 +76,25 @@ def test_gated_neurons_of_a_batch_do_not_read_each_others_subjects():
     assert torch.allclose(out(keys), deltas[[0, 1, 0]], atol=1e-5)
 
 
+def test_rows_that_meet_only_their_own_subject_are_each_the_single_facts_row():
+    """``isolate=False``: each row reads 1 at its own subject's keys with the least rᵀΣr and
+    no condition at the other subjects; by hand, one key gives r = Σ⁻¹k / (kᵀΣ⁻¹k). Two
+    almost equal keys show what the exact zeros cost: a row far longer on generic text."""
+    cov = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    keys = torch.tensor([[1.0, 0.5, 0.0, 0.0], [1.0, 0.5, 0.05, 0.0]])  # nearly one key
+    reads = torch.eye(2)
+    deltas = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0]])
+    _, own, _ = gated_neurons(cov, keys, reads, deltas, F.silu, 3.0, isolate=False)
+    ci = torch.linalg.inv(cov.double())
+    for i, k in enumerate(keys.double()):
+        by_hand = ci @ k / (k @ ci @ k)
+        torch.testing.assert_close(own[i].double(), by_hand, rtol=1e-4, atol=1e-6)
+    _, isolated, _ = gated_neurons(cov, keys, reads, deltas, F.silu, 3.0)
+    assert torch.allclose(keys @ isolated.T, reads, atol=1e-4)  # exact zeros, at a cost:
+    generic = [float(torch.einsum("id,de,ie->i", r, cov, r).max()) for r in (own, isolated)]
+    assert generic[1] > 100 * generic[0]
+
+
 def test_attach_truncate_and_clear_are_exact(llama, tok):
     before = _logits(llama, tok)
     d = neurons.width(llama, MLP)

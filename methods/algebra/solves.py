@@ -21,13 +21,21 @@ def least_rows(
     C = ``second_moment``) among those that do: R = (C⁻¹K (KᵀC⁻¹K)⁺ T)ᵀ. Keys that are
     almost parallel are met in the least-squares sense (a pseudo-inverse of their
     C⁻¹-Gram matrix), so a second key adds nothing where it adds no direction."""
+    k, ci_k = _weighted_keys(second_moment, keys)
+    t = reads.to(device=k.device, dtype=k.dtype)
+    return (ci_k @ _pinv(k.T @ ci_k) @ t).T.float()
+
+
+def _weighted_keys(second_moment: torch.Tensor, keys: torch.Tensor):
+    """(K (d, n), C⁻¹K) in float64, C lightly damped."""
     c = second_moment.to(device=keys.device, dtype=torch.float64)
-    k = keys.double().T  # (d, n)
+    k = keys.double().T
     eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
-    ci_k = torch.linalg.solve(c + 1e-6 * c.diagonal().mean() * eye, k)
-    gram = k.T @ ci_k
-    t = reads.to(device=c.device, dtype=c.dtype)
-    return (ci_k @ (torch.linalg.pinv(gram, rtol=1e-6, hermitian=True) @ t)).T.float()
+    return k, torch.linalg.solve(c + 1e-6 * c.diagonal().mean() * eye, k)
+
+
+def _pinv(gram: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.pinv(gram, rtol=1e-6, hermitian=True)
 
 
 def rank_one_direction(second_moment: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -35,6 +43,18 @@ def rank_one_direction(second_moment: torch.Tensor, keys: torch.Tensor) -> torch
     every row k_j of ``keys`` (n, d), with the least bᵀCb (:func:`least_rows`). One key
     gives ROME's b = C⁻¹k/(kᵀC⁻¹k)."""
     return least_rows(second_moment, keys, torch.ones(len(keys), 1))[0]
+
+
+def own_rows(second_moment: torch.Tensor, keys: torch.Tensor, reads: torch.Tensor) -> torch.Tensor:
+    """Rows R (m, d), row i reading 1 at the keys where ``reads[:, i]`` is 1 (its own fact's
+    subject) with the least rᵀCr, and no condition at the other keys: :func:`least_rows` for
+    each row alone, with C⁻¹K computed once."""
+    k, ci_k = _weighted_keys(second_moment, keys)
+    rows = []
+    for own in reads.to(k.device).T > 0:  # (m, n): each row's own keys
+        ones = torch.ones(int(own.sum()), dtype=k.dtype, device=k.device)
+        rows.append(ci_k[:, own] @ _pinv(k[:, own].T @ ci_k[:, own]) @ ones)
+    return torch.stack(rows).float()
 
 
 def gated_neurons(
@@ -45,18 +65,22 @@ def gated_neurons(
     act,
     gate: float,
     pair: float = 0.0,
+    isolate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Neurons for a gated MLP, one per fact, each adding its fact's δ (``deltas`` (m, d))
     at that fact's subject and almost nothing elsewhere: gate row s·r, up row r, down column
     δ/act(s). The rows r read ``reads`` (n, m) at the rows of ``keys`` (the MLP's inputs x
-    at the subjects, (n, d)): 1 where the key is the neuron's own subject, 0 at the other
-    facts' subjects (so the facts of a batch do not write into each other), each with the
-    least rᵀΣr over generic text (:func:`least_rows`, Σ = ``second_moment`` of the MLP's
-    input). A neuron's output act(s·r·x)·(r·x)·δ/act(s) is δ at its subject and, on a token
-    with r·x = ε, about ε²/2 of δ where a rank-one update gives ε (``edit.neurons``); with
-    ``pair`` > 0, a pair per fact whose squares cancel (:func:`neuron_write`).
+    at the subjects, (n, d)): 1 where the key is the neuron's own subject, and, with
+    ``isolate``, 0 at the other facts' subjects (so the facts of a batch do not write into
+    each other), each with the least rᵀΣr over generic text (:func:`least_rows`, Σ =
+    ``second_moment`` of the MLP's input); without, each row meets its own subject's keys
+    alone (:func:`own_rows`), as one fact edited alone does. A neuron's output
+    act(s·r·x)·(r·x)·δ/act(s) is δ at its subject and, on a token with r·x = ε, about ε²/2
+    of δ where a rank-one update gives ε (``edit.neurons``); with ``pair`` > 0, a pair per
+    fact whose squares cancel (:func:`neuron_write`).
     Returns (gate, up (m or 2m, d), down (d, m or 2m))."""
-    r = least_rows(second_moment, keys, reads)
+    solve = least_rows if isolate else own_rows
+    r = solve(second_moment, keys, reads)
     return neuron_write(r, deltas.float(), act, gate, pair)
 
 
