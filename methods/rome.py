@@ -81,9 +81,11 @@ class ROMEConfig(EditConfig):
     # "neuron": 0, one neuron per fact; t > 0, a pair whose second neuron's gate is t·r, so
     # that their small outputs on other tokens cancel to third order (``neuron_write``)
     pair_gate: float = 0.0
-    # "neuron", a batch: each row also reads 0 at the batch's other subjects (exact, however
-    # far that takes it from generic text); false: each meets its own subject's keys alone
-    isolate: bool = True
+    # "neuron", a batch: false, each row meets its own subject's keys alone, as a fact edited
+    # alone does; true, each also reads exactly 0 at the batch's other subjects, however far
+    # that takes it from generic text (two subjects ending in one token: rows 60x longer,
+    # perplexity +3.5 % from one batch of 100; benchmarks/results/lifelong_b100_isolated_200)
+    isolate: bool = False
 
     def __post_init__(self) -> None:
         if self.layer is not None and self.layer < 0:

@@ -60,12 +60,12 @@ def test_gated_neuron_meets_two_keys_with_the_least_generic_response():
         assert other @ cov @ other > r @ cov @ r
 
 
-def test_gated_neurons_of_a_batch_do_not_read_each_others_subjects():
+def test_isolated_neurons_of_a_batch_do_not_read_each_others_subjects():
     cov = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0]))
     keys = torch.tensor([[1.0, 0.5, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.2, 0.0, 1.0, 1.0]])
     reads = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])  # rows 0 and 2: the first fact's
     deltas = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0]])
-    gate, up, down = gated_neurons(cov, keys, reads, deltas, F.silu, 3.0)
+    gate, up, down = gated_neurons(cov, keys, reads, deltas, F.silu, 3.0, isolate=True)
     assert gate.shape == up.shape == (2, 4) and down.shape == (4, 2)
     assert torch.allclose(keys @ up.T, reads, atol=1e-5)
 
@@ -77,19 +77,20 @@ def test_gated_neurons_of_a_batch_do_not_read_each_others_subjects():
 
 
 def test_rows_that_meet_only_their_own_subject_are_each_the_single_facts_row():
-    """``isolate=False``: each row reads 1 at its own subject's keys with the least rᵀΣr and
-    no condition at the other subjects; by hand, one key gives r = Σ⁻¹k / (kᵀΣ⁻¹k). Two
-    almost equal keys show what the exact zeros cost: a row far longer on generic text."""
+    """``isolate=False`` (the default): each row reads 1 at its own subject's keys with the
+    least rᵀΣr and no condition at the other subjects; by hand, one key gives
+    r = Σ⁻¹k / (kᵀΣ⁻¹k). Two almost equal keys show what the exact zeros cost: a row far
+    longer on generic text."""
     cov = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0]))
     keys = torch.tensor([[1.0, 0.5, 0.0, 0.0], [1.0, 0.5, 0.05, 0.0]])  # nearly one key
     reads = torch.eye(2)
     deltas = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0]])
-    _, own, _ = gated_neurons(cov, keys, reads, deltas, F.silu, 3.0, isolate=False)
+    _, own, _ = gated_neurons(cov, keys, reads, deltas, F.silu, 3.0)
     ci = torch.linalg.inv(cov.double())
     for i, k in enumerate(keys.double()):
         by_hand = ci @ k / (k @ ci @ k)
         torch.testing.assert_close(own[i].double(), by_hand, rtol=1e-4, atol=1e-6)
-    _, isolated, _ = gated_neurons(cov, keys, reads, deltas, F.silu, 3.0)
+    _, isolated, _ = gated_neurons(cov, keys, reads, deltas, F.silu, 3.0, isolate=True)
     assert torch.allclose(keys @ isolated.T, reads, atol=1e-4)  # exact zeros, at a cost:
     generic = [float(torch.einsum("id,de,ie->i", r, cov, r).max()) for r in (own, isolated)]
     assert generic[1] > 100 * generic[0]

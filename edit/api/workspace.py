@@ -3,7 +3,7 @@ records a base model and every change made to it.
 
     ws = Workspace.open("edit-workspace")          # loads the recorded base model + edits
     change = ws.add("Paris is capital of Italy")   # edit, check, record (atomically)
-    ws.revert(change.entry.id)                           # weights equal the base again, bit for bit
+    ws.revert(change.entry.id)                     # weights equal the base again, bit for bit
     ws.export("merged/")                           # a plain Hugging Face model folder
 
 Layout::

@@ -65,7 +65,7 @@ def gated_neurons(
     act,
     gate: float,
     pair: float = 0.0,
-    isolate: bool = True,
+    isolate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Neurons for a gated MLP, one per fact, each adding its fact's δ (``deltas`` (m, d))
     at that fact's subject and almost nothing elsewhere: gate row s·r, up row r, down column
