@@ -387,6 +387,29 @@ def test_add_file_takes_config_settings_from_set(tmp_path, model_dir, capsys, mo
     assert entry.config["steps"] == 7
 
 
+def test_add_file_on_a_workspace_with_edits_checks_alphaedit_settings(
+    tmp_path, model_dir, capsys, monkeypatch
+):
+    """A batch on a workspace with history is AlphaEdit's, decided before loading: its own
+    settings are checked then (a bad one refused without loading the model) and taken
+    without ``--method``, and the entry is AlphaEdit's."""
+    _tuned(monkeypatch)
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("".join(json.dumps(f) + "\n" for f in (TINY_FACT, TINY_FACT_2)))
+    ws = str(tmp_path / "ws")
+    assert main(["add", "--file", str(facts), "-w", ws, "-m", model_dir]) == 0
+    argv = ["add", "--file", str(facts), "-w", ws, "--set"]
+    loads = []
+    real_open = Workspace.open
+    monkeypatch.setattr(Workspace, "open", lambda *a, **k: loads.append(1) or real_open(*a, **k))
+    assert main([*argv, "null_cov_weight=-1"]) == 2
+    assert "null_cov_weight must be >= 0" in capsys.readouterr().err and loads == []
+    assert main([*argv, "null_cov_weight=2.5"]) == 0
+    first, second = Workspace.inspect(ws).entries()
+    assert (first.method, second.method) == ("memit", "alphaedit")
+    assert second.config["null_cov_weight"] == 2.5
+
+
 def test_add_file_says_what_the_retry_round_did(tmp_path, model_dir, capsys, monkeypatch):
     _tuned(monkeypatch)
     _weak_first_calls(monkeypatch, weak=1, spared=1)

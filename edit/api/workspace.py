@@ -237,11 +237,8 @@ class Workspace:
         return {m: torch.cat(ks) for m, ks in keys.items()}
 
     def default_method(self, batch: bool) -> str:
-        """ROME for one fact; for a batch, MEMIT on a workspace without edits and AlphaEdit
-        (which keeps earlier edits intact) on one that has some."""
-        if not batch:
-            return "rome"
-        return "alphaedit" if self.entries() else "memit"
+        """:func:`default_method` for this workspace."""
+        return default_method(batch, bool(self.entries()))
 
     def add(
         self, request: str | Fact | dict | list, method: str | None = None, *, guard=None,
@@ -456,6 +453,15 @@ class Workspace:
             self._ledger = writer.create(self.path, self.base, self.lock)
         self._set_ledger(writer.add(self._ledger, self.lock, result.update.tensors(), meta))
         return self._active[-1]
+
+
+def default_method(batch: bool, has_edits: bool) -> str:
+    """The method of an edit that names none: ROME for one fact; for a batch, MEMIT on a
+    workspace without edits and AlphaEdit (which keeps earlier edits intact) on one that has
+    some."""
+    if not batch:
+        return "rome"
+    return "alphaedit" if has_edits else "memit"
 
 
 def check_base(path: Path, base: dict, model_hash: str | None) -> None:

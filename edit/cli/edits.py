@@ -39,6 +39,7 @@ def add_parsers(sub) -> None:
 def cmd_add(args, erase: bool = False) -> int:
     from edit import methods
     from edit.api.edits import as_fact
+    from edit.api.workspace import default_method
     from edit.config import check_settings, parse_settings
 
     if args.file and args.statement is not None:
@@ -58,12 +59,12 @@ def cmd_add(args, erase: bool = False) -> int:
             "nothing to edit: give a statement, e.g. 'Paris is capital of Italy', or --file"
         )
     batch = isinstance(request, list)
-    # the default method for a batch is a batch method, for one fact ROME
-    layers = layer_settings(args.layer, methods.get(args.method).batch if args.method else batch)
+    # the method, decided before loading, so that its settings are checked first
+    spec = methods.get(args.method or default_method(batch, _has_edits(args.workspace)))
+    layers = layer_settings(args.layer, spec.batch)
     settings = {**parse_settings(args.set), **layers, **stats_setting(args)}  # flags win
     if args.steps is not None:
         settings["steps"] = args.steps
-    spec = methods.get(args.method or ("memit" if batch else "rome"))
     check_settings(spec.name, spec.config_class, settings)  # bad values before loading
     check_layers_fit(layers, args.model or _recorded_source(args.workspace))
     ws = open_workspace(args, writer=True)
@@ -72,12 +73,7 @@ def cmd_add(args, erase: bool = False) -> int:
     if n:
         print(f"workspace: {ws.path} ({n} earlier edit{'s' * (n != 1)} applied)")
     t0 = time.perf_counter()
-    change = ws.add(
-        request,
-        method=args.method or ws.default_method(batch),
-        erase=erase,
-        **settings,
-    )
+    change = ws.add(request, method=spec.name, erase=erase, **settings)
     entry, res = change.entry, change.result
     if batch:
         _print_batch(res, erase, time.perf_counter() - t0)
@@ -86,6 +82,15 @@ def cmd_add(args, erase: bool = False) -> int:
     print(f"recorded: {entry.path} (id {entry.id}); undo with 'edit revert {entry.id}'")
     print(head_line(ws))
     return 0
+
+
+def _has_edits(workspace: str) -> bool:
+    """Whether the workspace holds active edits, from its manifest alone."""
+    from pathlib import Path
+
+    from edit.ledger import active_count
+
+    return active_count(Path(workspace)) > 0
 
 
 def _recorded_source(workspace: str) -> str | None:

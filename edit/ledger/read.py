@@ -225,6 +225,19 @@ def read_ledger(path: Path) -> Ledger:
     return ledger
 
 
+def active_count(path: Path) -> int:
+    """How many entries the manifest records as active (0 without a workspace), from the
+    manifest alone: no entry file is read or checked (:func:`read_ledger` does that)."""
+    ledger = Ledger(path, read_meta(path))
+    if ledger.meta is None:
+        return 0
+    _read_manifest(ledger)
+    state: dict[str, str] = {}
+    for line in ledger.lines:
+        state[line["id"]] = line["op"]
+    return sum(op == "add" for op in state.values())
+
+
 def _read_manifest(ledger: Ledger) -> None:
     manifest = ledger.path / MANIFEST
     try:
