@@ -291,15 +291,20 @@ def source_hash(source: str) -> str | None:
     where its safetensors files are at hand (a local folder, a Hub snapshot already
     downloaded, the default model or a GGUF file once dequantized); None elsewhere. Lets a
     caller refuse a source whose weights are not the ones it expects before loading them."""
+    return _folder_hash(_local_folder(source))
+
+
+def _local_folder(source: str) -> Path | None:
+    """The model folder ``source`` names, where it is already on this machine (a local or
+    downloaded Hub folder, the default model or a GGUF file once dequantized); None: it
+    would take a download or a dequantization."""
     if source == DEFAULT_MODEL:
         gguf = _default_gguf()
-        folder = _dequantized_folder(gguf, create=False) if gguf else None
-    elif source.lower().endswith(".gguf"):
+        return _dequantized_folder(gguf, create=False) if gguf else None
+    if source.lower().endswith(".gguf"):
         path = Path(source)
-        folder = _dequantized_folder(path, create=False) if path.is_file() else None
-    else:
-        folder = _checkpoint_folder(source)
-    return _folder_hash(folder)
+        return _dequantized_folder(path, create=False) if path.is_file() else None
+    return _checkpoint_folder(source)
 
 
 def skeleton(source: str) -> nn.Module | None:
@@ -308,13 +313,7 @@ def skeleton(source: str) -> nn.Module | None:
     at hand without a download or a dequantization."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if source == DEFAULT_MODEL:
-        gguf = _default_gguf()
-        folder = _dequantized_folder(gguf, create=False) if gguf else None
-    elif source.lower().endswith(".gguf"):
-        folder = _dequantized_folder(Path(source), create=False) if Path(source).is_file() else None
-    else:
-        folder = _checkpoint_folder(source)
+    folder = _local_folder(source)
     if folder is None or not (folder / "config.json").is_file():
         return None
     try:

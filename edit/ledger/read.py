@@ -158,15 +158,7 @@ def read_ledger(path: Path) -> Ledger:
         return ledger
     _read_manifest(ledger)
     files = {folder: _listing(ledger, folder) for folder in ("edits", "reverted")}
-    active = {line["id"]: line["hash"] for line in ledger.lines if line["op"] == "add"}
-    reverted = {}
-    dropped = []
-    for line in ledger.lines:
-        if line["op"] == "revert":
-            reverted[line["id"]] = active.pop(line["id"])
-        elif line["op"] == "drop":
-            dropped.append(line["id"])
-            active.pop(line["id"])
+    active, reverted, dropped = _replay(ledger.lines)
     used: set[Path] = set()
 
     def find(entry_id: str, places: list[tuple[str, str]]) -> Path | None:
@@ -232,10 +224,22 @@ def active_count(path: Path) -> int:
     if ledger.meta is None:
         return 0
     _read_manifest(ledger)
-    state: dict[str, str] = {}
-    for line in ledger.lines:
-        state[line["id"]] = line["op"]
-    return sum(op == "add" for op in state.values())
+    return len(_replay(ledger.lines)[0])
+
+
+def _replay(lines: list[dict]) -> tuple[dict[str, str], dict[str, str], list[str]]:
+    """The manifest's lines played in order: (active id -> hash, reverted id -> hash, dropped
+    ids)."""
+    active = {line["id"]: line["hash"] for line in lines if line["op"] == "add"}
+    reverted = {}
+    dropped = []
+    for line in lines:
+        if line["op"] == "revert":
+            reverted[line["id"]] = active.pop(line["id"])
+        elif line["op"] == "drop":
+            dropped.append(line["id"])
+            active.pop(line["id"])
+    return active, reverted, dropped
 
 
 def _read_manifest(ledger: Ledger) -> None:
