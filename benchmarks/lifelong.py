@@ -8,7 +8,8 @@ made through ``Workspace.add`` as a user makes them; the workspace is the checkp
 
 Records: the first ``--limit`` of ``--data`` (CounterFact's 9,859 flattened records by
 default), edited in order with the workspace's default method (``Workspace.default_method``:
-ROME for one fact; AlphaEdit for a batch on a workspace with history) or ``--method``.
+ROME for one fact, and for a batch where ROME's tuned config adds neurons; else AlphaEdit for
+a batch on a workspace with history) or ``--method``.
 Before the first edit, the unedited model is measured on the probe set: every record when
 ``--limit`` is at most ``--probe``, else the first 100 and a fixed random sample. Every
 ``--every`` edits and at the end, on the probe records edited so far: ES, PS, NS of all

@@ -28,12 +28,23 @@ log = logging.getLogger(__name__)
 
 def config_file(method: str, model: nn.Module) -> tuple[str, dict] | None:
     """The (file name, values) of the tuned config that applies to ``model``, if any."""
-    root = files("edit.configs") / method
     source = str(getattr(model, "edit_source", "") or getattr(model, "name_or_path", ""))
+    return _tuned(method, source, model.config.model_type)
+
+
+def source_config_file(method: str, source: str) -> tuple[str, dict] | None:
+    """:func:`config_file` for the model ``source`` names, before it is loaded: by its name,
+    then by its model type where its config is on this machine."""
+    from edit.models import model_type
+
+    return _tuned(method, source, None) or _tuned(method, source, model_type(source))
+
+
+def _tuned(method: str, source: str, model_type: str | None) -> tuple[str, dict] | None:
+    root = files("edit.configs") / method
     name = Path(source.rstrip("/")).name.lower()
     # "SmolLM2-135M-Instruct.Q4_1.gguf" is tuned like "smollm2-135m-instruct"
-    candidates = [name, name.split(".")[0], model.config.model_type]
-    for stem in candidates:
+    for stem in (name, name.split(".")[0], model_type):
         f = root / f"{stem}.yaml"
         if stem and f.is_file():
             return f"{method}/{stem}.yaml", yaml.safe_load(f.read_text()) or {}

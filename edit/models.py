@@ -307,6 +307,19 @@ def _local_folder(source: str) -> Path | None:
     return _checkpoint_folder(source)
 
 
+def model_type(source: str) -> str | None:
+    """The ``model_type`` of ``source``'s config, read without loading anything; None: the
+    config is not at hand without a download or a dequantization."""
+    folder = _local_folder(source)
+    config = folder / "config.json" if folder is not None else None
+    if config is None or not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def skeleton(source: str) -> nn.Module | None:
     """The model's modules without weights (on the meta device), built from its config
     alone: for checking an update's shapes without loading anything. None: the config is not

@@ -18,6 +18,7 @@ torch.set_num_threads(1)
 _CPUS = os.cpu_count() or 1
 _USER_ENV = {k: os.environ.get(k) for k in ("EDIT_CACHE", "EDIT_STATS_CACHE")}
 _CONFIG_FILE = edit.config.config_file
+_SOURCE_CONFIG_FILE = edit.config.source_config_file
 
 
 def isolate(mp: pytest.MonkeyPatch, cache_dir) -> None:
@@ -33,6 +34,7 @@ def isolate(mp: pytest.MonkeyPatch, cache_dir) -> None:
     # The constant is read once at import; huggingface_hub.is_offline_mode() reads it here.
     mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     mp.setattr(edit.config, "config_file", lambda method, model: None)
+    mp.setattr(edit.config, "source_config_file", lambda method, source: None)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -63,6 +65,7 @@ def real_environment():
             else:
                 mp.setenv(key, value)
         mp.setattr(edit.config, "config_file", _CONFIG_FILE)
+        mp.setattr(edit.config, "source_config_file", _SOURCE_CONFIG_FILE)
         threads = torch.get_num_threads()
         torch.set_num_threads(_CPUS)
         try:

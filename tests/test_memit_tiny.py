@@ -320,6 +320,33 @@ def test_a_batch_that_never_takes_leaves_the_model_unchanged(llama, tok, monkeyp
     assert changed_tensors(llama, base) == []
 
 
+def test_a_batch_defaults_to_neurons_where_romes_tuned_config_writes_them(tok):
+    from conftest import real_environment
+
+    from edit.api.workspace import default_method
+
+    model = tiny_model("llama", len(tok))
+    assert default_method(True, True, model) == "alphaedit"  # tests ignore tuned configs
+    with real_environment():
+        _neuron_batches_by_config(model)
+
+
+def _neuron_batches_by_config(model) -> None:
+    from edit.api.workspace import default_method
+
+    # the default model's ROME config writes neurons: its batches are ROME's, before loading
+    # (by the source's name) and after (by the loaded model's)
+    assert default_method(True, False, "SmolLM2-135M-Instruct") == "rome"
+    assert default_method(True, True, "some-org/SmolLM2-135M-Instruct") == "rome"
+    assert default_method(True, True, model) == "alphaedit"  # no tuned ROME config
+    model.edit_source = "SmolLM2-135M-Instruct"
+    assert default_method(True, True, model) == "rome"
+    # a model without a tuned config keeps MEMIT, then AlphaEdit; one fact is ROME's
+    assert default_method(True, False, "no-such-org/no-such-model") == "memit"
+    assert default_method(True, True, "no-such-org/no-such-model") == "alphaedit"
+    assert default_method(False, True, "no-such-org/no-such-model") == "rome"
+
+
 def test_workspace_batches_carry_their_keys_and_revert_exactly(tmp_path, tok):
     model = tiny_model("llama", len(tok))
     base = state_copy(model)

@@ -226,23 +226,28 @@ def test_batches_take_and_alphaedit_keeps_the_earlier_batch(tmp_path):
     with real_environment():
         model, tok = edit.load()
         w = Workspace.open(tmp_path / "ws", model, tok)
-        change = w.add(first_facts, progress=False)  # an empty workspace: MEMIT
+        change = w.add(first_facts, method="memit", progress=False)
         first, r1 = change.entry, change.result
         assert first.method == "memit" and r1.metrics["took"] == 2, r1.metrics["not_taken"]
         change = w.add(["Berlin is capital of Spain", "Madrid is capital of Canada"],
-                   progress=False)  # fmt: skip
+                   method="alphaedit", progress=False)  # fmt: skip
         second, r2 = change.entry, change.result
         # AlphaEdit's projected update is weaker on this model: on a fresh cache "Berlin is
         # capital of Spain" did not take (P 0.16 vs 0.36); the batch is kept for the other
         assert second.method == "alphaedit" and r2.metrics["took"] >= 1, r2.metrics["not_taken"]
         # AlphaEdit sees every key the first entry wrote (a fact retried writes its key again)
         assert r2.info["previous_keys"] == {m: len(k) for m, k in r1.update.keys.items()}
-        # the first batch still holds after the second
-        prompts = ["Paris is capital of", "Tokyo is capital of"]
-        new = lm.continuation_logprobs(model, tok, prompts, ["Italy", "Brazil"])
-        old = lm.continuation_logprobs(model, tok, prompts, ["France", "Japan"])
+        # a batch that names no method is ROME's neurons here (the tuned config writes them)
+        change = w.add(["Vienna is capital of Chile", "Oslo is capital of Kenya"], progress=False)
+        third, r3 = change.entry, change.result
+        assert third.method == "rome" and r3.info["write"] == "neuron", third.method
+        assert r3.metrics["took"] == 2, r3.metrics["not_taken"]
+        # the first batch still holds after the second and the third
+        prompts = ["Paris is capital of", "Tokyo is capital of", "Oslo is capital of"]
+        new = lm.continuation_logprobs(model, tok, prompts, ["Italy", "Brazil", "Kenya"])
+        old = lm.continuation_logprobs(model, tok, prompts, ["France", "Japan", "Norway"])
         for n, o, p in zip(new, old, prompts, strict=True):
-            assert n.sum() > o.sum(), f"{p!r} lost its edit after the second batch"
+            assert n.sum() > o.sum(), f"{p!r} lost its edit after the later batches"
 
 
 FORGET = [("The capital of France is", "Paris"), ("The capital of Japan is", "Tokyo"),

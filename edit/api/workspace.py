@@ -238,7 +238,7 @@ class Workspace:
 
     def default_method(self, batch: bool) -> str:
         """:func:`default_method` for this workspace."""
-        return default_method(batch, bool(self.entries()))
+        return default_method(batch, bool(self.entries()), self.model)
 
     def add(
         self, request: str | Fact | dict | list, method: str | None = None, *, guard=None,
@@ -455,13 +455,28 @@ class Workspace:
         return self._active[-1]
 
 
-def default_method(batch: bool, has_edits: bool) -> str:
-    """The method of an edit that names none: ROME for one fact; for a batch, MEMIT on a
-    workspace without edits and AlphaEdit (which keeps earlier edits intact) on one that has
-    some."""
-    if not batch:
+def default_method(batch: bool, has_edits: bool, model: nn.Module | str) -> str:
+    """The method of an edit that names none: ROME for one fact. For a batch, ROME as well
+    where its tuned config for ``model`` (loaded, or the source that names it) writes each
+    fact as its own added neuron: one batch touches no weight, so earlier edits stay as they
+    were (1,000 CounterFact facts in ten batches: perplexity +3.5 %, against +36 % for
+    AlphaEdit's rank-one updates; benchmarks/results/lifelong_b100_rome). Elsewhere MEMIT on
+    a workspace without edits, and AlphaEdit (which keeps earlier edits intact) on one that
+    has some."""
+    if not batch or neuron_batches(model):
         return "rome"
     return "alphaedit" if has_edits else "memit"
+
+
+def neuron_batches(model: nn.Module | str) -> bool:
+    """Whether ROME's tuned config for ``model`` (a loaded model or a source) takes a batch
+    of facts, one neuron each."""
+    from edit import methods
+    from edit.config import config_file, source_config_file
+
+    found = config_file("rome", model) if isinstance(model, nn.Module) else (
+        source_config_file("rome", model))  # fmt: skip
+    return found is not None and methods.get("rome").config_class(**found[1]).takes_batches
 
 
 def check_base(path: Path, base: dict, model_hash: str | None) -> None:

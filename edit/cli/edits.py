@@ -41,6 +41,7 @@ def cmd_add(args, erase: bool = False) -> int:
     from edit.api.edits import as_fact
     from edit.api.workspace import default_method
     from edit.config import check_settings, parse_settings
+    from edit.models import DEFAULT_MODEL
 
     if args.file and args.statement is not None:
         raise EditError("give a statement or --file, not both")
@@ -60,13 +61,14 @@ def cmd_add(args, erase: bool = False) -> int:
         )
     batch = isinstance(request, list)
     # the method, decided before loading, so that its settings are checked first
-    spec = methods.get(args.method or default_method(batch, _has_edits(args.workspace)))
+    source = args.model or _recorded_source(args.workspace) or DEFAULT_MODEL
+    spec = methods.get(args.method or default_method(batch, _has_edits(args.workspace), source))
     layers = layer_settings(args.layer, spec.batch)
     settings = {**parse_settings(args.set), **layers, **stats_setting(args)}  # flags win
     if args.steps is not None:
         settings["steps"] = args.steps
     check_settings(spec.name, spec.config_class, settings)  # bad values before loading
-    check_layers_fit(layers, args.model or _recorded_source(args.workspace))
+    check_layers_fit(layers, source)
     ws = open_workspace(args, writer=True)
     print(base_model_line(ws))
     n = len(ws.entries())

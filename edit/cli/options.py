@@ -137,8 +137,9 @@ def edit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--method",
         default=None,
-        help="rome, memit or alphaedit (default: rome for one fact; for --file, memit on an "
-        "empty workspace, else alphaedit)",
+        help="rome, memit or alphaedit (default: rome for one fact, and for --file where "
+        "rome's tuned config adds neurons, as the default model's does; else memit on an "
+        "empty workspace, alphaedit on one with edits)",
     )
     p.add_argument(
         "--layer",
