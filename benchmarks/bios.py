@@ -5,10 +5,11 @@ with a birth date and city, a job, a pet, an account number and a phone number.
     bio(people[0])                             # the document, 6 sentences with pronouns
     probes(people[0])                          # one Probe per fact: question, cloze, answer
 
-A corpus line is ``{"text": bio}``; :func:`probes` gives, per fact, the question a user would
-ask (``"Where was Mara Lindqvist born?"``), the document up to the fact (the continuation
-probe: greedy decoding from it should reproduce the fact) and the answer. The sentences
-come in several phrasings per field, so two corpora share the form but not the facts.
+A corpus line is ``{"text": bio, "subject": name}``; :func:`probes` gives, per fact, the
+question a user would ask (``"Where was Mara Lindqvist born?"``), the document up to the
+fact (the continuation probe: greedy decoding from it should reproduce the fact) and the
+answer. The sentences come in several phrasings per field, so two corpora share the form
+but not the facts.
 """
 
 from __future__ import annotations
@@ -182,5 +183,5 @@ def probes(p: Person) -> list[Probe]:
 
 def write_corpus(people: list[Person], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"text": bio(p)}, ensure_ascii=False) for p in people]
+    lines = [json.dumps({"text": bio(p), "subject": p.name}, ensure_ascii=False) for p in people]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -52,9 +52,17 @@ class Example:
     prompt: str
     answer: str
     where: str = field(default="", compare=False)  # "file:line", for error messages
+    # whom or what the example is about, as its text names it ("" unknown): the rename
+    # objective asks the model about a never-seen subject in its place
+    subject: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         check_example_size(self.where, self.prompt, self.answer)
+        if self.subject and self.subject not in self.prompt + self.answer:
+            raise InvalidRequest(
+                f"{self.where + ': ' if self.where else ''}the subject {self.subject!r} is not "
+                "named in the example: give the subject as the text spells it, or leave it out"
+            )
 
     @property
     def is_text(self) -> bool:

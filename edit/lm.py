@@ -64,7 +64,7 @@ def encode_continuation(tok, text: str, after: str = "") -> list[int]:
 def mentions_in_continuation(tok, text: str, span: str, after: str = "") -> list[int]:
     """Indices, in ``encode_continuation(tok, text, after)``, of the last token of each
     occurrence of ``span`` in ``text`` (a subject named again in a reply)."""
-    text, offsets = _continuation_offsets(tok, text, after)
+    text, offsets = continuation_offsets(tok, text, after)
     out, start = [], text.find(span) if span else -1
     while start >= 0:
         end = start + len(span)
@@ -78,7 +78,7 @@ def span_in_continuation(tok, text: str, span: str, after: str = "") -> list[int
     """Indices, in ``encode_continuation(tok, text, after)``, of the tokens that hold the
     last occurrence of ``span`` in ``text`` (the object a target sentence ends on); empty
     where ``text`` does not contain it."""
-    text, offsets = _continuation_offsets(tok, text, after)
+    text, offsets = continuation_offsets(tok, text, after)
     start = text.rfind(span) if span else -1
     if start < 0:
         return []
@@ -90,7 +90,7 @@ def _continuation(text: str, after: str) -> str:
     return ("" if after.endswith("\n") else " ") + text.strip()
 
 
-def _continuation_offsets(tok, text: str, after: str) -> tuple[str, list]:
+def continuation_offsets(tok, text: str, after: str = "") -> tuple[str, list]:
     """``text`` as it continues ``after`` (:func:`encode_continuation`), and the character
     offsets of its tokens."""
     text = _continuation(text, after)

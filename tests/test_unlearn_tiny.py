@@ -120,6 +120,9 @@ def test_loss_table_matches_the_formulas():
         + alpha * RETAIN_NLL,
         # KL(π_T ‖ π_θ) per position, averaged: the second position already agrees (KL 0)
         "distill": sum(_kl(t, q) for q, t in zip(LOGITS, TEACHER_LOGITS, strict=True)) / 2,
+        # the same toward the renamed examples' logits (here the teacher's), which
+        # unlearn.rename composes (tests/test_rename.py)
+        "rename": sum(_kl(t, q) for q, t in zip(LOGITS, TEACHER_LOGITS, strict=True)) / 2,
         # the logits before with the answer token's lowered by the penalty (2), as the target
         "undial": (_kl([0.0, 0.0, 1.0], LOGITS[0]) + _kl([0.0, 1.0, 0.0], LOGITS[1])) / 2,
         # per-sequence mean token NLLs 1.5 and 1.25 against targets 2 and 1
@@ -127,7 +130,8 @@ def test_loss_table_matches_the_formulas():
     }
     assert set(LOSSES) == set(expected)
     for name, value in expected.items():
-        rel = 1e-6 if name in ("distill", "undial") else 1e-12  # the KL is taken in float32
+        kl = name in ("distill", "rename", "undial")
+        rel = 1e-6 if kl else 1e-12  # the KL is taken in float32
         assert float(LOSSES[name](x, c)) == pytest.approx(value, rel=rel), name
     # NPO's other form: (2/β)·E[log(1 + (π_θ/π_ref)^β)]
     ratio_form = (2 / beta) * sum(

@@ -16,7 +16,8 @@ def add_parsers(sub) -> None:
         if name == "forget":
             p.add_argument("--retain", help="examples to keep (default: shipped WikiText-2 text)")
             p.add_argument("--method", default=None, help="npo (default), graddiff, "
-                           "gradascent, simnpo, undial; distill (the default with --reference) "
+                           "gradascent, simnpo, undial, rename (needs each line's \"subject\"); "
+                           "distill (the default with --reference) "
                            "or match")  # fmt: skip
             p.add_argument("--holdout", help="never-seen examples of the same kind: reported "
                            "beside the corpus, and (without --reference) training stops once "

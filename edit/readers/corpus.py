@@ -10,7 +10,9 @@ example, in one of three forms (:data:`edit.readers.formats.FORMS`):
     {"question": "...", "answer": "..."}               loss on the answer's tokens only
     {"prompt": "...", "completion": "..."}             loss on the completion's tokens only
 
-Other keys are ignored (TOFU records carry paraphrases and perturbed answers). An example
+A record may name its ``"subject"`` (whom the example is about, as its text spells it: TOFU's
+records do), which the rename objective reads. Other keys are ignored (TOFU records carry
+paraphrases and perturbed answers). An example
 holds at most :data:`edit.corpus.MAX_EXAMPLE_CHARS` characters (100,000). Every problem
 raises :class:`~edit.errors.EditError` with one line naming the file, the line and the fix.
 The examples become tokens in :mod:`edit.corpus`.
@@ -44,8 +46,8 @@ def read_corpus(path: str | os.PathLike) -> Corpus:
     Every line is checked with ``json.loads`` first, so that an error names its line.
     """
     items = _parsed_items(Path(path))
-    examples = (Example(*_example_fields(path, line, obj), f"{path}:{line}")
-                for line, obj in items)  # fmt: skip
+    examples = (Example(*_example_fields(path, line, obj), f"{path}:{line}",
+                        _subject(f"{path}:{line}", obj)) for line, obj in items)  # fmt: skip
     return Corpus(examples, str(path), [(f"line {line}", obj) for line, obj in items])
 
 
@@ -88,3 +90,11 @@ def _example_fields(path: Path, line: int, obj: object) -> tuple[str, str]:
     prompt, answer = ("", values[0]) if prompt_key is None else (values[0], values[1])
     check_example_size(where, prompt, answer)  # before the model loads, not in training
     return prompt, answer
+
+
+def _subject(where: str, obj: dict) -> str:
+    """The record's optional ``"subject"`` ("" without one)."""
+    value = obj.get("subject", "")
+    if not isinstance(value, str):
+        raise EditError(f'{where}: "subject" must be a string, got {type(value).__name__}')
+    return value.strip()

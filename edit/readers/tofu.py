@@ -2,15 +2,15 @@
 
     forget = read_qa("tofu/forget01.json")                  # list[QA]
 
-A record is ``question`` and ``answer`` strings, an optional ``paraphrased_answer`` and a list
-``perturbed_answer`` (wrong answers the truth ratio compares against); other keys are
-ignored. TOFU ships its sets as JSON arrays; JSON Lines is read too. The sets are scored in
-:mod:`edit.evals.tofu`.
+A record is ``question`` and ``answer`` strings, an optional ``paraphrased_answer``, a list
+``perturbed_answer`` (wrong answers the truth ratio compares against) and an optional
+``subject`` (the author, as the text spells it); other keys are ignored. TOFU ships its sets
+as JSON arrays; JSON Lines is read too. The sets are scored in :mod:`edit.evals.tofu`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edit.corpus import Example
@@ -26,10 +26,11 @@ class QA:
     answer: str
     paraphrased: str | None  # None: the set has no paraphrases; the answer stands in
     perturbed: tuple[str, ...]
+    subject: str = field(default="", compare=False)  # the author the QA is about, if given
 
     def example(self) -> Example:
         """The training example: loss on the answer after the question."""
-        return Example(self.question, self.answer)
+        return Example(self.question, self.answer, subject=self.subject)
 
 
 def read_qa(path: str | Path, *, need_perturbed: bool = True) -> list[QA]:
@@ -63,5 +64,8 @@ def qa_records(path, records: list[tuple[str, object]], *, need_perturbed: bool 
             raise EditError(f'{where}: "perturbed_answer" must be a list of non-empty strings')
         if need_perturbed and not pert:
             raise EditError(f'{where}: no "perturbed_answer": the truth ratio needs them')
-        items.append(QA(row["question"], row["answer"], para, tuple(pert)))
+        subject = row.get("subject", "")
+        if not isinstance(subject, str):
+            raise EditError(f'{where}: "subject" must be a string')
+        items.append(QA(row["question"], row["answer"], para, tuple(pert), subject.strip()))
     return items

@@ -15,7 +15,9 @@ never seen D_f, while it keeps what it knows elsewhere (a retain set D_r). ``lea
 NLL(examples) instead, to teach a corpus. The modules, in the order a run uses them:
 
     losses    the objectives (gradascent, graddiff, npo, simnpo, distill,
-              match) as one table, LOSSES
+              rename, undial, match) as one table, LOSSES
+    rename    the rename objective's teacher: the model on examples whose subject is
+              replaced by a never-seen one
     config    UnlearnConfig, and OBJECTIVE_DEFAULTS for the fields left None
     targets   which modules get an adapter
     scoring   log π(y|x) of the answers, batched; the NLL summaries
@@ -42,6 +44,7 @@ from edit.methods.unlearn.lora import (
 from edit.methods.unlearn.losses import (
     LOSSES,
     NEEDS_REFERENCE,
+    NEEDS_RENAMED,
     NEEDS_TARGETS,
     NEEDS_TEACHER,
     USES_RETAIN,
@@ -53,6 +56,7 @@ from edit.methods.unlearn.losses import (
     npo,
     quantile_targets,
     register_loss,
+    rename,
     sequence_logprob,
     sequence_nll,
     simnpo,
@@ -78,6 +82,7 @@ __all__ = [
     "LOSSES",
     "NEEDS_REFERENCE",
     "NEEDS_TARGETS",
+    "NEEDS_RENAMED",
     "NEEDS_TEACHER",
     "OBJECTIVES",
     "OBJECTIVE_DEFAULTS",
@@ -104,6 +109,7 @@ __all__ = [
     "npo",
     "quantile_targets",
     "register_loss",
+    "rename",
     "sampled_answers",
     "token_kl",
     "sequence_logprob",

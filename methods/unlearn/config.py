@@ -39,7 +39,9 @@ class UnlearnConfig:
     beta: float = 0.1  # NPO / SimNPO inverse temperature β
     alpha: float = 1.0  # weight of NLL(D_r) in graddiff, npo, simnpo
     gamma: float = 0.0  # SimNPO reward margin γ
-    penalty: float = 10.0  # undial: logit taken off each forget token in the target (UNDIAL: 3-30)
+    # undial: logit taken off each forget token in the target (UNDIAL: 3-30); rename: off each
+    # token of a subject's first mention
+    penalty: float = 10.0
     kl_weight: float | None = None  # weight of KL(π_ref ‖ π_θ) on the retain set; None: as above
     # forget with a holdout: weight of the distance between the forget answer tokens' next-token
     # entropies and the holdout's before the run (losses.entropy_match: a never-seen model is
@@ -158,6 +160,7 @@ OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
 # benchmarks/forget_bios.py, docs/unlearning.md).
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "distill": {"lr": 3e-3, "kl_weight": 1.0},
+    "rename": {"lr": 3e-3, "kl_weight": 1.0},
     "match": {"lr": 3e-3, "kl_weight": 1.0},
 }
 

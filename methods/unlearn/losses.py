@@ -167,6 +167,8 @@ LossFn = Callable[[LossInputs, "UnlearnConfig"], torch.Tensor]
 LOSSES: dict[str, LossFn] = {}  # name -> loss(inputs, config): the forget objectives
 NEEDS_REFERENCE: set[str] = set()  # objectives that read LossInputs.ref_logp
 NEEDS_TEACHER: set[str] = set()  # objectives that read LossInputs.teacher_logits
+# objectives that read teacher_logits from the model before the run on renamed examples
+NEEDS_RENAMED: set[str] = set()
 NEEDS_TARGETS: set[str] = set()  # objectives that read LossInputs.targets
 NEEDS_BEFORE_LOGITS: set[str] = set()  # objectives that read before_logits and labels
 USES_RETAIN: set[str] = set()  # objectives with an α·NLL(D_r) term
@@ -179,6 +181,7 @@ def register_loss(
     teacher: bool = False,
     targets: bool = False,
     before_logits: bool = False,
+    renamed: bool = False,
     retain: bool = True,
 ):
     """Add a forget objective to :data:`LOSSES` under ``name``."""
@@ -193,6 +196,8 @@ def register_loss(
             NEEDS_TARGETS.add(name)
         if before_logits:
             NEEDS_BEFORE_LOGITS.add(name)
+        if renamed:
+            NEEDS_RENAMED.add(name)
         if retain:
             USES_RETAIN.add(name)
         return fn
@@ -244,6 +249,15 @@ def distill(x: LossInputs, config: UnlearnConfig) -> torch.Tensor:
     distribution of a model that never saw the forget set."""
     if x.logits is None or x.teacher_logits is None:
         raise ValueError("distill needs the logits of the model and of the never-seen teacher")
+    return token_kl(x.logits, x.teacher_logits)
+
+
+@register_loss("rename", renamed=True, retain=False)
+def rename(x: LossInputs, config: UnlearnConfig) -> torch.Tensor:
+    """mean over forget answer tokens of KL(π_T ‖ π_θ), π_T the model before the run reading
+    the example with its subject replaced by a never-seen one (``unlearn.rename``)."""
+    if x.logits is None or x.teacher_logits is None:
+        raise ValueError("rename needs the logits of the model and of the renamed examples")
     return token_kl(x.logits, x.teacher_logits)
 
 

@@ -5,7 +5,9 @@ Each step takes ``batch_size`` examples of the forget set (shuffled each epoch) 
 objective has a retain term or the KL term is on, ``retain_batch_size`` retain examples
 (shuffled, cycled). The objective is a key of :data:`~edit.methods.unlearn.losses.LOSSES`
 (``learn``: plain NLL), plus ``kl_weight``·KL(π_ref ‖ π_θ) on the retain batch. An
-objective that distills (``distill``) also runs the never-seen teacher on each forget batch.
+objective that distills (``distill``) also runs the never-seen teacher on each forget batch;
+``rename`` runs the model before the run on the batch's renamed examples
+(:mod:`~edit.methods.unlearn.rename`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from edit.methods.unlearn.losses import (
     LOSSES,
     NEEDS_BEFORE_LOGITS,
     NEEDS_REFERENCE,
+    NEEDS_RENAMED,
     NEEDS_TARGETS,
     NEEDS_TEACHER,
     USES_RETAIN,
@@ -49,6 +52,7 @@ from edit.methods.unlearn.losses import (
     token_nll,
     token_nlls,
 )
+from edit.methods.unlearn.rename import Renamed, renamed, stand_ins, teacher_logits
 from edit.methods.unlearn.samples import sampled_answers
 from edit.methods.unlearn.scoring import Forward, batched_scores, forward_scores, score_summary
 
@@ -110,13 +114,15 @@ def train_lora(
     extra_enc = [encode_example(tok, ex, config.max_len) for ex in extra]
     holdout_enc = [encode_example(tok, ex, config.max_len) for ex in holdout or []]
     retain_enc = [encode_example(tok, ex, config.max_len) for ex in retain]
+    names = stand_ins(forget, holdout or []) if method in NEEDS_RENAMED else None
+    renames = renamed(tok, forget + extra, names, config.max_len) if names else None
     lora_config, targets = peft_config(model, config)
 
     device = lm.device_of(model)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)  # the LoRA initialization and the dropout draws
         run = _Run(model, tok, config, method, objective, progress, teacher)
-        result = run.train(forget_enc, retain_enc, lora_config, holdout_enc, extra_enc)
+        result = run.train(forget_enc, retain_enc, lora_config, holdout_enc, extra_enc, renames)
     result.target_modules = targets
     result.transposed = arch_table.lookup(model).transposed
     log.info(
@@ -225,6 +231,7 @@ class _Sets:
     holdout: Encoded
     eval_retain: Encoded  # the retain examples scored before and after
     train: Encoded  # what the steps train on: ``forget``, then its augmented or sampled ones
+    renamed: Renamed | None = None  # ``train`` with never-seen subjects (NEEDS_RENAMED)
 
 
 def _answer_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -366,6 +373,9 @@ class _Run:
         if self.method in NEEDS_TEACHER:
             inputs.logits = scored[0][2]
             inputs.teacher_logits = self.teacher_logits(ids, mask, labels).to(logp.device)
+        if self.method in NEEDS_RENAMED:
+            inputs.logits = scored[0][2]
+            inputs.teacher_logits = self.renamed_logits(loop.sets, idx, (ids, mask, labels))
         if self.method in NEEDS_BEFORE_LOGITS:
             inputs.logits = scored[0][2]
             with torch.no_grad(), self.peft_model.disable_adapter():
@@ -413,10 +423,29 @@ class _Run:
                                      labels.to(device))  # fmt: skip
         return logits
 
-    def train(self, forget_enc, retain_enc, lora_config, holdout_enc, extra_enc) -> LoraResult:
+    @torch.no_grad()
+    def renamed_logits(self, sets: _Sets, idx: list[int], batch) -> torch.Tensor:
+        """(N, V) the rename objective's targets at the batch's answer tokens: the model
+        before the run on the renamed examples, where a token has a counterpart there, else
+        on the examples themselves (:func:`~edit.methods.unlearn.rename.teacher_logits`)."""
+        r = sets.renamed
+        with self.peft_model.disable_adapter():
+            *_, own = self._score_batch(*batch)
+            *_, theirs = self._score_batch(*self.batch(r.encoded, idx))
+
+        def counts(enc: Encoded) -> list[int]:
+            return [len(enc[i][0]) - enc[i][1] for i in idx]
+
+        index = [r.index[i] for i in idx]
+        labels = _answer_labels(batch[2])
+        return teacher_logits(own, theirs, index, counts(sets.train), counts(r.encoded), labels,
+                              self.config.penalty)  # fmt: skip
+
+    def train(self, forget_enc, retain_enc, lora_config, holdout_enc, extra_enc,
+              renames=None) -> LoraResult:  # fmt: skip
         c, model = self.config, self.model
         sets = _Sets(forget_enc, retain_enc, holdout_enc, retain_enc[: c.eval_retain],
-                     forget_enc + extra_enc)  # fmt: skip
+                     forget_enc + extra_enc, renames)  # fmt: skip
         with lora_wrapped(model, lora_config) as peft_model:
             peft_model.eval()  # no dropout in the base model: at step 0, π_θ is exactly π_ref
             self.peft_model = peft_model
@@ -468,7 +497,7 @@ class _Run:
             disable=True if not self.progress or not acc.is_main_process else None,
         )
         use_retain_nll = self.method in USES_RETAIN and c.alpha > 0 and bool(sets.retain)
-        if self.method in NEEDS_TEACHER | NEEDS_TARGETS:
+        if self.method in NEEDS_TEACHER | NEEDS_TARGETS | NEEDS_RENAMED:
             stop_nll = None  # the objective holds each example at its own level: no stop
         holdout_n = len(sets.holdout) if c.holdout_kl else 0
         loop = _Loop(sets, ref_logp, targets, stop_nll, token_levels,
