@@ -2,8 +2,8 @@
 made through ``Workspace.add`` as a user makes them; the workspace is the checkpoint.
 
     .venv/bin/python benchmarks/lifelong.py --limit 1000 --work bench-out/lifelong-1000
-    .venv/bin/python benchmarks/lifelong.py --limit 10000 --batch 100 --every 1000 \
-        --work bench-out/lifelong-10000 --out benchmarks/results/lifelong_10000
+    .venv/bin/python benchmarks/lifelong.py --limit 9859 --batch 100 --every 1000 \
+        --work bench-out/lifelong-9859 --out benchmarks/results/lifelong_9859
     # stop it at any time: the same command goes on from the last recorded edit
 
 Records: the first ``--limit`` of ``--data`` (CounterFact's 9,859 flattened records by

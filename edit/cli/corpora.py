@@ -129,7 +129,7 @@ def cmd_train(args) -> int:
 
 def _say_level(m: dict, info: dict, method: str) -> None:
     """Print the level a forget run aimed at, where it came from and what it guarantees."""
-    from edit.methods.unlearn.losses import NEEDS_TARGETS, NEEDS_TEACHER
+    from edit.methods.unlearn.losses import NEEDS_RENAMED, NEEDS_TARGETS, NEEDS_TEACHER
     from edit.methods.unlearn.policy import STOP_MEANS
 
     kind = info.get("stop_source")
@@ -142,7 +142,7 @@ def _say_level(m: dict, info: dict, method: str) -> None:
               "learned": f"its NLL without entry {info.get('learned_by')}, which learned it",
               "stop_nll": "stop_nll"}[kind]  # fmt: skip
     taken = m.get("stopped_after")
-    if method in NEEDS_TEACHER | NEEDS_TARGETS:
+    if method in NEEDS_TEACHER | NEEDS_TARGETS | NEEDS_RENAMED:
         outcome = (f"{method} aims each example at its own never-seen level (no stop): "
                    f"forget-set NLL {m['forget_nll_after']:.4f} at the end")  # fmt: skip
     elif taken is not None:
