@@ -1,8 +1,11 @@
 """Build the shipped general-knowledge probe, ``edit/data/general_facts.json``: true facts of
 CounterFact that the default model answers (greedy first token), for `edit learn` to check
-that learning a corpus keeps what the model knew.
+that learning a corpus keeps what the model knew; and, with ``--retain N``, the next N such
+facts as ``edit/data/retain_facts.json``, which a learn run may hold to the model before it
+(``fact_retain``): other facts than the probe's, so that the probe still checks.
 
     .venv/bin/python benchmarks/make_general_facts.py             # 200 facts
+    .venv/bin/python benchmarks/make_general_facts.py --retain 256
 
 Reads ``../shared/data/counterfact/counterfact_flat.json`` (MIT) in file order and keeps the
 first ``--n`` records whose true object's first token is the model's top next token after the
@@ -21,12 +24,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CF = ROOT.parent / "shared" / "data" / "counterfact"
 OUT = ROOT / "edit" / "data" / "general_facts.json"
+RETAIN_OUT = ROOT / "edit" / "data" / "retain_facts.json"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--out", default=str(OUT))
+    p.add_argument("--retain", type=int, default=0, help="facts after the probe's, to retain")
+    p.add_argument("--retain-out", default=str(RETAIN_OUT))
     args = p.parse_args(argv)
 
     from edit import lm, models
@@ -59,12 +65,15 @@ def main(argv: list[str] | None = None) -> int:
                     "template": r["prompt"].replace(r["subject"], "{}"),
                     "prompt": r["prompt"],
                 })  # fmt: skip
-        if len(picked) >= args.n:
+        if len(picked) >= args.n + args.retain:
             break
-    picked = picked[: args.n]
-    Path(args.out).write_text(json.dumps(picked, indent=1, ensure_ascii=False) + "\n")
-    print(f"{len(picked)} facts the model knows, from the first {start + len(chunk)} of "
+    probe, retain = picked[: args.n], picked[args.n : args.n + args.retain]
+    Path(args.out).write_text(json.dumps(probe, indent=1, ensure_ascii=False) + "\n")
+    print(f"{len(probe)} facts the model knows, from the first {start + len(chunk)} of "
           f"{len(candidates)} candidates -> {args.out}")  # fmt: skip
+    if args.retain:
+        Path(args.retain_out).write_text(json.dumps(retain, indent=1, ensure_ascii=False) + "\n")
+        print(f"{len(retain)} more -> {args.retain_out}")
     return 0
 
 

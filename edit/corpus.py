@@ -159,6 +159,21 @@ def tokenize_examples(
 # --------------------------------------------------------------------------------------------
 
 
+def retain_facts(n: int) -> list[Example]:
+    """The first ``n`` shipped factual prompts with their true objects
+    (``edit/data/retain_facts.json``, built by ``benchmarks/make_general_facts.py``: facts the
+    default model answers, apart from the general-knowledge probe's), as examples whose loss
+    covers the object."""
+    from importlib.resources import files
+
+    rows = json.loads((files("edit") / "data" / "retain_facts.json").read_text(encoding="utf-8"))
+    if n > len(rows):
+        raise InvalidRequest(f"fact_retain is {n}, but {len(rows)} facts are shipped: lower it")
+    return [
+        Example(r["prompt"], r["attribute"], f"retain_facts[{i}]") for i, r in enumerate(rows[:n])
+    ]
+
+
 def wikitext_retain(tok, n_examples: int = 64, tokens_per_example: int = 64) -> list[Example]:
     """``n_examples`` plain-text examples of about ``tokens_per_example`` tokens each (cut at
     word boundaries): consecutive slices from the start of the WikiText-2 text shipped in the

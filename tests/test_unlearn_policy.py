@@ -28,3 +28,33 @@ def test_no_entry_is_found_for_a_corpus_only_partly_learned_or_empty():
     assert learned_by([A, B], entries) is None
     assert learned_by([], entries) is None
     assert learned_by([A], []) is None
+
+
+def test_fact_retain_adds_shipped_facts_apart_from_the_probe(tok, llama):
+    """``fact_retain`` adds that many shipped factual prompts (their objects carry the loss)
+    to the default retain set (learn: 256, forget: none); none of their subjects is one the
+    general-knowledge probe checks; more than are shipped, or a negative count, is refused."""
+    import json
+    from importlib.resources import files
+
+    import pytest
+
+    from edit.corpus import retain_facts
+    from edit.errors import InvalidRequest
+    from edit.evals.knowledge import general_facts
+    from edit.methods.unlearn import plan_corpus
+
+    facts = retain_facts(8)
+    assert len(facts) == 8 and all(ex.prompt and ex.answer for ex in facts)
+    shipped = json.loads((files("edit") / "data" / "retain_facts.json").read_text())
+    assert not {r["subject"] for r in shipped} & {f.subject for f in general_facts()}
+    plain = plan_corpus(llama, tok, "learn", [A], settings={"fact_retain": 0})
+    more = plan_corpus(llama, tok, "learn", [A], settings={"fact_retain": 8})
+    assert more.kept == plain.kept + facts
+    # learn holds 256 of them by default, forget none
+    assert plan_corpus(llama, tok, "learn", [A], settings={}).kept == plain.kept + retain_facts(256)
+    assert plan_corpus(llama, tok, "forget", [A], settings={}).kept == plain.kept
+    with pytest.raises(InvalidRequest, match="fact_retain is 100000, but 256 facts are shipped"):
+        plan_corpus(llama, tok, "learn", [A], settings={"fact_retain": 100_000})
+    with pytest.raises(InvalidRequest, match="fact_retain must be an integer >= 0"):
+        plan_corpus(llama, tok, "learn", [A], settings={"fact_retain": -1})

@@ -79,12 +79,21 @@ class UnlearnConfig:
     # forget: also forget this many replies the model itself gives, sampled, to each
     # question/answer example's prompt (samples.py): the facts in its own wordings; 0: off
     samples: int = 0
+    # without a retain set given: also hold this many shipped factual prompts to the model
+    # before the run (edit.corpus.retain_facts: CounterFact facts the default model answers,
+    # none of them the general-knowledge probe's), beside the WikiText-2 slices; 0: off;
+    # None: OBJECTIVE_DEFAULTS
+    fact_retain: int | None = None
     seed: int = 0  # LoRA initialization, batch order, dropout, augmentation order
 
     def __post_init__(self) -> None:
         if self.method not in LOSSES:
             known = ", ".join(sorted(LOSSES))
             raise InvalidRequest(f"unknown unlearning method {self.method!r}: choose {known}")
+        if self.fact_retain is not None and (
+            not isinstance(self.fact_retain, int) or self.fact_retain < 0
+        ):
+            raise InvalidRequest(f"fact_retain must be an integer >= 0, got {self.fact_retain!r}")
         for name in ("epochs", "lora_rank", "batch_size", "max_len"):
             value = getattr(self, name)
             if name == "epochs" and value is None:
@@ -146,13 +155,14 @@ class UnlearnConfig:
 # What a field left None means, per objective, on the default model. Learning (measured by
 # benchmarks/learn_bios.py, docs/unlearning.md): restatements and questions make the facts
 # recallable; KL 1 to the model before the run on (shipped WikiText-2) retain text keeps
-# perplexity within a few percent. Forgetting takes smaller steps, and more of them, so
-# that a stop level (a holdout, or the level before a learn entry) is met by a step that does
-# not overshoot; the KL to the reference on the retain set keeps perplexity near the base's on
-# the way to that level. With a stop level, epochs is a cap.
+# perplexity within a few percent, and on 256 shipped factual prompts the facts it knew
+# (10 bios: known facts -2.0 points against -9.0 without). Forgetting takes smaller steps,
+# and more of them, so that a stop level (a holdout, or the level before a learn entry) is
+# met by a step that does not overshoot; the KL to the reference on the retain set keeps
+# perplexity near the base's on the way to that level. With a stop level, epochs is a cap.
 OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "forget": {"lr": 2e-4, "epochs": 20, "kl_weight": 5.0, "augment": False},
-    "learn": {"lr": 3e-4, "epochs": 5, "kl_weight": 1.0, "augment": True},
+    "forget": {"lr": 2e-4, "epochs": 20, "kl_weight": 5.0, "augment": False, "fact_retain": 0},
+    "learn": {"lr": 3e-4, "epochs": 5, "kl_weight": 1.0, "augment": True, "fact_retain": 256},
 }
 # ... and where a forget method differs. distill and match hold each example at a level, so a
 # large step does not overshoot: lr 3e-3 nears the level within the 20 epochs; KL 1 on a retain

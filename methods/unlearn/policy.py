@@ -28,7 +28,7 @@ from torch import nn
 
 from edit import arch as arch_table
 from edit.config import resolve
-from edit.corpus import Corpus, Example, wikitext_retain
+from edit.corpus import Corpus, Example, retain_facts, wikitext_retain
 from edit.errors import EditFailed, InvalidRequest
 from edit.methods.unlearn.config import UnlearnConfig, for_objective
 from edit.methods.unlearn.lora import LoraResult, lora_update
@@ -125,7 +125,7 @@ def plan_corpus(
     unseen = as_corpus(holdout) if holdout is not None else None
     retain = as_corpus(retain) if retain is not None else None
     config = resolve("unlearn", UnlearnConfig, model, **settings)
-    kept = _retain_set(tok, retain, config)
+    kept = _retain_set(tok, retain, config, objective)
     config = for_objective(config, objective, retain=bool(kept))
     config, stop_kind = _stop_level(tok, objective, config, data, unseen, reference)
     return Plan(objective, data, unseen, retain, kept, config, stop_kind, reference)
@@ -171,8 +171,9 @@ def train_plan(model: nn.Module, tok, plan: Plan, *, progress: bool = True) -> T
     return Trained(objective, method, config, update, layers, info, res)
 
 
-def _retain_set(tok, retain, config: UnlearnConfig) -> list[Example]:
-    """The examples to keep: ``retain`` as given; else the shipped WikiText-2 slices, except
+def _retain_set(tok, retain, config: UnlearnConfig, objective: str) -> list[Example]:
+    """The examples to keep: ``retain`` as given; else the shipped WikiText-2 slices (and
+    ``fact_retain`` shipped factual prompts), except
     for an objective that distills toward a model without the corpus when no KL weight is set.
     That model reads generic text as the target should; holding generic text to the model
     before the run keeps exactly what learning the corpus did to it (benchmarks/forget_bios.py:
@@ -181,7 +182,7 @@ def _retain_set(tok, retain, config: UnlearnConfig) -> list[Example]:
         return retain
     if config.method in NEEDS_TEACHER and config.kl_weight is None:
         return []
-    return wikitext_retain(tok)
+    return wikitext_retain(tok) + retain_facts(for_objective(config, objective).fact_retain)
 
 
 def learned_by(examples: Iterable[Example], entries: Sequence[Recorded]) -> Recorded | None:
