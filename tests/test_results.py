@@ -1,11 +1,9 @@
 """The README's headline results table quotes its results files exactly.
 
 Each row of the table under "## Results" links one file ``benchmarks/results/<name>.md``; its
-figures cell is a list of ``label value`` items. For a row whose ``<name>.json`` exists, every
-value must equal the file's summary figure rounded as printed (``99.0`` to one decimal,
-``1.56x`` to two, ``76%`` to none); ``FIGURES`` says where in the summary each label lives. A
-row whose file does not exist yet must be marked "(not yet re-measured)"; the second test
-names those rows in its skip reason until the benchmarks have been run again.
+figures cell is a list of ``label value`` items. The file's ``<name>.json`` must exist, and
+every value must equal the file's summary figure rounded as printed (``99.0`` to one decimal,
+``1.56x`` to two, ``76%`` to none); ``FIGURES`` says where in the summary each label lives.
 """
 
 from __future__ import annotations
@@ -14,12 +12,9 @@ import json
 import re
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 RESULTS = ROOT / "benchmarks" / "results"
-MARK = "(not yet re-measured)"
 
 # label -> path, for benchmarks/forget_bios.py at any corpus size
 FORGET_BIOS = {
@@ -67,28 +62,6 @@ FIGURES: dict[str, dict[str, str]] = {
         "PPL": "methods.memit.edited.PPL",
         "unedited PPL": "unedited.PPL",
         "s/fact": "methods.memit.seconds_per_fact_median",
-    },
-    "memit_counterfact_sequential": {
-        "ES": "methods.alphaedit.edited.ES",
-        "PS": "methods.alphaedit.edited.PS",
-        "NS": "methods.alphaedit.edited.NS",
-        "unedited NS": "unedited.NS",
-        "PPL": "methods.alphaedit.edited.PPL",
-        "unedited PPL": "unedited.PPL",
-        "MEMIT ES": "methods.memit.edited.ES",
-        "MEMIT PPL": "methods.memit.edited.PPL",
-    },
-    "memit_counterfact_speed": {
-        "ROME s/edit": "rome_seconds_per_edit",
-        **{
-            f"batch {n} {label}": f"batches.{n}.{key}"
-            for n in (10, 100, 1000)
-            for label, key in (
-                ("s/fact", "seconds_per_fact"),
-                ("facts/min", "facts_per_minute"),
-                ("vs ROME", "vs_rome"),
-            )
-        },
     },
     "edit_speed": {
         "s/edit": "variants.default.median_seconds",
@@ -197,7 +170,7 @@ RANGE = re.compile(r"^(\d+)–(\d+)$")
 
 
 def headline_rows() -> list[dict]:
-    """The rows of the README's results table: name, figures (label -> printed value), mark."""
+    """The rows of the README's results table: name, figures (label -> printed value)."""
     text = README.read_text()
     section = text.split("\n## Results\n", 1)[1].split("\n## ", 1)[0]
     rows = []
@@ -209,7 +182,7 @@ def headline_rows() -> list[dict]:
         for item in cells[1].split(", "):
             label, _, value = item.rpartition(" ")
             figures[label] = value
-        rows.append({"name": m.group(1), "figures": figures, "marked": MARK in cells[2]})
+        rows.append({"name": m.group(1), "figures": figures})
     return rows
 
 
@@ -242,17 +215,13 @@ def test_the_table_has_rows_and_known_labels():
 def test_headline_figures_match_results_files():
     for row in headline_rows():
         path = RESULTS / f"{row['name']}.json"
-        if not path.is_file():
-            assert row["marked"], f"{row['name']}: no {path.name} and not marked {MARK!r}"
-            continue
-        assert not row["marked"], f"{row['name']}: {path.name} exists; drop the {MARK!r} mark"
+        assert path.is_file(), f"{row['name']}: the README links {path.name}, which does not exist"
         summary = json.loads(path.read_text())["summary"]
         for label, shown in row["figures"].items():
             want = printed(lookup(summary, FIGURES[row["name"]][label]), shown)
             assert shown == want, f"{row['name']}: README says {label} {shown}, file {want}"
 
 
-def test_every_row_is_measured():
-    missing = [r["name"] for r in headline_rows() if not (RESULTS / f"{r['name']}.json").is_file()]
-    if missing:
-        pytest.skip(f"not yet re-measured (no results file): {', '.join(missing)}")
+def test_every_row_links_a_results_file_that_exists():
+    missing = [r["name"] for r in headline_rows() if not (RESULTS / f"{r['name']}.md").is_file()]
+    assert not missing, f"README rows without a results file: {', '.join(missing)}"
