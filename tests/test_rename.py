@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_unlearn_tiny import FAST, RETAIN, _assert_unchanged, _snapshot
+from test_unlearn_tiny import FAST, RETAIN, _assert_unchanged, _snapshot, fine_tuned
 from tiny import tiny_model
 
-from edit.corpus import Example, encode_example, tokenize_examples
+from edit.corpus import Example, encode_example
 from edit.errors import InvalidRequest
 from edit.methods.unlearn import UnlearnConfig, adapter_attached, train_lora
 from edit.methods.unlearn.rename import (
@@ -99,15 +99,7 @@ OTHER = [
 
 
 def _learned(tok):
-    model = tiny_model("llama", len(tok), seed=1)
-    ids, mask, labels = tokenize_examples(tok, FORGET + OTHER, max_len=64)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(80):
-        optimizer.zero_grad()
-        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        optimizer.step()
-    model.zero_grad(set_to_none=True)
-    return model.eval()
+    return fine_tuned(tiny_model("llama", len(tok), seed=1), tok, FORGET + OTHER, 80)
 
 
 @torch.no_grad()

@@ -604,19 +604,23 @@ def _per_example_nll(model, tok, examples) -> torch.Tensor:
     return -logp / n
 
 
-def _teacher_and_student(tok):
-    """A tiny llama (the teacher, which never saw FORGET) and a copy fine-tuned on FORGET, all
-    of its weights (a fine-tune made outside the product)."""
-    teacher = tiny_model("llama", len(tok), seed=1)
-    student = tiny_model("llama", len(tok), seed=1)
-    ids, mask, labels = tokenize_examples(tok, FORGET, max_len=64)
-    optimizer = torch.optim.Adam(student.parameters(), lr=3e-3)
-    for _ in range(15):
+def fine_tuned(model, tok, examples, steps: int):
+    """``model`` trained on ``examples``, all of its weights, ``steps`` full-batch Adam steps
+    (a fine-tune made outside the product), in eval mode."""
+    ids, mask, labels = tokenize_examples(tok, examples, max_len=64)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
         optimizer.zero_grad()
-        student(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
         optimizer.step()
-    student.zero_grad(set_to_none=True)
-    return teacher, student.eval()
+    model.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+def _teacher_and_student(tok):
+    """A tiny llama (the teacher, which never saw FORGET) and a copy fine-tuned on FORGET."""
+    teacher = tiny_model("llama", len(tok), seed=1)
+    return teacher, fine_tuned(tiny_model("llama", len(tok), seed=1), tok, FORGET, 15)
 
 
 def test_distill_brings_each_example_to_the_teachers_level_and_leaves_both_unchanged(tok):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from edit.corpus import Corpus, Example, check_example_size
 from edit.errors import EditError
-from edit.readers.formats import FORMS_HINT, example_form
+from edit.readers.formats import FORMS_HINT, example_form, subject_field
 from edit.readers.rows import json_array_items, jsonl_items
 
 
@@ -47,7 +47,7 @@ def read_corpus(path: str | os.PathLike) -> Corpus:
     """
     items = _parsed_items(Path(path))
     examples = (Example(*_example_fields(path, line, obj), f"{path}:{line}",
-                        _subject(f"{path}:{line}", obj)) for line, obj in items)  # fmt: skip
+                        subject_field(f"{path}:{line}", obj)) for line, obj in items)  # fmt: skip
     return Corpus(examples, str(path), [(f"line {line}", obj) for line, obj in items])
 
 
@@ -90,11 +90,3 @@ def _example_fields(path: Path, line: int, obj: object) -> tuple[str, str]:
     prompt, answer = ("", values[0]) if prompt_key is None else (values[0], values[1])
     check_example_size(where, prompt, answer)  # before the model loads, not in training
     return prompt, answer
-
-
-def _subject(where: str, obj: dict) -> str:
-    """The record's optional ``"subject"`` ("" without one)."""
-    value = obj.get("subject", "")
-    if not isinstance(value, str):
-        raise EditError(f'{where}: "subject" must be a string, got {type(value).__name__}')
-    return value.strip()

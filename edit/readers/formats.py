@@ -71,3 +71,12 @@ def example_form(where: str, obj: object) -> tuple[str | None, str]:
 def is_tofu_qa(rows: list) -> bool:
     """Whether rows are TOFU QA records: every one has perturbed answers."""
     return all(isinstance(r, dict) and r.get("perturbed_answer") for r in rows)
+
+
+def subject_field(where: str, obj: dict) -> str:
+    """A record's optional ``"subject"`` (whom it is about, as its text spells it), stripped;
+    "" without one."""
+    value = obj.get("subject", "")
+    if not isinstance(value, str):
+        raise EditError(f'{where}: "subject" must be a string, got {type(value).__name__}')
+    return value.strip()

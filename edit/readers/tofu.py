@@ -15,6 +15,7 @@ from pathlib import Path
 
 from edit.corpus import Example
 from edit.errors import EditError
+from edit.readers.formats import subject_field
 from edit.readers.rows import read_rows
 
 
@@ -64,8 +65,6 @@ def qa_records(path, records: list[tuple[str, object]], *, need_perturbed: bool 
             raise EditError(f'{where}: "perturbed_answer" must be a list of non-empty strings')
         if need_perturbed and not pert:
             raise EditError(f'{where}: no "perturbed_answer": the truth ratio needs them')
-        subject = row.get("subject", "")
-        if not isinstance(subject, str):
-            raise EditError(f'{where}: "subject" must be a string')
-        items.append(QA(row["question"], row["answer"], para, tuple(pert), subject.strip()))
+        items.append(QA(row["question"], row["answer"], para, tuple(pert),
+                        subject_field(where, row)))  # fmt: skip
     return items
