@@ -249,21 +249,21 @@ def test_no_ranked_pairs_without_the_old_object_or_a_weight(chat_tok):
 
 
 def test_the_ranking_hinge_is_added_per_pair_and_the_fact_stops_once_each_is_ahead(chat_tok):
-    """The insert objective adds max(0, NLL(new) − NLL(old) + 1) per pair, weighted, to the
-    rows' NLL; with the most-probable stop a fact is done only once every pair has the new
-    object ahead."""
+    """The insert objective adds max(0, NLL(new) − NLL(old) + margin) per pair, weighted, to
+    the rows' NLL (``rank_margin``, 1 nat unless set); with the most-probable stop a fact is
+    done only once every pair has the new object ahead, whatever the margin."""
     import math
 
     from edit.methods.algebra.objectives import OBJECTIVES, ObjectiveInputs
 
     b = build_batch(chat_tok, [FACT], Contexts(("{}",), ("chat",), rank_weight=0.5), "cpu")
-    settings = ROMEConfig(stop_most_probable=True).value_settings()
     v = len(chat_tok)
 
     def nll(a: float) -> float:  # a target token with logit a, every other token 0
         return -(a - math.log(math.exp(a) + v - 1))
 
-    def run(a_new: float, a_old: float):
+    def run(a_new: float, a_old: float, margin: float):
+        settings = ROMEConfig(stop_most_probable=True, rank_margin=margin).value_settings()
         a = torch.full((len(b.tgt_tok),), 12.0)  # the loss rows: every target token on top
         a[torch.isin(b.tgt_row, b.pair_new)] = a_new
         a[torch.isin(b.tgt_row, b.pair_old)] = a_old
@@ -271,11 +271,16 @@ def test_the_ranking_hinge_is_added_per_pair_and_the_fact_stops_once_each_is_ahe
         x = ObjectiveInputs(torch.log_softmax(logits, -1), b, torch.tensor([0]))
         return OBJECTIVES["insert"].loss(x, {}, settings)
 
-    for a_new, a_old in ((6.0, 2.0), (6.0, 5.5), (2.0, 6.0)):  # ahead, barely ahead, behind
-        got = run(a_new, a_old)
-        want = nll(12.0) + 0.5 * max(0.0, nll(a_new) - nll(a_old) + 1)
-        assert float(got.loss[0]) == pytest.approx(want, rel=1e-4, abs=1e-5)  # float32
-        assert bool(got.done[0]) == (a_new > a_old)
+    for margin in (1.0, 0.1):
+        for a_new, a_old in ((6.0, 2.0), (6.0, 5.5), (2.0, 6.0)):  # ahead, barely, behind
+            got = run(a_new, a_old, margin)
+            want = nll(12.0) + 0.5 * max(0.0, nll(a_new) - nll(a_old) + margin)
+            assert float(got.loss[0]) == pytest.approx(want, rel=1e-4, abs=1e-5)  # float32
+            assert bool(got.done[0]) == (a_new > a_old)
+    assert float(run(6.0, 5.5, 0.1).loss[0]) < float(run(6.0, 5.5, 1.0).loss[0])
+    assert ROMEConfig().rank_margin == 1.0
+    with pytest.raises(InvalidRequest, match="rank_margin must be >= 0"):
+        ROMEConfig(rank_margin=-0.5)
 
 
 def test_no_forms_is_the_cloze_rows_alone(tok):

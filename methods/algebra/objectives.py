@@ -99,15 +99,13 @@ def _off_top(x: ObjectiveInputs, n_act: int, object_only: bool,
     return count.index_add(0, b.fact[b.tgt_row], off.float())
 
 
-RANK_MARGIN = 1.0  # nats by which a ranked pair's new object should beat the old one
-
-
-def _ranking(row_nll: torch.Tensor, b: Batch, n_act: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _ranking(row_nll: torch.Tensor, b: Batch, n_act: int,
+             margin: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(F,) the ranked pairs' loss, max(0, NLL(new) − NLL(old) + margin) weighted per
     fact, and (F,) bool: every pair of the fact has the new object ahead (facts without
     pairs: 0 and True)."""
     gap = row_nll[b.pair_new] - row_nll[b.pair_old]  # (Q,) < 0: the new object ahead
-    loss = weighted_by_fact(F.relu(gap + RANK_MARGIN)[:, None], b.pair_weight, b.pair_fact,
+    loss = weighted_by_fact(F.relu(gap + margin)[:, None], b.pair_weight, b.pair_fact,
                             n_act)[:, 0]  # fmt: skip
     behind = (gap.detach() >= 0).float()
     behind_per_fact = torch.zeros(n_act, device=gap.device).index_add(0, b.pair_fact, behind)
@@ -136,7 +134,7 @@ def target_nll(x: ObjectiveInputs, ref: Reference, settings: ValueSettings) -> F
     row_nll = _row_nll(tok_lp, b, settings.object_weight)
     fact_loss = weighted_by_fact(row_nll[:, None], b.weight, b.fact, n_act)[:, 0]
     measure = torch.exp(-fact_loss.detach())
-    rank_loss, ranked = _ranking(row_nll, b, n_act)
+    rank_loss, ranked = _ranking(row_nll, b, n_act, settings.rank_margin)
     done = (fact_loss.detach() < settings.nll_stop) & ranked
     fact_loss = fact_loss + rank_loss
     off_top = object_top = None

@@ -68,6 +68,7 @@ class ValueSettings:
     stop_at_object_end: bool = False
     stop_patience: int = 0
     object_weight: float = 1.0
+    rank_margin: float = 1.0
 
     @classmethod
     def of(cls, config) -> ValueSettings:
@@ -96,6 +97,8 @@ class EditConfig:
     # (plainly and in the chat template) the new object is more likely than the old one
     # (``target_true``) by a margin, without having to open the reply; 0: none
     rank_weight: float = 0.0
+    # nats by which a ranked pair's new object should beat the old one (the hinge's margin)
+    rank_margin: float = 1.0
     # tokens of the unedited chat reply to "What do you know about {subject}?" whose next-token
     # distributions the essence KL keeps beside "{} is a" (0: none): the subject stays itself
     # in chat
@@ -167,7 +170,7 @@ def check_value_config(config) -> None:
     for name in ("lr", "clamp_norm", "nll_stop", "object_weight"):
         if not getattr(config, name) > 0:
             raise InvalidRequest(f"{name} must be > 0, got {getattr(config, name)}")
-    for name in ("kl_factor", "weight_decay"):
+    for name in ("kl_factor", "weight_decay", "rank_margin"):
         if getattr(config, name) < 0:
             raise InvalidRequest(f"{name} must be >= 0, got {getattr(config, name)}")
     for name in ("stop_most_probable", "remention", "stop_object_only", "stop_at_object_end",
