@@ -22,14 +22,16 @@ _SOURCE_CONFIG_FILE = edit.config.source_config_file
 
 
 def isolate(mp: pytest.MonkeyPatch, cache_dir) -> None:
-    """Point every cache at ``cache_dir``, drop user settings, keep the Hub offline, and
-    ignore tuned configs (tests pass their settings explicitly: a tuned
+    """Point every cache at ``cache_dir``, drop user settings (the signing key too), keep the
+    Hub offline, and ignore tuned configs (tests pass their settings explicitly: a tuned
     ``configs/rome/llama.yaml``, matched by model type, must not change what they run)."""
     import huggingface_hub.constants
 
     mp.setenv("EDIT_CACHE", str(cache_dir))
     mp.delenv("EDIT_STATS_CACHE", raising=False)
     mp.delenv("EDIT_WORKSPACE", raising=False)
+    mp.delenv("EDIT_SIGNING_KEY", raising=False)  # no user's signing key: changes unsigned
+    mp.setenv("XDG_CONFIG_HOME", str(cache_dir / "config"))
     mp.setenv("HF_HUB_OFFLINE", "1")
     # The constant is read once at import; huggingface_hub.is_offline_mode() reads it here.
     mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

@@ -350,6 +350,95 @@ def test_a_pinned_head_stays_valid_as_the_ledger_grows(capsys, tmp_path, recorde
     assert "is not a ledger head" in line
 
 
+@pytest.fixture
+def signing_key(tmp_path, monkeypatch):
+    """A signing key in the user's configuration folder (``$XDG_CONFIG_HOME/edit/``)."""
+    path = tmp_path / "config" / "edit" / "signing.key"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(os.urandom(32))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    return path
+
+
+def _signed_workspace(tmp_path, model_dir) -> tuple:
+    ws = tmp_path / "ws"
+    with Workspace.open(ws, model_name=model_dir, exclusive=True) as w:
+        w.add(Fact("The capital of {}", "France", "Paris"), progress=False, **TINY_ROME)
+        w.add(Fact("The capital of {}", "Spain", "Rome"), progress=False, **TINY_ROME)
+    return ws
+
+
+def test_a_signed_head_catches_a_forger_who_recomputes_every_hash(
+    capsys, tmp_path, model_dir, signing_key
+):
+    """With a signing key every change signs the head; a forger without the key who
+    rewrites an entry and recomputes every hash is caught by verify, and a writer with the
+    key refuses to sign over the forgery before loading the model."""
+    ws = _signed_workspace(tmp_path, model_dir)
+    signature = json.loads((ws / "signature.json").read_text())
+    assert main(["verify", "-w", str(ws), "--signed"]) == 0
+    assert "signature: signed by key" in capsys.readouterr().out
+    assert main(["log", "-w", str(ws)]) == 0
+    assert "the head is the signed one" in capsys.readouterr().out
+    _forge(ws)
+    line = _refused(capsys, tmp_path, ["verify", "-w", str(ws)])
+    assert "nowhere in the ledger" in line and "rewritten after it was signed" in line
+    # the forger also signs, with a key of their own making the same file
+    (ws / "signature.json").write_text(json.dumps({**signature, "head": _head(capsys, ws)}))
+    line = _refused(capsys, tmp_path, ["verify", "-w", str(ws)])
+    assert "does not match its head" in line
+    with pytest.raises(EditError, match="does not match its head"):
+        Workspace.open(ws, model_name="no-such-model", exclusive=True)  # before loading
+    # without the key the signature cannot be checked: verify says so, --signed refuses
+    signing_key.unlink()
+    assert main(["verify", "-w", str(ws)]) == 0
+    assert "no signing key here to check it" in capsys.readouterr().out
+    assert "no signing key here" in _refused(capsys, tmp_path, ["verify", "-w", str(ws),
+                                                                "--signed"])  # fmt: skip
+
+
+def test_changes_without_the_key_leave_the_signature_behind(
+    capsys, tmp_path, model_dir, signing_key, monkeypatch
+):
+    ws = _signed_workspace(tmp_path, model_dir)
+    monkeypatch.setenv("EDIT_SIGNING_KEY", "")  # signing off: a colleague without the key
+    assert main(["revert", "0002", "-w", str(ws)]) == 0
+    assert "signed by key" not in capsys.readouterr().out
+    monkeypatch.delenv("EDIT_SIGNING_KEY")
+    assert main(["verify", "-w", str(ws)]) == 0
+    assert "at manifest line 2; 1 line recorded after it without the key" in (
+        capsys.readouterr().out
+    )
+    line = _refused(capsys, tmp_path, ["verify", "-w", str(ws), "--signed"])
+    assert "1 line recorded after it without the key" in line
+    assert main(["revert", "0001", "-w", str(ws)]) == 0  # with the key: signs the whole head
+    assert "signed by key" in capsys.readouterr().out
+    assert main(["verify", "-w", str(ws), "--signed"]) == 0
+    (ws / "signature.json").unlink()  # a deleted signature: unsigned, refused by --signed
+    assert "not signed" in _refused(capsys, tmp_path, ["verify", "-w", str(ws), "--signed"])
+    (ws / "signature.json").write_text("{not json")
+    assert "is damaged" in _refused(capsys, tmp_path, ["verify", "-w", str(ws)])
+
+
+@pytest.mark.parametrize(
+    "key, says",
+    [(b"short", "fewer than 16"), (None, "which does not exist")],
+    ids=["too short", "missing"],
+)
+def test_a_signing_key_that_cannot_be_used_is_refused_before_loading(
+    capsys, tmp_path, model_dir, monkeypatch, key, says
+):
+    import edit.api.workspace
+
+    monkeypatch.setattr(edit.api.workspace, "load", lambda *a, **k: pytest.fail("loaded"))
+    path = tmp_path / "key"
+    if key is not None:
+        path.write_bytes(key)
+    monkeypatch.setenv("EDIT_SIGNING_KEY", str(path))
+    argv = ["add", "[Paris] is capital of [Italy]", "-m", model_dir, "-w", str(tmp_path / "ws")]
+    assert says in _refused(capsys, tmp_path, argv)
+
+
 def test_verify_escapes_a_file_name_a_neighbour_chose(capsys, tmp_path, recorded):
     (recorded / "edits" / "0009\x1b[2J.safetensors").write_bytes(b"x")
     capsys.readouterr()

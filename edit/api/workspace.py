@@ -14,6 +14,8 @@ Layout::
                               header metadata the id, request, config, layers, metrics
     reverted/0001.safetensors reverted edits, kept for the record
     .lock                     the writers' lock (``edit.lock``)
+    signature.json            the head signed with the user's key, where there is one
+                              (``edit.ledger.sign``)
 
 The model is the base plus the active entries of the manifest, applied in order. Opening
 checks everything first: the base model's identity (a hash of its weights as stored, so the
@@ -45,6 +47,7 @@ from edit.atomic import check_new_folder, new_folder
 from edit.errors import EditError, EditFailed, InvalidRequest
 from edit.facts import Fact
 from edit.ledger import META, Entry, Ledger, header, read_ledger, read_meta, unborn
+from edit.ledger import sign as signing
 from edit.ledger import write as writer
 from edit.lock import WorkspaceLock
 from edit.models import DEFAULT_MODEL, load, skeleton, source_hash, weights_hash
@@ -114,6 +117,8 @@ class Workspace:
         """
         path = Path(path)
         meta = read_meta(path)
+        # a writer's signing key that cannot be read: refused before any work
+        key = signing.signing_key() if exclusive else None
         made = False
         if meta is None:
             if path.exists() and not unborn(path):
@@ -146,6 +151,7 @@ class Workspace:
                     ledger = read_ledger(path)
             dropping = dropping.zfill(4) if dropping else None
             ledger.check(dropping)  # a damaged ledger is refused before loading a model
+            signing.check_before_signing(ledger, key)  # and a forged signature, for a writer
             if model is None:
                 source = model_name or (meta["base"]["source"] if meta else None)
                 if meta is not None:
@@ -324,6 +330,11 @@ class Workspace:
         entry before it (the base model's identity while there is none). A user who keeps it
         can check later that nothing up to it was rewritten: ``edit verify --head HASH``."""
         return self._ledger.head
+
+    def signature(self) -> signing.Signature | None:
+        """``signature.json`` checked with the user's signing key (:mod:`edit.ledger.sign`);
+        None where signing is not in use here (no signature, no key)."""
+        return signing.check(self._ledger, signing.signing_key())
 
     @property
     def broken(self) -> dict[str, str]:

@@ -20,6 +20,13 @@ def add_parsers(sub) -> None:
     p.add_argument(
         "--head", type=pinned_head, help="a ledger head kept earlier: check it is still there"
     )
+    p.add_argument(
+        "--signed",
+        action="store_true",
+        help="require the head to be signed by your signing key (the file $EDIT_SIGNING_KEY "
+        "names, else ~/.config/edit/signing.key; make one with 'head -c 32 /dev/urandom > "
+        "~/.config/edit/signing.key'): with a key, every change signs the head",
+    )
     common(p)
 
 
@@ -27,10 +34,11 @@ def cmd_verify(args) -> int:
     from pathlib import Path
 
     from edit.api.workspace import check_shapes
-    from edit.ledger import read_ledger, read_meta
+    from edit.ledger import read_ledger, read_meta, sign
     from edit.lock import WorkspaceLock
 
     path = Path(args.workspace)
+    key = sign.signing_key()
     meta = read_meta(path)
     if meta is None:
         raise EditError(f"no workspace at {path}: nothing to verify")
@@ -56,6 +64,17 @@ def cmd_verify(args) -> int:
         later = len(ledger.lines) - at
         print(f"pinned head: found at manifest line {at}; {later} line{'s' * (later != 1)} "
               f"recorded after it")  # fmt: skip
+    signature = sign.check(ledger, key)
+    if signature is not None and (signature.state in ("damaged", "forged")
+                                  or (args.signed and not signature.whole)):  # fmt: skip
+        raise EditError(printable(f"workspace {path}: signature: {signature.message}"))
+    if args.signed and key is None:
+        where = sign.key_path()
+        raise EditError(f"workspace {path}: --signed needs a signing key: "
+                        + (f"make one with 'head -c 32 /dev/urandom > {where}'" if where else
+                           f"{sign.KEY_ENV} is empty, which turns signing off"))  # fmt: skip
+    if signature is not None:
+        print(printable(f"signature: {signature.message}"))
     base = meta["base"]
     print(printable(f"workspace {path}: ok: base {base['source']} ({base['hash'][:19]}…); "
           f"{len(ledger.lines)} manifest line{'s' * (len(ledger.lines) != 1)}, chained; "
@@ -77,6 +96,8 @@ def cmd_log(args) -> int:
     entries = ws.entries()
     print(printable(f"workspace {ws.path}: base {ws.base['source']} ({ws.base['hash'][:19]}…)"))
     print(f"ledger head: {ws.head}")
+    if (signature := ws.signature()) is not None:
+        print(printable(f"signature: {signature.message}"))
     if not entries:
         print("no edits")
     for e in entries:

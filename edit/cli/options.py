@@ -22,8 +22,11 @@ def printable(text: str) -> str:
 
 
 def head_line(ws) -> str:
-    """The ledger's head after a change, to keep for ``edit verify --head``."""
-    return f"ledger head: {ws.head} (keep it: 'edit verify --head HASH' checks it later)"
+    """The ledger's head after a change, to keep for ``edit verify --head``, and whether the
+    change signed it (``edit.ledger.sign``)."""
+    signature = ws.signature()
+    signed = f"{signature.message}; " if signature is not None and signature.whole else ""
+    return f"ledger head: {ws.head} ({signed}keep it: 'edit verify --head HASH' checks it later)"
 
 
 def pinned_head(text: str) -> str:

@@ -27,6 +27,10 @@ into place (a revert: the line, then the move to ``reverted/``). A crash between
 leaves a state this reader understands: a pending file the manifest does not name is
 ignored (and deleted by the next writer); one it names is used, and the next writer finishes
 the rename.
+
+Where the user has a signing key, every write also signs the new head (:mod:`.sign`,
+``signature.json``), so that a forger who rewrites the ledger and recomputes every hash is
+caught by ``edit verify`` without the user having kept the head.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Writing a workspace's ledger: making it, and the three-step add, revert and drop (see
 :mod:`edit.ledger`). Every write happens under the writer's lock, on top of the manifest
-this process read, and returns the ledger read again."""
+this process read, and returns the ledger read again, its head signed where the user has a
+signing key (:mod:`edit.ledger.sign`)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from edit.ledger.read import (
     sha256,
     unborn,
 )
+from edit.ledger.sign import check_before_signing, sign, signing_key
 from edit.lock import LOCK_FILE, WorkspaceLock
 
 
@@ -116,7 +118,9 @@ def add(ledger: Ledger, lock: WorkspaceLock, tensors: dict[str, torch.Tensor],
         meta: dict[str, str]) -> Ledger:  # fmt: skip
     """Record one entry (``meta`` gains its id): the pending file, the manifest line (the
     commit), the rename into place."""
+    key = signing_key()  # a key that cannot be read is refused before anything is written
     with committing(ledger, lock) as now:
+        check_before_signing(now, key)
         meta["id"] = now.next_id()
         data = serialize(tensors, metadata=meta)
         pending = now.path / "edits" / f".{meta['id']}.pending"
@@ -124,25 +128,29 @@ def add(ledger: Ledger, lock: WorkspaceLock, tensors: dict[str, torch.Tensor],
         line = manifest_line(now, "add", meta["id"], sha256(data))
         write_bytes(now.path / MANIFEST, now.manifest + line)  # the commit
         os.replace(pending, now.path / "edits" / f"{meta['id']}{ENTRY_SUFFIX}")
-        return reread(now.path)
+        return sign(reread(now.path), key)
 
 
 def revert(ledger: Ledger, lock: WorkspaceLock, entry_id: str) -> Ledger:
     """Move an active entry to ``reverted/``: the manifest line (the commit), the move."""
+    key = signing_key()
     with committing(ledger, lock) as now:
+        check_before_signing(now, key)
         entry = next(e for e in now.active if e.id == entry_id)  # where it is now
         line = manifest_line(now, "revert", entry.id, entry.hash)
         write_bytes(now.path / MANIFEST, now.manifest + line)  # the commit
         (now.path / "reverted").mkdir(exist_ok=True)
         os.replace(entry.path, now.path / "reverted" / f"{entry.id}{ENTRY_SUFFIX}")
-        return reread(now.path)
+        return sign(reread(now.path), key)
 
 
 def drop(ledger: Ledger, lock: WorkspaceLock, entry_id: str) -> Ledger:
     """Give up an active entry whose file was lost or damaged: the manifest line (the
     commit), then what is left of its file moved to ``reverted/<id>.damaged``."""
     line = next(x for x in ledger.lines if x["op"] == "add" and x["id"] == entry_id)
+    key = signing_key()
     with committing(ledger, lock) as now:
+        check_before_signing(now, key)
         commit = manifest_line(now, "drop", entry_id, line["hash"])
         write_bytes(now.path / MANIFEST, now.manifest + commit)  # the commit
         names = (f"{entry_id}{ENTRY_SUFFIX}", f".{entry_id}.pending")
@@ -150,4 +158,4 @@ def drop(ledger: Ledger, lock: WorkspaceLock, entry_id: str) -> Ledger:
         if left:
             (now.path / "reverted").mkdir(exist_ok=True)
             os.replace(left[0], now.path / "reverted" / f"{entry_id}.damaged")
-        return reread(now.path)
+        return sign(reread(now.path), key)
