@@ -22,6 +22,10 @@ after:
 * the guard's probe: top-1 on the shipped general-knowledge probe (what `edit learn` checks);
 * the cost in seconds per 1,000 training tokens.
 
+With ``--forget``, the same corpus is then forgotten in the same workspace with `edit
+forget`'s defaults (``Workspace.forget``: it finds the learn entry and stops at the corpus's
+NLL without it) and every figure is measured a third time: does recall go back to 0 %?
+
 Writes ``<out>.json`` and ``<out>.md`` (default ``benchmarks/results/learn_bios``).
 """
 
@@ -100,35 +104,36 @@ def measure(model, tok, learned, unseen, known, wikitext: str) -> dict:
     }
 
 
-def table(before: dict, after: dict) -> list[str]:
+def table(before: dict, after: dict, forgot: dict | None = None) -> list[str]:
     def pct(d, k, f="all"):
         return f"{100 * d[k][f]:.1f} %"
 
     def pct1(x):
         return f"{100 * x:.1f} %"
 
+    states = [before, after] + ([forgot] if forgot is not None else [])
     rows = [
-        ("NLL of the learned bios", f"{before['nll_learned']:.2f}", f"{after['nll_learned']:.2f}"),
-        ("NLL of never-seen bios", f"{before['nll_unseen']:.2f}", f"{after['nll_unseen']:.2f}"),
+        ("NLL of the learned bios", *(f"{d['nll_learned']:.2f}" for d in states)),
+        ("NLL of never-seen bios", *(f"{d['nll_unseen']:.2f}" for d in states)),
     ]
     for label, form in (("continuation", "continuation"), ("question", "question"),
                         ("question, chat template", "chat")):  # fmt: skip
-        rows.append((f"facts recalled: {label}", pct(before, form), pct(after, form)))
+        rows.append((f"facts recalled: {label}", *(pct(d, form) for d in states)))
     for label, f in (("birth city", "city"), ("account", "account"), ("phone", "phone")):
         rows.append((f"  {label}: continuation / question",
-                     f"{pct(before, 'continuation', f)} / {pct(before, 'question', f)}",
-                     f"{pct(after, 'continuation', f)} / {pct(after, 'question', f)}"))  # fmt: skip
+                     *(f"{pct(d, 'continuation', f)} / {pct(d, 'question', f)}"
+                       for d in states)))  # fmt: skip
     rows += [
-        ("WikiText-2 perplexity", f"{before['wikitext_ppl']:.2f}", f"{after['wikitext_ppl']:.2f}"),
-        ("known facts top-1 (200)", pct1(before["known_top1"]), pct1(after["known_top1"])),
+        ("WikiText-2 perplexity", *(f"{d['wikitext_ppl']:.2f}" for d in states)),
+        ("known facts top-1 (200)", *(pct1(d["known_top1"]) for d in states)),
         (
             "guard's probe top-1 (200)",
-            pct1(before.get("probe_top1", float("nan"))),
-            pct1(after["probe_top1"]),
-        ),
+            *(pct1(d.get("probe_top1", float("nan"))) for d in states),
+        ),  # fmt: skip
     ]
-    lines = ["| | before | after `edit learn` |", "|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    head = ["", "before", "after `edit learn`"] + (["then `edit forget`"] if forgot else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
     return lines
 
 
@@ -144,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--before", default=None, metavar="JSON",
                    help="take the 'before' figures from an earlier results file of the same "
                         "corpus and model instead of measuring them again")  # fmt: skip
+    p.add_argument("--forget", action="store_true",
+                   help="then forget the corpus (the defaults), measure again")  # fmt: skip
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "learn_bios"))
     args = p.parse_args(argv)
 
@@ -185,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     change = ws.learn(str(corpus), **settings)
     entry, res = change.entry, change.result
     after = measure(ws.model, ws.tok, learned, unseen, known, wikitext)
+    forgot = forgetting = None
+    if args.forget:
+        print(f"learned and measured in {time.perf_counter() - t0:.0f}s; forgetting", flush=True)
+        forgetting = ws.forget(str(corpus))
+        forgot = measure(ws.model, ws.tok, learned, unseen, known, wikitext)
     ws.close()
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
@@ -206,7 +218,18 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_per_1000_tokens": 1000 * res.seconds / res.tokens,
         "entry": entry.id,
     }
-    lines = table(before, after)
+    if forgetting is not None:
+        info = forgetting.entry.info
+        summary["forget"] = {
+            "after": forgot,
+            "entry": forgetting.entry.id,
+            "method": forgetting.result.config.method,
+            "train_seconds": forgetting.result.seconds,
+            "stop_level": forgetting.result.config.stop_nll,
+            "stop_source": info.get("stop_source"),
+            "stopped_after": forgetting.result.metrics.get("stopped_after"),
+        }
+    lines = table(before, after, forgot)
     lines.append("")
     lines.append(
         f"never-seen NLL drop / learned NLL drop: {summary['unseen_drop_over_learned_drop']:.2f}; "
@@ -214,6 +237,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{summary['known_top1_change_points']:+.1f} points; training {res.seconds:.0f}s for "
         f"{res.tokens} tokens ({summary['seconds_per_1000_tokens']:.2f} s per 1,000 tokens)"
     )
+    if forgetting is not None:
+        f = summary["forget"]
+        lines.append(
+            f"then `edit forget` ({f['method']}, entry {f['entry']}): {f['train_seconds']:.0f}s, "
+            f"aimed at forget-set NLL {f['stop_level']:.4f} ({f['stop_source']}), stopped after "
+            f"{f['stopped_after']} steps"
+        )
     print("\n".join(lines))
     write_results(Path(args.out), summary, "\n".join(lines), {})
     return 0
