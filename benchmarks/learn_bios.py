@@ -239,9 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if forgetting is not None:
         f = summary["forget"]
+        level = "none" if f["stop_level"] is None else f"{f['stop_level']:.4f}"
         lines.append(
             f"then `edit forget` ({f['method']}, entry {f['entry']}): {f['train_seconds']:.0f}s, "
-            f"aimed at forget-set NLL {f['stop_level']:.4f} ({f['stop_source']}), stopped after "
+            f"aimed at forget-set NLL {level} ({f['stop_source']}), stopped after "
             f"{f['stopped_after']} steps"
         )
     print("\n".join(lines))
