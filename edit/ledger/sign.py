@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from edit.ledger.read import Ledger
 SIGNATURE = "signature.json"
 KEY_ENV = "EDIT_SIGNING_KEY"
 MIN_KEY_BYTES = 16
+_HEAD = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def key_path() -> Path | None:
@@ -90,9 +92,6 @@ def sign(ledger: Ledger, key: bytes | None) -> Ledger:
     return ledger
 
 
-STATES = ("signed", "behind", "unsigned", "other key", "no key", "damaged", "forged")
-
-
 @dataclass(frozen=True)
 class Signature:
     """What ``signature.json`` says of a ledger, checked with the user's key."""
@@ -126,7 +125,9 @@ def check(ledger: Ledger, key: bytes | None) -> Signature | None:
     except (OSError, ValueError, KeyError, TypeError):
         return Signature("damaged", f"{path} is damaged: it cannot be checked; restore the "
                          f"workspace from a copy you trust")  # fmt: skip
-    signer = signer if signer.isalnum() else repr(signer)  # text a neighbour chose: shown safely
+    # text a neighbour may have chosen: shown as written only where it is what we write
+    signer = signer if signer.isalnum() else repr(signer)
+    shown = head[:19] if _HEAD.fullmatch(head) else repr(head[:19])
     if key is None:
         return Signature("no key", f"signed by key {signer}, and there is no signing key "
                          f"here to check it ({KEY_ENV} names one)")  # fmt: skip
@@ -138,7 +139,7 @@ def check(ledger: Ledger, key: bytes | None) -> Signature | None:
                          f"the key; restore the workspace from a copy you trust")  # fmt: skip
     at = ledger.pinned_at(head)
     if at is None:
-        return Signature("forged", f"the signed head {head[:19]}… is nowhere in the ledger: "
+        return Signature("forged", f"the signed head {shown}… is nowhere in the ledger: "
                          f"it was rewritten after it was signed; restore it from a copy you "
                          f"trust")  # fmt: skip
     later = len(ledger.lines) - at
