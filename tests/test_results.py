@@ -83,6 +83,7 @@ FIGURES: dict[str, dict[str, str]] = {
     "lifelong_1000": LIFELONG,
     "lifelong_1000_pair": LIFELONG,
     "lifelong_b100_rome": LIFELONG,
+    "lifelong_b100_alphaedit": LIFELONG,
     "middle_revert_1000": {
         "reverted ES before": "before_reverted_ES",
         "reverted ES after": "after_reverted_ES",
