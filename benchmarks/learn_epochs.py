@@ -23,7 +23,6 @@ Writes ``<out>.json`` and ``<out>.md`` (default ``benchmarks/results/learn_epoch
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -37,17 +36,15 @@ CF = ROOT.parent / "shared" / "data" / "counterfact"
 def factual_pool(n: int) -> list[dict]:
     """The first ``n`` CounterFact prompts with their true objects, apart from the guard's
     probe, known_1000 and the dev records (one per subject)."""
+    from benchmarks.make_general_facts import candidates
     from edit.evals.knowledge import general_facts
 
-    known = {r["subject"] for r in json.loads((CF / "known_1000.json").read_text())}
-    dev = {r["case_id"] for r in json.loads((CF / "counterfact_dev200.json").read_text())}
-    skip = known | {f.subject for f in general_facts()}
-    pool, seen = [], set()
-    for r in json.loads((CF / "counterfact_flat.json").read_text(encoding="utf-8")):
-        s = r["subject"]
-        if s in skip or s in seen or r["case_id"] in dev or r["prompt"].count(s) != 1:
+    seen = {f.subject for f in general_facts()}  # the probe's subjects, then the pool's
+    pool = []
+    for r in candidates():
+        if r["subject"] in seen:
             continue
-        seen.add(s)
+        seen.add(r["subject"])
         pool.append({"prompt": r["prompt"], "attribute": r["ground_truth"]})
         if len(pool) == n:
             break

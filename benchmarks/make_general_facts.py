@@ -27,6 +27,20 @@ OUT = ROOT / "edit" / "data" / "general_facts.json"
 RETAIN_OUT = ROOT / "edit" / "data" / "retain_facts.json"
 
 
+def candidates() -> list[dict]:
+    """CounterFact's flat records in file order that the benchmarks' checks leave alone: no
+    subject of ``known_1000.json``, no record of ``counterfact_dev200.json``, the subject
+    named once in the prompt."""
+    records = json.loads((CF / "counterfact_flat.json").read_text(encoding="utf-8"))
+    known = {r["subject"] for r in json.loads((CF / "known_1000.json").read_text())}
+    dev = {r["case_id"] for r in json.loads((CF / "counterfact_dev200.json").read_text())}
+    return [
+        r for r in records
+        if r["subject"] not in known and r["case_id"] not in dev
+        and r["prompt"].count(r["subject"]) == 1
+    ]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=200)
@@ -41,18 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     if not flat.exists():
         print(f"shared data missing: {flat}", file=sys.stderr)
         return 2
-    records = json.loads(flat.read_text(encoding="utf-8"))
-    known = {r["subject"] for r in json.loads((CF / "known_1000.json").read_text())}
-    dev = {r["case_id"] for r in json.loads((CF / "counterfact_dev200.json").read_text())}
+    records = candidates()
     model, tok = models.load(None)[:2]
     picked, seen = [], set()
-    candidates = [
-        r for r in records
-        if r["subject"] not in known and r["case_id"] not in dev
-        and r["prompt"].count(r["subject"]) == 1
-    ]  # fmt: skip
-    for start in range(0, len(candidates), 64):
-        chunk = candidates[start : start + 64]
+    for start in range(0, len(records), 64):
+        chunk = records[start : start + 64]
         logp = lm.next_token_logprobs(model, tok, [r["prompt"] for r in chunk])
         for row, r in zip(logp, chunk, strict=True):
             first = lm.encode_continuation(tok, r["ground_truth"])[0]
@@ -70,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     probe, retain = picked[: args.n], picked[args.n : args.n + args.retain]
     Path(args.out).write_text(json.dumps(probe, indent=1, ensure_ascii=False) + "\n")
     print(f"{len(probe)} facts the model knows, from the first {start + len(chunk)} of "
-          f"{len(candidates)} candidates -> {args.out}")  # fmt: skip
+          f"{len(records)} candidates -> {args.out}")  # fmt: skip
     if args.retain:
         Path(args.retain_out).write_text(json.dumps(retain, indent=1, ensure_ascii=False) + "\n")
         print(f"{len(retain)} more -> {args.retain_out}")
