@@ -360,7 +360,7 @@ def signing_key(tmp_path, monkeypatch):
     return path
 
 
-def _signed_workspace(tmp_path, model_dir) -> tuple:
+def _signed_workspace(tmp_path, model_dir):
     ws = tmp_path / "ws"
     with Workspace.open(ws, model_name=model_dir, exclusive=True) as w:
         w.add(Fact("The capital of {}", "France", "Paris"), progress=False, **TINY_ROME)
@@ -389,6 +389,11 @@ def test_a_signed_head_catches_a_forger_who_recomputes_every_hash(
     assert "does not match its head" in line
     with pytest.raises(EditError, match="does not match its head"):
         Workspace.open(ws, model_name="no-such-model", exclusive=True)  # before loading
+    reader = Workspace.open(ws, model_name=model_dir)  # not a writer: opens; its commit refuses
+    manifest = (ws / "manifest.jsonl").read_bytes()
+    with pytest.raises(EditError, match="does not match its head"):
+        reader.add(Fact("The capital of {}", "Italy", "Madrid"), progress=False, **TINY_ROME)
+    assert (ws / "manifest.jsonl").read_bytes() == manifest
     # without the key the signature cannot be checked: verify says so, --signed refuses
     signing_key.unlink()
     assert main(["verify", "-w", str(ws)]) == 0

@@ -9,7 +9,7 @@ import contextlib
 import datetime as _dt
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -86,10 +86,15 @@ def remove_unborn(path: Path, made: bool) -> None:
 
 
 @contextmanager
-def committing(ledger: Ledger, lock: WorkspaceLock) -> Iterator[Ledger]:
+def committing(ledger: Ledger, lock: WorkspaceLock
+               ) -> Iterator[tuple[Ledger, Callable[[], Ledger]]]:  # fmt: skip
     """The writer's lock, on a ledger that is still the one this process read (a change
     that another process committed meanwhile refuses this one: nothing is written); yields
-    the ledger with the renames of an interrupted write finished."""
+    the ledger with the renames of an interrupted write finished, and ``done``, which the
+    writer calls after its commit: the ledger read again, its head signed with the user's
+    key (a key that cannot be read, or a forged signature, is refused before anything is
+    written)."""
+    key = signing_key()
     with lock.exclusive():
         try:
             now = (ledger.path / MANIFEST).read_bytes()
@@ -100,7 +105,9 @@ def committing(ledger: Ledger, lock: WorkspaceLock) -> Iterator[Ledger]:
                 f"workspace {ledger.path} was changed by another process since it was "
                 f"opened: nothing was recorded; run the command again"
             )
-        yield finish_interrupted(ledger)
+        now = finish_interrupted(ledger)
+        check_before_signing(now, key)
+        yield now, lambda: sign(reread(ledger.path), key)
 
 
 def finish_interrupted(ledger: Ledger) -> Ledger:
@@ -118,9 +125,7 @@ def add(ledger: Ledger, lock: WorkspaceLock, tensors: dict[str, torch.Tensor],
         meta: dict[str, str]) -> Ledger:  # fmt: skip
     """Record one entry (``meta`` gains its id): the pending file, the manifest line (the
     commit), the rename into place."""
-    key = signing_key()  # a key that cannot be read is refused before anything is written
-    with committing(ledger, lock) as now:
-        check_before_signing(now, key)
+    with committing(ledger, lock) as (now, done):
         meta["id"] = now.next_id()
         data = serialize(tensors, metadata=meta)
         pending = now.path / "edits" / f".{meta['id']}.pending"
@@ -128,29 +133,25 @@ def add(ledger: Ledger, lock: WorkspaceLock, tensors: dict[str, torch.Tensor],
         line = manifest_line(now, "add", meta["id"], sha256(data))
         write_bytes(now.path / MANIFEST, now.manifest + line)  # the commit
         os.replace(pending, now.path / "edits" / f"{meta['id']}{ENTRY_SUFFIX}")
-        return sign(reread(now.path), key)
+        return done()
 
 
 def revert(ledger: Ledger, lock: WorkspaceLock, entry_id: str) -> Ledger:
     """Move an active entry to ``reverted/``: the manifest line (the commit), the move."""
-    key = signing_key()
-    with committing(ledger, lock) as now:
-        check_before_signing(now, key)
+    with committing(ledger, lock) as (now, done):
         entry = next(e for e in now.active if e.id == entry_id)  # where it is now
         line = manifest_line(now, "revert", entry.id, entry.hash)
         write_bytes(now.path / MANIFEST, now.manifest + line)  # the commit
         (now.path / "reverted").mkdir(exist_ok=True)
         os.replace(entry.path, now.path / "reverted" / f"{entry.id}{ENTRY_SUFFIX}")
-        return sign(reread(now.path), key)
+        return done()
 
 
 def drop(ledger: Ledger, lock: WorkspaceLock, entry_id: str) -> Ledger:
     """Give up an active entry whose file was lost or damaged: the manifest line (the
     commit), then what is left of its file moved to ``reverted/<id>.damaged``."""
     line = next(x for x in ledger.lines if x["op"] == "add" and x["id"] == entry_id)
-    key = signing_key()
-    with committing(ledger, lock) as now:
-        check_before_signing(now, key)
+    with committing(ledger, lock) as (now, done):
         commit = manifest_line(now, "drop", entry_id, line["hash"])
         write_bytes(now.path / MANIFEST, now.manifest + commit)  # the commit
         names = (f"{entry_id}{ENTRY_SUFFIX}", f".{entry_id}.pending")
@@ -158,4 +159,4 @@ def drop(ledger: Ledger, lock: WorkspaceLock, entry_id: str) -> Ledger:
         if left:
             (now.path / "reverted").mkdir(exist_ok=True)
             os.replace(left[0], now.path / "reverted" / f"{entry_id}.damaged")
-        return sign(reread(now.path), key)
+        return done()
