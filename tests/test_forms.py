@@ -283,6 +283,37 @@ def test_the_ranking_hinge_is_added_per_pair_and_the_fact_stops_once_each_is_ahe
         ROMEConfig(rank_margin=-0.5)
 
 
+
+def test_a_ranked_pair_pushed_on_the_old_side_moves_the_old_object_alone(chat_tok):
+    """``rank_push: old``: the same hinge value, but its gradient reaches the old object's
+    log-probabilities alone; ``both``: the new object's as well."""
+    from edit.methods.algebra.objectives import OBJECTIVES, ObjectiveInputs
+
+    b = build_batch(chat_tok, [FACT], Contexts(("{}",), ("chat",), rank_weight=0.5), "cpu")
+    v = len(chat_tok)
+    new = torch.isin(b.tgt_row, b.pair_new)
+    old = torch.isin(b.tgt_row, b.pair_old)
+
+    def run(push: str):
+        a = torch.full((len(b.tgt_tok),), 12.0)
+        a[new], a[old] = 2.0, 6.0  # the old object ahead: the hinge is active
+        logits = torch.zeros(len(b.tgt_tok), v).scatter(1, b.tgt_tok[:, None], a[:, None])
+        logits.requires_grad_(True)
+        settings = ROMEConfig(rank_push=push).value_settings()
+        x = ObjectiveInputs(torch.log_softmax(logits, -1), b, torch.tensor([0]))
+        got = OBJECTIVES["insert"].loss(x, {}, settings)
+        (grad,) = torch.autograd.grad(got.loss.sum(), [logits])
+        rows_grad = grad.gather(1, b.tgt_tok[:, None])[:, 0]  # d loss / d target logit
+        return float(got.loss[0]), rows_grad
+
+    loss_both, g_both = run("both")
+    loss_old, g_old = run("old")
+    assert loss_old == pytest.approx(loss_both)
+    assert bool((g_both[new] < 0).all()) and bool((g_old[new] == 0).all())
+    assert bool((g_old[old] > 0).all()) and torch.allclose(g_old[old], g_both[old])
+    with pytest.raises(InvalidRequest, match="rank_push must be one of both, old"):
+        ROMEConfig(rank_push="new")
+
 def test_no_forms_is_the_cloze_rows_alone(tok):
     rows = Contexts(("{}", "Hello there. {}"), ()).rows(tok, FACT)
     assert [r.group for r in rows] == [("cloze", 0), ("cloze", 1)]

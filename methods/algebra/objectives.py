@@ -99,12 +99,19 @@ def _off_top(x: ObjectiveInputs, n_act: int, object_only: bool,
     return count.index_add(0, b.fact[b.tgt_row], off.float())
 
 
-def _ranking(row_nll: torch.Tensor, b: Batch, n_act: int,
-             margin: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+# which side of a ranked pair the hinge moves: both objects, or the old one alone
+RANK_PUSH = ("both", "old")
+
+
+def _ranking(row_nll: torch.Tensor, b: Batch, n_act: int, margin: float,
+             push: str = "both") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(F,) the ranked pairs' loss, max(0, NLL(new) − NLL(old) + margin) weighted per
     fact, and (F,) bool: every pair of the fact has the new object ahead (facts without
-    pairs: 0 and True)."""
-    gap = row_nll[b.pair_new] - row_nll[b.pair_old]  # (Q,) < 0: the new object ahead
+    pairs: 0 and True). ``push`` "old": the gradient reaches the old object's NLL alone
+    (the new one's is held as a constant), so the pair is ranked by making the old object
+    less likely where the answer opens, not the new one likelier."""
+    new = row_nll[b.pair_new]
+    gap = (new.detach() if push == "old" else new) - row_nll[b.pair_old]  # < 0: new ahead
     loss = weighted_by_fact(F.relu(gap + margin)[:, None], b.pair_weight, b.pair_fact,
                             n_act)[:, 0]  # fmt: skip
     behind = (gap.detach() >= 0).float()
@@ -134,7 +141,7 @@ def target_nll(x: ObjectiveInputs, ref: Reference, settings: ValueSettings) -> F
     row_nll = _row_nll(tok_lp, b, settings.object_weight)
     fact_loss = weighted_by_fact(row_nll[:, None], b.weight, b.fact, n_act)[:, 0]
     measure = torch.exp(-fact_loss.detach())
-    rank_loss, ranked = _ranking(row_nll, b, n_act, settings.rank_margin)
+    rank_loss, ranked = _ranking(row_nll, b, n_act, settings.rank_margin, settings.rank_push)
     done = (fact_loss.detach() < settings.nll_stop) & ranked
     fact_loss = fact_loss + rank_loss
     off_top = object_top = None

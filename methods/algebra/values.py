@@ -28,6 +28,7 @@ from edit.methods.algebra.contexts import CHAT_REPLIES, Contexts, check_forms
 from edit.methods.algebra.keys import MAX_ROWS, keys_and_hidden
 from edit.methods.algebra.objectives import (
     OBJECTIVES,
+    RANK_PUSH,
     FactLoss,
     ObjectiveInputs,
     essence_kl,
@@ -69,6 +70,7 @@ class ValueSettings:
     stop_patience: int = 0
     object_weight: float = 1.0
     rank_margin: float = 1.0
+    rank_push: str = "both"
 
     @classmethod
     def of(cls, config) -> ValueSettings:
@@ -99,6 +101,10 @@ class EditConfig:
     rank_weight: float = 0.0
     # nats by which a ranked pair's new object should beat the old one (the hinge's margin)
     rank_margin: float = 1.0
+    # which side of a ranked pair the hinge moves (``objectives.RANK_PUSH``): "both" (the new
+    # object up and the old one down) or "old" (the old one down alone: the new object is
+    # not made to open the reply)
+    rank_push: str = "both"
     # tokens of the unedited chat reply to "What do you know about {subject}?" whose next-token
     # distributions the essence KL keeps beside "{} is a" (0: none): the subject stays itself
     # in chat
@@ -182,6 +188,10 @@ def check_value_config(config) -> None:
             f"value_dtype must be one of {', '.join(VALUE_DTYPES)}, got {config.value_dtype!r}"
         )
     check_forms(config)
+    if config.rank_push not in RANK_PUSH:
+        raise InvalidRequest(
+            f"rank_push must be one of {', '.join(RANK_PUSH)}, got {config.rank_push!r}"
+        )
     if config.erase_ratio <= 1:
         raise InvalidRequest(f"erase_ratio must be > 1, got {config.erase_ratio}")
     if any(len(s) != 2 or s[0] < 1 or s[1] < 0 for s in config.context_templates):
