@@ -283,7 +283,6 @@ def test_the_ranking_hinge_is_added_per_pair_and_the_fact_stops_once_each_is_ahe
         ROMEConfig(rank_margin=-0.5)
 
 
-
 def test_a_ranked_pair_pushed_on_the_old_side_moves_the_old_object_alone(chat_tok):
     """``rank_push: old``: the same hinge value, but its gradient reaches the old object's
     log-probabilities alone; ``both``: the new object's as well."""
@@ -313,6 +312,7 @@ def test_a_ranked_pair_pushed_on_the_old_side_moves_the_old_object_alone(chat_to
     assert bool((g_old[old] > 0).all()) and torch.allclose(g_old[old], g_both[old])
     with pytest.raises(InvalidRequest, match="rank_push must be one of both, old"):
         ROMEConfig(rank_push="new")
+
 
 def test_no_forms_is_the_cloze_rows_alone(tok):
     rows = Contexts(("{}", "Hello there. {}"), ()).rows(tok, FACT)
