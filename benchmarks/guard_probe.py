@@ -1,0 +1,131 @@
+"""Which general-knowledge probe tells a learn run that kept what the model knew from one
+that did not? Reads a model before and after a change on several probes built from
+CounterFact and prints each probe's top-1 share before and after, beside the known-facts
+check the benchmarks use (top-1 of ROME's known_1000.json).
+
+    .venv/bin/python benchmarks/guard_probe.py --workspace bench-out/learn40/ws --entry 0001
+
+The change is the workspace's first entry (``--entry``): "before" is the base model
+(``--model``) loaded fresh, "after" the workspace without the one entry after it, if any (a
+forget run after the learn run). The probes:
+
+* ``shipped``: ``edit/data/general_facts.json``, the facts the base model answers top-1
+  (100 % before: only losses can show);
+* ``answered, firm``: of CounterFact's candidate facts (``make_general_facts.candidates``),
+  those the base model answers top-1 with P >= 0.5;
+* ``top-5``: those whose true first token is among the base model's five likeliest (gains
+  and losses both show);
+* ``all``: every candidate, as it comes.
+
+The factual prompts a learn run holds to the model (``edit/data/retain_facts.json``) are
+left out of every probe. Writes ``<out>.json`` and ``<out>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KNOWN = ROOT.parent / "shared" / "data" / "counterfact" / "known_1000.json"
+
+
+def scores(model, tok, prompts: list[str], targets: list[str]):
+    """Per prompt: (the true first token's log-probability, its rank)."""
+    import torch
+
+    from edit import lm
+
+    out_lp, out_rank = [], []
+    for start in range(0, len(prompts), 64):
+        logp = lm.next_token_logprobs(model, tok, prompts[start : start + 64])
+        first = torch.tensor(
+            [lm.encode_continuation(tok, t)[0] for t in targets[start : start + 64]]
+        )
+        true = logp.gather(1, first[:, None])[:, 0]
+        out_lp.append(true)
+        out_rank.append((logp > true[:, None]).sum(-1))
+    return torch.cat(out_lp), torch.cat(out_rank)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workspace", required=True)
+    p.add_argument("--entry", required=True, help="the change to read (e.g. a learn entry)")
+    p.add_argument("--model", default=None, help="the workspace's base model (default: the "
+                   "default model)")  # fmt: skip
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "guard_probe"))
+    args = p.parse_args(argv)
+
+    from benchmarks.make_general_facts import candidates
+    from benchmarks.recording import write_results
+    from edit import models
+    from edit.api.workspace import Workspace
+    from edit.readers.known import load_known
+
+    if not KNOWN.exists():
+        print(f"shared data missing: {KNOWN}", file=sys.stderr)
+        return 2
+    data = ROOT / "edit" / "data"
+    retain = {r["case_id"] for r in json.loads((data / "retain_facts.json").read_text())}
+    shipped = {r["case_id"] for r in json.loads((data / "general_facts.json").read_text())}
+    cands = [r for r in candidates() if r["case_id"] not in retain]
+    known = load_known(KNOWN)
+    prompts = [r["prompt"] for r in cands] + [f.text for f in known]
+    targets = [r["ground_truth"] for r in cands] + [f.target for f in known]
+
+    ws = Workspace.open(args.workspace)
+    entry = ws.entry(args.entry)
+    ids = [e.id for e in ws.entries()]
+    if ids[0] != entry.id or len(ids) > 2:
+        print("the entry must be the workspace's first, with at most one after it (a forget "
+              "run after the learn run, left out)", file=sys.stderr)  # fmt: skip
+        return 2
+    if len(ids) == 2:
+        with ws.without(ids[1]) as after:
+            lp_after, rank_after = scores(after, ws.tok, prompts, targets)
+    else:
+        lp_after, rank_after = scores(ws.model, ws.tok, prompts, targets)
+    ws.close()
+    base, tok = models.load(args.model)[:2]  # the workspace's base model, as loaded fresh
+    lp_before, rank_before = scores(base, tok, prompts, targets)
+
+    n = len(cands)
+    top_b, top_a = rank_before == 0, rank_after == 0
+    import torch
+
+    idx = torch.arange(len(prompts))
+    probes = {
+        "shipped (answered top-1, 200)": idx[:n][[r["case_id"] in shipped for r in cands]],
+        "answered, firm (P >= 0.5)": idx[:n][top_b[:n] & (lp_before[:n].exp() >= 0.5)],
+        "top-5": idx[:n][rank_before[:n] < 5],
+        "all candidates": idx[:n],
+        "known_1000, first 200 (the benchmarks' check)": idx[n : n + 200],
+        "known_1000, all": idx[n:],
+    }
+    rows, summary = [], {"workspace": args.workspace, "entry": entry.id, "probes": {}}
+    for name, sel in probes.items():
+        b, a = float(top_b[sel].float().mean()), float(top_a[sel].float().mean())
+        lost = int((top_b[sel] & ~top_a[sel]).sum())
+        gained = int((~top_b[sel] & top_a[sel]).sum())
+        summary["probes"][name] = {"n": len(sel), "before": b, "after": a, "lost": lost,
+                                   "gained": gained}  # fmt: skip
+        rows.append(f"| {name} | {len(sel)} | {100 * b:.1f} | {100 * a:.1f} | "
+                    f"{100 * (a - b):+.1f} | {lost} | {gained} |")  # fmt: skip
+    table = "\n".join([
+        f"top-1 share before and after entry {entry.id} ({entry.kind})",
+        "",
+        "| probe | facts | before % | after % | change (points) | lost | gained |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+    ])  # fmt: skip
+    print(table)
+    write_results(Path(args.out), summary, table, {})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())
