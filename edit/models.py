@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -375,10 +376,11 @@ def _dequantized_folder(gguf: Path, create: bool = True) -> Path | None:
     log.info("dequantizing %s once into %s (later loads read this copy)", gguf.name, target)
     hf_logging.enable_progress_bar()  # a long step: show its progress even in a quiet CLI
     try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
+        with _one_gguf_parse():
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
     except Exception as e:  # gguf raises many kinds of errors on a damaged file
         raise EditError(f"cannot read GGUF file {gguf}: {e}".splitlines()[0]) from None
     # The tensors are already dequantized to float32; drop the GGUF marker so that the copy is
@@ -397,3 +399,27 @@ def _dequantized_folder(gguf: Path, create: bool = True) -> Path | None:
         if not (target / "config.json").is_file():
             raise
     return target
+
+
+@contextmanager
+def _one_gguf_parse():
+    """While inside, each GGUF file is parsed once: transformers reads the file's metadata
+    again for the tokenizer, the config and the weights (``gguf.GGUFReader``, which decodes
+    every vocabulary string one field at a time: most of the first load of the default
+    model), and the three reads share one read-only reader."""
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict = {}
+
+    def shared(path, *args, **kwargs):
+        key = (str(Path(path).resolve()), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = original(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader = shared
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original

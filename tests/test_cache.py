@@ -52,3 +52,28 @@ def test_the_shipped_entries_are_named_as_the_cache_names_them():
         kind, model, _ = p.relative_to(cache.SHIPPED).parts
         assert kind in ("stats", "prefixes") and len(model) == 16
         assert cache.find(kind, "sha256:" + model + "0" * 48, p.stem, ext=p.suffix[1:]) == p
+
+
+def test_a_gguf_file_is_parsed_once_while_it_is_dequantized(tmp_path, monkeypatch):
+    """Inside ``_one_gguf_parse`` the tokenizer's, the config's and the weights' reads of one
+    GGUF file share one reader; another file gets its own; the library's reader is back after."""
+    import gguf
+
+    from edit.models import _one_gguf_parse
+
+    made = []
+
+    class Reader:
+        def __init__(self, path, mode="r"):
+            made.append((str(path), mode))
+
+    monkeypatch.setattr(gguf, "GGUFReader", Reader)
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    with _one_gguf_parse():
+        first = gguf.GGUFReader(a)
+        assert gguf.GGUFReader(str(a)) is first
+        assert gguf.GGUFReader(b) is not first
+    assert made == [(str(a), "r"), (str(b), "r")]
+    assert gguf.GGUFReader is Reader
+    gguf.GGUFReader(a)  # outside: a new read each time, as the library does
+    assert len(made) == 3
