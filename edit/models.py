@@ -405,7 +405,7 @@ def _dequantized_folder(gguf: Path, create: bool = True) -> Path | None:
 def _one_gguf_parse():
     """While inside, each GGUF file is parsed once: transformers reads the file's metadata
     again for the tokenizer, the config and the weights (``gguf.GGUFReader``, which decodes
-    every vocabulary string one field at a time: most of the first load of the default
+    every vocabulary string one field at a time: about half the first load of the default
     model), and the three reads share one read-only reader."""
     import gguf
 
