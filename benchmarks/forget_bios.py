@@ -90,14 +90,14 @@ def membership(model, tok, forgotten, unseen) -> dict:
 
 
 def measure(model, tok, sets: dict, *, health: bool = True) -> dict:
-    from benchmarks.learn_bios import known_top1
     from edit.evals.fluency import perplexity
+    from edit.evals.knowledge import top1
 
     out = membership(model, tok, sets["forget"], sets["unseen"])
     out["extracted"] = extracted(model, tok, sets["people"])
     if health:
         out["wikitext_ppl"] = perplexity(model, tok, sets["wikitext"], PPL_TOKENS)
-        out["known_top1"] = known_top1(model, tok, sets["known"])
+        out["known_top1"] = top1(model, tok, sets["known"])
     return out
 
 

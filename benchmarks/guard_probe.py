@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "guard_probe"))
     args = p.parse_args(argv)
 
+    import torch
+
     from benchmarks.make_general_facts import candidates
     from benchmarks.recording import write_results
     from edit import models
@@ -94,8 +96,6 @@ def main(argv: list[str] | None = None) -> int:
 
     n = len(cands)
     top_b, top_a = rank_before == 0, rank_after == 0
-    import torch
-
     idx = torch.arange(len(prompts))
     probes = {
         "shipped (answered top-1, 200)": idx[:n][[r["case_id"] in shipped for r in cands]],
