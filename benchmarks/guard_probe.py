@@ -9,22 +9,28 @@ The change is the workspace's first entry (``--entry``): "before" is the base mo
 (``--model``) loaded fresh, "after" the workspace without the one entry after it, if any (a
 forget run after the learn run). The probes:
 
-* ``shipped``: ``edit/data/general_facts.json``, the facts the base model answers top-1
-  (100 % before: only losses can show);
+* ``shipped``: ``edit/data/general_facts.json``, what the guard reads (1,000 facts in file
+  order, whether the model knows them or not);
+* ``answered top-1, first 200``: the candidates' first 200 facts (one per subject) that the
+  base model answers top-1, as the guard's probe was built before (100 % before: only losses
+  can show);
 * ``answered, firm``: of CounterFact's candidate facts (``make_general_facts.candidates``),
   those the base model answers top-1 with P >= 0.5;
-* ``top-5``: those whose true first token is among the base model's five likeliest (gains
-  and losses both show);
+* ``top-2``, ``top-5``: those whose true first token is among the base model's two or five
+  likeliest (gains and losses both show);
 * ``all``: every candidate, as it comes.
 
 The factual prompts a learn run holds to the model (``edit/data/retain_facts.json``) are
-left out of every probe. Writes ``<out>.json`` and ``<out>.md``.
+left out of every probe. Beside each probe's top-1 share, the change of the geometric-mean
+probability of its answers' first tokens (what the guard bounds). Writes ``<out>.json`` and
+``<out>.md``; ``--dump FILE`` also saves the per-fact scores.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -32,13 +38,24 @@ ROOT = Path(__file__).resolve().parents[1]
 KNOWN = ROOT.parent / "shared" / "data" / "counterfact" / "known_1000.json"
 
 
+def first_answered(cands: list[dict], top, n: int) -> list[int]:
+    """Indices of the first ``n`` candidates (one per subject) answered top-1."""
+    out, seen = [], set()
+    for i, r in enumerate(cands):
+        if bool(top[i]) and r["subject"] not in seen and len(out) < n:
+            seen.add(r["subject"])
+            out.append(i)
+    return out
+
+
 def scores(model, tok, prompts: list[str], targets: list[str]):
-    """Per prompt: (the true first token's log-probability, its rank)."""
+    """Per prompt: (the true first token's log-probability, its rank, the log-probability of
+    the likeliest other token)."""
     import torch
 
     from edit import lm
 
-    out_lp, out_rank = [], []
+    out_lp, out_rank, out_other = [], [], []
     for start in range(0, len(prompts), 64):
         logp = lm.next_token_logprobs(model, tok, prompts[start : start + 64])
         first = torch.tensor(
@@ -47,7 +64,8 @@ def scores(model, tok, prompts: list[str], targets: list[str]):
         true = logp.gather(1, first[:, None])[:, 0]
         out_lp.append(true)
         out_rank.append((logp > true[:, None]).sum(-1))
-    return torch.cat(out_lp), torch.cat(out_rank)
+        out_other.append(logp.scatter(1, first[:, None], float("-inf")).max(-1).values)
+    return torch.cat(out_lp), torch.cat(out_rank), torch.cat(out_other)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="the workspace's base model (default: the "
                    "default model)")  # fmt: skip
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "guard_probe"))
+    p.add_argument("--dump", default=None, help="also save the per-fact scores (torch.save)")
     args = p.parse_args(argv)
 
     import torch
@@ -87,19 +106,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if len(ids) == 2:
         with ws.without(ids[1]) as after:
-            lp_after, rank_after = scores(after, ws.tok, prompts, targets)
+            lp_after, rank_after, other_after = scores(after, ws.tok, prompts, targets)
     else:
-        lp_after, rank_after = scores(ws.model, ws.tok, prompts, targets)
+        lp_after, rank_after, other_after = scores(ws.model, ws.tok, prompts, targets)
     ws.close()
     base, tok = models.load(args.model)[:2]  # the workspace's base model, as loaded fresh
-    lp_before, rank_before = scores(base, tok, prompts, targets)
+    lp_before, rank_before, other_before = scores(base, tok, prompts, targets)
+    if args.dump:  # per fact, for other selections than the table's
+        torch.save({"case_ids": [r["case_id"] for r in cands], "lp_before": lp_before,
+                    "lp_after": lp_after, "other_before": other_before,
+                    "other_after": other_after, "n_candidates": len(cands)}, args.dump)  # fmt: skip
 
     n = len(cands)
     top_b, top_a = rank_before == 0, rank_after == 0
     idx = torch.arange(len(prompts))
     probes = {
-        "shipped (answered top-1, 200)": idx[:n][[r["case_id"] in shipped for r in cands]],
+        "shipped (1,000 in file order)": idx[:n][[r["case_id"] in shipped for r in cands]],
+        "answered top-1, first 200": idx[:n][first_answered(cands, top_b[:n], 200)],
         "answered, firm (P >= 0.5)": idx[:n][top_b[:n] & (lp_before[:n].exp() >= 0.5)],
+        "top-2": idx[:n][rank_before[:n] < 2],
         "top-5": idx[:n][rank_before[:n] < 5],
         "all candidates": idx[:n],
         "known_1000, first 200 (the benchmarks' check)": idx[n : n + 200],
@@ -108,17 +133,20 @@ def main(argv: list[str] | None = None) -> int:
     rows, summary = [], {"workspace": args.workspace, "entry": entry.id, "probes": {}}
     for name, sel in probes.items():
         b, a = float(top_b[sel].float().mean()), float(top_a[sel].float().mean())
+        dlp = float((lp_after[sel] - lp_before[sel]).mean())
         lost = int((top_b[sel] & ~top_a[sel]).sum())
         gained = int((~top_b[sel] & top_a[sel]).sum())
         summary["probes"][name] = {"n": len(sel), "before": b, "after": a, "lost": lost,
-                                   "gained": gained}  # fmt: skip
+                                   "gained": gained, "logp_change": dlp}  # fmt: skip
         rows.append(f"| {name} | {len(sel)} | {100 * b:.1f} | {100 * a:.1f} | "
-                    f"{100 * (a - b):+.1f} | {lost} | {gained} |")  # fmt: skip
+                    f"{100 * (a - b):+.1f} | {lost} | {gained} | "
+                    f"{100 * math.expm1(dlp):+.1f} |")  # fmt: skip
     table = "\n".join([
         f"top-1 share before and after entry {entry.id} ({entry.kind})",
         "",
-        "| probe | facts | before % | after % | change (points) | lost | gained |",
-        "|---|---|---|---|---|---|---|",
+        "| probe | facts | before % | after % | change (points) | lost | gained "
+        "| P(answer) change, geometric mean % |",
+        "|---|---|---|---|---|---|---|---|",
         *rows,
     ])  # fmt: skip
     print(table)

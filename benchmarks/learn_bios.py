@@ -19,12 +19,15 @@ after:
 * WikiText-2 perplexity (the first 4,096 tokens of the shared test split, which the product
   never reads);
 * known facts: top-1 of the first 200 prompts of ROME's known_1000.json (shared data);
-* the guard's probe: top-1 on the shipped general-knowledge probe (what `edit learn` checks);
+* the guard's probe: the mean log-probability of the shipped general-knowledge probe's
+  answers (what `edit learn` checks);
 * the cost in seconds per 1,000 training tokens.
 
 With ``--forget``, the same corpus is then forgotten in the same workspace with `edit
-forget`'s defaults (``Workspace.forget``: it finds the learn entry and stops at the corpus's
-NLL without it) and every figure is measured a third time: does recall go back to 0 %?
+forget`'s defaults (``Workspace.forget``: it finds the learn entry and distills toward the
+model without it) and every figure is measured a third time: does recall go back to 0 %?
+``--learned JSON --keep DIR --forget`` forgets in the workspace an earlier run kept (its
+learn entry alone), with that run's figures for before and after learning.
 
 Writes ``<out>.json`` and ``<out>.md`` (default ``benchmarks/results/learn_bios``).
 """
@@ -69,12 +72,20 @@ def recall(model, tok, probes, form: str) -> dict[str, float]:
     return out
 
 
+def probe_logp(model, tok) -> float:
+    """What `edit learn`'s guard reads: the shipped probe's answers' mean log-probability,
+    by the product's own code."""
+    from edit.evals.knowledge import answer_logp, general_facts
+
+    return answer_logp(model, tok, general_facts())
+
+
 def measure(model, tok, learned, unseen, known, wikitext: str) -> dict:
     """Every figure of the table on ``model`` as it is now."""
     from benchmarks.bios import bio, probes
     from edit.corpus import Example
     from edit.evals.fluency import perplexity
-    from edit.evals.knowledge import general_facts, top1
+    from edit.evals.knowledge import top1
     from edit.methods.unlearn.scoring import answer_nll
 
     qs = [q for p in learned for q in probes(p)]
@@ -86,8 +97,7 @@ def measure(model, tok, learned, unseen, known, wikitext: str) -> dict:
         "chat": recall(model, tok, qs, "chat"),
         "wikitext_ppl": perplexity(model, tok, wikitext, PPL_TOKENS),
         "known_top1": top1(model, tok, known),
-        # what `edit learn`'s guard checks: the shipped probe, by the product's own code
-        "probe_top1": top1(model, tok, general_facts()),
+        "probe_answer_logp": probe_logp(model, tok),
     }
 
 
@@ -114,8 +124,8 @@ def table(before: dict, after: dict, forgot: dict | None = None) -> list[str]:
         ("WikiText-2 perplexity", *(f"{d['wikitext_ppl']:.2f}" for d in states)),
         ("known facts top-1 (200)", *(pct1(d["known_top1"]) for d in states)),
         (
-            "guard's probe top-1 (200)",
-            *(pct1(d.get("probe_top1", float("nan"))) for d in states),
+            "guard's probe: mean log P(answer)",
+            *(f"{d['probe_answer_logp']:.3f}" for d in states),
         ),  # fmt: skip
     ]
     head = ["", "before", "after `edit learn`"] + (["then `edit forget`"] if forgot else [])
@@ -136,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--before", default=None, metavar="JSON",
                    help="take the 'before' figures from an earlier results file of the same "
                         "corpus and model instead of measuring them again")  # fmt: skip
+    p.add_argument("--learned", default=None, metavar="JSON",
+                   help="an earlier run's results whose workspace is in --keep (its learn "
+                   "entry alone): take its figures and only forget (with --forget)")  # fmt: skip
     p.add_argument("--forget", action="store_true",
                    help="then forget the corpus (the defaults), measure again")  # fmt: skip
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "learn_bios"))
@@ -167,18 +180,38 @@ def main(argv: list[str] | None = None) -> int:
     write_corpus(unseen, work / "never-seen.jsonl")
     ws = Workspace.open(work / "ws", model_name=args.model)
     t0 = time.perf_counter()
-    if args.before:
-        earlier = json.loads(Path(args.before).read_text(encoding="utf-8"))["summary"]
+    earlier = None
+    if args.before or args.learned:
+        earlier = json.loads(Path(args.before or args.learned).read_text(encoding="utf-8"))
+        earlier = earlier["summary"]
         if (earlier["people"], earlier["seed"]) != (args.people, args.seed):
-            print(f"{args.before} measured another corpus", file=sys.stderr)
+            print(f"{args.before or args.learned} measured another corpus", file=sys.stderr)
             return 2
-        before = earlier["before"]
+    if args.learned:  # the earlier run's learn entry, kept in the workspace
+        if not (args.keep and args.forget) or [e.id for e in ws.entries()] != [earlier["entry"]]:
+            print(f"--learned needs --keep with the workspace of {args.learned} (its entry "
+                  f"{earlier['entry']} alone) and --forget", file=sys.stderr)  # fmt: skip
+            return 2
+        before, after = earlier["before"], earlier["after"]
+        learn = {k: earlier[k] for k in ("config", "train_seconds", "train_tokens", "entry")}
+        if "probe_answer_logp" not in before:  # measured before the guard read P(answer)
+            after["probe_answer_logp"] = probe_logp(ws.model, ws.tok)
+            with ws.without(learn["entry"]) as base:
+                before["probe_answer_logp"] = probe_logp(base, ws.tok)
     else:
-        before = measure(ws.model, ws.tok, learned, unseen, known, wikitext)
-        print(f"measured before in {time.perf_counter() - t0:.0f}s", flush=True)
-    change = ws.learn(str(corpus), **settings)
-    entry, res = change.entry, change.result
-    after = measure(ws.model, ws.tok, learned, unseen, known, wikitext)
+        if earlier is not None:
+            before = earlier["before"]
+            if "probe_answer_logp" not in before:  # measured before the guard read P(answer)
+                before["probe_answer_logp"] = probe_logp(ws.model, ws.tok)
+        else:
+            before = measure(ws.model, ws.tok, learned, unseen, known, wikitext)
+            print(f"measured before in {time.perf_counter() - t0:.0f}s", flush=True)
+        change = ws.learn(str(corpus), **settings)
+        res = change.result
+        learn = {"config": {k: v for k, v in vars(res.config).items() if not k.startswith("_")},
+                 "train_seconds": res.seconds, "train_tokens": res.tokens,
+                 "entry": change.entry.id}  # fmt: skip
+        after = measure(ws.model, ws.tok, learned, unseen, known, wikitext)
     forgot = forgetting = None
     if args.forget:
         print(f"learned and measured in {time.perf_counter() - t0:.0f}s; forgetting", flush=True)
@@ -194,16 +227,16 @@ def main(argv: list[str] | None = None) -> int:
         "people": args.people,
         "seed": args.seed,
         "settings": settings,
-        "config": {k: v for k, v in vars(res.config).items() if not k.startswith("_")},
+        "config": learn["config"],
         "before": before,
         "after": after,
         "unseen_drop_over_learned_drop": drop_unseen / drop_learned if drop_learned else None,
         "wikitext_ppl_change": after["wikitext_ppl"] / before["wikitext_ppl"] - 1,
         "known_top1_change_points": 100 * (after["known_top1"] - before["known_top1"]),
-        "train_seconds": res.seconds,
-        "train_tokens": res.tokens,
-        "seconds_per_1000_tokens": 1000 * res.seconds / res.tokens,
-        "entry": entry.id,
+        "train_seconds": learn["train_seconds"],
+        "train_tokens": learn["train_tokens"],
+        "seconds_per_1000_tokens": 1000 * learn["train_seconds"] / learn["train_tokens"],
+        "entry": learn["entry"],
     }
     if forgetting is not None:
         info = forgetting.entry.info
@@ -221,16 +254,19 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(
         f"never-seen NLL drop / learned NLL drop: {summary['unseen_drop_over_learned_drop']:.2f}; "
         f"perplexity {100 * summary['wikitext_ppl_change']:+.1f} %; known facts "
-        f"{summary['known_top1_change_points']:+.1f} points; training {res.seconds:.0f}s for "
-        f"{res.tokens} tokens ({summary['seconds_per_1000_tokens']:.2f} s per 1,000 tokens)"
+        f"{summary['known_top1_change_points']:+.1f} points; training "
+        f"{summary['train_seconds']:.0f}s for {summary['train_tokens']} tokens "
+        f"({summary['seconds_per_1000_tokens']:.2f} s per 1,000 tokens)"
     )
     if forgetting is not None:
         f = summary["forget"]
         level = "none" if f["stop_level"] is None else f"{f['stop_level']:.4f}"
+        ran = f"stopped after {f['stopped_after']} steps"
+        if f["stopped_after"] is None:
+            ran = "ran every epoch"
         lines.append(
             f"then `edit forget` ({f['method']}, entry {f['entry']}): {f['train_seconds']:.0f}s, "
-            f"aimed at forget-set NLL {level} ({f['stop_source']}), stopped after "
-            f"{f['stopped_after']} steps"
+            f"aimed at forget-set NLL {level} ({f['stop_source']}), {ran}"
         )
     print("\n".join(lines))
     write_results(Path(args.out), summary, "\n".join(lines), {})

@@ -67,7 +67,7 @@ def line(m: dict) -> str:
     return (f"| {m['epoch']} | {100 * m['continuation']['all']:.1f} | "
             f"{100 * m['question']['all']:.1f} | {100 * m['chat']['all']:.1f} | "
             f"{m['nll_learned']:.2f} / {m['nll_unseen']:.2f} | {m['wikitext_ppl']:.2f} | "
-            f"{100 * m['known_top1']:.1f} | {100 * m['probe_top1']:.1f} |")  # fmt: skip
+            f"{100 * m['known_top1']:.1f} | {m['probe_answer_logp']:.3f} |")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     before["epoch"] = 0
     rows = [before]
     header = ["| epoch | continuation % | question % | chat % | NLL learned / never-seen | "
-              "WikiText-2 PPL | known top-1 % | probe top-1 % |",
+              "WikiText-2 PPL | known top-1 % | probe log P(answer) |",
               "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     print("\n".join(header) + "\n" + line(before), flush=True)
 

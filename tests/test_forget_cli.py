@@ -34,7 +34,7 @@ def test_forget_then_learn_are_ledger_entries_that_revert_exactly(tmp_path, mode
     assert "read 3 examples" in out and "graddiff LoRA" in out
     nll = next(line for line in out.splitlines() if line.startswith("forget set NLL")).split()
     assert float(nll[-1]) > float(nll[-2])  # the forget set became less likely
-    assert "WikiText-2 perplexity" in out and "general facts top-1 %" in out
+    assert "WikiText-2 perplexity" in out and "general facts log P(answer)" in out
 
     assert main(["learn", *args, "--force"]) == 0  # no health to keep in a random model
     out = capsys.readouterr().out
@@ -50,7 +50,7 @@ def test_forget_then_learn_are_ledger_entries_that_revert_exactly(tmp_path, mode
     assert first.kind == "forget" and first.info["retain"] == "wikitext2 (shipped)"
     health = first.info["guard"]  # measured before and after, recorded, never refused
     assert health["before"]["perplexity"] > 0 and health["after"]["perplexity"] > 0
-    assert {"probe"} <= health["after"].keys()
+    assert {"answer_logp"} <= health["after"].keys()
     assert second.kind == "learn" and first.facts == [] and first.layers == [0, 1]
     w.revert(second.id)
     w.revert(first.id)
@@ -150,12 +150,29 @@ def test_forgetting_a_learned_corpus_stops_at_its_level_without_the_learn_entry(
     assert answer_nll(w.model, w.tok, read_corpus(part)) < level  # the learn entry took
     capsys.readouterr()
 
-    assert main(["forget", "--corpus", part, *common, "--epochs", "50"]) == 0
+    # no method chosen: distilled toward this model without the learn entry, every epoch
+    assert main(["forget", "--corpus", part, *common, "--epochs", "30"]) == 0
     out = capsys.readouterr().out
     assert f"(its NLL without entry {learn.id}, which learned it): the level of exactly" in out
+    assert "distill aims each example at its own never-seen level (no stop)" in out
     assert f"'edit revert {learn.id}' removes exactly everything it learned" in out
     entry = Workspace.open(ws).entries()[-1]
-    assert entry.info["learned_by"] == learn.id
+    assert entry.method == "distill" and entry.info["learned_by"] == learn.id
+    assert entry.info["reference"] == f"this model without entry {learn.id}"
+    assert entry.metrics["stop_nll"] == pytest.approx(level, rel=1e-4)
+    before, after = entry.metrics["forget_nll_before"], entry.metrics["forget_nll_after"]
+    assert before < level and abs(level - after) < 0.5 * (level - before), (before, after)
+    assert main(["revert", entry.id, "-w", ws]) == 0
+
+    # a method chosen that pushes the likelihood down: it stops at the same level, which
+    # comes before a holdout's (the level of exactly this text unseen)
+    unseen = _corpus(tmp_path, [{"text": "A line the model never learned."}], "unseen.jsonl")
+    assert main(["forget", "--corpus", part, *common, "--epochs", "50", "--method", "npo",
+                 "--holdout", unseen]) == 0  # fmt: skip
+    entry = Workspace.open(ws).entries()[-1]
+    assert entry.method == "npo" and entry.info["learned_by"] == learn.id
+    assert entry.info["stop_source"] == "learned" and entry.info["holdout"] == unseen
+    assert entry.info["reference"] is None
     assert entry.metrics["stop_nll"] == pytest.approx(level, rel=1e-4)
     assert level <= entry.metrics["forget_nll_after"]
     assert entry.metrics["stopped_after"] < 50  # steps: it stopped before the last one

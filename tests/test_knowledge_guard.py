@@ -3,6 +3,8 @@ model its perplexity or the facts it knew, on a tiny llama."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from tiny import TINY_FACT, TINY_ROME, changed_tensors, corpus, state_copy
@@ -10,7 +12,7 @@ from tiny import TINY_FACT, TINY_ROME, changed_tensors, corpus, state_copy
 from edit import lm
 from edit.api.workspace import Workspace
 from edit.errors import EditFailed, InvalidRequest
-from edit.evals.knowledge import Guard, general_facts, health, top1
+from edit.evals.knowledge import Guard, answer_logp, general_facts, health, top1
 from edit.facts import Fact
 
 TEXT = " ".join(corpus()[:60])  # held-out text the tiny tokenizer covers
@@ -51,17 +53,23 @@ def _scramble(model) -> None:
         model.get_output_embeddings().weight.mul_(20)
 
 
-def test_the_shipped_probe_loads_and_top1_counts_the_known_facts(llama, tok, facts):
+def test_the_shipped_probe_loads_and_the_scores_read_the_answers(llama, tok, facts):
     shipped = general_facts()
-    assert len(shipped) == 200 and len({f.subject for f in shipped}) == 200
+    assert len(shipped) == 1000 and len({f.subject for f in shipped}) == 1000
     assert top1(llama, tok, facts, batch_size=3) == 1.0
     wrong = [Fact(f.prompt, f.subject, "Zanzibar") for f in facts]
     assert top1(llama, tok, facts + wrong) == pytest.approx(0.5)
+    # the mean log P(first answer token), by hand from the next-token distributions
+    logp = lm.next_token_logprobs(llama, tok, [f.text for f in facts + wrong])
+    ids = [lm.encode_continuation(tok, f.target)[0] for f in facts + wrong]
+    by_hand = torch.stack([row[i] for row, i in zip(logp, ids, strict=True)]).mean()
+    assert answer_logp(llama, tok, facts + wrong) == pytest.approx(float(by_hand), rel=1e-5)
+    assert answer_logp(llama, tok, wrong) < answer_logp(llama, tok, facts)
 
 
 def test_an_unchanged_model_passes_and_a_damaged_one_is_refused(llama, tok, facts):
     guard = Guard(llama, tok, facts=facts, text=TEXT)
-    assert guard.before.probe == 1.0 and guard.problems() == []
+    assert guard.problems() == []
     guard(llama)  # nothing changed: no refusal
     assert guard.after == guard.before
 
@@ -70,31 +78,33 @@ def test_an_unchanged_model_passes_and_a_damaged_one_is_refused(llama, tok, fact
         guard(llama)
     msg = str(e.value)
     assert "perplexity rose" in msg and "bound +5 %" in msg
-    assert "general facts top-1 fell" in msg and "bound 2 points" in msg
+    assert "general facts' answers became" in msg and "% less likely" in msg
+    assert f"over {len(facts)} facts; bound 10 %" in msg
+    assert guard.after.answer_logp < guard.before.answer_logp + math.log(0.9)
     assert "kl_weight" in msg and "\n" not in msg
     assert guard.after.perplexity > 1.05 * guard.before.perplexity
 
 
 def test_bounds_decide_and_refuse_false_only_reports(llama, tok, facts):
-    lenient = Guard(llama, tok, facts=facts, text=TEXT, max_ppl_rise=1e6, max_probe_drop=1.0)
+    lenient = Guard(llama, tok, facts=facts, text=TEXT, max_ppl_rise=1e6, max_answer_drop=1.0)
     report = Guard(llama, tok, facts=facts, text=TEXT, refuse=False, advice="try again")
     _scramble(llama)
     lenient(llama)  # within its (wide) bounds
     report(llama)
     assert lenient.problems() == [] and len(report.problems()) == 2
-    with pytest.raises(InvalidRequest, match="max_probe_drop must be >= 0"):
-        Guard(llama, tok, facts=facts, text=TEXT, max_probe_drop=-0.1)
+    with pytest.raises(InvalidRequest, match="max_answer_drop must be >= 0"):
+        Guard(llama, tok, facts=facts, text=TEXT, max_answer_drop=-0.1)
 
 
 def test_health_measures_perplexity_and_probe(llama, tok, facts):
     h = health(llama, tok, facts, TEXT)
-    assert h.probe == 1.0 and 1 < h.perplexity < 2 * len(tok)
+    assert h.answer_logp == answer_logp(llama, tok, facts) and 1 < h.perplexity < 2 * len(tok)
 
 
 def test_a_refused_learn_run_records_nothing_and_leaves_the_model(tmp_path, llama, tok, facts):
     ws = Workspace.open(tmp_path / "ws", model=llama, tok=tok)
     before = state_copy(llama)
-    guard = Guard(llama, tok, facts=facts, text=TEXT, max_ppl_rise=0.0, max_probe_drop=0.0)
+    guard = Guard(llama, tok, facts=facts, text=TEXT, max_ppl_rise=0.0, max_answer_drop=0.0)
     docs = [{"text": s} for s in corpus()[100:104]]
     corpus_path = tmp_path / "docs.jsonl"
     corpus_path.write_text("".join(f'{{"text": "{d["text"]}"}}\n' for d in docs))
@@ -102,7 +112,7 @@ def test_a_refused_learn_run_records_nothing_and_leaves_the_model(tmp_path, llam
         ws.learn(str(corpus_path), guard=guard, lr=0.05, epochs=2, progress=False)
     assert ws.entries() == [] and changed_tensors(llama, before) == []
     # the same run within the guard's bounds is recorded
-    ok = Guard(llama, tok, facts=facts, text=TEXT, max_ppl_rise=1e6, max_probe_drop=1.0)
+    ok = Guard(llama, tok, facts=facts, text=TEXT, max_ppl_rise=1e6, max_answer_drop=1.0)
     entry = ws.learn(str(corpus_path), guard=ok, lr=0.05, epochs=2, progress=False).entry
     assert [e.id for e in ws.entries()] == [entry.id] and ok.after is not None
 
@@ -110,11 +120,11 @@ def test_a_refused_learn_run_records_nothing_and_leaves_the_model(tmp_path, llam
 def test_a_guarded_edit_is_refused_whole_or_recorded_with_its_health(tmp_path, llama, tok, facts):
     ws = Workspace.open(tmp_path / "ws", model=llama, tok=tok)
     before = state_copy(llama)
-    strict = Guard(llama, tok, facts=facts, text=TEXT, max_ppl_rise=0.0, max_probe_drop=0.0)
+    strict = Guard(llama, tok, facts=facts, text=TEXT, max_ppl_rise=0.0, max_answer_drop=0.0)
     with pytest.raises(EditFailed, match="not recorded: .*bound"):
         ws.add(TINY_FACT, guard=strict, progress=False, **TINY_ROME)
     assert ws.entries() == [] and changed_tensors(llama, before) == []
-    loose = Guard(llama, tok, facts=facts, text=TEXT, max_ppl_rise=1e6, max_probe_drop=1.0)
+    loose = Guard(llama, tok, facts=facts, text=TEXT, max_ppl_rise=1e6, max_answer_drop=1.0)
     change = ws.add(TINY_FACT, guard=loose, progress=False, **TINY_ROME)
     assert [e.id for e in ws.entries()] == [change.entry.id]
     health = change.health

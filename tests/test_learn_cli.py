@@ -43,7 +43,7 @@ def test_learn_reports_corpus_holdout_and_health_and_records_them(args, tmp_path
     out = capsys.readouterr().out
     assert "read 3 examples" in out and "1 never-seen" in out
     for name in ("learn set NLL", "never-seen set NLL", "WikiText-2 perplexity",
-                 "general facts top-1 %"):  # fmt: skip
+                 "general facts log P(answer)"):  # fmt: skip
         before, after = _row(out, name)
         assert before > 0 or name.startswith("general")
     assert "recorded:" in out and "recorded although" not in out
@@ -67,7 +67,7 @@ def damaging(monkeypatch):
     def health(*a, **k):
         h = real(*a, **k)
         calls.append(h)
-        return h if len(calls) % 2 else knowledge.Health(1.5 * h.perplexity, h.probe)
+        return h if len(calls) % 2 else knowledge.Health(1.5 * h.perplexity, h.answer_logp)
 
     monkeypatch.setattr(knowledge, "health", health)
 

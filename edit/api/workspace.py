@@ -379,14 +379,14 @@ class Workspace:
                guard=None, reference=None):  # fmt: skip
         """Run the unlearning package's forget / learn policy, let ``guard`` see the changed
         model, then record its adapter."""
-        from edit.methods.unlearn import corpus_level, learned_by, plan_corpus, train_plan
+        from edit.methods.unlearn import at_learned, learned_by, plan_corpus, train_plan
 
         plan = plan_corpus(self.model, self.tok, objective, corpus, retain, holdout,
                            settings=settings, reference=reference)  # fmt: skip
         # the ledger's own level: the corpus without the entry that learned all of it
         if plan.wants_learned_level and (learner := learned_by(plan.data, self.entries())):
             with self.without(learner.id) as unseen:
-                plan = plan.at_learned_level(corpus_level(unseen, self.tok, plan), learner.id)
+                plan = at_learned(plan, unseen, self.tok, learner.id, settings)
         run = train_plan(self.model, self.tok, plan, progress=progress)
         if guard is not None:
             applied = run.update.apply(self.model)

@@ -17,11 +17,13 @@ def add_parsers(sub) -> None:
             p.add_argument("--retain", help="examples to keep (default: shipped WikiText-2 text)")
             p.add_argument("--method", default=None, help="npo (default), graddiff, "
                            "gradascent, simnpo, undial, rename (needs each line's \"subject\"); "
-                           "distill (the default with --reference) "
-                           "or match")  # fmt: skip
+                           "distill (the default with --reference, or "
+                           "where a learn entry of this workspace learned the corpus) or "
+                           "match")  # fmt: skip
             p.add_argument("--holdout", help="never-seen examples of the same kind: reported "
-                           "beside the corpus, and (without --reference) training stops once "
-                           "the corpus's NLL reaches theirs")  # fmt: skip
+                           "beside the corpus, and (without --reference or a learn entry of "
+                           "the corpus) training stops once the corpus's NLL reaches "
+                           "theirs")  # fmt: skip
             p.add_argument("--reference", help="a model that never saw the corpus (the base "
                            "model this one was fine-tuned from: id, folder or workspace): "
                            "each token of the corpus is aimed at its distribution (method "
@@ -177,7 +179,7 @@ LEARN_ADVICE = ("lower --lr or --epochs, or raise --set kl_weight=..., and run a
 def _health_rows(guard) -> list[tuple[str, float, float]]:
     b, a = guard.before, guard.after
     return [("WikiText-2 perplexity", b.perplexity, a.perplexity),
-            ("general facts top-1 %", 100 * b.probe, 100 * a.probe)]  # fmt: skip
+            ("general facts log P(answer)", b.answer_logp, a.answer_logp)]  # fmt: skip
 
 
 def _table(rows) -> None:

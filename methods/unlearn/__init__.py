@@ -68,6 +68,7 @@ from edit.methods.unlearn.losses import (
 from edit.methods.unlearn.policy import (
     Plan,
     Trained,
+    at_learned,
     corpus_level,
     learned_by,
     plan_corpus,
@@ -96,6 +97,7 @@ __all__ = [
     "adapter_attached",
     "distill",
     "answer_nll",
+    "at_learned",
     "corpus_level",
     "answer_scores",
     "for_objective",

@@ -5,20 +5,22 @@ that learned it) is the caller's to measure: :attr:`Plan.wants_learned_level`.
 
 A forget run aims at the level a model that never saw the corpus gives it, the first of:
 ``stop_nll`` when given; else, with a reference (a model that never saw the corpus, such as
-the base model a fine-tune started from), the reference's NLL on the corpus; else, with a
-holdout (never-seen examples of the same kind), the holdout's NLL; else, when an earlier
-``learn`` entry learned every example of the corpus (``stop_at_learned``), the corpus's NLL
-without that entry. Objectives that push the likelihood down stop there; those that hold
-each example at its own level (``distill``, ``match``) run every epoch and report it.
-Without any level, every epoch runs.
+the base model a fine-tune started from), the reference's NLL on the corpus; else, when an
+earlier ``learn`` entry learned every example of the corpus (``stop_at_learned``), the
+corpus's NLL without that entry (the level of exactly this text unseen); else, with a
+holdout (never-seen examples of the same kind), the holdout's NLL. Objectives that push the
+likelihood down stop there; those that hold each example at its own level (``distill``,
+``match``) run every epoch and report it. Without any level, every epoch runs.
 
 With a reference and no method chosen, the objective is ``distill``: every token of the
 corpus is aimed at the reference's next-token distribution, so each example, not only the
-mean, lands where a never-seen model puts it.
+mean, lands where a never-seen model puts it. Where the ledger learned the corpus, the model
+without that entry is such a reference (:func:`at_learned`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -93,7 +95,8 @@ class Plan:
         without the ledger entry that learned it (``stop_at_learned``): the caller, who knows
         the ledger, measures it (:func:`learned_by`, :func:`corpus_level`) and passes it to
         :meth:`at_learned_level`."""
-        return self.objective == "forget" and self.stop_kind is None and self.config.stop_at_learned
+        return (self.objective == "forget" and self.stop_kind in (None, "holdout")
+                and self.config.stop_at_learned)  # fmt: skip
 
     def at_learned_level(self, level: float, entry_id: str) -> Plan:
         config = dataclasses.replace(self.config, stop_nll=level)
@@ -129,6 +132,24 @@ def plan_corpus(
     config = for_objective(config, objective, retain=bool(kept))
     config, stop_kind = _stop_level(tok, objective, config, data, unseen, reference)
     return Plan(objective, data, unseen, retain, kept, config, stop_kind, reference)
+
+
+def at_learned(plan: Plan, unseen: nn.Module, tok, entry_id: str, settings: dict[str, Any]
+               ) -> Plan:  # fmt: skip
+    """The plan of a forget run whose corpus the ledger entry ``entry_id`` learned, ``unseen``
+    the model without that entry (every other entry applied). With no method chosen, a copy
+    of ``unseen`` is the reference: ``distill`` aims every token of the corpus at the
+    distribution of exactly this model without the corpus, as ``--reference`` does with a
+    model loaded from elsewhere (NPO stopped at the mean left the forgotten bios' facts
+    recalled: benchmarks/results/learn_bios_40.md). The copy costs a second model in memory
+    for the run. With a method chosen, it stops at the corpus's NLL on ``unseen``."""
+    if settings.get("method") is not None:
+        return plan.at_learned_level(corpus_level(unseen, tok, plan), entry_id)
+    reference = copy.deepcopy(unseen).requires_grad_(False)
+    reference.edit_source = f"this model without entry {entry_id}"
+    again = plan_corpus(unseen, tok, plan.objective, plan.data, plan.retain, plan.unseen,
+                        settings=settings, reference=reference)  # fmt: skip
+    return again.at_learned_level(again.config.stop_nll, entry_id)
 
 
 def corpus_level(model: nn.Module, tok, plan: Plan) -> float:
