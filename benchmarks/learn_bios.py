@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--learned", default=None, metavar="JSON",
                    help="an earlier run's results whose workspace is in --keep (its learn "
                    "entry alone): take its figures and only forget (with --forget)")  # fmt: skip
+    p.add_argument("--forget-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of the forget run (over its defaults)")  # fmt: skip
     p.add_argument("--forget", action="store_true",
                    help="then forget the corpus (the defaults), measure again")  # fmt: skip
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "learn_bios"))
@@ -215,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     forgot = forgetting = None
     if args.forget:
         print(f"learned and measured in {time.perf_counter() - t0:.0f}s; forgetting", flush=True)
-        forgetting = ws.forget(str(corpus))
+        forgetting = ws.forget(str(corpus), **parse_settings(args.forget_set))
         forgot = measure(ws.model, ws.tok, learned, unseen, known, wikitext)
     ws.close()
     if not args.keep:
@@ -244,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             "after": forgot,
             "entry": forgetting.entry.id,
             "method": forgetting.result.config.method,
+            "settings": parse_settings(args.forget_set),
             "train_seconds": forgetting.result.seconds,
             "stop_level": forgetting.result.config.stop_nll,
             "stop_source": info.get("stop_source"),

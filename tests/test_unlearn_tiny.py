@@ -873,3 +873,22 @@ def test_holdout_kl_keeps_never_seen_text_where_it_was(tok, llama):
                    progress=False, holdout=holdout)  # fmt: skip
     with pytest.raises(InvalidRequest, match="holdout_kl reads never-seen examples"):
         train_lora(llama, tok, FORGET, None, UnlearnConfig(holdout_kl=1.0), progress=False)
+
+
+def test_kl_to_reference_holds_the_retain_set_to_the_teacher_not_to_the_model_before(tok):
+    """With ``kl_to="reference"`` the retain set's KL term reads the teacher: the retain
+    examples move to the teacher's NLL, where with the default they stay at the student's."""
+    teacher, student = _teacher_and_student(tok)
+    target, start = (_per_example_nll(m, tok, RETAIN) for m in (teacher, student))
+    gaps = {}
+    for kl_to in ("before", "reference"):
+        config = UnlearnConfig(method="distill", kl_weight=5.0, kl_to=kl_to,
+                               **dict(FAST, epochs=12))  # fmt: skip
+        result = train_lora(student, tok, FORGET, RETAIN, config, progress=False, teacher=teacher)
+        with adapter_attached(student, result):
+            gaps[kl_to] = float((_per_example_nll(student, tok, RETAIN) - target).abs().mean())
+    assert gaps["reference"] < 0.5 * gaps["before"], (gaps, float((start - target).abs().mean()))
+    with pytest.raises(InvalidRequest, match="kl_to=reference holds the retain set"):
+        train_lora(student, tok, FORGET, RETAIN, UnlearnConfig(kl_to="reference"), progress=False)
+    with pytest.raises(InvalidRequest, match="kl_to must be 'before' or 'reference'"):
+        UnlearnConfig(kl_to="base")

@@ -43,6 +43,10 @@ class UnlearnConfig:
     # token of a subject's first mention
     penalty: float = 10.0
     kl_weight: float | None = None  # weight of KL(π_ref ‖ π_θ) on the retain set; None: as above
+    # π_ref of that KL: "before", the model before the run (the adapter off); "reference", the
+    # forget run's reference model (a model that never saw the corpus), so that the retain set
+    # reads as it does there
+    kl_to: str = "before"
     # forget with a holdout: weight of the distance between the forget answer tokens' next-token
     # entropies and the holdout's before the run (losses.entropy_match: a never-seen model is
     # confidently wrong at some tokens, unsure at others; Min-K%++ reads the spread); 0: off
@@ -90,6 +94,8 @@ class UnlearnConfig:
         if self.method not in LOSSES:
             known = ", ".join(sorted(LOSSES))
             raise InvalidRequest(f"unknown unlearning method {self.method!r}: choose {known}")
+        if self.kl_to not in ("before", "reference"):
+            raise InvalidRequest(f"kl_to must be 'before' or 'reference', got {self.kl_to!r}")
         if self.fact_retain is not None and (
             not isinstance(self.fact_retain, int) or self.fact_retain < 0
         ):

@@ -4,7 +4,8 @@ examples, under accelerate (one process, DDP, FSDP or DeepSpeed), and stops at a
 Each step takes ``batch_size`` examples of the forget set (shuffled each epoch) and, when the
 objective has a retain term or the KL term is on, ``retain_batch_size`` retain examples
 (shuffled, cycled). The objective is a key of :data:`~edit.methods.unlearn.losses.LOSSES`
-(``learn``: plain NLL), plus ``kl_weight``·KL(π_ref ‖ π_θ) on the retain batch. An
+(``learn``: plain NLL), plus ``kl_weight``·KL(π_ref ‖ π_θ) on the retain batch, π_ref the
+model before the run (the adapter off) or, with ``kl_to="reference"``, the teacher. An
 objective that distills (``distill``) also runs the never-seen teacher on each forget batch;
 ``rename`` runs the model before the run on the batch's renamed examples
 (:mod:`~edit.methods.unlearn.rename`).
@@ -107,6 +108,10 @@ def train_lora(
     method = config.method if objective == "forget" else "learn"
     _check_sets(objective, method, config, forget, retain, holdout or [])
     _check_teacher(model, method, teacher, bool(holdout))
+    if config.kl_to == "reference" and teacher is None:
+        raise InvalidRequest("kl_to=reference holds the retain set to a reference model: "
+                             "give one (--reference BASE) and a method that reads it "
+                             "(distill)")  # fmt: skip
     forget_enc = [encode_example(tok, ex, config.max_len) for ex in forget]
     extra = augment(tok, forget, seed=config.seed) if config.augment else []
     if config.samples:
@@ -389,7 +394,9 @@ class _Run:
             tokens += int(r_mask.sum())
             if loop.use_retain_nll:
                 inputs.retain_nll = token_nll(r_logp, r_n)
-            if c.kl_weight > 0:
+            if c.kl_weight > 0 and c.kl_to == "reference":
+                kl = token_kl(r_logits, self.teacher_logits(r_ids, r_mask, r_labels).to(r_logits))
+            elif c.kl_weight > 0:
                 with torch.no_grad(), self.peft_model.disable_adapter():
                     *_, ref_logits = self._score_batch(r_ids, r_mask, r_labels)
                 kl = token_kl(r_logits, ref_logits)
