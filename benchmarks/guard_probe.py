@@ -48,26 +48,6 @@ def first_answered(cands: list[dict], top, n: int) -> list[int]:
     return out
 
 
-def scores(model, tok, prompts: list[str], targets: list[str]):
-    """Per prompt: (the true first token's log-probability, its rank, the log-probability of
-    the likeliest other token)."""
-    import torch
-
-    from edit import lm
-
-    out_lp, out_rank, out_other = [], [], []
-    for start in range(0, len(prompts), 64):
-        logp = lm.next_token_logprobs(model, tok, prompts[start : start + 64])
-        first = torch.tensor(
-            [lm.encode_continuation(tok, t)[0] for t in targets[start : start + 64]]
-        )
-        true = logp.gather(1, first[:, None])[:, 0]
-        out_lp.append(true)
-        out_rank.append((logp > true[:, None]).sum(-1))
-        out_other.append(logp.scatter(1, first[:, None], float("-inf")).max(-1).values)
-    return torch.cat(out_lp), torch.cat(out_rank), torch.cat(out_other)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workspace", required=True)
@@ -84,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.recording import write_results
     from edit import models
     from edit.api.workspace import Workspace
+    from edit.evals.knowledge import first_token_scores
+    from edit.facts import Fact
     from edit.readers.known import load_known
 
     if not KNOWN.exists():
@@ -94,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     shipped = {r["case_id"] for r in json.loads((data / "general_facts.json").read_text())}
     cands = [r for r in candidates() if r["case_id"] not in retain]
     known = load_known(KNOWN)
-    prompts = [r["prompt"] for r in cands] + [f.text for f in known]
-    targets = [r["ground_truth"] for r in cands] + [f.target for f in known]
+    facts = [Fact(r["prompt"].replace(r["subject"], "{}"), r["subject"], r["ground_truth"])
+             for r in cands] + known  # fmt: skip
 
     ws = Workspace.open(args.workspace)
     entry = ws.entry(args.entry)
@@ -106,20 +88,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if len(ids) == 2:
         with ws.without(ids[1]) as after:
-            lp_after, rank_after, other_after = scores(after, ws.tok, prompts, targets)
+            lp_after, rank_after = first_token_scores(after, ws.tok, facts, 64)
     else:
-        lp_after, rank_after, other_after = scores(ws.model, ws.tok, prompts, targets)
+        lp_after, rank_after = first_token_scores(ws.model, ws.tok, facts, 64)
     ws.close()
     base, tok = models.load(args.model)[:2]  # the workspace's base model, as loaded fresh
-    lp_before, rank_before, other_before = scores(base, tok, prompts, targets)
+    lp_before, rank_before = first_token_scores(base, tok, facts, 64)
     if args.dump:  # per fact, for other selections than the table's
         torch.save({"case_ids": [r["case_id"] for r in cands], "lp_before": lp_before,
-                    "lp_after": lp_after, "other_before": other_before,
-                    "other_after": other_after, "n_candidates": len(cands)}, args.dump)  # fmt: skip
+                    "lp_after": lp_after, "rank_before": rank_before,
+                    "rank_after": rank_after, "n_candidates": len(cands)}, args.dump)  # fmt: skip
 
     n = len(cands)
     top_b, top_a = rank_before == 0, rank_after == 0
-    idx = torch.arange(len(prompts))
+    idx = torch.arange(len(facts))
     probes = {
         "shipped (1,000 in file order)": idx[:n][[r["case_id"] in shipped for r in cands]],
         "answered top-1, first 200": idx[:n][first_answered(cands, top_b[:n], 200)],

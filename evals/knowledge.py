@@ -43,22 +43,22 @@ def general_facts() -> list[Fact]:
 
 def first_token_scores(model: nn.Module, tok, facts: list[Fact], batch_size: int = 32
                        ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Per fact: (log-probability of its object's first token after the prompt, whether that
-    token is the model's top next token)."""
-    logps, tops = [], []
+    """Per fact: (log-probability of its object's first token after the prompt, that token's
+    rank among the model's next tokens: 0 where it is the top one)."""
+    logps, ranks = [], []
     for start in range(0, len(facts), batch_size):
         chunk = facts[start : start + batch_size]
         logp = lm.next_token_logprobs(model, tok, [f.text for f in chunk])
         first = torch.tensor([lm.encode_continuation(tok, f.target)[0] for f in chunk])
-        first = first.to(logp.device)
-        logps.append(logp.gather(1, first[:, None])[:, 0].float().cpu())
-        tops.append((logp.argmax(-1) == first).cpu())
-    return torch.cat(logps), torch.cat(tops)
+        true = logp.gather(1, first.to(logp.device)[:, None])
+        logps.append(true[:, 0].float().cpu())
+        ranks.append((logp > true).sum(-1).cpu())
+    return torch.cat(logps), torch.cat(ranks)
 
 
 def top1(model: nn.Module, tok, facts: list[Fact], batch_size: int = 32) -> float:
     """Share of ``facts`` whose object's first token is the model's top next token."""
-    return float(first_token_scores(model, tok, facts, batch_size)[1].float().mean())
+    return float((first_token_scores(model, tok, facts, batch_size)[1] == 0).float().mean())
 
 
 def answer_logp(model: nn.Module, tok, facts: list[Fact]) -> float:
