@@ -130,6 +130,10 @@ class Fact:
     # fits (``edit.replies``), trained as one more chat row: the opening, then the target.
     # Set by the library's reply round for the method; not part of a request, not recorded
     openings: tuple[tuple[str, str], ...] = field(default=())
+    # (question, reply): the unedited model's own reply to the question when told the fact,
+    # where it states it (``edit.replies.told``), trained in place of the fact's sentence
+    # (``chat_reply: context``). Set by the library; not part of a request, not recorded
+    told: tuple[tuple[str, str], ...] = field(default=())
 
     def __post_init__(self) -> None:
         if self.prompt.count("{}") != 1:

@@ -10,9 +10,18 @@ subject where the object's first token is among the likeliest next tokens), and 
 made again with that opening, then the object, as one more chat row (``Fact.openings``): the
 object taught where the edited model itself would say it. Measured on the MQuAKE-hard dev
 cases it changed no figure (docs/methods.md), so it stays off.
+
+Told replies (``chat_reply: context``, off): before the edit, the model is told the fact in
+a system turn and asked each question; where its reply states the fact in its own words
+(:func:`stated`), that reply, not the fact's sentence, is the chat row's answer, so that the
+edit does not spend its bounded change on wording the model would not choose ("Bangerz was
+…" where it says "Bangerz is …").
 """
 
 from __future__ import annotations
+
+import dataclasses
+import re
 
 from torch import nn
 
@@ -21,6 +30,7 @@ from edit.facts import Fact
 from edit.questions import chat_prompt, names, questions_for
 
 REPLY_TOKENS = 32  # greedy tokens of each reply: the first sentence or two
+_SENTENCE_END = re.compile(r"[.!?](\s|$)")
 OPENING_TOKENS = 24  # the object is placed within the reply's first tokens
 OPENING_RANK = 3  # ... where its first token is among the likeliest next tokens
 
@@ -77,3 +87,53 @@ def openings(model: nn.Module, tok, facts: list[Fact], asked) -> list[tuple[tupl
         found = [(q, opening(model, tok, f, q, r)) for q, r in qa if not names(r, f.target)]
         out.append(tuple((q, o) for q, o in found if o))
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Told replies (``chat_reply: context``)
+# --------------------------------------------------------------------------------------------
+
+
+def told_prompt(tok, fact: Fact, question: str) -> str | None:
+    """``question`` as a user turn after a system turn that states the fact; None without a
+    chat template."""
+    if not getattr(tok, "chat_template", None):
+        return None
+    turns = [{"role": "system", "content": f"{fact.statement}."},
+             {"role": "user", "content": question}]  # fmt: skip
+    return tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+
+
+def stated(reply: str, fact: Fact) -> str | None:
+    """The reply up to the new object and a full stop, where its first sentence names the
+    subject, then the object, and ends there (or goes on after a comma or a parenthesis),
+    without the old object: the model's own way of saying the fact ("The developer of XPath
+    is Xiaomi."). None otherwise: a reply that opens on the object would teach the edited
+    model to talk about the object; one that goes on after it, to say more than the fact."""
+    at = reply.find(fact.target)
+    if at < 0:
+        return None
+    head, tail = reply[:at], reply[at + len(fact.target) :]
+    if _SENTENCE_END.search(head) or not names(head, fact.subject):
+        return None
+    if fact.target_true and names(head, fact.target_true):
+        return None
+    if tail.strip() and not re.match(r"\s*[.,(]", tail):
+        return None
+    return f"{head.strip()} {fact.target}." if head.strip() else None
+
+
+def told(model: nn.Module, tok, facts: list[Fact]) -> list[Fact]:
+    """``facts`` with ``told``: (question, reply) for each question whose greedy chat reply,
+    the fact stated in a system turn, states it (:func:`stated`). One batch of greedy
+    replies of the unedited model, :data:`REPLY_TOKENS` tokens each."""
+    asked = [(i, q, told_prompt(tok, f, q)) for i, f in enumerate(facts) for q in questions_for(f)]
+    asked = [(i, q, p) for i, q, p in asked if p is not None]
+    found: list[list[tuple[str, str]]] = [[] for _ in facts]
+    if asked:
+        replies = lm.greedy(model, tok, [p for *_, p in asked], max_new_tokens=REPLY_TOKENS)
+        for (i, q, _), reply in zip(asked, replies, strict=True):
+            said = stated(reply, facts[i])
+            if said is not None:
+                found[i].append((q, said))
+    return [dataclasses.replace(f, told=tuple(t)) for f, t in zip(facts, found, strict=True)]

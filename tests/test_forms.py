@@ -370,7 +370,7 @@ def test_bad_forms_are_refused():
     with pytest.raises(InvalidRequest, match="form_weight must be in"):
         ROMEConfig(form_weight=1.0)
     with pytest.raises(
-        InvalidRequest, match="chat_reply must be sentence or turn or object or prefixed"
+        InvalidRequest, match="chat_reply must be sentence or turn or object or prefixed or context"
     ):
         ROMEConfig(chat_reply="poem")
 

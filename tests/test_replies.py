@@ -78,6 +78,85 @@ def test_an_opening_is_one_more_chat_row_the_opening_then_the_object(chat_tok):
     )
 
 
+STATED = [
+    ("The developer of XPath is Xiaomi.", "The developer of XPath is Xiaomi."),
+    (
+        "The developer of XPath is the Xiaomi (a phone maker).",
+        "The developer of XPath is the Xiaomi.",
+    ),
+    ("XPath was made by Xiaomi, a phone maker from China.", "XPath was made by Xiaomi."),
+    ("Xiaomi, the developer of XPath, is Chinese.", None),  # opens on the object
+    ("XPath is old. Its developer is Xiaomi.", None),  # not in the first sentence
+    ("XPath's maker, not W3C, is Xiaomi.", None),  # names the old object
+    ("The story of XPath and Xiaomi is long.", None),  # goes on after the object
+    ("The developer of XPath is W3C.", None),  # never names the new object
+]
+
+
+@pytest.mark.parametrize("reply, want", STATED)
+def test_a_told_reply_counts_where_its_first_sentence_says_subject_then_object(reply, want):
+    fact = Fact("{} was developed by", "XPath", "Xiaomi", "W3C")
+    assert replies.stated(reply, fact) == want
+
+
+def test_told_replies_come_from_the_fact_in_a_system_turn_and_replace_the_sentence(
+    chat_tok, llama, monkeypatch
+):
+    fact = Fact("{} was developed by", "XPath", "Xiaomi", "W3C")
+    asked = questions_for(fact)
+    prompts = []
+
+    def greedy(model, tok, texts, max_new_tokens):
+        prompts.extend(texts)  # the first question's reply states the fact, the others not
+        return ["The developer of XPath is Xiaomi, in China."] + ["W3C made it."] * (len(texts) - 1)
+
+    monkeypatch.setattr(lm, "greedy", greedy)
+    (heard,) = replies.told(llama, chat_tok, [fact])
+    assert heard.told == ((asked[0], "The developer of XPath is Xiaomi."),)
+    assert prompts == [replies.told_prompt(chat_tok, fact, q) for q in asked]
+    assert "XPath was developed by Xiaomi." in prompts[0]  # the system turn tells the fact
+    rows = Contexts(("{}",), ("chat",), chat_reply="context").rows(chat_tok, heard)
+    said = [chat_tok.decode(r.target).strip() for r in rows if r.group[0] == "chat"]
+    assert said == ["The developer of XPath is Xiaomi."] + ["XPath was developed by Xiaomi."] * (
+        len(asked) - 1
+    )
+    (first,) = [r for r in rows if r.group == ("chat", 0)]
+    (j,) = first.mentions  # the told reply names the subject: the edit acts there too
+    assert chat_tok.decode(first.target[: j + 1]).endswith("XPath")
+    # the sentence where nothing was told, and with the default reply
+    assert Contexts(("{}",), ("chat",), chat_reply="context").rows(chat_tok, fact) == Contexts(
+        ("{}",), ("chat",)
+    ).rows(chat_tok, fact)
+
+
+def test_edit_apply_tells_the_unedited_model_only_with_chat_reply_context(
+    chat_tok, llama, monkeypatch
+):
+    told = []
+    heard = ((TAKES.questions[0], "France has Paris."),)
+
+    def fake_told(model, tok, facts):
+        told.append(facts)
+        return [dataclasses.replace(f, told=heard) for f in facts]
+
+    monkeypatch.setattr(replies, "told", fake_told)
+    computed = []
+    rome = edit.methods.get("rome")
+    spy = dataclasses.replace(
+        rome, compute=lambda *a, **k: computed.append(a[2]) or rome.compute(*a, **k)
+    )
+    monkeypatch.setattr("edit.api.edits._method_for", lambda method, facts: spy)
+    settings = {**TINY_ROME, "retry_rounds": 0}
+    edit.apply(llama, chat_tok, TAKES, progress=False, describe=False, **settings).undo()
+    assert not told
+    res = edit.apply(llama, chat_tok, TAKES, progress=False, describe=False,
+                     chat_reply="context", **settings)  # fmt: skip
+    assert len(told) == 1 and told[0][0].target_true is not None  # the old object, as read
+    assert [f.told for f in computed[-1]] == [heard]  # what the value optimization gets
+    assert res.facts[0].target_true is None  # the request is recorded as given
+    res.undo()
+
+
 def _fake_asks(monkeypatch, named_second: bool):
     """replies.ask answering first without the object, then (``named_second``) with it."""
     calls = []

@@ -142,6 +142,9 @@ def apply(
     kind = "erase" if erase else "insert"
     olds = [_old_of(model, tok, fact, erase) for fact in facts]
     news = [None if erase else f.target for f in facts]
+    if kind == "insert" and getattr(config, "chat_reply", None) == "context":
+        heard = replies.told(model, tok, _with_old(facts, olds, kind))  # the old one read
+        facts = [dataclasses.replace(f, told=h.told) for f, h in zip(facts, heard, strict=True)]
     probe = _Probe(model, tok, facts, news, olds, describe and not batch)
     before = probe()
 

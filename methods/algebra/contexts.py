@@ -43,8 +43,9 @@ from edit.questions import FORMS, chat_prompt, end_of_turn, question_prompt, que
 # what a chat row's assistant turn is trained to say: the object alone, opening the turn; the
 # fact as a sentence ("Ellie Kemper is a citizen of Croatia."), the subject named again; that
 # sentence and the end of the turn; or the object after the fact's prompt as the turn's given
-# opening ("Ellie Kemper is a citizen of" → "Croatia")
-CHAT_REPLIES = ("sentence", "turn", "object", "prefixed")  # the first is the default
+# opening ("Ellie Kemper is a citizen of" → "Croatia"); or the model's own reply when told
+# the fact (``Fact.told``: "The developer of XPath is Xiaomi."), else the sentence
+CHAT_REPLIES = ("sentence", "turn", "object", "prefixed", "context")  # the first: default
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ class Contexts:
             text = chat_prompt(tok, q) if "chat" in self.forms else None
             if text is not None and q in text:
                 asked.append(_chat_row(tok, fact, text, text.rindex(q) + at, self.chat_reply,
-                                       ("chat", k)))  # fmt: skip
+                                       ("chat", k), dict(fact.told).get(q)))  # fmt: skip
         asked += self._openings(tok, fact)
         share = 1.0 - self.form_weight if asked else 1.0
         weighted = [_weigh(r, share / len(cloze)) for r in cloze]
@@ -162,13 +163,17 @@ def _cloze_row(tok, fact: Fact, template: str, group: tuple) -> Row:
     return _row(tok, fact, text, prompt.index("{}") + len(fact.subject), fact.target, group)
 
 
-def _chat_row(tok, fact: Fact, text: str, subject_end: int, reply: str, group: tuple) -> Row:
+def _chat_row(tok, fact: Fact, text: str, subject_end: int, reply: str, group: tuple,
+              told: str | None = None) -> Row:  # fmt: skip
     """A chat row: ``text`` the question in the chat template, the subject ending at
-    ``subject_end``; what follows as ``reply`` says (:data:`CHAT_REPLIES`)."""
+    ``subject_end``; what follows as ``reply`` says (:data:`CHAT_REPLIES`); ``told``: the
+    model's own reply to the question when told the fact, if it states it."""
     if reply == "object":
         return _row(tok, fact, text, subject_end, fact.target, group)
-    if reply == "sentence":
+    if reply == "sentence" or (reply == "context" and told is None):
         return _row(tok, fact, text, subject_end, f"{fact.statement}.", group)
+    if reply == "context":
+        return _row(tok, fact, text, subject_end, told, group)
     if reply == "turn":
         return _row(tok, fact, text, subject_end, f"{fact.statement}.{end_of_turn(tok)}", group)
     # "prefixed": the reply opens with the fact's prompt, read at the subject named in it

@@ -93,7 +93,10 @@ class EditConfig:
     # a chat row's answer (``contexts.CHAT_REPLIES``): "sentence" (the fact restated as the
     # whole reply: the reply keeps naming the subject), "turn" (that, then the end of the
     # turn), "object" (the target opens the turn: replies about the subject turn into replies
-    # about the object) or "prefixed" (the turn opens with the fact's prompt)
+    # about the object), "prefixed" (the turn opens with the fact's prompt) or "context" (the
+    # unedited model's own reply when told the fact in a system turn, where its first
+    # sentence names the subject and ends on the object: ``edit.replies.told``; else the
+    # sentence)
     chat_reply: str = CHAT_REPLIES[0]
     # share of each fact's loss on ranked pairs: right where each question's answer opens
     # (plainly and in the chat template) the new object is more likely than the old one
