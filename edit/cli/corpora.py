@@ -38,7 +38,7 @@ def add_parsers(sub) -> None:
                            "its bound")  # fmt: skip
         # the defaults are methods.unlearn.OBJECTIVE_DEFAULTS (not imported here: no torch)
         epochs, lr = (
-            ("20; a stop level may end it sooner", "2e-4") if name == "forget" else ("5", "3e-4")
+            ("20; a stop level may end it sooner", "2e-4") if name == "forget" else ("6", "3e-4")
         )
         p.add_argument("--epochs", type=int_in(1), default=None, help=f"passes over the corpus "
                        f"(default {epochs})")  # fmt: skip
