@@ -58,16 +58,18 @@ def as_known(r: dict) -> dict:
 def answered(records: list[dict], n: int) -> list[dict]:
     """The first ``n`` of ``records`` (one per subject) whose true object's first token is
     the default model's top next token after the prompt."""
-    from edit import lm, models
+    from edit import models
+    from edit.evals.knowledge import first_token_scores
+    from edit.facts import Fact
 
     model, tok = models.load(None)[:2]
     picked, seen = [], set()
     for start in range(0, len(records), 64):
         chunk = records[start : start + 64]
-        logp = lm.next_token_logprobs(model, tok, [r["prompt"] for r in chunk])
-        for row, r in zip(logp, chunk, strict=True):
-            first = lm.encode_continuation(tok, r["ground_truth"])[0]
-            if int(row.argmax()) == first and r["subject"] not in seen:
+        facts = [Fact.from_dict({**as_known(r), "target": r["ground_truth"]}) for r in chunk]
+        _, ranks = first_token_scores(model, tok, facts, 64)
+        for rank, r in zip(ranks.tolist(), chunk, strict=True):
+            if rank == 0 and r["subject"] not in seen:
                 seen.add(r["subject"])
                 picked.append(r)
         if len(picked) >= n:
