@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.recording import write_results
     from edit.api.workspace import Workspace
     from edit.config import parse_settings
+    from edit.evals.knowledge import Guard
     from edit.readers.known import load_known
 
     if args.threads:
@@ -195,7 +196,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{earlier['entry']} alone) and --forget", file=sys.stderr)  # fmt: skip
             return 2
         before, after = earlier["before"], earlier["after"]
-        learn = {k: earlier[k] for k in ("config", "train_seconds", "train_tokens", "entry")}
+        learn = {
+            k: earlier[k]
+            for k in ("config", "train_seconds", "train_tokens", "entry", "guard")
+            if k in earlier
+        }
         if "probe_answer_logp" not in before:  # measured before the guard read P(answer)
             after["probe_answer_logp"] = probe_logp(ws.model, ws.tok)
             with ws.without(learn["entry"]) as base:
@@ -208,11 +213,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             before = measure(ws.model, ws.tok, learned, unseen, known, wikitext)
             print(f"measured before in {time.perf_counter() - t0:.0f}s", flush=True)
-        change = ws.learn(str(corpus), **settings)
+        # what `edit learn`'s guard measures and would decide, without refusing here
+        guard = Guard(ws.model, ws.tok, refuse=False)
+        change = ws.learn(str(corpus), guard=guard, **settings)
         res = change.result
         learn = {"config": {k: v for k, v in vars(res.config).items() if not k.startswith("_")},
                  "train_seconds": res.seconds, "train_tokens": res.tokens,
-                 "entry": change.entry.id}  # fmt: skip
+                 "entry": change.entry.id, "guard": change.entry.info["guard"]}  # fmt: skip
         after = measure(ws.model, ws.tok, learned, unseen, known, wikitext)
     forgot = forgetting = None
     if args.forget:
@@ -240,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_per_1000_tokens": 1000 * learn["train_seconds"] / learn["train_tokens"],
         "entry": learn["entry"],
     }
+    if "guard" in learn:  # runs before the guard was measured here have none
+        summary["guard"] = learn["guard"]
     if forgetting is not None:
         info = forgetting.entry.info
         summary["forget"] = {
@@ -261,6 +270,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{summary['train_seconds']:.0f}s for {summary['train_tokens']} tokens "
         f"({summary['seconds_per_1000_tokens']:.2f} s per 1,000 tokens)"
     )
+    if "guard" in summary:
+        g = summary["guard"]
+        verdict = "; ".join(g["past_bounds"]) or "within its bounds: `edit learn` records it"
+        lines.append(
+            f"the guard (what `edit learn` checks): held-out WikiText-2 perplexity "
+            f"{g['before']['perplexity']:.2f} -> {g['after']['perplexity']:.2f}, probe mean "
+            f"log P {g['before']['answer_logp']:.3f} -> {g['after']['answer_logp']:.3f}: {verdict}"
+        )
     if forgetting is not None:
         f = summary["forget"]
         level = "none" if f["stop_level"] is None else f"{f['stop_level']:.4f}"

@@ -60,7 +60,7 @@ def use_pool(n: int) -> None:
             for i, r in enumerate(factual_pool(n))]  # fmt: skip
     wikitext = policy.wikitext_retain
     policy.retain_facts = lambda k: pool if k else []
-    policy.wikitext_retain = lambda tok: wikitext(tok) * max(1, n // 256)
+    policy.wikitext_retain = lambda tok, k: wikitext(tok, k) * max(1, n // 256)
 
 
 def line(m: dict) -> str:

@@ -48,13 +48,45 @@ def test_fact_retain_adds_shipped_facts_apart_from_the_probe(tok, llama):
     assert len(facts) == 8 and all(ex.prompt and ex.answer for ex in facts)
     shipped = json.loads((files("edit") / "data" / "retain_facts.json").read_text())
     assert not {r["subject"] for r in shipped} & {f.subject for f in general_facts()}
-    plain = plan_corpus(llama, tok, "learn", [A], settings={"fact_retain": 0})
-    more = plan_corpus(llama, tok, "learn", [A], settings={"fact_retain": 8})
+    text = {"text_retain": 64}
+    plain = plan_corpus(llama, tok, "learn", [A], settings={"fact_retain": 0, **text})
+    more = plan_corpus(llama, tok, "learn", [A], settings={"fact_retain": 8, **text})
     assert more.kept == plain.kept + facts
     # learn holds 256 of them by default, forget none
-    assert plan_corpus(llama, tok, "learn", [A], settings={}).kept == plain.kept + retain_facts(256)
+    learn = plan_corpus(llama, tok, "learn", [A], settings=text).kept
+    assert learn == plain.kept + retain_facts(256)
     assert plan_corpus(llama, tok, "forget", [A], settings={}).kept == plain.kept
     with pytest.raises(InvalidRequest, match="fact_retain is 100000, but 256 facts are shipped"):
         plan_corpus(llama, tok, "learn", [A], settings={"fact_retain": 100_000})
     with pytest.raises(InvalidRequest, match="fact_retain must be an integer >= 0"):
         plan_corpus(llama, tok, "learn", [A], settings={"fact_retain": -1})
+
+
+def test_text_retain_sets_the_slices_and_a_draw_is_text_as_often_as_beside_64(tok, llama):
+    """``text_retain`` WikiText-2 slices (forget: 64 by default, learn: its
+    OBJECTIVE_DEFAULTS); each shipped fact appears once per 64 slices, so a retain draw is
+    generic text as often as beside 64 slices; 0 holds the facts alone; a negative count is
+    refused."""
+    import pytest
+
+    from edit.corpus import retain_facts, wikitext_retain
+    from edit.errors import InvalidRequest
+    from edit.methods.unlearn import plan_corpus
+    from edit.methods.unlearn.config import OBJECTIVE_DEFAULTS
+
+    text = wikitext_retain(tok, 512)
+    assert len(set(ex.answer for ex in text)) == 512
+    learn = plan_corpus(llama, tok, "learn", [A], settings={"text_retain": 512}).kept
+    assert learn == text + retain_facts(256) * 8
+    drawn_text = sum(not ex.prompt for ex in learn) / len(learn)
+    assert drawn_text == pytest.approx(64 / (64 + 256))
+    assert plan_corpus(llama, tok, "forget", [A], settings={}).kept == wikitext_retain(tok, 64)
+    n = OBJECTIVE_DEFAULTS["learn"]["text_retain"]
+    default = plan_corpus(llama, tok, "learn", [A], settings={}).kept
+    assert default[:n] == wikitext_retain(tok, n) and default[n].prompt  # then the facts
+    half = plan_corpus(llama, tok, "learn", [A], settings={"text_retain": 96}).kept
+    assert half == wikitext_retain(tok, 96) + retain_facts(256) * 2  # round(96 / 64)
+    facts_only = plan_corpus(llama, tok, "learn", [A], settings={"text_retain": 0}).kept
+    assert facts_only == retain_facts(256)
+    with pytest.raises(InvalidRequest, match="text_retain must be an integer >= 0"):
+        plan_corpus(llama, tok, "learn", [A], settings={"text_retain": -1})

@@ -796,6 +796,27 @@ def test_sharpness_aware_steps_take_a_second_pass_and_change_the_run(tok, llama)
     assert sam.metrics["forget_nll_after"] > sam.metrics["forget_nll_before"]
 
 
+@pytest.mark.parametrize("schedule", ["constant", "linear"])
+def test_lr_schedule_sets_the_rate_of_every_update(tok, llama, monkeypatch, schedule):
+    """lr_schedule="linear" steps from lr down toward 0 over the planned updates (epochs ×
+    steps per epoch), "constant" keeps lr; read from the optimizer at each update."""
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def recording(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    config = UnlearnConfig(method="graddiff", lr_schedule=schedule, **FAST)
+    train_lora(llama, tok, FORGET, RETAIN, config, progress=False)
+    updates = FAST["epochs"] * math.ceil(len(FORGET) / FAST["batch_size"])
+    factor = (lambda u: 1 - u / updates) if schedule == "linear" else (lambda u: 1.0)
+    assert seen == pytest.approx([FAST["lr"] * factor(u) for u in range(updates)])
+    with pytest.raises(InvalidRequest, match="lr_schedule must be one of constant, linear"):
+        UnlearnConfig(lr_schedule="cosine")
+
+
 @pytest.mark.parametrize("model_type", TINY_TYPES)
 def test_rounded_runs_the_adapted_model_with_its_merged_weights_rounded(tok, model_type):
     """Under ``rounded`` the adapted model's logits are those of the model whose adapted

@@ -15,6 +15,7 @@ from edit.errors import InvalidRequest
 from edit.methods.unlearn.losses import LOSSES
 
 OBJECTIVES = ("forget", "learn")
+LR_SCHEDULES = ("constant", "linear")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,9 @@ class UnlearnConfig:
     # and the forget stays specific to the corpus (its stop level is read there); 0: off
     holdout_kl: float = 0.0
     weight_decay: float = 0.0  # AdamW weight decay on the LoRA factors
+    # the learning rate over the run: "constant" (lr at every step), or "linear" (from lr
+    # down to 0 at the last planned step, as transformers' Trainer does by default)
+    lr_schedule: str = "constant"
     max_grad_norm: float | None = 1.0  # gradient clipping; None: off
     # sharpness-aware steps (SAM): each step takes the gradient at the adapter moved this far
     # (L2, over all factors) along its own gradient; 0: plain steps. Twice the cost per step.
@@ -83,6 +87,9 @@ class UnlearnConfig:
     # forget: also forget this many replies the model itself gives, sampled, to each
     # question/answer example's prompt (samples.py): the facts in its own wordings; 0: off
     samples: int = 0
+    # without a retain set given: hold this many slices of the shipped WikiText-2 text (about
+    # 64 tokens each, from its start) to the model before the run; None: OBJECTIVE_DEFAULTS
+    text_retain: int | None = None
     # without a retain set given: also hold this many shipped factual prompts to the model
     # before the run (edit.corpus.retain_facts: CounterFact facts the default model answers,
     # none of them the general-knowledge probe's), beside the WikiText-2 slices; 0: off;
@@ -94,12 +101,16 @@ class UnlearnConfig:
         if self.method not in LOSSES:
             known = ", ".join(sorted(LOSSES))
             raise InvalidRequest(f"unknown unlearning method {self.method!r}: choose {known}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise InvalidRequest(
+                f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"
+            )
         if self.kl_to not in ("before", "reference"):
             raise InvalidRequest(f"kl_to must be 'before' or 'reference', got {self.kl_to!r}")
-        if self.fact_retain is not None and (
-            not isinstance(self.fact_retain, int) or self.fact_retain < 0
-        ):
-            raise InvalidRequest(f"fact_retain must be an integer >= 0, got {self.fact_retain!r}")
+        for name in ("fact_retain", "text_retain"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise InvalidRequest(f"{name} must be an integer >= 0, got {value!r}")
         for name in ("epochs", "lora_rank", "batch_size", "max_len"):
             value = getattr(self, name)
             if name == "epochs" and value is None:
@@ -170,8 +181,22 @@ class UnlearnConfig:
 # reference on the retain set keeps perplexity near the base's on the way to that level.
 # With a stop level, epochs is a cap.
 OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "forget": {"lr": 2e-4, "epochs": 20, "kl_weight": 5.0, "augment": False, "fact_retain": 0},
-    "learn": {"lr": 3e-4, "epochs": 6, "kl_weight": 2.0, "augment": True, "fact_retain": 256},
+    "forget": {
+        "lr": 2e-4,
+        "epochs": 20,
+        "kl_weight": 5.0,
+        "augment": False,
+        "fact_retain": 0,
+        "text_retain": 64,
+    },  # fmt: skip
+    "learn": {
+        "lr": 3e-4,
+        "epochs": 6,
+        "kl_weight": 2.0,
+        "augment": True,
+        "fact_retain": 256,
+        "text_retain": 64,
+    },  # fmt: skip
 }
 # ... and where a forget method differs. distill and match hold each example at a level, so a
 # large step does not overshoot: lr 3e-3 nears the level within the 20 epochs; KL 1 on a retain

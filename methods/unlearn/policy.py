@@ -41,6 +41,9 @@ from edit.readers.corpus import as_corpus
 from edit.update import Update
 
 DISTILL = "distill"  # the objective of a forget run given a reference and no method
+# the shipped factual prompts of a retain set appear once per this many text slices (see
+# _retain_set); 64: the slices there were when the learn defaults were chosen
+SLICES_PER_FACT_COPY = 64
 # where a forget run's level comes from (the entry's ``info["stop_source"]``), in the order
 # chosen, and what reaching it shows
 STOP_MEANS = {
@@ -193,8 +196,8 @@ def train_plan(model: nn.Module, tok, plan: Plan, *, progress: bool = True) -> T
 
 
 def _retain_set(tok, retain, config: UnlearnConfig, objective: str) -> list[Example]:
-    """The examples to keep: ``retain`` as given; else the shipped WikiText-2 slices (and
-    ``fact_retain`` shipped factual prompts), except
+    """The examples to keep: ``retain`` as given; else ``text_retain`` shipped WikiText-2
+    slices (and ``fact_retain`` shipped factual prompts), except
     for an objective that distills toward a model without the corpus when no KL weight is set.
     That model reads generic text as the target should; holding generic text to the model
     before the run keeps exactly what learning the corpus did to it (benchmarks/forget_bios.py:
@@ -203,7 +206,11 @@ def _retain_set(tok, retain, config: UnlearnConfig, objective: str) -> list[Exam
         return retain
     if config.method in NEEDS_TEACHER and config.kl_weight is None:
         return []
-    return wikitext_retain(tok) + retain_facts(for_objective(config, objective).fact_retain)
+    c = for_objective(config, objective)
+    text = wikitext_retain(tok, c.text_retain) if c.text_retain else []
+    # each fact as many times over as the text has 64 slices: a retain draw is generic text
+    # as often as beside 64 slices, more slices make the text more varied, not more frequent
+    return text + retain_facts(c.fact_retain) * max(1, round(len(text) / SLICES_PER_FACT_COPY))
 
 
 def learned_by(examples: Iterable[Example], entries: Sequence[Recorded]) -> Recorded | None:

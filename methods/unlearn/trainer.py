@@ -246,6 +246,14 @@ def _answer_labels(labels: torch.Tensor) -> torch.Tensor:
     return answer[answer != IGNORE_INDEX]
 
 
+def _schedule(optimizer, name: str, updates: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate's factor at each update (``UnlearnConfig.lr_schedule``): 1 at every
+    one ("constant"), or from 1 down to 0 after ``updates`` updates ("linear")."""
+    if name == "linear":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: max(0.0, 1 - u / updates))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 1.0)
+
+
 @dataclass
 class _Loop:
     """What the steps of a run share: set up once, counted by every step."""
@@ -462,7 +470,7 @@ class _Run:
             try:
                 result = self._steps(sets)
             finally:
-                self.forward = self.optimizer = self.peft_model = None
+                self.forward = self.optimizer = self.peft_model = self.schedule = None
                 self.acc.free_memory()  # drop accelerate's references to the wrapped model
         return result
 
@@ -507,6 +515,11 @@ class _Run:
         if self.method in NEEDS_TEACHER | NEEDS_TARGETS | NEEDS_RENAMED:
             stop_nll = None  # the objective holds each example at its own level: no stop
         holdout_n = len(sets.holdout) if c.holdout_kl else 0
+        self.schedule = _schedule(
+            self.optimizer,
+            c.lr_schedule,
+            c.epochs * math.ceil(steps / acc.gradient_accumulation_steps),
+        )
         loop = _Loop(sets, ref_logp, targets, stop_nll, token_levels,
                      use_retain_nll, c.kl_weight > 0, gen,
                      _retain_stream(len(sets.retain), retain_size, gen),
@@ -649,6 +662,8 @@ class _Run:
                 acc.clip_grad_norm_(self.params, c.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if acc.sync_gradients:
+                self.schedule.step()
         return part, share
 
     def sharpness_aware(self, loop: _Loop, idx, retain_idx, share: float) -> int:
