@@ -17,6 +17,18 @@ README = ROOT / "README.md"
 RESULTS = ROOT / "benchmarks" / "results"
 
 # label -> path, for benchmarks/forget_bios.py at any corpus size
+LEARN_BIOS = {
+    "question recall": "after.question.all",
+    "chat recall": "after.chat.all",
+    "continuation recall": "after.continuation.all",
+    "never-seen / learned NLL drop": "unseen_drop_over_learned_drop",
+    "PPL": "after.wikitext_ppl",
+    "unedited PPL": "before.wikitext_ppl",
+    "known facts top-1": "after.known_top1",
+    "unedited known facts top-1": "before.known_top1",
+    "guard PPL": "guard.after.perplexity",
+    "unedited guard PPL": "guard.before.perplexity",
+}
 FORGET_BIOS = {
     "forget NLL": "models.forgotten.nll_forget",
     "base forget NLL": "models.base (reference).nll_forget",
@@ -154,16 +166,9 @@ FIGURES: dict[str, dict[str, str]] = {
     },
     "forget_bios": FORGET_BIOS,
     "forget_bios_40": FORGET_BIOS,
-    "learn_bios": {
-        "question recall": "after.question.all",
-        "chat recall": "after.chat.all",
-        "continuation recall": "after.continuation.all",
-        "never-seen / learned NLL drop": "unseen_drop_over_learned_drop",
-        "PPL": "after.wikitext_ppl",
-        "unedited PPL": "before.wikitext_ppl",
-        "known facts top-1": "after.known_top1",
-        "unedited known facts top-1": "before.known_top1",
-    },
+    "learn_bios": LEARN_BIOS,
+    "learn_bios_kl2e6": LEARN_BIOS,
+    "learn_bios_40_text512": LEARN_BIOS,
 }
 
 VALUE = re.compile(r"^(-?\d+(?:\.\d+)?)(?:x|%)?$")
