@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import get_scheduler
 
 from edit import arch as arch_table
 from edit import distributed, lm
@@ -244,14 +245,6 @@ def _answer_labels(labels: torch.Tensor) -> torch.Tensor:
     :func:`forward_scores` gives (row by row, position by position)."""
     answer = labels[:, 1:]
     return answer[answer != IGNORE_INDEX]
-
-
-def _schedule(optimizer, name: str, updates: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """The learning rate's factor at each update (``UnlearnConfig.lr_schedule``): 1 at every
-    one ("constant"), or from 1 down to 0 after ``updates`` updates ("linear")."""
-    if name == "linear":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: max(0.0, 1 - u / updates))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 1.0)
 
 
 @dataclass
@@ -515,10 +508,12 @@ class _Run:
         if self.method in NEEDS_TEACHER | NEEDS_TARGETS | NEEDS_RENAMED:
             stop_nll = None  # the objective holds each example at its own level: no stop
         holdout_n = len(sets.holdout) if c.holdout_kl else 0
-        self.schedule = _schedule(
-            self.optimizer,
+        # transformers' schedules by name (UnlearnConfig.lr_schedule), over the planned updates
+        self.schedule = get_scheduler(
             c.lr_schedule,
-            c.epochs * math.ceil(steps / acc.gradient_accumulation_steps),
+            self.optimizer,
+            num_warmup_steps=0,
+            num_training_steps=c.epochs * math.ceil(steps / acc.gradient_accumulation_steps),
         )
         loop = _Loop(sets, ref_logp, targets, stop_nll, token_levels,
                      use_retain_nll, c.kl_weight > 0, gen,
