@@ -159,7 +159,12 @@ def _single_edits(model, tok, cases: list[dict], variants: dict, unseen_question
             seconds[v].append(sec)
             row[v] = (_single(model, tok, case, unrelated, before["unrelated_reply"]) if res
                       else {k: 0.0 for k in FORMS})  # fmt: skip
-            row[v].update(taken=bool(res), seconds=round(sec, 2), steps=steps)
+            row[v].update(
+                taken=bool(res),
+                seconds=round(sec, 2),
+                steps=steps,
+                layer_round=res.metrics.get("layer_round") if res else None,
+            )
             if res:
                 res.undo()
         rows.append(row)

@@ -1,15 +1,22 @@
-"""The reply round of an insertion (``reply_round``): what the edited model says when asked.
+"""What the edited model says when asked: the rounds of an insertion that read its replies.
 
-An edit is trained on the fact as a sentence after each of its questions in the chat
-template; the reply a user reads is the model's own sentence, which often opens differently
-("Chris Davis is a defender for …" where the edit trained "Chris Davis plays the position of
-defenceman.") and then never reaches the new object. After the edit, :func:`ask` asks each
-question; where the greedy reply does not name the new object, :func:`opening` cuts the
-reply at its first answer slot for the object (a word boundary after the reply names the
-subject where the object's first token is among the likeliest next tokens), and the edit is
-made again with that opening, then the object, as one more chat row (``Fact.openings``): the
-object taught where the edited model itself would say it. Measured on the MQuAKE-hard dev
-cases it changed no figure (docs/methods.md), so it stays off.
+The layer round (``retry_layer``, one fact): after the edit, :func:`stating` asks each of the
+fact's questions in chat and counts the greedy replies that state the edit (the subject and
+the new object named, the old one not, no loop: :func:`reply_figures`, which the benchmarks
+score with too). Where some do not, ``edit.api.edits`` makes the edit again from the start at
+the other block and keeps whichever states it in more replies.
+
+The reply round (``reply_round``, off): an edit is trained on the fact as a sentence after
+each of its questions in the chat template; the reply a user reads is the model's own
+sentence, which often opens differently ("Chris Davis is a defender for …" where the edit
+trained "Chris Davis plays the position of defenceman.") and then never reaches the new
+object. After the edit, :func:`ask` asks each question; where the greedy reply does not name
+the new object, :func:`opening` cuts the reply at its first answer slot for the object (a
+word boundary after the reply names the subject where the object's first token is among the
+likeliest next tokens), and the edit is made again with that opening, then the object, as
+one more chat row (``Fact.openings``): the object taught where the edited model itself would
+say it. Measured on the MQuAKE-hard dev cases it changed no figure (docs/methods.md), so it
+stays off.
 
 Told replies (``chat_reply: context``, off): before the edit, the model is told the fact in
 a system turn and asked each question; where its reply states the fact in its own words
@@ -22,25 +29,29 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections import Counter
+from collections.abc import Sequence
 
 from torch import nn
 
 from edit import lm
 from edit.facts import Fact
-from edit.questions import chat_prompt, names, questions_for
+from edit.questions import chat_prompt, names, plain, questions_for
 
 REPLY_TOKENS = 32  # greedy tokens of each reply: the first sentence or two
+CHECK_TOKENS = 48  # greedy tokens of each reply the layer round judges (as the benchmarks do)
 _SENTENCE_END = re.compile(r"[.!?](\s|$)")
 OPENING_TOKENS = 24  # the object is placed within the reply's first tokens
 OPENING_RANK = 3  # ... where its first token is among the likeliest next tokens
 
 
-def ask(model: nn.Module, tok, facts: list[Fact]) -> list[list[tuple[str, str]]]:
-    """Per fact, (question, greedy chat reply) for each of its questions; none for a
-    tokenizer without a chat template."""
+def ask(model: nn.Module, tok, facts: list[Fact], tokens: int = REPLY_TOKENS
+        ) -> list[list[tuple[str, str]]]:  # fmt: skip
+    """Per fact, (question, greedy chat reply of ``tokens`` tokens) for each of its
+    questions; none for a tokenizer without a chat template."""
     asked = [(i, q, chat_prompt(tok, q)) for i, f in enumerate(facts) for q in questions_for(f)]
     asked = [(i, q, p) for i, q, p in asked if p is not None]
-    replies = lm.greedy(model, tok, [p for *_, p in asked], max_new_tokens=REPLY_TOKENS)
+    replies = lm.greedy(model, tok, [p for *_, p in asked], max_new_tokens=tokens)
     out: list[list[tuple[str, str]]] = [[] for _ in facts]
     for (i, q, _), reply in zip(asked, replies, strict=True):
         out[i].append((q, reply))
@@ -50,6 +61,42 @@ def ask(model: nn.Module, tok, facts: list[Fact]) -> list[list[tuple[str, str]]]
 def named(asked: list[list[tuple[str, str]]], facts: list[Fact]) -> int:
     """How many of the replies name their fact's new object."""
     return sum(names(r, f.target) for qa, f in zip(asked, facts, strict=True) for _, r in qa)
+
+
+def names_any(text: str, candidates: Sequence[str]) -> bool:
+    """Whether ``text`` names one of ``candidates`` (an object and its aliases)."""
+    return any(names(text, n) for n in candidates)
+
+
+def loops(text: str, n: int = 3, times: int = 3) -> bool:
+    """Whether some word n-gram occurs ``times`` times or more in ``text`` (a reply that
+    repeats itself: "the English language is based on the English language, and the
+    English language is based on ...")."""
+    words = re.findall(r"\w+", text.lower())
+    grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+    return bool(grams) and max(grams.values()) >= times
+
+
+def reply_figures(reply: str, subject: str, new: Sequence[str], old: Sequence[str]
+                  ) -> dict[str, bool]:  # fmt: skip
+    """Of one reply: it names the subject (RS), the new object (RN), the old one (RO), loops
+    (RL), and states the edit (RE: subject and new named, old not, no loop). ``new``/``old``:
+    the objects with their aliases; an object's name inside the subject's ("Ford" in "Ford
+    Thunderbird") does not name it."""
+    rs = names_any(reply, [subject])
+    rest = f" {plain(reply)} ".replace(f" {plain(subject)} ", " | ") if plain(subject) else reply
+    rn, ro, rl = names_any(rest, new), bool(old) and names_any(rest, old), loops(reply)
+    return {"RS": rs, "RN": rn, "RO": ro, "RL": rl, "RE": rs and rn and not ro and not rl}
+
+
+def stating(model: nn.Module, tok, fact: Fact) -> tuple[int, int]:
+    """(how many of ``fact``'s questions get a greedy chat reply, of :data:`CHECK_TOKENS`
+    tokens, that states the edit (:func:`reply_figures`), how many were asked); (0, 0) for
+    a tokenizer without a chat template."""
+    (asked,) = ask(model, tok, [fact], tokens=CHECK_TOKENS)
+    old = [fact.target_true] if fact.target_true else []
+    says = [reply_figures(r, fact.subject, [fact.target], old)["RE"] for _, r in asked]
+    return sum(says), len(says)
 
 
 def opening(model: nn.Module, tok, fact: Fact, question: str, reply: str) -> str | None:

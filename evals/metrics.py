@@ -53,7 +53,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from edit import questions
+from edit import replies
 
 
 def success(nll_wanted: Sequence[float], nll_other: Sequence[float]) -> float:
@@ -217,28 +217,14 @@ def harmonic_mean(values: Sequence[float]) -> float:
 def answer_contains(answer: str, names: Sequence[str]) -> bool:
     """Whether a generated answer names one of ``names`` (the object or its aliases), as
     whole words, case and punctuation aside (MQuAKE's accuracy on generated answers)."""
-    return any(questions.names(answer, n) for n in names)
-
-
-def loops(text: str, n: int = 3, times: int = 3) -> bool:
-    """Whether some word n-gram occurs ``times`` times or more in ``text`` (a reply that
-    repeats itself: "the English language is based on the English language, and the
-    English language is based on ...")."""
-    words = re.findall(r"\w+", text.lower())
-    grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
-    return bool(grams) and max(grams.values()) >= times
+    return replies.names_any(answer, names)
 
 
 def reply_figures(reply: str, subject: str, new: Sequence[str], old: Sequence[str]) -> dict:
     """RS, RN, RO, RL and RE (see the module docstring) of one reply, as 0.0 or 1.0:
-    ``new``/``old`` are the new and the old object with their aliases."""
-    rs = answer_contains(reply, [subject])
-    # an object's name inside the subject's ("Ford" in "Ford Thunderbird") does not name it
-    plain = questions.plain
-    rest = f" {plain(reply)} ".replace(f" {plain(subject)} ", " | ") if plain(subject) else reply
-    rn, ro, rl = answer_contains(rest, new), bool(old) and answer_contains(rest, old), loops(reply)
-    figures = {"RS": rs, "RN": rn, "RO": ro, "RL": rl, "RE": rs and rn and not ro and not rl}
-    return {k: float(v) for k, v in figures.items()}
+    ``new``/``old`` are the new and the old object with their aliases
+    (``edit.replies.reply_figures``, which the edit's own reply check reads too)."""
+    return {k: float(v) for k, v in replies.reply_figures(reply, subject, new, old).items()}
 
 
 # what each reported figure means, written into every result file

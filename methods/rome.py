@@ -86,10 +86,15 @@ class ROMEConfig(EditConfig):
     # that takes it from generic text (two subjects ending in one token: rows 60x longer,
     # perplexity +3.5 % from one batch of 100; benchmarks/results/lifelong_b100_isolated_200)
     isolate: bool = False
+    # the layer round (one fact): where a greedy chat reply to the fact's questions does not
+    # state the edit, the edit is made again at this block instead and kept where more
+    # replies state it (``edit.api.edits``); None: no round
+    retry_layer: int | None = None
 
     def __post_init__(self) -> None:
-        if self.layer is not None and self.layer < 0:
-            raise InvalidRequest(f"layer must be >= 0, got {self.layer}")
+        for name in ("layer", "retry_layer"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise InvalidRequest(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.write not in WRITES:
             raise InvalidRequest(f"write must be {' or '.join(WRITES)}, got {self.write!r}")
         if not self.gate > 0:

@@ -10,7 +10,7 @@ import torch
 from tiny import CHAT_TEMPLATE, EOS_TOKEN, tiny_model
 
 import edit
-from edit import Fact, InvalidRequest, lm
+from edit import Fact, InvalidRequest, lm, replies
 from edit.evals import metrics as M
 from edit.hooks import Trace
 from edit.methods import algebra
@@ -428,7 +428,7 @@ def test_answer_contains_names_as_whole_words():
     ],
 )
 def test_a_reply_loops_when_a_word_trigram_comes_three_times(text, looping):
-    assert M.loops(text) is looping
+    assert replies.loops(text) is looping
 
 
 def test_reply_figures_name_the_subject_the_new_object_and_not_the_old():

@@ -177,13 +177,17 @@ def test_the_round_makes_the_edit_again_with_the_openings_kept_only_if_more_repl
     chat_tok, llama, monkeypatch, named_second
 ):
     calls = _fake_asks(monkeypatch, named_second)
-    computed = []
+    computed, clean = [], []
     rome = edit.methods.get("rome")
-    spy = dataclasses.replace(
-        rome, compute=lambda *a, **k: computed.append(a[2]) or rome.compute(*a, **k)
-    )
-    monkeypatch.setattr("edit.api.edits._method_for", lambda method, facts: spy)
     start = state_copy(llama)
+
+    def compute(*a, **k):  # the facts of each edit, and whether the model was unedited
+        computed.append(a[2])
+        clean.append(all(torch.equal(v, start[n]) for n, v in llama.state_dict().items()))
+        return rome.compute(*a, **k)
+
+    spy = dataclasses.replace(rome, compute=compute)
+    monkeypatch.setattr("edit.api.edits._method_for", lambda method, facts: spy)
     settings = {**TINY_ROME, "retry_rounds": 0}
     first = edit.apply(llama, chat_tok, TAKES, progress=False, describe=False, **settings)
     first_state = state_copy(llama)
@@ -196,6 +200,7 @@ def test_the_round_makes_the_edit_again_with_the_openings_kept_only_if_more_repl
     assert record["replies"] == n and record["named"] == 0 and record["openings"] == n
     assert record["named_after"] == (n if named_second else 0)
     assert record["kept"] is named_second
+    assert all(clean)  # made again from the start, not on top of the first edit
     assert len(calls) == 2 and [f.openings for f in computed[-1]] == [
         tuple((q, "France is from") for q in questions_for(TAKES))
     ]
@@ -239,4 +244,141 @@ def test_edit_add_prints_what_the_round_did(capsys, record, says):
     from edit.cli.edits import _print_reply_round
 
     _print_reply_round(record)
+    assert capsys.readouterr().out == says
+
+
+# --------------------------------------------------------------------------------------------
+# The layer round (``retry_layer``)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "reply, states",
+    [
+        ("The country of citizenship of Marie Curie is Spain.", True),
+        ("Spain is a country in southern Europe.", False),  # the subject lost
+        ("Marie Curie is a citizen of Poland, now of Spain.", False),  # the old one named too
+        ("Marie Curie is a citizen of Poland.", False),
+        ("Marie Curie is of Spain. " * 3, False),  # a loop
+    ],
+)
+def test_a_reply_states_the_edit_with_subject_and_new_object_not_the_old_no_loop(reply, states):
+    assert replies.reply_figures(reply, FACT.subject, [FACT.target], [FACT.target_true])["RE"] is (
+        states
+    )
+
+
+def test_stating_counts_the_greedy_chat_replies_to_the_facts_questions(monkeypatch):
+    seen = []
+
+    def greedy(model, tok, prompts, max_new_tokens):
+        seen.append((len(prompts), max_new_tokens))
+        return ["Marie Curie is a citizen of Spain.", "She is Polish."][: len(prompts)]
+
+    monkeypatch.setattr(lm, "greedy", greedy)
+
+    class Tok:  # a chat template of one line: the question as the user's turn
+        chat_template = "x"
+
+        def apply_chat_template(self, turns, add_generation_prompt, tokenize):
+            return f"<user>{turns[-1]['content']}<assistant>"
+
+    fact = dataclasses.replace(FACT, questions=(QUESTION, "Where is Marie Curie from?"))
+    assert replies.stating(None, Tok(), fact) == (1, 2)
+    assert seen == [(2, replies.CHECK_TOKENS)]
+
+
+def _fake_stating(monkeypatch, second: int):
+    """replies.stating: none of the fact's replies state the edit at first, ``second`` after
+    the edit is made again."""
+    calls = []
+
+    def stating(model, tok, fact):
+        calls.append(fact)
+        n = len(questions_for(fact))
+        return (0 if len(calls) == 1 else second), n
+
+    monkeypatch.setattr(replies, "stating", stating)
+    return calls
+
+
+@pytest.mark.parametrize("better", [True, False])
+def test_the_layer_round_makes_the_edit_again_at_the_other_block_kept_only_if_more_replies_state_it(
+    chat_tok, llama, monkeypatch, better
+):
+    n = len(questions_for(TAKES))
+    calls = _fake_stating(monkeypatch, n if better else 0)
+    layers, clean = [], []
+    rome = edit.methods.get("rome")
+    start = state_copy(llama)
+
+    def compute(*a, **k):  # where each edit is made, and on which model
+        layers.append(a[3].layer)
+        clean.append(all(torch.equal(v, start[n]) for n, v in llama.state_dict().items()))
+        return rome.compute(*a, **k)
+
+    spy = dataclasses.replace(rome, compute=compute)
+    monkeypatch.setattr("edit.api.edits._method_for", lambda method, facts: spy)
+    settings = {**TINY_ROME, "retry_rounds": 0}
+    first = edit.apply(llama, chat_tok, TAKES, progress=False, describe=False, **settings)
+    first_state = state_copy(llama)
+    first.undo()
+    res = edit.apply(llama, chat_tok, TAKES, progress=False, describe=False, retry_layer=0,
+                     **settings)  # fmt: skip
+    record = res.metrics["layer_round"]
+    assert layers == [1, 1, 0] and len(calls) == 2
+    assert all(clean)  # made again from the start, not on top of the first edit
+    assert record == {"replies": n, "stating": 0, "layer": 1, "retry_layer": 0, "kept": better,
+                      "stating_after": n if better else 0}  # fmt: skip
+    # the result says where the update it holds was made
+    assert (res.layers, res.config.layer) == (([0], 0) if better else ([1], 1))
+    same = all(torch.equal(v, first_state[k]) for k, v in llama.state_dict().items())
+    assert same is not better  # not kept: exactly the first edit
+    res.undo()
+    assert all(torch.equal(v, start[k]) for k, v in llama.state_dict().items())
+
+
+def test_no_layer_round_where_every_reply_states_the_edit_or_without_the_setting(
+    chat_tok, llama, monkeypatch
+):
+    calls = []
+    monkeypatch.setattr(replies, "stating", lambda m, t, f: calls.append(f) or (2, 2))
+    res = edit.apply(llama, chat_tok, TAKES, progress=False, describe=False, retry_layer=0,
+                     **TINY_ROME)  # fmt: skip
+    assert res.metrics["layer_round"]["kept"] is False and res.layers == [1] and len(calls) == 1
+    assert "stating_after" not in res.metrics["layer_round"]
+    res.undo()
+    res = edit.apply(llama, chat_tok, TAKES, progress=False, describe=False, **TINY_ROME)
+    assert res.metrics["layer_round"] is None and len(calls) == 1
+    res.undo()
+    with pytest.raises(edit.InvalidRequest, match="retry_layer must be >= 0, got -1"):
+        edit.apply(llama, chat_tok, TAKES, progress=False, retry_layer=-1, **TINY_ROME)
+
+
+@pytest.mark.parametrize(
+    "record, says",
+    [
+        (None, ""),
+        ({"replies": 0, "stating": 0, "layer": 4, "retry_layer": 6, "kept": False}, ""),
+        (
+            {"replies": 2, "stating": 2, "layer": 4, "retry_layer": 6, "kept": False},
+            "asked in chat: 2 of 2 replies state the edit\n",
+        ),
+        (
+            {"replies": 2, "stating": 0, "layer": 4, "retry_layer": 6, "kept": True,
+             "stating_after": 2},
+            "asked in chat: 0 of 2 replies state the edit; made again at layer 6: 2 of 2\n",
+        ),
+        (
+            {"replies": 3, "stating": 1, "layer": 4, "retry_layer": 6, "kept": False,
+             "stating_after": 1},
+            "asked in chat: 1 of 3 replies state the edit; made again at layer 6: 1 of 3 (no "
+            "better: kept layer 4)\n",
+        ),
+    ],
+)  # fmt: skip
+def test_edit_add_prints_what_the_layer_round_did(capsys, record, says):
+    from edit.cli.edits import _print_layer_round
+
+    _print_layer_round(record)
     assert capsys.readouterr().out == says

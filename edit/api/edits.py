@@ -164,6 +164,8 @@ def apply(
             break
     if getattr(config, "reply_round", False) and kind == "insert":
         _reply_round(edit, spec, config, before, probe, history, progress)
+    if getattr(config, "retry_layer", None) is not None and kind == "insert" and not batch:
+        config = _layer_round(edit, spec, config, before, probe, history, progress)
     metrics = _outcome(facts, olds, before, edit, batch)
     out = edit.out
     return EditResult(
@@ -230,6 +232,7 @@ class _Applied:
     problems: list[str | None] = field(default_factory=list)
     retried: list[dict] = field(default_factory=list)
     replied: dict | None = None  # the reply round's counts (reply_round)
+    relayered: dict | None = None  # the layer round's counts (retry_layer)
 
 
 def _retry(edit: _Applied, spec, config, kind, before, probe, history, progress) -> bool:
@@ -294,11 +297,12 @@ def _make_again_with_openings(edit: _Applied, spec, config, before, probe, histo
     if not record["openings"]:
         return
     redo = [dataclasses.replace(f, openings=o) for f, o in zip(facts, found, strict=True)]
+    edit.handle.undo()  # made again from the model as it was before the edit
     more = spec.compute(model, tok, redo, config, objective="insert", progress=progress,
                         history=history)  # fmt: skip
     if not more.update.is_finite():
+        edit.handle = edit.out.update.apply(model)
         return
-    edit.handle.undo()
     handle = more.update.apply(model)
     again, named = probe(), replies.named(replies.ask(model, tok, facts), facts)
     still = _verdicts("insert", before, again)
@@ -309,6 +313,43 @@ def _make_again_with_openings(edit: _Applied, spec, config, before, probe, histo
         return
     handle.undo()  # back to the first edit
     edit.handle = edit.out.update.apply(model)
+
+
+def _layer_round(edit: _Applied, spec, config, before, probe, history, progress):
+    """Ask the edited model the fact's questions in chat (``replies.stating``); where a reply
+    does not state the edit, make it again from the start at block ``config.retry_layer``
+    instead, and keep that one where more replies state it and the fact still takes. The
+    config of the edit kept; the round's time counts in the edit's."""
+    t0 = time.perf_counter()
+    try:
+        model, tok = probe.model, probe.tok
+        facts = _with_old(probe.facts, probe.olds, "insert")
+        said, asked = replies.stating(model, tok, facts[0])
+        other = dataclasses.replace(config, layer=config.retry_layer)
+        edit.relayered = {"replies": asked, "stating": said, "layer": edit.out.layers[0],
+                          "retry_layer": config.retry_layer, "kept": False}  # fmt: skip
+        if said == asked or config.retry_layer == edit.out.layers[0]:
+            return config
+        edit.handle.undo()  # made again from the model as it was before the edit
+        more = spec.compute(model, tok, facts, other, objective="insert", progress=progress,
+                            history=history)  # fmt: skip
+        if not more.update.is_finite():
+            edit.handle = edit.out.update.apply(model)
+            return config
+        handle = more.update.apply(model)
+        again = probe()
+        still = _verdicts("insert", before, again)
+        said_again, _ = replies.stating(model, tok, facts[0])
+        edit.relayered["stating_after"] = said_again
+        if said_again > said and not any(still):
+            edit.relayered["kept"] = True
+            edit.out, edit.handle, edit.after, edit.problems = more, handle, again, still
+            return other
+        handle.undo()  # back to the first edit
+        edit.handle = edit.out.update.apply(model)
+        return config
+    finally:
+        edit.seconds += time.perf_counter() - t0
 
 
 def _outcome(facts, olds, before, edit: _Applied, batch: bool) -> dict:
@@ -328,7 +369,7 @@ def _outcome(facts, olds, before, edit: _Applied, batch: bool) -> dict:
                 f"(try another --layer or more steps)"
             )
         return {"seconds": seconds, "retried": edit.retried, "reply_round": edit.replied,
-                **per_fact[0]}  # fmt: skip
+                "layer_round": edit.relayered, **per_fact[0]}  # fmt: skip
     failed = [(f, p) for f, p in zip(facts, problems, strict=True) if p]
     if len(failed) == len(facts):
         edit.handle.undo()

@@ -130,6 +130,20 @@ def _print_single(res, erase: bool, seconds: float) -> None:
     if any(r["kept"] for r in m.get("retried", [])):
         print("the first update did not take; a second one on top of it did (both recorded)")
     _print_reply_round(m.get("reply_round"))
+    _print_layer_round(m.get("layer_round"))
+
+
+def _print_layer_round(r: dict | None) -> None:
+    """What the layer round did (``retry_layer``): replies that state the edit, at the first
+    block and, where some did not, at the other."""
+    if not r or not r["replies"]:  # off, or no chat template to ask in
+        return
+    line = f"asked in chat: {r['stating']} of {r['replies']} replies state the edit"
+    if "stating_after" in r:
+        line += (f"; made again at layer {r['retry_layer']}: {r['stating_after']} of "
+                 f"{r['replies']}" + ("" if r["kept"] else f" (no better: kept layer "
+                                      f"{r['layer']})"))  # fmt: skip
+    print(line)
 
 
 def _print_reply_round(r: dict | None) -> None:
