@@ -16,7 +16,17 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 RESULTS = ROOT / "benchmarks" / "results"
 
-# label -> path, for benchmarks/forget_bios.py at any corpus size
+# ROME's CounterFact figures, with the layer round and without
+ROME_COUNTERFACT = {
+    "ES": "edited.ES",
+    "PS": "edited.PS",
+    "NS": "edited.NS",
+    "unedited NS": "unedited.NS",
+    "PPL": "edited.PPL",
+    "unedited PPL": "unedited.PPL",
+    "s/edit": "seconds_per_edit_median",
+}
+# label -> path, for benchmarks/learn_bios.py at any corpus size
 LEARN_BIOS = {
     "question recall": "after.question.all",
     "chat recall": "after.chat.all",
@@ -57,15 +67,7 @@ LIFELONG = {
     "s/fact": "s_per_fact",
 }
 FIGURES: dict[str, dict[str, str]] = {
-    "rome_counterfact": {
-        "ES": "edited.ES",
-        "PS": "edited.PS",
-        "NS": "edited.NS",
-        "unedited NS": "unedited.NS",
-        "PPL": "edited.PPL",
-        "unedited PPL": "unedited.PPL",
-        "s/edit": "seconds_per_edit_median",
-    },
+    "rome_counterfact": ROME_COUNTERFACT,
     "memit_counterfact_batch": {
         "ES": "methods.memit.edited.ES",
         "PS": "methods.memit.edited.PS",
@@ -91,6 +93,15 @@ FIGURES: dict[str, dict[str, str]] = {
         "s/edit": "seconds_per_edit_median.edited",
         "cost": "cost_ratio",
         "MHS": "MHS_edited",
+    },
+    "rome_counterfact_relayer": ROME_COUNTERFACT,
+    "mquake_forms_relayer_held": {
+        **{k: f"edited.{k}" for k in ("ES", "QS", "CS", "RS", "RE", "RU")},
+        "unedited RS": "unedited.RS",
+        **{f"round off {k}": f"against.{k}" for k in ("QS", "RE", "RU")},
+        "s/edit": "seconds_per_edit_median.edited",
+        "round off s/edit": "seconds_per_edit_median.against",
+        "cost": "cost_ratio",
     },
     "lifelong_1000": LIFELONG,
     "lifelong_1000_pair": LIFELONG,
