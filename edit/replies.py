@@ -1,10 +1,10 @@
 """What the edited model says when asked: the rounds of an insertion that read its replies.
 
-The layer round (``retry_layer``, one fact): after the edit, :func:`stating` asks each of the
+The layer round (``layer_round``, one fact): after the edit, :func:`stating` asks each of the
 fact's questions in chat and counts the greedy replies that state the edit (the subject and
 the new object named, the old one not, no loop: :func:`reply_figures`, which the benchmarks
 score with too). Where some do not, ``edit.api.edits`` makes the edit again from the start at
-the other block and keeps whichever states it in more replies.
+block ``retry_layer`` and keeps whichever states it in more replies.
 
 The reply round (``reply_round``, off): an edit is trained on the fact as a sentence after
 each of its questions in the chat template; the reply a user reads is the model's own

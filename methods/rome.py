@@ -87,8 +87,9 @@ class ROMEConfig(EditConfig):
     # perplexity +3.5 % from one batch of 100; benchmarks/results/lifelong_b100_isolated_200)
     isolate: bool = False
     # the layer round (one fact): where a greedy chat reply to the fact's questions does not
-    # state the edit, the edit is made again at this block instead and kept where more
-    # replies state it (``edit.api.edits``); None: no round
+    # state the edit, the edit is made again at block ``retry_layer`` instead and kept where
+    # more replies state it (``edit.api.edits``)
+    layer_round: bool = False
     retry_layer: int | None = None
 
     def __post_init__(self) -> None:
@@ -97,6 +98,8 @@ class ROMEConfig(EditConfig):
                 raise InvalidRequest(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.write not in WRITES:
             raise InvalidRequest(f"write must be {' or '.join(WRITES)}, got {self.write!r}")
+        if self.layer_round and self.retry_layer is None:
+            raise InvalidRequest("layer_round needs retry_layer: the block to edit at again")
         if not self.gate > 0:
             raise InvalidRequest(f"gate must be > 0, got {self.gate}")
         if not 0 <= self.pair_gate < self.gate:

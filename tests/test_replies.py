@@ -248,7 +248,7 @@ def test_edit_add_prints_what_the_round_did(capsys, record, says):
 
 
 # --------------------------------------------------------------------------------------------
-# The layer round (``retry_layer``)
+# The layer round (``layer_round``)
 # --------------------------------------------------------------------------------------------
 
 
@@ -323,8 +323,8 @@ def test_the_layer_round_makes_the_edit_again_at_the_other_block_kept_only_if_mo
     first = edit.apply(llama, chat_tok, TAKES, progress=False, describe=False, **settings)
     first_state = state_copy(llama)
     first.undo()
-    res = edit.apply(llama, chat_tok, TAKES, progress=False, describe=False, retry_layer=0,
-                     **settings)  # fmt: skip
+    res = edit.apply(llama, chat_tok, TAKES, progress=False, describe=False, layer_round=True,
+                     retry_layer=0, **settings)  # fmt: skip
     record = res.metrics["layer_round"]
     assert layers == [1, 1, 0] and len(calls) == 2
     assert all(clean)  # made again from the start, not on top of the first edit
@@ -343,16 +343,20 @@ def test_no_layer_round_where_every_reply_states_the_edit_or_without_the_setting
 ):
     calls = []
     monkeypatch.setattr(replies, "stating", lambda m, t, f: calls.append(f) or (2, 2))
-    res = edit.apply(llama, chat_tok, TAKES, progress=False, describe=False, retry_layer=0,
-                     **TINY_ROME)  # fmt: skip
+    res = edit.apply(llama, chat_tok, TAKES, progress=False, describe=False, layer_round=True,
+                     retry_layer=0, **TINY_ROME)  # fmt: skip
     assert res.metrics["layer_round"]["kept"] is False and res.layers == [1] and len(calls) == 1
     assert "stating_after" not in res.metrics["layer_round"]
     res.undo()
-    res = edit.apply(llama, chat_tok, TAKES, progress=False, describe=False, **TINY_ROME)
+    # off, the block given or not
+    res = edit.apply(llama, chat_tok, TAKES, progress=False, describe=False, retry_layer=0,
+                     **TINY_ROME)  # fmt: skip
     assert res.metrics["layer_round"] is None and len(calls) == 1
     res.undo()
     with pytest.raises(edit.InvalidRequest, match="retry_layer must be >= 0, got -1"):
         edit.apply(llama, chat_tok, TAKES, progress=False, retry_layer=-1, **TINY_ROME)
+    with pytest.raises(edit.InvalidRequest, match="layer_round needs retry_layer"):
+        edit.apply(llama, chat_tok, TAKES, progress=False, layer_round=True, **TINY_ROME)
 
 
 @pytest.mark.parametrize(
@@ -382,3 +386,18 @@ def test_edit_add_prints_what_the_layer_round_did(capsys, record, says):
 
     _print_layer_round(record)
     assert capsys.readouterr().out == says
+
+
+def test_the_default_models_config_turns_the_round_on_and_a_setting_turns_it_off(
+    llama, monkeypatch
+):
+    from conftest import _CONFIG_FILE
+
+    from edit.config import resolve
+    from edit.methods.rome import ROMEConfig
+
+    monkeypatch.setattr(edit.config, "config_file", _CONFIG_FILE)  # the tuned configs, read
+    llama.edit_source = "SmolLM2-135M-Instruct"  # read as the default model's tuned config
+    on = resolve("rome", ROMEConfig, llama, layer=1)
+    assert on.layer_round and on.retry_layer is not None
+    assert not resolve("rome", ROMEConfig, llama, layer=1, layer_round=False).layer_round

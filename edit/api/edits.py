@@ -164,7 +164,7 @@ def apply(
             break
     if getattr(config, "reply_round", False) and kind == "insert":
         _reply_round(edit, spec, config, before, probe, history, progress)
-    if getattr(config, "retry_layer", None) is not None and kind == "insert" and not batch:
+    if getattr(config, "layer_round", False) and kind == "insert" and not batch:
         config = _layer_round(edit, spec, config, before, probe, history, progress)
     metrics = _outcome(facts, olds, before, edit, batch)
     out = edit.out

@@ -134,7 +134,7 @@ def _print_single(res, erase: bool, seconds: float) -> None:
 
 
 def _print_layer_round(r: dict | None) -> None:
-    """What the layer round did (``retry_layer``): replies that state the edit, at the first
+    """What the layer round did (``layer_round``): replies that state the edit, at the first
     block and, where some did not, at the other."""
     if not r or not r["replies"]:  # off, or no chat template to ask in
         return
