@@ -140,19 +140,14 @@ def test_edit_apply_tells_the_unedited_model_only_with_chat_reply_context(
         return [dataclasses.replace(f, told=heard) for f in facts]
 
     monkeypatch.setattr(replies, "told", fake_told)
-    computed = []
-    rome = edit.methods.get("rome")
-    spy = dataclasses.replace(
-        rome, compute=lambda *a, **k: computed.append(a[2]) or rome.compute(*a, **k)
-    )
-    monkeypatch.setattr("edit.api.edits._method_for", lambda method, facts: spy)
+    computed, _, _ = _spy_rome(monkeypatch, llama)
     settings = {**TINY_ROME, "retry_rounds": 0}
     edit.apply(llama, chat_tok, TAKES, progress=False, describe=False, **settings).undo()
     assert not told
     res = edit.apply(llama, chat_tok, TAKES, progress=False, describe=False,
                      chat_reply="context", **settings)  # fmt: skip
     assert len(told) == 1 and told[0][0].target_true is not None  # the old object, as read
-    assert [f.told for f in computed[-1]] == [heard]  # what the value optimization gets
+    assert [f.told for f in computed[-1][0]] == [heard]  # what the value optimization gets
     assert res.facts[0].target_true is None  # the request is recorded as given
     res.undo()
 
@@ -172,22 +167,29 @@ def _fake_asks(monkeypatch, named_second: bool):
     return calls
 
 
-@pytest.mark.parametrize("named_second", [True, False])
-def test_the_round_makes_the_edit_again_with_the_openings_kept_only_if_more_replies_name_it(
-    chat_tok, llama, monkeypatch, named_second
-):
-    calls = _fake_asks(monkeypatch, named_second)
+def _spy_rome(monkeypatch, llama):
+    """ROME as edit.apply finds it, recording each edit's (facts, config) and whether the
+    model was unedited when it was computed; and the model's state before any edit."""
     computed, clean = [], []
     rome = edit.methods.get("rome")
     start = state_copy(llama)
 
-    def compute(*a, **k):  # the facts of each edit, and whether the model was unedited
-        computed.append(a[2])
+    def compute(*a, **k):
+        computed.append((a[2], a[3]))
         clean.append(all(torch.equal(v, start[n]) for n, v in llama.state_dict().items()))
         return rome.compute(*a, **k)
 
     spy = dataclasses.replace(rome, compute=compute)
     monkeypatch.setattr("edit.api.edits._method_for", lambda method, facts: spy)
+    return computed, clean, start
+
+
+@pytest.mark.parametrize("named_second", [True, False])
+def test_the_round_makes_the_edit_again_with_the_openings_kept_only_if_more_replies_name_it(
+    chat_tok, llama, monkeypatch, named_second
+):
+    calls = _fake_asks(monkeypatch, named_second)
+    computed, clean, start = _spy_rome(monkeypatch, llama)
     settings = {**TINY_ROME, "retry_rounds": 0}
     first = edit.apply(llama, chat_tok, TAKES, progress=False, describe=False, **settings)
     first_state = state_copy(llama)
@@ -201,7 +203,7 @@ def test_the_round_makes_the_edit_again_with_the_openings_kept_only_if_more_repl
     assert record["named_after"] == (n if named_second else 0)
     assert record["kept"] is named_second
     assert all(clean)  # made again from the start, not on top of the first edit
-    assert len(calls) == 2 and [f.openings for f in computed[-1]] == [
+    assert len(calls) == 2 and [f.openings for f in computed[-1][0]] == [
         tuple((q, "France is from") for q in questions_for(TAKES))
     ]
     same = all(torch.equal(v, first_state[k]) for k, v in llama.state_dict().items())
@@ -308,17 +310,7 @@ def test_the_layer_round_makes_the_edit_again_at_the_other_block_kept_only_if_mo
 ):
     n = len(questions_for(TAKES))
     calls = _fake_stating(monkeypatch, n if better else 0)
-    layers, clean = [], []
-    rome = edit.methods.get("rome")
-    start = state_copy(llama)
-
-    def compute(*a, **k):  # where each edit is made, and on which model
-        layers.append(a[3].layer)
-        clean.append(all(torch.equal(v, start[n]) for n, v in llama.state_dict().items()))
-        return rome.compute(*a, **k)
-
-    spy = dataclasses.replace(rome, compute=compute)
-    monkeypatch.setattr("edit.api.edits._method_for", lambda method, facts: spy)
+    computed, clean, start = _spy_rome(monkeypatch, llama)
     settings = {**TINY_ROME, "retry_rounds": 0}
     first = edit.apply(llama, chat_tok, TAKES, progress=False, describe=False, **settings)
     first_state = state_copy(llama)
@@ -326,7 +318,7 @@ def test_the_layer_round_makes_the_edit_again_at_the_other_block_kept_only_if_mo
     res = edit.apply(llama, chat_tok, TAKES, progress=False, describe=False, layer_round=True,
                      retry_layer=0, **settings)  # fmt: skip
     record = res.metrics["layer_round"]
-    assert layers == [1, 1, 0] and len(calls) == 2
+    assert [config.layer for _, config in computed] == [1, 1, 0] and len(calls) == 2
     assert all(clean)  # made again from the start, not on top of the first edit
     assert record == {"replies": n, "stating": 0, "layer": 1, "retry_layer": 0, "kept": better,
                       "stating_after": n if better else 0}  # fmt: skip

@@ -297,21 +297,40 @@ def _make_again_with_openings(edit: _Applied, spec, config, before, probe, histo
     if not record["openings"]:
         return
     redo = [dataclasses.replace(f, openings=o) for f, o in zip(facts, found, strict=True)]
-    edit.handle.undo()  # made again from the model as it was before the edit
-    more = spec.compute(model, tok, redo, config, objective="insert", progress=progress,
+    second = _remade(edit, spec, probe, before, redo, config, history, progress)
+    if second is None:
+        return
+    record["named_after"] = named = replies.named(replies.ask(model, tok, facts), facts)
+    no_more_miss = sum(map(bool, second.problems)) <= sum(map(bool, edit.problems))
+    record["kept"] = named > record["named"] and no_more_miss
+    _settle(edit, second, record["kept"], model)
+
+
+def _remade(edit: _Applied, spec, probe, before, facts, config, history, progress
+            ) -> _Applied | None:  # fmt: skip
+    """The edit made again from the model as it was before it (``facts`` and ``config`` as
+    given), applied in place of the first and probed; None, the first edit back in place,
+    where the new update is not finite."""
+    model = probe.model
+    edit.handle.undo()
+    more = spec.compute(model, probe.tok, facts, config, objective="insert", progress=progress,
                         history=history)  # fmt: skip
     if not more.update.is_finite():
         edit.handle = edit.out.update.apply(model)
-        return
+        return None
     handle = more.update.apply(model)
-    again, named = probe(), replies.named(replies.ask(model, tok, facts), facts)
-    still = _verdicts("insert", before, again)
-    record["named_after"] = named
-    if named > record["named"] and sum(map(bool, still)) <= sum(map(bool, edit.problems)):
-        record["kept"] = True
-        edit.out, edit.handle, edit.after, edit.problems = more, handle, again, still
+    again = probe()
+    return _Applied(more, handle, again, 0.0, _verdicts("insert", before, again))
+
+
+def _settle(edit: _Applied, second: _Applied, keep: bool, model) -> None:
+    """Keep the remade edit ``second`` in place of the first, or undo it and put the first
+    edit back."""
+    if keep:
+        edit.out, edit.handle, edit.after = second.out, second.handle, second.after
+        edit.problems = second.problems
         return
-    handle.undo()  # back to the first edit
+    second.handle.undo()
     edit.handle = edit.out.update.apply(model)
 
 
@@ -330,24 +349,14 @@ def _layer_round(edit: _Applied, spec, config, before, probe, history, progress)
                           "retry_layer": config.retry_layer, "kept": False}  # fmt: skip
         if said == asked or config.retry_layer == edit.out.layers[0]:
             return config
-        edit.handle.undo()  # made again from the model as it was before the edit
-        more = spec.compute(model, tok, facts, other, objective="insert", progress=progress,
-                            history=history)  # fmt: skip
-        if not more.update.is_finite():
-            edit.handle = edit.out.update.apply(model)
+        second = _remade(edit, spec, probe, before, facts, other, history, progress)
+        if second is None:
             return config
-        handle = more.update.apply(model)
-        again = probe()
-        still = _verdicts("insert", before, again)
         said_again, _ = replies.stating(model, tok, facts[0])
         edit.relayered["stating_after"] = said_again
-        if said_again > said and not any(still):
-            edit.relayered["kept"] = True
-            edit.out, edit.handle, edit.after, edit.problems = more, handle, again, still
-            return other
-        handle.undo()  # back to the first edit
-        edit.handle = edit.out.update.apply(model)
-        return config
+        keep = edit.relayered["kept"] = said_again > said and not any(second.problems)
+        _settle(edit, second, keep, model)
+        return other if keep else config
     finally:
         edit.seconds += time.perf_counter() - t0
 
