@@ -1,10 +1,10 @@
 """What the edited model says when asked: the rounds of an insertion that read its replies.
 
-The layer round (``layer_round``, one fact): after the edit, :func:`stating` asks each of the
-fact's questions in chat and counts the greedy replies that state the edit (the subject and
-the new object named, the old one not, no loop: :func:`reply_figures`, which the benchmarks
-score with too). Where some do not, ``edit.api.edits`` makes the edit again from the start at
-block ``retry_layer`` and keeps whichever states it in more replies.
+The layer round (``layer_round``): after the edit, :func:`stating` asks each fact's questions
+in chat and counts the greedy replies that state the edit (the subject and the new object
+named, the old one not, no loop: :func:`reply_figures`, which the benchmarks score with
+too). Where some do not, ``edit.api.edits`` makes that fact's edit again from the start at
+block ``retry_layer`` and keeps, fact by fact, whichever states it in more replies.
 
 The reply round (``reply_round``, off): an edit is trained on the fact as a sentence after
 each of its questions in the chat template; the reply a user reads is the model's own
@@ -89,14 +89,17 @@ def reply_figures(reply: str, subject: str, new: Sequence[str], old: Sequence[st
     return {"RS": rs, "RN": rn, "RO": ro, "RL": rl, "RE": rs and rn and not ro and not rl}
 
 
-def stating(model: nn.Module, tok, fact: Fact) -> tuple[int, int]:
-    """(how many of ``fact``'s questions get a greedy chat reply, of :data:`CHECK_TOKENS`
-    tokens, that states the edit (:func:`reply_figures`), how many were asked); (0, 0) for
-    a tokenizer without a chat template."""
-    (asked,) = ask(model, tok, [fact], tokens=CHECK_TOKENS)
-    old = [fact.target_true] if fact.target_true else []
-    says = [reply_figures(r, fact.subject, [fact.target], old)["RE"] for _, r in asked]
-    return sum(says), len(says)
+def stating(model: nn.Module, tok, facts: list[Fact]) -> list[tuple[int, int]]:
+    """Per fact, (how many of its questions get a greedy chat reply, of
+    :data:`CHECK_TOKENS` tokens, that states the edit (:func:`reply_figures`), how many
+    were asked), all facts' questions asked in batches; (0, 0) each for a tokenizer
+    without a chat template."""
+    out = []
+    for fact, asked in zip(facts, ask(model, tok, facts, tokens=CHECK_TOKENS), strict=True):
+        old = [fact.target_true] if fact.target_true else []
+        says = [reply_figures(r, fact.subject, [fact.target], old)["RE"] for _, r in asked]
+        out.append((sum(says), len(says)))
+    return out
 
 
 def opening(model: nn.Module, tok, fact: Fact, question: str, reply: str) -> str | None:

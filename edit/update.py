@@ -126,6 +126,19 @@ class Update:
             neurons[name] = added_neurons.joined(neurons[name], parts) if name in neurons else parts
         return Update(factors, with_keys(self.keys, other), neurons)
 
+    def with_neurons(self, keep: dict[str, torch.Tensor]) -> Update:
+        """This update with only the added neurons that ``keep`` selects (per MLP, a bool
+        mask over its neurons); an MLP left with none is dropped. Neuron updates only: a
+        weight's factors cannot be split by fact."""
+        if self.factors:
+            raise ValueError("an update that changes weights cannot be split by neuron")
+        neurons = {}
+        for name, (gate, up, down) in self.neurons.items():
+            k = keep[name].to(gate.device)
+            if bool(k.any()):
+                neurons[name] = (gate[k], up[k], down[:, k].contiguous())
+        return Update(neurons=neurons)
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """Flat name → tensor dict for safetensors: ``<module>.A``, ``<module>.B`` and,
         where recorded, ``<module>.keys``; ``<mlp>.neurons.gate`` (``.up``, ``.down``)."""

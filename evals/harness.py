@@ -268,6 +268,7 @@ def evaluate(
             "facts": sum(r["facts"] for r in run.retried),
             "took": sum(r["took"] for r in run.retried if r["kept"]),
         },
+        "layer_round": _layer_rounds(run.relayered),
         "cost": {
             "seconds_per_edit": M.percentile_summary(run.seconds),
             "statistics_seconds": round(stats_seconds, 2),
@@ -283,6 +284,18 @@ def evaluate(
     if out is not None:
         write(out, summary, rows)
     return EvalReport(summary, rows, out, unedited)
+
+
+def _layer_rounds(records: list[dict]) -> dict | None:
+    """The layer rounds of a run summed (None where none ran): facts, those made again at
+    the retry block and those kept there, replies asked and those that stated the edit
+    before the round and with its kept remakes."""
+    records = [r for r in records if r["replies"]]
+    if not records:
+        return None
+    out = {k: sum(r[k] for r in records) for k in ("facts", "remade", "kept", "replies", "stating")}
+    out["stating_kept"] = sum(r.get("stating_kept", r["stating"]) for r in records)
+    return out
 
 
 def _check(model, method: str, mode: str, out_dir, settings: EvalSettings):
@@ -356,6 +369,7 @@ class _Run:
         self.seconds: list[float] = []
         self.refused: list[bool] = [False] * len(records)
         self.retried: list[dict] = []  # batch methods: rounds that edited again what missed
+        self.relayered: list[dict] = []  # each edit call's layer round (``layer_round``)
         self.handles: list = []
         self.history: dict[str, torch.Tensor] = {}  # keys written so far (sequential batches)
 
@@ -404,6 +418,8 @@ class _Run:
         self.handles.append(res)
         self.history = with_keys(self.history, res.update)
         self.retried.extend(res.metrics.get("retried", []))
+        if res.metrics.get("layer_round"):
+            self.relayered.append(res.metrics["layer_round"])
 
     def _measure_single(self, i: int, n_flu: int) -> None:
         """Measure record ``i`` right after its own edit, then undo the edit."""

@@ -61,6 +61,7 @@ def write(out: Path, summary: dict, rows: list[dict]) -> None:
             summary_table(summary),
             f"Edits refused: {summary['refused']}. "
             + _retried_line(summary.get("retried"))
+            + _layer_round_line(summary.get("layer_round"))
             + "Seconds per edit: median "
             f"{_fmt(spe['median'])}, p90 {_fmt(spe['p90'])}. Key statistics: "
             f"{cost['statistics_seconds']} s. Peak memory: {cost['peak_memory_mb']} MB.",
@@ -124,6 +125,16 @@ def _plots(folder: Path, summary: dict, rows: list[dict]) -> None:
         fig.tight_layout()
         fig.savefig(folder / "margins.png", dpi=120)
         plt.close(fig)
+
+
+def _layer_round_line(r: dict | None) -> str:
+    if not r:
+        return ""
+    return (
+        f"Layer round: {r['remade']} of {r['facts']} facts made again at the retry block, "
+        f"{r['kept']} kept there; replies to the facts' own questions that state the edit: "
+        f"{r['stating']} of {r['replies']}, {r['stating_kept']} after the round. "
+    )
 
 
 def _retried_line(r: dict | None) -> str:

@@ -86,9 +86,10 @@ class ROMEConfig(EditConfig):
     # that takes it from generic text (two subjects ending in one token: rows 60x longer,
     # perplexity +3.5 % from one batch of 100; benchmarks/results/lifelong_b100_isolated_200)
     isolate: bool = False
-    # the layer round (one fact): where a greedy chat reply to the fact's questions does not
-    # state the edit, the edit is made again at block ``retry_layer`` instead and kept where
-    # more replies state it (``edit.api.edits``)
+    # the layer round: where a greedy chat reply to a fact's questions does not state the
+    # edit, that fact's edit is made again at block ``retry_layer`` instead and kept where
+    # more of its replies state it (one fact, or fact by fact in a batch of added neurons;
+    # ``edit.api.edits``)
     layer_round: bool = False
     retry_layer: int | None = None
 

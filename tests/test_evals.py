@@ -214,6 +214,27 @@ def test_harness_writes_every_artifact_and_restores_the_model(llama, tok, tmp_pa
     assert report.summary["cost"]["seconds_per_edit"]["median"] > 0
 
 
+def test_the_layer_rounds_of_a_run_are_summed_and_reported():
+    from edit.evals.harness import _layer_rounds
+    from edit.evals.report import _layer_round_line
+
+    single = {"replies": 2, "stating": 1, "layer": 4, "retry_layer": 6, "facts": 1,
+              "remade": 1, "kept": 1, "stating_after": 2, "stating_kept": 2}  # fmt: skip
+    stated = {"replies": 3, "stating": 3, "layer": 4, "retry_layer": 6, "facts": 1,
+              "remade": 0, "kept": 0}  # fmt: skip
+    batch = {"replies": 9, "stating": 5, "layer": 4, "retry_layer": 6, "facts": 3,
+             "remade": 2, "kept": 1, "stating_after": 6, "stating_kept": 7}  # fmt: skip
+    no_template = {**stated, "replies": 0, "stating": 0}
+    total = _layer_rounds([single, stated, batch, no_template])
+    assert total == {"facts": 5, "remade": 3, "kept": 2, "replies": 14, "stating": 9,
+                     "stating_kept": 12}  # fmt: skip
+    assert _layer_rounds([no_template]) is None and _layer_round_line(None) == ""
+    assert _layer_round_line(total) == (
+        "Layer round: 3 of 5 facts made again at the retry block, 2 kept there; replies to "
+        "the facts' own questions that state the edit: 9 of 14, 12 after the round. "
+    )
+
+
 def test_unedited_measurements_are_reused_only_for_the_same_records_and_mode(
     llama, tok, tmp_path, monkeypatch
 ):

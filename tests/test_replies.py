@@ -275,7 +275,7 @@ def test_stating_counts_the_greedy_chat_replies_to_the_facts_questions(monkeypat
 
     def greedy(model, tok, prompts, max_new_tokens):
         seen.append((len(prompts), max_new_tokens))
-        return ["Marie Curie is a citizen of Spain.", "She is Polish."][: len(prompts)]
+        return ["Marie Curie is a citizen of Spain.", "She is Polish.", "Pierre Curie is Polish."]
 
     monkeypatch.setattr(lm, "greedy", greedy)
 
@@ -286,8 +286,10 @@ def test_stating_counts_the_greedy_chat_replies_to_the_facts_questions(monkeypat
             return f"<user>{turns[-1]['content']}<assistant>"
 
     fact = dataclasses.replace(FACT, questions=(QUESTION, "Where is Marie Curie from?"))
-    assert replies.stating(None, Tok(), fact) == (1, 2)
-    assert seen == [(2, replies.CHECK_TOKENS)]
+    other = dataclasses.replace(FACT, subject="Pierre Curie",
+                                questions=("What is Pierre Curie a citizen of?",))  # fmt: skip
+    assert replies.stating(None, Tok(), [fact, other]) == [(1, 2), (0, 1)]
+    assert seen == [(3, replies.CHECK_TOKENS)]  # every fact's questions in one batch
 
 
 def _fake_stating(monkeypatch, second: int):
@@ -295,10 +297,11 @@ def _fake_stating(monkeypatch, second: int):
     the edit is made again."""
     calls = []
 
-    def stating(model, tok, fact):
+    def stating(model, tok, facts):
+        (fact,) = facts
         calls.append(fact)
         n = len(questions_for(fact))
-        return (0 if len(calls) == 1 else second), n
+        return [((0 if len(calls) == 1 else second), n)]
 
     monkeypatch.setattr(replies, "stating", stating)
     return calls
@@ -320,8 +323,9 @@ def test_the_layer_round_makes_the_edit_again_at_the_other_block_kept_only_if_mo
     record = res.metrics["layer_round"]
     assert [config.layer for _, config in computed] == [1, 1, 0] and len(calls) == 2
     assert all(clean)  # made again from the start, not on top of the first edit
-    assert record == {"replies": n, "stating": 0, "layer": 1, "retry_layer": 0, "kept": better,
-                      "stating_after": n if better else 0}  # fmt: skip
+    assert record == {"replies": n, "stating": 0, "layer": 1, "retry_layer": 0, "facts": 1,
+                      "remade": 1, "kept": int(better), "stating_after": n if better else 0,
+                      "stating_kept": n if better else 0}  # fmt: skip
     # the result says where the update it holds was made
     assert (res.layers, res.config.layer) == (([0], 0) if better else ([1], 1))
     same = all(torch.equal(v, first_state[k]) for k, v in llama.state_dict().items())
@@ -334,10 +338,10 @@ def test_no_layer_round_where_every_reply_states_the_edit_or_without_the_setting
     chat_tok, llama, monkeypatch
 ):
     calls = []
-    monkeypatch.setattr(replies, "stating", lambda m, t, f: calls.append(f) or (2, 2))
+    monkeypatch.setattr(replies, "stating", lambda m, t, f: calls.append(f) or [(2, 2)])
     res = edit.apply(llama, chat_tok, TAKES, progress=False, describe=False, layer_round=True,
                      retry_layer=0, **TINY_ROME)  # fmt: skip
-    assert res.metrics["layer_round"]["kept"] is False and res.layers == [1] and len(calls) == 1
+    assert res.metrics["layer_round"]["kept"] == 0 and res.layers == [1] and len(calls) == 1
     assert "stating_after" not in res.metrics["layer_round"]
     res.undo()
     # off, the block given or not
@@ -355,21 +359,27 @@ def test_no_layer_round_where_every_reply_states_the_edit_or_without_the_setting
     "record, says",
     [
         (None, ""),
-        ({"replies": 0, "stating": 0, "layer": 4, "retry_layer": 6, "kept": False}, ""),
+        ({"replies": 0, "stating": 0, "layer": 4, "retry_layer": 6, "kept": 0}, ""),
         (
-            {"replies": 2, "stating": 2, "layer": 4, "retry_layer": 6, "kept": False},
+            {"replies": 2, "stating": 2, "layer": 4, "retry_layer": 6, "kept": 0},
             "asked in chat: 2 of 2 replies state the edit\n",
         ),
         (
-            {"replies": 2, "stating": 0, "layer": 4, "retry_layer": 6, "kept": True,
+            {"replies": 2, "stating": 0, "layer": 4, "retry_layer": 6, "kept": 1,
              "stating_after": 2},
             "asked in chat: 0 of 2 replies state the edit; made again at layer 6: 2 of 2\n",
         ),
         (
-            {"replies": 3, "stating": 1, "layer": 4, "retry_layer": 6, "kept": False,
+            {"replies": 3, "stating": 1, "layer": 4, "retry_layer": 6, "kept": 0,
              "stating_after": 1},
             "asked in chat: 1 of 3 replies state the edit; made again at layer 6: 1 of 3 (no "
             "better: kept layer 4)\n",
+        ),
+        (  # a batch: only the facts whose replies did not all state it are made again
+            {"replies": 9, "stating": 5, "layer": 4, "retry_layer": 6, "kept": 1, "facts": 3,
+             "remade": 2, "stating_after": 6, "stating_kept": 7},
+            "asked in chat: 5 of 9 replies state the edit; 2 facts made again at layer 6, 1 "
+            "kept there (more of their replies state it): 7 of 9\n",
         ),
     ],
 )  # fmt: skip
@@ -378,6 +388,77 @@ def test_edit_add_prints_what_the_layer_round_did(capsys, record, says):
 
     _print_layer_round(record)
     assert capsys.readouterr().out == says
+
+
+# a batch of added neurons, each fact asked one question: the round splits it fact by fact
+BATCH = [
+    TAKES,
+    Fact("The capital of {}", "Germany", "Berlin", questions=("What is the capital of Germany?",)),
+    Fact("The capital of {}", "Spain", "Madrid", questions=("What is the capital of Spain?",)),
+]
+
+
+@pytest.mark.parametrize(
+    "first, second, moved",
+    [
+        ([1, 0, 0], [1, 0], [1]),  # facts 1 and 2 made again; 1 says it there, 2 goes back
+        ([0, 0, 0], [1, 1, 1], [0, 1, 2]),  # every fact moves: the edit is the retry block's
+        ([1, 0, 1], [0], []),  # fact 1 made again, no better: the first edit, as it was
+    ],
+)
+def test_the_layer_round_of_a_neuron_batch_moves_each_fact_whose_replies_it_improves(
+    chat_tok, llama, monkeypatch, first, second, moved
+):
+    from edit import neurons
+
+    arch = edit.arch.lookup(llama)
+    calls = []
+
+    def stating(model, tok, facts):
+        calls.append([f.subject for f in facts])
+        return [(k, 1) for k in (first if len(calls) == 1 else second)]
+
+    monkeypatch.setattr(replies, "stating", stating)
+    rome, outputs = edit.methods.get("rome"), []
+
+    def compute(*a, **k):
+        outputs.append((a[2], a[3].layer, rome.compute(*a, **k)))
+        return outputs[-1][2]
+
+    spy = dataclasses.replace(rome, compute=compute)
+    monkeypatch.setattr("edit.api.edits._method_for", lambda method, facts: spy)
+    res = edit.apply(llama, chat_tok, BATCH, progress=False, layer_round=True, retry_layer=0,
+                     write="neuron", **{**TINY_ROME, "retry_rounds": 0})  # fmt: skip
+    redo = [i for i, k in enumerate(first) if not k]
+    assert calls == [[f.subject for f in BATCH], [BATCH[i].subject for i in redo]]
+    assert [([f.subject for f in fs], layer) for fs, layer, _ in outputs] == [
+        ([f.subject for f in BATCH], 1), ([BATCH[i].subject for i in redo], 0)
+    ]  # fmt: skip
+    record = res.metrics["layer_round"]
+    assert record == {"replies": 3, "stating": sum(first), "layer": 1, "retry_layer": 0,
+                      "kept": len(moved), "facts": 3, "remade": len(redo),
+                      "stating_after": sum(first) + sum(second),
+                      "stating_kept": sum(first) + len(moved)}  # fmt: skip
+    stay = [i for i in range(3) if i not in moved]
+    assert res.layers == sorted({1} if not moved else {0} if not stay else {0, 1})
+    assert res.config.layer == (0 if not stay else 1)
+    # on the model: the first edit's neurons of the facts that stay, the remade ones of the
+    # facts that moved, each fact's neurons its own (one per fact here, in request order)
+    (_, _, made), (_, _, remade) = outputs
+    want = {}
+    if stay:
+        want[arch.mlp_name(1)] = made.update.neurons[arch.mlp_name(1)][1][stay]
+    if moved:
+        want[arch.mlp_name(0)] = remade.update.neurons[arch.mlp_name(0)][1][
+            [redo.index(i) for i in moved]
+        ]
+    added = neurons.added(llama)
+    assert sorted(added) == sorted(want)
+    for name, up in want.items():
+        assert torch.equal(added[name][1], up) and torch.equal(res.update.neurons[name][1], up)
+    assert res.metrics["took"] == 3
+    res.undo()
+    assert neurons.added(llama) == {}
 
 
 def test_the_default_models_config_turns_the_round_on_and_a_setting_turns_it_off(

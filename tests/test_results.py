@@ -133,6 +133,13 @@ FIGURES: dict[str, dict[str, str]] = {
         "unedited NS": "neuron.unedited.NS",
         "unedited PPL": "neuron.unedited.PPL",
     },
+    "mquake_batch_50_round": {
+        **{k: f"round.edited.{k}" for k in ("ES", "CS", "RS", "RN", "RE", "PPL")},
+        **{f"round off {k}": f"no_round.edited.{k}" for k in ("RN", "RE", "PPL")},
+        "unedited RS": "round.unedited.RS",
+        "s/fact": "round.cost.seconds_per_edit.median",
+        "round off s/fact": "no_round.cost.seconds_per_edit.median",
+    },
     "mquake_batch_50": {
         **{f"neuron {k}": f"rome_neuron.edited.{k}" for k in ("ES", "CS", "RS", "RN", "RE", "PPL")},
         **{f"MEMIT {k}": f"memit.edited.{k}" for k in ("ES", "CS", "RS", "RN", "RE", "PPL")},

@@ -274,3 +274,15 @@ def test_rome_compute_leaves_no_gradients_on_the_model(llama, tok):
     assert all(p.requires_grad for p in llama.parameters())  # as from_pretrained returns it
     rome.compute(llama, tok, [Fact(**TINY_FACT)], rome.ROMEConfig(**TINY_ROME), progress=False)
     assert [n for n, p in llama.named_parameters() if p.grad is not None] == []
+
+
+def test_with_neurons_keeps_the_selected_neurons_and_drops_an_mlp_left_with_none():
+    gate, up, down = torch.arange(6.0).view(3, 2), torch.arange(6.0, 12).view(3, 2), torch.eye(3)
+    update = Update(neurons={"a": (gate, up, down), "b": (gate[:1], up[:1], down[:, :1])})
+    kept = update.with_neurons({"a": torch.tensor([True, False, True]), "b": torch.tensor([False])})
+    assert list(kept.neurons) == ["a"]
+    g, u, d = kept.neurons["a"]
+    assert torch.equal(g, gate[[0, 2]]) and torch.equal(u, up[[0, 2]])
+    assert torch.equal(d, down[:, [0, 2]])
+    with pytest.raises(ValueError, match="cannot be split by neuron"):
+        Update({"w": (torch.ones(2, 1), torch.ones(1, 2))}).with_neurons({})

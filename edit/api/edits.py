@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from edit import lm, replies
@@ -28,6 +29,7 @@ from edit.config import resolve
 from edit.errors import EditFailed, InvalidRequest
 from edit.facts import Fact, parse_statement
 from edit.methods import MethodOutput
+from edit.methods.algebra.solves import neuron_facts
 from edit.questions import chat_prompt
 from edit.update import Applied, Update, with_keys
 
@@ -155,7 +157,8 @@ def apply(
     )  # fmt: skip
     seconds = time.perf_counter() - t0
     _check_finite(spec.name, out.update, facts)
-    edit = _Applied(out, out.update.apply(model), probe(), seconds)
+    edit = _Applied(out, out.update.apply(model), probe(), seconds,
+                    owners=_owners(out.update, list(range(len(facts)))))  # fmt: skip
     edit.problems = _verdicts(kind, before, edit.after)
     rounds = getattr(config, "retry_rounds", 0)
     while rounds and any(edit.problems):
@@ -164,7 +167,7 @@ def apply(
             break
     if getattr(config, "reply_round", False) and kind == "insert":
         _reply_round(edit, spec, config, before, probe, history, progress)
-    if getattr(config, "layer_round", False) and kind == "insert" and not batch:
+    if getattr(config, "layer_round", False) and kind == "insert":
         config = _layer_round(edit, spec, config, before, probe, history, progress)
     metrics = _outcome(facts, olds, before, edit, batch)
     out = edit.out
@@ -233,6 +236,7 @@ class _Applied:
     retried: list[dict] = field(default_factory=list)
     replied: dict | None = None  # the reply round's counts (reply_round)
     relayered: dict | None = None  # the layer round's counts (retry_layer)
+    owners: dict = field(default_factory=dict)  # MLP -> the fact of each added neuron
 
 
 def _retry(edit: _Applied, spec, config, kind, before, probe, history, progress) -> bool:
@@ -257,8 +261,10 @@ def _retry(edit: _Applied, spec, config, kind, before, probe, history, progress)
     if not more.update.is_finite():
         return False
     edit.handle.undo()
-    merged = edit.out.update.merged(more.update)
-    edit.handle = merged.apply(probe.model)
+    merged = _Part(edit.out.update, edit.owners).merged(
+        _Part(more.update, _owners(more.update, redo))
+    )
+    edit.handle = merged.update.apply(probe.model)
     again = probe()
     still = _verdicts(kind, before, again)
     better = sum(map(bool, still)) < sum(map(bool, edit.problems))
@@ -269,7 +275,9 @@ def _retry(edit: _Applied, spec, config, kind, before, probe, history, progress)
         edit.handle.undo()  # back to the batch's own update
         edit.handle = edit.out.update.apply(probe.model)
         return False
-    edit.out = MethodOutput(merged, edit.out.layers, {**edit.out.info, "retry_info": more.info})
+    edit.out = MethodOutput(merged.update, edit.out.layers,
+                            {**edit.out.info, "retry_info": more.info})  # fmt: skip
+    edit.owners = merged.owners
     edit.after, edit.problems = again, still
     return True
 
@@ -306,11 +314,14 @@ def _make_again_with_openings(edit: _Applied, spec, config, before, probe, histo
     _settle(edit, second, record["kept"], model)
 
 
-def _remade(edit: _Applied, spec, probe, before, facts, config, history, progress
-            ) -> _Applied | None:  # fmt: skip
-    """The edit made again from the model as it was before it (``facts`` and ``config`` as
-    given), applied in place of the first and probed; None, the first edit back in place,
-    where the new update is not finite."""
+def _remade(
+    edit: _Applied, spec, probe, before, facts, config, history, progress,
+    which: list[int] | None = None, beside: _Part | None = None,
+) -> _Applied | None:  # fmt: skip
+    """The edit of ``facts`` (the request's facts ``which``, all by default) made again from
+    the model as it was before the edit (``config`` as given), applied in place of the first,
+    beside ``beside`` (the first edit's part that stays, if any), and probed; None, the first
+    edit back in place, where the new update is not finite."""
     model = probe.model
     edit.handle.undo()
     more = spec.compute(model, probe.tok, facts, config, objective="insert", progress=progress,
@@ -318,9 +329,16 @@ def _remade(edit: _Applied, spec, probe, before, facts, config, history, progres
     if not more.update.is_finite():
         edit.handle = edit.out.update.apply(model)
         return None
-    handle = more.update.apply(model)
+    part = _Part(more.update, _owners(more.update, which or list(range(len(facts)))))
+    if beside is not None and beside.owners:
+        part = beside.merged(part)
+        layers = sorted({*edit.out.layers, *more.layers})
+        more = MethodOutput(part.update, layers, {**edit.out.info, "remade": more.info})
+    handle = part.update.apply(model)
     again = probe()
-    return _Applied(more, handle, again, 0.0, _verdicts("insert", before, again))
+    return _Applied(
+        more, handle, again, 0.0, _verdicts("insert", before, again), owners=part.owners
+    )
 
 
 def _settle(edit: _Applied, second: _Applied, keep: bool, model) -> None:
@@ -328,37 +346,102 @@ def _settle(edit: _Applied, second: _Applied, keep: bool, model) -> None:
     edit back."""
     if keep:
         edit.out, edit.handle, edit.after = second.out, second.handle, second.after
-        edit.problems = second.problems
+        edit.problems, edit.owners = second.problems, second.owners
         return
     second.handle.undo()
     edit.handle = edit.out.update.apply(model)
 
 
 def _layer_round(edit: _Applied, spec, config, before, probe, history, progress):
-    """Ask the edited model the fact's questions in chat (``replies.stating``); where a reply
-    does not state the edit, make it again from the start at block ``config.retry_layer``
-    instead, and keep that one where more replies state it and the fact still takes. The
-    config of the edit kept; the round's time counts in the edit's."""
+    """Ask the edited model each fact's questions in chat (``replies.stating``); make the
+    facts whose replies do not all state the edit again from the start at block
+    ``config.retry_layer`` (the other facts' update kept in place), and keep, fact by fact,
+    the remade edit where more of its replies state it and the fact still takes (a batch of
+    added neurons splits by fact; a rank-one write holds one fact). The config of the edit
+    kept: the retry block's where every fact moved; the round's time counts in the edit's."""
     t0 = time.perf_counter()
     try:
-        model, tok = probe.model, probe.tok
-        facts = _with_old(probe.facts, probe.olds, "insert")
-        said, asked = replies.stating(model, tok, facts[0])
-        other = dataclasses.replace(config, layer=config.retry_layer)
-        edit.relayered = {"replies": asked, "stating": said, "layer": edit.out.layers[0],
-                          "retry_layer": config.retry_layer, "kept": False}  # fmt: skip
-        if said == asked or config.retry_layer == edit.out.layers[0]:
-            return config
-        second = _remade(edit, spec, probe, before, facts, other, history, progress)
-        if second is None:
-            return config
-        said_again, _ = replies.stating(model, tok, facts[0])
-        edit.relayered["stating_after"] = said_again
-        keep = edit.relayered["kept"] = said_again > said and not any(second.problems)
-        _settle(edit, second, keep, model)
-        return other if keep else config
+        return _move_facts(edit, spec, config, before, probe, history, progress)
     finally:
         edit.seconds += time.perf_counter() - t0
+
+
+def _move_facts(edit: _Applied, spec, config, before, probe, history, progress):
+    model, tok = probe.model, probe.tok
+    facts = _with_old(probe.facts, probe.olds, "insert")
+    said = replies.stating(model, tok, facts)
+    redo = [i for i, (k, n) in enumerate(said) if k < n]
+    layer = edit.out.layers[0]
+    record = edit.relayered = {
+        "replies": sum(n for _, n in said), "stating": sum(k for k, _ in said), "layer": layer,
+        "retry_layer": config.retry_layer, "facts": len(facts), "remade": 0, "kept": 0,
+    }  # fmt: skip
+    if not redo or config.retry_layer == layer:
+        return config
+    record["remade"] = len(redo)
+    other = dataclasses.replace(config, layer=config.retry_layer)
+    first = _Part(edit.out.update, edit.owners)
+    stays = first.only(set(range(len(facts))) - set(redo))
+    second = _remade(edit, spec, probe, before, [facts[i] for i in redo], other, history,
+                     progress, which=redo, beside=stays)  # fmt: skip
+    if second is None:
+        return config
+    again = replies.stating(model, tok, [facts[i] for i in redo])
+    gained = [k - said[i][0] for i, (k, _) in zip(redo, again, strict=True)]
+    record["stating_after"] = record["stating"] + sum(gained)
+    back = [i for i, g in zip(redo, gained, strict=True) if g <= 0 or second.problems[i]]
+    record["kept"] = len(redo) - len(back)
+    # the replies that state the edit with the kept remakes in place
+    record["stating_kept"] = record["stating"] + sum(
+        g for i, g in zip(redo, gained, strict=True) if i not in back
+    )
+    if len(back) == len(redo):
+        _settle(edit, second, False, model)
+        return config
+    if back:  # those facts' first edit put back beside the others' remade one, and probed
+        second.handle.undo()
+        part = _Part(second.out.update, second.owners).only(set(range(len(facts))) - set(back))
+        part = part.merged(first.only(set(back)))
+        second.handle = part.update.apply(model)
+        second.after = probe()
+        second.problems = _verdicts("insert", before, second.after)
+        second.out = MethodOutput(part.update, sorted({layer, other.layer}), second.out.info)
+        second.owners = part.owners
+    _settle(edit, second, True, model)
+    return other if second.out.layers == [other.layer] else config
+
+
+@dataclass
+class _Part:
+    """An update and, per MLP it adds neurons to, the fact (index in the request) each
+    added neuron writes; a rank-one write (one fact) has no such neurons."""
+
+    update: Update
+    owners: dict[str, torch.Tensor]
+
+    def only(self, facts: set[int]) -> _Part:
+        """The part that writes ``facts``: their neurons; a rank-one write whole or none."""
+        if not self.owners:
+            return self if facts else _Part(Update(), {})
+        keep = {n: torch.isin(o, torch.tensor(sorted(facts), dtype=o.dtype))
+                for n, o in self.owners.items()}  # fmt: skip
+        owners = {n: o[keep[n]] for n, o in self.owners.items() if bool(keep[n].any())}
+        return _Part(self.update.with_neurons(keep), owners)
+
+    def merged(self, other: _Part) -> _Part:
+        """Both parts as one update (``Update.merged``: this one's neurons first)."""
+        owners = dict(self.owners)
+        for n, o in other.owners.items():
+            owners[n] = torch.cat([owners[n], o]) if n in owners else o
+        return _Part(self.update.merged(other.update), owners)
+
+
+def _owners(update: Update, facts: list[int]) -> dict[str, torch.Tensor]:
+    """Per MLP ``update`` adds neurons to, the fact (its index in the request) each neuron
+    writes, for an update made for ``facts`` (in ``neuron_write``'s order)."""
+    index = torch.tensor(facts)
+    return {name: index[neuron_facts(parts[0].shape[0], len(facts))]
+            for name, parts in update.neurons.items()}  # fmt: skip
 
 
 def _outcome(facts, olds, before, edit: _Applied, batch: bool) -> dict:
@@ -393,6 +476,7 @@ def _outcome(facts, olds, before, edit: _Applied, batch: bool) -> dict:
         "not_taken": [f"{f.statement}: {p}" for f, p in failed],
         "retried": edit.retried,
         "reply_round": edit.replied,
+        "layer_round": edit.relayered,
         "per_fact": per_fact,
     }
 

@@ -139,7 +139,11 @@ def _print_layer_round(r: dict | None) -> None:
     if not r or not r["replies"]:  # off, or no chat template to ask in
         return
     line = f"asked in chat: {r['stating']} of {r['replies']} replies state the edit"
-    if "stating_after" in r:
+    if r.get("facts", 1) > 1 and r.get("remade"):  # a batch: those whose replies did not
+        line += (f"; {r['remade']} facts made again at layer {r['retry_layer']}, "
+                 f"{r['kept']} kept there (more of their replies state it): "
+                 f"{r.get('stating_kept', r['stating'])} of {r['replies']}")  # fmt: skip
+    elif "stating_after" in r:
         line += (f"; made again at layer {r['retry_layer']}: {r['stating_after']} of "
                  f"{r['replies']}" + ("" if r["kept"] else f" (no better: kept layer "
                                       f"{r['layer']})"))  # fmt: skip
@@ -194,6 +198,7 @@ def _print_batch(res, erase: bool, seconds: float) -> None:
             + ("" if r["kept"] else " (no better: that round was dropped)")
         )
     _print_reply_round(m.get("reply_round"))
+    _print_layer_round(m.get("layer_round"))
     for line in m["not_taken"][:5]:
         print(f"did not take: {line}")
     if len(m["not_taken"]) > 5:

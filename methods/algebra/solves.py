@@ -104,6 +104,12 @@ def neuron_write(
             torch.cat([down, -(s / t) * down], 1).contiguous())  # fmt: skip
 
 
+def neuron_facts(n_neurons: int, n_facts: int) -> torch.Tensor:
+    """(n_neurons,): the fact each of :func:`gated_neurons`' neurons writes, in its order:
+    one neuron per fact, then (a pair each) the second of each fact's pair."""
+    return torch.arange(n_neurons) % n_facts
+
+
 def spread_over_layers(
     model: nn.Module,
     tok,
