@@ -126,18 +126,23 @@ class Update:
             neurons[name] = added_neurons.joined(neurons[name], parts) if name in neurons else parts
         return Update(factors, with_keys(self.keys, other), neurons)
 
-    def with_neurons(self, keep: dict[str, torch.Tensor]) -> Update:
-        """This update with only the added neurons that ``keep`` selects (per MLP, a bool
-        mask over its neurons); an MLP left with none is dropped. Neuron updates only: a
-        weight's factors cannot be split by fact."""
-        if self.factors:
-            raise ValueError("an update that changes weights cannot be split by neuron")
-        neurons = {}
+    def select(self, keep: dict[str, torch.Tensor]) -> Update:
+        """This update with only the parts ``keep`` selects: per module a bool mask over its
+        factors' rank (A's columns, B's rows and the keys' rows, one per fact as MEMIT,
+        AlphaEdit and ROME write them) or over the MLP's added neurons; a module left with
+        none is dropped."""
+        factors, keys, neurons = {}, {}, {}
+        for name, (a, b) in self.factors.items():
+            k = keep[name].to(a.device)
+            if bool(k.any()):
+                factors[name] = (a[:, k].contiguous(), b[k.to(b.device)])
+                if name in self.keys:
+                    keys[name] = self.keys[name][k.to(self.keys[name].device)]
         for name, (gate, up, down) in self.neurons.items():
             k = keep[name].to(gate.device)
             if bool(k.any()):
                 neurons[name] = (gate[k], up[k], down[:, k].contiguous())
-        return Update(neurons=neurons)
+        return Update(factors, keys, neurons)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Flat name → tensor dict for safetensors: ``<module>.A``, ``<module>.B`` and,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -57,18 +57,36 @@ class MEMITConfig(EditConfig):
     steps: int = 25  # max gradient steps for δ
     cov_weight: float = 15000.0  # λ: weight of the generic keys' second moment
     max_rows: int = MAX_ROWS  # value optimization: prompt rows per forward/backward pass
+    # the layer round: where a greedy chat reply to a fact's questions does not state the
+    # edit, that fact is made again at the blocks ``retry_layers`` (its column of each
+    # layer's factors replaced) and kept there where more of its replies state it
+    layer_round: bool = False
+    retry_layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.layers is not None:
-            if not self.layers or any(int(x) < 0 for x in self.layers):
-                raise InvalidRequest(f"layers must be block indices >= 0, got {self.layers}")
-            if list(self.layers) != sorted(set(self.layers)):
-                raise InvalidRequest(f"layers must be increasing, got {list(self.layers)}")
+        for name in ("layers", "retry_layers"):
+            blocks = getattr(self, name)
+            if blocks is None:
+                continue
+            if not blocks or any(int(x) < 0 for x in blocks):
+                raise InvalidRequest(f"{name} must be block indices >= 0, got {blocks}")
+            if list(blocks) != sorted(set(blocks)):
+                raise InvalidRequest(f"{name} must be increasing, got {list(blocks)}")
+        if self.layer_round and self.retry_layers is None:
+            raise InvalidRequest("layer_round needs retry_layers: the blocks to edit at again")
         if self.max_rows < 1:
             raise InvalidRequest(f"max_rows must be >= 1, got {self.max_rows}")
         if not self.cov_weight > 0:
             raise InvalidRequest(f"cov_weight must be > 0, got {self.cov_weight}")
         super().__post_init__()
+
+    def blocks(self) -> list[int]:
+        """The blocks this config edits ([] where the model's default is taken)."""
+        return list(self.layers or ())
+
+    def retry_config(self) -> MEMITConfig:
+        """The config the layer round makes an edit again with: blocks ``retry_layers``."""
+        return replace(self, layers=self.retry_layers)
 
 
 def batch_compute(

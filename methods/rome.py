@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -108,6 +108,14 @@ class ROMEConfig(EditConfig):
                 f"pair_gate must be >= 0 and below gate ({self.gate:g}), got {self.pair_gate}"
             )
         super().__post_init__()
+
+    def blocks(self) -> list[int]:
+        """The block this config edits ([] where the model's default is taken)."""
+        return [] if self.layer is None else [self.layer]
+
+    def retry_config(self) -> ROMEConfig:
+        """The config the layer round makes an edit again with: block ``retry_layer``."""
+        return replace(self, layer=self.retry_layer)
 
     @property
     def takes_batches(self) -> bool:

@@ -375,6 +375,12 @@ def test_no_layer_round_where_every_reply_states_the_edit_or_without_the_setting
             "asked in chat: 1 of 3 replies state the edit; made again at layer 6: 1 of 3 (no "
             "better: kept layer 4)\n",
         ),
+        (  # MEMIT's blocks
+            {"replies": 4, "stating": 1, "layer": [4, 5, 6], "retry_layer": [6, 7, 8],
+             "kept": 0, "stating_after": 1},
+            "asked in chat: 1 of 4 replies state the edit; made again at layers 6-8: 1 of 4 (no "
+            "better: kept layers 4-6)\n",
+        ),
         (  # a batch: only the facts whose replies did not all state it are made again
             {"replies": 9, "stating": 5, "layer": 4, "retry_layer": 6, "kept": 1, "facts": 3,
              "remade": 2, "stating_after": 6, "stating_kept": 7},
@@ -459,6 +465,60 @@ def test_the_layer_round_of_a_neuron_batch_moves_each_fact_whose_replies_it_impr
     assert res.metrics["took"] == 3
     res.undo()
     assert neurons.added(llama) == {}
+
+
+def test_the_layer_round_of_a_memit_batch_replaces_each_moved_facts_column_of_the_factors(
+    chat_tok, llama, monkeypatch
+):
+    """MEMIT's factors split by fact (A's column, B's row, the key): facts 1 and 2 are made
+    again at block 1 alone; fact 1 states the edit there and moves, fact 2 goes back."""
+    from test_memit_tiny import TINY_MEMIT
+
+    italy = Fact("The capital of {}", "Italy", "Berlin",
+                 questions=("What is the capital of Italy?",))  # fmt: skip
+    batch = [italy, BATCH[2], BATCH[0]]  # an order in which every fact takes on the tiny model
+
+    calls = []
+
+    def stating(model, tok, facts):
+        calls.append(len(facts))
+        return [(k, 1) for k in ([1, 0, 0] if len(calls) == 1 else [1, 0])]
+
+    monkeypatch.setattr(replies, "stating", stating)
+    memit, outputs = edit.methods.get("memit"), []
+
+    def compute(*a, **k):
+        outputs.append(memit.compute(*a, **k))
+        return outputs[-1]
+
+    spy = dataclasses.replace(memit, compute=compute)
+    monkeypatch.setattr("edit.api.edits._method_for", lambda method, facts: spy)
+    start = state_copy(llama)
+    res = edit.apply(llama, chat_tok, batch, method="memit", progress=False, layer_round=True,
+                     retry_layers=(1,), **{**TINY_MEMIT, "retry_rounds": 0})  # fmt: skip
+    made, remade = outputs
+    assert remade.layers == [1] and res.layers == [0, 1] and res.config.layers == (0, 1)
+    assert res.metrics["layer_round"]["layer"] == [0, 1]
+    assert res.metrics["layer_round"]["retry_layer"] == 1
+    assert res.metrics["layer_round"]["kept"] == 1
+    arch = edit.arch.lookup(llama)
+    for block in (0, 1):  # block 0: facts 0 and 2 as first made; block 1: fact 0 as first
+        name = arch.mlp_out_name(block)  # made, fact 1 as made again, fact 2 as first made
+        a, b = made.update.factors[name]
+        want_a, want_b = a[:, [0, 2]], b[[0, 2]]
+        if block == 1:
+            a2, b2 = remade.update.factors[name]
+            assert float(a2[:, 0].norm()) > 0  # fact 1's remade column writes something
+            want_a = torch.cat([a[:, :1], a2[:, :1], a[:, 2:]], 1)
+            want_b = torch.cat([b[:1], b2[:1], b[2:]])
+        got_a, got_b = res.update.factors[name]
+        assert torch.equal(got_a, want_a) and torch.equal(got_b, want_b)
+        assert res.update.keys[name].shape[0] == want_b.shape[0]
+    res.undo()
+    assert all(torch.equal(v, start[k]) for k, v in llama.state_dict().items())
+    with pytest.raises(edit.InvalidRequest, match="layer_round needs retry_layers"):
+        edit.apply(llama, chat_tok, BATCH, method="memit", progress=False, layer_round=True,
+                   **TINY_MEMIT)  # fmt: skip
 
 
 def test_the_default_models_config_turns_the_round_on_and_a_setting_turns_it_off(

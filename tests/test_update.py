@@ -276,13 +276,19 @@ def test_rome_compute_leaves_no_gradients_on_the_model(llama, tok):
     assert [n for n, p in llama.named_parameters() if p.grad is not None] == []
 
 
-def test_with_neurons_keeps_the_selected_neurons_and_drops_an_mlp_left_with_none():
+def test_select_keeps_the_chosen_neurons_and_rank_and_drops_a_module_left_with_none():
     gate, up, down = torch.arange(6.0).view(3, 2), torch.arange(6.0, 12).view(3, 2), torch.eye(3)
-    update = Update(neurons={"a": (gate, up, down), "b": (gate[:1], up[:1], down[:, :1])})
-    kept = update.with_neurons({"a": torch.tensor([True, False, True]), "b": torch.tensor([False])})
-    assert list(kept.neurons) == ["a"]
-    g, u, d = kept.neurons["a"]
+    a, b, keys = torch.arange(6.0).view(2, 3), torch.arange(12.0).view(3, 4), torch.ones(3, 4)
+    update = Update({"w": (a, b), "v": (a[:, :1], b[:1])}, {"w": keys * torch.arange(3.0)[:, None]},
+                    {"m": (gate, up, down), "n": (gate[:1], up[:1], down[:, :1])})  # fmt: skip
+    mask = torch.tensor([True, False, True])
+    kept = update.select({"w": mask, "v": torch.tensor([False]), "m": mask,
+                          "n": torch.tensor([False])})  # fmt: skip
+    assert list(kept.factors) == ["w"] and list(kept.neurons) == ["m"] and list(kept.keys) == ["w"]
+    assert torch.equal(kept.factors["w"][0], a[:, [0, 2]])
+    assert torch.equal(kept.factors["w"][1], b[[0, 2]])
+    assert torch.equal(kept.keys["w"][:, 0], torch.tensor([0.0, 2.0]))
+    assert torch.equal(kept.delta("w"), a[:, [0, 2]] @ b[[0, 2]])
+    g, u, d = kept.neurons["m"]
     assert torch.equal(g, gate[[0, 2]]) and torch.equal(u, up[[0, 2]])
     assert torch.equal(d, down[:, [0, 2]])
-    with pytest.raises(ValueError, match="cannot be split by neuron"):
-        Update({"w": (torch.ones(2, 1), torch.ones(1, 2))}).with_neurons({})

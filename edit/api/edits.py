@@ -354,11 +354,12 @@ def _settle(edit: _Applied, second: _Applied, keep: bool, model) -> None:
 
 def _layer_round(edit: _Applied, spec, config, before, probe, history, progress):
     """Ask the edited model each fact's questions in chat (``replies.stating``); make the
-    facts whose replies do not all state the edit again from the start at block
-    ``config.retry_layer`` (the other facts' update kept in place), and keep, fact by fact,
-    the remade edit where more of its replies state it and the fact still takes (a batch of
-    added neurons splits by fact; a rank-one write holds one fact). The config of the edit
-    kept: the retry block's where every fact moved; the round's time counts in the edit's."""
+    facts whose replies do not all state the edit again from the start at the config's
+    retry block(s) (``config.retry_config()``; the other facts' update kept in place), and
+    keep, fact by fact, the remade edit where more of its replies state it and the fact
+    still takes (an update splits by fact: each fact owns its added neurons, or its column
+    of each layer's factors). The config of the edit kept: the retry one where every fact
+    moved; the round's time counts in the edit's."""
     t0 = time.perf_counter()
     try:
         return _move_facts(edit, spec, config, before, probe, history, progress)
@@ -371,19 +372,19 @@ def _move_facts(edit: _Applied, spec, config, before, probe, history, progress):
     facts = _with_old(probe.facts, probe.olds, "insert")
     said = replies.stating(model, tok, facts)
     redo = [i for i, (k, n) in enumerate(said) if k < n]
-    layer = edit.out.layers[0]
+    other = config.retry_config()
     record = edit.relayered = {
-        "replies": sum(n for _, n in said), "stating": sum(k for k, _ in said), "layer": layer,
-        "retry_layer": config.retry_layer, "facts": len(facts), "remade": 0, "kept": 0,
+        "replies": sum(n for _, n in said), "stating": sum(k for k, _ in said),
+        "layer": _blocks(edit.out.layers), "retry_layer": _blocks(other.blocks()),
+        "facts": len(facts), "remade": 0, "kept": 0,
     }  # fmt: skip
-    if not redo or config.retry_layer == layer:
+    if not redo or other.blocks() == edit.out.layers:
         return config
     record["remade"] = len(redo)
-    other = dataclasses.replace(config, layer=config.retry_layer)
+    everyone = set(range(len(facts)))
     first = _Part(edit.out.update, edit.owners)
-    stays = first.only(set(range(len(facts))) - set(redo))
     second = _remade(edit, spec, probe, before, [facts[i] for i in redo], other, history,
-                     progress, which=redo, beside=stays)  # fmt: skip
+                     progress, which=redo, beside=first.only(everyone - set(redo)))  # fmt: skip
     if second is None:
         return config
     again = replies.stating(model, tok, [facts[i] for i in redo])
@@ -400,36 +401,41 @@ def _move_facts(edit: _Applied, spec, config, before, probe, history, progress):
         return config
     if back:  # those facts' first edit put back beside the others' remade one, and probed
         second.handle.undo()
-        part = _Part(second.out.update, second.owners).only(set(range(len(facts))) - set(back))
+        part = _Part(second.out.update, second.owners).only(everyone - set(back))
         part = part.merged(first.only(set(back)))
         second.handle = part.update.apply(model)
         second.after = probe()
         second.problems = _verdicts("insert", before, second.after)
-        second.out = MethodOutput(part.update, sorted({layer, other.layer}), second.out.info)
+        layers = sorted({*edit.out.layers, *second.out.layers})
+        second.out = MethodOutput(part.update, layers, second.out.info)
         second.owners = part.owners
     _settle(edit, second, True, model)
-    return other if second.out.layers == [other.layer] else config
+    return other if len(redo) == len(facts) and not back else config
+
+
+def _blocks(layers) -> int | list[int]:
+    """A block, or the blocks, as the layer round's record names them."""
+    layers = list(layers)
+    return layers[0] if len(layers) == 1 else layers
 
 
 @dataclass
 class _Part:
-    """An update and, per MLP it adds neurons to, the fact (index in the request) each
-    added neuron writes; a rank-one write (one fact) has no such neurons."""
+    """An update and, per module it changes, the fact (index in the request) each part of
+    it writes: each added neuron, or each column of a layer's factors."""
 
     update: Update
     owners: dict[str, torch.Tensor]
 
     def only(self, facts: set[int]) -> _Part:
-        """The part that writes ``facts``: their neurons; a rank-one write whole or none."""
-        if not self.owners:
-            return self if facts else _Part(Update(), {})
-        keep = {n: torch.isin(o, torch.tensor(sorted(facts), dtype=o.dtype))
-                for n, o in self.owners.items()}  # fmt: skip
+        """The part that writes ``facts``."""
+        chosen = torch.tensor(sorted(facts), dtype=torch.long)
+        keep = {n: torch.isin(o, chosen) for n, o in self.owners.items()}
         owners = {n: o[keep[n]] for n, o in self.owners.items() if bool(keep[n].any())}
-        return _Part(self.update.with_neurons(keep), owners)
+        return _Part(self.update.select(keep), owners)
 
     def merged(self, other: _Part) -> _Part:
-        """Both parts as one update (``Update.merged``: this one's neurons first)."""
+        """Both parts as one update (``Update.merged``: this one's parts first)."""
         owners = dict(self.owners)
         for n, o in other.owners.items():
             owners[n] = torch.cat([owners[n], o]) if n in owners else o
@@ -437,11 +443,18 @@ class _Part:
 
 
 def _owners(update: Update, facts: list[int]) -> dict[str, torch.Tensor]:
-    """Per MLP ``update`` adds neurons to, the fact (its index in the request) each neuron
-    writes, for an update made for ``facts`` (in ``neuron_write``'s order)."""
-    index = torch.tensor(facts)
-    return {name: index[neuron_facts(parts[0].shape[0], len(facts))]
-            for name, parts in update.neurons.items()}  # fmt: skip
+    """Per module ``update`` changes, the fact (its index in the request) each part writes,
+    for an update made for ``facts``: added neurons in ``neuron_write``'s order, factor
+    columns one per fact in order (MEMIT's, AlphaEdit's; ROME's one)."""
+    index = torch.tensor(facts, dtype=torch.long)
+    owners = {}
+    for name, (a, _) in update.factors.items():
+        if a.shape[1] != len(facts):
+            raise EditFailed(f"{name}: {a.shape[1]} factor columns for {len(facts)} facts")
+        owners[name] = index
+    for name, parts in update.neurons.items():
+        owners[name] = index[neuron_facts(parts[0].shape[0], len(facts))]
+    return owners
 
 
 def _outcome(facts, olds, before, edit: _Applied, batch: bool) -> dict:

@@ -135,19 +135,28 @@ def _print_single(res, erase: bool, seconds: float) -> None:
 
 def _print_layer_round(r: dict | None) -> None:
     """What the layer round did (``layer_round``): replies that state the edit, at the first
-    block and, where some did not, at the other."""
+    block(s) and, where some did not, at the other(s)."""
     if not r or not r["replies"]:  # off, or no chat template to ask in
         return
     line = f"asked in chat: {r['stating']} of {r['replies']} replies state the edit"
     if r.get("facts", 1) > 1 and r.get("remade"):  # a batch: those whose replies did not
-        line += (f"; {r['remade']} facts made again at layer {r['retry_layer']}, "
+        line += (f"; {r['remade']} facts made again at {_at(r['retry_layer'])}, "
                  f"{r['kept']} kept there (more of their replies state it): "
                  f"{r.get('stating_kept', r['stating'])} of {r['replies']}")  # fmt: skip
     elif "stating_after" in r:
-        line += (f"; made again at layer {r['retry_layer']}: {r['stating_after']} of "
-                 f"{r['replies']}" + ("" if r["kept"] else f" (no better: kept layer "
-                                      f"{r['layer']})"))  # fmt: skip
+        line += (f"; made again at {_at(r['retry_layer'])}: {r['stating_after']} of "
+                 f"{r['replies']}" + ("" if r["kept"] else f" (no better: kept "
+                                      f"{_at(r['layer'])})"))  # fmt: skip
     print(line)
+
+
+def _at(blocks: int | list[int]) -> str:
+    """The blocks in words: "layer 6", "layers 6-10" or "layers 4, 6"."""
+    if isinstance(blocks, int):
+        return f"layer {blocks}"
+    if blocks == list(range(blocks[0], blocks[-1] + 1)):
+        return f"layers {blocks[0]}-{blocks[-1]}"
+    return "layers " + ", ".join(map(str, blocks))
 
 
 def _print_reply_round(r: dict | None) -> None:
