@@ -235,8 +235,8 @@ class _Applied:
     problems: list[str | None] = field(default_factory=list)
     retried: list[dict] = field(default_factory=list)
     replied: dict | None = None  # the reply round's counts (reply_round)
-    relayered: dict | None = None  # the layer round's counts (retry_layer)
-    owners: dict = field(default_factory=dict)  # MLP -> the fact of each added neuron
+    relayered: dict | None = None  # the layer round's counts (layer_round)
+    owners: dict = field(default_factory=dict)  # module -> the fact of each part (_owners)
 
 
 def _retry(edit: _Applied, spec, config, kind, before, probe, history, progress) -> bool:
