@@ -4,7 +4,8 @@ The layer round (``layer_round``): after the edit, :func:`stating` asks each fac
 in chat and counts the greedy replies that state the edit (the subject and the new object
 named, the old one not, no loop: :func:`reply_figures`, which the benchmarks score with
 too). Where some do not, ``edit.api.edits`` makes that fact's edit again from the start at
-block ``retry_layer`` and keeps, fact by fact, whichever states it in more replies.
+the retry block(s) (ROME's ``retry_layer``, MEMIT's ``retry_layers``) and keeps, fact by
+fact, whichever states it in more replies.
 
 The reply round (``reply_round``, off): an edit is trained on the fact as a sentence after
 each of its questions in the chat template; the reply a user reads is the model's own
