@@ -16,9 +16,8 @@ the new object, :func:`opening` cuts the reply at its first answer slot for the 
 word boundary after the reply names the subject where the object's first token is among the
 likeliest next tokens), and the edit is made again with that opening, then the object, as
 one more chat row (``Fact.openings``): the object taught where the edited model itself would
-say it. On the MQuAKE-hard cases it gained one reply in twenty (dev) and one in eight
-(held out, a partial run) at 1.36x the time (docs/methods.md); it stays off until measured
-on all held-out cases.
+say it. On the MQuAKE-hard cases it gained one stated reply in twenty, dev and held out
+alike, at 1.35x the time (docs/methods.md); off, for that cost.
 
 Told replies (``chat_reply: context``, off): before the edit, the model is told the fact in
 a system turn and asked each question; where its reply states the fact in its own words
