@@ -165,10 +165,11 @@ def apply(
         rounds -= 1
         if not _retry(edit, spec, config, kind, before, probe, history, progress):
             break
+    round_args = (spec, config, before, probe, history, progress)
     if getattr(config, "reply_round", False) and kind == "insert":
-        _reply_round(edit, spec, config, before, probe, history, progress)
+        _timed(edit, _reply_round, *round_args)
     if getattr(config, "layer_round", False) and kind == "insert":
-        config = _layer_round(edit, spec, config, before, probe, history, progress)
+        config = _timed(edit, _layer_round, *round_args)
     metrics = _outcome(facts, olds, before, edit, batch)
     out = edit.out
     return EditResult(
@@ -282,19 +283,19 @@ def _retry(edit: _Applied, spec, config, kind, before, probe, history, progress)
     return True
 
 
-def _reply_round(edit: _Applied, spec, config, before, probe, history, progress) -> None:
-    """Ask the edited model each fact's questions in chat; where a reply does not name the
-    new object, make the edit again with the reply's opening as one more chat row
-    (``edit.replies``). Kept when more replies name the object and no more facts miss; its
-    time counts in the edit's."""
+def _timed(edit: _Applied, round_, *args):
+    """Run one of an insertion's rounds on ``edit``; its time counts in the edit's."""
     t0 = time.perf_counter()
     try:
-        _make_again_with_openings(edit, spec, config, before, probe, history, progress)
+        return round_(edit, *args)
     finally:
         edit.seconds += time.perf_counter() - t0
 
 
-def _make_again_with_openings(edit: _Applied, spec, config, before, probe, history, progress):
+def _reply_round(edit: _Applied, spec, config, before, probe, history, progress) -> None:
+    """Ask the edited model each fact's questions in chat; where a reply does not name the
+    new object, make the edit again with the reply's opening as one more chat row
+    (``edit.replies``). Kept when more replies name the object and no more facts miss."""
     model, tok = probe.model, probe.tok
     facts = _with_old(probe.facts, probe.olds, "insert")
     asked = replies.ask(model, tok, facts)
@@ -359,15 +360,7 @@ def _layer_round(edit: _Applied, spec, config, before, probe, history, progress)
     keep, fact by fact, the remade edit where more of its replies state it and the fact
     still takes (an update splits by fact: each fact owns its added neurons, or its column
     of each layer's factors). The config of the edit kept: the retry one where every fact
-    moved; the round's time counts in the edit's."""
-    t0 = time.perf_counter()
-    try:
-        return _move_facts(edit, spec, config, before, probe, history, progress)
-    finally:
-        edit.seconds += time.perf_counter() - t0
-
-
-def _move_facts(edit: _Applied, spec, config, before, probe, history, progress):
+    moved."""
     model, tok = probe.model, probe.tok
     facts = _with_old(probe.facts, probe.olds, "insert")
     said = replies.stating(model, tok, facts)
