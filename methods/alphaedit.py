@@ -28,6 +28,7 @@ from edit.methods import MethodOutput, register
 from edit.methods.algebra import alphaedit_factors, null_space_projector
 from edit.methods.memit import MEMITConfig, batch_compute
 from edit.stats import StatsId
+from edit.update import Update
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,11 @@ class AlphaEditConfig(MEMITConfig):
             raise InvalidRequest(f"l2 must be > 0, got {self.l2}")
         if self.null_cov_weight < 0:
             raise InvalidRequest(f"null_cov_weight must be >= 0, got {self.null_cov_weight}")
+        if self.write != "rank_one":
+            raise InvalidRequest(
+                "AlphaEdit projects a weight update (write=rank_one); for added neurons use "
+                "method memit or rome with write=neuron"
+            )
 
 
 def projector(
@@ -102,7 +108,7 @@ def compute(
         projectors = {m: projector(covs[m], threshold, m, ids[m]) for m in modules}
 
         def solve(module, keys, resid):
-            return alphaedit_factors(
+            a, b = alphaedit_factors(
                 projectors[module],
                 keys,
                 resid,
@@ -111,6 +117,7 @@ def compute(
                 covs[module],
                 config.null_cov_weight,
             )
+            return Update({module: (a, b)}, {module: keys})
 
         return solve
 

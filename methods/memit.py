@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from edit import arch as arch_table
+from edit import neurons
 from edit.errors import InvalidRequest
 from edit.facts import Fact
 from edit.layers import memit_layers
@@ -34,22 +35,28 @@ from edit.methods.algebra import (
     MAX_ROWS,
     Contexts,
     EditConfig,
+    WriteSettings,
     context_templates,
+    gated_neurons,
+    keys_and_hidden,
     memit_factors,
     solve_values,
     spread_over_layers,
+    subject_reads,
 )
 from edit.readers.text import text_source
 from edit.stats import second_moment, statistic_ids
+from edit.update import Update
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class MEMITConfig(EditConfig):
+class MEMITConfig(EditConfig, WriteSettings):
     """MEMIT hyper-parameters: the shared value optimization (:class:`EditConfig`, with the
-    paper's GPT-J setting where it differs), the layers and the covariance weight;
-    ``configs/memit/`` holds tuned values per model."""
+    paper's GPT-J setting where it differs), the layers, the covariance weight and how each
+    layer's share is written (:class:`WriteSettings`: MEMIT's least-squares factors, or a
+    neuron per fact and layer); ``configs/memit/`` holds tuned values per model."""
 
     layers: tuple[int, ...] | None = None  # consecutive blocks whose MLPs are edited
     # the bare prompt and 5 prefixes of 10 tokens, as MEMIT's own code (ROME's takes 20)
@@ -78,6 +85,7 @@ class MEMITConfig(EditConfig):
             raise InvalidRequest(f"max_rows must be >= 1, got {self.max_rows}")
         if not self.cov_weight > 0:
             raise InvalidRequest(f"cov_weight must be > 0, got {self.cov_weight}")
+        self.check_write()
         super().__post_init__()
 
     def blocks(self) -> list[int]:
@@ -102,12 +110,19 @@ def batch_compute(
 ) -> MethodOutput:
     """The MEMIT pipeline with a pluggable per-layer solve: ``make_solver(modules, covs,
     ids)`` (``ids``: each statistic's identity, :func:`edit.stats.statistic_ids`) returns
-    ``solve(module, keys, resid) -> (A, B)``."""
+    ``solve(module, keys, resid) -> Update``. The modules are the layers' output
+    projections, whose input is the key, or, with ``write: neuron``, their MLPs, whose input
+    the added neurons read."""
     if not facts:
         raise InvalidRequest("no facts to edit")
     arch = arch_table.lookup(model)
     layers = memit_layers(model, config.layers, method)
-    modules = [arch.mlp_out_name(i) for i in layers]
+    outputs = [arch.mlp_out_name(i) for i in layers]
+    modules = outputs
+    if config.write == "neuron":
+        modules = [arch.mlp_name(i) for i in layers]
+        for name in modules:
+            neurons.check_gated(model, name)
 
     t0 = time.perf_counter()
     source = text_source(config.stats_corpus)  # read and hashed once for both calls
@@ -123,7 +138,7 @@ def batch_compute(
     sol = solve_values(
         model,
         tok,
-        modules[-1],
+        outputs[-1],
         facts,
         contexts,
         config.value_settings(),
@@ -147,6 +162,7 @@ def batch_compute(
         layers=layers,
         info={
             "modules": modules,
+            "write": config.write,
             "facts": len(facts),
             "steps": sol.steps,
             "loss_start": sol.loss_start,
@@ -176,7 +192,10 @@ def compute(
 
     def make_solver(modules, covs, ids):
         def solve(module, keys, resid):
-            return memit_factors(covs[module], keys, resid, config.cov_weight)
+            if config.write == "neuron":
+                return neuron_layer(model, tok, facts, config, module, covs[module], keys, resid)
+            a, b = memit_factors(covs[module], keys, resid, config.cov_weight)
+            return Update({module: (a, b)}, {module: keys})
 
         return solve
 
@@ -190,3 +209,16 @@ def compute(
         progress=progress,
         make_solver=make_solver,
     )
+
+
+def neuron_layer(model: nn.Module, tok, facts: list[Fact], config, mlp: str,
+                 cov: torch.Tensor, keys: torch.Tensor, resid: torch.Tensor) -> Update:  # fmt: skip
+    """One layer's share of a batch written as neurons added to ``mlp`` (``write: neuron``):
+    fact i's neuron (or pair) adds ``resid[i]`` where its row reads 1, at the fact's mean key
+    ``keys[i]`` and at its bare prompt's key (read now, on the model as the earlier layers
+    left it; ROME's ``prompt_key``), with the least rᵀΣr over generic text."""
+    bare = keys_and_hidden(model, tok, facts, ["{}"], mlp, mlp)[0]
+    act = model.get_submodule(mlp).act_fn
+    added = gated_neurons(cov, torch.cat([keys, bare]), subject_reads(facts, 2), resid, act,
+                          config.gate, config.pair_gate)  # fmt: skip
+    return Update(neurons={mlp: added})

@@ -48,22 +48,22 @@ from edit.methods import MethodOutput, register
 from edit.methods.algebra import (
     Contexts,
     EditConfig,
+    WriteSettings,
     context_templates,
     gated_neurons,
     keys_and_hidden,
     rank_one_direction,
     solve_values,
+    subject_reads,
 )
 from edit.stats import second_moment
 from edit.update import Update
 
 log = logging.getLogger(__name__)
 
-WRITES = ("rank_one", "neuron")  # how ROME writes δ into the model; the first is the default
-
 
 @dataclass(frozen=True)
-class ROMEConfig(EditConfig):
+class ROMEConfig(EditConfig, WriteSettings):
     """ROME hyper-parameters: the shared value optimization (:class:`EditConfig`, its
     defaults the paper's GPT-2 XL setting where they carry over), the layer, and the prompt
     key; ``configs/rome/`` holds tuned values per model."""
@@ -73,14 +73,6 @@ class ROMEConfig(EditConfig):
     # right after the start token a subject's key can be far from the mean k*, and the
     # plain prompt would get a fraction of δ
     prompt_key: bool = True
-    # how δ is written: "rank_one" (ROME's W' = W + δbᵀ) or "neuron" (one neuron added
-    # beside the MLP's own, gated on the subject: the rest of the model's computations stay
-    # almost exactly as they were; gated MLPs only, ``edit.neurons``)
-    write: str = WRITES[0]
-    gate: float = 3.0  # "neuron": the gate row's scale s (act(s) at the subject)
-    # "neuron": 0, one neuron per fact; t > 0, a pair whose second neuron's gate is t·r, so
-    # that their small outputs on other tokens cancel to third order (``neuron_write``)
-    pair_gate: float = 0.0
     # "neuron", a batch: false, each row meets its own subject's keys alone, as a fact edited
     # alone does; true, each also reads exactly 0 at the batch's other subjects, however far
     # that takes it from generic text (two subjects ending in one token: rows 60x longer,
@@ -97,16 +89,9 @@ class ROMEConfig(EditConfig):
         for name in ("layer", "retry_layer"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise InvalidRequest(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.write not in WRITES:
-            raise InvalidRequest(f"write must be {' or '.join(WRITES)}, got {self.write!r}")
         if self.layer_round and self.retry_layer is None:
             raise InvalidRequest("layer_round needs retry_layer: the block to edit at again")
-        if not self.gate > 0:
-            raise InvalidRequest(f"gate must be > 0, got {self.gate}")
-        if not 0 <= self.pair_gate < self.gate:
-            raise InvalidRequest(
-                f"pair_gate must be >= 0 and below gate ({self.gate:g}), got {self.pair_gate}"
-            )
+        self.check_write()
         super().__post_init__()
 
     def blocks(self) -> list[int]:
@@ -185,7 +170,7 @@ def compute(
         mapped.append(keys_and_hidden(model, tok, facts, ["{}"], read, read)[0])
     if config.write == "neuron":
         act = model.get_submodule(read).act_fn
-        added = gated_neurons(cov, torch.cat(mapped), _reads(facts, len(mapped)), sol.deltas,
+        added = gated_neurons(cov, torch.cat(mapped), subject_reads(facts, len(mapped)), sol.deltas,
                               act, config.gate, config.pair_gate, config.isolate)  # fmt: skip
         update = Update(neurons={read: added})
     else:
@@ -207,12 +192,3 @@ def compute(
             "context_templates": templates,
         },
     )
-
-
-def _reads(facts: list[Fact], copies: int) -> torch.Tensor:
-    """(copies·F, F): what neuron i reads at each key row (the facts' keys, ``copies`` sets
-    of them in fact order): 1 at a key of a fact with its own fact's subject, 0 at the
-    others' (facts of one subject share their keys: each neuron fires there)."""
-    subjects = [f.subject for f in facts]
-    same = torch.tensor([[a == b for b in subjects] for a in subjects], dtype=torch.float64)
-    return same.repeat(copies, 1)

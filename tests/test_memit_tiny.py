@@ -25,6 +25,7 @@ import edit
 import edit.arch
 import edit.config
 import edit.hooks
+import edit.neurons
 from edit import EditError, Fact, InvalidRequest, lm
 from edit import methods as registry
 from edit.api.workspace import Workspace
@@ -34,6 +35,7 @@ from edit.methods import algebra
 from edit.methods.algebra.keys import _shared_length
 from edit.methods.alphaedit import AlphaEditConfig
 from edit.methods.memit import MEMITConfig
+from edit.update import Update
 
 # The tiny models have two blocks: edit both, the last one carries the target. No pull-back
 # terms and a small λ: the tiny keys' second moment is ~1e-2 (see tiny.TINY_ROME).
@@ -492,8 +494,51 @@ def test_config_errors_name_the_setting():
         AlphaEditConfig(null_cov_weight=-1)
     with pytest.raises(InvalidRequest, match="retry_rounds must be >= 0"):
         MEMITConfig(retry_rounds=-1)
+    with pytest.raises(InvalidRequest, match="write must be rank_one or neuron"):
+        MEMITConfig(write="neurons")
+    with pytest.raises(InvalidRequest, match="AlphaEdit projects a weight update"):
+        AlphaEditConfig(write="neuron")
     with pytest.raises(EditError, match="unknown method"):
         registry.get("memit2")
+
+
+def test_memit_writes_each_layers_share_as_neurons_read_on_the_model_as_it_stands(llama, tok):
+    """``write: neuron``: every layer gets one neuron pair per fact, whose row reads 1 at the
+    fact's mean key and bare-prompt key at that layer, as the earlier layers' neurons left
+    the model; the pair adds its fact's share there; applied, the facts take."""
+    from edit.methods.algebra import Contexts, keys_and_hidden
+
+    s, t = 3.0, 0.5
+    config = MEMITConfig(**TINY_MEMIT, write="neuron", pair_gate=t)
+    base = state_copy(llama)
+    before = [_target_logprob(llama, tok, f) for f in FACTS]
+    out = registry.get("memit").compute(llama, tok, FACTS, config, progress=False)
+    assert changed_tensors(llama, base) == [] and not edit.neurons.added(llama)
+    mlps = [edit.arch.lookup(llama).mlp_name(i) for i in (0, 1)]
+    assert out.update.factors == {} and sorted(out.update.neurons) == mlps
+    contexts = Contexts.of(out.info["context_templates"], config)
+    earlier = []
+    for mlp in mlps:
+        gate, up, down = out.update.neurons[mlp]
+        assert gate.shape == up.shape == (4, HIDDEN) and down.shape == (HIDDEN, 4)
+        for keys in (keys_and_hidden(llama, tok, FACTS, contexts, mlp, mlp)[0],
+                     keys_and_hidden(llama, tok, FACTS, ["{}"], mlp, mlp)[0]):  # fmt: skip
+            reads = up[:2] @ keys.T  # fact i's first neuron at fact j's key
+            assert torch.allclose(reads.diagonal(), torch.ones(2), atol=1e-3)
+            assert torch.allclose(gate[2:] @ keys.T, t * reads, atol=1e-4)
+        assert torch.allclose(gate[:2], s * up[:2]) and torch.allclose(up[2:], up[:2])
+        assert torch.allclose(down[:, 2:], -(s / t) * down[:, :2])  # the pair cancels its squares
+        # the next layer's keys are read with this layer's neurons in place
+        earlier.append(Update(neurons={mlp: (gate, up, down)}).apply(llama))
+    for handle in reversed(earlier):
+        handle.undo()
+    assert changed_tensors(llama, base) == [] and not edit.neurons.added(llama)
+
+    handle = out.update.apply(llama)
+    after = [_target_logprob(llama, tok, f) for f in FACTS]
+    assert all(a > b + 0.1 for a, b in zip(after, before, strict=True)), (before, after)
+    handle.undo()
+    assert changed_tensors(llama, base) == [] and not edit.neurons.added(llama)
 
 
 def test_memit_erases_a_batch(llama, tok):

@@ -181,7 +181,8 @@ def _print_batch(res, erase: bool, seconds: float) -> None:
     m, info = res.metrics, res.info
     n = m["facts"]
     verb = "erased" if erase else "edited"
-    neurons = f" ({_neurons(res.config)} added per fact)" if info.get("write") == "neuron" else ""
+    per = "per fact and layer" if len(info.get("modules", ())) > 1 else "per fact"  # MEMIT's
+    neurons = f" ({_neurons(res.config)} added {per})" if info.get("write") == "neuron" else ""
     print(
         f"{verb} {n} facts in one {res.method.upper()} update of layer"
         f"{'s' if len(res.layers) > 1 else ''} {', '.join(map(str, res.layers))}{neurons}: "

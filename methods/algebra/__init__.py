@@ -31,12 +31,15 @@ from edit.methods.algebra.keys import MAX_ROWS, keys_and_hidden
 from edit.methods.algebra.objectives import OBJECTIVES, register_objective
 from edit.methods.algebra.prefixes import context_templates
 from edit.methods.algebra.solves import (
+    WRITES,
+    WriteSettings,
     alphaedit_factors,
     gated_neurons,
     memit_factors,
     null_space_projector,
     rank_one_direction,
     spread_over_layers,
+    subject_reads,
 )
 from edit.methods.algebra.values import (
     EditConfig,
@@ -47,6 +50,8 @@ from edit.methods.algebra.values import (
 )
 
 __all__ = [
+    "WRITES",
+    "WriteSettings",
     "MAX_ROWS",
     "OBJECTIVES",
     "Contexts",
@@ -64,4 +69,5 @@ __all__ = [
     "register_objective",
     "solve_values",
     "spread_over_layers",
+    "subject_reads",
 ]

@@ -5,12 +5,43 @@ its projected solve. All solves run in float64 and return float32 factors.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from edit.errors import InvalidRequest
 from edit.facts import Fact
 from edit.methods.algebra.keys import keys_and_hidden
 from edit.update import Update
+
+WRITES = ("rank_one", "neuron")  # how δ is written into the model; the first is the default
+
+
+@dataclass(frozen=True)
+class WriteSettings:
+    """How a method writes its δ (ROME's and MEMIT's configs take these fields)."""
+
+    # "rank_one": a change of the MLP's output projection that maps the subject's key to
+    # its new value; "neuron": neurons added beside the MLP's own, gated on the subject
+    # (one, or a pair, per fact: the rest of the model's computations stay almost exactly
+    # as they were; gated MLPs only, ``edit.neurons``)
+    write: str = WRITES[0]
+    gate: float = 3.0  # "neuron": the gate row's scale s (act(s) at the subject)
+    # "neuron": 0, one neuron per fact; t > 0, a pair whose second neuron's gate is t·r, so
+    # that their small outputs on other tokens cancel to third order (``neuron_write``)
+    pair_gate: float = 0.0
+
+    def check_write(self) -> None:
+        """One-line errors for the write fields."""
+        if self.write not in WRITES:
+            raise InvalidRequest(f"write must be {' or '.join(WRITES)}, got {self.write!r}")
+        if not self.gate > 0:
+            raise InvalidRequest(f"gate must be > 0, got {self.gate}")
+        if not 0 <= self.pair_gate < self.gate:
+            raise InvalidRequest(
+                f"pair_gate must be >= 0 and below gate ({self.gate:g}), got {self.pair_gate}"
+            )
 
 
 def least_rows(
@@ -104,6 +135,15 @@ def neuron_write(
             torch.cat([down, -(s / t) * down], 1).contiguous())  # fmt: skip
 
 
+def subject_reads(facts: list[Fact], copies: int) -> torch.Tensor:
+    """(copies·F, F): what fact i's neuron reads at each key row (the facts' keys, ``copies``
+    sets of them in fact order): 1 at a key of a fact with its own fact's subject, 0 at the
+    others' (facts of one subject share their keys: each neuron fires there)."""
+    subjects = [f.subject for f in facts]
+    same = torch.tensor([[a == b for b in subjects] for a in subjects], dtype=torch.float64)
+    return same.repeat(copies, 1)
+
+
 def neuron_facts(n_neurons: int, n_facts: int) -> torch.Tensor:
     """(n_neurons,): the fact each of :func:`gated_neurons`' neurons writes, in its order:
     one neuron per fact, then (a pair each) the second of each fact's pair."""
@@ -125,10 +165,12 @@ def spread_over_layers(
 
     The target of fact i is z_i = h_i + δ_i, with h_i the output of ``last_block`` (the
     residual stream after the last edited layer) before the edit. Layer by layer, from the
-    first: read the keys K (F, d_in) at the layer and the residual stream h' as the model is
-    now (earlier layers already changed), take the residual R = (z − h') / (layers left),
-    and write ΔW = A B = ``solve_layer(module, K, R)`` into the layer. Each layer so takes an
-    equal share of what is still missing. The model is unchanged at the end.
+    first: read the keys K (F, d_in) at ``module`` (its input at each subject) and the
+    residual stream h' as the model is now (earlier layers already changed), take the
+    residual R = (z − h') / (layers left), and write ``solve_layer(module, K, R)``, an
+    :class:`Update` that adds R at those keys (MEMIT's least-squares factors of the output
+    projection, or neurons added to the MLP), into the layer. Each layer so takes an equal
+    share of what is still missing. The model is unchanged at the end.
     """
     keys, h0 = keys_and_hidden(model, tok, facts, templates, modules[0], last_block)
     target = h0 + deltas.float()
@@ -143,18 +185,13 @@ def spread_over_layers(
                 keys, h = keys_and_hidden(model, tok, facts, templates, module, last_block)
             missing = target - h
             resid = missing / (len(modules) - i)
-            a, b = solve_layer(module, keys, resid)
-            part = Update({module: (a, b)}, {module: keys})
+            part = solve_layer(module, keys, resid)
             applied.append(part.apply(model))
-            update.factors[module] = (a, b)
-            update.keys[module] = keys
-            steps.append(
-                {
-                    "module": module,
-                    "missing_norm": float(missing.norm(dim=-1).mean()),
-                    "update_norm": float(part.delta(module).norm()),
-                }
-            )
+            update = update.merged(part)
+            step = {"module": module, "missing_norm": float(missing.norm(dim=-1).mean())}
+            if module in part.factors:
+                step["update_norm"] = float(part.delta(module).norm())
+            steps.append(step)
     finally:
         for handle in reversed(applied):
             handle.undo()
