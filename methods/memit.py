@@ -9,7 +9,8 @@ Many facts, several consecutive layers ℓ₁..ℓ_L, one closed-form update per
    R the part of the target change still missing divided by the layers left, and C the
    keys' second moment over generic text (``algebra.spread_over_layers``).
 
-The batch is one :class:`~edit.update.Update` of rank ≤ n per layer. AlphaEdit
+The batch is one :class:`~edit.update.Update` of rank ≤ n per layer (with ``write: neuron``,
+n neurons or pairs added beside each layer's MLP instead: :func:`neuron_layer`). AlphaEdit
 (``alphaedit.py``) shares everything here except the per-layer solve.
 
 Invariant: the model is unchanged at the end; the update is returned.
