@@ -38,12 +38,10 @@ from edit.methods.algebra import (
     EditConfig,
     WriteSettings,
     context_templates,
-    gated_neurons,
     keys_and_hidden,
     memit_factors,
     solve_values,
     spread_over_layers,
-    subject_reads,
 )
 from edit.readers.text import text_source
 from edit.stats import second_moment, statistic_ids
@@ -219,7 +217,5 @@ def neuron_layer(model: nn.Module, tok, facts: list[Fact], config, mlp: str,
     ``keys[i]`` and at its bare prompt's key (read now, on the model as the earlier layers
     left it; ROME's ``prompt_key``), with the least rᵀΣr over generic text."""
     bare = keys_and_hidden(model, tok, facts, ["{}"], mlp, mlp)[0]
-    act = model.get_submodule(mlp).act_fn
-    added = gated_neurons(cov, torch.cat([keys, bare]), subject_reads(facts, 2), resid, act,
-                          config.gate, config.pair_gate)  # fmt: skip
+    added = config.subject_neurons(model.get_submodule(mlp), cov, [keys, bare], facts, resid)
     return Update(neurons={mlp: added})

@@ -50,11 +50,9 @@ from edit.methods.algebra import (
     EditConfig,
     WriteSettings,
     context_templates,
-    gated_neurons,
     keys_and_hidden,
     rank_one_direction,
     solve_values,
-    subject_reads,
 )
 from edit.stats import second_moment
 from edit.update import Update
@@ -169,9 +167,8 @@ def compute(
     if config.prompt_key:  # the fact's own prompt, as `edit ask` reads it
         mapped.append(keys_and_hidden(model, tok, facts, ["{}"], read, read)[0])
     if config.write == "neuron":
-        act = model.get_submodule(read).act_fn
-        added = gated_neurons(cov, torch.cat(mapped), subject_reads(facts, len(mapped)), sol.deltas,
-                              act, config.gate, config.pair_gate, config.isolate)  # fmt: skip
+        added = config.subject_neurons(model.get_submodule(read), cov, mapped, facts,
+                                       sol.deltas, config.isolate)  # fmt: skip
         update = Update(neurons={read: added})
     else:
         b = rank_one_direction(cov, torch.cat(mapped))[None, :]  # (1, d_in): bᵀk = 1 each

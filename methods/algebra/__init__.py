@@ -39,7 +39,6 @@ from edit.methods.algebra.solves import (
     null_space_projector,
     rank_one_direction,
     spread_over_layers,
-    subject_reads,
 )
 from edit.methods.algebra.values import (
     EditConfig,
@@ -69,5 +68,4 @@ __all__ = [
     "register_objective",
     "solve_values",
     "spread_over_layers",
-    "subject_reads",
 ]

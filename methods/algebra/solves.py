@@ -43,6 +43,23 @@ class WriteSettings:
                 f"pair_gate must be >= 0 and below gate ({self.gate:g}), got {self.pair_gate}"
             )
 
+    def subject_neurons(
+        self,
+        mlp: nn.Module,
+        second_moment: torch.Tensor,
+        key_sets: list[torch.Tensor],
+        facts: list[Fact],
+        deltas: torch.Tensor,
+        isolate: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Neurons for the gated MLP ``mlp`` adding each fact's δ (``deltas`` (F, d)) at its
+        subject: each row reads 1 at its fact's keys in every set of ``key_sets`` (each
+        (F, d), in fact order: the mean key, the bare prompt's), :func:`gated_neurons` with
+        this config's gate and pair."""
+        reads = subject_reads(facts, len(key_sets))
+        return gated_neurons(second_moment, torch.cat(key_sets), reads, deltas, mlp.act_fn,
+                             self.gate, self.pair_gate, isolate)  # fmt: skip
+
 
 def least_rows(
     second_moment: torch.Tensor, keys: torch.Tensor, reads: torch.Tensor
