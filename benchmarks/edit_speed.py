@@ -38,7 +38,7 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_de
 PHASES = {
     "key statistics": [("edit/stats.py", "second_moment")],
     "prefixes": [("algebra/prefixes.py", "context_templates")],
-    "probes before/after": [("edit/api.py", "__call__")],
+    "probes before/after": [("api/edits.py", "__call__")],
     "rows and prefix cache": [("algebra/batch.py", "build_batch"), ("edit/lm.py", "prefix_cache")],
     "value steps: forward": [("algebra/values.py", "forward")],
     "value steps: backward and Adam": [("algebra/values.py", "descend")],
@@ -47,6 +47,7 @@ PHASES = {
         ("algebra/solves.py", "gated_neurons"),
         ("algebra/solves.py", "rank_one_direction"),
     ],
+    "layer round: chat replies": [("edit/replies.py", "stating")],
 }
 
 
@@ -62,9 +63,11 @@ def variant_context(name: str):
     """The code paths before a change, for timing against it: ``percall``, the value
     optimization's weights cast by autocast at each call (before they were cast once);
     ``padded``, its rows right-padded each in its own sequence (before they were packed);
-    ``before``, both. Any other name: as the code is."""
+    ``before``, both; ``f32replies``, the layer round's chat replies at the model's float32
+    (before they ran in the value optimization's precision). Any other name: as the code is."""
     from unittest import mock
 
+    from edit.api import edits
     from edit.methods.algebra import packing, precision
 
     patches = []
@@ -73,6 +76,8 @@ def variant_context(name: str):
                                          lambda model: nullcontext()))  # fmt: skip
     if name in ("padded", "before"):
         patches.append(mock.patch.object(packing, "packs", lambda model: False))
+    if name == "f32replies":
+        patches.append(mock.patch.object(edits, "_asking", lambda model, config: nullcontext()))
     stack = ExitStack()
     for p in patches:
         stack.enter_context(p)

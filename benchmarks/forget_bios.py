@@ -10,7 +10,8 @@ and a phone number):
 
 1. **learned**: the default model learns ``--people`` bios (``Workspace.learn``, plain text,
    ``LEARN`` settings) and is exported as a plain folder; cached under ``--cache``, keyed by
-   the corpus and the settings, so that later runs start from step 2;
+   the corpus and the settings, so that later runs start from step 2 (``--learned FOLDER``:
+   a model that learned the same bios elsewhere instead, e.g. with `edit learn`'s defaults);
 2. **forgotten**: a new workspace on that folder (no ledger entry to revert: the corpus was
    learned elsewhere) runs ``Workspace.forget(corpus, holdout=..., reference=base)``, what
    `edit forget --corpus bios.jsonl --holdout never-seen.jsonl --reference BASE` runs, with
@@ -178,6 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-reference", action="store_true",
                    help="forget with the holdout alone, as without a base model")  # fmt: skip
     p.add_argument("--no-attacks", action="store_true")
+    p.add_argument(
+        "--learned",
+        default=None,
+        metavar="FOLDER",
+        help="start from this model, which learned the --people bios of --seed "
+        "elsewhere (`edit export` after `edit learn` with its defaults, e.g. of "
+        "benchmarks/learn_bios.py --keep), instead of step 1's quick learn",
+    )
     p.add_argument("--model", default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cache", default=str(ROOT / "bench-out" / "forget_bios"))
@@ -217,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         "known": load_known(KNOWN)[:N_KNOWN],
     }
 
-    folder = learned_folder(cache, corpus, args.model)
+    folder = Path(args.learned) if args.learned else learned_folder(cache, corpus, args.model)
     base, base_tok = load(args.model)
     learned, tok = load(str(folder))
     models, attacks = {}, {}
@@ -246,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "people": args.people,
         "seed": args.seed,
-        "learn": LEARN,
+        "learn": f"the model of {args.learned}" if args.learned else LEARN,
         "settings": settings,
         "reference": not args.no_reference,
         "config": {k: v for k, v in vars(res.config).items() if not k.startswith("_")},

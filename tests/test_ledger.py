@@ -228,8 +228,9 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_workspace(capsys, 
 def test_a_lock_left_by_a_killed_process_is_not_in_force(capsys, ws):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, os, sys, time; "
-         "fd = os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); os.ftruncate(fd, 0); "
-         "os.write(fd, str(os.getpid()).encode()); print('locked', flush=True); time.sleep(60)",
+         "fd = os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); "
+         "os.ftruncate(fd, 0); os.write(fd, str(os.getpid()).encode()); "
+         "print('locked', flush=True); time.sleep(60)",
          str(ws / ".lock")],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip

@@ -334,6 +334,28 @@ def test_the_layer_round_makes_the_edit_again_at_the_other_block_kept_only_if_mo
     assert all(torch.equal(v, start[k]) for k, v in llama.state_dict().items())
 
 
+@pytest.mark.parametrize(
+    "value_dtype, asked_in", [("bfloat16", torch.bfloat16), ("float32", torch.float32)]
+)
+def test_the_layer_round_asks_in_the_value_optimizations_precision(
+    chat_tok, llama, monkeypatch, value_dtype, asked_in
+):
+    seen = []
+
+    def stating(model, tok, facts):
+        seen.append(model.lm_head.weight.dtype)
+        return [(len(questions_for(f)), len(questions_for(f))) for f in facts]
+
+    monkeypatch.setattr(replies, "stating", stating)
+    start = state_copy(llama)
+    res = edit.apply(llama, chat_tok, TAKES, progress=False, describe=False, layer_round=True,
+                     retry_layer=0, value_dtype=value_dtype, **TINY_ROME)  # fmt: skip
+    assert seen == [asked_in]  # the replies; the weights the user's model has after
+    assert {v.dtype for v in llama.state_dict().values()} == {torch.float32}
+    res.undo()
+    assert all(torch.equal(v, start[k]) for k, v in llama.state_dict().items())
+
+
 def test_no_layer_round_where_every_reply_states_the_edit_or_without_the_setting(
     chat_tok, llama, monkeypatch
 ):

@@ -82,6 +82,10 @@ FIGURES: dict[str, dict[str, str]] = {
         "before s/edit": "variants.before.median_seconds",
         "first edit add on an empty cache s": "fresh_machine_seconds.edit add",
     },
+    "edit_speed_replies": {
+        "s/edit": "variants.default.median_seconds",
+        "float32 replies s/edit": "variants.f32replies.median_seconds",
+    },
     "edit_speed_memit": {
         "s/fact": "variants.default.median_seconds",
         "before s/fact": "variants.before.median_seconds",
