@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
     variants = [("default", {}), *map(parse_variant, args.variant)]
     model, tok = edit.load()
-    facts = [r.fact for r in load_records(args.data, limit=args.limit)]
+    facts = [r.fact for r in load_records(args.data, limit=args.limit)] if args.limit else []
     if args.batch > 1:  # each "fact" below is then a batch of them
         facts = [facts[i : i + args.batch] for i in range(0, len(facts), args.batch)]
     if facts:  # statistics and prefixes into the cache first: every timed edit finds them
@@ -222,13 +222,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _table(s: dict) -> str:
     what = "one fact" if s["batch"] == 1 else f"batches of {s['batch']} facts"
-    lines = [
-        f"{s['method']}, {s['edits']} edits of {what} (CounterFact dev records), each made once "
-        "per variant (alternating) and undone after; seconds per fact",
-        "",
-        "| variant | median s/fact | p90 | mean steps | took % | same update as default |",
-        "|---|---|---|---|---|---|",
-    ]
+    lines = []
+    if s["variants"]:
+        lines += [
+            f"{s['method']}, {s['edits']} edits of {what} (CounterFact dev records), each made "
+            "once per variant (alternating) and undone after; seconds per fact",
+            "",
+            "| variant | median s/fact | p90 | mean steps | took % | same update as default |",
+            "|---|---|---|---|---|---|",
+        ]
     for name, v in s["variants"].items():
         lines.append(f"| {name} {v['settings'] or ''} | {v['median_seconds']} | "
                      f"{v['p90_seconds']} | {v['mean_steps']} | {v['took_percent']} | "
@@ -243,7 +245,7 @@ def _table(s: dict) -> str:
                 lines.append(f"| {k} | {v} | {100 * v / prof['total']:.0f} % |")
         lines.append(f"| total | {prof['total']} | |")
     if "fresh_machine_seconds" in s:
-        lines += ["", "The demo on an empty cache (wall seconds per command):", ""]
+        lines += ["", "The demo on an empty cache (wall seconds per command):", ""][not lines :]
         lines += [f"- `{k}`: {v}" for k, v in s["fresh_machine_seconds"].items()]
     return "\n".join(lines)
 

@@ -23,10 +23,10 @@ Measured on each model, with sets the forget run never read: the mean token NLL 
 forgotten bios and of never-seen bios, membership-inference ROC AUCs of forgotten against
 never-seen (LOSS, zlib, Min-K %, Min-K %++; ``edit.evals.mia``), the secrets greedy decoding
 reproduces from the bio up to each (city, account, phone), WikiText-2 test perplexity (4,096
-tokens) and known_1000 top-1 (200 prompts). Then two attacks on the base and the forgotten
-model alike (the base is the control: an attack teaches a never-trained model too): RTN
-4-bit quantization, and relearning (8 LoRA steps, ``edit.evals.audit.RELEARN_SETTINGS``) on
-8 never-seen bios that no figure is measured on.
+tokens) and known_1000 top-1 (200 prompts; ``--known``). Then two attacks on the base and
+the forgotten model alike (the base is the control: an attack teaches a never-trained model
+too): RTN 4-bit quantization, and relearning (8 LoRA steps,
+``edit.evals.audit.RELEARN_SETTINGS``) on 8 never-seen bios that no figure is measured on.
 
 Writes ``<out>.json`` and ``<out>.md`` (default ``benchmarks/results/forget_bios``).
 """
@@ -187,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         "elsewhere (`edit export` after `edit learn` with its defaults, e.g. of "
         "benchmarks/learn_bios.py --keep), instead of step 1's quick learn",
     )
+    p.add_argument(
+        "--known",
+        type=int,
+        default=N_KNOWN,
+        help="known_1000 prompts whose top-1 is measured (the first ones)",
+    )
     p.add_argument("--model", default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cache", default=str(ROOT / "bench-out" / "forget_bios"))
@@ -223,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         "unseen": texts(unseen),
         "relearn": texts(relearn),
         "wikitext": WIKITEXT_TEST.read_text(encoding="utf-8"),
-        "known": load_known(KNOWN)[:N_KNOWN],
+        "known": load_known(KNOWN)[: args.known],
     }
 
     folder = Path(args.learned) if args.learned else learned_folder(cache, corpus, args.model)

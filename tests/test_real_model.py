@@ -56,7 +56,9 @@ def test_add_takes_generalizes_and_stays_local(ws):
     assert ws.before["Paris is the capital of"] == "France"  # the unedited model's answer
     change = ws.add("Paris is capital of Italy", progress=False)
     entry, result = change.entry, change.result
-    assert entry.path.is_file() and entry.layers == [4]
+    # block 4, the tuned config's, or block 6 where the layer round kept its remake
+    assert entry.path.is_file() and entry.layers in ([4], [6])
+    assert (entry.layers == [6]) == bool(result.metrics["layer_round"]["kept"])
     assert result.metrics["p_new_after"] > result.metrics["p_old_after"]
 
     after = {p: first_word(lm.greedy(model, tok, [p], 4)[0]) for p in CHECK_PROMPTS}
@@ -71,9 +73,10 @@ def test_add_takes_generalizes_and_stays_local(ws):
 
 def test_the_first_edit_on_a_fresh_machine_reads_the_shipped_statistics(ws, tmp_path,
                                                                         monkeypatch):  # fmt: skip
-    """With an empty cache, the tuned ROME edit's key statistics and prefixes come from the
-    package: nothing is collected or sampled (a stale shipped file, say after a new release
-    of the model package, would be keyed by another model hash and miss)."""
+    """With an empty cache, the tuned ROME edit's key statistics (at its block and at the
+    layer round's retry block) and prefixes come from the package: nothing is collected or
+    sampled (a stale shipped file, say after a new release of the model package, would be
+    keyed by another model hash and miss)."""
     from edit import arch, stats
     from edit.config import resolve
     from edit.layers import rome_layer
@@ -90,9 +93,10 @@ def test_the_first_edit_on_a_fresh_machine_reads_the_shipped_statistics(ws, tmp_
     monkeypatch.setattr(prefixes, "_sample", refuse)
     model, tok = ws.model, ws.tok
     config = resolve("rome", ROMEConfig, model)
-    mlp = arch.lookup(model).mlp_name(rome_layer(model, config.layer))
-    cov = stats.second_moment(model, tok, mlp, n_tokens=config.stats_tokens, progress=False)
-    assert cov.shape == (model.config.hidden_size, model.config.hidden_size)
+    for layer in (config.layer, config.retry_layer):
+        mlp = arch.lookup(model).mlp_name(rome_layer(model, layer))
+        cov = stats.second_moment(model, tok, mlp, n_tokens=config.stats_tokens, progress=False)
+        assert cov.shape == (model.config.hidden_size, model.config.hidden_size)
     templates = prefixes.context_templates(model, tok, config.context_templates, config.seed)
     assert len(templates) == 1 + sum(n for _, n in config.context_templates)
     assert not (tmp_path / "empty").exists()  # read in place, nothing written
