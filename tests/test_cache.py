@@ -77,3 +77,26 @@ def test_a_gguf_file_is_parsed_once_while_it_is_dequantized(tmp_path, monkeypatc
     assert gguf.GGUFReader is Reader
     gguf.GGUFReader(a)  # outside: a new read each time, as the library does
     assert len(made) == 3
+
+
+def test_the_tensor_name_table_of_an_architecture_is_built_once_while_dequantizing(monkeypatch):
+    """transformers asks for the table once per module of the model; inside it is built once
+    per (architecture, blocks), and the library's function is back after."""
+    import gguf
+
+    from edit.models import _one_gguf_parse
+
+    built = []
+
+    def name_map(arch, n_blocks):
+        built.append((arch, n_blocks))
+        return object()
+
+    monkeypatch.setattr(gguf, "get_tensor_name_map", name_map)
+    llama = gguf.MODEL_ARCH.LLAMA
+    with _one_gguf_parse():
+        first = gguf.get_tensor_name_map(llama, 30)
+        assert all(gguf.get_tensor_name_map(llama, 30) is first for _ in range(3))
+        assert gguf.get_tensor_name_map(llama, 12) is not first
+    assert built == [(llama, 30), (llama, 12)]
+    assert gguf.get_tensor_name_map is name_map

@@ -188,6 +188,16 @@ FIGURES: dict[str, dict[str, str]] = {
     },
     "forget_bios": FORGET_BIOS,
     "forget_bios_40": FORGET_BIOS,
+    "forget_bios_40_learned": {
+        **FORGET_BIOS,
+        "perplexity": "models.forgotten.wikitext_ppl",
+        "learned perplexity": "models.learned.wikitext_ppl",
+    },
+    "forget_bios_40_learned_k1000": {
+        "known top-1": "models.forgotten.known_top1",
+        "learned known top-1": "models.learned.known_top1",
+        "base known top-1": "models.base (reference).known_top1",
+    },
     "learn_bios": LEARN_BIOS,
     "learn_bios_kl2e6": LEARN_BIOS,
     "learn_bios_40_text512": LEARN_BIOS,
