@@ -245,7 +245,9 @@ def _table(s: dict) -> str:
                 lines.append(f"| {k} | {v} | {100 * v / prof['total']:.0f} % |")
         lines.append(f"| total | {prof['total']} | |")
     if "fresh_machine_seconds" in s:
-        lines += ["", "The demo on an empty cache (wall seconds per command):", ""][not lines :]
+        if lines:
+            lines.append("")
+        lines += ["The demo on an empty cache (wall seconds per command):", ""]
         lines += [f"- `{k}`: {v}" for k, v in s["fresh_machine_seconds"].items()]
     return "\n".join(lines)
 

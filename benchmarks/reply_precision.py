@@ -33,9 +33,7 @@ def judged(model, tok, fact) -> tuple[list[str], list[bool], float]:
     t = time.perf_counter()
     asked = replies.ask(model, tok, [fact], tokens=replies.CHECK_TOKENS)[0]
     seconds = time.perf_counter() - t
-    old = [fact.target_true] if fact.target_true else []
-    says = [replies.reply_figures(r, fact.subject, [fact.target], old)["RE"] for _, r in asked]
-    return [r for _, r in asked], says, seconds
+    return [r for _, r in asked], [replies.states(fact, r) for _, r in asked], seconds
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -90,6 +90,13 @@ def reply_figures(reply: str, subject: str, new: Sequence[str], old: Sequence[st
     return {"RS": rs, "RN": rn, "RO": ro, "RL": rl, "RE": rs and rn and not ro and not rl}
 
 
+def states(fact: Fact, reply: str) -> bool:
+    """Whether ``reply`` states ``fact`` as the layer round judges it (:func:`reply_figures`'
+    RE with the fact's own new and old object)."""
+    old = [fact.target_true] if fact.target_true else []
+    return reply_figures(reply, fact.subject, [fact.target], old)["RE"]
+
+
 def stating(model: nn.Module, tok, facts: list[Fact]) -> list[tuple[int, int]]:
     """Per fact, (how many of its questions get a greedy chat reply, of
     :data:`CHECK_TOKENS` tokens, that states the edit (:func:`reply_figures`), how many
@@ -97,8 +104,7 @@ def stating(model: nn.Module, tok, facts: list[Fact]) -> list[tuple[int, int]]:
     without a chat template."""
     out = []
     for fact, asked in zip(facts, ask(model, tok, facts, tokens=CHECK_TOKENS), strict=True):
-        old = [fact.target_true] if fact.target_true else []
-        says = [reply_figures(r, fact.subject, [fact.target], old)["RE"] for _, r in asked]
+        says = [states(fact, r) for _, r in asked]
         out.append((sum(says), len(says)))
     return out
 

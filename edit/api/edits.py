@@ -362,7 +362,7 @@ def _asking(model: nn.Module, config):
     after an edit, 45 judged the same as at float32, 39 and 40 stating the edit (docs/methods.md,
     "The layer round's replies in bfloat16"). What a user asks (``edit ask``) runs as the
     model is."""
-    return value_autocast(model, getattr(config, "value_dtype", "float32"))
+    return value_autocast(model, config.value_dtype)
 
 
 def _layer_round(edit: _Applied, spec, config, before, probe, history, progress):
