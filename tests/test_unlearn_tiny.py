@@ -370,6 +370,7 @@ def test_missing_and_empty_corpus_files(tmp_path):
         ("target_modules", ("",), "target_modules must be module names"),
         ("samples", -1, "samples must be an integer >= 0"),
         ("quant_bits", 1, "quant_bits must be 0 (off) or 2 to 8"),
+        ("confine", "yes", "confine must be true or false"),
     ],
 )
 def test_config_validates_itself_in_one_line(field, value, words):
@@ -654,6 +655,44 @@ def test_distill_is_refused_without_a_teacher_or_with_another_vocabulary(tok, ll
             train_lora(llama, tok, FORGET, RETAIN, config, progress=False, teacher=teacher)
         assert "\n" not in str(info.value)
     _assert_unchanged(llama, before)
+
+
+def test_confine_trains_only_where_the_student_differs_from_the_teacher(tok):
+    """The student is the teacher plus a rank-2 change in two weights. With ``confine`` the
+    adapter changes those two alone, each only on the rows' space of its difference, and
+    distillation still closes the gap on the forget set; without a teacher it is refused."""
+    teacher = tiny_model("llama", len(tok), seed=1)
+    student = copy.deepcopy(teacher)
+    gen = torch.Generator().manual_seed(3)
+    changed = {}
+    for name in ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"):
+        weight = student.get_submodule(name).weight
+        out_dim, in_dim = weight.shape
+        u, v = torch.randn(out_dim, 2, generator=gen), torch.randn(2, in_dim, generator=gen)
+        with torch.no_grad():
+            weight.add_(0.5 * u @ v / in_dim**0.5)
+        changed[name] = torch.linalg.qr(v.T).Q  # (in, 2): the difference's row space
+    start, target = (_per_example_nll(m, tok, FORGET) for m in (student, teacher))
+    config = UnlearnConfig(method="distill", kl_weight=0.0, confine=True,
+                           **dict(FAST, epochs=12))  # fmt: skip
+    result = train_lora(student, tok, FORGET, RETAIN, config, progress=False, teacher=teacher)
+    deltas = lora_delta(result)
+    for name, delta in deltas.items():
+        if name not in changed:
+            assert delta.abs().max() == 0, name
+            continue
+        q = changed[name]
+        assert delta.norm() > 1e-3, name
+        off = delta - delta @ q @ q.T  # what the change reads outside the difference
+        assert off.norm() < 1e-4 * delta.norm(), (name, off.norm(), delta.norm())
+    with adapter_attached(student, result):
+        end = _per_example_nll(student, tok, FORGET)
+    assert (target - end).abs().sum() < 0.5 * (target - start).abs().sum(), (start, end, target)
+
+    holdout = [Example("", "Lisbon is the capital of Portugal.")]
+    match = UnlearnConfig(method="match", confine=True, **FAST)
+    with pytest.raises(InvalidRequest, match="confine fixes the adapter to where the model"):
+        train_lora(student, tok, FORGET, RETAIN, match, progress=False, holdout=holdout)
 
 
 def test_match_aims_each_example_at_its_target_from_the_teacher_or_the_holdout(tok):

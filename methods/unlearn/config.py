@@ -72,6 +72,11 @@ class UnlearnConfig:
     # the rounding, so that the forgetting holds in a quantized copy; 0: off. One more
     # forward and backward pass per step.
     quant_bits: int = 0
+    # with a reference: fix each adapter's input factor A to the r directions in which the
+    # adapted weight differs most from the reference's (top right singular vectors of
+    # W - W_ref) and train B alone, so that the run changes the model only where the
+    # fine-tune did (lora.confine); False: peft's random A, trained
+    confine: bool = False
     eval_retain: int = 128  # retain examples scored before/after (the first ones)
     # forget: stop once the forget set's mean token NLL reaches this level (None: with a
     # holdout set, its NLL before training, i.e. the level of never-seen text; else no stop)
@@ -125,6 +130,8 @@ class UnlearnConfig:
             )
         if self.stop_nll is not None and not self.stop_nll > 0:
             raise InvalidRequest(f"stop_nll must be > 0 or None, got {self.stop_nll}")
+        if not isinstance(self.confine, bool):
+            raise InvalidRequest(f"confine must be true or false, got {self.confine!r}")
         if not isinstance(self.samples, int) or self.samples < 0:
             raise InvalidRequest(f"samples must be an integer >= 0, got {self.samples!r}")
         if self.quant_bits != 0 and (

@@ -33,6 +33,7 @@ from edit.methods.unlearn.augment import augment
 from edit.methods.unlearn.config import OBJECTIVES, UnlearnConfig, for_objective
 from edit.methods.unlearn.lora import (
     LoraResult,
+    confine,
     json_safe,
     lora_wrapped,
     peft_config,
@@ -109,6 +110,9 @@ def train_lora(
     method = config.method if objective == "forget" else "learn"
     _check_sets(objective, method, config, forget, retain, holdout or [])
     _check_teacher(model, method, teacher, bool(holdout))
+    if config.confine and teacher is None:
+        raise InvalidRequest("confine fixes the adapter to where the model differs from a "
+                             "reference: give one (--reference BASE)")  # fmt: skip
     if config.kl_to == "reference" and teacher is None:
         raise InvalidRequest("kl_to=reference holds the retain set to a reference model: "
                              "give one (--reference BASE) and a method that reads it "
@@ -457,6 +461,8 @@ class _Run:
         with lora_wrapped(model, lora_config) as peft_model:
             peft_model.eval()  # no dropout in the base model: at step 0, π_θ is exactly π_ref
             self.peft_model = peft_model
+            if c.confine:
+                confine(model, self.teacher, arch_table.lookup(model).transposed)
             self.params = [p for p in peft_model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(self.params, lr=c.lr, weight_decay=c.weight_decay)
             self._prepare(optimizer)
