@@ -112,7 +112,9 @@ def cmd_train(args) -> int:
     if m.get("retain_nll_before") is not None:
         rows.append(("retain set NLL", m["retain_nll_before"], m["retain_nll_after"]))
     rows += health
-    confined = ", each reading where the model differs from the reference" * res.config.confine
+    confined = ""
+    if res.config.confine:
+        confined = ", each reading where the model differs from the reference"
     print(f"{entry.method} LoRA (rank {res.config.lora_rank}, {len(res.target_modules)} "
           f"modules{confined}), {res.config.epochs} epochs: {res.seconds:.1f}s, "
           f"{res.tokens_per_second:.0f} tokens/s")  # fmt: skip
