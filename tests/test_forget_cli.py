@@ -157,6 +157,9 @@ def test_forgetting_a_learned_corpus_stops_at_its_level_without_the_learn_entry(
     assert "distill aims each example at its own never-seen level (no stop)" in out
     assert f"'edit revert {learn.id}' removes exactly everything it learned" in out
     entry = Workspace.open(ws).entries()[-1]
+    # distill confines the adapter to where the fine-tune wrote (METHOD_DEFAULTS), and says so
+    assert entry.config["confine"] is True
+    assert "each reading where the model differs from the reference" in out
     assert entry.method == "distill" and entry.info["learned_by"] == learn.id
     assert entry.info["reference"] == f"this model without entry {learn.id}"
     assert entry.metrics["stop_nll"] == pytest.approx(level, rel=1e-4)
@@ -216,17 +219,20 @@ def test_forgetting_what_a_fine_tune_learned_aims_at_the_reference_it_started_fr
     entry = Workspace.open(ws).entries()[-1]
     assert entry.method == "distill" and entry.info["stop_source"] == "reference"
     assert entry.info["reference"] == model_dir
-    # no retain set given: distillation trains on the corpus alone (no KL to the model before)
-    assert entry.info["retain"] is None and entry.config["kl_weight"] == 0.0
+    # no retain set given: the adapter reads where the fine-tune wrote, and the shipped
+    # WikiText-2 slices are held to the model before by a light KL (METHOD_DEFAULTS)
+    assert entry.config["confine"] is True and entry.config["kl_weight"] == 0.3
+    assert entry.info["retain"] == "wikitext2 (shipped)" and entry.info["retain_examples"] == 64
     assert "distill aims each example at its own never-seen level (no stop)" in out
     before, after = entry.metrics["forget_nll_before"], entry.metrics["forget_nll_after"]
     assert before < level and abs(level - after) < 0.5 * (level - before), (before, after)
 
-    # a retain set given: KL 1 to the model before on it, as METHOD_DEFAULTS says
+    # a retain set given: held instead of the shipped text, by the same KL
     retain = _corpus(tmp_path, [{"text": "The river flows north to the sea."}], "keep.jsonl")
     assert main([*args, "--epochs", "1", "--reference", model_dir, "--retain", retain]) == 0
     kept = Workspace.open(ws).entries()[-1]
-    assert kept.info["retain"] == retain and kept.config["kl_weight"] == 1.0
+    assert kept.info["retain"] == retain and kept.info["retain_examples"] == 1
+    assert kept.config["kl_weight"] == 0.3
     capsys.readouterr()
 
     # a reference that reads text with other token ids is refused before any training

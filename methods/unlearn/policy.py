@@ -197,15 +197,9 @@ def train_plan(model: nn.Module, tok, plan: Plan, *, progress: bool = True) -> T
 
 def _retain_set(tok, retain, config: UnlearnConfig, objective: str) -> list[Example]:
     """The examples to keep: ``retain`` as given; else ``text_retain`` shipped WikiText-2
-    slices (and ``fact_retain`` shipped factual prompts), except
-    for an objective that distills toward a model without the corpus when no KL weight is set.
-    That model reads generic text as the target should; holding generic text to the model
-    before the run keeps exactly what learning the corpus did to it (benchmarks/forget_bios.py:
-    loss AUC 0.547 with it, 0.517 without, against the base's 0.573)."""
+    slices (and ``fact_retain`` shipped factual prompts)."""
     if retain is not None:
         return retain
-    if config.method in NEEDS_TEACHER and config.kl_weight is None:
-        return []
     c = for_objective(config, objective)
     text = wikitext_retain(tok, c.text_retain) if c.text_retain else []
     # each fact as many times over as the text has 64 slices: a retain draw is generic text
