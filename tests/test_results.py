@@ -186,17 +186,12 @@ FIGURES: dict[str, dict[str, str]] = {
         "relearn recovered": "runs.npo.attacks.relearn.recovered_percent",
         "forget quality": "runs.npo.models.changed.forget_quality",
     },
-    "forget_bios": FORGET_BIOS,
-    "forget_bios_40": FORGET_BIOS,
-    "forget_bios_40_learned": {
+    "forget_bios_40_learned_default": {
         **FORGET_BIOS,
         "perplexity": "models.forgotten.wikitext_ppl",
         "learned perplexity": "models.learned.wikitext_ppl",
-    },
-    "forget_bios_40_learned_k1000": {
         "known top-1": "models.forgotten.known_top1",
         "learned known top-1": "models.learned.known_top1",
-        "base known top-1": "models.base (reference).known_top1",
     },
     "learn_bios": LEARN_BIOS,
     "learn_bios_kl2e6": LEARN_BIOS,
