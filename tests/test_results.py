@@ -186,7 +186,7 @@ FIGURES: dict[str, dict[str, str]] = {
         "relearn recovered": "runs.npo.attacks.relearn.recovered_percent",
         "forget quality": "runs.npo.models.changed.forget_quality",
     },
-    "forget_bios_40_learned_default": {
+    "forget_bios_40_learned_e6": {
         **FORGET_BIOS,
         "perplexity": "models.forgotten.wikitext_ppl",
         "learned perplexity": "models.learned.wikitext_ppl",

@@ -27,7 +27,8 @@ def add_parsers(sub) -> None:
             p.add_argument("--reference", help="a model that never saw the corpus (the base "
                            "model this one was fine-tuned from: id, folder or workspace): "
                            "each token of the corpus is aimed at its distribution (method "
-                           "distill), and its NLL on the corpus is the level printed (other "
+                           "distill, by an adapter that reads only where this model differs "
+                           "from it), and its NLL on the corpus is the level printed (other "
                            "methods stop there)")  # fmt: skip
         else:
             p.add_argument("--holdout", help="never-seen examples of the same kind, scored "

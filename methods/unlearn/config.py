@@ -199,14 +199,16 @@ OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
               "text_retain": 512, "confine": False},
 }  # fmt: skip
 # ... and where a forget method differs. distill and match hold each example at a level, so a
-# large step does not overshoot: lr 3e-3 nears the level within the 20 epochs. distill's
+# large step does not overshoot: lr 3e-3 nears the level within the 20 epochs; distill reaches
+# its reference's NLL on the corpus in 2 epochs and runs 6 (on 40 learned bios, against 20:
+# 3.7x less time, loss AUC 0.554 against 0.565, perplexity -0.2 % against -0.8 %). distill's
 # adapter reads only where the fine-tune wrote (confine), and a light KL (0.3) holds the
 # retain set (the shipped WikiText-2 slices unless one is given) to the model before: on 40
 # bios learned by `edit learn`, confined alone perplexity +3.5 %, with KL 0.3 -0.8 % and known
 # facts +0.3 point, with KL 1 -1.7 % and -1.3 points (benchmarks/forget_bios.py,
 # docs/unlearning.md).
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "distill": {"lr": 3e-3, "kl_weight": 0.3, "confine": True},
+    "distill": {"lr": 3e-3, "epochs": 6, "kl_weight": 0.3, "confine": True},
     "rename": {"lr": 3e-3, "kl_weight": 1.0},
     "match": {"lr": 3e-3, "kl_weight": 1.0},
 }
