@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/tofu_unlearn.py                    # the whole benchmark
     .venv/bin/python benchmarks/tofu_unlearn.py --methods npo      # one method
     .venv/bin/python benchmarks/tofu_unlearn.py --split forget05 --holdout 40 --reuse
+    .venv/bin/python benchmarks/tofu_unlearn.py --reuse --reference base --methods distill \
+        --method-defaults      # what `edit forget --reference BASE` runs, no setting given
 
 Steps, each through the library's own workspace API (what `edit learn` / `edit forget` run):
 
@@ -240,6 +242,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--forget-kl-weight", type=float, default=5.0,
                    help="weight of KL(reference || model) on the retain answers")  # fmt: skip
+    p.add_argument("--method-defaults", action="store_true",
+                   help="forget with each method's own defaults (epochs, lr, KL weight, stop: "
+                   "what `edit forget` runs), not the --forget-* settings")  # fmt: skip
     p.add_argument("--forget-set", action="append", default=[], metavar="KEY=VALUE",
                    help="another forget setting (JSON value), e.g. alpha=2")  # fmt: skip
     p.add_argument("--retain-eval", type=int, default=90, help="kept QA scored for utility")
@@ -337,6 +342,10 @@ def _settings(args) -> tuple[dict, dict]:
     learn = {"epochs": args.learn_epochs, "lr": args.learn_lr, "lora_rank": args.lora_rank,
              "batch_size": args.batch_size, "augment": False, "kl_weight": 0.0}  # fmt: skip
     # the retain NLL reported before/after a forget run is measured on 32 retain examples
+    if args.method_defaults:  # what `edit forget` runs when given no setting
+        forget = {"eval_retain": 32}
+        forget.update(parse_settings(args.forget_set))
+        return learn, forget
     forget = {"epochs": args.forget_epochs, "lr": args.forget_lr, "lora_rank": args.lora_rank,
               "batch_size": args.forget_batch_size, "kl_weight": args.forget_kl_weight,
               "eval_retain": 32,
@@ -461,6 +470,7 @@ def results(s: dict) -> dict:
             "utility_vs_reference_percent": 100 * e["model_utility"] / ref_util,
             "forget_rouge_l": e["forget_rouge_l"],
             "forget_probability": e["forget_probability"],
+            "forget_truth_ratio_median": e["forget_truth_ratio_median"],
             "train_seconds": secs,
             "cheaper_than_reference": (
                 ref_train / secs if secs and key not in ("reference", "target") else None
@@ -476,8 +486,8 @@ def markdown(s: dict) -> str:
     ref_train = s["training"]["reference"]["seconds"]
     lines = [
         "| model | forget quality | model utility | vs reference | forget ROUGE-L "
-        "| forget P(answer) | train s | x cheaper than reference |",
-        "|---|---|---|---|---|---|---|---|",
+        "| forget P(answer) | forget truth ratio (median) | train s | x cheaper than reference |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, e in ev.items():
         secs = s["training"].get(key, {}).get("seconds")
@@ -485,7 +495,8 @@ def markdown(s: dict) -> str:
         lines.append(
             f"| {key} | {e['forget_quality']:.3g} | {e['model_utility']:.4f} "
             f"| {100 * e['model_utility'] / ref_util:.1f} % | {e['forget_rouge_l']:.3f} "
-            f"| {e['forget_probability']:.4f} | {secs or 0:.0f} | {cheaper} |"
+            f"| {e['forget_probability']:.4f} | {e['forget_truth_ratio_median']:.2f} "
+            f"| {secs or 0:.0f} | {cheaper} |"
         )
     for p in s["probes"]:
         if "error" in p:

@@ -173,6 +173,14 @@ FIGURES: dict[str, dict[str, str]] = {
         "target forget quality": "models.target.forget_quality",
         "forget s": "models.npo.train_seconds",
     },
+    "tofu_unlearn_distill_default": {
+        "forget quality": "models.distill.forget_quality",
+        "utility vs reference": "models.distill.utility_vs_reference_percent",
+        "truth ratio median": "models.distill.forget_truth_ratio_median",
+        "reference truth ratio median": "models.reference.forget_truth_ratio_median",
+        "forget s": "models.distill.train_seconds",
+        "cheaper than reference": "models.distill.cheaper_than_reference",
+    },
     "tofu_unlearn_npo_samples": {
         "forget quality": "models.npo.forget_quality",
         "utility vs reference": "models.npo.utility_vs_reference_percent",
