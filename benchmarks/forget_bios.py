@@ -266,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         "reference": not args.no_reference,
         "config": {k: v for k, v in vars(res.config).items() if not k.startswith("_")},
         "stop_source": entry.info.get("stop_source"),
+        "retain_held_to": entry.info.get("retain_held_to"),
         "stopped_after": res.metrics.get("stopped_after"),
         "forget_seconds": res.seconds,
         "losses": res.losses,

@@ -223,6 +223,13 @@ def test_forgetting_what_a_fine_tune_learned_aims_at_the_reference_it_started_fr
     # WikiText-2 slices are held to the model before by a light KL (METHOD_DEFAULTS)
     assert entry.config["confine"] is True and entry.config["kl_weight"] == 0.3
     assert entry.info["retain"] == "wikitext2 (shipped)" and entry.info["retain_examples"] == 64
+    # ... to the reference instead where the model before reads them much worse (retain_hold):
+    # the decision, its figures and its line are recorded and printed
+    held = entry.info["retain_held_to"]
+    assert entry.config["kl_to"] == held["to"]
+    where = "the reference:" if held["to"] == "reference" else "the model before ("
+    assert f"retain set held to {where}" in out
+    assert f"{held['perplexity_reference']:.1f}" in out
     assert "distill aims each example at its own never-seen level (no stop)" in out
     before, after = entry.metrics["forget_nll_before"], entry.metrics["forget_nll_after"]
     assert before < level and abs(level - after) < 0.5 * (level - before), (before, after)

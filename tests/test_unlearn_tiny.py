@@ -935,6 +935,37 @@ def test_holdout_kl_keeps_never_seen_text_where_it_was(tok, llama):
         train_lora(llama, tok, FORGET, None, UnlearnConfig(holdout_kl=1.0), progress=False)
 
 
+def test_the_retain_set_is_held_to_the_reference_only_where_the_model_before_reads_it_worse(
+    tok,
+):
+    """``kl_to`` left unset: a model that reads the retain set as its reference does is held
+    to itself; one that reads it far worse (here: the reference learned the retain text, the
+    model did not) is held to the reference. A setting given, a method that reads no
+    reference, or no KL term: nothing is measured, and the model before holds it."""
+    from edit.methods.unlearn.policy import DAMAGED, retain_hold
+
+    reference = fine_tuned(tiny_model("llama", len(tok), seed=1), tok, RETAIN, 15)
+    same = copy.deepcopy(reference)
+    damaged = tiny_model("llama", len(tok), seed=1)
+    gap = answer_nll(damaged, tok, RETAIN) - answer_nll(reference, tok, RETAIN)
+    assert gap > math.log(DAMAGED)
+    config = UnlearnConfig(method="distill", kl_weight=0.3)
+    kept, held = retain_hold(same, tok, config, RETAIN, reference)
+    assert kept.kl_to == "before" and held["to"] == "before"
+    assert held["perplexity_before"] == pytest.approx(held["perplexity_reference"])
+    moved, held = retain_hold(damaged, tok, config, RETAIN, reference)
+    assert moved.kl_to == "reference" and held["to"] == "reference"
+    assert math.log(held["perplexity_before"] / held["perplexity_reference"]) == pytest.approx(gap)
+    for other in (dataclasses.replace(config, kl_to="before"), UnlearnConfig(method="npo"),
+                  dataclasses.replace(config, kl_weight=0.0)):  # fmt: skip
+        resolved, held = retain_hold(damaged, tok, other, RETAIN, reference)
+        assert resolved.kl_to == "before" and held is None
+    assert retain_hold(damaged, tok, config, RETAIN, None) == (
+        dataclasses.replace(config, kl_to="before"),
+        None,
+    )
+
+
 def test_kl_to_reference_holds_the_retain_set_to_the_teacher_not_to_the_model_before(tok):
     """With ``kl_to="reference"`` the retain set's KL term reads the teacher: the retain
     examples move to the teacher's NLL, where with the default they stay at the student's."""

@@ -29,7 +29,8 @@ def add_parsers(sub) -> None:
                            "each token of the corpus is aimed at its distribution (method "
                            "distill, by an adapter that reads only where this model differs "
                            "from it), and its NLL on the corpus is the level printed (other "
-                           "methods stop there)")  # fmt: skip
+                           "methods stop there); the retain set is held to it where this "
+                           "model reads the retain set far worse")  # fmt: skip
         else:
             p.add_argument("--holdout", help="never-seen examples of the same kind, scored "
                            "before and after: learning the facts, not only the form of the "
@@ -121,6 +122,8 @@ def cmd_train(args) -> int:
           f"{res.tokens_per_second:.0f} tokens/s")  # fmt: skip
     if forget:
         _say_level(m, entry.info, entry.method)
+        if held := entry.info.get("retain_held_to"):
+            _say_hold(held)
     _table(rows)
     if problems := entry.info.get("guard", {}).get("past_bounds"):
         why = "(--force)" if not forget else "(a forget run is recorded whatever its health)"
@@ -157,6 +160,17 @@ def _say_level(m: dict, info: dict, method: str) -> None:
         outcome = "not reached: more epochs or a larger lr would forget further"
     print(f"aimed at forget-set NLL {m['stop_nll']:.4f} ({source}): {STOP_MEANS[kind]}; "
           f"{outcome}")  # fmt: skip
+
+
+def _say_hold(held: dict) -> None:
+    """Print what the retain set's KL held it to, and why (``policy.retain_hold``)."""
+    before, ref = held["perplexity_before"], held["perplexity_reference"]
+    if held["to"] == "reference":
+        print(f"retain set held to the reference: the model before reads it at perplexity "
+              f"{before:.1f}, the reference at {ref:.1f} (the fine-tune damaged it)")  # fmt: skip
+    else:
+        print(f"retain set held to the model before (perplexity {before:.1f}; the reference "
+              f"{ref:.1f})")  # fmt: skip
 
 
 def _learn(ws, args, data, holdout, settings: dict):

@@ -46,8 +46,10 @@ class UnlearnConfig:
     kl_weight: float | None = None  # weight of KL(π_ref ‖ π_θ) on the retain set; None: as above
     # π_ref of that KL: "before", the model before the run (the adapter off); "reference", the
     # forget run's reference model (a model that never saw the corpus), so that the retain set
-    # reads as it does there
-    kl_to: str = "before"
+    # reads as it does there; None: "reference" where the model before reads the retain set
+    # at a perplexity over DAMAGED times the reference's (a fine-tune that broke it), else
+    # "before" (policy.retain_hold)
+    kl_to: str | None = None
     # forget with a holdout: weight of the distance between the forget answer tokens' next-token
     # entropies and the holdout's before the run (losses.entropy_match: a never-seen model is
     # confidently wrong at some tokens, unsure at others; Min-K%++ reads the spread); 0: off
@@ -111,7 +113,7 @@ class UnlearnConfig:
             raise InvalidRequest(
                 f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"
             )
-        if self.kl_to not in ("before", "reference"):
+        if self.kl_to not in (None, "before", "reference"):
             raise InvalidRequest(f"kl_to must be 'before' or 'reference', got {self.kl_to!r}")
         for name in ("fact_retain", "text_retain"):
             value = getattr(self, name)
@@ -203,7 +205,8 @@ OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
 # its reference's NLL on the corpus in 2 epochs and runs 6 (on 40 learned bios, against 20:
 # 3.7x less time, loss AUC 0.554 against 0.565, perplexity -0.2 % against -0.8 %). distill's
 # adapter reads only where the fine-tune wrote (confine), and a light KL (0.3) holds the
-# retain set (the shipped WikiText-2 slices unless one is given) to the model before: on 40
+# retain set (the shipped WikiText-2 slices unless one is given) to the model before (to the
+# reference where the model before reads it far worse: policy.retain_hold): on 40
 # bios learned by `edit learn`, confined alone perplexity +3.5 %, with KL 0.3 -0.8 % and known
 # facts +0.3 point, with KL 1 -1.7 % and -1.3 points (benchmarks/forget_bios.py,
 # docs/unlearning.md).
