@@ -222,12 +222,18 @@ def test_forgetting_what_a_fine_tune_learned_aims_at_the_reference_it_started_fr
     # no retain set given: the adapter reads where the fine-tune wrote, and the shipped
     # WikiText-2 slices are held to the model before by a light KL (METHOD_DEFAULTS)
     assert entry.config["confine"] is True and entry.config["kl_weight"] == 0.3
-    assert entry.info["retain"] == "wikitext2 (shipped)" and entry.info["retain_examples"] == 64
-    # ... to the reference instead where the model before reads them much worse (retain_hold):
-    # the decision, its figures and its line are recorded and printed
+    # ... to the reference instead where the model before reads them much worse (retain_hold),
+    # with the shipped factual prompts: the decision, its figures and its line are recorded
+    # and printed
     held = entry.info["retain_held_to"]
     assert entry.config["kl_to"] == held["to"]
-    where = "the reference:" if held["to"] == "reference" else "the model before ("
+    facts = held.get("facts", 0)
+    assert facts == (256 if held["to"] == "reference" else 0)
+    shipped = f"wikitext2 and {facts} factual prompts (shipped)" if facts else "wikitext2 (shipped)"
+    assert entry.info["retain"] == shipped and entry.info["retain_examples"] == 64 + facts
+    where = "the model before ("
+    if held["to"] == "reference":
+        where = f"the reference, with {facts} shipped factual prompts:"
     assert f"retain set held to {where}" in out
     assert f"{held['perplexity_reference']:.1f}" in out
     assert "distill aims each example at its own never-seen level (no stop)" in out

@@ -966,6 +966,31 @@ def test_the_retain_set_is_held_to_the_reference_only_where_the_model_before_rea
     )
 
 
+def test_a_forget_held_to_the_reference_also_holds_the_shipped_factual_prompts(tok):
+    """A forget of the shipped text whose model before reads it far worse than the reference:
+    the retain set is held to the reference and gains the shipped factual prompts, unless
+    ``fact_retain`` was given; a model that reads it as the reference does keeps the text
+    alone, held to itself."""
+    from edit.methods.unlearn.policy import DAMAGED_FACTS, plan_corpus, train_plan
+
+    text = wikitext_retain(tok, 64)
+    reference = fine_tuned(tiny_model("llama", len(tok), seed=1), tok, text, 8)
+    # both learned the corpus; the first never the text the reference reads well
+    broken = fine_tuned(tiny_model("llama", len(tok), seed=1), tok, FORGET, 15)
+    healthy = fine_tuned(copy.deepcopy(reference), tok, FORGET + text, 8)
+    settings = {"epochs": 1, "lora_rank": 4, "max_len": 64}
+    for model, extra, to, facts in ((broken, {}, "reference", DAMAGED_FACTS),
+                                    (broken, {"fact_retain": 0}, "reference", 0),
+                                    (healthy, {}, "before", 0)):  # fmt: skip
+        plan = plan_corpus(model, tok, "forget", FORGET, settings={**settings, **extra},
+                           reference=reference)  # fmt: skip
+        run = train_plan(model, tok, plan, progress=False)
+        held = run.info["retain_held_to"]
+        assert (held["to"], held.get("facts", 0)) == (to, facts)
+        assert run.config.kl_to == to and run.info["retain_examples"] == 64 + facts
+        assert run.result.config.fact_retain == facts
+
+
 def test_kl_to_reference_holds_the_retain_set_to_the_teacher_not_to_the_model_before(tok):
     """With ``kl_to="reference"`` the retain set's KL term reads the teacher: the retain
     examples move to the teacher's NLL, where with the default they stay at the student's."""

@@ -166,8 +166,10 @@ def _say_hold(held: dict) -> None:
     """Print what the retain set's KL held it to, and why (``policy.retain_hold``)."""
     before, ref = held["perplexity_before"], held["perplexity_reference"]
     if held["to"] == "reference":
-        print(f"retain set held to the reference: the model before reads it at perplexity "
-              f"{before:.1f}, the reference at {ref:.1f} (the fine-tune damaged it)")  # fmt: skip
+        facts = f", with {held['facts']} shipped factual prompts" if held.get("facts") else ""
+        print(f"retain set held to the reference{facts}: the model before reads it at "
+              f"perplexity {before:.1f}, the reference at {ref:.1f} (the fine-tune damaged "
+              "it)")  # fmt: skip
     else:
         print(f"retain set held to the model before (perplexity {before:.1f}; the reference "
               f"{ref:.1f})")  # fmt: skip
