@@ -342,16 +342,15 @@ def _settings(args) -> tuple[dict, dict]:
     learn = {"epochs": args.learn_epochs, "lr": args.learn_lr, "lora_rank": args.lora_rank,
              "batch_size": args.batch_size, "augment": False, "kl_weight": 0.0}  # fmt: skip
     # the retain NLL reported before/after a forget run is measured on 32 retain examples
-    if args.method_defaults:  # what `edit forget` runs when given no setting
-        forget = {"eval_retain": 32}
-        forget.update(parse_settings(args.forget_set))
-        return learn, forget
-    forget = {"epochs": args.forget_epochs, "lr": args.forget_lr, "lora_rank": args.lora_rank,
-              "batch_size": args.forget_batch_size, "kl_weight": args.forget_kl_weight,
-              "eval_retain": 32,
-              # the figures in the README were measured without the stop at the level the
-              # target had before it learned the split (stop_at_learned=true would add it)
-              "stop_at_learned": False}  # fmt: skip
+    forget = {"eval_retain": 32}
+    if not args.method_defaults:  # with it, what `edit forget` runs when given no setting
+        forget.update({"epochs": args.forget_epochs, "lr": args.forget_lr,
+                       "lora_rank": args.lora_rank, "batch_size": args.forget_batch_size,
+                       "kl_weight": args.forget_kl_weight,
+                       # the figures in the README were measured without the stop at the level
+                       # the target had before it learned the split (stop_at_learned=true
+                       # would add it)
+                       "stop_at_learned": False})  # fmt: skip
     forget.update(parse_settings(args.forget_set))  # KEY=VALUE as `edit forget --set` reads it
     return learn, forget
 
