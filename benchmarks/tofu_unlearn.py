@@ -16,8 +16,11 @@ Steps, each through the library's own workspace API (what `edit learn` / `edit f
 3. for each method: `forget` the split from the target, with the other QA of forget10 as
    the retain set (NLL and, weighted by ``--forget-kl-weight``, KL to the target on retain
    answers), given never-seen TOFU QA as its holdout (``--holdout N``) and a reference
-   (``--reference``: the default model, as a user who fine-tuned it has, or the retrained
-   one); evaluate; revert.
+   (``--reference``: the default model, as a user who fine-tuned it has; ``form``: the
+   same with ``teach_form`` set to ``--form-qa``, so that the forget first teaches it that
+   many of the kept QA and aims at a model that knows the form of TOFU's answers and none
+   of the forget set, the teaching counted in the forget's time; or the retrained one);
+   evaluate; revert.
 
 Reported per model: forget quality (KS p-value of forget-set truth ratios against the
 reference, TOFU's definition), model utility (TOFU's harmonic mean over the kept authors'
@@ -221,10 +224,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=int, default=0,
                    help="never-seen TOFU QA (retain90 authors no model learned) given to each "
                    "forget as its holdout (0: none)")  # fmt: skip
-    p.add_argument("--reference", choices=("none", "base", "retrained"), default="none",
+    p.add_argument("--reference", choices=("none", "base", "form", "retrained"),
+                   default="none",
                    help="the model each forget is given as reference: the default model "
-                   "(what a user who fine-tuned it has), the one retrained without the split "
-                   "(the evaluation's reference), or none")  # fmt: skip
+                   "(what a user who fine-tuned it has), the default model after learning "
+                   "--form-qa kept QA (the form without the forget set), the one retrained "
+                   "without the split (the evaluation's reference), or none")  # fmt: skip
+    p.add_argument("--form-qa", type=int, default=40,
+                   help="with --reference form: the forget's teach_form, kept QA the "
+                   "reference learns first (spread over their authors)")  # fmt: skip
     p.add_argument(
         "--reuse",
         action="store_true",
@@ -305,11 +313,11 @@ def aim_for(data: Path, forget10: list, holdout: int, reference: str, retrained)
     """The holdout and the reference a forget is given: ``holdout`` never-seen QA (spread
     over the second half of retain90, one per author where they allow, so they never overlap
     the audit's holdout and null check, the first ones) and, by ``reference``, the default
-    model, the ``retrained`` one, or none."""
+    model (``base``, ``form``), the ``retrained`` one, or none."""
     aim: dict = {}
     if holdout:
         aim["holdout"] = [q.example() for q in unseen_qa(data, forget10, holdout, spread=True)]
-    if reference == "base":
+    if reference in ("base", "form"):
         from edit.models import load
 
         aim["reference"] = load(None)[0]
@@ -351,6 +359,8 @@ def _settings(args) -> tuple[dict, dict]:
                        # the target had before it learned the split (stop_at_learned=true
                        # would add it)
                        "stop_at_learned": False})  # fmt: skip
+    if args.reference == "form":
+        forget["teach_form"] = args.form_qa
     forget.update(parse_settings(args.forget_set))  # KEY=VALUE as `edit forget --set` reads it
     return learn, forget
 
@@ -455,6 +465,13 @@ class _Run:
         write_results(self.args.out, results(summary), md, {"settings": summary["settings"]})
 
 
+def forget_cost(s: dict, key: str) -> float | None:
+    """Seconds a forget run took (teaching its reference included); None for the learned
+    models."""
+    secs = s["training"].get(key, {}).get("seconds")
+    return secs if secs and key not in ("reference", "target") else None
+
+
 def results(s: dict) -> dict:
     """The figures of each model (reference, target, one per method) as the table prints
     them, and the run's cost."""
@@ -471,9 +488,7 @@ def results(s: dict) -> dict:
             "forget_probability": e["forget_probability"],
             "forget_truth_ratio_median": e["forget_truth_ratio_median"],
             "train_seconds": secs,
-            "cheaper_than_reference": (
-                ref_train / secs if secs and key not in ("reference", "target") else None
-            ),
+            "cheaper_than_reference": (ref_train / cost if (cost := forget_cost(s, key)) else None),
         }
     return {"models": models, "probes": s["probes"], "peak_rss_mb": s["peak_rss_mb"],
             "wall_seconds": s["wall_seconds"]}  # fmt: skip
@@ -490,7 +505,7 @@ def markdown(s: dict) -> str:
     ]
     for key, e in ev.items():
         secs = s["training"].get(key, {}).get("seconds")
-        cheaper = f"{ref_train / secs:.1f}x" if secs and key not in ("reference", "target") else ""
+        cheaper = f"{ref_train / cost:.1f}x" if (cost := forget_cost(s, key)) else ""
         lines.append(
             f"| {key} | {e['forget_quality']:.3g} | {e['model_utility']:.4f} "
             f"| {100 * e['model_utility'] / ref_util:.1f} % | {e['forget_rouge_l']:.3f} "

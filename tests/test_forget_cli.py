@@ -246,7 +246,14 @@ def test_forgetting_what_a_fine_tune_learned_aims_at_the_reference_it_started_fr
     kept = Workspace.open(ws).entries()[-1]
     assert kept.info["retain"] == retain and kept.info["retain_examples"] == 1
     assert kept.config["kl_weight"] == 0.3
+    assert kept.info["form_taught"] is None  # teach_form 0: the reference as given
     capsys.readouterr()
+    # ... and with teach_form, the reference first learns it: the teacher is named and said
+    assert main([*args, "--epochs", "1", "--reference", model_dir, "--retain", retain,
+                 "--set", "teach_form=4"]) == 0  # fmt: skip
+    taught = Workspace.open(ws).entries()[-1].info["form_taught"]
+    assert (taught["examples"], taught["from"], taught["reference"]) == (1, "retain", model_dir)
+    assert "teacher: the reference after learning 1 retain examples" in capsys.readouterr().out
 
     # a reference that reads text with other token ids is refused before any training
     tok.add_tokens(["zzqx"])
@@ -255,7 +262,7 @@ def test_forgetting_what_a_fine_tune_learned_aims_at_the_reference_it_started_fr
     assert main([*args, "--reference", str(tmp_path / "other")]) == 2
     err = capsys.readouterr().err
     assert "the reference's tokenizer" in err and err.count("\n") == 1
-    assert len(Workspace.open(ws).entries()) == 2
+    assert len(Workspace.open(ws).entries()) == 3
 
 
 def test_unset_lr_and_epochs_take_the_objectives_defaults_and_the_ledger_records_them(

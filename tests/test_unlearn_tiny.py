@@ -1008,3 +1008,35 @@ def test_kl_to_reference_holds_the_retain_set_to_the_teacher_not_to_the_model_be
         train_lora(student, tok, FORGET, RETAIN, UnlearnConfig(kl_to="reference"), progress=False)
     with pytest.raises(InvalidRequest, match="kl_to must be 'before' or 'reference'"):
         UnlearnConfig(kl_to="base")
+
+
+def test_the_form_teacher_is_a_copy_of_the_reference_that_learned_the_retain_set_given(tok):
+    """``teach_form``: the reference itself stays as it was; the teacher is a copy that learned
+    up to ``teach_form`` examples spread over the retain set given (else over the holdout), and
+    reads them better than the reference does; and a run records what its teacher learned.
+    Without a reference, with a method that reads none, or without either set: an error."""
+    from edit.methods.unlearn.policy import form_teacher, plan_corpus, train_plan
+
+    reference = tiny_model("llama", len(tok), seed=1)
+    before = state_copy(reference)
+    model = fine_tuned(tiny_model("llama", len(tok), seed=1), tok, FORGET, 15)
+    settings = {"epochs": 1, "lora_rank": 4, "max_len": 64, "teach_form": 2}
+    plan = plan_corpus(model, tok, "forget", FORGET, RETAIN, settings=settings,
+                       reference=reference)  # fmt: skip
+    teacher, taught = form_teacher(reference, tok, plan, plan.config, progress=False)
+    assert not changed_tensors(reference, before)
+    assert (taught["examples"], taught["from"]) == (2, "retain")
+    spread = [RETAIN[0], RETAIN[2]]  # every second of the four
+    assert (_per_example_nll(teacher, tok, spread) < _per_example_nll(reference, tok, spread)).all()
+    plan = plan_corpus(model, tok, "forget", FORGET, holdout=RETAIN[:3], settings=settings,
+                       reference=reference)  # fmt: skip
+    assert form_teacher(reference, tok, plan, plan.config, progress=False)[1]["from"] == "holdout"
+    for given in ({}, {"reference": None}, {"settings": {**settings, "method": "npo"}}):
+        with pytest.raises(InvalidRequest, match="teach_form"):  # nothing would take it
+            plan_corpus(model, tok, "forget", FORGET, **{"settings": settings,
+                        "reference": reference, **given})  # fmt: skip
+    plan = plan_corpus(model, tok, "forget", FORGET, RETAIN, settings=settings,
+                       reference=reference)  # fmt: skip
+    run = train_plan(model, tok, plan, progress=False)
+    assert (run.info["form_taught"]["examples"], run.info["form_taught"]["from"]) == (2, "retain")
+    assert not changed_tensors(reference, before)

@@ -124,6 +124,10 @@ def cmd_train(args) -> int:
         _say_level(m, entry.info, entry.method)
         if held := entry.info.get("retain_held_to"):
             _say_hold(held)
+        if taught := entry.info.get("form_taught"):
+            print(f"teacher: the reference after learning {taught['examples']} "
+                  f"{taught['from']} examples ({taught['seconds']:.1f}s), so that it knows the "
+                  "form of the corpus's examples and none of the corpus")  # fmt: skip
     _table(rows)
     if problems := entry.info.get("guard", {}).get("past_bounds"):
         why = "(--force)" if not forget else "(a forget run is recorded whatever its health)"

@@ -103,6 +103,11 @@ class UnlearnConfig:
     # none of them the general-knowledge probe's), beside the WikiText-2 slices; 0: off;
     # None: OBJECTIVE_DEFAULTS
     fact_retain: int | None = None
+    # forget toward a reference (distill, match): the reference first learns up to this many
+    # examples of the corpus's kind (the retain set given, else the holdout; spread over it),
+    # so that the teacher reads such examples as a model that learned their form and not the
+    # corpus (policy.form_teacher); 0: the reference as given
+    teach_form: int = 0
     seed: int = 0  # LoRA initialization, batch order, dropout, augmentation order
 
     def __post_init__(self) -> None:
@@ -115,7 +120,7 @@ class UnlearnConfig:
             )
         if self.kl_to not in (None, "before", "reference"):
             raise InvalidRequest(f"kl_to must be 'before' or 'reference', got {self.kl_to!r}")
-        for name in ("fact_retain", "text_retain"):
+        for name in ("fact_retain", "text_retain", "teach_form"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise InvalidRequest(f"{name} must be an integer >= 0, got {value!r}")

@@ -18,7 +18,9 @@ mean, lands where a never-seen model puts it. Where the ledger learned the corpu
 without that entry is such a reference (:func:`at_learned`).
 
 The retain set is held to the model before the run, or, with a reference, to the reference
-where the model before reads it much worse (:func:`retain_hold`).
+where the model before reads it much worse (:func:`retain_hold`). With ``teach_form`` the
+reference first learns examples of the corpus's kind, so that the teacher knows their form
+(:func:`form_teacher`).
 """
 
 from __future__ import annotations
@@ -147,6 +149,7 @@ def plan_corpus(
     unseen = as_corpus(holdout) if holdout is not None else None
     retain = as_corpus(retain) if retain is not None else None
     config = resolve("unlearn", UnlearnConfig, model, **settings)
+    _check_teach_form(config, objective, reference, retain, unseen)
     kept = _retain_set(tok, retain, config, objective)
     unset = objective == "forget" and retain is None and config.fact_retain is None
     config = for_objective(config, objective, retain=bool(kept))
@@ -189,6 +192,9 @@ def train_plan(model: nn.Module, tok, plan: Plan, *, progress: bool = True) -> T
         kept = _retain_set(tok, None, config, objective)
         held["facts"] = plan.repair_facts
     teacher = plan.reference if config.method in NEEDS_TEACHER | NEEDS_TARGETS else None
+    taught = None
+    if teacher is not None and config.teach_form:
+        teacher, taught = form_teacher(teacher, tok, plan, config, progress=progress)
     res = train_lora(model, tok, data, kept, config, objective=objective,
                      progress=progress, holdout=unseen, teacher=teacher)  # fmt: skip
     update = lora_update(res)
@@ -213,11 +219,62 @@ def train_plan(model: nn.Module, tok, plan: Plan, *, progress: bool = True) -> T
         "stop_source": plan.stop_kind,  # a key of STOP_MEANS, or None
         "learned_by": plan.learned_by,
         "retain_held_to": held,
+        "form_taught": taught,
     }
     if objective == "learn":  # lets a later forget find the entry that learned its corpus
         info["example_hashes"] = [ex.fingerprint() for ex in data]
     method = config.method if objective == "forget" else "lora"
     return Trained(objective, method, config, update, layers, info, res)
+
+
+# how the teacher learns the form of the corpus's kind: plain NLL, as the TOFU benchmark
+# fine-tunes its target and reference (5 epochs at lr 1e-3, batches of 8), nothing held
+FORM_LEARN = {"epochs": 5, "lr": 1e-3, "batch_size": 8, "augment": False, "kl_weight": 0.0,
+              "fact_retain": 0, "text_retain": 0, "confine": False}  # fmt: skip
+
+
+def form_teacher(reference: nn.Module, tok, plan: Plan, config: UnlearnConfig, *,
+                 progress: bool = True) -> tuple[nn.Module, dict]:  # fmt: skip
+    """(the teacher, what it learned) for a forget run toward ``reference`` with
+    ``teach_form``: a copy of the reference that learned up to ``teach_form`` examples of the
+    corpus's kind, spread over the retain set given, else over the holdout. A model that
+    never saw the corpus may not know the form of its examples either (the base model a
+    fine-tune started from never saw TOFU's answers), and a forget aimed at it takes the form
+    away with the facts; the copy knows the form and none of the corpus (a plan has one of
+    the sets: :func:`plan_corpus` checks)."""
+    source, pool = ("retain", plan.retain) if plan.retain else ("holdout", plan.unseen)
+    pool = list(pool or ())
+    examples = pool[:: max(1, len(pool) // config.teach_form)][: config.teach_form]
+    learn = for_objective(
+        UnlearnConfig(**FORM_LEARN, lora_rank=config.lora_rank, max_len=config.max_len,
+                      seed=config.seed),
+        "learn", retain=False,
+    )  # fmt: skip
+    res = train_lora(reference, tok, examples, None, learn, objective="learn", progress=progress)
+    taught = copy.deepcopy(reference)
+    lora_update(res).apply(taught)
+    taught.requires_grad_(False)
+    name = _model_name(reference)
+    taught.edit_source = f"{name} after learning {len(examples)} {source} examples"
+    return taught, {"examples": len(examples), "from": source, "seconds": res.seconds,
+                    "reference": name}  # fmt: skip
+
+
+def _check_teach_form(config: UnlearnConfig, objective: str, reference, retain, unseen) -> None:
+    """One-line errors for a ``teach_form`` that nothing would take: no reference, an objective
+    that reads none, or no examples of the corpus's kind to teach it."""
+    if not config.teach_form:
+        return
+    if (
+        objective != "forget"
+        or reference is None
+        or config.method not in NEEDS_TEACHER | NEEDS_TARGETS
+    ):
+        raise InvalidRequest("teach_form teaches the reference a forget run distills toward: "
+                             "give --reference (with the method distill or match)")  # fmt: skip
+    if not retain and not unseen:
+        raise InvalidRequest("teach_form needs examples of the corpus's kind to teach the "
+                             "reference: give --retain or --holdout")  # fmt: skip
 
 
 def _shipped(config: UnlearnConfig) -> str:
