@@ -198,6 +198,14 @@ FIGURES: dict[str, dict[str, str]] = {
         "forget s": "models.distill.train_seconds",
         "cheaper than reference": "models.distill.cheaper_than_reference",
     },
+    "tofu_unlearn_forget05_distill_form": {
+        "forget quality": "models.distill.forget_quality",
+        "utility vs reference": "models.distill.utility_vs_reference_percent",
+        "forget ROUGE-L": "models.distill.forget_rouge_l",
+        "reference forget ROUGE-L": "models.reference.forget_rouge_l",
+        "truth ratio median": "models.distill.forget_truth_ratio_median",
+        "reference truth ratio median": "models.reference.forget_truth_ratio_median",
+    },
     "tofu_unlearn_npo_samples": {
         "forget quality": "models.npo.forget_quality",
         "utility vs reference": "models.npo.utility_vs_reference_percent",
