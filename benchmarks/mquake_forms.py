@@ -332,17 +332,13 @@ KNOWN = "MH2k"  # MH2 over the cases whose second hop the unedited model knows
 def _summary(rows, seconds, hops, variants) -> dict:
     import torch
 
-    def share(key: str, when: str) -> float | None:
-        had = [r[when].get(key, 0.0) for r in rows if key in r["before"]]
-        return 100 * float(np.mean(had)) if had else None
-
-    # MH2 where the unedited model knows the second hop (H2): where it could be answered
+    # MH2k: MH2 where the unedited model knows the second hop (H2), where it could be answered
     known = [r for r in rows if r["before"].get("H2") == 1.0]
-    for when in ("before", *variants):
-        for r in rows:
-            r[when].pop("MH2k", None)
-        for r in known:
-            r[when]["MH2k"] = r[when].get("MH2", 0.0)
+
+    def share(key: str, when: str) -> float | None:
+        had = ([r[when].get("MH2", 0.0) for r in known] if key == KNOWN
+               else [r[when].get(key, 0.0) for r in rows if key in r["before"]])  # fmt: skip
+        return 100 * float(np.mean(had)) if had else None
 
     summary = {
         "records": len(rows),
