@@ -16,10 +16,12 @@ Steps, each through the library's own workspace API (what `edit learn` / `edit f
 3. for each method: `forget` the split from the target, with the other QA of forget10 as
    the retain set (NLL and, weighted by ``--forget-kl-weight``, KL to the target on retain
    answers), given never-seen TOFU QA as its holdout (``--holdout N``) and a reference
-   (``--reference``: the default model, as a user who fine-tuned it has; ``form``: the
-   same with ``teach_form`` set to ``--form-qa``, so that the forget first teaches it that
-   many of the kept QA and aims at a model that knows the form of TOFU's answers and none
-   of the forget set, the teaching counted in the forget's time; or the retrained one);
+   (``--reference``: the default model as given, as a user who fine-tuned it has
+   (``teach_form=0``); ``form``: the same with ``teach_form`` set to ``--form-qa``, so that
+   the forget first teaches it that many of the kept QA and aims at a model that knows the
+   form of TOFU's answers and none of the forget set, the teaching counted in the forget's
+   time (with 40, what `edit forget --reference BASE --retain kept` does by default); or
+   the retrained one);
    evaluate; revert.
 
 Reported per model: forget quality (KS p-value of forget-set truth ratios against the
@@ -359,8 +361,8 @@ def _settings(args) -> tuple[dict, dict]:
                        # the target had before it learned the split (stop_at_learned=true
                        # would add it)
                        "stop_at_learned": False})  # fmt: skip
-    if args.reference == "form":
-        forget["teach_form"] = args.form_qa
+    # every reference as given (teach_form 0), or with --reference form taught first
+    forget["teach_form"] = args.form_qa if args.reference == "form" else 0
     forget.update(parse_settings(args.forget_set))  # KEY=VALUE as `edit forget --set` reads it
     return learn, forget
 

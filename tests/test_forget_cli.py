@@ -240,20 +240,25 @@ def test_forgetting_what_a_fine_tune_learned_aims_at_the_reference_it_started_fr
     before, after = entry.metrics["forget_nll_before"], entry.metrics["forget_nll_after"]
     assert before < level and abs(level - after) < 0.5 * (level - before), (before, after)
 
-    # a retain set given: held instead of the shipped text, by the same KL
+    # no retain set given: the reference as given (a holdout is never taught by default)
+    assert entry.info["form_taught"] is None and entry.config["teach_form"] == 0
+    # a retain set given: held instead of the shipped text, by the same KL, and by default
+    # the reference first learns it (a model trained without the corpus learned it): the
+    # teacher is named and said
     retain = _corpus(tmp_path, [{"text": "The river flows north to the sea."}], "keep.jsonl")
+    capsys.readouterr()
     assert main([*args, "--epochs", "1", "--reference", model_dir, "--retain", retain]) == 0
     kept = Workspace.open(ws).entries()[-1]
     assert kept.info["retain"] == retain and kept.info["retain_examples"] == 1
-    assert kept.config["kl_weight"] == 0.3
-    assert kept.info["form_taught"] is None  # teach_form 0: the reference as given
-    capsys.readouterr()
-    # ... and with teach_form, the reference first learns it: the teacher is named and said
-    assert main([*args, "--epochs", "1", "--reference", model_dir, "--retain", retain,
-                 "--set", "teach_form=4"]) == 0  # fmt: skip
-    taught = Workspace.open(ws).entries()[-1].info["form_taught"]
+    assert kept.config["kl_weight"] == 0.3 and kept.config["teach_form"] == 40
+    taught = kept.info["form_taught"]
     assert (taught["examples"], taught["from"], taught["reference"]) == (1, "retain", model_dir)
     assert "teacher: the reference after learning 1 retain examples" in capsys.readouterr().out
+    # ... and with teach_form=0 (after that entry is reverted), the reference as given
+    Workspace.open(ws).revert(kept.id)
+    assert main([*args, "--epochs", "1", "--reference", model_dir, "--retain", retain,
+                 "--set", "teach_form=0"]) == 0  # fmt: skip
+    assert Workspace.open(ws).entries()[-1].info["form_taught"] is None
 
     # a reference that reads text with other token ids is refused before any training
     tok.add_tokens(["zzqx"])
@@ -262,7 +267,7 @@ def test_forgetting_what_a_fine_tune_learned_aims_at_the_reference_it_started_fr
     assert main([*args, "--reference", str(tmp_path / "other")]) == 2
     err = capsys.readouterr().err
     assert "the reference's tokenizer" in err and err.count("\n") == 1
-    assert len(Workspace.open(ws).entries()) == 3
+    assert len(Workspace.open(ws).entries()) == 2  # the two forget runs kept, none written
 
 
 def test_unset_lr_and_epochs_take_the_objectives_defaults_and_the_ledger_records_them(

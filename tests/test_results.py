@@ -219,6 +219,18 @@ FIGURES: dict[str, dict[str, str]] = {
         "relearn recovered": "runs.npo.attacks.relearn.recovered_percent",
         "forget quality": "runs.npo.models.changed.forget_quality",
     },
+    "tofu_audit_distill_form": {
+        "forget quality": "runs.distill.models.changed.forget_quality",
+        "loss AUC": "runs.distill.models.changed.mia_auc.loss",
+        "reference loss AUC": "runs.distill.models.reference.mia_auc.loss",
+        "Min-K AUC": "runs.distill.models.changed.mia_auc.min_k",
+        "reference Min-K AUC": "runs.distill.models.reference.mia_auc.min_k",
+        "Min-K++ AUC": "runs.distill.models.changed.mia_auc.min_k_pp",
+        "reference Min-K++ AUC": "runs.distill.models.reference.mia_auc.min_k_pp",
+        "forget NLL": "runs.distill.models.changed.forget_nll",
+        "reference forget NLL": "runs.distill.models.reference.forget_nll",
+        "4-bit extraction recovered": "runs.distill.attacks.quantize4.extraction_recovered_percent",
+    },
     "forget_bios_40_learned_e6": {
         **FORGET_BIOS,
         "perplexity": "models.forgotten.wikitext_ppl",

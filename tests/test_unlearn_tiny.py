@@ -41,6 +41,7 @@ from edit.methods.unlearn import (
     token_kl,
     train_lora,
 )
+from edit.methods.unlearn.config import TEACH_RETAIN
 from edit.methods.unlearn.lora import rounded
 from edit.methods.unlearn.losses import token_entropy
 from edit.quantize import quantize_rtn
@@ -1035,6 +1036,17 @@ def test_the_form_teacher_is_a_copy_of_the_reference_that_learned_the_retain_set
         with pytest.raises(InvalidRequest, match="teach_form"):  # nothing would take it
             plan_corpus(model, tok, "forget", FORGET, **{"settings": settings,
                         "reference": reference, **given})  # fmt: skip
+    # left unset: TEACH_RETAIN examples of a retain set given to a run that reads the
+    # reference, else none (never the holdout: never-seen text the reference should not learn)
+    unset = {k: v for k, v in settings.items() if k != "teach_form"}
+    for given, taught in (
+        ({"retain": RETAIN}, TEACH_RETAIN),
+        ({"holdout": RETAIN[:3]}, 0),
+        ({"retain": RETAIN, "reference": None}, 0),
+        ({"retain": RETAIN, "settings": {**unset, "method": "npo"}}, 0),
+    ):
+        kw = {"settings": unset, "reference": reference, **given}
+        assert plan_corpus(model, tok, "forget", FORGET, **kw).config.teach_form == taught, given
     plan = plan_corpus(model, tok, "forget", FORGET, RETAIN, settings=settings,
                        reference=reference)  # fmt: skip
     run = train_plan(model, tok, plan, progress=False)

@@ -20,7 +20,8 @@ without that entry is such a reference (:func:`at_learned`).
 The retain set is held to the model before the run, or, with a reference, to the reference
 where the model before reads it much worse (:func:`retain_hold`). With ``teach_form`` the
 reference first learns examples of the corpus's kind, so that the teacher knows their form
-(:func:`form_teacher`).
+(:func:`form_teacher`): by default, some of a retain set given, as a model trained without the
+corpus learned them.
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ from edit import arch as arch_table
 from edit.config import resolve
 from edit.corpus import Corpus, Example, retain_facts, wikitext_retain
 from edit.errors import EditFailed, InvalidRequest
-from edit.methods.unlearn.config import OBJECTIVE_DEFAULTS, UnlearnConfig, for_objective
+from edit.methods.unlearn.config import (
+    OBJECTIVE_DEFAULTS,
+    TEACH_RETAIN,
+    UnlearnConfig,
+    for_objective,
+)
 from edit.methods.unlearn.lora import LoraResult, lora_update
 from edit.methods.unlearn.losses import NEEDS_TARGETS, NEEDS_TEACHER
 from edit.methods.unlearn.scoring import answer_nll
@@ -149,7 +155,7 @@ def plan_corpus(
     unseen = as_corpus(holdout) if holdout is not None else None
     retain = as_corpus(retain) if retain is not None else None
     config = resolve("unlearn", UnlearnConfig, model, **settings)
-    _check_teach_form(config, objective, reference, retain, unseen)
+    config = _teach_form(config, objective, reference, retain, unseen)
     kept = _retain_set(tok, retain, config, objective)
     unset = objective == "forget" and retain is None and config.fact_retain is None
     config = for_objective(config, objective, retain=bool(kept))
@@ -260,21 +266,28 @@ def form_teacher(reference: nn.Module, tok, plan: Plan, config: UnlearnConfig, *
                     "reference": name}  # fmt: skip
 
 
-def _check_teach_form(config: UnlearnConfig, objective: str, reference, retain, unseen) -> None:
-    """One-line errors for a ``teach_form`` that nothing would take: no reference, an objective
-    that reads none, or no examples of the corpus's kind to teach it."""
+def _teach_form(config: UnlearnConfig, objective: str, reference, retain, unseen) -> UnlearnConfig:
+    """``config`` with ``teach_form`` decided: left None, :data:`TEACH_RETAIN` where a forget
+    toward ``reference`` reads it (distill, match) and a retain set is given (the examples a
+    model trained without the corpus learned), else 0. A number given that nothing would
+    take (no reference, an objective that reads none, no examples of the corpus's kind to
+    teach) is refused in one line."""
+    reads = (
+        objective == "forget"
+        and reference is not None
+        and config.method in NEEDS_TEACHER | NEEDS_TARGETS
+    )
+    if config.teach_form is None:
+        return dataclasses.replace(config, teach_form=TEACH_RETAIN if reads and retain else 0)
     if not config.teach_form:
-        return
-    if (
-        objective != "forget"
-        or reference is None
-        or config.method not in NEEDS_TEACHER | NEEDS_TARGETS
-    ):
+        return config
+    if not reads:
         raise InvalidRequest("teach_form teaches the reference a forget run distills toward: "
                              "give --reference (with the method distill or match)")  # fmt: skip
     if not retain and not unseen:
         raise InvalidRequest("teach_form needs examples of the corpus's kind to teach the "
                              "reference: give --retain or --holdout")  # fmt: skip
+    return config
 
 
 def _shipped(config: UnlearnConfig) -> str:
