@@ -78,7 +78,8 @@ def main() -> None:
     ref = Workspace.open(run / "ws-reference", create=False)
     ws = Workspace.open(run / "ws-target", create=False)
     # the holdout and reference the run's forgets were given
-    aim = aim_for(data, forget10, ran.get("holdout", 0), ran.get("reference", "none"), ref.model)
+    holdout = ran.get("holdout", 0) if args.holdout is None else args.holdout
+    aim = aim_for(data, forget10, holdout, ran.get("reference", "none"), ref.model)
     summary: dict = {"settings": settings, "split": split, "aim": sorted(aim),
                      "relearn": args.relearn, "command": " ".join(sys.argv),
                      "runs": {}}  # fmt: skip
@@ -114,6 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--relearn", choices=("related", "wikitext"), default="related",
                    help="what the relearning attack trains on: QA of the retained authors "
                    "(related, the harder attack) or shipped WikiText-2 (unrelated)")  # fmt: skip
+    p.add_argument("--holdout", type=int, default=None,
+                   help="never-seen QA given to each forget as its holdout (default: the "
+                   "run's --holdout; never the audit's own holdout QA)")  # fmt: skip
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a forget setting of the run (JSON): kl_weight=1")  # fmt: skip
     return p

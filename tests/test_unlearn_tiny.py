@@ -751,6 +751,34 @@ def test_undial_aims_each_token_at_its_own_lowered_distribution(tok):
     assert kl(after_logits) < 0.67 * kl(before_logits), (kl(before_logits), kl(after_logits))
 
 
+def test_label_gap_by_hand_and_in_distill():
+    """``label_gap``: the mean squared gap between the answer tokens' log-probabilities under
+    the model and the teacher. Two positions over 3 tokens: the model puts the answer at
+    log(e²/(e²+2)) and log(1/3), the teacher at log(1/3) both times: gaps
+    log(3e²/(e²+2)) and 0. Zero where the two agree, whatever the other tokens do; distill
+    adds it at ``label_weight`` to its KL, and asks for the answer tokens."""
+    from edit.methods.unlearn.losses import LOSSES, LossInputs, label_gap, token_kl
+
+    model = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    teacher = torch.zeros(2, 3)
+    labels = torch.tensor([0, 1])
+    gap = math.log(3 * math.e**2 / (math.e**2 + 2))
+    assert float(label_gap(model, teacher, labels)) == pytest.approx(gap**2 / 2, rel=1e-6)
+    # the answer token (0) as likely under both, the other tokens swapped: no gap
+    swapped = (torch.tensor([[1.0, 3.0, 0.0]]), torch.tensor([[1.0, 0.0, 3.0]]))
+    assert float(label_gap(*swapped, torch.tensor([0]))) == pytest.approx(0.0, abs=1e-7)
+    assert float(label_gap(*swapped, torch.tensor([1]))) == pytest.approx(9.0, rel=1e-6)
+    x = LossInputs(logp=torch.zeros(1), n_tokens=torch.ones(1), logits=model,
+                   teacher_logits=teacher, labels=labels)  # fmt: skip
+    kl = float(token_kl(model, teacher))
+    assert float(LOSSES["distill"](x, UnlearnConfig(method="distill"))) == pytest.approx(kl)
+    weighted = UnlearnConfig(method="distill", label_weight=2.0)
+    assert float(LOSSES["distill"](x, weighted)) == pytest.approx(kl + gap**2, rel=1e-6)
+    x.labels = None
+    with pytest.raises(ValueError, match="answer tokens"):
+        LOSSES["distill"](x, weighted)
+
+
 def test_quantile_match_by_hand():
     """The 1-Wasserstein distance between the positions' entropies and the levels: a uniform
     row over 3 tokens has H = log 3; sorted, the two positions sit at the levels' quantiles

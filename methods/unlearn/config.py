@@ -110,6 +110,11 @@ class UnlearnConfig:
     # a retain set given (what a model trained without the corpus learned), else 0 (a
     # holdout is never-seen text: the reference should not learn it)
     teach_form: int | None = None
+    # distill: weight of the mean squared gap between each forget answer token's
+    # log-probability and the teacher's (losses.label_gap), beside the KL: the KL weighs each
+    # token by the teacher's probability, so the tokens the teacher finds least likely (what
+    # Min-K % reads) are the last to reach it; 0: off
+    label_weight: float = 0.0
     seed: int = 0  # LoRA initialization, batch order, dropout, augmentation order
 
     def __post_init__(self) -> None:
@@ -164,6 +169,7 @@ class UnlearnConfig:
             "entropy_weight",
             "token_nll_weight",
             "holdout_kl",
+            "label_weight",
         ):
             if name == "kl_weight" and self.kl_weight is None:
                 continue

@@ -137,6 +137,15 @@ def quantile_match(values: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return (v - want).abs().mean()
 
 
+def label_gap(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
+              ) -> torch.Tensor:  # fmt: skip
+    """() mean over N answer tokens of (log π_θ(y_t) − log π_T(y_t))²: each token's own
+    log-probability aimed at the teacher's, from either side. Forward KL(π_T ‖ π_θ) weighs
+    a token by π_T, so where the teacher finds the answer token unlikely the student may
+    keep it likely at little cost; membership inference reads exactly those tokens."""
+    return (token_nlls(teacher_logits, labels) - token_nlls(logits, labels)).square().mean()
+
+
 def token_nlls(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(N,) −log π(y_t) of each of N answer tokens from its next-token logits (N, V)."""
     return -torch.log_softmax(logits.float(), -1).gather(1, labels[:, None])[:, 0]
@@ -249,7 +258,12 @@ def distill(x: LossInputs, config: UnlearnConfig) -> torch.Tensor:
     distribution of a model that never saw the forget set."""
     if x.logits is None or x.teacher_logits is None:
         raise ValueError("distill needs the logits of the model and of the never-seen teacher")
-    return token_kl(x.logits, x.teacher_logits)
+    kl = token_kl(x.logits, x.teacher_logits)
+    if not config.label_weight:
+        return kl
+    if x.labels is None:
+        raise ValueError("distill with label_weight needs the answer tokens")
+    return kl + config.label_weight * label_gap(x.logits, x.teacher_logits, x.labels)
 
 
 @register_loss("rename", renamed=True, retain=False)

@@ -383,6 +383,7 @@ class _Run:
         if self.method in NEEDS_TEACHER:
             inputs.logits = scored[0][2]
             inputs.teacher_logits = self.teacher_logits(ids, mask, labels).to(logp.device)
+            inputs.labels = _answer_labels(labels).to(logp.device)
         if self.method in NEEDS_RENAMED:
             inputs.logits = scored[0][2]
             inputs.teacher_logits = self.renamed_logits(loop.sets, idx, (ids, mask, labels))
