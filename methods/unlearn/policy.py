@@ -197,7 +197,7 @@ def train_plan(model: nn.Module, tok, plan: Plan, *, progress: bool = True) -> T
         config = dataclasses.replace(config, fact_retain=plan.repair_facts)
         kept = _retain_set(tok, None, config, objective)
         held["facts"] = plan.repair_facts
-    teacher = plan.reference if config.method in NEEDS_TEACHER | NEEDS_TARGETS else None
+    teacher = plan.reference if _reads_reference(config, plan.reference) else None
     taught = None
     if teacher is not None and config.teach_form:
         teacher, taught = form_teacher(teacher, tok, plan, config, progress=progress)
@@ -266,17 +266,19 @@ def form_teacher(reference: nn.Module, tok, plan: Plan, config: UnlearnConfig, *
                     "reference": name}  # fmt: skip
 
 
+def _reads_reference(config: UnlearnConfig, reference) -> bool:
+    """Whether a run with ``config`` reads ``reference``: one is given and the objective
+    aims at it (``distill``'s teacher, ``match``'s per-example levels)."""
+    return reference is not None and config.method in NEEDS_TEACHER | NEEDS_TARGETS
+
+
 def _teach_form(config: UnlearnConfig, objective: str, reference, retain, unseen) -> UnlearnConfig:
     """``config`` with ``teach_form`` decided: left None, :data:`TEACH_RETAIN` where a forget
     toward ``reference`` reads it (distill, match) and a retain set is given (the examples a
     model trained without the corpus learned), else 0. A number given that nothing would
     take (no reference, an objective that reads none, no examples of the corpus's kind to
     teach) is refused in one line."""
-    reads = (
-        objective == "forget"
-        and reference is not None
-        and config.method in NEEDS_TEACHER | NEEDS_TARGETS
-    )
+    reads = objective == "forget" and _reads_reference(config, reference)
     if config.teach_form is None:
         return dataclasses.replace(config, teach_form=TEACH_RETAIN if reads and retain else 0)
     if not config.teach_form:
@@ -318,7 +320,7 @@ def retain_hold(model: nn.Module, tok, config: UnlearnConfig, kept: list[Example
     keep that damage: the KL then holds the retain set to the reference. None (nothing
     measured) without a reference the run reads (a distilling or per-example objective), a
     retain set or a KL term: held to the model before."""
-    reads = reference is not None and config.method in NEEDS_TEACHER | NEEDS_TARGETS
+    reads = _reads_reference(config, reference)
     if config.kl_to is not None or not (reads and kept and config.kl_weight):
         return dataclasses.replace(config, kl_to=config.kl_to or "before"), None
     before = answer_nll(model, tok, kept, max_len=config.max_len)
